@@ -1,0 +1,15 @@
+# One image for every fallwatch service; docker-compose.yml picks the command.
+FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY fallwatch fallwatch
+COPY schemas schemas
+COPY producers producers
+COPY edge_workers edge_workers
+COPY cloud_workers cloud_workers
+COPY alerting alerting
+COPY dmd_offline dmd_offline
+RUN pip install --no-cache-dir .
+ENTRYPOINT ["fallwatch"]

@@ -1,0 +1,29 @@
+# The two set-up commands: `make demo` and `make test`. Everything else is installed on demand.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CLIPS ?= ../shared/datasets/fall-clips
+
+.PHONY: demo test lint system-deps clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+system-deps:
+	@scripts/install-system-deps.sh
+
+demo: $(VENV)/.installed system-deps
+	$(VENV)/bin/fallwatch demo --clips $(CLIPS)
+
+test: $(VENV)/.installed system-deps
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+clean:
+	-$(VENV)/bin/fallwatch stack down
+	rm -rf .fallwatch models/tiny

@@ -1,0 +1,1 @@
+"""Cloud workers: batched LLaVA-NeXT-Video verdicts for offloaded frames."""

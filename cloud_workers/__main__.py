@@ -1,0 +1,3 @@
+from fallwatch.cli import run_service_command
+
+run_service_command("cloud")

@@ -1,0 +1,1 @@
+"""Edge workers: the edge model, the switcher and the consumer that routes frames."""

@@ -1,0 +1,187 @@
+"""The DMD switcher (paper A.3) and its versioned artifact.
+
+The switcher reads the edge model's hidden vector and predicts the probability that
+the large model would give the same fall answer. A published switcher is a directory
+`<registry>/<version>/` holding `switcher.safetensors` (weights) and `switcher.json`
+(`SwitcherMetadata`); versions are UTC timestamps, so the newest sorts last.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_FILE = "switcher.safetensors"
+METADATA_FILE = "switcher.json"
+VERSION_FORMAT = "%Y%m%dT%H%M%S%fZ"
+# A version is a directory name: no separators, no leading dot (those are in-progress writes).
+VERSION_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+DROPOUT = 0.3
+
+
+class Switcher(nn.Module):
+    """MLP hidden → 512 → 128 → 1 with ReLU and dropout 0.3; outputs the agreement logit."""
+
+    def __init__(self, input_dim: int) -> None:
+        super().__init__()
+        self.input_dim = input_dim
+        self.layers = nn.Sequential(
+            nn.Linear(input_dim, 512),
+            nn.ReLU(),
+            nn.Dropout(DROPOUT),
+            nn.Linear(512, 128),
+            nn.ReLU(),
+            nn.Dropout(DROPOUT),
+            nn.Linear(128, 1),
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of agreement, shape [B]."""
+        return self.layers(hidden).squeeze(-1)
+
+    def agreement_probability(self, hidden: np.ndarray) -> np.ndarray:
+        """P(the large model agrees with the edge model) for a batch [B, input_dim] → [B] float32."""
+        if hidden.ndim != 2 or hidden.shape[1] != self.input_dim:
+            raise ValueError(f"switcher expects hidden vectors of shape [B, {self.input_dim}], got {hidden.shape}")
+        was_training = self.training
+        self.eval()  # dropout off
+        try:
+            device = next(self.parameters()).device
+            with torch.inference_mode():
+                logits = self(torch.as_tensor(hidden, dtype=torch.float32, device=device))
+            return torch.sigmoid(logits).cpu().numpy().astype(np.float32)
+        finally:
+            self.train(was_training)
+
+
+class SwitcherMetadata(BaseModel):
+    """What a published switcher is, what it belongs to and how it was made (`switcher.json`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(pattern=VERSION_PATTERN)
+    input_dim: int = Field(gt=0)
+    threshold: float = Field(
+        ge=0.0, le=1.0, description="agreement probability at or above which the edge answer is final"
+    )
+    edge_model: str = Field(description="hub id or local directory of the edge model it was trained on")
+    edge_model_revision: str | None = None
+    created_at: datetime
+    trained: bool = Field(description="False for a randomly initialised switcher")
+    training_window: str | None = Field(default=None, description="which traffic or data set it learnt from")
+    offload_policy: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class SwitcherMismatch(Exception):
+    """A switcher was trained for another edge model than the one it is asked to serve."""
+
+
+def new_version() -> str:
+    """A version name that sorts by creation time: UTC `YYYYMMDDTHHMMSSffffffZ`."""
+    return datetime.now(UTC).strftime(VERSION_FORMAT)
+
+
+def _write_durably(path: Path, write: Callable[[Path], object]) -> None:
+    """Write a file and flush it to disk before it is renamed into view."""
+    write(path)
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def save_switcher(registry: Path, switcher: Switcher, metadata: SwitcherMetadata) -> Path:
+    """Publish `<registry>/<metadata.version>/` atomically; returns that directory.
+
+    Files are written into a hidden temporary directory that is renamed into place, so
+    a watcher sees either no artifact or the whole of it.
+    """
+    if switcher.input_dim != metadata.input_dim:
+        raise ValueError(f"switcher input_dim {switcher.input_dim} != metadata input_dim {metadata.input_dim}")
+    registry.mkdir(parents=True, exist_ok=True)
+    final = registry / metadata.version
+    if final.exists():
+        raise FileExistsError(f"switcher version {metadata.version} already exists in {registry}")
+    staging = registry / f".{metadata.version}.{uuid.uuid4().hex}.tmp"
+    staging.mkdir()
+    try:
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in switcher.state_dict().items()}
+        _write_durably(staging / WEIGHTS_FILE, lambda path: save_file(state, str(path)))
+        _write_durably(staging / METADATA_FILE, lambda path: path.write_text(metadata.model_dump_json(indent=2)))
+        # rename(2) of a directory is atomic and fails if `final` appeared meanwhile (non-empty).
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def load_switcher(path: Path) -> tuple[Switcher, SwitcherMetadata]:
+    """Load a published switcher directory; the switcher is in eval mode."""
+    metadata = SwitcherMetadata.model_validate_json((path / METADATA_FILE).read_text())
+    switcher = Switcher(metadata.input_dim)
+    switcher.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    switcher.eval()
+    return switcher, metadata
+
+
+def latest_version(registry: Path) -> Path | None:
+    """The newest complete artifact in `registry` (greatest version name), or None."""
+    if not registry.is_dir():
+        return None
+    versions = [
+        entry
+        for entry in registry.iterdir()
+        if entry.is_dir() and re.match(VERSION_PATTERN, entry.name) and (entry / METADATA_FILE).is_file()
+    ]
+    return max(versions, key=lambda entry: entry.name, default=None)
+
+
+def check_compatible(metadata: SwitcherMetadata, edge_model_name: str, hidden_size: int) -> None:
+    """Raise `SwitcherMismatch` unless the switcher was made for this edge model and hidden size."""
+    problems = []
+    if metadata.input_dim != hidden_size:
+        problems.append(f"it reads {metadata.input_dim}-d hidden vectors but the edge model gives {hidden_size}-d")
+    if metadata.edge_model != edge_model_name:
+        problems.append(f"it was made for edge model {metadata.edge_model!r}, not {edge_model_name!r}")
+    if problems:
+        raise SwitcherMismatch(f"switcher {metadata.version} does not fit: " + "; ".join(problems))
+
+
+def create_untrained_switcher(
+    registry: Path,
+    input_dim: int,
+    edge_model: str,
+    threshold: float = 0.5,
+    seed: int = 0,
+    edge_model_revision: str | None = None,
+) -> Path:
+    """Publish a seeded, randomly initialised switcher (trained=False) so a pipeline can run before DMD."""
+    # fork_rng: seeding here must not change the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        switcher = Switcher(input_dim)
+    metadata = SwitcherMetadata(
+        version=new_version(),
+        input_dim=input_dim,
+        threshold=threshold,
+        edge_model=edge_model,
+        edge_model_revision=edge_model_revision,
+        created_at=datetime.now(UTC),
+        trained=False,
+        training_window=None,
+        offload_policy={},
+        metrics={},
+    )
+    return save_switcher(registry, switcher, metadata)

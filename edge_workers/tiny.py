@@ -1,0 +1,77 @@
+"""Tiny random checkpoints of the real ViLT classes, built offline.
+
+They go through the same `save_pretrained` / `from_pretrained` path as the real
+`dandelin/vilt-b32-finetuned-vqa`, so tests and demos exercise the real loading code
+without a model hub. Their answers are random unless `set_fall_bias` fixes them.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from transformers import BertTokenizerFast, ViltConfig, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Words of plausible fall questions; any other word is spelt with the letter tokens below.
+# fmt: off
+QUESTION_WORDS = [
+    "is", "the", "a", "person", "someone", "anyone", "resident", "patient", "falling", "fallen",
+    "fall", "fell", "lying", "lie", "on", "floor", "ground", "or", "and", "in", "of", "this",
+    "image", "picture", "room", "has", "did", "does", "who", "are", "there", "down", "collapsed",
+    "sitting", "standing", "help", "need", "needs", "here", "it",
+]
+# fmt: on
+ANSWERS = ["yes", "no", "0", "1", "2", "floor", "nothing"]
+# Shortest image edge of the tiny processor: a 640x480 frame becomes 96x128 pixels, 3x4 patches.
+TINY_SHORTEST_EDGE = 96
+FALL_LOGIT_MARGIN = 10.0
+
+
+def _tiny_vocab() -> dict[str, int]:
+    tokens = SPECIAL_TOKENS + QUESTION_WORDS + list(string.punctuation) + list(string.digits)
+    tokens += list(string.ascii_lowercase) + [f"##{letter}" for letter in string.ascii_lowercase + string.digits]
+    unique = list(dict.fromkeys(tokens))
+    return {token: index for index, token in enumerate(unique)}
+
+
+def build_tiny_edge_model(directory: Path, seed: int = 0) -> Path:
+    """Save a tiny random `ViltForQuestionAnswering` and its `ViltProcessor` into `directory`."""
+    vocab = _tiny_vocab()
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    image_processor = ViltImageProcessor(size={"shortest_edge": TINY_SHORTEST_EDGE}, size_divisor=32)
+    processor = ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    config = ViltConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=96,
+        patch_size=32,
+        max_position_embeddings=40,
+        id2label=dict(enumerate(ANSWERS)),
+        label2id={answer: index for index, answer in enumerate(ANSWERS)},
+    )
+    # fork_rng: seeding here must not change the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViltForQuestionAnswering(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def set_fall_bias(directory: Path, fall: bool) -> None:
+    """Make the checkpoint in `directory` answer "yes" (fall=True) or "no" to every input, by a wide margin."""
+    model = ViltForQuestionAnswering.from_pretrained(directory)
+    final_linear = model.classifier[-1]
+    label2id = model.config.label2id
+    with torch.no_grad():
+        final_linear.weight.zero_()
+        final_linear.bias.zero_()
+        final_linear.bias[label2id["yes"]] = FALL_LOGIT_MARGIN if fall else -FALL_LOGIT_MARGIN
+        final_linear.bias[label2id["no"]] = -FALL_LOGIT_MARGIN if fall else FALL_LOGIT_MARGIN
+    model.save_pretrained(directory)

@@ -1,0 +1,197 @@
+"""The `fallwatch` command line: one subcommand per service, the local stack, models, the demo.
+
+Every service also runs as `python -m <package>`, which is the same command.
+A user mistake (bad config, missing file, unreachable stack) prints one line
+and exits with status 2; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fallwatch.logs import configure_logging
+from fallwatch.runtime import run_until_signalled
+from fallwatch.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+stack_app = typer.Typer(no_args_is_help=True, help="The local Kafka + Redis stack.")
+models_app = typer.Typer(no_args_is_help=True, help="Model checkpoints and switchers.")
+dmd_app = typer.Typer(no_args_is_help=True, help="Dual-Model Distillation offline tools.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(models_app, name="models")
+app.add_typer(dmd_app, name="dmd")
+
+
+@app.callback()
+def root(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML settings file (also FALLWATCH_CONFIG)")
+    ] = None,
+) -> None:
+    if config is not None:
+        # an environment variable, so services started as subprocesses read the same file
+        os.environ[CONFIG_ENV] = str(config)
+
+
+def settings_with_logging() -> Settings:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return settings
+
+
+# --- local stack ------------------------------------------------------------------------------
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start Kafka (KRaft) and redis-server locally and create the topics."""
+    from fallwatch.kafka_io import topic_specs
+    from fallwatch.stack import LocalStack
+
+    settings = settings_with_logging()
+    state = LocalStack.from_settings(settings).up(topic_specs(settings))
+    typer.echo(f"kafka {state.bootstrap_servers} (pid {state.kafka.pid}), redis {state.redis_url} "
+               f"(pid {state.redis.pid}); logs in {settings.state_dir}")
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the local stack."""
+    from fallwatch.stack import LocalStack
+
+    stopped = LocalStack.from_settings(settings_with_logging()).down()
+    typer.echo("local stack stopped" if stopped else "no local stack was running")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Show whether the local stack runs, and where."""
+    from fallwatch.stack import LocalStack, pid_alive, port_accepts
+
+    stack = LocalStack.from_settings(settings_with_logging())
+    state = stack.read_state()
+    if state is None:
+        typer.echo("no local stack")
+        raise typer.Exit(1)
+    for name, service in (("kafka", state.kafka), ("redis", state.redis)):
+        alive = pid_alive(service.pid) and port_accepts(service.port)
+        typer.echo(f"{name}: {'up' if alive else 'DOWN'} port {service.port} pid {service.pid} log {service.log}")
+    if not stack.healthy(state):
+        raise typer.Exit(1)
+
+
+# --- services ---------------------------------------------------------------------------------
+@app.command("producer")
+def producer(
+    video: Annotated[
+        list[Path] | None, typer.Option(help="add a camera that streams this video file (repeatable)")
+    ] = None,
+    fps: Annotated[float, typer.Option(help="sampling rate of --video cameras")] = 2.0,
+) -> None:
+    """Stream the configured cameras (and any --video files) to the `frames` topic."""
+    from producers.service import run_producers
+
+    settings = settings_with_logging()
+    if video:
+        settings.producers.cameras.extend(video_cameras(video, fps))
+    if not settings.producers.cameras:
+        raise ConfigError("no cameras: list them under producers.cameras in the config, or pass --video FILE")
+    run_until_signalled(lambda stop: run_producers(settings, stop))
+
+
+def video_cameras(videos: list[Path], fps: float) -> list[CameraSettings]:
+    missing = [str(path) for path in videos if not path.is_file()]
+    if missing:
+        raise ConfigError(f"video file not found: {', '.join(missing)}")
+    return [
+        CameraSettings(id=f"cam-{index}", room=path.stem, url=str(path), fps=fps)
+        for index, path in enumerate(videos, start=1)
+    ]
+
+
+@app.command("edge")
+def edge() -> None:
+    """Run an edge worker (consumer group on `frames`)."""
+    from edge_workers.service import run_edge_worker
+
+    settings = settings_with_logging()
+    run_until_signalled(lambda stop: run_edge_worker(settings, stop))
+
+
+@app.command("cloud")
+def cloud() -> None:
+    """Run a cloud worker (consumer group on `cloud-requests`)."""
+    from cloud_workers.service import run_cloud_worker
+
+    settings = settings_with_logging()
+    run_until_signalled(lambda stop: run_cloud_worker(settings, stop))
+
+
+@app.command("alerting")
+def alerting() -> None:
+    """Run the alerting service (faust app on `verdicts`)."""
+    from alerting.app import run_alerting
+
+    run_alerting(settings_with_logging())
+
+
+# --- offline ----------------------------------------------------------------------------------
+@dmd_app.command("replay")
+def dmd_replay(
+    output: Annotated[Path | None, typer.Option(help="JSON-lines output (default: dmd.output)")] = None,
+) -> None:
+    """Replay the `frames` topic through both models and write DMD records."""
+    from dmd_offline.replay import replay_frames
+    from fallwatch.models import load_cloud_model, load_edge_model
+
+    settings = settings_with_logging()
+    target = output or settings.dmd.output
+    summary = asyncio.run(
+        replay_frames(settings, load_edge_model(settings), load_cloud_model(settings), target)
+    )
+    typer.echo(f"{summary.frames} DMD records ({summary.agreements} agreements, "
+               f"{summary.skipped} skipped) written to {target}")
+
+
+# --- models -----------------------------------------------------------------------------------
+@models_app.command("tiny")
+def models_tiny(directory: Annotated[Path, typer.Argument(help="where to write the tiny checkpoints")]) -> None:
+    """Build tiny random (UNTRAINED) models of the real classes, and an untrained switcher."""
+    from fallwatch.models import build_tiny_models
+
+    configure_logging()
+    paths = build_tiny_models(directory)
+    typer.echo(f"untrained tiny models written; use them with:\n{paths.yaml_snippet()}")
+
+
+# --- demo -------------------------------------------------------------------------------------
+@app.command("demo")
+def demo(
+    clips: Annotated[Path, typer.Option(help="a folder of video files, one camera each")] = Path(
+        "../shared/datasets/fall-clips"
+    ),
+    fps: Annotated[float, typer.Option(help="sampling rate per camera")] = 2.0,
+) -> None:
+    """Stream a folder of videos as cameras through every service on the local stack."""
+    from fallwatch.demo import run_demo
+
+    configure_logging("WARNING")
+    run_demo(clips, fps)
+
+
+def main(argv: list[str] | None = None) -> None:
+    # click itself turns usage errors into one line and exit status 2; our own mistakes are ConfigErrors
+    try:
+        app(args=argv)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+def run_service_command(name: str) -> None:
+    """`python -m <package>`: the same as `fallwatch <name>`."""
+    main([name, *sys.argv[1:]])

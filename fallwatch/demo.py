@@ -1,0 +1,224 @@
+"""`fallwatch demo`: a folder of videos streamed as cameras through every service.
+
+Starts the local stack (and stops it again if it started it), runs the edge
+worker, cloud worker and alerting service as real subprocesses, streams each
+video as one camera in its own room, prints every verdict and alert as it
+arrives and a summary once every sampled frame has its final verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from fallwatch.kafka_io import consumer_group_lag, make_consumer, topic_specs
+from fallwatch.models import build_tiny_models
+from fallwatch.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
+from fallwatch.stack import LocalStack, create_topics
+from producers.service import run_producers
+from schemas import FallEvent, Topics, Verdict, decode
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm"}
+SERVICES = {"edge": "edge_workers", "cloud": "cloud_workers", "alerting": "alerting"}
+FINISH_TIMEOUT_S = 300.0
+
+console = Console(highlight=False)
+
+
+@dataclass
+class DemoTally:
+    published: dict[str, int] = field(default_factory=dict)
+    final_by_camera: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    sources: Counter[str] = field(default_factory=Counter)
+    offloaded: set[str] = field(default_factory=set)
+    alerts: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+
+    def complete(self) -> bool:
+        return bool(self.published) and all(
+            len(self.final_by_camera[camera]) >= count for camera, count in self.published.items()
+        )
+
+
+def find_videos(clips_dir: Path) -> list[Path]:
+    videos = sorted(p for p in clips_dir.glob("*") if p.suffix.lower() in VIDEO_SUFFIXES) if clips_dir.is_dir() else []
+    if not videos:
+        raise ConfigError(
+            f"no video files in {clips_dir} (the shared datasets are not beside this checkout?); "
+            "point the demo at a folder of your own videos: make demo CLIPS=/path/to/videos "
+            "(or fallwatch demo --clips /path/to/videos)"
+        )
+    return videos
+
+
+def demo_settings(base: Settings, models: dict[str, dict[str, str]], videos: list[Path], fps: float) -> Settings:
+    """The base settings with this run's own topics (a fresh prefix) and one camera per video."""
+    run = time.strftime("demo-%Y%m%d-%H%M%S")
+    topics = Topics(**{name: f"{run}.{value}" for name, value in Topics().model_dump().items()})
+    data = base.model_dump(mode="json")
+    data["kafka"]["topics"] = topics.model_dump()
+    for section, values in models.items():
+        data[section].update(values)
+    data["producers"]["cameras"] = [
+        CameraSettings(id=f"cam-{i}", room=f"room-{i}", url=str(video), fps=fps).model_dump(mode="json")
+        for i, video in enumerate(videos, start=1)
+    ]
+    data["alerting"]["app_id"] = f"{run}-alerting"
+    data["edge"]["group_id"] = f"{run}-edge"
+    data["cloud"]["group_id"] = f"{run}-cloud"
+    return Settings(**data)
+
+
+def start_services(settings: Settings, run_dir: Path) -> dict[str, subprocess.Popen]:
+    config = run_dir / "config.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    env = {**os.environ, CONFIG_ENV: str(config), "PYTHONUNBUFFERED": "1"}
+    processes = {}
+    for name, package in SERVICES.items():
+        log_file = (run_dir / f"{name}.log").open("wb")
+        processes[name] = subprocess.Popen(
+            [sys.executable, "-m", package], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    return processes
+
+
+def stop_services(processes: dict[str, subprocess.Popen]) -> None:
+    for process in processes.values():
+        if process.poll() is None:
+            process.terminate()
+    for process in processes.values():
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def check_alive(processes: dict[str, subprocess.Popen], run_dir: Path) -> None:
+    for name, process in processes.items():
+        if process.poll() is not None:
+            tail = (run_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise ConfigError(f"the {name} service exited with {process.returncode}: {' | '.join(tail)}")
+
+
+def print_verdict(verdict: Verdict) -> None:
+    answer = "[bold red]FALL[/]" if verdict.decision else "no fall"
+    score = f"switcher {verdict.switcher_score:.2f}" if verdict.switcher_score is not None else ""
+    if not verdict.final:
+        console.print(
+            f"{verdict.camera_id} {verdict.room:8} {verdict.frame_id:32} edge   p={verdict.fall_probability:.2f} "
+            f"{answer:8} {score} → offloaded to cloud"
+        )
+        return
+    console.print(
+        f"{verdict.camera_id} {verdict.room:8} {verdict.frame_id:32} {verdict.source:6} "
+        f"p={verdict.fall_probability:.2f} {answer} {score} [dim](final)[/]"
+    )
+
+
+async def watch(settings: Settings, tally: DemoTally, processes: dict[str, subprocess.Popen], run_dir: Path) -> None:
+    topics = settings.kafka.topics
+    consumer = make_consumer(settings, topics.verdicts, topics.fall_events, group_id=None)
+    await consumer.start()
+    deadline = None
+    try:
+        while True:
+            check_alive(processes, run_dir)
+            batches = await consumer.getmany(timeout_ms=500)
+            for record in (r for batch in batches.values() for r in batch):
+                if record.topic == topics.fall_events:
+                    event = decode(FallEvent, record.value)
+                    tally.alerts[event.camera_id].add(event.alert_id)
+                    console.print(
+                        f"[bold red]ALERT[/] {event.state} {event.camera_id} {event.room}: {event.rule}, "
+                        f"confidence {event.confidence:.2f}, evidence {len(event.evidence_frame_ids)} frames"
+                    )
+                    continue
+                verdict = decode(Verdict, record.value)
+                print_verdict(verdict)
+                if not verdict.final:
+                    tally.offloaded.add(verdict.frame_id)
+                elif verdict.frame_id not in tally.final_by_camera[verdict.camera_id]:
+                    tally.final_by_camera[verdict.camera_id].add(verdict.frame_id)
+                    tally.sources[verdict.source] += 1
+            if tally.complete():
+                deadline = deadline or time.monotonic() + 60
+                # every frame has its final verdict: wait until alerting has read them all too
+                lag = await consumer_group_lag(settings, settings.alerting.app_id, topics.verdicts)
+                if lag == 0 or time.monotonic() > deadline:
+                    return
+    finally:
+        await consumer.stop()
+
+
+async def stream_and_watch(settings: Settings, processes: dict[str, subprocess.Popen], run_dir: Path) -> DemoTally:
+    tally = DemoTally()
+    watcher = asyncio.create_task(watch(settings, tally, processes, run_dir))
+    tally.published = await run_producers(settings, asyncio.Event())
+    console.print(f"[bold]all cameras done: {sum(tally.published.values())} frames published[/]")
+    await asyncio.wait_for(watcher, FINISH_TIMEOUT_S)
+    return tally
+
+
+def print_summary(settings: Settings, tally: DemoTally) -> None:
+    table = Table(title="fallwatch demo summary")
+    for column in ("camera", "room", "video", "frames", "final verdicts", "alerts"):
+        table.add_column(column)
+    for camera in settings.producers.cameras:
+        table.add_row(
+            camera.id, camera.room, Path(camera.url).name, str(tally.published.get(camera.id, 0)),
+            str(len(tally.final_by_camera[camera.id])), str(len(tally.alerts[camera.id])),
+        )
+    console.print(table)
+    frames = sum(tally.published.values())
+    finals = sum(len(ids) for ids in tally.final_by_camera.values())
+    console.print(
+        f"frames {frames}, final verdicts {finals}: edge {tally.sources['edge']}, cloud {tally.sources['cloud']}, "
+        f"edge-fallback {tally.sources['edge-fallback']}; offloaded {len(tally.offloaded)}; "
+        f"alerts {sum(len(a) for a in tally.alerts.values())}"
+    )
+
+
+def run_demo(clips_dir: Path, fps: float) -> None:
+    videos = find_videos(clips_dir)
+    base = load_settings()
+    stack = LocalStack.from_settings(base)
+    existing = stack.read_state()
+    started_stack = existing is None or not stack.healthy(existing)
+    console.print("starting the local stack (Kafka KRaft + redis-server)…")
+    state = stack.up(topic_specs(base))
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        base = base.model_copy(
+            update={
+                "kafka": base.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers}),
+                "redis": base.redis.model_copy(update={"url": state.redis_url}),
+            }
+        )
+        models_dir = Path("models/tiny")
+        console.print(
+            "[bold yellow]The demo runs TINY UNTRAINED models: their verdicts and any alerts are arbitrary; "
+            "they show the plumbing, not fall detection.[/]"
+        )
+        tiny = build_tiny_models(models_dir)
+        settings = demo_settings(base, tiny.settings_sections(), videos, fps)
+        asyncio.run(create_topics(settings.kafka.bootstrap_servers, topic_specs(settings), settings.kafka.partitions))
+        run_dir = settings.state_dir / "demo"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        processes = start_services(settings, run_dir)
+        console.print(f"services started (logs in {run_dir}); streaming {len(videos)} videos at {fps} fps…")
+        tally = asyncio.run(stream_and_watch(settings, processes, run_dir))
+        print_summary(settings, tally)
+    finally:
+        stop_services(processes)
+        if started_stack:
+            stack.down()
+            console.print("local stack stopped")

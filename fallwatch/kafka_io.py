@@ -1,0 +1,138 @@
+"""Kafka plumbing shared by the services: clients, topic specs, decoding with dead letters.
+
+Delivery is at-least-once everywhere: producers use acks=all with idempotence,
+consumers never auto-commit and commit only after every output of a batch is
+acked by the broker (see `commit_after`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from fallwatch.settings import Settings
+from schemas import DeadLetter, Message, SchemaError, decode, encode
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+MAX_MESSAGE_BYTES = 10 * 1024 * 1024
+
+
+def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Every topic fallwatch uses, with its configs (the `frames` retention is kept short)."""
+    topics = settings.kafka.topics
+    retention_ms = str(int(settings.kafka.frames_retention_hours * 3600 * 1000))
+    specs: dict[str, dict[str, str]] = {name: {} for name in topics.all()}
+    specs[topics.frames] = {"retention.ms": retention_ms}
+    return specs
+
+
+def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
+    options: dict[str, object] = {
+        "bootstrap_servers": settings.kafka.bootstrap_servers,
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 5,
+        "max_request_size": MAX_MESSAGE_BYTES,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def make_consumer(settings: Settings, *topics: str, group_id: str | None, **overrides: object) -> AIOKafkaConsumer:
+    options: dict[str, object] = {
+        "bootstrap_servers": settings.kafka.bootstrap_servers,
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_bytes": 4 * MAX_MESSAGE_BYTES,
+        "max_partition_fetch_bytes": MAX_MESSAGE_BYTES,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+async def send(producer: AIOKafkaProducer, topic: str, key: str, message: Message) -> asyncio.Future:
+    """Queue one message; the returned future resolves when the broker has acked it."""
+    return await producer.send(topic, key=key.encode(), value=encode(message))
+
+
+def dead_letter_for(service: str, record: ConsumerRecord, reason: str) -> DeadLetter:
+    return DeadLetter(
+        service=service,
+        reason=reason,
+        source_topic=record.topic,
+        source_partition=record.partition,
+        source_offset=record.offset,
+        key=record.key,
+        raw=record.value or b"",
+    )
+
+
+async def send_dead_letter(
+    producer: AIOKafkaProducer, settings: Settings, service: str, record: ConsumerRecord, reason: str
+) -> asyncio.Future:
+    log.warning(
+        "dead letter from %s partition %s offset %s: %s", record.topic, record.partition, record.offset, reason
+    )
+    return await producer.send(
+        settings.kafka.topics.dead_letters,
+        key=record.key,
+        value=encode(dead_letter_for(service, record, reason)),
+    )
+
+
+async def decode_batch(
+    producer: AIOKafkaProducer,
+    settings: Settings,
+    service: str,
+    model: type[M],
+    records: Iterable[ConsumerRecord],
+) -> tuple[list[tuple[ConsumerRecord, M]], list[asyncio.Future]]:
+    """Decode every record; the ones that fail go to `dead-letters` (their ack futures are returned)."""
+    good: list[tuple[ConsumerRecord, M]] = []
+    acks: list[asyncio.Future] = []
+    for record in records:
+        try:
+            good.append((record, decode(model, record.value)))
+        except SchemaError as exc:
+            acks.append(await send_dead_letter(producer, settings, service, record, str(exc)))
+    return good, acks
+
+
+async def commit_after(consumer: AIOKafkaConsumer, acks: Iterable[Awaitable[object]]) -> None:
+    """Wait until the broker acked every output of the batch, then commit the batch's offsets."""
+    await asyncio.gather(*acks)
+    await consumer.commit()
+
+
+async def consumer_group_lag(settings: Settings, group_id: str, topic: str) -> int:
+    """Records of `topic` the group has not committed yet (all of them if it never committed)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    consumer = make_consumer(settings, group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        partitions = await topic_partitions(consumer, topic)
+        end_offsets = await consumer.end_offsets(partitions)
+        committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
+        return sum(
+            end_offsets[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
+            for tp in partitions
+        )
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, from fresh cluster metadata (a new client's cache may be empty)."""
+    await consumer.topics()
+    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]

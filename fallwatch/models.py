@@ -1,0 +1,64 @@
+"""Loading the configured model pair, and building the tiny untrained pair for tests and the demo."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloud_workers.model import CloudModel, LlavaVideoCloudModel
+from cloud_workers.tiny import build_tiny_cloud_model
+from edge_workers.model import EdgeModel, ViltEdgeModel
+from edge_workers.switcher import create_untrained_switcher, latest_version
+from edge_workers.tiny import build_tiny_edge_model
+from fallwatch.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_edge_model(settings: Settings) -> EdgeModel:
+    edge = settings.edge
+    return ViltEdgeModel.from_pretrained(edge.model, edge.question, revision=edge.revision)
+
+
+def load_cloud_model(settings: Settings) -> CloudModel:
+    cloud = settings.cloud
+    return LlavaVideoCloudModel.from_pretrained(
+        cloud.model, cloud.question, num_frames=cloud.num_frames, revision=cloud.revision,
+        device=cloud.device, dtype=cloud.dtype,
+    )
+
+
+@dataclass(frozen=True)
+class TinyModelPaths:
+    edge: Path
+    cloud: Path
+    switcher_registry: Path
+
+    def settings_sections(self) -> dict[str, dict[str, str]]:
+        return {
+            "edge": {"model": str(self.edge), "switcher_registry": str(self.switcher_registry)},
+            "cloud": {"model": str(self.cloud)},
+        }
+
+    def yaml_snippet(self) -> str:
+        return (
+            f"edge:\n  model: {self.edge}\n  switcher_registry: {self.switcher_registry}\n"
+            f"cloud:\n  model: {self.cloud}\n"
+        )
+
+
+def build_tiny_models(directory: Path) -> TinyModelPaths:
+    """Tiny random checkpoints of the real classes plus an untrained switcher; answers are arbitrary."""
+    directory = directory.resolve()
+    paths = TinyModelPaths(directory / "edge-vilt", directory / "cloud-llava", directory / "switchers")
+    built = all((path / "config.json").is_file() for path in (paths.edge, paths.cloud))
+    if built and latest_version(paths.switcher_registry) is not None:
+        log.warning("reusing the UNTRAINED tiny models in %s: their verdicts are arbitrary", directory)
+        return paths
+    build_tiny_edge_model(paths.edge)
+    build_tiny_cloud_model(paths.cloud)
+    edge = ViltEdgeModel.from_pretrained(str(paths.edge), Settings().edge.question)
+    create_untrained_switcher(paths.switcher_registry, edge.hidden_size, edge.name)
+    log.warning("tiny models in %s are UNTRAINED: their verdicts are arbitrary", directory)
+    return paths

@@ -1,0 +1,1 @@
+"""Camera producers: read streams through OpenCV, sample, JPEG-encode, publish to `frames`."""

@@ -1,0 +1,141 @@
+"""Message models for every topic in DESIGN.md (pydantic v2).
+
+Every message carries `schema_version`; a consumer that meets another version
+rejects the record (it goes to `dead-letters`) instead of guessing.
+Bytes fields (JPEGs, raw records) travel as base64 inside JSON so every topic
+stays readable with ordinary Kafka tools.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    """Base of every topic value: strict about unknown fields and the version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class Frame(Message):
+    """One sampled camera frame (topic `frames`); the source of truth for replays."""
+
+    frame_id: str = Field(description="unique id: camera id, capture time in ms and sequence number")
+    camera_id: str
+    room: str
+    seq: int = Field(ge=0, description="per-camera sequence number, increasing")
+    captured_at: datetime
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    jpeg: bytes = Field(repr=False)
+
+    @staticmethod
+    def make_id(camera_id: str, captured_at: datetime, seq: int) -> str:
+        return f"{camera_id}-{int(captured_at.timestamp() * 1000)}-{seq}"
+
+
+class KafkaPosition(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class EdgeOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fall_probability: float = Field(ge=0.0, le=1.0)
+    decision: bool
+    model: str
+
+
+OffloadReason = Literal["switcher", "exploration"]
+
+
+class CloudRequest(Message):
+    """A frame the edge offloads (topic `cloud-requests`); the clip goes by claim check."""
+
+    frame_id: str
+    camera_id: str
+    room: str
+    captured_at: datetime
+    frame_position: KafkaPosition = Field(description="where the frame itself sits in `frames` (fallback)")
+    clip_keys: list[str] = Field(description="Redis keys of the clip's JPEGs, oldest first, ending with this frame")
+    clip_frame_ids: list[str]
+    edge: EdgeOutput
+    switcher_score: float = Field(ge=0.0, le=1.0, description="predicted probability that the models agree")
+    switcher_version: str
+    reason: OffloadReason
+    deadline: datetime
+    requested_at: datetime = Field(default_factory=utc_now)
+
+
+VerdictSource = Literal["edge", "cloud", "edge-fallback"]
+
+
+class Verdict(Message):
+    """The answer for one frame (topic `verdicts`).
+
+    `final=False` marks the edge's provisional answer for an offloaded frame; the
+    cloud's (or the alerting fallback's) answer for the same `frame_id` is final.
+    """
+
+    frame_id: str
+    camera_id: str
+    room: str
+    captured_at: datetime
+    source: VerdictSource
+    final: bool
+    fall_probability: float = Field(ge=0.0, le=1.0)
+    decision: bool
+    switcher_score: float | None = Field(default=None, ge=0.0, le=1.0)
+    offload_reason: OffloadReason | None = None
+    edge_model: str
+    cloud_model: str | None = None
+    switcher_version: str | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    energy_j: float | None = None
+    produced_at: datetime = Field(default_factory=utc_now)
+
+
+AlertState = Literal["open", "acknowledged", "resolved", "false_alarm"]
+
+
+class FallEvent(Message):
+    """An alert and each change of its state (topic `fall-events`)."""
+
+    alert_id: str
+    camera_id: str
+    room: str
+    state: AlertState
+    opened_at: datetime
+    updated_at: datetime = Field(default_factory=utc_now)
+    first_fall_at: datetime = Field(description="capture time of the first fall frame that led to the alert")
+    confidence: float = Field(ge=0.0, le=1.0)
+    evidence_frame_ids: list[str]
+    rule: str = Field(description="which confirmation rule fired, e.g. '3 of 5'")
+
+
+class DeadLetter(Message):
+    """A record a service could not process (topic `dead-letters`)."""
+
+    service: str
+    reason: str
+    source_topic: str
+    source_partition: int | None = None
+    source_offset: int | None = None
+    key: bytes | None = None
+    raw: bytes = Field(repr=False)
+    failed_at: datetime = Field(default_factory=utc_now)

@@ -1,0 +1,116 @@
+"""Shared fixtures: the real local stack (Kafka KRaft + redis-server) once per session.
+
+Each test gets its own topic names (a unique prefix) on that stack, so tests do
+not see each other's records; services under test get the same settings either
+as an object or as a YAML file (`FALLWATCH_CONFIG`) for subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from fallwatch.kafka_io import make_consumer, topic_specs
+from fallwatch.models import TinyModelPaths, build_tiny_models
+from fallwatch.settings import CONFIG_ENV, Settings
+from fallwatch.stack import LocalStack, StackState, create_topics
+from schemas import Message, Topics, decode
+
+M = TypeVar("M", bound=Message)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+FALL_CLIPS = SHARED_DATASETS / "fall-clips"
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    stack = LocalStack(tmp_path_factory.mktemp("stack"), cache_dir=REPO / ".cache", partitions=4)
+    stack.up(topic_specs(Settings()))
+    yield stack
+    stack.down()
+
+
+@pytest.fixture(scope="session")
+def stack_state(local_stack: LocalStack) -> StackState:
+    state = local_stack.read_state()
+    assert state is not None
+    return state
+
+
+def settings_for(stack_state: StackState, tmp_path: Path, **sections: object) -> Settings:
+    """Settings pointing at the session's stack with topics unique to one test."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    topics = Topics(**{name: f"{prefix}.{value}" for name, value in Topics().model_dump().items()})
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        kafka={"bootstrap_servers": stack_state.bootstrap_servers, "topics": topics.model_dump()},
+        redis={"url": stack_state.redis_url},
+        **sections,
+    )
+    asyncio.run(create_topics(stack_state.bootstrap_servers, topic_specs(settings), settings.kafka.partitions))
+    return settings
+
+
+def write_config(settings: Settings, path: Path) -> dict[str, str]:
+    """Write settings as a YAML config; returns the environment for a subprocess that reads it."""
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    return {**os.environ, CONFIG_ENV: str(path), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def settings(stack_state: StackState, tmp_path: Path) -> Settings:
+    return settings_for(stack_state, tmp_path)
+
+
+async def consume_until(
+    settings: Settings,
+    topic: str,
+    model: type[M],
+    done: Callable[[list[M]], bool],
+    timeout_s: float = 120.0,
+) -> list[M]:
+    """Read `topic` from the beginning until `done(messages)` holds; fail the test at the deadline."""
+    consumer = make_consumer(settings, topic, group_id=None)
+    await consumer.start()
+    messages: list[M] = []
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        while not done(messages):
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(f"timed out after {timeout_s:.0f} s on {topic}: {len(messages)} messages so far")
+            batches = await consumer.getmany(timeout_ms=200)
+            messages.extend(decode(model, r.value) for batch in batches.values() for r in batch)
+    finally:
+        await consumer.stop()
+    return messages
+
+
+@pytest.fixture(scope="session")
+def clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real fall clip when ../shared is beside the checkout, else a synthetic moving-square video."""
+    real = FALL_CLIPS / "gmdcsa24_s1_fall13_backward_fall.mp4"
+    if real.is_file():
+        return real
+    path = tmp_path_factory.mktemp("clip") / "synthetic.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, (320, 240))
+    for i in range(120):
+        image = np.full((240, 320, 3), 40, np.uint8)
+        cv2.rectangle(image, (2 * i, 60), (2 * i + 40, 160), (200, 180, 160), -1)
+        writer.write(image)
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModelPaths:
+    return build_tiny_models(tmp_path_factory.mktemp("models"))

@@ -1,0 +1,89 @@
+"""The command line, the documented config and the production compose file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fallwatch.cli import app
+from fallwatch.settings import CONFIG_ENV, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fallwatch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fallwatch", *args], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **(env or {})}, cwd=REPO,
+    )
+
+
+def command_names() -> set[str]:
+    import typer.main
+
+    return set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+
+
+def test_every_service_has_a_subcommand() -> None:
+    assert {"producer", "edge", "cloud", "alerting", "dmd", "stack", "models", "demo"} <= command_names()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (("--config", "/nonexistent.yaml", "edge"), {}, "config file /nonexistent.yaml does not exist"),
+        (("producer", "--video", "/nonexistent.mp4"), {}, "video file not found: /nonexistent.mp4"),
+        (("edge",), {"FALLWATCH_EDGE__BATCH_SIZE": "zero"}, "edge.batch_size"),
+        (("demo", "--clips", "/nonexistent-folder"), {}, "point the demo at a folder of your own videos"),
+    ],
+)
+def test_user_mistakes_get_one_readable_line(args: tuple[str, ...], env: dict[str, str], message: str) -> None:
+    result = fallwatch(*args, env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_command_is_a_usage_error_not_a_traceback() -> None:
+    result = fallwatch("fly")
+    assert result.returncode == 2
+    assert "No such command" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_python_dash_m_runs_the_same_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_workers", "--help"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert result.returncode == 0 and "Run an edge worker" in result.stdout
+
+
+def test_example_config_is_valid_and_complete(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = REPO / "config" / "fallwatch.example.yaml"
+    monkeypatch.setenv(CONFIG_ENV, str(example))
+    settings = load_settings()
+    documented = yaml.safe_load(example.read_text())
+    assert set(documented) == set(type(settings).model_fields), "every top-level setting is documented"
+    for section in ("kafka", "edge", "cloud", "alerting"):
+        assert set(documented[section]) == set(type(getattr(settings, section)).model_fields), section
+    assert settings.producers.cameras[0].id == "cam-101"
+
+
+def test_compose_runs_every_service_with_a_real_cli_command() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"kafka", "redis", "producers", "edge", "cloud", "alerting"} <= set(services)
+    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller", "KRaft, no ZooKeeper"
+    names = command_names()
+    for name in ("producers", "edge", "cloud", "alerting"):
+        assert services[name]["command"][0] in names, name
+        assert services[name]["environment"]["FALLWATCH_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
+    gpu = services["cloud"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["capabilities"] == ["gpu"]
+    assert services["edge"]["deploy"]["replicas"] >= 2
