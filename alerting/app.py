@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from alerting.rules import CameraState, rule_name
 from fallwatch.kafka_io import dead_letter_for
 from fallwatch.logs import configure_logging
-from fallwatch.settings import ConfigError, Settings
+from fallwatch.settings import Settings
 from schemas import FallEvent, SchemaError, Verdict, decode, encode
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,6 @@ class AlertStore:
 def make_app(settings: Settings) -> faust.App:
     """The alerting faust app for these settings (not started)."""
     rule = settings.alerting
-    if rule.k > rule.n:
-        raise ConfigError(f"alerting.k ({rule.k}) must not exceed alerting.n ({rule.n})")
     topics = settings.kafka.topics
     datadir = settings.state_dir / f"{rule.app_id}-data"
     datadir.parent.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
@@ -104,7 +102,8 @@ def make_app(settings: Settings) -> faust.App:
         CAMERA_TABLE,
         partitions=settings.kafka.partitions,
         key_type=str,
-        value_type=dict,  # CameraState.model_dump(mode="json"); faust tables serialize as JSON
+        # values are CameraState.model_dump(mode="json") dicts; no value_type, because faust's
+        # changelog recovery calls value_type.from_data(), which only faust Records have
     )
     store = AlertStore(settings.redis.url)
 
@@ -120,7 +119,7 @@ def make_app(settings: Settings) -> faust.App:
                     message.topic, message.partition, message.offset, exc,
                 )
                 # faust's Message has the ConsumerRecord fields dead_letter_for reads
-                dead_letter = dead_letter_for(SERVICE, message, str(exc))  # type: ignore[arg-type]
+                dead_letter = dead_letter_for(SERVICE, message, str(exc))
                 await dead_letters.send(key=message.key, value=encode(dead_letter))
                 continue
             stored = cameras.get(verdict.camera_id)
@@ -142,7 +141,7 @@ def make_app(settings: Settings) -> faust.App:
                 )
 
     @app.on_before_shutdown.connect
-    async def close_store(app: faust.App, **kwargs: Any) -> None:
+    async def close_store(sender: faust.App, **kwargs: Any) -> None:
         await store.close()
 
     return app
@@ -159,14 +158,16 @@ def run_alerting(settings: Settings) -> None:
     )
     worker = faust.Worker(
         app,
-        loglevel=settings.log_level,
         quiet=True,  # no banner: logs only
         override_logging=False,  # keep configure_logging's format and levels
         redirect_stdouts=False,
     )
+    # the start-up spinner writes terminal escapes to stdout even when it is a log file
+    worker.spinner = None
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:
         # faust's worker always ends with SystemExit; a clean stop is an ordinary return
         if exc.code not in (0, None):
             raise
+    log.info("alerting stopped")

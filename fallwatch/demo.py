@@ -110,18 +110,14 @@ def check_alive(processes: dict[str, subprocess.Popen], run_dir: Path) -> None:
 
 
 def print_verdict(verdict: Verdict) -> None:
-    answer = "[bold red]FALL[/]" if verdict.decision else "no fall"
-    score = f"switcher {verdict.switcher_score:.2f}" if verdict.switcher_score is not None else ""
+    seq = verdict.frame_id.rsplit("-", 1)[-1]
+    answer = "[bold red]FALL[/]   " if verdict.decision else "no fall"
+    where = f"{verdict.camera_id} {verdict.room} frame {seq:>3}"
     if not verdict.final:
-        console.print(
-            f"{verdict.camera_id} {verdict.room:8} {verdict.frame_id:32} edge   p={verdict.fall_probability:.2f} "
-            f"{answer:8} {score} → offloaded to cloud"
-        )
-        return
-    console.print(
-        f"{verdict.camera_id} {verdict.room:8} {verdict.frame_id:32} {verdict.source:6} "
-        f"p={verdict.fall_probability:.2f} {answer} {score} [dim](final)[/]"
-    )
+        console.print(f"{where}  edge   p={verdict.fall_probability:.2f} {answer} → cloud "
+                      f"(switcher {verdict.switcher_score:.2f})")
+    else:
+        console.print(f"{where}  {verdict.source:6} p={verdict.fall_probability:.2f} {answer} final")
 
 
 async def watch(settings: Settings, tally: DemoTally, processes: dict[str, subprocess.Popen], run_dir: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Iterable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -64,7 +64,17 @@ async def send(producer: AIOKafkaProducer, topic: str, key: str, message: Messag
     return await producer.send(topic, key=key.encode(), value=encode(message))
 
 
-def dead_letter_for(service: str, record: ConsumerRecord, reason: str) -> DeadLetter:
+class SourceRecord(Protocol):
+    """What a dead letter keeps of a consumed record (aiokafka's ConsumerRecord, faust's Message)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def dead_letter_for(service: str, record: SourceRecord, reason: str) -> DeadLetter:
     return DeadLetter(
         service=service,
         reason=reason,

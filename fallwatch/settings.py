@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -114,6 +114,12 @@ class AlertingSettings(Section):
     n: int = Field(5, ge=1)
     window_s: float = Field(30.0, gt=0, description="verdicts older than this do not count towards k of n")
     cooldown_s: float = Field(60.0, ge=0, description="no new alert for a camera this long after its last")
+
+    @model_validator(mode="after")
+    def k_at_most_n(self) -> AlertingSettings:
+        if self.k > self.n:
+            raise ValueError(f"k ({self.k}) must not exceed n ({self.n})")
+        return self
 
 
 class DmdSettings(Section):

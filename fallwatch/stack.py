@@ -301,7 +301,10 @@ def kafka_properties(port: int, controller_port: int, data: Path) -> str:
 
 
 async def create_topics(bootstrap_servers: str, topics: dict[str, dict[str, str]], partitions: int) -> None:
-    """Create missing topics (idempotent), each with `partitions` partitions and its configs."""
+    """Create missing topics (idempotent), each with `partitions` partitions and its configs.
+
+    Returns once every partition has a leader, so the first clients do not meet NotLeader errors.
+    """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=30000)
     await admin.start()
     try:
@@ -313,8 +316,20 @@ async def create_topics(bootstrap_servers: str, topics: dict[str, dict[str, str]
         ]
         if missing:
             await admin.create_topics(missing)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all_partitions_led(await admin.describe_topics(list(topics))):
+            if time.monotonic() > deadline:
+                raise StackError(f"topics {sorted(topics)} have partitions without a leader")
+            await asyncio.sleep(0.1)  # polling the broker's metadata, not waiting blindly
     finally:
         await admin.close()
+
+
+def all_partitions_led(descriptions: list[dict]) -> bool:
+    return all(
+        topic["error_code"] == 0 and topic["partitions"] and all(p["leader"] >= 0 for p in topic["partitions"])
+        for topic in descriptions
+    )
 
 
 def stop_pid(pid: int, timeout_s: float = 30.0) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 
@@ -35,7 +35,7 @@ class Frame(Message):
     camera_id: str
     room: str
     seq: int = Field(ge=0, description="per-camera sequence number, increasing")
-    captured_at: datetime
+    captured_at: AwareDatetime
     width: int = Field(gt=0)
     height: int = Field(gt=0)
     jpeg: bytes = Field(repr=False)
@@ -70,7 +70,7 @@ class CloudRequest(Message):
     frame_id: str
     camera_id: str
     room: str
-    captured_at: datetime
+    captured_at: AwareDatetime
     frame_position: KafkaPosition = Field(description="where the frame itself sits in `frames` (fallback)")
     clip_keys: list[str] = Field(description="Redis keys of the clip's JPEGs, oldest first, ending with this frame")
     clip_frame_ids: list[str]
@@ -78,8 +78,8 @@ class CloudRequest(Message):
     switcher_score: float = Field(ge=0.0, le=1.0, description="predicted probability that the models agree")
     switcher_version: str
     reason: OffloadReason
-    deadline: datetime
-    requested_at: datetime = Field(default_factory=utc_now)
+    deadline: AwareDatetime
+    requested_at: AwareDatetime = Field(default_factory=utc_now)
 
 
 VerdictSource = Literal["edge", "cloud", "edge-fallback"]
@@ -95,7 +95,7 @@ class Verdict(Message):
     frame_id: str
     camera_id: str
     room: str
-    captured_at: datetime
+    captured_at: AwareDatetime
     source: VerdictSource
     final: bool
     fall_probability: float = Field(ge=0.0, le=1.0)
@@ -107,7 +107,7 @@ class Verdict(Message):
     switcher_version: str | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     energy_j: float | None = None
-    produced_at: datetime = Field(default_factory=utc_now)
+    produced_at: AwareDatetime = Field(default_factory=utc_now)
 
 
 AlertState = Literal["open", "acknowledged", "resolved", "false_alarm"]
@@ -120,9 +120,9 @@ class FallEvent(Message):
     camera_id: str
     room: str
     state: AlertState
-    opened_at: datetime
-    updated_at: datetime = Field(default_factory=utc_now)
-    first_fall_at: datetime = Field(description="capture time of the first fall frame that led to the alert")
+    opened_at: AwareDatetime
+    updated_at: AwareDatetime = Field(default_factory=utc_now)
+    first_fall_at: AwareDatetime = Field(description="capture time of the first fall frame that led to the alert")
     confidence: float = Field(ge=0.0, le=1.0)
     evidence_frame_ids: list[str]
     rule: str = Field(description="which confirmation rule fired, e.g. '3 of 5'")
@@ -138,4 +138,4 @@ class DeadLetter(Message):
     source_offset: int | None = None
     key: bytes | None = None
     raw: bytes = Field(repr=False)
-    failed_at: datetime = Field(default_factory=utc_now)
+    failed_at: AwareDatetime = Field(default_factory=utc_now)

@@ -14,8 +14,9 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -26,8 +27,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from alerting.app import alert_key, open_alert_key
 from alerting.rules import CameraState, alert_id_for
 from fallwatch.kafka_io import make_consumer, make_producer
-from fallwatch.settings import AlertingSettings, Settings
-from fallwatch.stack import StackState
+from fallwatch.settings import AlertingSettings, RedisSettings, Settings
+from fallwatch.stack import StackState, free_port
 from schemas import DeadLetter, FallEvent, Message, Verdict, decode, encode
 from tests.conftest import REPO, settings_for, write_config
 
@@ -46,7 +47,7 @@ def make_verdict(
     final: bool = True,
     fall_probability: float | None = None,
 ) -> Verdict:
-    """A verdict of frame `seq` of a camera captured `at_s` seconds after T0 (default: one frame per second)."""
+    """Frame `seq` of a camera, captured `at_s` seconds after T0 (by default `seq` seconds: one frame a second)."""
     captured_at = T0 + timedelta(seconds=seq if at_s is None else at_s)
     probability = fall_probability if fall_probability is not None else (0.9 if fall else 0.1)
     return Verdict(
@@ -158,8 +159,8 @@ def test_duplicate_verdicts_count_once() -> None:
 def test_a_redelivered_burst_opens_no_second_alert() -> None:
     burst = [make_verdict("cam", seq, fall=True) for seq in range(3)]
     state = new_state()
-    assert len(observe_all(state, burst)) == 1
-    state.close_alert(state.open_alert_id or "")
+    (alert,) = observe_all(state, burst)
+    state.close_alert(alert.alert_id)
     assert observe_all(state, burst) == []
 
 
@@ -195,37 +196,44 @@ def test_state_survives_a_json_round_trip() -> None:
 # --- the worker on the real stack --------------------------------------------------------------
 
 
-@dataclass
-class RunningAlerting:
-    settings: Settings
-    process: subprocess.Popen[bytes]
-    started_at: float
-
-
-@pytest.fixture(scope="module")
-def alerting(stack_state: StackState, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAlerting]:
-    tmp_path = tmp_path_factory.mktemp("alerting")
-    # a fresh app id: its consumer group and its table's changelog topic are this module's alone
+def alerting_settings(stack_state: StackState, tmp_path: Path) -> Settings:
+    # a fresh app id: its consumer group and its table's changelog topic are this test's alone
     rules = {**RULE.model_dump(), "app_id": f"alerting-{uuid.uuid4().hex[:8]}"}
-    settings = settings_for(stack_state, tmp_path, alerting=rules)
+    return settings_for(stack_state, tmp_path, alerting=rules)
+
+
+@contextmanager
+def alerting_worker(settings: Settings, tmp_path: Path) -> Iterator[None]:
+    """`python -m alerting` with these settings; on exit SIGTERM it and check that it stopped cleanly."""
     env = write_config(settings, tmp_path / "cfg.yaml")
-    with (tmp_path / "alerting.log").open("wb") as log_file:
+    log_path = tmp_path / f"alerting-{uuid.uuid4().hex[:4]}.log"
+    with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "alerting"], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT
         )
-    running = RunningAlerting(settings, process, time.monotonic())
+    started_at = time.monotonic()
     try:
-        yield running
+        yield
     finally:
         process.send_signal(signal.SIGTERM)
-        stop_started = time.monotonic()
+        stopping_at = time.monotonic()
         try:
-            returncode = process.wait(timeout=20)
+            returncode = process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
             raise
-        print(f"alerting stopped {time.monotonic() - stop_started:.1f} s after SIGTERM")
-        assert returncode == 0, (tmp_path / "alerting.log").read_text()[-3000:]
+        stop_s = time.monotonic() - stopping_at
+        print(f"alerting ran {stopping_at - started_at:.1f} s, stopped {stop_s:.1f} s after SIGTERM")
+        assert returncode == 0, log_path.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def shared_settings(stack_state: StackState, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings of one worker that the tests below share, each with its own cameras."""
+    tmp_path = tmp_path_factory.mktemp("alerting")
+    settings = alerting_settings(stack_state, tmp_path)
+    with alerting_worker(settings, tmp_path):
+        yield settings
 
 
 async def produce(settings: Settings, records: list[tuple[str, bytes]]) -> None:
@@ -317,8 +325,8 @@ def unique_camera(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:6]}"
 
 
-def test_falls_open_one_alert_and_other_cameras_none(alerting: RunningAlerting) -> None:
-    settings = alerting.settings
+def test_falls_open_one_alert_and_other_cameras_none(shared_settings: Settings) -> None:
+    settings = shared_settings
     falling, calm, provisional = unique_camera("falling"), unique_camera("calm"), unique_camera("provisional")
     fall_verdicts = [make_verdict(falling, seq, fall=seq >= 1) for seq in range(5)]
     asyncio.run(produce(settings, as_records([
@@ -329,7 +337,6 @@ def test_falls_open_one_alert_and_other_cameras_none(alerting: RunningAlerting) 
 
     topic = settings.kafka.topics.fall_events
     events = asyncio.run(read_until(settings, topic, FallEvent, lambda got: bool(alerts_for(got, falling))))
-    print(f"first alert {time.monotonic() - alerting.started_at:.1f} s after the worker was started")
     asyncio.run(wait_until_consumed(settings))
     events = asyncio.run(read_all(settings, topic, FallEvent))
 
@@ -349,8 +356,8 @@ def test_falls_open_one_alert_and_other_cameras_none(alerting: RunningAlerting) 
         store.close()
 
 
-def test_redelivered_verdicts_open_one_alert(alerting: RunningAlerting) -> None:
-    settings = alerting.settings
+def test_redelivered_verdicts_open_one_alert(shared_settings: Settings) -> None:
+    settings = shared_settings
     camera = unique_camera("twice")
     burst = as_records([make_verdict(camera, seq, fall=True) for seq in range(4)])
     asyncio.run(produce(settings, burst + burst))
@@ -361,8 +368,8 @@ def test_redelivered_verdicts_open_one_alert(alerting: RunningAlerting) -> None:
     assert len(alerts_for(asyncio.run(read_all(settings, topic, FallEvent)), camera)) == 1
 
 
-def test_malformed_record_goes_to_dead_letters_and_the_stream_goes_on(alerting: RunningAlerting) -> None:
-    settings = alerting.settings
+def test_malformed_record_goes_to_dead_letters_and_the_stream_goes_on(shared_settings: Settings) -> None:
+    settings = shared_settings
     camera = unique_camera("after-garbage")
     asyncio.run(produce(settings, [
         (camera, b"not json"),
@@ -383,3 +390,30 @@ def test_malformed_record_goes_to_dead_letters_and_the_stream_goes_on(alerting: 
         settings, settings.kafka.topics.fall_events, FallEvent, lambda got: bool(alerts_for(got, camera))
     ))
 
+
+
+def test_camera_state_survives_a_restart(stack_state: StackState, tmp_path: Path) -> None:
+    settings = alerting_settings(stack_state, tmp_path)
+    camera = unique_camera("restart")
+    burst = as_records([make_verdict(camera, seq, fall=True) for seq in range(3)])
+    topic = settings.kafka.topics.fall_events
+    with alerting_worker(settings, tmp_path):
+        asyncio.run(produce(settings, burst))
+        asyncio.run(read_until(settings, topic, FallEvent, lambda got: bool(alerts_for(got, camera))))
+
+    # the new worker recovers the camera's open alert and seen frames from the table's changelog
+    with alerting_worker(settings, tmp_path):
+        asyncio.run(produce(settings, burst + as_records([make_verdict(camera, 3, fall=True)])))
+        asyncio.run(wait_until_consumed(settings))
+    assert len(alerts_for(asyncio.run(read_all(settings, topic, FallEvent)), camera)) == 1
+
+
+def test_alerts_reach_fall_events_while_redis_is_down(stack_state: StackState, tmp_path: Path) -> None:
+    settings = alerting_settings(stack_state, tmp_path)
+    settings = settings.model_copy(update={"redis": RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0")})
+    camera = unique_camera("no-redis")
+    with alerting_worker(settings, tmp_path):
+        asyncio.run(produce(settings, as_records([make_verdict(camera, seq, fall=True) for seq in range(3)])))
+        asyncio.run(read_until(
+            settings, settings.kafka.topics.fall_events, FallEvent, lambda got: bool(alerts_for(got, camera))
+        ))
