@@ -8,7 +8,11 @@ as an object or as a YAML file (`FALLWATCH_CONFIG`) for subprocesses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -114,3 +118,25 @@ def clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModelPaths:
     return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@contextlib.contextmanager
+def service_process(package: str, settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen]:
+    """`python -m <package>` with these settings; SIGTERM on exit, and it must stop cleanly."""
+    env = write_config(settings, tmp_path / f"{package}-{uuid.uuid4().hex[:6]}.yaml")
+    log_path = tmp_path / f"{package}-{uuid.uuid4().hex[:6]}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", package], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            returncode = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        assert returncode in (0, -signal.SIGKILL), log_path.read_text()[-3000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,32 @@ def test_compose_runs_every_service_with_a_real_cli_command() -> None:
     gpu = services["cloud"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
     assert services["edge"]["deploy"]["replicas"] >= 2
+
+
+def test_stack_up_status_down_uses_free_ports(tmp_path: Path, stack_state) -> None:
+    env = {"FALLWATCH_STATE_DIR": str(tmp_path / "state"), "FALLWATCH_CACHE_DIR": str(REPO / ".cache")}
+    up = fallwatch("stack", "up", env=env)
+    try:
+        assert up.returncode == 0, up.stderr
+        state = json.loads((tmp_path / "state" / "stack.json").read_text())
+        # the session's stack already holds its ports: this one must have found others
+        assert state["kafka"]["port"] != stack_state.kafka.port
+        assert state["redis"]["port"] != stack_state.redis.port
+        status = fallwatch("stack", "status", env=env)
+        assert status.returncode == 0
+        assert "kafka: up" in status.stdout and "redis: up" in status.stdout
+    finally:
+        down = fallwatch("stack", "down", env=env)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    after = fallwatch("stack", "status", env=env)
+    assert after.returncode == 1 and "no local stack" in after.stdout
+
+
+def test_models_tiny_writes_loadable_untrained_models(tmp_path: Path) -> None:
+    result = fallwatch("models", "tiny", str(tmp_path / "tiny"))
+    assert result.returncode == 0, result.stderr
+    snippet = yaml.safe_load(result.stdout.split("use them with:\n", 1)[1])
+    assert Path(snippet["edge"]["model"], "config.json").is_file()
+    assert Path(snippet["cloud"]["model"], "config.json").is_file()
+    assert any(Path(snippet["edge"]["switcher_registry"]).iterdir())
+    assert "UNTRAINED" in result.stderr

@@ -8,23 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
+from redis import Redis
 
 from cloud_workers.service import run_cloud_worker
+from cloud_workers.tiny import set_fall_bias as set_cloud_fall_bias
+from edge_workers.model import ViltEdgeModel
 from edge_workers.service import run_edge_worker
-from edge_workers.switcher import latest_version, load_switcher, save_switcher
+from edge_workers.switcher import create_untrained_switcher, latest_version, load_switcher, save_switcher
+from edge_workers.tiny import set_fall_bias as set_edge_fall_bias
 from fallwatch.images import decode_jpeg_rgb
 from fallwatch.kafka_io import make_producer
 from fallwatch.models import TinyModelPaths, load_edge_model
 from fallwatch.settings import CameraSettings, Settings
 from producers.service import run_producers
-from schemas import CloudRequest, DeadLetter, Frame, Verdict, encode
-from tests.conftest import consume_until, settings_for
+from schemas import CloudRequest, DeadLetter, FallEvent, Frame, Verdict, encode
+from tests.conftest import consume_until, service_process, settings_for
 
 
 def pipeline_settings(stack_state, tmp_path: Path, tiny: TinyModelPaths, clip: Path, registry: Path) -> Settings:
@@ -143,3 +148,48 @@ def _jpeg() -> bytes:
     image = np.zeros((48, 64, 3), np.uint8)
     image[10:30, 20:40] = (90, 160, 220)
     return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def fall_saying_models(tiny: TinyModelPaths, directory: Path) -> TinyModelPaths:
+    """Copies of the tiny pair configured (weights set, same classes) to answer "fall" for every input."""
+    fall = TinyModelPaths(directory / "edge-vilt", directory / "cloud-llava", directory / "switchers")
+    shutil.copytree(tiny.edge, fall.edge)
+    shutil.copytree(tiny.cloud, fall.cloud)
+    set_edge_fall_bias(fall.edge, fall=True)
+    set_cloud_fall_bias(fall.cloud, fall=True)
+    edge = ViltEdgeModel.from_pretrained(str(fall.edge), Settings().edge.question)
+    create_untrained_switcher(fall.switcher_registry, edge.hidden_size, edge.name)
+    return fall
+
+
+def test_falls_in_the_verdicts_raise_one_alert(stack_state, tmp_path: Path, tiny_models, clip_path) -> None:
+    fall = fall_saying_models(tiny_models, tmp_path / "fall-models")
+    settings = pipeline_settings(stack_state, tmp_path, fall, clip_path, fall.switcher_registry)
+    settings = settings.model_copy(
+        update={"alerting": settings.alerting.model_copy(update={"app_id": f"{settings.kafka.topics.frames}-alerts"})}
+    )
+
+    async def scenario() -> tuple[int, list[Verdict], list[FallEvent]]:
+        published = (await run_producers(settings, asyncio.Event()))["cam-e2e"]
+        async with running(lambda stop: run_edge_worker(settings, stop), lambda stop: run_cloud_worker(settings, stop)):
+            verdicts = await consume_until(
+                settings, settings.kafka.topics.verdicts, Verdict,
+                lambda m: len({v.frame_id for v in m if v.final}) >= published,
+            )
+        events = await consume_until(settings, settings.kafka.topics.fall_events, FallEvent, lambda m: len(m) >= 1)
+        return published, verdicts, events
+
+    with service_process("alerting", settings, tmp_path):
+        published, verdicts, events = asyncio.run(scenario())
+        redis = Redis.from_url(settings.redis.url)
+        stored = redis.get(f"fallwatch:alert:{events[0].alert_id}")
+        redis.close()
+
+    finals = [v for v in verdicts if v.final]
+    assert len({v.frame_id for v in finals}) == published and all(v.decision for v in finals)
+    assert len(events) == 1, "one open alert per camera however many fall frames follow"
+    event = events[0]
+    assert (event.camera_id, event.room, event.state) == ("cam-e2e", "101", "open")
+    assert len(event.evidence_frame_ids) >= settings.alerting.k
+    assert set(event.evidence_frame_ids) <= {v.frame_id for v in finals}
+    assert stored is not None and FallEvent.model_validate_json(stored).alert_id == event.alert_id
