@@ -1,19 +1,32 @@
-"""The alerting service: a faust-streaming app on `verdicts`.
+"""The alerting service: a faust-streaming app on `verdicts` and `fall-events`.
 
-Each verdict is decoded (undecodable records go to `dead-letters`), fed to its
-camera's `CameraState`, and an alert the state opens is written to Redis and
-published to `fall-events` keyed by camera id.
+Agent `confirm-falls` reads `verdicts` and `fall-events`: each verdict (an
+undecodable one goes to `dead-letters`) feeds its camera's `CameraState`, and an
+alert the state opens or resolves is published to `fall-events` keyed by camera
+id; a caregiver's answer on `fall-events` (acknowledged, false alarm, resolved,
+published by the dashboard) updates the camera's state. Both topics are keyed
+by camera id with the same partition count, and faust assigns such topics
+co-partitioned, so a camera's verdicts, its alerts and its table entry stay
+with one worker.
+
+Agent `deliver-alerts` reads `fall-events` and delivers each change
+(`alerting.delivery`): Redis, the caregiver stream, webhooks, snapshots.
+
+A timer (every `tick_s`) checks the two wall-clock deadlines of the cameras
+whose partitions this worker owns: an offloaded frame whose cloud verdict is
+overdue gets an `edge-fallback` final verdict, published to `verdicts` (faust
+tables can only change inside a stream, and the record also tells
+dmd_offline what was decided); an alert nobody acknowledged is escalated.
 
 Delivery is at-least-once (faust's default; exactly_once is avoided, see
-faust-streaming issues #517 and #323): faust commits a verdict's offset only
-after flushing everything the agent sent for it, and a redelivered verdict is
-harmless because `CameraState` dedupes by frame id and alert ids are
-deterministic.
+faust-streaming issues #517 and #323): faust commits a record's offset only
+after the agent finished with it and flushed what it sent, and a redelivered
+record is harmless because `CameraState` dedupes by frame id, alert ids are
+deterministic and Redis takes a state change once.
 
 Per-camera state lives in a faust Table keyed by camera id, backed by a
-changelog topic, so dedupe and open alerts survive a restart or a rebalance.
-Verdicts are keyed by camera id, so a camera's verdicts and its table entry
-stay on one partition.
+changelog topic, so dedupe, pending offloads and open alerts survive a restart
+or a rebalance.
 """
 
 from __future__ import annotations
@@ -22,68 +35,34 @@ import logging
 from typing import Any
 
 import faust
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from alerting.rules import CameraState, rule_name
+from alerting.delivery import Delivery
+from alerting.metrics import AlertingMetrics
+from alerting.rules import CameraState
+from alerting.store import AlertStore
 from fallwatch.kafka_io import dead_letter_for
 from fallwatch.logs import configure_logging
 from fallwatch.settings import Settings
-from schemas import FallEvent, SchemaError, Verdict, decode, encode
+from schemas import FallEvent, SchemaError, Verdict, decode, encode, utc_now
 
 log = logging.getLogger(__name__)
 
 SERVICE = "alerting"
 CAMERA_TABLE = "camera-state"
-REDIS_TIMEOUT_S = 2.0
-
-
-def alert_key(alert_id: str) -> str:
-    return f"fallwatch:alert:{alert_id}"
-
-
-def open_alert_key(camera_id: str) -> str:
-    return f"fallwatch:open-alert:{camera_id}"
 
 
 def faust_broker(bootstrap_servers: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap_servers.split(",")]
 
 
-class AlertStore:
-    """Alerts in Redis for the dashboard and notifiers; the `fall-events` record is the durable copy."""
-
-    def __init__(self, url: str) -> None:
-        # short timeouts: a Redis outage must not stall the verdict stream
-        self.redis = Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
-
-    async def save(self, alert: FallEvent) -> None:
-        """Write the alert and the camera's open-alert pointer; a failure is logged, never raised.
-
-        Both writes are NX: a replay of the same verdicts yields the same alert id and must
-        not undo what a caregiver already did with that alert (closing an alert deletes the
-        pointer).
-        """
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(alert_key(alert.alert_id), encode(alert), nx=True)
-                pipe.set(open_alert_key(alert.camera_id), alert.alert_id, nx=True)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            log.error("could not write alert %s to Redis (it is still on fall-events): %s", alert.alert_id, exc)
-
-    async def close(self) -> None:
-        await self.redis.aclose()
-
-
 def make_app(settings: Settings) -> faust.App:
     """The alerting faust app for these settings (not started)."""
-    rule = settings.alerting
+    alerting = settings.alerting
     topics = settings.kafka.topics
-    datadir = settings.state_dir / f"{rule.app_id}-data"
+    datadir = settings.state_dir / f"{alerting.app_id}-data"
     datadir.parent.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     app = faust.App(
-        rule.app_id,
+        alerting.app_id,
         broker=faust_broker(settings.kafka.bootstrap_servers),
         processing_guarantee="at_least_once",
         topic_partitions=settings.kafka.partitions,
@@ -96,6 +75,7 @@ def make_app(settings: Settings) -> faust.App:
     # every topic value is JSON made by schemas.encode; faust only moves the bytes
     raw_topic: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "value_serializer": "raw"}
     verdicts = app.topic(topics.verdicts, **raw_topic)
+    verdicts_and_answers = app.topic(topics.verdicts, topics.fall_events, **raw_topic)
     fall_events = app.topic(topics.fall_events, **raw_topic)
     dead_letters = app.topic(topics.dead_letters, **raw_topic)
     cameras = app.Table(
@@ -105,44 +85,115 @@ def make_app(settings: Settings) -> faust.App:
         # values are CameraState.model_dump(mode="json") dicts; no value_type, because faust's
         # changelog recovery calls value_type.from_data(), which only faust Records have
     )
-    store = AlertStore(settings.redis.url)
+    metrics = AlertingMetrics()
+    delivery = Delivery(settings, AlertStore(settings.redis.url, alerting.stream_maxlen), metrics)
+    # what the timer already did, so a tick does not repeat it before the stream catches up
+    fallbacks_sent: set[str] = set()
+    escalated: set[str] = set()
 
-    @app.agent(verdicts, name="confirm-falls")
+    def camera_state(camera_id: str, room: str) -> CameraState:
+        stored = cameras.get(camera_id)
+        rule = alerting.rule_for(room)
+        if stored is not None:
+            return CameraState(rule=rule, **stored)
+        return CameraState(rule=rule, camera_id=camera_id, room=room)
+
+    async def dead_letter(message: Any, reason: str) -> None:
+        log.warning(
+            "dead letter from %s partition %s offset %s: %s", message.topic, message.partition, message.offset, reason
+        )
+        metrics.dead_letters.inc()
+        # faust's Message has the ConsumerRecord fields dead_letter_for reads
+        await dead_letters.send(key=message.key, value=encode(dead_letter_for(SERVICE, message, reason)))
+
+    @app.agent(verdicts_and_answers, name="confirm-falls")
     async def confirm_falls(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             message = event.message
+            if message.topic == topics.fall_events:
+                try:
+                    answer = decode(FallEvent, message.value)
+                except SchemaError:
+                    continue  # deliver-alerts dead-letters it
+                stored = cameras.get(answer.camera_id)
+                if stored is not None:
+                    state = camera_state(answer.camera_id, answer.room)
+                    state.apply(answer)
+                    cameras[answer.camera_id] = state.model_dump(mode="json")
+                continue
             try:
                 verdict = decode(Verdict, message.value)
             except SchemaError as exc:
-                log.warning(
-                    "dead letter from %s partition %s offset %s: %s",
-                    message.topic, message.partition, message.offset, exc,
-                )
-                # faust's Message has the ConsumerRecord fields dead_letter_for reads
-                dead_letter = dead_letter_for(SERVICE, message, str(exc))
-                await dead_letters.send(key=message.key, value=encode(dead_letter))
+                await dead_letter(message, str(exc))
                 continue
-            stored = cameras.get(verdict.camera_id)
-            state = (
-                CameraState(rule=rule, **stored)
-                if stored is not None
-                else CameraState(rule=rule, camera_id=verdict.camera_id)
-            )
-            alert = state.observe(verdict)
+            state = camera_state(verdict.camera_id, verdict.room)
+            state.room, state.partition = verdict.room, message.partition
+            alert = state.observe(verdict, utc_now())
             # faust only writes the changelog on assignment, never for an in-place change
             cameras[verdict.camera_id] = state.model_dump(mode="json")
-            if alert is not None:
-                await store.save(alert)
-                await fall_events.send(key=alert.camera_id.encode(), value=encode(alert))
+            if alert is None:
+                continue
+            await delivery.store_first(alert)
+            await fall_events.send(key=alert.camera_id.encode(), value=encode(alert))
+            if alert.state == "open":
+                metrics.alerts_opened.labels(room=alert.room, rule=alert.rule).inc()
+                metrics.time_to_alert.observe((alert.updated_at - alert.first_fall_at).total_seconds())
                 log.info(
                     "alert %s opened: camera %s, room %s, rule %s, confidence %.2f, evidence %s",
                     alert.alert_id, alert.camera_id, alert.room, alert.rule, alert.confidence,
                     ", ".join(alert.evidence_frame_ids),
                 )
+            else:
+                metrics.alerts_resolved.inc()
+                log.info("alert %s resolved: camera %s shows no fall any more", alert.alert_id, alert.camera_id)
+
+    @app.agent(fall_events, name="deliver-alerts")
+    async def deliver_alerts(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            try:
+                alert = decode(FallEvent, event.message.value)
+            except SchemaError as exc:
+                await dead_letter(event.message, str(exc))
+                continue
+            await delivery.handle(alert)
+
+    @app.timer(alerting.tick_s)
+    async def check_deadlines() -> None:
+        # the table may still hold cameras of partitions this worker lost (standbys, a revocation):
+        # only the owner of a camera's partition acts for it
+        owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.verdicts}
+        now = utc_now()
+        pending: set[str] = set()
+        still_open: set[str] = set()
+        for camera_id, stored in list(cameras.items()):
+            if stored["partition"] not in owned or not (stored["pending"] or stored["open_alert"]):
+                continue  # not ours, or no deadline to watch: skip the cost of restoring the state
+            state = CameraState(rule=alerting.rule_for(stored["room"]), **stored)
+            pending |= set(state.pending)
+            if state.open_alert_id is not None:
+                still_open.add(state.open_alert_id)
+            for fallback in state.due_fallbacks(now):
+                if fallback.frame_id in fallbacks_sent:
+                    continue
+                fallbacks_sent.add(fallback.frame_id)
+                metrics.edge_fallbacks.inc()
+                log.info("no cloud verdict for frame %s in time: deciding on the edge's", fallback.frame_id)
+                await verdicts.send(key=camera_id.encode(), value=encode(fallback))
+            overdue = state.escalation_due(now)
+            if overdue is not None and overdue.alert_id not in escalated:
+                escalated.add(overdue.alert_id)
+                await delivery.escalate(overdue)
+        fallbacks_sent.intersection_update(pending)
+        escalated.intersection_update(still_open)
+
+    @app.task
+    async def serve_metrics() -> None:
+        metrics.serve(alerting.metrics_port)
 
     @app.on_before_shutdown.connect
-    async def close_store(sender: faust.App, **kwargs: Any) -> None:
-        await store.close()
+    async def close_delivery(sender: faust.App, **kwargs: Any) -> None:
+        await delivery.close()
+        metrics.close()
 
     return app
 
@@ -152,9 +203,12 @@ def run_alerting(settings: Settings) -> None:
     configure_logging(settings.log_level)
     app = make_app(settings)
     log.info(
-        "alerting %s: rule %s within %.0f s, cooldown %.0f s, on %s",
-        settings.alerting.app_id, rule_name(settings.alerting), settings.alerting.window_s,
-        settings.alerting.cooldown_s, settings.kafka.topics.verdicts,
+        "alerting %s: rule %d of %d within %.0f s, cloud confirms at p>=%.2f, cloud wait %.0f s, "
+        "escalation after %.0f s, cooldown %.0f s, on %s and %s",
+        settings.alerting.app_id, settings.alerting.k, settings.alerting.n, settings.alerting.window_s,
+        settings.alerting.cloud_confirm_probability, settings.alerting.cloud_wait_s,
+        settings.alerting.escalate_after_s, settings.alerting.cooldown_s,
+        settings.kafka.topics.verdicts, settings.kafka.topics.fall_events,
     )
     worker = faust.Worker(
         app,

@@ -31,6 +31,8 @@ class CloudModel(Protocol):
     """Clips → fall probability. Each clip is a list of HxWx3 uint8 RGB frames, oldest first."""
 
     name: str
+    device: torch.device  # where inputs go (the first device of a model spread by a device map)
+    gpu_indices: list[int]  # the GPUs holding its weights (empty on CPU): their energy counts
 
     def predict(self, clips: list[Clip]) -> np.ndarray:
         """P(fall) per clip, float32, shape [len(clips)]."""
@@ -113,6 +115,7 @@ class LlavaVideoCloudModel:
         self.num_frames = num_frames
         self.name = name
         self.device = model.device
+        self.gpu_indices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
         vocab = processor.tokenizer.get_vocab()
         self.yes_token_ids = answer_token_ids(vocab, YES_TOKEN_VARIANTS)
         self.no_token_ids = answer_token_ids(vocab, NO_TOKEN_VARIANTS)
@@ -134,12 +137,23 @@ class LlavaVideoCloudModel:
         revision: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        device_map: str | None = None,
     ) -> LlavaVideoCloudModel:
-        """Load a checkpoint (hub id or local directory) and its processor."""
-        torch_device = resolve_device(device)
-        model = LlavaNextVideoForConditionalGeneration.from_pretrained(
-            model_id_or_dir, revision=revision, dtype=resolve_dtype(dtype, torch_device)
-        ).to(torch_device)
+        """Load a checkpoint (hub id or local directory) and its processor.
+
+        `device_map` (e.g. "auto") lets accelerate spread the weights over every GPU, for a
+        model larger than one card; then `device` is not used.
+        """
+        if device_map is not None:
+            torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            model = LlavaNextVideoForConditionalGeneration.from_pretrained(
+                model_id_or_dir, revision=revision, dtype=resolve_dtype(dtype, torch_device), device_map=device_map
+            )
+        else:
+            torch_device = resolve_device(device)
+            model = LlavaNextVideoForConditionalGeneration.from_pretrained(
+                model_id_or_dir, revision=revision, dtype=resolve_dtype(dtype, torch_device)
+            ).to(torch_device)
         processor = LlavaNextVideoProcessor.from_pretrained(model_id_or_dir, revision=revision)
         return cls(model, processor, question, num_frames, name=model_id_or_dir)
 
@@ -156,18 +170,21 @@ class LlavaVideoCloudModel:
         """P(fall) per clip: every clip asked this model's question."""
         return self.yes_probabilities(clips, [self.question] * len(clips))
 
-    @torch.inference_mode()
     def yes_probabilities(self, clips: list[Clip], questions: list[str]) -> np.ndarray:
-        """P(Yes) for each clip asked its own question, all in one batched forward pass.
-
-        P(Yes) = the summed softmax probability of the "Yes" token ids divided by that
-        of the "Yes" and "No" ids together, at the position after the prompt.
-        """
+        """P(Yes) for each clip asked its own question, all in one batched forward pass."""
         if len(clips) != len(questions):
             raise ValueError(f"{len(clips)} clips but {len(questions)} questions")
         if not clips:
             return np.zeros(0, dtype=np.float32)
-        inputs = self._model_inputs(clips, questions)
+        return self.yes_probabilities_of(self.model_inputs(clips, questions))
+
+    @torch.inference_mode()
+    def yes_probabilities_of(self, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+        """P(Yes) per row of prepared inputs (`model_inputs`), from one forward pass.
+
+        P(Yes) = the summed softmax probability of the "Yes" token ids divided by that
+        of the "Yes" and "No" ids together, at the position after the prompt.
+        """
         # Positions count real tokens only, so a left-padded row sees the same positions
         # as it would alone (`generate` derives them the same way from the attention mask).
         position_ids = (inputs["attention_mask"].cumsum(dim=-1) - 1).clamp(min=0)
@@ -177,18 +194,21 @@ class LlavaVideoCloudModel:
         p_yes = answer_probabilities[:, : len(self.yes_token_ids)].sum(dim=-1)
         return p_yes.cpu().numpy().astype(np.float32)
 
-    @torch.inference_mode()
     def generate_answers(self, clips: list[Clip], max_new_tokens: int = 3) -> list[str]:
         """Greedy free-text answers; only for comparing against the one-forward reading."""
         if not clips:
             return []
-        inputs = self._model_inputs(clips, [self.question] * len(clips))
+        return self.generate_answers_of(self.model_inputs(clips, [self.question] * len(clips)), max_new_tokens)
+
+    @torch.inference_mode()
+    def generate_answers_of(self, inputs: dict[str, torch.Tensor], max_new_tokens: int = 3) -> list[str]:
         generated = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new_tokens = generated[:, inputs["input_ids"].shape[1] :]
         answers = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [answer.strip() for answer in answers]
 
-    def _model_inputs(self, clips: list[Clip], questions: list[str]) -> dict[str, torch.Tensor]:
+    def model_inputs(self, clips: list[Clip], questions: list[str]) -> dict[str, torch.Tensor]:
+        """The processed, checked model inputs of clips and their questions, on the model's device."""
         videos = [sample_frames(clip, self.num_frames) for clip in clips]
         prompts = [self.prompt(question) for question in questions]
         inputs = self.processor(text=prompts, videos=videos, padding=True, return_tensors="pt")

@@ -1,10 +1,17 @@
 """The cloud worker: a consumer group on `cloud-requests` running the large video model.
 
-Requests are batched (up to `batch_size` or `batch_wait_ms`), their clips fetched
-from Redis (claim check), answered with one forward pass per batch, and each
-answer published as the frame's final verdict. A request past its deadline is
-not sent to the model: its edge answer becomes the final verdict
-(`edge-fallback`), so every frame still gets exactly one final answer.
+Per batch (up to `cloud.batch_size` requests, or `cloud.batch_wait_ms` after the first
+arrived; see `batching`): requests past their deadline get the edge's answer as the
+final verdict (`edge-fallback`: the alerting service has used it already, and the log
+still holds one final verdict per frame); the others' clips are fetched from Redis
+(claim check) — a clip that expired falls back to the frame itself, read back from
+`frames` — and answered by one model forward for the whole batch. Each verdict carries
+the batch size, the wall times of the batch's stages and of the request, its share of
+the batch's energy and the batch's peak GPU memory.
+
+While one batch is in the model the next is collected and its clips fetched; then the
+partitions stay paused (polled, so the group keeps this worker) until the model is free.
+A batch's offsets are committed only after every one of its outputs is acked.
 """
 
 from __future__ import annotations
@@ -13,24 +20,22 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError
 from redis.asyncio import Redis
 
-from cloud_workers.model import CloudModel
+from cloud_workers.batching import Arrival, Batch, collect_batch, while_paused
+from cloud_workers.energy import BatchCost, CostMeter, open_energy_meter
+from cloud_workers.metrics import CloudMetrics
+from cloud_workers.model import Clip, CloudModel
 from fallwatch.images import decode_jpeg_rgb
-from fallwatch.kafka_io import (
-    commit_after,
-    decode_batch,
-    make_consumer,
-    make_producer,
-    send,
-    send_dead_letter,
-)
+from fallwatch.kafka_io import decode_batch, make_consumer, make_producer, send
 from fallwatch.models import load_cloud_model
 from fallwatch.settings import Settings
-from schemas import CloudRequest, Frame, KafkaPosition, Verdict, decode, utc_now
+from schemas import CloudRequest, Frame, SchemaError, Verdict, decode, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +44,17 @@ SERVICE = "cloud_workers"
 
 @dataclass(frozen=True)
 class ClipJob:
-    record: ConsumerRecord
+    arrival: Arrival
     request: CloudRequest
-    frames_rgb: list[np.ndarray]
+    clip: Clip
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    batch: Batch
+    jobs: list[ClipJob]  # the requests for the model
+    fetch_s: float
+    acks: list[asyncio.Future]  # outputs already sent: dead letters, edge fallbacks
 
 
 class FrameFetcher:
@@ -49,6 +62,7 @@ class FrameFetcher:
 
     def __init__(self, settings: Settings) -> None:
         self.consumer = make_consumer(settings, group_id=None)
+        self.timeout_s = settings.cloud.frame_fetch_timeout_s
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -56,84 +70,155 @@ class FrameFetcher:
     async def stop(self) -> None:
         await self.consumer.stop()
 
-    async def fetch(self, position: KafkaPosition) -> Frame:
+    async def fetch(self, request: CloudRequest) -> Frame | None:
+        """The request's own frame, or None when `frames` no longer holds it (retention) or it is unreadable."""
+        position = request.frame_position
         partition = TopicPartition(position.topic, position.partition)
         self.consumer.assign([partition])
         self.consumer.seek(partition, position.offset)
-        record = await asyncio.wait_for(self.consumer.getone(partition), timeout=10.0)
-        return decode(Frame, record.value)
+        try:
+            record = await asyncio.wait_for(self.consumer.getone(partition), timeout=self.timeout_s)
+            frame = decode(Frame, record.value)
+        except (TimeoutError, SchemaError) as exc:
+            log.warning("frame of %s unreadable at %s: %s", request.frame_id, position, exc)
+            return None
+        # An offset already deleted by retention silently resets to the earliest record.
+        if record.offset != position.offset or frame.frame_id != request.frame_id:
+            log.warning("frame of %s is gone from %s", request.frame_id, position)
+            return None
+        return frame
 
 
 class CloudWorker:
     def __init__(self, settings: Settings, model: CloudModel) -> None:
         self.settings = settings
+        self.cloud = settings.cloud
         self.model = model
         self.topics = settings.kafka.topics
+        self.metrics = CloudMetrics()
+        self.costs = CostMeter(model.device, open_energy_meter(model.device, model.gpu_indices))
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = make_consumer(
-            self.settings, self.topics.cloud_requests, group_id=self.settings.cloud.group_id
-        )
+        consumer = make_consumer(self.settings, self.topics.cloud_requests, group_id=self.cloud.group_id)
         producer = make_producer(self.settings)
         fetcher = FrameFetcher(self.settings)
         redis = Redis.from_url(self.settings.redis.url)
         await producer.start()
         await fetcher.start()
         await consumer.start()
+        self.metrics.serve(self.cloud.metrics_port)
+        # The batch in the model. The next one is collected and its clips fetched and decoded
+        # meanwhile, so the model never waits for Kafka, Redis or JPEG decoding; at most these
+        # two batches are in flight.
+        answering: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
-                await self.poll_once(consumer, producer, fetcher, redis)
+                if answering is not None and answering.done():
+                    answering.result()  # raises what went wrong in it
+                    answering = None
+                batch = await collect_batch(
+                    consumer,
+                    max_records=self.cloud.batch_size,
+                    max_wait_s=self.cloud.batch_wait_ms / 1000,
+                    idle_wait_s=self.cloud.poll_idle_ms / 1000,
+                )
+                if batch is None:
+                    continue
+                prepared = await self.prepare(batch, producer, fetcher, redis)
+                if answering is not None:
+                    await while_paused(consumer, answering, self.cloud.keepalive_s)
+                answering = asyncio.create_task(self.answer_and_commit(prepared, consumer, producer))
+            if answering is not None:
+                await while_paused(consumer, answering, self.cloud.keepalive_s)
         finally:
+            if answering is not None and not answering.done():
+                await asyncio.wait({answering})  # it uses the clients stopped below
+            self.metrics.close()
             await consumer.stop()
             await fetcher.stop()
             await producer.stop()
             await redis.aclose()
 
-    async def poll_once(
-        self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, fetcher: FrameFetcher, redis: Redis
-    ) -> None:
-        batches = await consumer.getmany(
-            timeout_ms=self.settings.cloud.batch_wait_ms, max_records=self.settings.cloud.batch_size
+    async def prepare(
+        self, batch: Batch, producer: AIOKafkaProducer, fetcher: FrameFetcher, redis: Redis
+    ) -> PreparedBatch:
+        """Decode the requests and fetch their clips; answer at once those the model cannot help."""
+        self.metrics.batch_seconds.labels(stage="collect").observe(batch.open_s)
+        arrival_of = {(a.record.partition, a.record.offset): a for a in batch.arrivals}
+        good, acks = await decode_batch(
+            producer, self.settings, SERVICE, CloudRequest, [a.record for a in batch.arrivals]
         )
-        records = [record for partition in batches.values() for record in partition]
-        if not records:
-            return
-        good, acks = await decode_batch(producer, self.settings, SERVICE, CloudRequest, records)
-        jobs: list[ClipJob] = []
+        self.metrics.count("dead_letter", len(acks))
         now = utc_now()
+        live: list[tuple[Arrival, CloudRequest]] = []
         for record, request in good:
             if request.deadline <= now:
                 log.info("request for %s missed its deadline; the edge answer is final", request.frame_id)
+                self.metrics.count("deadline")
                 acks.append(await send(producer, self.topics.verdicts, request.camera_id, fallback(request)))
-                continue
-            frames = await self.fetch_clip(request, fetcher, redis)
-            if frames is None:
-                acks.append(await send_dead_letter(producer, self.settings, SERVICE, record, "clip undecodable"))
-                continue
-            jobs.append(ClipJob(record, request, frames))
-        if jobs:
-            acks.extend(await self.answer(jobs, producer))
-        await commit_after(consumer, acks)
+            else:
+                live.append((arrival_of[(record.partition, record.offset)], request))
+        fetch_started = time.monotonic()
+        clips = await self.fetch_clips([request for _, request in live], fetcher, redis)
+        jobs: list[ClipJob] = []
+        for (arrival, request), clip in zip(live, clips, strict=True):
+            if clip is None:
+                self.metrics.count("no_clip")
+                acks.append(await send(producer, self.topics.verdicts, request.camera_id, fallback(request)))
+            else:
+                jobs.append(ClipJob(arrival, request, clip))
+        fetch_s = time.monotonic() - fetch_started
+        self.metrics.batch_seconds.labels(stage="fetch").observe(fetch_s)
+        return PreparedBatch(batch, jobs, fetch_s, acks)
 
-    async def fetch_clip(
-        self, request: CloudRequest, fetcher: FrameFetcher, redis: Redis
-    ) -> list[np.ndarray] | None:
-        jpegs = [jpeg for jpeg in await redis.mget(request.clip_keys) if jpeg is not None]
-        if not jpegs:
-            log.info("clip of %s expired from Redis; using the frame itself from Kafka", request.frame_id)
-            jpegs = [(await fetcher.fetch(request.frame_position)).jpeg]
-        frames = [decode_jpeg_rgb(jpeg) for jpeg in jpegs]
-        if any(frame is None for frame in frames):
-            return None
-        return [frame for frame in frames if frame is not None]
+    async def answer_and_commit(
+        self, prepared: PreparedBatch, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
+    ) -> None:
+        """One forward for the batch, its verdicts, then its offsets once every output is acked."""
+        acks = prepared.acks
+        if prepared.jobs:
+            acks += await self.answer(prepared.jobs, prepared.batch, prepared.fetch_s, producer)
+        await asyncio.gather(*acks)
+        # This batch's offsets only: the next batch is already consumed but not answered yet.
+        try:
+            await consumer.commit(prepared.batch.next_offsets())
+        except CommitFailedError as exc:
+            # A rebalance took the partitions: their new owner answers the batch again from the
+            # last commit (at-least-once; consumers dedupe by frame id).
+            log.warning("offsets of a batch not committed (%s); its requests will be answered again", exc)
 
-    async def answer(self, jobs: list[ClipJob], producer: AIOKafkaProducer) -> list[asyncio.Future]:
-        started = time.perf_counter()
-        probabilities = await asyncio.to_thread(self.model.predict, [job.frames_rgb for job in jobs])
-        model_ms = (time.perf_counter() - started) * 1000 / len(jobs)
+    async def fetch_clips(self, requests: list[CloudRequest], fetcher: FrameFetcher, redis: Redis) -> list[Clip | None]:
+        """Each request's clip as RGB frames (oldest first); None where neither clip nor frame can be read."""
+        keys = [key for request in requests for key in request.clip_keys]
+        values = await redis.mget(keys) if keys else []
+        clips_jpegs: list[list[bytes]] = []
+        start = 0
+        for request in requests:
+            end = start + len(request.clip_keys)
+            clips_jpegs.append([jpeg for jpeg in values[start:end] if jpeg is not None])
+            start = end
+        for request, jpegs in zip(requests, clips_jpegs, strict=True):
+            if not jpegs:
+                log.info("clip of %s expired from Redis; using the frame itself from Kafka", request.frame_id)
+                self.metrics.clip_fallbacks.inc()
+                frame = await fetcher.fetch(request)
+                if frame is not None:
+                    jpegs.append(frame.jpeg)
+        return await asyncio.to_thread(decode_clips, clips_jpegs)
+
+    async def answer(
+        self, jobs: list[ClipJob], batch: Batch, fetch_s: float, producer: AIOKafkaProducer
+    ) -> list[asyncio.Future]:
+        model_started = time.monotonic()
+        probabilities, cost = await asyncio.to_thread(self.predict_measured, [job.clip for job in jobs])
+        model_s = time.monotonic() - model_started
+        self.record_batch(len(jobs), model_s, cost)
         acks = []
         for job, probability in zip(jobs, probabilities, strict=True):
             request = job.request
+            worker_s = time.monotonic() - job.arrival.at
+            self.metrics.request_seconds.observe(worker_s)
+            self.metrics.count("cloud")
             verdict = Verdict(
                 frame_id=request.frame_id,
                 camera_id=request.camera_id,
@@ -142,16 +227,51 @@ class CloudWorker:
                 source="cloud",
                 final=True,
                 fall_probability=float(probability),
-                decision=bool(probability >= self.settings.cloud.decision_threshold),
+                decision=bool(probability >= self.cloud.decision_threshold),
                 switcher_score=request.switcher_score,
                 offload_reason=request.reason,
                 edge_model=request.edge.model,
                 cloud_model=self.model.name,
                 switcher_version=request.switcher_version,
-                timings_ms={"cloud_model": model_ms, "batch_size": float(len(jobs))},
+                timings_ms={
+                    "queue": (batch.closed_at - job.arrival.at) * 1000,  # waiting for the batch to close
+                    "collect": batch.open_s * 1000,
+                    "fetch": fetch_s * 1000,
+                    "model": model_s * 1000,
+                    "model_per_request": model_s * 1000 / len(jobs),
+                    "worker": worker_s * 1000,  # arrival in the worker → verdict sent
+                    "since_request": (utc_now() - request.requested_at) / timedelta(milliseconds=1),
+                },
+                energy_j=cost.energy_j / len(jobs) if cost.energy_j is not None else None,
+                batch_size=len(jobs),
+                gpu_memory_mb=cost.gpu_memory_mb,
             )
             acks.append(await send(producer, self.topics.verdicts, request.camera_id, verdict))
         return acks
+
+    def predict_measured(self, clips: list[Clip]) -> tuple[np.ndarray, BatchCost]:
+        self.costs.start()
+        probabilities = self.model.predict(clips)
+        return probabilities, self.costs.stop()
+
+    def record_batch(self, size: int, model_s: float, cost: BatchCost) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_seconds.labels(stage="model").observe(model_s)
+        if cost.energy_j is not None:
+            self.metrics.energy_joules.inc(cost.energy_j)
+        if cost.gpu_memory_mb is not None:
+            self.metrics.gpu_memory_bytes.set(cost.gpu_memory_mb * 2**20)
+
+
+def decode_clips(clips_jpegs: list[list[bytes]]) -> list[Clip | None]:
+    """Decode each clip's JPEGs, dropping undecodable ones; None for a clip left with no frame."""
+    clips: list[Clip | None] = []
+    for jpegs in clips_jpegs:
+        frames = [frame for frame in (decode_jpeg_rgb(jpeg) for jpeg in jpegs) if frame is not None]
+        if len(frames) < len(jpegs):
+            log.warning("%d of %d clip frames undecodable", len(jpegs) - len(frames), len(jpegs))
+        clips.append(frames or None)
+    return clips
 
 
 def fallback(request: CloudRequest) -> Verdict:

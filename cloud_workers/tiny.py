@@ -24,13 +24,19 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from cloud_workers.model import NO_TOKEN_VARIANTS, YES_TOKEN_VARIANTS, answer_token_ids
+from cloud_workers.model import NO_TOKEN_VARIANTS, YES_TOKEN_VARIANTS, LlavaVideoCloudModel, answer_token_ids
 
 TINY_IMAGE_SIZE = 56
 TINY_PATCH_SIZE = 7
 SPATIAL_POOL_STRIDE = 2  # as the real model: 2×2 average pooling of the patch grid per frame
 # (56 / 7 = 8)² = 64 patches → pooled by 2 → 16 video tokens per frame (144 in the 7B: 24² / 4).
 TINY_TOKENS_PER_FRAME = (TINY_IMAGE_SIZE // TINY_PATCH_SIZE // SPATIAL_POOL_STRIDE) ** 2
+
+# LLaVA-NeXT-Video-7B: CLIP ViT-L/14 at 336 px, Vicuna-7B's vocabulary of 32064 entries.
+FULL_SIZE_IMAGE_SIZE = 336
+FULL_SIZE_PATCH_SIZE = 14
+FULL_SIZE_VOCAB = 32064
+FULL_SIZE_NAME = "random-LLaVA-NeXT-Video-7B"
 
 TINY_INITIALIZER_RANGE = 0.5
 # The residual-stream channel that set_fall_bias / restrict_to_answers hold constant.
@@ -81,20 +87,22 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tiny_processor() -> LlavaNextVideoProcessor:
-    tokenizer = build_tiny_tokenizer()
-    square = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    return build_processor(TINY_IMAGE_SIZE, TINY_PATCH_SIZE, tiny_grid_pinpoints())
+
+
+def build_processor(image_size: int, patch_size: int, grid_pinpoints: list[list[int]]) -> LlavaNextVideoProcessor:
+    """The tiny tokenizer with image and video processors for frames of `image_size` pixels."""
+    square = {"height": image_size, "width": image_size}
     image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": TINY_IMAGE_SIZE},
-        crop_size=square,
-        image_grid_pinpoints=tiny_grid_pinpoints(),
+        size={"shortest_edge": image_size}, crop_size=square, image_grid_pinpoints=grid_pinpoints
     )
-    video_processor = LlavaNextVideoVideoProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size=square)
+    video_processor = LlavaNextVideoVideoProcessor(size={"shortest_edge": image_size}, crop_size=square)
     return LlavaNextVideoProcessor(
         video_processor=video_processor,
         image_processor=image_processor,
-        tokenizer=tokenizer,
+        tokenizer=build_tiny_tokenizer(),
         chat_template=CHAT_TEMPLATE,
-        patch_size=TINY_PATCH_SIZE,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
     )
 
@@ -102,6 +110,30 @@ def build_tiny_processor() -> LlavaNextVideoProcessor:
 def tiny_grid_pinpoints() -> list[list[int]]:
     size = TINY_IMAGE_SIZE
     return [[size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
+
+
+def build_random_full_size_cloud_model(
+    question: str, num_frames: int, device: torch.device, dtype: torch.dtype
+) -> LlavaVideoCloudModel:
+    """LLaVA-NeXT-Video-7B's architecture with random weights, built in memory on `device`: for benchmarks.
+
+    `LlavaNextVideoConfig()` defaults to the 7B (Llama-2-7B text model, CLIP ViT-L/14 at
+    336 px, 2×2 pooling: 144 video tokens per frame); only the vocabulary is the tiny
+    tokenizer's (the real one cannot be downloaded here), inside the 7B's 32064-row
+    embedding. Nothing is written to disk (14 GB in bf16). The answers are meaningless;
+    the compute per clip is the real model's.
+    """
+    processor = build_processor(FULL_SIZE_IMAGE_SIZE, FULL_SIZE_PATCH_SIZE, LlavaNextVideoConfig().image_grid_pinpoints)
+    tokenizer = processor.tokenizer
+    config = LlavaNextVideoConfig(
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+    )
+    config.text_config.vocab_size = FULL_SIZE_VOCAB
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    with torch.device(device):
+        model = LlavaNextVideoForConditionalGeneration._from_config(config, dtype=dtype)
+    return LlavaVideoCloudModel(model.eval(), processor, question, num_frames, name=FULL_SIZE_NAME)
 
 
 def build_tiny_config(tokenizer: PreTrainedTokenizerFast) -> LlavaNextVideoConfig:

@@ -1,1 +1,1 @@
-"""Offline Dual-Model Distillation: replay logged traffic through both models, build DMD data."""
+"""Offline Dual-Model Distillation: replay traffic through both models, train, threshold, evaluate, publish."""

@@ -1,31 +1,36 @@
 """The edge worker: a consumer group on `frames` that answers most frames itself.
 
-Per batch: decode the JPEGs, one batched edge-model forward (fall probability
-and hidden vector together), the switcher on the whole batch, then route each
-frame: a final edge verdict when the switcher predicts agreement with the
-large model, else a provisional verdict plus a `cloud-requests` record whose
-clip goes to Redis by claim check. Offsets are committed only after every
-output of the batch is acked.
+Per batch (`getmany`, up to `edge.batch_size` records or `edge.batch_wait_ms`): decode
+the JPEGs once, one batched edge-model forward (fall probability and hidden vector
+together), the switcher on the whole batch, then the routing policy (threshold,
+offload budget, exploration; `edge_workers.routing`) decides each frame: a final edge
+verdict, or a provisional verdict plus a `cloud-requests` record whose clip goes to
+Redis by claim check. Offsets are committed only after every output of the batch is
+acked. A newly published switcher is swapped in between batches (`edge_workers.registry`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
+from edge_workers.metrics import EdgeMetrics
 from edge_workers.model import EdgeModel
-from edge_workers.switcher import Switcher, SwitcherMetadata, check_compatible, latest_version, load_switcher
+from edge_workers.registry import ActiveSwitcher, SwitcherRegistry
+from edge_workers.routing import RouteDecision, Router, RoutingPolicy
 from fallwatch.images import decode_jpeg_rgb
 from fallwatch.kafka_io import (
-    commit_after,
     decode_batch,
     make_consumer,
     make_producer,
@@ -33,13 +38,15 @@ from fallwatch.kafka_io import (
     send_dead_letter,
 )
 from fallwatch.models import load_edge_model
-from fallwatch.settings import ConfigError, Settings
-from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, Verdict, utc_now
+from fallwatch.settings import Settings
+from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, OffloadReason, Verdict, utc_now
 
 log = logging.getLogger(__name__)
 
 SERVICE = "edge_workers"
 FRAME_KEY_PREFIX = "fallwatch:frame:"
+# Batches answered while earlier ones wait for their acks; beyond this the worker waits (backpressure).
+MAX_BATCHES_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,17 @@ class DecodedFrame:
     record: ConsumerRecord
     frame: Frame
     image_rgb: np.ndarray
+
+
+@dataclass(frozen=True)
+class EdgeAnswer:
+    """What the edge concluded about one frame, before it is written anywhere."""
+
+    item: DecodedFrame
+    probability: float
+    decision: bool
+    score: float
+    route: RouteDecision
 
 
 class ClipBuffers:
@@ -79,126 +97,198 @@ class ClipBuffers:
         return clip
 
 
-def load_newest_switcher(settings: Settings, model: EdgeModel) -> tuple[Switcher, SwitcherMetadata]:
-    newest = latest_version(settings.edge.switcher_registry)
-    if newest is None:
-        raise ConfigError(
-            f"no switcher in {settings.edge.switcher_registry}: train one (fallwatch dmd) "
-            "or create an untrained one (fallwatch models tiny / fallwatch models init-switcher)"
-        )
-    switcher, metadata = load_switcher(newest)
-    check_compatible(metadata, model.name, model.hidden_size)
-    return switcher, metadata
-
-
 class EdgeWorker:
     def __init__(self, settings: Settings, model: EdgeModel) -> None:
+        edge = settings.edge
         self.settings = settings
         self.model = model
-        self.switcher, self.switcher_metadata = load_newest_switcher(settings, model)
-        self.clips = ClipBuffers(settings.edge.clip_frames, settings.edge.clip_seconds)
+        self.registry = SwitcherRegistry(
+            edge.switcher_registry, model.name, model.hidden_size, edge.registry_poll_s, edge.registry_announce_key
+        )
+        self.active: ActiveSwitcher = self.registry.load_newest()
+        self.router = Router(
+            RoutingPolicy.from_settings(edge, self.active.metadata.threshold),
+            rng=random.Random(edge.exploration_seed),
+        )
+        self.clips = ClipBuffers(edge.clip_frames, edge.clip_seconds)
         self.topics = settings.kafka.topics
+        self.known_cameras = frozenset(edge.known_cameras)
+        self.metrics = EdgeMetrics()
+        self.decode_pool = ThreadPoolExecutor(edge.decode_threads, thread_name_prefix="edge-decode")
+        self.metrics.use_switcher(self.active.metadata.version)
+        metadata = self.active.metadata
         log.info(
             "edge worker: model %s (hidden %d), switcher %s (threshold %.3f%s)",
-            model.name, model.hidden_size, self.switcher_metadata.version, self.switcher_metadata.threshold,
-            "" if self.switcher_metadata.trained else ", UNTRAINED",
+            model.name, model.hidden_size, metadata.version, self.router.policy.threshold,
+            "" if metadata.trained else ", UNTRAINED",
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = make_consumer(self.settings, self.topics.frames, group_id=self.settings.edge.group_id)
+        consumer = make_consumer(self.settings, group_id=self.settings.edge.group_id)
         producer = make_producer(self.settings)
         redis = Redis.from_url(self.settings.redis.url)
+        commits = CommitQueue(consumer)
+        # Before a rebalance takes partitions away, commit what was answered on them.
+        consumer.subscribe([self.topics.frames], listener=DrainOnRevoke(commits))
+        self.metrics.serve(self.settings.edge.metrics_port)
         await producer.start()
         await consumer.start()
         try:
             while not stop.is_set():
-                batches = await consumer.getmany(
-                    timeout_ms=self.settings.edge.batch_wait_ms, max_records=self.settings.edge.batch_size
-                )
+                # Between batches, so each frame is answered by exactly one switcher.
+                await self.reload_switcher(redis)
+                batches = await self.fetch_batch(consumer)
                 records = [record for partition in batches.values() for record in partition]
                 if records:
                     acks = await self.handle_batch(records, producer, redis)
-                    await commit_after(consumer, acks)
+                    commits.add(AnsweredBatch(acks, next_offsets(batches)))
+                await commits.commit_acked(wait=commits.in_flight() > MAX_BATCHES_IN_FLIGHT)
+                self.metrics.consumer_lag.set(await consumer_lag(consumer))
+            await commits.drain()
         finally:
             await consumer.stop()
             await producer.stop()
             await redis.aclose()
+            self.metrics.close()
+            self.decode_pool.shutdown()
+
+    async def fetch_batch(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """Up to `batch_size` records, waiting at most `batch_wait_ms` after the first one for the batch to fill.
+
+        `getmany` returns as soon as anything is there; a model forward costs less per frame in a full
+        batch, so a short wait for more records pays for itself.
+        """
+        edge = self.settings.edge
+        batches = await consumer.getmany(timeout_ms=edge.batch_wait_ms, max_records=edge.batch_size)
+        count = sum(len(records) for records in batches.values())
+        deadline = time.monotonic() + edge.batch_wait_ms / 1000
+        while 0 < count < edge.batch_size and (left_s := deadline - time.monotonic()) > 0:
+            more = await consumer.getmany(timeout_ms=int(left_s * 1000), max_records=edge.batch_size - count)
+            for partition, records in more.items():
+                batches.setdefault(partition, []).extend(records)
+                count += len(records)
+        return batches
+
+    async def reload_switcher(self, redis: Redis) -> None:
+        loaded = await self.registry.refresh(self.active, redis)
+        if loaded is None:
+            return
+        self.active = loaded
+        if self.settings.edge.switcher_threshold is None:
+            self.router.set_threshold(loaded.metadata.threshold)
+        self.metrics.use_switcher(loaded.metadata.version)
 
     async def handle_batch(
         self, records: list[ConsumerRecord], producer: AIOKafkaProducer, redis: Redis
     ) -> list[asyncio.Future]:
+        """Answer a batch; returns the ack futures of every output."""
+        self.metrics.batch_size.observe(len(records))
         started = time.perf_counter()
         decoded, acks = await self.decode(records, producer)
         if not decoded:
             return acks
-        decode_ms = (time.perf_counter() - started) * 1000 / len(records)
+        decode_s = (time.perf_counter() - started) / len(records)
 
         started = time.perf_counter()
         output = await asyncio.to_thread(self.model.predict, [item.image_rgb for item in decoded])
-        model_ms = (time.perf_counter() - started) * 1000 / len(decoded)
+        model_s = (time.perf_counter() - started) / len(decoded)
 
         started = time.perf_counter()
-        scores = self.switcher.agreement_probability(output.hidden)
-        switcher_ms = (time.perf_counter() - started) * 1000 / len(decoded)
+        scores = self.active.switcher.agreement_probability(output.hidden)
+        switcher_s = (time.perf_counter() - started) / len(decoded)
 
-        timings = {"decode": decode_ms, "edge_model": model_ms, "switcher": switcher_ms}
-        for item, probability, score in zip(decoded, output.fall_probability, scores, strict=True):
+        routes = self.router.route(scores.tolist())
+        self.observe(decode_s, model_s, switcher_s, scores, routes)
+        timings_ms = {"decode": decode_s * 1000, "edge_model": model_s * 1000, "switcher": switcher_s * 1000}
+        started = time.perf_counter()
+        for item, probability, score, route in zip(decoded, output.fall_probability, scores, routes, strict=True):
             self.clips.add(item.frame)
-            acks.extend(await self.route(item, float(probability), float(score), timings, producer, redis))
+            probability = float(probability)
+            answer = EdgeAnswer(
+                item, probability, probability >= self.settings.edge.decision_threshold, float(score), route
+            )
+            acks.extend(await self.publish(answer, timings_ms, producer, redis))
+        # the worker's own cost of producing (encoding, queueing, clips to Redis); acks are awaited later
+        self.metrics.stage_seconds.labels("produce").observe((time.perf_counter() - started) / len(decoded))
         return acks
+
+    def observe(
+        self, decode_s: float, model_s: float, switcher_s: float, scores: np.ndarray, routes: list[RouteDecision]
+    ) -> None:
+        metrics = self.metrics
+        metrics.frames.inc(len(routes))
+        for stage, seconds in (("decode", decode_s), ("model", model_s), ("switcher", switcher_s)):
+            metrics.stage_seconds.labels(stage).observe(seconds)
+        for score in scores.tolist():
+            metrics.switcher_score.observe(score)
+        for route in routes:
+            if route.offload is not None:
+                metrics.offloads.labels(route.offload).inc()
+            if route.over_budget:
+                metrics.over_budget.inc()
+        metrics.offload_ratio.set(self.router.budget.offload_ratio())
 
     async def decode(
         self, records: list[ConsumerRecord], producer: AIOKafkaProducer
     ) -> tuple[list[DecodedFrame], list[asyncio.Future]]:
+        """Validate and decode each record once; the bad ones go to `dead-letters` with the reason."""
         good, acks = await decode_batch(producer, self.settings, SERVICE, Frame, records)
+        frames = [frame for _record, frame in good]
+        # JPEG decoding releases the GIL: the batch is spread over the decode threads.
+        loop = asyncio.get_running_loop()
+        images = await asyncio.gather(
+            *(loop.run_in_executor(self.decode_pool, self.image_or_reason, frame) for frame in frames)
+        )
         decoded: list[DecodedFrame] = []
-        for record, frame in good:
-            if len(frame.jpeg) > self.settings.edge.max_frame_bytes:
-                reason = f"frame of {len(frame.jpeg)} bytes exceeds {self.settings.edge.max_frame_bytes}"
-            elif (image := decode_jpeg_rgb(frame.jpeg)) is None:
-                reason = "JPEG could not be decoded"
-            else:
+        for (record, frame), image in zip(good, images, strict=True):
+            if isinstance(image, np.ndarray):
                 decoded.append(DecodedFrame(record, frame, image))
-                continue
-            acks.append(await send_dead_letter(producer, self.settings, SERVICE, record, reason))
+            else:
+                acks.append(await send_dead_letter(producer, self.settings, SERVICE, record, image))
+        self.metrics.dead_letters.inc(len(records) - len(decoded))
         return decoded, acks
 
-    async def route(
-        self,
-        item: DecodedFrame,
-        probability: float,
-        score: float,
-        timings: dict[str, float],
-        producer: AIOKafkaProducer,
-        redis: Redis,
+    def image_or_reason(self, frame: Frame) -> np.ndarray | str:
+        """The frame's RGB image, or the reason it cannot be answered."""
+        max_bytes = self.settings.edge.max_frame_bytes
+        if self.known_cameras and frame.camera_id not in self.known_cameras:
+            return f"unknown camera {frame.camera_id!r}"
+        if not frame.jpeg:
+            return "empty JPEG"
+        if len(frame.jpeg) > max_bytes:
+            return f"frame of {len(frame.jpeg)} bytes exceeds {max_bytes}"
+        image = decode_jpeg_rgb(frame.jpeg)
+        return "JPEG could not be decoded" if image is None else image
+
+    async def publish(
+        self, answer: EdgeAnswer, timings_ms: dict[str, float], producer: AIOKafkaProducer, redis: Redis
     ) -> list[asyncio.Future]:
-        frame = item.frame
-        decision = probability >= self.settings.edge.decision_threshold
-        offload = score < self.switcher_metadata.threshold
+        frame = answer.item.frame
+        offload = answer.route.offload
         verdict = Verdict(
             frame_id=frame.frame_id,
             camera_id=frame.camera_id,
             room=frame.room,
             captured_at=frame.captured_at,
             source="edge",
-            final=not offload,
-            fall_probability=probability,
-            decision=decision,
-            switcher_score=score,
-            offload_reason="switcher" if offload else None,
+            final=offload is None,
+            fall_probability=answer.probability,
+            decision=answer.decision,
+            switcher_score=answer.score,
+            offload_reason=offload,
             edge_model=self.model.name,
-            switcher_version=self.switcher_metadata.version,
-            timings_ms=timings,
+            switcher_version=self.active.metadata.version,
+            timings_ms=timings_ms,
+            routing=self.router.policy.record(answer.route.over_budget),
         )
         acks = [await send(producer, self.topics.verdicts, frame.camera_id, verdict)]
-        if offload:
-            request = await self.cloud_request(item, probability, decision, score, redis)
+        if offload is not None:
+            request = await self.cloud_request(answer, offload, redis)
             acks.append(await send(producer, self.topics.cloud_requests, frame.camera_id, request))
         return acks
 
-    async def cloud_request(
-        self, item: DecodedFrame, probability: float, decision: bool, score: float, redis: Redis
-    ) -> CloudRequest:
+    async def cloud_request(self, answer: EdgeAnswer, reason: OffloadReason, redis: Redis) -> CloudRequest:
+        item = answer.item
         frame = item.frame
         clip = self.clips.clip_ending_at(frame)
         ttl_s = self.settings.edge.clip_ttl_s
@@ -216,13 +306,82 @@ class EdgeWorker:
             ),
             clip_keys=[FRAME_KEY_PREFIX + buffered.frame_id for buffered in clip],
             clip_frame_ids=[buffered.frame_id for buffered in clip],
-            edge=EdgeOutput(fall_probability=probability, decision=decision, model=self.model.name),
-            switcher_score=score,
-            switcher_version=self.switcher_metadata.version,
-            reason="switcher",
+            edge=EdgeOutput(fall_probability=answer.probability, decision=answer.decision, model=self.model.name),
+            switcher_score=answer.score,
+            switcher_version=self.active.metadata.version,
+            reason=reason,
             deadline=utc_now() + timedelta(seconds=self.settings.edge.cloud_deadline_s),
         )
 
 
+async def consumer_lag(consumer: AIOKafkaConsumer) -> int:
+    """Records behind the end of this consumer's partitions, from what the last fetches reported."""
+    lag = 0
+    for partition in consumer.assignment():
+        highwater = consumer.highwater(partition)
+        if highwater is not None:
+            lag += max(0, highwater - await consumer.position(partition))
+    return lag
+
+
+@dataclass(frozen=True)
+class AnsweredBatch:
+    acks: list[asyncio.Future]
+    offsets: dict[TopicPartition, int]  # the next offset of each partition once the batch is committed
+
+
+def next_offsets(batches: dict[TopicPartition, list[ConsumerRecord]]) -> dict[TopicPartition, int]:
+    return {partition: records[-1].offset + 1 for partition, records in batches.items() if records}
+
+
+class CommitQueue:
+    """Answered batches, oldest first; each one's offsets are committed once it and all before it are acked.
+
+    The next batch is fetched and answered while the broker acks the previous one's outputs, so
+    the worker does not idle for a round trip per batch; at-least-once holds because a batch's
+    offsets are committed only after its outputs, and those of every batch before it, are acked.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self.consumer = consumer
+        self.batches: deque[AnsweredBatch] = deque()
+
+    def add(self, batch: AnsweredBatch) -> None:
+        self.batches.append(batch)
+
+    def in_flight(self) -> int:
+        return len(self.batches)
+
+    async def commit_acked(self, wait: bool = False) -> None:
+        """Commit the acked batches at the head of the queue (waiting for the oldest one when `wait`)."""
+        if wait and self.batches:
+            await asyncio.gather(*self.batches[0].acks)
+        offsets: dict[TopicPartition, int] = {}
+        while self.batches and all(ack.done() for ack in self.batches[0].acks):
+            batch = self.batches.popleft()
+            for ack in batch.acks:
+                ack.result()  # a failed send raises here, before anything is committed past it
+            offsets.update(batch.offsets)
+        if offsets:
+            await self.consumer.commit(offsets)
+
+    async def drain(self) -> None:
+        while self.batches:
+            await self.commit_acked(wait=True)
+
+
+class DrainOnRevoke(ConsumerRebalanceListener):
+    def __init__(self, commits: CommitQueue) -> None:
+        self.commits = commits
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.commits.drain()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Nothing to do: the group's committed offsets say where to start."""
+
+
 async def run_edge_worker(settings: Settings, stop: asyncio.Event, model: EdgeModel | None = None) -> None:
+    if settings.edge.torch_threads is not None:
+        torch.set_num_threads(settings.edge.torch_threads)
     await EdgeWorker(settings, model or load_edge_model(settings)).run(stop)

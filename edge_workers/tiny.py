@@ -3,6 +3,8 @@
 They go through the same `save_pretrained` / `from_pretrained` path as the real
 `dandelin/vilt-b32-finetuned-vqa`, so tests and demos exercise the real loading code
 without a model hub. Their answers are random unless `set_fall_bias` fixes them.
+`build_real_size_edge_model` builds the real architecture (default `ViltConfig`, 3,129
+answers, 384-pixel processor, BERT-size vocabulary) with random weights, for benchmarks.
 """
 
 from __future__ import annotations
@@ -27,13 +29,34 @@ ANSWERS = ["yes", "no", "0", "1", "2", "floor", "nothing"]
 # Shortest image edge of the tiny processor: a 640x480 frame becomes 96x128 pixels, 3x4 patches.
 TINY_SHORTEST_EDGE = 96
 FALL_LOGIT_MARGIN = 10.0
+# The real checkpoint's answer vocabulary and tokenizer sizes (dandelin/vilt-b32-finetuned-vqa).
+REAL_NUM_ANSWERS = 3129
+REAL_VOCAB_SIZE = 30522
 
 
-def _tiny_vocab() -> dict[str, int]:
+def _tiny_vocab(size: int | None = None) -> dict[str, int]:
+    """The question words and letters; padded with unused tokens up to `size` when given."""
     tokens = SPECIAL_TOKENS + QUESTION_WORDS + list(string.punctuation) + list(string.digits)
     tokens += list(string.ascii_lowercase) + [f"##{letter}" for letter in string.ascii_lowercase + string.digits]
     unique = list(dict.fromkeys(tokens))
+    if size is not None:
+        unique += [f"[unused{index}]" for index in range(size - len(unique))]
     return {token: index for index, token in enumerate(unique)}
+
+
+def _answers(count: int) -> list[str]:
+    return ANSWERS + [f"answer{index}" for index in range(count - len(ANSWERS))]
+
+
+def _save(directory: Path, config: ViltConfig, processor: ViltProcessor, seed: int) -> Path:
+    # fork_rng: seeding here must not change the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViltForQuestionAnswering(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
 
 
 def build_tiny_edge_model(directory: Path, seed: int = 0) -> Path:
@@ -54,14 +77,29 @@ def build_tiny_edge_model(directory: Path, seed: int = 0) -> Path:
         id2label=dict(enumerate(ANSWERS)),
         label2id={answer: index for index, answer in enumerate(ANSWERS)},
     )
-    # fork_rng: seeding here must not change the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ViltForQuestionAnswering(config)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return _save(directory, config, processor, seed)
+
+
+def real_size_processor() -> ViltProcessor:
+    """The real checkpoint's processor configuration (defaults: shortest edge 384, multiples of 32)."""
+    tokenizer = BertTokenizerFast(vocab=_tiny_vocab(REAL_VOCAB_SIZE), do_lower_case=True)
+    return ViltProcessor(image_processor=ViltImageProcessor(), tokenizer=tokenizer)
+
+
+def build_real_size_edge_model(directory: Path, seed: int = 0) -> Path:
+    """Save a `ViltForQuestionAnswering` of the real size (default `ViltConfig`) with random weights.
+
+    The processor is the real one's configuration (shortest edge 384, multiples of 32); the
+    tokenizer has the real vocabulary size, but its tokens beyond the question words are fillers.
+    """
+    processor = real_size_processor()
+    answers = _answers(REAL_NUM_ANSWERS)
+    config = ViltConfig(
+        vocab_size=processor.tokenizer.vocab_size,
+        id2label=dict(enumerate(answers)),
+        label2id={answer: index for index, answer in enumerate(answers)},
+    )
+    return _save(directory, config, processor, seed)
 
 
 def set_fall_bias(directory: Path, fall: bool) -> None:

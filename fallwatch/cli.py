@@ -7,7 +7,6 @@ and exits with status 2; tracebacks are for bugs.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -15,19 +14,29 @@ from typing import Annotated
 
 import typer
 
+from alerting.bench import bench_alerting
+from cloud_workers.bench import bench_cloud
+from dmd_offline.cli import dmd_app
+from edge_workers.bench import bench_edge
 from fallwatch.logs import configure_logging
 from fallwatch.runtime import run_until_signalled
 from fallwatch.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
+from producers.bench import bench_producer
+from producers.cli import cameras_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="The local Kafka + Redis stack.")
 models_app = typer.Typer(no_args_is_help=True, help="Model checkpoints and switchers.")
-dmd_app = typer.Typer(no_args_is_help=True, help="Dual-Model Distillation offline tools.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: a table, against a baseline measured in the same run.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
 app.add_typer(dmd_app, name="dmd")
+app.add_typer(cameras_app, name="cameras")
+bench_app.command("alerting")(bench_alerting)
+bench_app.command("cloud")(bench_cloud)
+bench_app.command("edge")(bench_edge)
+bench_app.command("producer")(bench_producer)
 
 
 @app.callback()
@@ -141,22 +150,12 @@ def alerting() -> None:
     run_alerting(settings_with_logging())
 
 
-# --- offline ----------------------------------------------------------------------------------
-@dmd_app.command("replay")
-def dmd_replay(
-    output: Annotated[Path | None, typer.Option(help="JSON-lines output (default: dmd.output)")] = None,
-) -> None:
-    """Replay the `frames` topic through both models and write DMD records."""
-    from dmd_offline.replay import replay_frames
-    from fallwatch.models import load_cloud_model, load_edge_model
+@app.command("dashboard")
+def dashboard() -> None:
+    """Run the caregivers' web dashboard (needs alerting.dashboard_token)."""
+    from alerting.dashboard import run_dashboard
 
-    settings = settings_with_logging()
-    target = output or settings.dmd.output
-    summary = asyncio.run(
-        replay_frames(settings, load_edge_model(settings), load_cloud_model(settings), target)
-    )
-    typer.echo(f"{summary.frames} DMD records ({summary.agreements} agreements, "
-               f"{summary.skipped} skipped) written to {target}")
+    run_dashboard(settings_with_logging())
 
 
 # --- models -----------------------------------------------------------------------------------

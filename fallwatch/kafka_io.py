@@ -144,5 +144,7 @@ async def consumer_group_lag(settings: Settings, group_id: str, topic: str) -> i
 
 async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     """The topic's partitions, from fresh cluster metadata (a new client's cache may be empty)."""
-    await consumer.topics()
-    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    # consumer.topics() fetches fresh metadata but does not store it in the client's cache, so
+    # partitions_for_topic() after it still answers None: read the fetched metadata itself.
+    cluster = await consumer._client.fetch_all_metadata()
+    return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]

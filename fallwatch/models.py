@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,22 +13,39 @@ from cloud_workers.tiny import build_tiny_cloud_model
 from edge_workers.model import EdgeModel, ViltEdgeModel
 from edge_workers.switcher import create_untrained_switcher, latest_version
 from edge_workers.tiny import build_tiny_edge_model
-from fallwatch.settings import Settings
+from fallwatch.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
 
+@contextmanager
+def loading(what: str, model_id: str) -> Iterator[None]:
+    """A checkpoint that cannot be found or read is a settings mistake: one line, not a traceback."""
+    if model_id.startswith(("/", ".", "~")) and not Path(model_id).expanduser().exists():
+        raise ConfigError(f"the {what} model directory {model_id} does not exist")
+    try:
+        yield
+    except OSError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load the {what} model {model_id!r}: {first_line}") from None
+
+
 def load_edge_model(settings: Settings) -> EdgeModel:
     edge = settings.edge
-    return ViltEdgeModel.from_pretrained(edge.model, edge.question, revision=edge.revision)
+    with loading("edge", edge.model):
+        return ViltEdgeModel.from_pretrained(
+            edge.model, edge.question, revision=edge.revision, quantize_int8=edge.quantize_int8,
+            bf16_autocast=edge.bf16_autocast,
+        )
 
 
 def load_cloud_model(settings: Settings) -> CloudModel:
     cloud = settings.cloud
-    return LlavaVideoCloudModel.from_pretrained(
-        cloud.model, cloud.question, num_frames=cloud.num_frames, revision=cloud.revision,
-        device=cloud.device, dtype=cloud.dtype,
-    )
+    with loading("cloud", cloud.model):
+        return LlavaVideoCloudModel.from_pretrained(
+            cloud.model, cloud.question, num_frames=cloud.num_frames, revision=cloud.revision,
+            device=cloud.device, dtype=cloud.dtype, device_map=cloud.device_map,
+        )
 
 
 @dataclass(frozen=True)

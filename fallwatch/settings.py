@@ -16,7 +16,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -51,19 +60,50 @@ class RedisSettings(Section):
     url: str = "redis://localhost:6379/0"
 
 
+class MotionSettings(Section):
+    enabled: bool = Field(True, description="skip sampled frames without motion (heartbeats still pass)")
+    threshold: int = Field(25, ge=1, le=255, description="grey-level change that makes a pixel count as changed")
+    min_area: float = Field(0.005, gt=0, le=1, description="share of changed pixels that counts as motion")
+    heartbeat_s: float = Field(10.0, gt=0, description="publish a frame at least this often even without motion")
+    width: int = Field(160, ge=16, le=1920, description="width of the grey frame compared (smaller: cheaper)")
+
+
 class CameraSettings(Section):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     room: str = Field(min_length=1)
     url: str = Field(min_length=1, description="video file path, rtsp://, http(s):// or /dev/videoN")
     fps: float = Field(2.0, gt=0, le=30, description="target sampling rate")
+    resize: tuple[PositiveInt, PositiveInt] | None = Field(
+        None, description="[width, height] of the published frames (null: as captured)"
+    )
     jpeg_quality: int = Field(85, ge=10, le=100)
+    motion: MotionSettings = MotionSettings()
     loop: bool = False
     realtime: bool = Field(True, description="play a video file back at its own speed, like a live camera")
     enabled: bool = True
 
+    @field_validator("url")
+    @classmethod
+    def usable_url(cls, url: str) -> str:
+        from producers.urls import url_problem
+
+        problem = url_problem(url)
+        if problem is not None:
+            raise ValueError(problem)
+        return url
+
 
 class ProducerSettings(Section):
     cameras: list[CameraSettings] = Field(default_factory=list)
+    max_cameras: int = Field(64, ge=1, description="cameras one producer process serves (a capture thread each)")
+    queue_size: int = Field(8, ge=1, description="frames per camera waiting for Kafka; when full the oldest is dropped")
+    open_timeout_s: float = Field(10.0, gt=0, description="connecting to a stream gives up after this long")
+    stall_timeout_s: float = Field(10.0, gt=0, description="a stream that delivers no frame this long is reconnected")
+    reconnect_initial_s: float = Field(1.0, gt=0, description="first reconnect delay; doubles per failure, jittered")
+    reconnect_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
+    status_interval_s: float = Field(2.0, gt=0, description="how often each camera's status is written to Redis")
+    status_key_prefix: str = Field("fallwatch:cameras", min_length=1, description="Redis keys <prefix>:<camera id>")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0 or null: off)")
 
     @field_validator("cameras")
     @classmethod
@@ -74,6 +114,15 @@ class ProducerSettings(Section):
                 raise ValueError(f"duplicate camera id {camera.id!r}")
             seen.add(camera.id)
         return cameras
+
+    @model_validator(mode="after")
+    def backoff_in_order(self) -> ProducerSettings:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError(
+                f"reconnect_max_s ({self.reconnect_max_s}) must not be below reconnect_initial_s "
+                f"({self.reconnect_initial_s})"
+            )
+        return self
 
 
 DEFAULT_QUESTION = "Is the person falling or lying on the floor?"
@@ -93,6 +142,32 @@ class EdgeSettings(Section):
     clip_ttl_s: int = Field(300, ge=1, description="TTL of clip JPEGs in Redis (claim check)")
     cloud_deadline_s: float = Field(15.0, gt=0, description="after this a cloud answer is no longer useful")
     max_frame_bytes: int = Field(4_000_000, ge=1)
+    known_cameras: list[str] = Field(
+        default_factory=list, description="camera ids this worker answers; others are dead-lettered (empty: any)"
+    )
+    switcher_threshold: float | None = Field(
+        None, ge=0, le=1, description="agreement threshold instead of the switcher's own (null: the switcher's)"
+    )
+    max_offload_ratio: float | None = Field(
+        None, ge=0, le=1, description="offload budget: at most this share of frames to the cloud per window"
+    )
+    max_offload_fps: float | None = Field(
+        None, ge=0, description="offload budget: at most this many frames/s to the cloud, averaged over the window"
+    )
+    offload_window_s: float = Field(60.0, gt=0, description="sliding window of the offload budget")
+    exploration_rate: float = Field(
+        0.0, ge=0, le=1, description="share of confident frames also sent to the cloud, marked `exploration`"
+    )
+    exploration_seed: int | None = Field(None, description="seed of the exploration draws (null: random)")
+    registry_poll_s: float = Field(5.0, gt=0, description="how often the switcher registry is checked")
+    registry_announce_key: str | None = Field(
+        "fallwatch:switcher:announced", description="Redis key naming a new version: checked every batch"
+    )
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0 or null: off)")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads of the edge model (null: torch's choice)")
+    decode_threads: int = Field(2, ge=1, description="threads decoding the JPEGs of a batch")
+    quantize_int8: bool = Field(False, description="dynamic int8 Linear layers on CPU (faster, answers within 0.02)")
+    bf16_autocast: bool = Field(False, description="matmuls in bf16: faster on CPUs with bf16 units, else slower")
 
 
 class CloudSettings(Section):
@@ -101,29 +176,122 @@ class CloudSettings(Section):
     question: str = DEFAULT_QUESTION
     group_id: str = "fallwatch-cloud"
     num_frames: int = Field(8, ge=1)
-    batch_size: int = Field(4, ge=1)
-    batch_wait_ms: int = Field(100, ge=0)
+    batch_size: int = Field(4, ge=1, description="at most this many requests per model forward")
+    batch_wait_ms: int = Field(100, ge=0, description="a batch closes this long after its first request arrived")
     decision_threshold: float = Field(0.5, ge=0, le=1, description="P(fall) at or above which a clip is a fall")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:0'…")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device_map: str | None = Field(
+        None, description="accelerate device map ('auto', 'balanced'…) to spread the model over GPUs; replaces device"
+    )
+    poll_idle_ms: int = Field(500, ge=1, description="wait for a first request this long before checking for stop")
+    keepalive_s: float = Field(
+        1.0, gt=0, description="while waiting for the model (partitions paused), poll this often to stay in the group"
+    )
+    frame_fetch_timeout_s: float = Field(10.0, gt=0, description="reading an expired clip's frame back from `frames`")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0 or null: off)")
 
 
-class AlertingSettings(Section):
-    app_id: str = "fallwatch-alerting"
+class AlertRule(Section):
+    """How alerting confirms, escalates and closes the alerts of one room (defaults, or `alerting.rooms`)."""
+
     k: int = Field(3, ge=1, description="falls among the last n final verdicts that confirm a fall")
     n: int = Field(5, ge=1)
     window_s: float = Field(30.0, gt=0, description="verdicts older than this do not count towards k of n")
-    cooldown_s: float = Field(60.0, ge=0, description="no new alert for a camera this long after its last")
+    cooldown_s: float = Field(60.0, ge=0, description="no new alert for a camera this long after its last closed")
+    cloud_confirm_probability: float = Field(
+        0.9, ge=0, le=1, description="a final cloud fall verdict at least this sure confirms at once"
+    )
+    cloud_wait_s: float = Field(
+        10.0, gt=0, description="D: wait this long for the cloud's verdict of an offloaded frame, then use the edge's"
+    )
+    escalate_after_s: float = Field(
+        120.0, gt=0, description="E: an alert nobody acknowledged this long is re-sent on the escalation channel"
+    )
+    resolve_after_s: float = Field(
+        120.0, gt=0, description="an acknowledged alert resolves after this long without a fall verdict"
+    )
 
     @model_validator(mode="after")
-    def k_at_most_n(self) -> AlertingSettings:
+    def k_at_most_n(self) -> AlertRule:
         if self.k > self.n:
             raise ValueError(f"k ({self.k}) must not exceed n ({self.n})")
         return self
 
 
+class AlertingSettings(AlertRule):
+    app_id: str = "fallwatch-alerting"
+    rooms: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="per-room overrides of the rule fields, e.g. {'101': {'k': 2}}"
+    )
+    tick_s: float = Field(0.5, gt=0, description="how often the cloud-wait and escalation deadlines are checked")
+    webhook_urls: list[str] = Field(default_factory=list, description="POSTed every new alert")
+    escalation_webhook_urls: list[str] = Field(default_factory=list, description="POSTed every escalated alert")
+    webhook_secret: str = Field("", repr=False, description="HMAC-SHA256 key of the webhook signature")
+    webhook_attempts: int = Field(5, ge=1, description="tries per webhook delivery")
+    webhook_backoff_s: float = Field(0.5, gt=0, description="first retry delay; doubles on each retry")
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    snapshot_ttl_s: int = Field(3600, ge=1, description="TTL of an alert's evidence JPEG in Redis")
+    stream_maxlen: int = Field(10000, ge=1, description="approximate length cap of the caregiver Redis stream")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0 or null: off)")
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8088, ge=1, le=65535)
+    dashboard_token: str = Field("", repr=False, description="bearer token of the dashboard; required to start it")
+
+    @model_validator(mode="after")
+    def valid_rooms_and_webhooks(self) -> AlertingSettings:
+        for room in self.rooms:
+            self.rule_for(room)
+        if (self.webhook_urls or self.escalation_webhook_urls) and not self.webhook_secret:
+            raise ValueError("webhook_secret must be set when webhook urls are configured")
+        return self
+
+    def rule_for(self, room: str) -> AlertRule:
+        """The defaults with the room's overrides applied."""
+        defaults = {name: getattr(self, name) for name in AlertRule.model_fields}
+        try:
+            return AlertRule(**{**defaults, **self.rooms.get(room, {})})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'rule'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"rooms.{room}: {problems}") from None
+
+
 class DmdSettings(Section):
-    output: Path = Path("dmd-data/replay.jsonl")
+    workdir: Path = Field(Path("dmd-data"), description="DMD data set, trained switcher, threshold and report")
+    source: Literal["kafka", "images", "videos"] = Field(
+        "kafka", description="replay logged topics, a labelled image folder or an annotated video folder"
+    )
+    folder: Path | None = Field(None, description="images: folder with labels.csv; videos: folder with clips.csv")
+    since: AwareDatetime | None = Field(None, description="kafka: replay records logged at or after this time")
+    until: AwareDatetime | None = Field(None, description="kafka: replay records logged before this time")
+    limit_per_split: int | None = Field(None, ge=1, description="images: only the first N images of each split")
+    video_fps: float = Field(2.0, gt=0, le=30, description="videos: sampling rate, as a camera's")
+    run_cloud_model: bool = Field(True, description="run the large model where no cloud verdict was logged")
+    batch_size: int = Field(8, ge=1, description="inputs per model forward pass in the replay")
+    shard_size: int = Field(512, ge=1, description="rows per data set shard (the unit of resuming)")
+    seed: int = Field(0, description="switcher initialisation, shuffling, random baseline")
+    val_share: float = Field(
+        0.15, ge=0, lt=1, description="inputs without a split: share for validation (after train in time)"
+    )
+    test_share: float = Field(0.15, ge=0, lt=1, description="inputs without a split: the newest share, for testing")
+    learning_rate: float = Field(1e-4, gt=0, description="Adam, as the paper")
+    train_batch_size: int = Field(32, ge=1)
+    max_epochs: int = Field(200, ge=1)
+    patience: int = Field(10, ge=1, description="early stopping: epochs without a better validation loss")
+    buckets: int = Field(10, ge=1, description="threshold: buckets of the training split (the paper's 10)")
+    target_offload_share: float | None = Field(
+        None, ge=0, le=1, description="budget mode: defer this share instead of the bucket method's peak"
+    )
+    small_time_ms: float | None = Field(None, ge=0, description="edge time per frame where not measured")
+    large_time_ms: float | None = Field(None, ge=0, description="cloud time per frame where not measured")
+    small_energy_j: float | None = Field(None, ge=0, description="edge energy per frame (never measured)")
+    large_energy_j: float | None = Field(None, ge=0, description="cloud energy per frame where not measured")
+
+    @model_validator(mode="after")
+    def shares_leave_training_data(self) -> DmdSettings:
+        if self.val_share + self.test_share >= 1:
+            raise ValueError(f"val_share + test_share ({self.val_share + self.test_share}) leaves nothing to train")
+        return self
 
 
 class Settings(BaseSettings):
@@ -182,7 +350,15 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid settings: {problems}") from None
+        problems = [f"{'.'.join(str(p) for p in err['loc'])}: {readable(err)}" for err in exc.errors()]
+        if len(problems) == 1:
+            raise ConfigError(f"invalid settings: {problems[0]}") from None
+        # one line per problem: a camera list with several mistakes reads as a list
+        raise ConfigError(f"invalid settings ({len(problems)} problems):\n  " + "\n  ".join(problems)) from None
+
+
+def readable(error: Any) -> str:
+    """pydantic's message, in the words a person editing the YAML file expects."""
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    return str(error["msg"]).removeprefix("Value error, ")

@@ -1,70 +1,202 @@
-"""The camera producer: one process, one task per camera, frames to the `frames` topic."""
+"""The camera producer: one process, many cameras, frames to the `frames` topic.
+
+Per camera: a capture thread (producers.camera) → a bounded queue → a publisher task that sends
+to Kafka (`acks=all`, idempotent, key = camera id, so one camera's frames stay in order). When
+Kafka is slower than a live camera the queue drops its oldest frame (the newest matters) and
+counts it; a video file played faster than real time waits instead, so it loses nothing.
+A camera that fails never stops the others: its capture thread reconnects with backoff.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+import threading
+from collections.abc import Callable
+from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from fallwatch.kafka_io import make_producer, send
-from fallwatch.settings import CameraSettings, Settings
-from producers.video import SampledFrame, encode_jpeg, redact, sample_frames
+from fallwatch.settings import CameraSettings, ConfigError, ProducerSettings, Settings
+from producers.camera import CameraCapture, CameraStats, CapturedFrame
+from producers.metrics import serve_metrics
+from producers.status import run_status_writer
+from producers.urls import redact, source_kind
 from schemas import Frame
 
 log = logging.getLogger(__name__)
 
-ACK_WINDOW = 64  # frames in flight per camera before waiting for the broker's acks
+ACK_WINDOW = 32  # frames in flight per camera before waiting for the broker's acks
+SLOT_POLL_S = 0.5  # how often a capture thread waiting for queue room checks for shutdown
 
 
-async def stream_camera(
-    producer: AIOKafkaProducer, settings: Settings, camera: CameraSettings, stop: asyncio.Event
-) -> int:
-    """Publish the camera's sampled frames until it ends (or `stop`); returns how many were acked."""
-    frames: Iterator[SampledFrame] = sample_frames(camera.url, camera.fps, pace=camera.realtime)
-    started_at = datetime.now(UTC)
-    acks: list[asyncio.Future] = []
-    seq = 0
-    while not stop.is_set():
-        # OpenCV blocks: read in a worker thread so the other cameras keep flowing
-        sampled = await asyncio.to_thread(next, frames, None)
-        if sampled is None:
-            if not camera.loop:
-                break
-            frames = sample_frames(camera.url, camera.fps, pace=camera.realtime)
-            started_at = datetime.now(UTC)
-            continue
-        captured_at = started_at + timedelta(seconds=sampled.position_s)
-        height, width = sampled.image_bgr.shape[:2]
-        frame = Frame(
-            frame_id=Frame.make_id(camera.id, captured_at, seq),
-            camera_id=camera.id,
-            room=camera.room,
-            seq=seq,
-            captured_at=captured_at,
-            width=width,
-            height=height,
-            jpeg=encode_jpeg(sampled.image_bgr, camera.jpeg_quality),
-        )
-        acks.append(await send(producer, settings.kafka.topics.frames, camera.id, frame))
-        seq += 1
-        if len(acks) >= ACK_WINDOW:
-            await asyncio.gather(*acks)
-            acks.clear()
-    await asyncio.gather(*acks)
-    log.info("camera %s (%s): %d frames published from %s", camera.id, camera.room, seq, redact(camera.url))
-    return seq
+class CameraPublisher:
+    """The queue between one camera's capture thread and Kafka, and the task that drains it."""
+
+    def __init__(
+        self,
+        camera: CameraSettings,
+        settings: Settings,
+        producer: AIOKafkaProducer,
+        loop: asyncio.AbstractEventLoop,
+        thread_stop: threading.Event,
+    ) -> None:
+        self.camera = camera
+        self.settings = settings
+        self.producer = producer
+        self.loop = loop
+        self.thread_stop = thread_stop
+        self.stats = CameraStats()
+        self.queue: asyncio.Queue[tuple[int, CapturedFrame] | None] = asyncio.Queue()
+        self.capacity = settings.producers.queue_size
+        live = source_kind(camera.url) != "file" or camera.realtime
+        # a file read faster than real time waits for room instead of dropping (nothing is lost)
+        self.slots = None if live else threading.Semaphore(self.capacity)
+        self.next_seq = 0  # touched only by the capture thread
+
+    # --- capture thread side -----------------------------------------------------------------
+    def emit(self, frame: CapturedFrame) -> None:
+        """Called by the capture thread: number the frame and queue it for Kafka."""
+        if self.slots is not None:
+            while not self.slots.acquire(timeout=SLOT_POLL_S):
+                if self.thread_stop.is_set():
+                    return
+        item = (self.next_seq, frame)
+        self.next_seq += 1
+        self.to_loop(self.offer, item)
+
+    def capture(self) -> None:
+        """The capture thread's body; the end of the source closes the queue."""
+        try:
+            CameraCapture(self.camera, self.settings.producers, self.stats, self.emit, self.thread_stop).run()
+        finally:
+            self.to_loop(self.close)
+
+    def to_loop(self, callback: Callable[..., None], *args: object) -> None:
+        # RuntimeError: the event loop has closed, the producer shut down while this capture was blocked
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(callback, *args)
+
+    # --- event loop side ---------------------------------------------------------------------
+    def offer(self, item: tuple[int, CapturedFrame]) -> None:
+        if self.slots is None and self.queue.qsize() >= self.capacity:
+            self.queue.get_nowait()
+            self.stats.dropped += 1
+        self.queue.put_nowait(item)
+        self.stats.queued = self.queue.qsize()
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)
+
+    async def publish(self) -> None:
+        """Send queued frames until the queue is closed; every ack or failure is counted."""
+        topic = self.settings.kafka.topics.frames
+        in_flight: set[asyncio.Future] = set()
+        while (item := await self.queue.get()) is not None:
+            if self.slots is not None:
+                self.slots.release()
+            self.stats.queued = self.queue.qsize()
+            seq, captured = item
+            frame = Frame(
+                frame_id=Frame.make_id(self.camera.id, captured.captured_at, seq),
+                camera_id=self.camera.id,
+                room=self.camera.room,
+                seq=seq,
+                captured_at=captured.captured_at,
+                width=captured.width,
+                height=captured.height,
+                jpeg=captured.jpeg,
+            )
+            try:
+                ack = await send(self.producer, topic, self.camera.id, frame)
+            except Exception as exc:  # KafkaError, or a bug: one frame is lost, the camera goes on
+                self.on_failure(seq, exc)
+                continue
+            ack.add_done_callback(lambda done, seq=seq: self.on_ack(seq, done))
+            in_flight.add(ack)
+            if len(in_flight) >= ACK_WINDOW:
+                _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        if in_flight:
+            await asyncio.wait(in_flight)
+
+    def on_ack(self, seq: int, ack: asyncio.Future) -> None:
+        if ack.cancelled() or ack.exception() is not None:
+            self.on_failure(seq, ack.exception() or asyncio.CancelledError())
+            return
+        self.stats.published += 1
+        self.stats.fps_out.mark()
+
+    def on_failure(self, seq: int, exc: BaseException) -> None:
+        self.stats.failed += 1
+        if self.stats.failed == 1 or self.stats.failed % 100 == 0:
+            log.warning("camera %s: Kafka did not accept frame %d (%d so far): %s",
+                        self.camera.id, seq, self.stats.failed, exc)
+
+
+def check_cameras(settings: ProducerSettings) -> list[CameraSettings]:
+    """The enabled cameras; every start-up problem becomes one line of one ConfigError."""
+    cameras = [camera for camera in settings.cameras if camera.enabled]
+    problems = []
+    if not cameras:
+        problems.append("no enabled cameras under producers.cameras")
+    if len(cameras) > settings.max_cameras:
+        problems.append(f"{len(cameras)} enabled cameras, more than producers.max_cameras ({settings.max_cameras})")
+    for camera in cameras:
+        path = Path(camera.url.removeprefix("file://"))
+        if source_kind(camera.url) == "file" and not path.is_file():
+            problems.append(f"camera {camera.id}: video file {redact(camera.url)} does not exist")
+    if problems:
+        raise ConfigError("\n  ".join(["camera configuration:", *problems]))
+    return cameras
 
 
 async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, int]:
-    """Stream every enabled camera; returns frames published per camera id."""
-    cameras = [camera for camera in settings.producers.cameras if camera.enabled]
+    """Stream every enabled camera until `stop` (or until every camera is a file that ended).
+
+    Returns the frames Kafka acked per camera id.
+    """
+    cameras = check_cameras(settings.producers)
     producer = make_producer(settings)
-    await producer.start()
     try:
-        counts = await asyncio.gather(*(stream_camera(producer, settings, camera, stop) for camera in cameras))
-    finally:
+        await producer.start()
+    except KafkaError as exc:
         await producer.stop()
-    return {camera.id: count for camera, count in zip(cameras, counts, strict=True)}
+        raise ConfigError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}") from None
+    loop = asyncio.get_running_loop()
+    thread_stop = threading.Event()
+    publishers = [CameraPublisher(camera, settings, producer, loop, thread_stop) for camera in cameras]
+    stats = {p.camera.id: p.stats for p in publishers}
+    metrics_server = serve_metrics(settings.producers, cameras, stats)
+    status_done = asyncio.Event()
+    status_writer = asyncio.create_task(run_status_writer(settings, cameras, stats, status_done))
+    for publisher in publishers:
+        name = f"capture-{publisher.camera.id}"
+        # daemon: a capture blocked in OpenCV must not keep the process alive after shutdown
+        threading.Thread(target=publisher.capture, name=name, daemon=True).start()
+        log.info("camera %s (%s): %s at %g fps", publisher.camera.id, publisher.camera.room,
+                 redact(publisher.camera.url), publisher.camera.fps)
+    publishing = asyncio.gather(*(p.publish() for p in publishers))
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({publishing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            thread_stop.set()
+            for publisher in publishers:
+                publisher.close()  # what is queued still goes out; a capture stuck in OpenCV is not awaited
+        await publishing
+    finally:
+        thread_stop.set()
+        stopping.cancel()
+        status_done.set()
+        await status_writer
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        await producer.stop()
+    for publisher in publishers:
+        log.info("camera %s (%s): %d frames published, %d dropped, %d skipped by motion, %d reconnects",
+                 publisher.camera.id, publisher.camera.room, publisher.stats.published, publisher.stats.dropped,
+                 publisher.stats.skipped_motion, publisher.stats.reconnects)
+    return {camera_id: camera_stats.published for camera_id, camera_stats in stats.items()}

@@ -1,13 +1,24 @@
-"""Reading a camera or video through OpenCV and sampling it to a target fps."""
+"""Reading a camera or video through OpenCV and sampling it to a target fps by timestamps."""
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from producers.urls import redact, source_kind
+
+# RTSP over TCP: no lost UDP packets (smeared frames) behind NAT or on a busy Wi-Fi; set before the
+# first capture opens, because OpenCV reads it per open and offers no per-capture option for it
+os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
+# FFmpeg's and OpenCV's own messages repeat on every reconnect and may quote camera addresses; the
+# producer logs each failure itself, once, with credentials redacted
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 class SourceError(RuntimeError):
@@ -16,42 +27,86 @@ class SourceError(RuntimeError):
 
 @dataclass(frozen=True)
 class SampledFrame:
-    position_s: float  # the frame's timestamp within the stream
+    position_s: float  # the frame's timestamp: within the file, or the monotonic clock for live sources
     image_bgr: np.ndarray
 
 
-def open_capture(url: str) -> cv2.VideoCapture:
-    capture = cv2.VideoCapture(url)
+def open_capture(url: str, open_timeout_s: float = 30.0, read_timeout_s: float = 30.0) -> cv2.VideoCapture:
+    """Open a source; for streams the timeouts bound connecting and each read (a stalled stream)."""
+    kind = source_kind(url)
+    if kind == "device":
+        capture = cv2.VideoCapture(url, cv2.CAP_V4L2)
+    elif kind == "stream":
+        params = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_s * 1000),
+        ]
+        capture = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+    else:
+        capture = cv2.VideoCapture(url.removeprefix("file://"), cv2.CAP_FFMPEG)
     if not capture.isOpened():
+        capture.release()
         raise SourceError(f"cannot open video source {redact(url)}")
     return capture
 
 
-def sample_frames(url: str, fps: float, pace: bool) -> Iterator[SampledFrame]:
-    """Frames of `url` at about `fps`, chosen by their timestamps, not by counting frames.
+class RateSampler:
+    """Chooses frames at `fps` by their timestamps, not by counting frames (sources drop and vary)."""
 
-    Every frame is grabbed (cheap) but only the frames that fall due are decoded.
-    With `pace`, a file is played back in real time, like a live camera.
+    def __init__(self, fps: float) -> None:
+        self.interval_s = 1.0 / fps
+        self.next_due_s: float | None = None
+
+    def due(self, t_s: float) -> bool:
+        if self.next_due_s is None:
+            self.next_due_s = t_s
+        if t_s + 1e-6 < self.next_due_s:
+            return False
+        # keep the phase: a late frame does not push every later sample back
+        self.next_due_s += self.interval_s * max(1, int((t_s - self.next_due_s) // self.interval_s) + 1)
+        return True
+
+
+def sample_capture(
+    capture: cv2.VideoCapture, url: str, fps: float, on_grab: Callable[[], None] | None = None
+) -> Iterator[SampledFrame]:
+    """Frames of an open capture at about `fps`, until the source ends or a read fails (or times out).
+
+    Every frame is grabbed (cheap, and it keeps a live source's buffer from going stale) but only
+    the frames that fall due are decoded. Files are timed by their own timestamps, live sources by
+    the monotonic clock at grab time (an MJPEG stream's timestamps assume 25 fps whatever it sends).
     """
+    sampler = RateSampler(fps)
+    live = source_kind(url) != "file"
+    while capture.grab():
+        if on_grab is not None:
+            on_grab()
+        t_s = time.monotonic() if live else capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+        if not sampler.due(t_s):
+            continue
+        ok, image = capture.retrieve()
+        if not ok:
+            raise SourceError(f"cannot decode a frame of {redact(url)}")
+        yield SampledFrame(t_s, image)
+
+
+def sample_frames(url: str, fps: float, pace: bool) -> Iterator[SampledFrame]:
+    """Frames of the video file `url` at about `fps`; with `pace`, played back in real time."""
     capture = open_capture(url)
-    interval_s = 1.0 / fps
-    next_due_s = 0.0
     started = time.monotonic()
     try:
-        while capture.grab():
-            position_s = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
-            if position_s + 1e-6 < next_due_s:
-                continue
-            ok, image = capture.retrieve()
-            if not ok:
-                raise SourceError(f"cannot decode a frame of {redact(url)}")
-            # keep the phase: a late frame does not push every later sample back
-            next_due_s += interval_s * max(1, int((position_s - next_due_s) // interval_s) + 1)
+        for sampled in sample_capture(capture, url, fps):
             if pace:
-                time.sleep(max(0.0, started + position_s - time.monotonic()))
-            yield SampledFrame(position_s, image)
+                time.sleep(max(0.0, started + sampled.position_s - time.monotonic()))
+            yield sampled
     finally:
         capture.release()
+
+
+def resize(image_bgr: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    if size is None or (image_bgr.shape[1], image_bgr.shape[0]) == size:
+        return image_bgr
+    return cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
 
 
 def encode_jpeg(image_bgr: np.ndarray, quality: int) -> bytes:
@@ -59,11 +114,3 @@ def encode_jpeg(image_bgr: np.ndarray, quality: int) -> bytes:
     if not ok:
         raise SourceError("JPEG encoding failed")
     return buffer.tobytes()
-
-
-def redact(url: str) -> str:
-    """Hide credentials in camera URLs (rtsp://user:pass@host/...) before they reach logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

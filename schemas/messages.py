@@ -82,6 +82,19 @@ class CloudRequest(Message):
     requested_at: AwareDatetime = Field(default_factory=utc_now)
 
 
+class Routing(BaseModel):
+    """The edge's routing policy in force for a frame, and whether the budget refused its offload."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold: float = Field(ge=0.0, le=1.0, description="agreement probability below which a frame asks for the cloud")
+    max_offload_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_offload_fps: float | None = Field(default=None, ge=0.0)
+    window_s: float = Field(gt=0.0, description="sliding window of the offload budget")
+    exploration_rate: float = Field(ge=0.0, le=1.0)
+    over_budget: bool = Field(default=False, description="the switcher asked for the cloud; the budget said no")
+
+
 VerdictSource = Literal["edge", "cloud", "edge-fallback"]
 
 
@@ -106,7 +119,10 @@ class Verdict(Message):
     cloud_model: str | None = None
     switcher_version: str | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
-    energy_j: float | None = None
+    energy_j: float | None = Field(default=None, description="this frame's share of its batch's measured energy")
+    batch_size: int | None = Field(default=None, ge=1, description="frames answered by the same model forward")
+    gpu_memory_mb: float | None = Field(default=None, ge=0.0, description="peak GPU memory of that forward")
+    routing: Routing | None = Field(default=None, description="the edge's routing policy (edge verdicts)")
     produced_at: AwareDatetime = Field(default_factory=utc_now)
 
 
@@ -126,6 +142,26 @@ class FallEvent(Message):
     confidence: float = Field(ge=0.0, le=1.0)
     evidence_frame_ids: list[str]
     rule: str = Field(description="which confirmation rule fired, e.g. '3 of 5'")
+
+
+LabelVerdict = Literal["true_fall", "false_alarm"]
+
+
+class Label(Message):
+    """A caregiver's answer on an alert (topic `labels`): ground truth for the frames that confirmed it.
+
+    `label_id` is deterministic (alert id and verdict), so a repeated click or a
+    redelivery is the same label; consumers dedupe by it.
+    """
+
+    label_id: str
+    alert_id: str
+    camera_id: str
+    room: str
+    frame_ids: list[str] = Field(min_length=1, description="the frames the label applies to (the alert's evidence)")
+    verdict: LabelVerdict
+    labelled_by: str = Field(min_length=1, description="who answered (caregiver or dashboard user)")
+    labelled_at: AwareDatetime = Field(default_factory=utc_now)
 
 
 class DeadLetter(Message):

@@ -11,6 +11,7 @@ class Topics(BaseModel):
     verdicts: str = "verdicts"
     fall_events: str = "fall-events"
     dead_letters: str = "dead-letters"
+    labels: str = "labels"
 
     def all(self) -> list[str]:
-        return [self.frames, self.cloud_requests, self.verdicts, self.fall_events, self.dead_letters]
+        return [self.frames, self.cloud_requests, self.verdicts, self.fall_events, self.dead_letters, self.labels]

@@ -1,74 +1,29 @@
-"""Alerting: the k-of-n rule on its own, then the real worker on the real stack.
+"""Alerting's rule on its own (pure, no Kafka): k of n, cloud confirmation, the cloud wait, lifecycle.
 
-The integration tests share one `python -m alerting` subprocess (faust start-up
-and the group join cost seconds); each test uses its own camera ids, so the
-tests stay independent of each other and of their order.
+The worker on the real stack is tested in test_alerting_worker.py, the dashboard in test_dashboard.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import signal
-import subprocess
-import sys
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import TypeVar
 
 import pytest
-import redis
-from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
-from alerting.app import alert_key, open_alert_key
 from alerting.rules import CameraState, alert_id_for
-from fallwatch.kafka_io import make_consumer, make_producer
-from fallwatch.settings import AlertingSettings, RedisSettings, Settings
-from fallwatch.stack import StackState, free_port
-from schemas import DeadLetter, FallEvent, Message, Verdict, decode, encode
-from tests.conftest import REPO, settings_for, write_config
-
-M = TypeVar("M", bound=Message)
+from fallwatch.settings import AlertingSettings
+from schemas import FallEvent, Verdict
+from tests.alerting_helpers import T0, make_verdict
 
 RULE = AlertingSettings(k=3, n=5, window_s=30.0, cooldown_s=60.0)
-T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-WAIT_S = 30.0
-
-
-def make_verdict(
-    camera_id: str,
-    seq: int,
-    fall: bool,
-    at_s: float | None = None,
-    final: bool = True,
-    fall_probability: float | None = None,
-) -> Verdict:
-    """Frame `seq` of a camera, captured `at_s` seconds after T0 (by default `seq` seconds: one frame a second)."""
-    captured_at = T0 + timedelta(seconds=seq if at_s is None else at_s)
-    probability = fall_probability if fall_probability is not None else (0.9 if fall else 0.1)
-    return Verdict(
-        frame_id=f"{camera_id}-{int(captured_at.timestamp() * 1000)}-{seq}",
-        camera_id=camera_id,
-        room=f"room-of-{camera_id}",
-        captured_at=captured_at,
-        source="edge",
-        final=final,
-        fall_probability=probability,
-        decision=fall,
-        edge_model="tiny-vilt",
-    )
+NOW = datetime(2026, 1, 1, 12, 5, tzinfo=UTC)  # wall clock of the pure rule tests
 
 
 def observe_all(state: CameraState, verdicts: list[Verdict]) -> list[FallEvent]:
-    return [alert for verdict in verdicts if (alert := state.observe(verdict)) is not None]
+    return [alert for verdict in verdicts if (alert := state.observe(verdict, NOW)) is not None]
 
 
 def new_state(camera_id: str = "cam") -> CameraState:
-    return CameraState(rule=RULE, camera_id=camera_id)
+    return CameraState(rule=RULE, camera_id=camera_id, room=f"room-of-{camera_id}")
 
 
 # --- the rule ----------------------------------------------------------------------------------
@@ -160,7 +115,7 @@ def test_a_redelivered_burst_opens_no_second_alert() -> None:
     burst = [make_verdict("cam", seq, fall=True) for seq in range(3)]
     state = new_state()
     (alert,) = observe_all(state, burst)
-    state.close_alert(alert.alert_id)
+    state.apply(alert.model_copy(update={"state": "resolved"}))
     assert observe_all(state, burst) == []
 
 
@@ -176,7 +131,7 @@ def test_one_open_alert_per_camera() -> None:
 def test_cooldown_after_an_alert_closes() -> None:
     state = new_state()
     (first,) = observe_all(state, [make_verdict("cam", seq, fall=True) for seq in range(3)])
-    state.close_alert(first.alert_id)
+    state.apply(first.model_copy(update={"state": "false_alarm"}))
     # the alert opened at 2 s; falls until 61 s are within the 60 s cooldown
     assert observe_all(state, [make_verdict("cam", seq, fall=True) for seq in range(50, 62)]) == []
     (second,) = observe_all(state, [make_verdict("cam", 62, fall=True)])
@@ -193,227 +148,133 @@ def test_state_survives_a_json_round_trip() -> None:
     assert len(observe_all(restored, [make_verdict("cam", 2, fall=True)])) == 1
 
 
-# --- the worker on the real stack --------------------------------------------------------------
 
 
-def alerting_settings(stack_state: StackState, tmp_path: Path) -> Settings:
-    # a fresh app id: its consumer group and its table's changelog topic are this test's alone
-    rules = {**RULE.model_dump(), "app_id": f"alerting-{uuid.uuid4().hex[:8]}"}
-    return settings_for(stack_state, tmp_path, alerting=rules)
+# --- cloud confirmation and the cloud wait ---------------------------------------------------------
 
 
-@contextmanager
-def alerting_worker(settings: Settings, tmp_path: Path) -> Iterator[None]:
-    """`python -m alerting` with these settings; on exit SIGTERM it and check that it stopped cleanly."""
-    env = write_config(settings, tmp_path / "cfg.yaml")
-    log_path = tmp_path / f"alerting-{uuid.uuid4().hex[:4]}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "alerting"], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    started_at = time.monotonic()
-    try:
-        yield
-    finally:
-        process.send_signal(signal.SIGTERM)
-        stopping_at = time.monotonic()
-        try:
-            returncode = process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-        stop_s = time.monotonic() - stopping_at
-        print(f"alerting ran {stopping_at - started_at:.1f} s, stopped {stop_s:.1f} s after SIGTERM")
-        assert returncode == 0, log_path.read_text()[-3000:]
+def test_a_sure_cloud_fall_confirms_at_once() -> None:
+    state = new_state()
+    unsure = make_verdict("cam", 0, fall=True, source="cloud", fall_probability=0.85)
+    sure_edge = make_verdict("cam", 1, fall=True, source="edge", fall_probability=0.99)
+    assert observe_all(state, [unsure, sure_edge]) == []
+    sure_cloud = make_verdict("cam", 2, fall=True, source="cloud", fall_probability=0.95)
+    (alert,) = observe_all(state, [sure_cloud])
+    assert alert.rule == "cloud p>=0.90"
+    assert alert.evidence_frame_ids == [unsure.frame_id, sure_edge.frame_id, sure_cloud.frame_id]
 
 
-@pytest.fixture(scope="module")
-def shared_settings(stack_state: StackState, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """Settings of one worker that the tests below share, each with its own cameras."""
-    tmp_path = tmp_path_factory.mktemp("alerting")
-    settings = alerting_settings(stack_state, tmp_path)
-    with alerting_worker(settings, tmp_path):
-        yield settings
+def test_an_offloaded_frame_waits_for_the_cloud_then_falls_back_to_the_edge() -> None:
+    state = new_state()
+    provisional = make_verdict("cam", 0, fall=True, final=False)
+    assert state.observe(provisional, NOW) is None
+    assert state.window == []
+    d = timedelta(seconds=RULE.cloud_wait_s)
+    assert state.due_fallbacks(NOW + d - timedelta(milliseconds=1)) == []
+    (fallback,) = state.due_fallbacks(NOW + d)
+    assert (fallback.frame_id, fallback.source, fallback.final) == (provisional.frame_id, "edge-fallback", True)
+    assert fallback.decision is True and fallback.fall_probability == provisional.fall_probability
+
+    # the fallback comes back through the stream; the cloud's late answer for the frame must not count again
+    assert state.observe(fallback, NOW + d) is None
+    assert state.pending == {}
+    late_cloud = make_verdict("cam", 0, fall=True, source="cloud", fall_probability=0.99)
+    assert state.observe(late_cloud, NOW + d) is None, "a sure cloud verdict would confirm at once if counted"
+    assert [entry.source for entry in state.window] == ["edge-fallback"]
+    (alert,) = observe_all(state, [make_verdict("cam", seq, fall=True) for seq in (1, 2)])
+    assert alert.rule == "3 of 5 (edge-fallback)"
+    assert len(alert.evidence_frame_ids) == 3
 
 
-async def produce(settings: Settings, records: list[tuple[str, bytes]]) -> None:
-    """Send (key, value) records to the verdicts topic and wait until the broker acked them all."""
-    producer = make_producer(settings)
-    await producer.start()
-    try:
-        for key, value in records:
-            await producer.send_and_wait(settings.kafka.topics.verdicts, key=key.encode(), value=value)
-    finally:
-        await producer.stop()
+def test_a_cloud_verdict_in_time_cancels_the_fallback() -> None:
+    state = new_state()
+    state.observe(make_verdict("cam", 0, fall=True, final=False), NOW)
+    state.observe(make_verdict("cam", 0, fall=False, source="cloud"), NOW + timedelta(seconds=1))
+    assert state.pending == {}
+    assert state.due_fallbacks(NOW + timedelta(hours=1)) == []
+    # and a redelivered provisional of a frame already decided does not wait again
+    state.observe(make_verdict("cam", 0, fall=True, final=False), NOW + timedelta(seconds=2))
+    assert state.pending == {}
 
 
-def as_records(verdicts: list[Verdict]) -> list[tuple[str, bytes]]:
-    return [(verdict.camera_id, encode(verdict)) for verdict in verdicts]
+# --- lifecycle: acknowledgement, escalation, resolution, false alarms ------------------------------
 
 
-async def read_until(
-    settings: Settings, topic: str, model: type[M], done: Callable[[list[M]], bool], timeout_s: float = WAIT_S
-) -> list[M]:
-    """Read `topic` from the start until `done(messages so far)` holds; fails the test at the deadline."""
-    consumer = make_consumer(settings, topic, group_id=None)
-    await consumer.start()
-    messages: list[M] = []
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not done(messages):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"timed out after {timeout_s:.0f} s reading {topic}; got {messages}")
-            batches = await consumer.getmany(timeout_ms=int(min(remaining, 1.0) * 1000))
-            messages += [decode(model, record.value) for records in batches.values() for record in records]
-        return messages
-    finally:
-        await consumer.stop()
+def open_alert(state: CameraState, at: datetime = NOW) -> FallEvent:
+    alerts = [a for v in (make_verdict(state.camera_id, seq, fall=True) for seq in range(3))
+              if (a := state.observe(v, at)) is not None]
+    assert len(alerts) == 1
+    return alerts[0]
 
 
-async def read_all(settings: Settings, topic: str, model: type[M]) -> list[M]:
-    """Everything on `topic` up to its end offsets now."""
-    consumer = make_consumer(settings, topic, group_id=None)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
-        end = await consumer.end_offsets(partitions)
-        messages: list[M] = []
-        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
-            batches = await consumer.getmany(timeout_ms=1000)
-            messages += [decode(model, record.value) for records in batches.values() for record in records]
-        return messages
-    finally:
-        await consumer.stop()
+def test_an_alert_nobody_acknowledges_is_due_for_escalation() -> None:
+    state = new_state()
+    alert = open_alert(state)
+    e = timedelta(seconds=RULE.escalate_after_s)
+    assert state.escalation_due(NOW + e - timedelta(seconds=1)) is None
+    assert state.escalation_due(NOW + e) == alert
+    state.apply(alert.model_copy(update={"state": "acknowledged"}))
+    assert state.escalation_due(NOW + 10 * e) is None
 
 
-async def wait_until_consumed(settings: Settings, timeout_s: float = WAIT_S) -> None:
-    """Wait until the app's group committed every verdict sent so far.
-
-    faust flushes what the agent sent for a record before it commits the
-    record's offset, so afterwards every alert those verdicts caused is on
-    `fall-events`: a missing alert is really missing, not late.
-    """
-    topic = settings.kafka.topics.verdicts
-    consumer = make_consumer(settings, topic, group_id=None)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-    await consumer.start()
-    await admin.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
-        end = await consumer.end_offsets(partitions)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            committed = await admin.list_consumer_group_offsets(settings.alerting.app_id, partitions=partitions)
-            behind = {tp: end[tp] - committed[tp].offset for tp in partitions if end[tp] > 0}
-            behind = {tp: lag for tp, lag in behind.items() if committed[tp].offset < 0 or lag > 0}
-            if not behind:
-                return
-            if time.monotonic() > deadline:
-                pytest.fail(f"alerting did not commit the verdicts within {timeout_s:.0f} s: {behind}")
-            await asyncio.sleep(0.2)  # polling interval of the committed offsets, not a synchronisation
-    finally:
-        await admin.close()
-        await consumer.stop()
+def test_an_acknowledged_alert_stays_open_while_the_person_lies_then_resolves() -> None:
+    state = new_state()
+    alert = open_alert(state)  # falls at 0, 1, 2 s
+    state.apply(alert.model_copy(update={"state": "acknowledged"}))
+    # still lying: falls keep coming for three minutes
+    assert observe_all(state, [make_verdict("cam", seq, fall=True) for seq in range(3, 180)]) == []
+    assert state.open_alert_id == alert.alert_id
+    # up again: no fall for resolve_after_s (120 s) after the last fall at 179 s
+    assert observe_all(state, [make_verdict("cam", seq, fall=False) for seq in range(180, 299)]) == []
+    (resolved,) = observe_all(state, [make_verdict("cam", 299, fall=False)])
+    assert (resolved.alert_id, resolved.state) == (alert.alert_id, "resolved")
+    assert state.open_alert is None
 
 
-def alerts_for(events: list[FallEvent], camera_id: str) -> list[FallEvent]:
-    return [event for event in events if event.camera_id == camera_id]
+def test_an_unacknowledged_alert_does_not_resolve_by_itself() -> None:
+    state = new_state()
+    alert = open_alert(state)
+    assert observe_all(state, [make_verdict("cam", seq, fall=False) for seq in range(3, 400)]) == []
+    assert state.open_alert_id == alert.alert_id
 
 
-def unique_camera(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:6]}"
+def test_a_false_alarm_closes_the_alert_and_starts_the_cooldown() -> None:
+    state = new_state()
+    alert = open_alert(state)  # newest verdict at 2 s
+    assert observe_all(state, [make_verdict("cam", seq, fall=False) for seq in range(3, 40)]) == []
+    state.apply(alert.model_copy(update={"state": "false_alarm"}))  # closed when the newest is 39 s
+    # cooldown counts from the closing, not from the opening: falls until 98 s open nothing
+    assert observe_all(state, [make_verdict("cam", seq, fall=True) for seq in range(40, 99)]) == []
+    (second,) = observe_all(state, [make_verdict("cam", 99, fall=True)])
+    assert second.alert_id != alert.alert_id
 
 
-def test_falls_open_one_alert_and_other_cameras_none(shared_settings: Settings) -> None:
-    settings = shared_settings
-    falling, calm, provisional = unique_camera("falling"), unique_camera("calm"), unique_camera("provisional")
-    fall_verdicts = [make_verdict(falling, seq, fall=seq >= 1) for seq in range(5)]
-    asyncio.run(produce(settings, as_records([
-        *fall_verdicts,
-        *(make_verdict(calm, seq, fall=False) for seq in range(6)),
-        *(make_verdict(provisional, seq, fall=True, final=False) for seq in range(6)),
-    ])))
-
-    topic = settings.kafka.topics.fall_events
-    events = asyncio.run(read_until(settings, topic, FallEvent, lambda got: bool(alerts_for(got, falling))))
-    asyncio.run(wait_until_consumed(settings))
-    events = asyncio.run(read_all(settings, topic, FallEvent))
-
-    (alert,) = alerts_for(events, falling)
-    assert alert.state == "open"
-    assert alert.room == f"room-of-{falling}"
-    assert alert.evidence_frame_ids == [v.frame_id for v in fall_verdicts[1:4]]
-    assert alerts_for(events, calm) == []
-    assert alerts_for(events, provisional) == []
-
-    store = redis.Redis.from_url(settings.redis.url)
-    try:
-        assert decode(FallEvent, store.get(alert_key(alert.alert_id))) == alert
-        assert store.get(open_alert_key(falling)) == alert.alert_id.encode()
-        assert store.get(open_alert_key(calm)) is None
-    finally:
-        store.close()
+def test_answers_on_other_alerts_change_nothing() -> None:
+    state = new_state()
+    alert = open_alert(state)
+    state.apply(alert.model_copy(update={"alert_id": "someone-else", "state": "false_alarm"}))
+    state.apply(alert)  # our own `open` coming back from fall-events
+    assert state.open_alert == alert
 
 
-def test_redelivered_verdicts_open_one_alert(shared_settings: Settings) -> None:
-    settings = shared_settings
-    camera = unique_camera("twice")
-    burst = as_records([make_verdict(camera, seq, fall=True) for seq in range(4)])
-    asyncio.run(produce(settings, burst + burst))
-
-    topic = settings.kafka.topics.fall_events
-    asyncio.run(read_until(settings, topic, FallEvent, lambda got: bool(alerts_for(got, camera))))
-    asyncio.run(wait_until_consumed(settings))
-    assert len(alerts_for(asyncio.run(read_all(settings, topic, FallEvent)), camera)) == 1
+def test_rooms_have_their_own_rules() -> None:
+    settings = AlertingSettings(rooms={"icu": {"k": 1, "n": 1, "cloud_wait_s": 2}})
+    assert (settings.rule_for("icu").k, settings.rule_for("icu").cloud_wait_s) == (1, 2.0)
+    assert settings.rule_for("icu").window_s == settings.window_s
+    assert settings.rule_for("hall").k == 3
+    state = CameraState(rule=settings.rule_for("icu"), camera_id="cam", room="icu")
+    assert len(observe_all(state, [make_verdict("cam", 0, fall=True)])) == 1
 
 
-def test_malformed_record_goes_to_dead_letters_and_the_stream_goes_on(shared_settings: Settings) -> None:
-    settings = shared_settings
-    camera = unique_camera("after-garbage")
-    asyncio.run(produce(settings, [
-        (camera, b"not json"),
-        *as_records([make_verdict(camera, seq, fall=True) for seq in range(3)]),
-    ]))
-
-    dead_letters = asyncio.run(read_until(
-        settings, settings.kafka.topics.dead_letters, DeadLetter,
-        lambda got: any(d.key == camera.encode() for d in got),
-    ))
-    (dead,) = [d for d in dead_letters if d.key == camera.encode()]
-    assert dead.service == "alerting"
-    assert dead.source_topic == settings.kafka.topics.verdicts
-    assert dead.raw == b"not json"
-    assert "invalid Verdict" in dead.reason
-
-    asyncio.run(read_until(
-        settings, settings.kafka.topics.fall_events, FallEvent, lambda got: bool(alerts_for(got, camera))
-    ))
+@pytest.mark.parametrize(
+    ("rooms", "message"),
+    [({"icu": {"k": 6}}, "rooms.icu"), ({"icu": {"surprise": 1}}, "surprise")],
+)
+def test_bad_room_rules_are_named(rooms: dict[str, dict[str, float]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AlertingSettings(rooms=rooms)
 
 
-
-def test_camera_state_survives_a_restart(stack_state: StackState, tmp_path: Path) -> None:
-    settings = alerting_settings(stack_state, tmp_path)
-    camera = unique_camera("restart")
-    burst = as_records([make_verdict(camera, seq, fall=True) for seq in range(3)])
-    topic = settings.kafka.topics.fall_events
-    with alerting_worker(settings, tmp_path):
-        asyncio.run(produce(settings, burst))
-        asyncio.run(read_until(settings, topic, FallEvent, lambda got: bool(alerts_for(got, camera))))
-
-    # the new worker recovers the camera's open alert and seen frames from the table's changelog
-    with alerting_worker(settings, tmp_path):
-        asyncio.run(produce(settings, burst + as_records([make_verdict(camera, 3, fall=True)])))
-        asyncio.run(wait_until_consumed(settings))
-    assert len(alerts_for(asyncio.run(read_all(settings, topic, FallEvent)), camera)) == 1
-
-
-def test_alerts_reach_fall_events_while_redis_is_down(stack_state: StackState, tmp_path: Path) -> None:
-    settings = alerting_settings(stack_state, tmp_path)
-    settings = settings.model_copy(update={"redis": RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0")})
-    camera = unique_camera("no-redis")
-    with alerting_worker(settings, tmp_path):
-        asyncio.run(produce(settings, as_records([make_verdict(camera, seq, fall=True) for seq in range(3)])))
-        asyncio.run(read_until(
-            settings, settings.kafka.topics.fall_events, FallEvent, lambda got: bool(alerts_for(got, camera))
-        ))
+def test_webhooks_need_a_secret() -> None:
+    with pytest.raises(ValueError, match="webhook_secret"):
+        AlertingSettings(webhook_urls=["http://example.invalid/hook"])

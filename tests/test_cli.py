@@ -117,3 +117,17 @@ def test_models_tiny_writes_loadable_untrained_models(tmp_path: Path) -> None:
     assert Path(snippet["cloud"]["model"], "config.json").is_file()
     assert any(Path(snippet["edge"]["switcher_registry"]).iterdir())
     assert "UNTRAINED" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FALLWATCH_EDGE__MODEL": "/nonexistent/vilt"}, "the edge model directory /nonexistent/vilt does not exist"),
+        ({"FALLWATCH_CLOUD__MODEL": "no-such-org/no-such-model"}, "cannot load the cloud model"),
+    ],
+)
+def test_unloadable_checkpoints_get_one_line(env: dict[str, str], message: str) -> None:
+    command = "edge" if "FALLWATCH_EDGE__MODEL" in env else "cloud"
+    result = fallwatch(command, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from transformers import LlavaNextVideoConfig
 
 from cloud_workers.model import (
@@ -21,6 +22,7 @@ from cloud_workers.model import (
 )
 from cloud_workers.tiny import (
     TINY_TOKENS_PER_FRAME,
+    build_random_full_size_cloud_model,
     build_tiny_cloud_model,
     restrict_to_answers,
     set_fall_bias,
@@ -107,6 +109,18 @@ def test_tiny_checkpoint_loads_through_from_pretrained(tiny_dir: Path, model: Ll
 def test_tokens_per_frame_of_the_real_7b_config_is_144() -> None:
     # LlavaNextVideoConfig() defaults to the 7B's CLIP ViT-L/14-336 and 2×2 pooling.
     assert video_tokens_per_frame(LlavaNextVideoConfig()) == 144
+
+
+def test_the_random_7b_for_benchmarks_has_the_real_size_and_video_tokens() -> None:
+    # Built on the meta device: the shapes of the real thing without allocating 14 GB.
+    model = build_random_full_size_cloud_model(QUESTION, NUM_FRAMES, torch.device("meta"), torch.bfloat16)
+    parameters = sum(p.numel() for p in model.model.parameters())
+    assert 7.0e9 < parameters < 7.1e9, "DESIGN.md: 7.06 B parameters"
+    assert model.model.dtype == torch.bfloat16 and model.tokens_per_frame == 144
+    video = sample_frames([np.zeros((480, 640, 3), np.uint8)] * NUM_FRAMES, NUM_FRAMES)
+    inputs = model.processor(text=[model.prompt(QUESTION)], videos=[video], return_tensors="pt")
+    model.check_video_inputs(inputs, num_clips=1)  # 144 × 8 video tokens, 8 frames of 336 px
+    assert tuple(inputs["pixel_values_videos"].shape) == (1, NUM_FRAMES, 3, 336, 336)
 
 
 def test_predict_returns_one_probability_per_clip(model: LlavaVideoCloudModel, clips: list[list[np.ndarray]]) -> None:

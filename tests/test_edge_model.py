@@ -31,7 +31,7 @@ from edge_workers.switcher import (
     new_version,
     save_switcher,
 )
-from edge_workers.tiny import build_tiny_edge_model, set_fall_bias
+from edge_workers.tiny import build_tiny_edge_model, real_size_processor, set_fall_bias
 from fallwatch.settings import DEFAULT_QUESTION
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -143,6 +143,29 @@ def test_mixed_frame_sizes_are_resized_to_the_first(edge: ViltEdgeModel, frames:
     np.testing.assert_allclose(batch.hidden[0], predict_seeded(edge, [frames[0]]).hidden[0], atol=1e-4)
 
 
+def test_grouped_preprocessing_equals_the_processors_default_bit_for_bit(
+    edge: ViltEdgeModel, frames: list[np.ndarray]
+):
+    default = edge.processor(
+        images=frames, text=[edge.question] * len(frames), return_tensors="pt", truncation=True,
+        max_length=edge.max_question_tokens, input_data_format="channels_last",
+    )
+
+    grouped = edge.preprocess(frames)
+
+    assert set(grouped) == set(default)
+    for key in default:
+        assert torch.equal(grouped[key], default[key]), key
+    # and at the real checkpoint's size (384-pixel shortest edge)
+    real = real_size_processor()
+    images = real.image_processor(frames, return_tensors="pt", input_data_format="channels_last")
+    grouped_images = real.image_processor(
+        frames, return_tensors="pt", input_data_format="channels_last", disable_grouping=False
+    )
+    assert images["pixel_values"].shape == (3, 3, 384, 512)
+    assert torch.equal(images["pixel_values"], grouped_images["pixel_values"])
+
+
 def test_checkpoint_without_yes_no_answers_is_refused(tiny_dir: Path, tmp_path: Path):
     directory = tmp_path / "no-yes-no"
     shutil.copytree(tiny_dir, directory)
@@ -171,6 +194,22 @@ def test_int8_model_keeps_the_hook_and_the_hidden_vectors(
     )
     assert np.all(cosine >= 0.99), cosine
     np.testing.assert_allclose(int8.fall_probability, fp32.fall_probability, atol=0.02)
+
+
+def test_bf16_autocast_keeps_the_answers_within_tolerance(
+    edge: ViltEdgeModel, tiny_dir: Path, frames: list[np.ndarray]
+):
+    bf16 = ViltEdgeModel.from_pretrained(str(tiny_dir), DEFAULT_QUESTION, bf16_autocast=True)
+
+    fp32 = predict_seeded(edge, frames)
+    mixed = predict_seeded(bf16, frames)
+
+    assert mixed.hidden.dtype == np.float32 and not np.array_equal(mixed.hidden, fp32.hidden), "bf16 really ran"
+    cosine = np.sum(fp32.hidden * mixed.hidden, axis=1) / (
+        np.linalg.norm(fp32.hidden, axis=1) * np.linalg.norm(mixed.hidden, axis=1)
+    )
+    assert np.all(cosine >= 0.99), cosine
+    np.testing.assert_allclose(mixed.fall_probability, fp32.fall_probability, atol=0.02)
 
 
 def test_switcher_architecture_follows_the_paper():

@@ -36,7 +36,8 @@ def pipeline_settings(stack_state, tmp_path: Path, tiny: TinyModelPaths, clip: P
     sections = tiny.settings_sections()
     sections["edge"].update(switcher_registry=str(registry), batch_size=4)
     sections["cloud"].update(batch_size=4, num_frames=4)
-    camera = CameraSettings(id="cam-e2e", room="101", url=str(clip), fps=2.0, realtime=False)
+    # every sampled frame, moving or not: these tests count frames through the pipeline, not motion gating
+    camera = CameraSettings(id="cam-e2e", room="101", url=str(clip), fps=2.0, realtime=False, motion={"enabled": False})
     return settings_for(stack_state, tmp_path, producers={"cameras": [camera.model_dump()]}, **sections)
 
 
@@ -190,6 +191,7 @@ def test_falls_in_the_verdicts_raise_one_alert(stack_state, tmp_path: Path, tiny
     assert len(events) == 1, "one open alert per camera however many fall frames follow"
     event = events[0]
     assert (event.camera_id, event.room, event.state) == ("cam-e2e", "101", "open")
-    assert len(event.evidence_frame_ids) >= settings.alerting.k
+    # k of n falls confirm, or a sure cloud verdict at once (the fall-saying cloud model here is sure)
+    assert len(event.evidence_frame_ids) >= (1 if event.rule.startswith("cloud") else settings.alerting.k)
     assert set(event.evidence_frame_ids) <= {v.frame_id for v in finals}
     assert stored is not None and FallEvent.model_validate_json(stored).alert_id == event.alert_id

@@ -1,0 +1,147 @@
+"""Alert state in Redis: what the dashboard and caregiver apps read.
+
+`fall-events` is the durable record; Redis holds each alert's latest state, the
+set of alerts not closed yet, a stream of every change (`fallwatch:alert-events`,
+for caregiver apps and the dashboard's live updates), evidence snapshots and
+labels. A state change is applied by one Lua script, atomically and only
+forwards (open → acknowledged → resolved / false_alarm), so a replayed `open`
+never undoes what a caregiver did, and a change lands on the stream once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+
+from schemas import FallEvent, Label, decode, encode
+
+REDIS_TIMEOUT_S = 2.0
+PREFIX = "fallwatch:"
+ACTIVE_ALERTS_KEY = f"{PREFIX}active-alerts"
+ALERT_STREAM_KEY = f"{PREFIX}alert-events"
+ESCALATION_MARK_TTL_S = 7 * 24 * 3600
+
+
+def alert_key(alert_id: str) -> str:
+    return f"{PREFIX}alert:{alert_id}"
+
+
+def open_alert_key(camera_id: str) -> str:
+    return f"{PREFIX}open-alert:{camera_id}"
+
+
+def snapshot_key(alert_id: str) -> str:
+    return f"{PREFIX}snapshot:{alert_id}"
+
+
+def escalated_key(alert_id: str) -> str:
+    return f"{PREFIX}escalated:{alert_id}"
+
+
+def frame_label_key(frame_id: str) -> str:
+    return f"{PREFIX}label:{frame_id}"
+
+
+# KEYS: alert, camera's open-alert pointer, active set, stream; ARGV: event JSON, stream cap
+APPLY_STATE = """
+local new = cjson.decode(ARGV[1])
+local rank = {open = 0, acknowledged = 1, resolved = 2, false_alarm = 2}
+local old = redis.call('GET', KEYS[1])
+if old and rank[cjson.decode(old)['state']] >= rank[new['state']] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1])
+if new['state'] == 'open' or new['state'] == 'acknowledged' then
+  redis.call('SADD', KEYS[3], new['alert_id'])
+  redis.call('SET', KEYS[2], new['alert_id'])
+else
+  redis.call('SREM', KEYS[3], new['alert_id'])
+  if redis.call('GET', KEYS[2]) == new['alert_id'] then
+    redis.call('DEL', KEYS[2])
+  end
+end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*',
+  'kind', 'state', 'alert_id', new['alert_id'], 'state', new['state'], 'event', ARGV[1])
+return 1
+"""
+
+
+class AlertStore:
+    """Redis access of alerting and the dashboard; RedisError / OSError reach the caller."""
+
+    def __init__(self, url: str, stream_maxlen: int) -> None:
+        # short timeouts: a Redis outage must show quickly, not stall a stream
+        self.redis = Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+        self.stream_maxlen = stream_maxlen
+        self._apply_state = self.redis.register_script(APPLY_STATE)
+
+    async def apply(self, event: FallEvent) -> bool:
+        """Store a state change of an alert; False when Redis already has this state or a later one."""
+        keys = [alert_key(event.alert_id), open_alert_key(event.camera_id), ACTIVE_ALERTS_KEY, ALERT_STREAM_KEY]
+        return bool(await self._apply_state(keys=keys, args=[encode(event), self.stream_maxlen]))
+
+    async def alert(self, alert_id: str) -> FallEvent | None:
+        raw = await self.redis.get(alert_key(alert_id))
+        return decode(FallEvent, raw) if raw else None
+
+    async def active_alerts(self) -> list[FallEvent]:
+        """Alerts not closed yet (open or acknowledged), oldest first."""
+        ids = sorted(member.decode() for member in await self.redis.smembers(ACTIVE_ALERTS_KEY))
+        raws = await self.redis.mget([alert_key(alert_id) for alert_id in ids]) if ids else []
+        alerts = [decode(FallEvent, raw) for raw in raws if raw]
+        return sorted(alerts, key=lambda alert: alert.opened_at)
+
+    async def save_snapshot(self, alert_id: str, jpeg: bytes, ttl_s: int) -> None:
+        await self.redis.set(snapshot_key(alert_id), jpeg, ex=ttl_s)
+
+    async def needs_snapshot(self, alert_id: str) -> bool:
+        """The alert is still active and has no snapshot yet."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sismember(ACTIVE_ALERTS_KEY, alert_id)
+            pipe.exists(snapshot_key(alert_id))
+            active, has_snapshot = await pipe.execute()
+        return bool(active) and not has_snapshot
+
+    async def snapshot(self, alert_id: str) -> bytes | None:
+        return await self.redis.get(snapshot_key(alert_id))
+
+    async def claim_escalation(self, alert_id: str) -> bool:
+        """True for the one worker that escalates this alert (workers swap cameras on a rebalance)."""
+        return bool(await self.redis.set(escalated_key(alert_id), b"1", nx=True, ex=ESCALATION_MARK_TTL_S))
+
+    async def add_escalation(self, alert: FallEvent) -> None:
+        await self.redis.xadd(
+            ALERT_STREAM_KEY,
+            {"kind": "escalation", "alert_id": alert.alert_id, "state": alert.state, "event": encode(alert)},
+            maxlen=self.stream_maxlen,
+            approximate=True,
+        )
+
+    async def save_label(self, label: Label) -> None:
+        """The label under each of its frame ids (a later answer on the same frames replaces it)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for frame_id in label.frame_ids:
+                pipe.set(frame_label_key(frame_id), encode(label))
+            await pipe.execute()
+
+    async def label_for_frame(self, frame_id: str) -> Label | None:
+        raw = await self.redis.get(frame_label_key(frame_id))
+        return decode(Label, raw) if raw else None
+
+    async def last_event_id(self) -> str:
+        """The id of the newest stream entry ("0-0" when there is none)."""
+        newest: list[Any] = await self.redis.xrevrange(ALERT_STREAM_KEY, count=1)
+        return newest[0][0].decode() if newest else "0-0"
+
+    async def read_events(self, after_id: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
+        """Stream entries after `after_id`, waiting up to `block_ms` for the first."""
+        reply = await self.redis.xread({ALERT_STREAM_KEY: after_id}, block=block_ms, count=100)
+        return [
+            (entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()})
+            for _, entries in reply
+            for entry_id, fields in entries
+        ]
+
+    async def close(self) -> None:
+        await self.redis.aclose()

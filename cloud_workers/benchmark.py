@@ -1,0 +1,479 @@
+"""The measurements behind `fallwatch bench cloud` (see cloud_workers.bench): what a cloud worker costs.
+
+1. The model alone: requests/s, latency per batch, energy per request for batch sizes
+   1, 4, 8, 16 of clips of `--frames` frames (camera-sized 640×480, so pre-processing counts).
+2. P(fall) from one forward pass vs `generate` (the baseline: answer in free text, read
+   the first word): speed ratio on the same inputs, and how often the two answers agree.
+3. The worker (real Kafka + Redis, JPEG clips by claim check) against the model's own
+   batched throughput at the worker's batch size: what the plumbing costs.
+
+Models: `tiny` (a random tiny LLaVA-NeXT-Video of the real classes, built here),
+`configured` (cloud.model of the settings: a real checkpoint), `random-7b` (the 7B
+architecture with random weights built in memory, for a GPU: the real compute without a
+download). Energy comes from NVML on a GPU and RAPL on a CPU when readable, else "n/a".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import cv2
+import numpy as np
+import torch
+from redis.asyncio import Redis
+from rich.console import Console
+from rich.table import Table
+
+from cloud_workers.bench import ModelKind
+from cloud_workers.energy import CostMeter, open_energy_meter
+from cloud_workers.model import Clip, LlavaVideoCloudModel, resolve_device, resolve_dtype
+from cloud_workers.service import CloudWorker
+from cloud_workers.tiny import build_random_full_size_cloud_model, build_tiny_cloud_model, restrict_to_answers
+from fallwatch.kafka_io import make_consumer, make_producer, topic_specs
+from fallwatch.models import load_cloud_model
+from fallwatch.settings import ConfigError, Settings, load_settings
+from fallwatch.stack import LocalStack, create_topics
+from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, Topics, Verdict, decode, encode, utc_now
+
+T = TypeVar("T")
+
+CAMERA_SIZE = (480, 640)  # height, width of the frames the benchmark feeds
+AGREEMENT_BATCH = 8  # clips per call when comparing answers: bounds the 7B's KV cache in generate
+
+
+# --- inputs -----------------------------------------------------------------------------------
+def synthetic_clip(seed: int, num_frames: int, height: int = CAMERA_SIZE[0], width: int = CAMERA_SIZE[1]) -> Clip:
+    """A block falling over a background of the seed's colour with sensor-like noise, oldest first."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 256, 3)
+    frames = []
+    for step in range(num_frames):
+        frame = np.clip(background + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+        top = int(step * (height * 0.6) / max(1, num_frames - 1))
+        frame[top : top + height // 3, width // 3 : width // 2] = 255 - background
+        frames.append(frame)
+    return frames
+
+
+def encode_jpeg(frame_rgb: np.ndarray) -> bytes:
+    ok, buffer = cv2.imencode(".jpg", cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise ValueError("frame could not be JPEG-encoded")
+    return buffer.tobytes()
+
+
+def clip_key(settings: Settings, frame_id: str) -> str:
+    return f"{settings.kafka.topics.cloud_requests}:clip:{frame_id}"
+
+
+async def publish_requests(
+    settings: Settings,
+    clips: list[Clip],
+    deadline_s: float = 120.0,
+    store_clips: bool = True,
+    cameras: tuple[str, ...] = ("cam-a", "cam-b", "cam-c"),
+    first_seq: int = 0,
+    send_requests: bool = True,
+) -> list[CloudRequest]:
+    """Do what an edge worker does for each clip: its last frame to `frames`, its JPEGs to Redis, a request.
+
+    `store_clips=False` leaves the clip out of Redis, as if its TTL had run out;
+    `send_requests=False` returns the requests without publishing them.
+    """
+    topics = settings.kafka.topics
+    producer = make_producer(settings)
+    redis = Redis.from_url(settings.redis.url)
+    await producer.start()
+    requests = []
+    try:
+        for index, clip in enumerate(clips):
+            seq = first_seq + index
+            camera = cameras[index % len(cameras)]
+            captured_at = utc_now()
+            jpegs = [encode_jpeg(frame) for frame in clip]
+            height, width = clip[-1].shape[:2]
+            frame = Frame(
+                frame_id=Frame.make_id(camera, captured_at, seq), camera_id=camera, room=f"room-{camera}", seq=seq,
+                captured_at=captured_at, width=width, height=height, jpeg=jpegs[-1],
+            )  # fmt: skip
+            sent = await producer.send_and_wait(topics.frames, key=camera.encode(), value=encode(frame))
+            clip_frame_ids = [f"{frame.frame_id}.{k}" for k in range(len(clip) - 1)] + [frame.frame_id]
+            keys = [clip_key(settings, frame_id) for frame_id in clip_frame_ids]
+            if store_clips:
+                async with redis.pipeline() as pipe:
+                    for key, jpeg in zip(keys, jpegs, strict=True):
+                        pipe.set(key, jpeg, ex=settings.edge.clip_ttl_s)
+                    await pipe.execute()
+            request = CloudRequest(
+                frame_id=frame.frame_id, camera_id=camera, room=frame.room, captured_at=captured_at,
+                frame_position=KafkaPosition(topic=sent.topic, partition=sent.partition, offset=sent.offset),
+                clip_keys=keys, clip_frame_ids=clip_frame_ids,
+                edge=EdgeOutput(fall_probability=0.25, decision=False, model="edge-bench"),
+                switcher_score=0.3, switcher_version="bench", reason="switcher",
+                deadline=captured_at + timedelta(seconds=deadline_s),
+            )  # fmt: skip
+            if send_requests:
+                await producer.send_and_wait(topics.cloud_requests, key=camera.encode(), value=encode(request))
+            requests.append(request)
+    finally:
+        await producer.stop()
+        await redis.aclose()
+    return requests
+
+
+# --- measurements -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchRow:
+    batch_size: int
+    latency_ms: float  # median wall time of one batch
+    requests_per_s: float
+    energy_j_per_request: float | None
+    gpu_memory_mb: float | None
+
+
+def on_worker_thread(function: Callable[..., T], *args: object) -> T:
+    """Call `function` off the main thread, as the worker calls the model (asyncio.to_thread).
+
+    The baseline must run where the worker runs: on this 2-core machine under load, torch's
+    CPU kernels ran 2-4× faster from a secondary thread than from the main thread.
+    """
+    return asyncio.run(asyncio.to_thread(function, *args))
+
+
+def measure_batches(model: LlavaVideoCloudModel, clips: list[Clip], batch_size: int, repeats: int) -> BatchRow:
+    """Median over `repeats` timed batches, after one warm-up batch."""
+    costs = CostMeter(model.device, open_energy_meter(model.device, model.gpu_indices))
+    batch = [clips[i % len(clips)] for i in range(batch_size)]
+    model.predict(batch)
+    seconds, energies, memories = [], [], []
+    for _ in range(repeats):
+        costs.start()
+        started = time.perf_counter()
+        model.predict(batch)
+        seconds.append(time.perf_counter() - started)
+        cost = costs.stop()
+        energies.append(cost.energy_j)
+        memories.append(cost.gpu_memory_mb)
+    latency_s = statistics.median(seconds)
+    energy = None if None in energies else statistics.median(e for e in energies if e is not None) / batch_size
+    memory = None if None in memories else max(m for m in memories if m is not None)
+    return BatchRow(batch_size, latency_s * 1000, batch_size / latency_s, energy, memory)
+
+
+def model_requests_per_s(model: LlavaVideoCloudModel, clips: list[Clip], batch_size: int) -> float:
+    """The model's own throughput answering `clips` in batches of `batch_size`, decoded frames in memory."""
+    started = time.perf_counter()
+    for start in range(0, len(clips), batch_size):
+        model.predict(clips[start : start + batch_size])
+    return len(clips) / (time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class GenerateRow:
+    batch_size: int
+    forward_ms: float  # clips in, P(Yes) out: pre-processing included
+    generate_ms: float
+    forward_model_ms: float  # the model alone, on inputs processed beforehand
+    generate_model_ms: float
+
+
+def measure_generate(
+    model: LlavaVideoCloudModel, clips: list[Clip], batch_size: int, new_tokens: int, repeats: int
+) -> GenerateRow:
+    batch = [clips[i % len(clips)] for i in range(batch_size)]
+    inputs = model.model_inputs(batch, [model.question] * batch_size)
+    calls = {
+        "forward": lambda: model.predict(batch),
+        "generate": lambda: model.generate_answers(batch, max_new_tokens=new_tokens),
+        "forward_model": lambda: model.yes_probabilities_of(inputs),
+        "generate_model": lambda: model.generate_answers_of(inputs, max_new_tokens=new_tokens),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        call()  # warm-up
+    for _ in range(repeats):  # interleaved, so load from other work on the machine hits all alike
+        for name, call in calls.items():
+            seconds[name].append(seconds_of(call))
+    ms = {name: statistics.median(values) * 1000 for name, values in seconds.items()}
+    return GenerateRow(batch_size, ms["forward"], ms["generate"], ms["forward_model"], ms["generate_model"])
+
+
+def seconds_of(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class Agreement:
+    clips: int
+    agree: int
+    neither: int  # generate's first word was neither yes nor no
+
+
+def measure_agreement(model: LlavaVideoCloudModel, clips: list[Clip], new_tokens: int) -> Agreement:
+    """One-forward decision (P(Yes) > 0.5) vs the first word `generate` writes, clip by clip."""
+    chunks = [clips[start : start + AGREEMENT_BATCH] for start in range(0, len(clips), AGREEMENT_BATCH)]
+    probabilities = np.concatenate([model.predict(chunk) for chunk in chunks])
+    answers = [answer for chunk in chunks for answer in model.generate_answers(chunk, max_new_tokens=new_tokens)]
+    agree = neither = 0
+    for probability, answer in zip(probabilities, answers, strict=True):
+        word = answer.split()[0].strip(".,!").lower() if answer.split() else ""
+        if word not in ("yes", "no"):
+            neither += 1
+        elif (word == "yes") == (probability > 0.5):
+            agree += 1
+    return Agreement(len(clips), agree, neither)
+
+
+@dataclass(frozen=True)
+class WorkerRun:
+    requests: int
+    batch_size: int
+    requests_per_s: float
+    median_worker_ms: float
+    median_model_ms: float  # one batch's forward inside the worker (timings_ms.model)
+    mean_batch: float
+
+
+async def measure_worker(settings: Settings, model: LlavaVideoCloudModel, clips: list[Clip]) -> WorkerRun:
+    """Pre-load the topic with one request per clip, then time the worker answering all of them.
+
+    The clock runs from the first request's arrival in the worker to the last verdict, both
+    read from the verdicts, so joining the consumer group is not counted.
+    """
+    await publish_requests(settings, clips)
+    worker = CloudWorker(settings, model)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        verdicts = await read_verdicts(settings, len(clips), timeout_s=600.0)
+    finally:
+        stop.set()
+        await task
+    first_arrival = min(v.produced_at - timedelta(milliseconds=v.timings_ms["worker"]) for v in verdicts)
+    span_s = (max(v.produced_at for v in verdicts) - first_arrival).total_seconds()
+    return WorkerRun(
+        requests=len(verdicts),
+        batch_size=settings.cloud.batch_size,
+        requests_per_s=len(verdicts) / span_s,
+        median_worker_ms=statistics.median(v.timings_ms["worker"] for v in verdicts),
+        median_model_ms=statistics.median(v.timings_ms["model"] for v in verdicts),
+        mean_batch=statistics.mean(v.batch_size or 0 for v in verdicts),
+    )
+
+
+async def read_verdicts(settings: Settings, count: int, timeout_s: float) -> list[Verdict]:
+    consumer = make_consumer(settings, settings.kafka.topics.verdicts, group_id=None)
+    await consumer.start()
+    verdicts: dict[str, Verdict] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(verdicts) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(verdicts)} of {count} verdicts after {timeout_s:.0f} s")
+            batches = await consumer.getmany(timeout_ms=500)
+            for record in (r for batch in batches.values() for r in batch):
+                verdict = decode(Verdict, record.value)
+                verdicts[verdict.frame_id] = verdict
+    finally:
+        await consumer.stop()
+    return list(verdicts.values())
+
+
+@contextlib.contextmanager
+def bench_stack(settings: Settings, scratch: Path) -> Iterator[Settings]:
+    """Settings with fresh topics on the running local stack, or on a temporary one started here."""
+    stack = LocalStack.from_settings(settings)
+    state = stack.read_state()
+    temporary = state is None or not stack.healthy(state)
+    if temporary:
+        stack = LocalStack(scratch / "stack", settings.cache_dir, settings.kafka.partitions)
+        state = stack.up({})
+    assert state is not None
+    try:
+        kafka = settings.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers})
+        redis = settings.redis.model_copy(update={"url": state.redis_url})
+        yield with_fresh_topics(settings.model_copy(update={"kafka": kafka, "redis": redis}))
+    finally:
+        if temporary:
+            stack.down()
+
+
+def with_fresh_topics(settings: Settings) -> Settings:
+    """The settings with topics (created now) and a cloud consumer group nobody has used yet."""
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    topics = Topics(**{name: f"{prefix}.{value}" for name, value in Topics().model_dump().items()})
+    kafka = settings.kafka.model_copy(update={"topics": topics})
+    cloud = settings.cloud.model_copy(update={"group_id": f"{prefix}.cloud-workers"})
+    fresh = settings.model_copy(update={"kafka": kafka, "cloud": cloud})
+    asyncio.run(create_topics(settings.kafka.bootstrap_servers, topic_specs(fresh), settings.kafka.partitions))
+    return fresh
+
+
+# --- the command ------------------------------------------------------------------------------
+def load_bench_model(kind: ModelKind, settings: Settings, scratch: Path) -> LlavaVideoCloudModel:
+    cloud = settings.cloud
+    if kind == "tiny":
+        directory = build_tiny_cloud_model(scratch / "tiny-llava")
+        return LlavaVideoCloudModel.from_pretrained(
+            str(directory), cloud.question, num_frames=cloud.num_frames, device=cloud.device, dtype=cloud.dtype
+        )
+    if kind == "random-7b":
+        device = resolve_device(cloud.device)
+        return build_random_full_size_cloud_model(
+            cloud.question, cloud.num_frames, device, resolve_dtype(cloud.dtype, device)
+        )
+    model = load_cloud_model(settings)
+    if not isinstance(model, LlavaVideoCloudModel):
+        raise ConfigError("the benchmark needs a LLaVA-NeXT-Video model (it compares against generate)")
+    return model
+
+
+def load_agreement_model(
+    kind: ModelKind, model: LlavaVideoCloudModel, settings: Settings, scratch: Path
+) -> LlavaVideoCloudModel:
+    """The model whose answers are compared: for `tiny`, a copy that may only say Yes or No.
+
+    A random tiny model's greedy first word is almost never "Yes" or "No", which would make
+    the agreement meaningless; restricted, it still answers at random per clip.
+    """
+    if kind != "tiny":
+        return model
+    directory = build_tiny_cloud_model(scratch / "tiny-llava-yes-no", seed=1)
+    restrict_to_answers(directory)
+    cloud = settings.cloud
+    return LlavaVideoCloudModel.from_pretrained(
+        str(directory), cloud.question, num_frames=cloud.num_frames, device=cloud.device, dtype=cloud.dtype
+    )
+
+
+def run_benchmark(
+    kind: ModelKind,
+    sizes: list[int],
+    frames: int,
+    repeats: int,
+    generate_tokens: int,
+    agreement_clips: int,
+    worker_requests: int,
+    worker_batch: int,
+    worker_rounds: int,
+) -> None:
+    """Measure and print the three tables (see the module docstring)."""
+    settings = load_settings()
+    settings = settings.model_copy(
+        update={"cloud": settings.cloud.model_copy(update={"num_frames": frames, "batch_size": worker_batch})}
+    )
+    console = Console(width=160)
+    clips = [synthetic_clip(seed, frames) for seed in range(max(16, agreement_clips))]
+    with tempfile.TemporaryDirectory(prefix="fallwatch-bench-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        cloud_model = load_bench_model(kind, settings, scratch)
+        console.print(describe(cloud_model, kind, frames))
+
+        rows = [on_worker_thread(measure_batches, cloud_model, clips, size, repeats) for size in sizes]
+        console.print(batch_table(rows))
+
+        generate_rows = [
+            on_worker_thread(measure_generate, cloud_model, clips, size, generate_tokens, repeats) for size in (1, 8)
+        ]
+        agreement_model = load_agreement_model(kind, cloud_model, settings, scratch)
+        agreement = on_worker_thread(measure_agreement, agreement_model, clips[:agreement_clips], generate_tokens)
+        console.print(generate_table(generate_rows, generate_tokens))
+        console.print(agreement_line(agreement, kind))
+
+        if worker_requests > 0:
+            worker_clips = [clips[i % len(clips)] for i in range(worker_requests)]
+            runs, model_rates = [], []
+            with bench_stack(settings, scratch) as stack_settings:
+                # Alternating rounds of the model alone and the worker on the same clips, medians
+                # of each: load from other work on the machine shifts both alike.
+                for round_ in range(worker_rounds):
+                    model_rates.append(
+                        on_worker_thread(model_requests_per_s, cloud_model, worker_clips, worker_batch)
+                    )
+                    round_settings = stack_settings if round_ == 0 else with_fresh_topics(stack_settings)
+                    runs.append(asyncio.run(measure_worker(round_settings, cloud_model, worker_clips)))
+            console.print(worker_table(runs, model_rates))
+
+
+def describe(model: LlavaVideoCloudModel, kind: ModelKind, frames: int) -> str:
+    parameters = sum(p.numel() for p in model.model.parameters())
+    if model.device.type == "cuda":
+        device = torch.cuda.get_device_name(model.device)
+    else:
+        device = f"{torch.get_num_threads()} CPU threads"
+    return (
+        f"cloud model: {model.name} ({kind}, {parameters:,} parameters, {model.model.dtype}) on {device}; "
+        f"{frames}-frame clips of {CAMERA_SIZE[1]}×{CAMERA_SIZE[0]}, {model.tokens_per_frame * frames} video tokens"
+    )
+
+
+def optional(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def batch_table(rows: list[BatchRow]) -> Table:
+    table = Table(title="model alone: one forward per batch (yes/no from next-token logits)")
+    for column in ("batch", "latency / batch (ms)", "latency / request (ms)", "requests/s", "J / request", "GPU MB"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row.batch_size), f"{row.latency_ms:.1f}", f"{row.latency_ms / row.batch_size:.1f}",
+            f"{row.requests_per_s:.2f}", optional(row.energy_j_per_request, ".2f"), optional(row.gpu_memory_mb, ".0f"),
+        )  # fmt: skip
+    return table
+
+
+def generate_table(rows: list[GenerateRow], new_tokens: int) -> Table:
+    table = Table(title=f"one forward vs generate({new_tokens} new tokens) on the same clips; target ≥ 5×")
+    for column in ("batch", "one forward (ms)", "generate (ms)", "speed ratio",
+                   "model only: forward (ms)", "generate (ms)", "ratio"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row.batch_size), f"{row.forward_ms:.1f}", f"{row.generate_ms:.1f}",
+            f"{row.generate_ms / row.forward_ms:.1f}×", f"{row.forward_model_ms:.1f}", f"{row.generate_model_ms:.1f}",
+            f"{row.generate_model_ms / row.forward_model_ms:.1f}×",
+        )  # fmt: skip
+    return table
+
+
+def agreement_line(agreement: Agreement, kind: ModelKind) -> str:
+    restricted = " (tiny: a copy that may only say Yes or No)" if kind == "tiny" else ""
+    return (
+        f"agreement, one forward (P(Yes) > 0.5) vs generate's first word: {agreement.agree}/{agreement.clips}"
+        f" clips; {agreement.neither} neither yes nor no{restricted}"
+    )
+
+
+def worker_table(runs: list[WorkerRun], model_rates: list[float]) -> Table:
+    table = Table(
+        title="worker (Kafka + Redis + JPEG decode + model) vs the model alone at the same batch size; target ≥ 0.8"
+    )
+    for column in ("rounds", "requests", "batch", "mean batch formed", "worker req/s", "model req/s", "ratio",
+                   "model ms/batch in worker", "median arrival→verdict (ms)"):  # fmt: skip
+        table.add_column(column, justify="right")
+    worker_rate = statistics.median(run.requests_per_s for run in runs)
+    model_rate = statistics.median(model_rates)
+    alone_batch_ms = 1000 * runs[0].batch_size / model_rate
+    table.add_row(
+        str(len(runs)), str(runs[0].requests), str(runs[0].batch_size),
+        f"{statistics.mean(run.mean_batch for run in runs):.1f}",
+        f"{worker_rate:.2f} ({', '.join(f'{run.requests_per_s:.1f}' for run in runs)})",
+        f"{model_rate:.2f} ({', '.join(f'{rate:.1f}' for rate in model_rates)})",
+        f"{worker_rate / model_rate:.2f}",
+        f"{statistics.median(run.median_model_ms for run in runs):.0f} (alone: {alone_batch_ms:.0f})",
+        f"{statistics.median(run.median_worker_ms for run in runs):.0f}",
+    )  # fmt: skip
+    return table

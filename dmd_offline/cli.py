@@ -1,0 +1,160 @@
+"""`fallwatch dmd …` (also `python -m dmd_offline …`): the offline DMD steps, or all of them with `run`.
+
+Options override the `dmd:` settings for one call. Heavy modules (torch, the
+models) are imported inside the commands so `fallwatch --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from fallwatch.settings import ConfigError, DmdSettings
+
+if TYPE_CHECKING:
+    from fallwatch.settings import Settings
+
+dmd_app = typer.Typer(no_args_is_help=True, help="Dual-Model Distillation offline tools.")
+
+Workdir = Annotated[Path | None, typer.Option(help="work directory of the steps (default: dmd.workdir)")]
+Source = Annotated[str | None, typer.Option(help="kafka, images or videos (default: dmd.source)")]
+Folder = Annotated[Path | None, typer.Option(help="images: folder with labels.csv; videos: with clips.csv")]
+Since = Annotated[str | None, typer.Option(help="kafka: records logged at or after this ISO time (with zone)")]
+Until = Annotated[str | None, typer.Option(help="kafka: records logged before this ISO time (with zone)")]
+Limit = Annotated[int | None, typer.Option(help="images: only the first N images of each split")]
+LoggedOnly = Annotated[
+    bool, typer.Option("--logged-only", help="kafka: use logged cloud verdicts only, never run the large model")
+]
+TargetShare = Annotated[
+    float | None, typer.Option(help="budget mode: defer this share of frames (default: the bucket method's peak)")
+]
+
+
+def configured(**overrides: Any) -> Settings:
+    """Settings (with logging configured) and the given `dmd` options applied, validated like the config."""
+    from fallwatch.cli import settings_with_logging
+
+    settings = settings_with_logging()
+    given = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        settings.dmd = DmdSettings.model_validate({**settings.dmd.model_dump(), **given})
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid option: {problems.replace('_', '-')}") from None
+    return settings
+
+
+def timed(step: str, started: float) -> None:
+    typer.echo(f"[{step}: {time.perf_counter() - started:.1f} s]")
+
+
+def replay_step(settings: Settings) -> None:
+    from dmd_offline.pipeline import Workdir, run_replay
+
+    started = time.perf_counter()
+    summary = run_replay(settings)
+    typer.echo(summary.describe())
+    typer.echo(f"data set in {Workdir(settings.dmd.workdir).dataset}, paper JSON in "
+               f"{Workdir(settings.dmd.workdir).paper_json}")
+    timed("replay", started)
+
+
+def train_step(settings: Settings) -> None:
+    from dmd_offline.pipeline import run_train
+
+    started = time.perf_counter()
+    report = run_train(settings)
+    typer.echo(
+        f"switcher ({report.input_dim} → 512 → 128 → 1) trained on {report.train_rows} rows: {report.epochs_run} "
+        f"epochs, best {report.best_epoch} (val loss {report.best_val_loss:.4f}, val accuracy "
+        f"{report.val_accuracy:.3f}); agreements {report.agreement_share_train:.1%} of train, "
+        f"positive-class weight {report.positive_class_weight:.3f}"
+    )
+    timed("train", started)
+
+
+def threshold_step(settings: Settings) -> None:
+    from dmd_offline.pipeline import run_threshold
+
+    started = time.perf_counter()
+    choice = run_threshold(settings)
+    typer.echo(f"threshold {choice.threshold:.4f} ({choice.method}): defers {choice.deferred_share:.0%} of the "
+               f"train split, expected F1 {choice.f1:.3f}")
+    timed("threshold", started)
+
+
+def evaluate_step(settings: Settings) -> None:
+    from dmd_offline.pipeline import run_evaluate
+
+    started = time.perf_counter()
+    output = run_evaluate(settings)
+    for result in output.evaluation.results:
+        typer.echo(f"{result.name:>12}: F1 {result.f1:.3f}, {result.share_large:.0%} to the large model")
+    typer.echo(f"report: {output.report_md} (and {output.report_json.name}, {len(output.plots)} plots)")
+    timed("evaluate", started)
+
+
+def publish_step(settings: Settings) -> None:
+    from dmd_offline.pipeline import run_publish
+
+    started = time.perf_counter()
+    typer.echo(f"published {run_publish(settings)}")
+    timed("publish", started)
+
+
+@dmd_app.command("replay")
+def replay_command(
+    workdir: Workdir = None, source: Source = None, folder: Folder = None, since: Since = None, until: Until = None,
+    limit_per_split: Limit = None, logged_only: LoggedOnly = False,
+) -> None:
+    """Run both models over logged traffic or a labelled folder; write the DMD data set (resumable)."""
+    replay_step(configured(workdir=workdir, source=source, folder=folder, since=since, until=until,
+                           limit_per_split=limit_per_split, run_cloud_model=False if logged_only else None))
+
+
+@dmd_app.command("train")
+def train_command(workdir: Workdir = None) -> None:
+    """Train the switcher on the data set's train split (early stopping on val)."""
+    train_step(configured(workdir=workdir))
+
+
+@dmd_app.command("threshold")
+def threshold_command(workdir: Workdir = None, target_offload_share: TargetShare = None) -> None:
+    """Choose the threshold: the bucket method's F1 peak, or the share given by --target-offload-share."""
+    threshold_step(configured(workdir=workdir, target_offload_share=target_offload_share))
+
+
+@dmd_app.command("evaluate")
+def evaluate_command(workdir: Workdir = None) -> None:
+    """Compare DMD with the baselines on the test split: report.md, report.json and PNG curves."""
+    evaluate_step(configured(workdir=workdir))
+
+
+@dmd_app.command("publish")
+def publish_command(workdir: Workdir = None) -> None:
+    """Publish the trained switcher with its threshold and metrics to edge.switcher_registry."""
+    publish_step(configured(workdir=workdir))
+
+
+@dmd_app.command("run")
+def run_command(
+    workdir: Workdir = None, source: Source = None, folder: Folder = None, since: Since = None, until: Until = None,
+    limit_per_split: Limit = None, logged_only: LoggedOnly = False, target_offload_share: TargetShare = None,
+    publish: Annotated[bool, typer.Option(help="publish the switcher at the end")] = True,
+) -> None:
+    """Every step: replay, train, threshold, evaluate, publish."""
+    settings = configured(workdir=workdir, source=source, folder=folder, since=since, until=until,
+                          limit_per_split=limit_per_split, run_cloud_model=False if logged_only else None,
+                          target_offload_share=target_offload_share)
+    started = time.perf_counter()
+    replay_step(settings)
+    train_step(settings)
+    threshold_step(settings)
+    evaluate_step(settings)
+    if publish:
+        publish_step(settings)
+    timed("dmd run", started)

@@ -1,0 +1,233 @@
+"""Evaluating DMD on a held-out split against the baselines (paper Section 3, Table 1, Figs. 2–5).
+
+Strategies: small-only, large-only, DMD at its threshold, and at DMD's offload
+share on that split: uncertainty-based deferral (Narayan et al. 2022), random
+deferral and the oracle. Each gets fall-class F1 / precision / recall / accuracy,
+the share sent to the large model, total time and energy, and for the deferral
+strategies an area under the F1-vs-deferred curve normalised so that small-only
+scores 0 and large-only 1 (RouteLLM's APGR).
+
+Costs per frame are the measured ones in the data (edge and cloud model times, the
+cloud energy logged by GPU workers); where one is missing the configured per-frame
+cost (`dmd.*_time_ms`, `dmd.*_energy_j`) is used, and a cost that is neither
+measured nor configured is reported as unknown rather than guessed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dmd_offline.dataset import DmdData
+from dmd_offline.metrics import (
+    Outcomes,
+    deferral_curve,
+    dmd_order,
+    first_m,
+    oracle_order,
+    random_order,
+    uncertainty_order,
+)
+from edge_workers.switcher import Switcher
+from fallwatch.settings import DmdSettings
+
+RANDOM_CURVE_SEEDS = 20  # the random baseline's curve is averaged over this many orders
+
+
+@dataclass(frozen=True)
+class CostColumn:
+    """Per-frame costs of one kind for a split, and where they came from."""
+
+    values: np.ndarray | None  # None: neither measured nor configured
+    origin: str  # "measured", "configured", "measured + configured for N rows", "unknown"
+
+
+def cost_column(measured: np.ndarray, configured: float | None, setting: str) -> CostColumn:
+    missing = np.isnan(measured)
+    if not missing.any():
+        return CostColumn(measured, "measured")
+    if configured is None:
+        return CostColumn(None, f"unknown: not measured for {int(missing.sum())} of {len(measured)} rows "
+                                f"and dmd.{setting} is not set")
+    if missing.all():
+        return CostColumn(np.full(len(measured), configured), "configured")
+    return CostColumn(np.where(missing, configured, measured), f"measured, configured for {int(missing.sum())} rows")
+
+
+@dataclass(frozen=True)
+class Costs:
+    small_time_ms: CostColumn
+    large_time_ms: CostColumn
+    small_energy_j: CostColumn
+    large_energy_j: CostColumn
+    switcher_time_ms: float  # measured per frame on this split
+
+    @classmethod
+    def of(cls, data: DmdData, settings: DmdSettings, switcher_time_ms: float) -> Costs:
+        return cls(
+            small_time_ms=cost_column(data.column("small_time_ms").astype(float), settings.small_time_ms,
+                                      "small_time_ms"),
+            large_time_ms=cost_column(data.column("large_time_ms").astype(float), settings.large_time_ms,
+                                      "large_time_ms"),
+            small_energy_j=cost_column(data.column("small_energy_j").astype(float), settings.small_energy_j,
+                                       "small_energy_j"),
+            large_energy_j=cost_column(data.column("large_energy_j").astype(float), settings.large_energy_j,
+                                       "large_energy_j"),
+            switcher_time_ms=switcher_time_ms,
+        )
+
+    def total(self, small: CostColumn, large: CostColumn, deferred: np.ndarray, uses_small: bool,
+              switcher_ms: float = 0.0) -> float | None:
+        """Total over the split: the small model on every frame (unless large-only), the large one on deferred."""
+        if large.values is None or (uses_small and small.values is None):
+            return None
+        total = float(large.values[deferred].sum())
+        if uses_small:
+            assert small.values is not None
+            total += float(small.values.sum()) + switcher_ms * len(deferred)
+        return total
+
+    def time_s(self, deferred: np.ndarray, uses_small: bool, uses_switcher: bool) -> float | None:
+        switcher_ms = self.switcher_time_ms if uses_switcher else 0.0
+        total = self.total(self.small_time_ms, self.large_time_ms, deferred, uses_small, switcher_ms)
+        return None if total is None else total / 1000
+
+    def energy_j(self, deferred: np.ndarray, uses_small: bool) -> float | None:
+        return self.total(self.small_energy_j, self.large_energy_j, deferred, uses_small)
+
+
+@dataclass(frozen=True)
+class StrategyResult:
+    name: str
+    f1: float
+    precision: float
+    recall: float
+    accuracy: float
+    share_large: float
+    time_s: float | None
+    energy_j: float | None
+    apgr: float | None = None  # normalised area under its F1-vs-deferred curve (deferral strategies)
+
+
+@dataclass(frozen=True)
+class Curve:
+    shares: list[float]
+    f1: list[float]
+
+
+@dataclass
+class Evaluation:
+    reference: str  # what F1 is measured against: "ground truth" or "large model"
+    threshold: float
+    rows: int
+    results: list[StrategyResult]
+    curves_train: dict[str, Curve] = field(default_factory=dict)
+    curves_test: dict[str, Curve] = field(default_factory=dict)
+    time_curve_s: Curve | None = None  # DMD: total time vs share deferred (f1 holds the time)
+    energy_curve_j: Curve | None = None
+    cost_origins: dict[str, str] = field(default_factory=dict)
+
+    def result(self, name: str) -> StrategyResult:
+        return next(result for result in self.results if result.name == name)
+
+
+def strategy_orders(data: DmdData, agreement_scores: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    return {
+        "DMD": dmd_order(agreement_scores),
+        "uncertainty": uncertainty_order(data.column("small_fall_probability").astype(float)),
+        "random": random_order(len(data.rows), seed),
+        "oracle": oracle_order(data.column("label").astype(int)),
+    }
+
+
+def curves(data: DmdData, agreement_scores: np.ndarray, buckets: int, seed: int) -> dict[str, Curve]:
+    """F1 vs share deferred for every deferral strategy (paper Figs. 2–3)."""
+    outcomes = Outcomes.of(data)
+    result = {}
+    for name, order in strategy_orders(data, agreement_scores, seed).items():
+        if name == "random":
+            runs = [deferral_curve(outcomes, random_order(len(order), seed + i), buckets)
+                    for i in range(RANDOM_CURVE_SEEDS)]
+            result[name] = Curve(runs[0][0], [float(np.mean(column)) for column in zip(*(r[1] for r in runs),
+                                                                                          strict=True)])
+        else:
+            result[name] = Curve(*deferral_curve(outcomes, order, buckets))
+    return result
+
+
+def normalised_auc(curve: Curve, small_f1: float, large_f1: float) -> float | None:
+    """(area under F1 vs share deferred − small-only F1) / (large-only F1 − small-only F1), APGR-style."""
+    if large_f1 == small_f1:
+        return None
+    area = float(np.trapezoid(curve.f1, curve.shares))
+    return (area - small_f1) / (large_f1 - small_f1)
+
+
+def measure_switcher_ms(switcher: Switcher, hidden: np.ndarray) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    scores = switcher.agreement_probability(hidden)
+    return scores, (time.perf_counter() - started) * 1000 / max(1, len(hidden))
+
+
+def evaluate(
+    train: DmdData, test: DmdData, switcher: Switcher, threshold: float, settings: DmdSettings
+) -> Evaluation:
+    """Every strategy on `test`; the deferral curves on `train` and `test`."""
+    train_scores = switcher.agreement_probability(train.hidden)
+    test_scores, switcher_ms = measure_switcher_ms(switcher, test.hidden)
+    outcomes = Outcomes.of(test)
+    costs = Costs.of(test, settings, switcher_ms)
+    n = len(test.rows)
+    dmd_deferred = test_scores < threshold
+    m = int(dmd_deferred.sum())
+    orders = strategy_orders(test, test_scores, settings.seed)
+    deferred = {
+        "small-only": np.zeros(n, dtype=bool),
+        "large-only": np.ones(n, dtype=bool),
+        "uncertainty": first_m(orders["uncertainty"], m),
+        "random": first_m(orders["random"], m),
+        "DMD": dmd_deferred,
+        "oracle": first_m(orders["oracle"], m),
+    }
+    test_curves = curves(test, test_scores, settings.buckets, settings.seed)
+    small_f1 = outcomes.scores(deferred["small-only"]).f1
+    large_f1 = outcomes.scores(deferred["large-only"]).f1
+    results = []
+    for name, mask in deferred.items():
+        scores = outcomes.scores(mask)
+        uses_small = name != "large-only"
+        results.append(
+            StrategyResult(
+                name=name,
+                f1=scores.f1,
+                precision=scores.precision,
+                recall=scores.recall,
+                accuracy=scores.accuracy,
+                share_large=float(mask.mean()) if n else 0.0,
+                time_s=costs.time_s(mask, uses_small, uses_switcher=name == "DMD"),
+                energy_j=costs.energy_j(mask, uses_small),
+                apgr=normalised_auc(test_curves[name], small_f1, large_f1) if name in test_curves else None,
+            )
+        )
+    shares = test_curves["DMD"].shares
+    masks = [first_m(orders["DMD"], round(share * n)) for share in shares]
+    times = [costs.time_s(mask, uses_small=True, uses_switcher=True) for mask in masks]
+    energies = [costs.energy_j(mask, uses_small=True) for mask in masks]
+    return Evaluation(
+        reference=outcomes.reference,
+        threshold=threshold,
+        rows=n,
+        results=results,
+        curves_train=curves(train, train_scores, settings.buckets, settings.seed),
+        curves_test=test_curves,
+        time_curve_s=None if None in times else Curve(shares, [t for t in times if t is not None]),
+        energy_curve_j=None if None in energies else Curve(shares, [e for e in energies if e is not None]),
+        cost_origins={
+            "edge time": costs.small_time_ms.origin,
+            "cloud time": costs.large_time_ms.origin,
+            "edge energy": costs.small_energy_j.origin,
+            "cloud energy": costs.large_energy_j.origin,
+        },
+    )

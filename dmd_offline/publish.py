@@ -1,0 +1,86 @@
+"""Publishing a trained switcher, its threshold and metrics into the registry the edge workers watch."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from dmd_offline.dataset import DatasetManifest
+from dmd_offline.evaluate import Evaluation
+from dmd_offline.threshold import ThresholdChoice
+from dmd_offline.train import TrainingReport
+from edge_workers.registry import announce_switcher
+from edge_workers.switcher import Switcher, SwitcherMetadata, new_version, save_switcher
+from fallwatch.settings import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+
+def publish_metrics(choice: ThresholdChoice, training: TrainingReport, evaluation: Evaluation) -> dict[str, float]:
+    metrics = {
+        "train_f1_at_threshold": choice.f1,
+        "train_deferred_share": choice.deferred_share,
+        "val_accuracy": training.val_accuracy,
+        "best_val_loss": training.best_val_loss,
+        "test_rows": float(evaluation.rows),
+    }
+    for result in evaluation.results:
+        key = result.name.replace("-", "_")
+        metrics[f"test_f1_{key}"] = result.f1
+        metrics[f"test_share_large_{key}"] = result.share_large
+        if result.apgr is not None:
+            metrics[f"test_apgr_{key}"] = result.apgr
+    return metrics
+
+
+def publish(
+    settings: Settings,
+    manifest: DatasetManifest,
+    switcher: Switcher,
+    choice: ThresholdChoice,
+    training: TrainingReport,
+    evaluation: Evaluation,
+) -> Path:
+    """A new version in `edge.switcher_registry`, announced to running edge workers through Redis.
+
+    Refuses a switcher the configured edge model would reject.
+    """
+    if manifest.edge_model != settings.edge.model:
+        raise ConfigError(
+            f"the switcher was trained on hidden vectors of edge model {manifest.edge_model!r} but the edge "
+            f"workers run {settings.edge.model!r}: they would refuse it; replay with the edge model they run"
+        )
+    metadata = SwitcherMetadata(
+        version=new_version(),
+        input_dim=switcher.input_dim,
+        threshold=choice.threshold,
+        edge_model=manifest.edge_model,
+        edge_model_revision=manifest.edge_model_revision,
+        created_at=datetime.now(UTC),
+        trained=True,
+        training_window=manifest.source,
+        offload_policy={
+            "method": choice.method,
+            "buckets": settings.dmd.buckets,
+            "train_deferred_share": choice.deferred_share,
+            "target_share": choice.target_share,
+            "test_deferred_share": evaluation.result("DMD").share_large,
+            "reference": evaluation.reference,
+        },
+        metrics=publish_metrics(choice, training, evaluation),
+    )
+    path = save_switcher(settings.edge.switcher_registry, switcher, metadata)
+    key = settings.edge.registry_announce_key
+    if key:
+        try:
+            with Redis.from_url(settings.redis.url, socket_connect_timeout=2) as redis:
+                announce_switcher(redis, key, metadata.version)
+        except RedisError as exc:
+            # the edge workers also poll the registry: they pick the version up within edge.registry_poll_s
+            log.warning("could not announce switcher %s through Redis (%s); workers will find it by polling",
+                        metadata.version, exc)
+    return path

@@ -1,0 +1,32 @@
+"""`fallwatch bench edge`: the command; the measurements are in edge_workers.benchmark.
+
+Kept free of torch and transformers imports, so registering it costs `fallwatch` nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from fallwatch.settings import ConfigError
+
+
+def bench_edge(
+    plumbing_frames: Annotated[int, typer.Option(help="frames through the worker with the null model")] = 2000,
+    vilt_frames: Annotated[int, typer.Option(help="frames per round of the real-size ViLT run")] = 8,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds of pipeline and raw loop")] = 6,
+    batch_size: Annotated[int, typer.Option(help="the worker's batch size (and the raw loop's)")] = 8,
+    options: Annotated[bool, typer.Option(help="also measure the CPU options of the ViLT forward")] = True,
+    compile_model: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="include torch.compile (a minute or more to compile)")
+    ] = False,
+) -> None:
+    """Edge worker: plumbing frames/s, real-size ViLT pipeline vs raw loop, switcher share, CPU options."""
+    if min(plumbing_frames, vilt_frames, rounds, batch_size) < 1:
+        raise ConfigError("--plumbing-frames, --vilt-frames, --rounds and --batch-size must be at least 1")
+    from edge_workers.benchmark import run_benchmark
+    from fallwatch.logs import configure_logging
+
+    configure_logging("WARNING")
+    run_benchmark(plumbing_frames, vilt_frames, rounds, batch_size, options, compile_model)

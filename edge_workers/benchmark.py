@@ -1,0 +1,469 @@
+"""The measurements behind `fallwatch bench edge` (see edge_workers.bench): what an edge worker costs.
+
+1. Plumbing: the worker with a null edge model (zeros of the right shape) — frames/s through
+   Kafka, validation, JPEG decode, the switcher, routing and producing verdicts.
+2. The real-size ViLT-B/32 architecture (default `ViltConfig`, 3,129 answers, random weights,
+   384-pixel processor): the worker's frames/s against a raw loop calling the same batched model
+   on pre-processed tensors. The two are measured in alternating rounds in one run, so load from
+   other work on the machine hits both alike; the ratio is what the plumbing costs.
+3. The switcher's share of edge compute (switcher time / model + switcher time, in the worker).
+4. CPU options of the ViLT forward (threads, channels-last, bf16, dynamic int8, torch.compile):
+   speed against fp32 measured alternately on the same batch, and how far the answers move.
+
+Also: JPEG decode with OpenCV vs PIL, and the processor's pre-processing cost per frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from cloud_workers.benchmark import bench_stack
+from edge_workers.model import EdgeBatch, ViltEdgeModel
+from edge_workers.service import EdgeWorker
+from edge_workers.switcher import create_untrained_switcher
+from edge_workers.tiny import build_real_size_edge_model
+from fallwatch.images import decode_jpeg_rgb
+from fallwatch.kafka_io import make_producer
+from fallwatch.settings import Settings, load_settings
+from schemas import Frame, encode
+
+CAMERA_SIZE = (480, 640)  # height, width of the frames the benchmark feeds
+SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "falls-fallaction" / "images"
+CAMERAS = 4  # one per partition of the default topics
+START = datetime(2026, 1, 1, tzinfo=UTC)
+VILT_BATCH_WAIT_MS = 500
+
+
+class NullEdgeModel:
+    """An edge model that costs nothing: zeros of the right shape, so only the plumbing is measured."""
+
+    def __init__(self, hidden_size: int = 1536) -> None:
+        self.name = "null"
+        self.hidden_size = hidden_size
+
+    def predict(self, images: list[np.ndarray]) -> EdgeBatch:
+        return EdgeBatch(
+            fall_probability=np.zeros(len(images), np.float32),
+            hidden=np.zeros((len(images), self.hidden_size), np.float32),
+        )
+
+
+# --- inputs -----------------------------------------------------------------------------------
+def camera_images(count: int = 16) -> list[np.ndarray]:
+    """Camera-sized RGB frames: real fall images when ../shared is beside the checkout, else noise."""
+    height, width = CAMERA_SIZE
+    paths = sorted(SHARED_IMAGES.glob("*.jpg"))[:count] if SHARED_IMAGES.is_dir() else []
+    if paths:
+        return [
+            cv2.resize(np.asarray(Image.open(path).convert("RGB")), (width, height), interpolation=cv2.INTER_AREA)
+            for path in paths
+        ]
+    rng = np.random.default_rng(0)
+    return [cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), np.uint8), (31, 31), 0) for _ in range(count)]
+
+
+def jpeg_of(image_rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+
+
+def frames_of(jpegs: list[bytes], count: int, first_seq: int) -> list[Frame]:
+    height, width = CAMERA_SIZE
+    frames = []
+    for seq in range(first_seq, first_seq + count):
+        camera = f"cam-{seq % CAMERAS}"
+        captured_at = START + timedelta(milliseconds=500 * seq)
+        frames.append(Frame(
+            frame_id=Frame.make_id(camera, captured_at, seq), camera_id=camera, room=camera, seq=seq,
+            captured_at=captured_at, width=width, height=height, jpeg=jpegs[seq % len(jpegs)],
+        ))  # fmt: skip
+    return frames
+
+
+# --- measurements -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecodeRow:
+    library: str
+    ms_per_frame: float
+
+
+def measure_decode(jpegs: list[bytes], repeats: int = 10) -> list[DecodeRow]:
+    def pil(jpeg: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+
+    decoders: dict[str, Callable[[bytes], object]] = {"OpenCV (used)": decode_jpeg_rgb, "PIL": pil}
+    times: dict[str, list[float]] = {name: [] for name in decoders}
+    for _ in range(repeats):  # alternating, so both see the same load
+        for name, decoder in decoders.items():
+            started = time.perf_counter()
+            for jpeg in jpegs:
+                decoder(jpeg)
+            times[name].append((time.perf_counter() - started) / len(jpegs))
+    return [DecodeRow(name, statistics.median(values) * 1000) for name, values in times.items()]
+
+
+async def publish_frames(settings: Settings, frames: list[Frame]) -> None:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        acks = [await producer.send(settings.kafka.topics.frames, key=f.camera_id.encode(), value=encode(f))
+                for f in frames]  # fmt: skip
+        await asyncio.gather(*acks)
+    finally:
+        await producer.stop()
+
+
+def answered(worker: EdgeWorker) -> int:
+    return int(worker.metrics.registry.get_sample_value("fallwatch_edge_frames_total") or 0)
+
+
+async def wait_answered(worker: EdgeWorker, count: int, timeout_s: float) -> float:
+    """Poll until the worker answered `count` frames in all; returns the time it did."""
+    deadline = time.perf_counter() + timeout_s
+    while answered(worker) < count:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"the edge worker answered {answered(worker)} of {count} frames in {timeout_s:.0f} s")
+        await asyncio.sleep(0.005)
+    return time.perf_counter()
+
+
+@dataclass(frozen=True)
+class PlumbingRun:
+    frames: int
+    frames_per_s: float
+    mean_batch: float
+
+
+async def measure_plumbing(settings: Settings, jpegs: list[bytes], count: int) -> PlumbingRun:
+    """Frames already in Kafka; the rate from the first answered batch to the last frame."""
+    await publish_frames(settings, frames_of(jpegs, count, 0))
+    worker = EdgeWorker(settings, NullEdgeModel())
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        first_time = await wait_answered(worker, 1, timeout_s=120)
+        first_count = answered(worker)
+        last_time = await wait_answered(worker, count, timeout_s=600)
+    finally:
+        stop.set()
+        await task
+    batches = worker.metrics.registry.get_sample_value("fallwatch_edge_batch_size_count") or 1
+    return PlumbingRun(count, (count - first_count) / (last_time - first_time), count / batches)
+
+
+@dataclass
+class ViltRun:
+    pipeline_s: list[float]
+    raw_s: list[float]
+    frames_per_round: int
+    stage_ms: dict[str, float]
+    switcher_share: float
+    mean_batch: float = 0.0
+
+    @property
+    def pipeline_fps(self) -> float:
+        return self.frames_per_round * len(self.pipeline_s) / sum(self.pipeline_s)
+
+    @property
+    def raw_fps(self) -> float:
+        return self.frames_per_round * len(self.raw_s) / sum(self.raw_s)
+
+    @property
+    def round_ratios(self) -> list[float]:
+        """worker / raw speed of each pair of neighbouring rounds: the spread shows the machine's noise."""
+        return sorted(raw / pipeline for raw, pipeline in zip(self.raw_s, self.pipeline_s, strict=True))
+
+
+def raw_loop_seconds(model: ViltEdgeModel, inputs: list[dict[str, torch.Tensor]]) -> float:
+    started = time.perf_counter()
+    for batch in inputs:
+        model.infer(batch)
+    return time.perf_counter() - started
+
+
+async def measure_vilt(
+    settings: Settings, model: ViltEdgeModel, jpegs: list[bytes], per_round: int, rounds: int
+) -> ViltRun:
+    """Alternate a round of the raw batched loop and a round of the worker on the same frames."""
+    batch_size = settings.edge.batch_size
+    images = [decode_jpeg_rgb(jpegs[i % len(jpegs)]) for i in range(per_round)]
+    inputs = [model.preprocess(images[i : i + batch_size]) for i in range(0, per_round, batch_size)]
+    worker = EdgeWorker(settings, model)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    run = ViltRun([], [], per_round, {}, 0.0)
+    try:
+        # warm-up: the group joins and the model runs once, outside the timed rounds
+        await publish_frames(settings, frames_of(jpegs, batch_size, 0))
+        await wait_answered(worker, batch_size, timeout_s=600)
+        await asyncio.to_thread(raw_loop_seconds, model, inputs[:1])
+        seq = batch_size
+        for _ in range(rounds):
+            run.raw_s.append(await asyncio.to_thread(raw_loop_seconds, model, inputs))
+            started = time.perf_counter()
+            await publish_frames(settings, frames_of(jpegs, per_round, seq))
+            seq += per_round
+            run.pipeline_s.append(await wait_answered(worker, seq, timeout_s=1200) - started)
+    finally:
+        stop.set()
+        await task
+    registry = worker.metrics.registry
+    for stage in ("decode", "model", "switcher", "produce"):
+        total = registry.get_sample_value("fallwatch_edge_stage_seconds_sum", {"stage": stage}) or 0.0
+        batches = registry.get_sample_value("fallwatch_edge_stage_seconds_count", {"stage": stage}) or 1.0
+        run.stage_ms[stage] = total / batches * 1000
+    run.switcher_share = run.stage_ms["switcher"] / (run.stage_ms["model"] + run.stage_ms["switcher"])
+    run.mean_batch = answered(worker) / (registry.get_sample_value("fallwatch_edge_batch_size_count") or 1)
+    return run
+
+
+@dataclass(frozen=True)
+class OptionRow:
+    option: str
+    baseline_ms: float  # per frame, fp32 with the default threads, measured alternately with the option
+    option_ms: float
+    max_fall_diff: float
+    min_hidden_cosine: float
+    note: str = ""
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def measure_option(
+    name: str,
+    baseline: ViltEdgeModel,
+    inputs: dict[str, torch.Tensor],
+    run_option: Callable[[], EdgeBatch],
+    repeats: int,
+    note: str = "",
+) -> OptionRow:
+    reference = baseline.infer(inputs)
+    batch = len(reference.fall_probability)
+    base_times, option_times = [], []
+    output = run_option()  # warm-up (and the answers compared)
+    for _ in range(repeats):
+        started = time.perf_counter()
+        baseline.infer(inputs)
+        base_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        run_option()
+        option_times.append(time.perf_counter() - started)
+    return OptionRow(
+        name,
+        statistics.median(base_times) / batch * 1000,
+        statistics.median(option_times) / batch * 1000,
+        float(np.max(np.abs(output.fall_probability - reference.fall_probability))),
+        float(np.min(cosine(output.hidden, reference.hidden))),
+        note,
+    )
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def measure_options(model: ViltEdgeModel, inputs: dict[str, torch.Tensor], compile_model: bool) -> list[OptionRow]:
+    threads = torch.get_num_threads()
+    rows = []
+
+    def one_thread() -> EdgeBatch:
+        with torch_threads(1):
+            return model.infer(inputs)
+
+    rows.append(measure_option(f"threads 1, default {threads} (edge.torch_threads)", model, inputs, one_thread, 2))
+
+    def channels_last() -> EdgeBatch:
+        model.model.to(memory_format=torch.channels_last)
+        try:
+            pixels = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
+            return model.infer({**inputs, "pixel_values": pixels})
+        finally:
+            model.model.to(memory_format=torch.contiguous_format)
+
+    rows.append(measure_option("channels-last", model, inputs, channels_last, repeats=2))
+
+    def bf16() -> EdgeBatch:
+        model.bf16_autocast = True
+        try:
+            return model.infer(inputs)
+        finally:
+            model.bf16_autocast = False
+
+    rows.append(measure_option("bf16 autocast (edge.bf16_autocast)", model, inputs, bf16, repeats=2))
+
+    quantized_module = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model.model), {nn.Linear}, torch.qint8)
+    quantized = ViltEdgeModel(quantized_module, model.processor, model.question, name=model.name)
+    rows.append(measure_option(
+        "dynamic int8 Linear (edge.quantize_int8)", model, inputs, lambda: quantized.infer(inputs), repeats=2
+    ))  # fmt: skip
+
+    if compile_model:
+        compiled_module = torch.compile(copy.deepcopy(model.model))
+        compiled = ViltEdgeModel(compiled_module, model.processor, model.question, name=model.name)  # type: ignore[arg-type]
+        started = time.perf_counter()
+        compiled.infer(inputs)
+        compile_s = time.perf_counter() - started
+        rows.append(measure_option(
+            "torch.compile", model, inputs, lambda: compiled.infer(inputs), repeats=2,
+            note=f"first call {compile_s:.0f} s (compiles per input shape)",
+        ))  # fmt: skip
+    return rows
+
+
+@dataclass(frozen=True)
+class PreprocessRow:
+    path: str
+    ms_per_frame: float
+
+
+def measure_preprocess(model: ViltEdgeModel, images: list[np.ndarray], repeats: int = 3) -> PreprocessRow:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.preprocess(images)
+        times.append((time.perf_counter() - started) / len(images))
+    return PreprocessRow("ViltProcessor (used)", statistics.median(times) * 1000)
+
+
+# --- the command ------------------------------------------------------------------------------
+def bench_settings(
+    settings: Settings, registry: Path, model_name: str, batch_size: int, batch_wait_ms: int
+) -> Settings:
+    edge = settings.edge.model_copy(update={
+        "model": model_name, "switcher_registry": registry, "batch_size": batch_size, "batch_wait_ms": batch_wait_ms,
+        "group_id": f"bench-edge-{uuid.uuid4().hex[:8]}", "metrics_port": None, "registry_announce_key": None,
+    })  # fmt: skip
+    return settings.model_copy(update={"edge": edge})
+
+
+def run_benchmark(
+    plumbing_frames: int, vilt_frames: int, rounds: int, batch_size: int, options: bool, compile_model: bool
+) -> None:
+    """Measure and print the tables (see the module docstring)."""
+    settings = load_settings()
+    console = Console(width=160)
+    images = camera_images()
+    jpegs = [jpeg_of(image) for image in images]
+    console.print(
+        f"edge benchmark on {torch.get_num_threads()} CPU threads; {len(jpegs)} distinct "
+        f"{CAMERA_SIZE[1]}×{CAMERA_SIZE[0]} JPEGs ({statistics.mean(map(len, jpegs)) / 1000:.0f} kB); "
+        "other work on this machine may be running: compare rows of one run only"
+    )
+    with tempfile.TemporaryDirectory(prefix="fallwatch-bench-edge-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        decode_rows = measure_decode(jpegs)
+
+        null_registry = scratch / "null-switchers"
+        create_untrained_switcher(null_registry, NullEdgeModel().hidden_size, NullEdgeModel().name)
+        with bench_stack(settings, scratch) as stack_settings:
+            plumbing = asyncio.run(measure_plumbing(
+                bench_settings(stack_settings, null_registry, "null", max(batch_size, 64), settings.edge.batch_wait_ms),
+                jpegs, plumbing_frames,
+            ))  # fmt: skip
+
+        directory = build_real_size_edge_model(scratch / "vilt-b32-random")
+        model = ViltEdgeModel.from_pretrained(str(directory), settings.edge.question)
+        vilt_registry = scratch / "vilt-switchers"
+        create_untrained_switcher(vilt_registry, model.hidden_size, model.name)
+        with bench_stack(settings, scratch) as stack_settings:
+            vilt = asyncio.run(measure_vilt(
+                # a forward takes seconds: waiting up to half a second for a full batch costs little
+                bench_settings(stack_settings, vilt_registry, model.name, batch_size, VILT_BATCH_WAIT_MS), model,
+                jpegs, vilt_frames, rounds,
+            ))  # fmt: skip
+        preprocess = measure_preprocess(model, [decode_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
+        console.print(summary_table(plumbing, vilt, batch_size, decode_rows[0], settings.edge.decode_threads))
+        console.print(stage_table(vilt, decode_rows, preprocess))
+        if options:
+            inputs = model.preprocess([decode_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
+            console.print(options_table(measure_options(model, inputs, compile_model), batch_size))
+
+
+def summary_table(
+    plumbing: PlumbingRun, vilt: ViltRun, batch_size: int, decode: DecodeRow, decode_threads: int
+) -> Table:
+    table = Table(title="edge worker (real Kafka + Redis on this machine)")
+    for column in ("measurement", "value", "target"):
+        table.add_column(column, justify="right")
+    ratio = vilt.pipeline_fps / vilt.raw_fps
+    table.add_row(
+        f"1. plumbing, null model: frames/s per worker ({plumbing.frames} frames, mean batch "
+        f"{plumbing.mean_batch:.0f}, {decode_threads} decode threads)", f"{plumbing.frames_per_s:,.0f}", "≥ 2,000",
+    )  # fmt: skip
+    table.add_row(
+        f"1b. ceiling of JPEG decode alone: {decode_threads} threads × 1000 / {decode.ms_per_frame:.2f} ms",
+        f"{decode_threads * 1000 / decode.ms_per_frame:,.0f}", "",
+    )  # fmt: skip
+    table.add_row(
+        f"2a. ViLT-B/32 real size, worker frames/s (batch {batch_size}, wait ≤ {VILT_BATCH_WAIT_MS} ms, "
+        f"mean batch formed {vilt.mean_batch:.1f})",
+        f"{vilt.pipeline_fps:.2f}", "",
+    )  # fmt: skip
+    table.add_row("2b. same model, raw batched loop on pre-processed tensors, frames/s", f"{vilt.raw_fps:.2f}", "")
+    table.add_row(
+        f"2c. ratio worker / raw ({len(vilt.raw_s)} alternating rounds of {vilt.frames_per_round} frames)",
+        f"{ratio:.3f}", "≥ 0.95",
+    )  # fmt: skip
+    ratios = vilt.round_ratios
+    table.add_row(
+        "2d. per pair of rounds: median (min–max)",
+        f"{statistics.median(ratios):.3f} ({ratios[0]:.2f}–{ratios[-1]:.2f})", "",
+    )  # fmt: skip
+    table.add_row(
+        "3. switcher share of edge compute (switcher / model + switcher)", f"{vilt.switcher_share:.3%}", "≤ 1 %"
+    )
+    return table
+
+
+def stage_table(vilt: ViltRun, decode_rows: list[DecodeRow], preprocess: PreprocessRow) -> Table:
+    table = Table(title="where a frame's time goes (ms per frame)")
+    table.add_column("stage")
+    table.add_column("ms / frame", justify="right")
+    for stage, value in vilt.stage_ms.items():
+        label = "model (pre-processing + forward)" if stage == "model" else stage
+        table.add_row(f"worker: {label}", f"{value:.3f}")
+    table.add_row(f"pre-processing alone: {preprocess.path}", f"{preprocess.ms_per_frame:.2f}")
+    for row in decode_rows:
+        table.add_row(f"JPEG decode {CAMERA_SIZE[1]}×{CAMERA_SIZE[0]}: {row.library}", f"{row.ms_per_frame:.2f}")
+    return table
+
+
+def options_table(rows: list[OptionRow], batch_size: int) -> Table:
+    table = Table(
+        title=f"CPU options of the real-size ViLT forward (batch {batch_size}), each against fp32 measured alternately"
+    )
+    columns = ("option", "fp32 ms/frame", "option ms/frame", "speed-up", "max |ΔP(fall)|", "min hidden cos", "note")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            row.option, f"{row.baseline_ms:.0f}", f"{row.option_ms:.0f}", f"{row.baseline_ms / row.option_ms:.2f}×",
+            f"{row.max_fall_diff:.4f}", f"{row.min_hidden_cosine:.5f}", row.note,
+        )  # fmt: skip
+    return table

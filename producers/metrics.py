@@ -1,0 +1,65 @@
+"""Prometheus metrics of the producer, per camera, read from the cameras' live stats at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fallwatch.settings import CameraSettings, ProducerSettings
+from producers.camera import CameraStats
+
+COUNTERS = {
+    "frames_in": "frames read from the source",
+    "published": "frames acked by Kafka",
+    "skipped_motion": "sampled frames skipped because nothing moved",
+    "heartbeats": "frames published without motion, as heartbeats",
+    "dropped": "frames dropped because Kafka was slower than the camera (oldest first)",
+    "failed": "frames Kafka did not accept",
+    "reconnects": "reconnects after a failed, dropped or stalled stream",
+    "stalls": "connections that delivered no frame for stall_timeout_s",
+}
+
+
+class ProducerCollector(Collector):
+    def __init__(self, cameras: list[CameraSettings], stats: dict[str, CameraStats]) -> None:
+        self.cameras = cameras
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        counters = {
+            name: CounterMetricFamily(f"fallwatch_producer_{name}", help_text, labels=["camera", "room"])
+            for name, help_text in COUNTERS.items()
+        }
+        fps_in = GaugeMetricFamily("fallwatch_producer_fps_in", "frames/s read from the source", labels=["camera"])
+        fps_out = GaugeMetricFamily("fallwatch_producer_fps_out", "frames/s acked by Kafka", labels=["camera"])
+        queued = GaugeMetricFamily("fallwatch_producer_queued", "frames waiting for Kafka", labels=["camera"])
+        age = GaugeMetricFamily(
+            "fallwatch_producer_last_frame_age_seconds", "seconds since the last frame was read", labels=["camera"]
+        )
+        for camera in self.cameras:
+            stats = self.stats[camera.id]
+            for name, family in counters.items():
+                family.add_metric([camera.id, camera.room], getattr(stats, name))
+            fps_in.add_metric([camera.id], stats.fps_in.rate())
+            fps_out.add_metric([camera.id], stats.fps_out.rate())
+            queued.add_metric([camera.id], stats.queued)
+            last_age = stats.last_frame_age_s()
+            age.add_metric([camera.id], float("inf") if last_age is None else last_age)
+        yield from counters.values()
+        yield from (fps_in, fps_out, queued, age)
+
+
+def serve_metrics(
+    settings: ProducerSettings, cameras: list[CameraSettings], stats: dict[str, CameraStats]
+) -> WSGIServer | None:
+    """Serve /metrics on `settings.metrics_port` (None or 0: off); the caller shuts the server down."""
+    if not settings.metrics_port:
+        return None
+    registry = CollectorRegistry()
+    registry.register(ProducerCollector(cameras, stats))
+    server, _thread = start_http_server(settings.metrics_port, registry=registry)
+    return server

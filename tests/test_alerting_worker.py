@@ -1,0 +1,341 @@
+"""The alerting service (`python -m alerting`) on the real stack, driven by real verdict records.
+
+Most tests share one worker (faust start-up and the group join cost seconds)
+with short deadlines (D = 2 s, E = 4 s) and webhooks to a real HTTP server of
+the test; each test uses its own camera ids, so the tests stay independent of
+each other and of their order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+
+from alerting.rules import alert_id_for
+from alerting.store import ALERT_STREAM_KEY, alert_key, open_alert_key
+from alerting.webhooks import WebhookSender, signature_is_valid
+from fallwatch.settings import AlertingSettings, RedisSettings, Settings
+from fallwatch.stack import LocalStack, StackState, free_port, stop_pid
+from schemas import DeadLetter, FallEvent, Verdict, decode, utc_now
+from tests.alerting_helpers import (
+    WEBHOOK_SECRET,
+    WebhookReceiver,
+    alerting_settings,
+    alerting_worker,
+    alerts_for,
+    alerts_of,
+    body_alert_id,
+    make_verdict,
+    produce,
+    read_all,
+    read_until,
+    send_events,
+    send_verdicts,
+    unique_camera,
+    wait_for,
+    wait_until_consumed,
+)
+from tests.conftest import REPO
+
+CLOUD_WAIT_S = 2.0
+ESCALATE_AFTER_S = 4.0
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver(WEBHOOK_SECRET).running() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def shared_settings(
+    stack_state: StackState, tmp_path_factory: pytest.TempPathFactory, receiver: WebhookReceiver
+) -> Iterator[Settings]:
+    """Settings of one worker that the tests below share, each with its own cameras."""
+    tmp_path = tmp_path_factory.mktemp("alerting")
+    settings = alerting_settings(
+        stack_state, tmp_path,
+        cloud_wait_s=CLOUD_WAIT_S, escalate_after_s=ESCALATE_AFTER_S,
+        webhook_urls=[f"{receiver.url}/alerts"], escalation_webhook_urls=[f"{receiver.url}/escalations"],
+        webhook_secret=WEBHOOK_SECRET, webhook_backoff_s=0.2, metrics_port=free_port(),
+    )
+    with alerting_worker(settings, tmp_path):
+        yield settings
+
+
+@pytest.fixture(scope="module")
+def store(shared_settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(shared_settings.redis.url)
+    yield client
+    client.close()
+
+
+def test_falls_open_one_alert_and_other_cameras_none(shared_settings: Settings, store: redis.Redis) -> None:
+    settings = shared_settings
+    falling, calm = unique_camera("falling"), unique_camera("calm")
+    fall_verdicts = [make_verdict(falling, seq, fall=seq >= 1) for seq in range(5)]
+    send_verdicts(settings, [*fall_verdicts, *(make_verdict(calm, seq, fall=False) for seq in range(6))])
+
+    alerts_of(settings, falling)
+    asyncio.run(wait_until_consumed(settings))
+    events = asyncio.run(read_all(settings, settings.kafka.topics.fall_events, FallEvent))
+
+    (alert,) = alerts_for(events, falling)
+    assert alert.state == "open"
+    assert alert.room == f"room-of-{falling}"
+    assert alert.rule == "3 of 5"
+    assert alert.evidence_frame_ids == [v.frame_id for v in fall_verdicts[1:4]]
+    assert alerts_for(events, calm) == []
+
+    wait_for(lambda: store.get(alert_key(alert.alert_id)), "the alert in Redis")
+    assert decode(FallEvent, store.get(alert_key(alert.alert_id))) == alert
+    assert store.get(open_alert_key(falling)) == alert.alert_id.encode()
+    assert store.get(open_alert_key(calm)) is None
+
+
+def test_a_sure_cloud_verdict_confirms_at_once(shared_settings: Settings) -> None:
+    camera = unique_camera("cloud")
+    sure = make_verdict(camera, 0, fall=True, source="cloud", fall_probability=0.97)
+    send_verdicts(shared_settings, [sure])
+    (alert,) = alerts_of(shared_settings, camera)
+    assert (alert.rule, alert.evidence_frame_ids) == ("cloud p>=0.90", [sure.frame_id])
+
+
+def test_without_the_cloud_the_edge_decides_after_d_and_a_late_cloud_verdict_counts_once(
+    shared_settings: Settings,
+) -> None:
+    settings = shared_settings
+    camera = unique_camera("offloaded")
+    provisional = [make_verdict(camera, seq, fall=True, final=False) for seq in (0, 1)]
+    sent_at = utc_now()
+    send_verdicts(settings, provisional)
+
+    # nobody answers for the cloud: after D alerting publishes the edge's answers as final
+    verdicts_topic = settings.kafka.topics.verdicts
+    fallbacks = [
+        v for v in asyncio.run(read_until(
+            settings, verdicts_topic, Verdict,
+            lambda got: len([v for v in got if v.camera_id == camera and v.source == "edge-fallback"]) >= 2,
+        ))
+        if v.camera_id == camera and v.source == "edge-fallback"
+    ]
+    assert sorted(v.frame_id for v in fallbacks) == [v.frame_id for v in provisional]
+    assert all(v.final and v.decision for v in fallbacks)
+    assert all(v.produced_at - sent_at >= timedelta(seconds=CLOUD_WAIT_S) for v in fallbacks), "waited D"
+
+    # the cloud answers late and sure for the same frames: were they counted again, 4 falls (or the
+    # cloud rule) would confirm; only 2 falls must stand
+    send_verdicts(settings, [make_verdict(camera, seq, fall=True, source="cloud", fall_probability=0.99)
+                             for seq in (0, 1)])
+    asyncio.run(wait_until_consumed(settings))
+    assert alerts_for(asyncio.run(read_all(settings, settings.kafka.topics.fall_events, FallEvent)), camera) == []
+
+    third = make_verdict(camera, 2, fall=True)
+    send_verdicts(settings, [third])
+    (alert,) = alerts_of(settings, camera)
+    assert alert.rule == "3 of 5 (edge-fallback)"
+    assert alert.evidence_frame_ids == [*(v.frame_id for v in provisional), third.frame_id]
+    asyncio.run(wait_until_consumed(settings))
+    all_verdicts = asyncio.run(read_all(settings, verdicts_topic, Verdict))
+    assert len([v for v in all_verdicts if v.camera_id == camera and v.source == "edge-fallback"]) == 2
+
+
+def test_cooldown_after_a_false_alarm(shared_settings: Settings, store: redis.Redis) -> None:
+    settings = shared_settings
+    camera = unique_camera("cooldown")
+    send_verdicts(settings, [make_verdict(camera, seq, fall=True) for seq in range(3)])
+    (first,) = alerts_of(settings, camera)
+
+    # a caregiver dismisses it (as the dashboard publishes it), when the newest frame is at 2 s
+    send_events(settings, [first.model_copy(update={"state": "false_alarm", "updated_at": utc_now()})])
+    asyncio.run(wait_until_consumed(settings, settings.kafka.topics.fall_events))
+    wait_for(lambda: decode(FallEvent, store.get(alert_key(first.alert_id))).state == "false_alarm",
+             "the false alarm in Redis")
+    assert store.get(open_alert_key(camera)) is None
+
+    # falls within the 60 s cooldown (capture time) open nothing, the one after it does
+    send_verdicts(settings, [make_verdict(camera, seq, fall=True) for seq in range(30, 62)])
+    asyncio.run(wait_until_consumed(settings))
+    assert [e.state for e in alerts_for(asyncio.run(read_all(
+        settings, settings.kafka.topics.fall_events, FallEvent)), camera)] == ["open", "false_alarm"]
+    send_verdicts(settings, [make_verdict(camera, 62, fall=True)])
+    events = alerts_of(settings, camera, count=3)
+    assert events[2].state == "open" and events[2].alert_id != first.alert_id
+
+
+def test_signed_webhook_is_retried_and_an_unacknowledged_alert_escalates(
+    shared_settings: Settings, receiver: WebhookReceiver, store: redis.Redis
+) -> None:
+    settings = shared_settings
+    ignored, answered = unique_camera("ignored"), unique_camera("answered")
+    send_verdicts(settings, [make_verdict(c, seq, fall=True) for c in (ignored, answered) for seq in range(3)])
+    (alert,) = alerts_of(settings, ignored)
+    (acknowledged,) = alerts_of(settings, answered)
+    send_events(settings, [acknowledged.model_copy(update={"state": "acknowledged", "updated_at": utc_now()})])
+
+    # the receiver refused the first try (503) and accepted the retry; both signed, same idempotency key
+    tries = wait_for(lambda: (d := receiver.received("/alerts", alert.alert_id)) and len(d) >= 2 and d,
+                     "the webhook retry")
+    assert [d.status for d in tries] == [503, 200]
+    assert all(d.signature_valid and d.event == "alert.opened" for d in tries)
+    assert {body_alert_id(d) for d in tries} == {alert.alert_id}
+    assert decode(FallEvent, tries[1].body).evidence_frame_ids == alert.evidence_frame_ids
+
+    # nobody acknowledged the first alert: after E it goes to the escalation channel, once
+    escalations = wait_for(lambda: (d := receiver.received("/escalations", alert.alert_id)) and
+                           any(x.status == 200 for x in d) and d, "the escalation", timeout_s=30)
+    assert all(d.signature_valid and d.event == "alert.escalated" for d in escalations)
+    stream = store.xrange(ALERT_STREAM_KEY)
+    kinds = [fields[b"kind"] for _, fields in stream if fields[b"alert_id"] == alert.alert_id.encode()]
+    assert kinds == [b"state", b"escalation"]
+    # the acknowledged alert opened at the same time and was never escalated
+    assert receiver.received("/escalations", acknowledged.alert_id) == []
+    assert decode(FallEvent, store.get(alert_key(acknowledged.alert_id))).state == "acknowledged"
+
+
+def test_redelivered_verdicts_open_one_alert(shared_settings: Settings) -> None:
+    settings = shared_settings
+    camera = unique_camera("twice")
+    burst = [make_verdict(camera, seq, fall=True) for seq in range(4)]
+    send_verdicts(settings, burst + burst)
+
+    alerts_of(settings, camera)
+    asyncio.run(wait_until_consumed(settings))
+    (alert,) = alerts_for(asyncio.run(read_all(settings, settings.kafka.topics.fall_events, FallEvent)), camera)
+    assert alert.alert_id == alert_id_for(camera, burst[0].frame_id)
+
+
+def test_malformed_record_goes_to_dead_letters_and_the_stream_goes_on(shared_settings: Settings) -> None:
+    settings = shared_settings
+    camera = unique_camera("after-garbage")
+    asyncio.run(produce(settings, settings.kafka.topics.verdicts, [(camera, b"not json")]))
+    send_verdicts(settings, [make_verdict(camera, seq, fall=True) for seq in range(3)])
+
+    dead_letters = asyncio.run(read_until(
+        settings, settings.kafka.topics.dead_letters, DeadLetter,
+        lambda got: any(d.key == camera.encode() for d in got),
+    ))
+    (dead,) = [d for d in dead_letters if d.key == camera.encode()]
+    assert dead.service == "alerting"
+    assert dead.source_topic == settings.kafka.topics.verdicts
+    assert dead.raw == b"not json"
+    assert "invalid Verdict" in dead.reason
+    alerts_of(settings, camera)
+
+
+def test_metrics_count_what_happened(shared_settings: Settings) -> None:
+    camera = unique_camera("metrics")
+    send_verdicts(shared_settings, [make_verdict(camera, seq, fall=True) for seq in range(3)])
+    alerts_of(shared_settings, camera)
+
+    def scrape() -> dict[str, float]:
+        url = f"http://127.0.0.1:{shared_settings.alerting.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            lines = response.read().decode().splitlines()
+        values: dict[str, float] = {}
+        for line in lines:
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = values.get(name, 0.0) + float(value)
+        return values
+
+    metrics = scrape()
+    opened = sum(v for k, v in metrics.items() if k.startswith("fallwatch_alerts_opened_total{"))
+    assert opened >= 1
+    assert metrics["fallwatch_alert_time_to_alert_seconds_count"] == opened
+
+
+def test_signature_check_rejects_tampering() -> None:
+    from alerting.webhooks import sign
+
+    body, timestamp = b'{"alert_id": "a"}', "1700000000"
+    signature = sign("secret", timestamp, body)
+    assert signature_is_valid("secret", timestamp, body, signature, now_s=1700000010)
+    assert not signature_is_valid("secret", timestamp, body + b" ", signature, now_s=1700000010)
+    assert not signature_is_valid("other", timestamp, body, signature, now_s=1700000010)
+    assert not signature_is_valid("secret", timestamp, body, signature, now_s=1700001000), "a stale replay"
+
+
+# --- tests with a worker of their own ---------------------------------------------------------------
+
+
+def test_camera_state_survives_a_restart(stack_state: StackState, tmp_path: Path) -> None:
+    settings = alerting_settings(stack_state, tmp_path)
+    camera = unique_camera("restart")
+    burst = [make_verdict(camera, seq, fall=True) for seq in range(3)]
+    with alerting_worker(settings, tmp_path):
+        send_verdicts(settings, burst)
+        alerts_of(settings, camera)
+
+    # the new worker recovers the camera's open alert and seen frames from the table's changelog
+    with alerting_worker(settings, tmp_path):
+        send_verdicts(settings, [*burst, make_verdict(camera, 3, fall=True)])
+        asyncio.run(wait_until_consumed(settings))
+    assert len(alerts_for(asyncio.run(read_all(settings, settings.kafka.topics.fall_events, FallEvent)), camera)) == 1
+
+
+def test_alerts_reach_fall_events_while_redis_is_down_and_redis_when_it_returns(
+    stack_state: StackState, tmp_path: Path
+) -> None:
+    # a private redis-server: the session's is shared by every test
+    private = LocalStack(tmp_path / "private-redis", cache_dir=REPO / ".cache")
+    private.state_dir.mkdir(parents=True)
+    port = free_port()
+    server = private.start_redis(port)
+    settings = alerting_settings(stack_state, tmp_path)
+    settings = settings.model_copy(update={"redis": RedisSettings(url=f"redis://127.0.0.1:{port}/0")})
+    client = redis.Redis.from_url(settings.redis.url)
+    before, during = unique_camera("before-outage"), unique_camera("during-outage")
+    try:
+        with alerting_worker(settings, tmp_path) as log_path:
+            send_verdicts(settings, [make_verdict(before, seq, fall=True) for seq in range(3)])
+            (first,) = alerts_of(settings, before)
+            wait_for(lambda: client.get(alert_key(first.alert_id)), "the first alert in Redis")
+
+            stop_pid(server.pid)
+            send_verdicts(settings, [make_verdict(during, seq, fall=True) for seq in range(3)])
+            (second,) = alerts_of(settings, during)  # on fall-events without Redis
+
+            server = private.start_redis(port)  # empty: --save "" keeps nothing
+            stored = wait_for(lambda: client.get(alert_key(second.alert_id)), "the alert in Redis after the outage")
+            assert decode(FallEvent, stored) == second
+            assert client.get(open_alert_key(during)) == second.alert_id.encode()
+            # it was not written when it was made: the retry from fall-events wrote it
+            assert f"could not write alert {second.alert_id} to Redis now" in log_path.read_text()
+    finally:
+        client.close()
+        stop_pid(server.pid)
+
+
+def test_webhook_sender_gives_up_on_a_refusal_at_once_and_on_a_dead_receiver_after_its_attempts(
+    receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture,
+) -> None:
+    alert = FallEvent(
+        alert_id=f"sender-{uuid.uuid4().hex[:6]}", camera_id="cam", room="1", state="open", opened_at=utc_now(),
+        first_fall_at=utc_now(), confidence=0.9, evidence_frame_ids=["f"], rule="3 of 5",
+    )
+    wrong_secret = AlertingSettings(webhook_urls=[receiver.url], webhook_secret="not-the-receivers",
+                                    webhook_attempts=3, webhook_backoff_s=0.05)
+    dead_port = free_port()
+
+    async def send_both() -> tuple[bool, bool]:
+        sender = WebhookSender(wrong_secret)
+        try:
+            refused = await sender.deliver(f"{receiver.url}/alerts", "alert.opened", alert)
+            unreachable = await sender.deliver(f"http://127.0.0.1:{dead_port}/", "alert.opened", alert)
+            return refused, unreachable
+        finally:
+            await sender.close()
+
+    assert asyncio.run(send_both()) == (False, False)
+    (refusal,) = receiver.received("/alerts", alert.alert_id)  # 401 is final: no retry
+    assert (refusal.status, refusal.signature_valid) == (401, False)
+    retries = [r for r in caplog.records if f":{dead_port}/" in r.getMessage() and "retrying" in r.getMessage()]
+    assert len(retries) == 2, "three attempts: two retries, then it gives up"

@@ -1,0 +1,298 @@
+"""The cloud worker on the real stack with the tiny LLaVA-NeXT-Video: batching, deadlines, fallbacks, restarts.
+
+Requests are made the way an edge worker makes them (`publish_requests`: the frame to
+`frames`, the clip's JPEGs to Redis, the request to `cloud-requests`); the worker runs
+in this process (the model loads once) except in the restart test, which runs
+`python -m cloud_workers` as a subprocess and stops it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from aiokafka import AIOKafkaProducer
+
+from cloud_workers.benchmark import encode_jpeg, publish_requests, synthetic_clip
+from cloud_workers.energy import CostMeter, RaplEnergyMeter
+from cloud_workers.model import LlavaVideoCloudModel
+from cloud_workers.service import CloudWorker
+from fallwatch.cli import main
+from fallwatch.images import decode_jpeg_rgb
+from fallwatch.kafka_io import consumer_group_lag, make_producer
+from fallwatch.models import TinyModelPaths
+from fallwatch.settings import Settings
+from schemas import CloudRequest, DeadLetter, KafkaPosition, Verdict, encode
+from tests.conftest import REPO, consume_until, settings_for, write_config
+
+NUM_FRAMES = 4
+CLIP_FRAMES = 4
+QUESTION = "Is the person falling or lying on the floor?"
+
+
+def small_clip(seed: int) -> list[np.ndarray]:
+    return synthetic_clip(seed, CLIP_FRAMES, height=96, width=128)
+
+
+def worker_settings(stack_state, tmp_path: Path, tiny: TinyModelPaths, **cloud: object) -> Settings:
+    settings = settings_for(
+        stack_state, tmp_path, cloud={"model": str(tiny.cloud), "num_frames": NUM_FRAMES, "device": "cpu", **cloud}
+    )
+    # A consumer group of this test's own, so no other test's worker shares its rebalances.
+    group_id = f"{settings.kafka.topics.cloud_requests}-workers"
+    return settings.model_copy(update={"cloud": settings.cloud.model_copy(update={"group_id": group_id})})
+
+
+@pytest.fixture(scope="module")
+def cloud_model(tiny_models: TinyModelPaths) -> LlavaVideoCloudModel:
+    return LlavaVideoCloudModel.from_pretrained(str(tiny_models.cloud), QUESTION, num_frames=NUM_FRAMES, device="cpu")
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, model: LlavaVideoCloudModel) -> AsyncIterator[CloudWorker]:
+    worker = CloudWorker(settings, model)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await task
+
+
+async def wait_for_finals(settings: Settings, frame_ids: set[str], timeout_s: float = 120.0) -> list[Verdict]:
+    """Every verdict read until each of `frame_ids` has a final one."""
+    return await consume_until(
+        settings, settings.kafka.topics.verdicts, Verdict,
+        lambda m: frame_ids <= {v.frame_id for v in m if v.final}, timeout_s=timeout_s,
+    )  # fmt: skip
+
+
+def decoded(clip: list[np.ndarray]) -> list[np.ndarray]:
+    """The clip as the worker sees it: through the JPEG round trip."""
+    frames = [decode_jpeg_rgb(encode_jpeg(frame)) for frame in clip]
+    assert all(frame is not None for frame in frames)
+    return [frame for frame in frames if frame is not None]
+
+
+def test_batches_fill_under_load(stack_state, tmp_path: Path, tiny_models, cloud_model) -> None:
+    # 24 requests wait in the topic before the worker starts: every batch fills to 8 at once,
+    # long before the generous 5 s window would close it.
+    settings = worker_settings(stack_state, tmp_path, tiny_models, batch_size=8, batch_wait_ms=5000)
+    clips = [small_clip(seed) for seed in range(24)]
+
+    async def scenario() -> tuple[list[CloudRequest], list[Verdict], CloudWorker, int]:
+        requests = await publish_requests(settings, clips)
+        async with running_worker(settings, cloud_model) as worker:
+            verdicts = await wait_for_finals(settings, {r.frame_id for r in requests})
+        lag = await consumer_group_lag(settings, settings.cloud.group_id, settings.kafka.topics.cloud_requests)
+        return requests, verdicts, worker, lag
+
+    requests, verdicts, worker, lag = asyncio.run(scenario())
+    assert len(verdicts) == 24 and {v.frame_id for v in verdicts} == {r.frame_id for r in requests}
+    assert {v.source for v in verdicts} == {"cloud"}
+    assert [v.batch_size for v in verdicts] == [8] * 24
+    assert all(v.timings_ms["collect"] < 5000 for v in verdicts), "full batches close on size, not on time"
+    for verdict in verdicts:
+        timings = verdict.timings_ms
+        assert timings["model_per_request"] * 8 == pytest.approx(timings["model"])
+        assert timings["worker"] >= timings["queue"] + timings["model"]
+        assert (verdict.energy_j is None) == (worker.costs.energy is None)
+        assert verdict.gpu_memory_mb is None, "a CPU model reports no GPU memory"
+    assert worker.metrics.value("fallwatch_cloud_batch_size_count") == 3
+    assert worker.metrics.value("fallwatch_cloud_batch_size_sum") == 24
+    assert worker.metrics.value("fallwatch_cloud_requests_total", outcome="cloud") == 24
+    assert lag == 0, "every offset committed after its verdict"
+
+    # The verdict is the model's answer for that clip (after the JPEG round trip).
+    by_frame = {v.frame_id: v for v in verdicts}
+    expected = cloud_model.predict([decoded(clip) for clip in clips[:8]])
+    answered = [by_frame[r.frame_id].fall_probability for r in requests[:8]]
+    np.testing.assert_allclose(answered, expected, atol=1e-4)
+
+
+def test_a_lone_request_is_answered_when_the_window_closes(
+    stack_state, tmp_path: Path, tiny_models, cloud_model
+) -> None:
+    window_ms = 400
+    settings = worker_settings(stack_state, tmp_path, tiny_models, batch_size=8, batch_wait_ms=window_ms)
+
+    async def scenario() -> list[Verdict]:
+        async with running_worker(settings, cloud_model):
+            answered: list[Verdict] = []
+            for round_ in range(2):  # one at a time: each request alone in its batch
+                [request] = await publish_requests(settings, [small_clip(100 + round_)], first_seq=round_)
+                answered += [
+                    v for v in await wait_for_finals(settings, {request.frame_id}) if v.frame_id == request.frame_id
+                ]
+            return answered
+
+    verdicts = asyncio.run(scenario())
+    assert len(verdicts) == 2
+    for verdict in verdicts:
+        assert verdict.source == "cloud" and verdict.batch_size == 1
+        # It waited the whole window for company, and not much longer (scheduling on a busy CPU).
+        assert window_ms <= verdict.timings_ms["queue"] < window_ms + 250
+        assert verdict.timings_ms["collect"] == verdict.timings_ms["queue"]
+
+
+def test_deadlines_expired_clips_and_malformed_requests(stack_state, tmp_path: Path, tiny_models, cloud_model) -> None:
+    settings = worker_settings(stack_state, tmp_path, tiny_models, batch_size=4, batch_wait_ms=200)
+    topic = settings.kafka.topics.cloud_requests
+
+    async def scenario() -> tuple[dict[str, list[CloudRequest]], list[Verdict], list[DeadLetter], CloudWorker]:
+        groups = {
+            "late": await publish_requests(settings, [small_clip(s) for s in (1, 2, 3)], deadline_s=-1.0),
+            "no_clip": await publish_requests(
+                settings, [small_clip(s) for s in (4, 5)], store_clips=False, first_seq=10
+            ),
+            "fresh": await publish_requests(settings, [small_clip(s) for s in (6, 7)], first_seq=20),
+        }
+        # A clip that expired and a frame that is not where the request says (retention
+        # took it; here: the position of another frame): nothing to show the model.
+        [lost] = await publish_requests(settings, [small_clip(8)], store_clips=False, first_seq=30, send_requests=False)
+        other = groups["fresh"][0].frame_position
+        lost = lost.model_copy(update={"frame_position": KafkaPosition(**other.model_dump())})
+        producer: AIOKafkaProducer = make_producer(settings)
+        await producer.start()
+        await producer.send_and_wait(topic, key=b"cam-a", value=encode(lost))
+        await producer.send_and_wait(topic, key=b"cam-a", value=b'{"not": "a request"}')
+        await producer.stop()
+        groups["lost"] = [lost]
+        frame_ids = {r.frame_id for requests in groups.values() for r in requests}
+        async with running_worker(settings, cloud_model) as worker:
+            verdicts = await wait_for_finals(settings, frame_ids)
+            dead = await consume_until(settings, settings.kafka.topics.dead_letters, DeadLetter, lambda m: len(m) >= 1)
+        return groups, verdicts, dead, worker
+
+    groups, verdicts, dead, worker = asyncio.run(scenario())
+    by_frame = {v.frame_id: v for v in verdicts}
+    assert len(verdicts) == len(by_frame) == 8, "one final verdict per request, nothing else"
+    for request in groups["late"] + groups["lost"]:
+        verdict = by_frame[request.frame_id]
+        assert verdict.source == "edge-fallback" and verdict.final
+        assert verdict.fall_probability == request.edge.fall_probability and verdict.cloud_model is None
+    for request in groups["fresh"] + groups["no_clip"]:
+        assert by_frame[request.frame_id].source == "cloud"
+    # An expired clip is answered from the frame alone, read back from `frames`.
+    for request, seed in zip(groups["no_clip"], (4, 5), strict=True):
+        frame_only = cloud_model.predict([decoded(small_clip(seed))[-1:]])[0]
+        assert by_frame[request.frame_id].fall_probability == pytest.approx(frame_only, abs=1e-4)
+    metrics = worker.metrics
+    assert metrics.value("fallwatch_cloud_requests_total", outcome="deadline") == 3
+    assert metrics.value("fallwatch_cloud_requests_total", outcome="no_clip") == 1
+    assert metrics.value("fallwatch_cloud_requests_total", outcome="cloud") == 4
+    assert metrics.value("fallwatch_cloud_requests_total", outcome="dead_letter") == 1
+    assert metrics.value("fallwatch_cloud_clip_fallbacks_total") == 3
+    assert len(dead) == 1 and dead[0].service == "cloud_workers" and dead[0].raw == b'{"not": "a request"}'
+    assert "invalid CloudRequest" in dead[0].reason
+
+
+def test_a_stopped_worker_answers_every_live_request_after_restart(
+    stack_state, tmp_path: Path, tiny_models
+) -> None:
+    settings = worker_settings(stack_state, tmp_path, tiny_models, batch_size=4, batch_wait_ms=100)
+    env = write_config(settings, tmp_path / "cloud.yaml")
+    log_path = tmp_path / "cloud.log"
+
+    def start() -> subprocess.Popen:
+        with log_path.open("a") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "cloud_workers"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def stop(process: subprocess.Popen) -> int:
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=60)
+
+    async def scenario() -> tuple[set[str], set[str], list[Verdict], int, int]:
+        first = await publish_requests(settings, [small_clip(s) for s in range(12)])
+        worker = start()
+        try:
+            await consume_until(
+                settings, settings.kafka.topics.verdicts, Verdict, lambda m: len(m) >= 1, timeout_s=180
+            )
+        finally:
+            first_exit = stop(worker)
+        # While the worker is down: more requests, some of which expire before it returns.
+        second = await publish_requests(settings, [small_clip(s) for s in range(12, 24)], first_seq=12)
+        expired = await publish_requests(settings, [small_clip(s) for s in range(24, 27)], deadline_s=-1, first_seq=24)
+        live = {r.frame_id for r in first + second}
+        late = {r.frame_id for r in expired}
+        worker = start()
+        try:
+            verdicts = await wait_for_finals(settings, live | late, timeout_s=180)
+        finally:
+            second_exit = stop(worker)
+        lag = await consumer_group_lag(settings, settings.cloud.group_id, settings.kafka.topics.cloud_requests)
+        assert lag == 0, "the restarted worker committed everything it answered"
+        return live, late, verdicts, first_exit, second_exit
+
+    live, late, verdicts, first_exit, second_exit = asyncio.run(scenario())
+    assert (first_exit, second_exit) == (0, 0), log_path.read_text()[-3000:]
+    sources = Counter((v.frame_id in live, v.source) for v in verdicts)
+    cloud_answered = {v.frame_id for v in verdicts if v.source == "cloud"}
+    assert cloud_answered == live, "every live request answered by the model, across the restart"
+    assert {v.frame_id for v in verdicts if v.source == "edge-fallback"} == late
+    assert sources[(True, "edge-fallback")] == 0
+
+
+def test_rapl_meter_sums_packages_and_survives_wrap_around(tmp_path: Path) -> None:
+    # The powercap layout of a two-socket machine; a sub-zone (cores) must not count twice.
+    for name, energy in (("intel-rapl:0", 1_000_000), ("intel-rapl:1", 5_000_000), ("intel-rapl:0:0", 7)):
+        zone = tmp_path / name
+        zone.mkdir()
+        (zone / "energy_uj").write_text(f"{energy}\n")
+        (zone / "max_energy_range_uj").write_text("10000000\n")
+    meter = RaplEnergyMeter.from_powercap(tmp_path)
+    assert meter is not None and len(meter.zones) == 2
+    start = meter.read_joules()
+    (tmp_path / "intel-rapl:0" / "energy_uj").write_text("3000000\n")  # +2 J
+    (tmp_path / "intel-rapl:1" / "energy_uj").write_text("500000\n")  # wrapped: +5.5 J
+    assert meter.read_joules() - start == pytest.approx(7.5)
+    costs = CostMeter(torch.device("cpu"), meter)
+    costs.start()
+    (tmp_path / "intel-rapl:0" / "energy_uj").write_text("4250000\n")  # +1.25 J during the "batch"
+    cost = costs.stop()
+    assert cost.energy_j == pytest.approx(1.25) and cost.gpu_memory_mb is None
+    assert RaplEnergyMeter.from_powercap(tmp_path / "absent") is None
+
+
+def test_bench_cloud_prints_its_three_tables(local_stack, stack_state, tmp_path: Path) -> None:
+    # The smallest run of every part; it uses the session's stack through its state directory.
+    settings = settings_for(stack_state, tmp_path).model_copy(update={"state_dir": local_stack.state_dir})
+    env = write_config(settings, tmp_path / "bench.yaml")
+    options = {
+        "--batch-sizes": "1,2", "--frames": "2", "--repeats": "1", "--generate-tokens": "2",
+        "--agreement-clips": "4", "--worker-requests": "6", "--worker-batch": "2", "--worker-rounds": "1",
+    }  # fmt: skip
+    command = [sys.executable, "-m", "fallwatch", "bench", "cloud", *(x for kv in options.items() for x in kv)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "model alone" in out and "one forward vs generate" in out and "worker (Kafka" in out
+    model_table = out.split("one forward vs generate")[0]
+    for batch_size in (1, 2):  # a row per batch size in the first table, with its requests/s
+        assert re.search(rf"^│\s+{batch_size} │\s+[\d.]+ │\s+[\d.]+ │\s+[\d.]+ │", model_table, re.MULTILINE), out
+    agreement = re.search(r"^agreement, .*: (\d+)/(\d+) clips", out, re.MULTILINE)
+    assert agreement is not None and agreement.group(2) == "4"
+    worker_row = re.search(r"^│\s+1 │\s+6 │\s+2 │\s+([\d.]+) │", out, re.MULTILINE)
+    assert worker_row is not None, out
+    assert 1.0 <= float(worker_row.group(1)) <= 2.0, "mean batch formed, at most the worker's batch size"
+
+
+def test_bench_cloud_rejects_a_bad_option_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "cloud", "--model", "gpt"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --model must be one of tiny, configured, random-7b, not 'gpt'"

@@ -1,0 +1,211 @@
+"""The caregivers' dashboard (`fallwatch dashboard`) with the alerting service, on the real stack.
+
+The browser test drives Debian's Chromium (headless) through its chromedriver
+with selenium: an alert appears live with its snapshot, Acknowledge is clicked,
+and the state change and the label land in Redis, `fall-events` and `labels`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import httpx
+import pytest
+import redis
+from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from alerting.dashboard import label_id_for
+from alerting.store import alert_key, frame_label_key
+from fallwatch.settings import Settings
+from fallwatch.stack import StackState, free_port, port_accepts
+from schemas import FallEvent, Frame, Label, decode, encode, utc_now
+from tests.alerting_helpers import (
+    alerting_settings,
+    alerting_worker,
+    alerts_of,
+    make_verdict,
+    produce,
+    read_until,
+    send_verdicts,
+    unique_camera,
+    wait_for,
+)
+from tests.conftest import REPO, write_config
+
+TOKEN = "test-dashboard-token"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@dataclass
+class Dashboard:
+    settings: Settings
+    url: str
+    store: redis.Redis
+
+
+@pytest.fixture(scope="module")
+def dashboard(stack_state: StackState, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
+    """The alerting service and `fallwatch dashboard`, both as subprocesses with one config."""
+    tmp_path = tmp_path_factory.mktemp("dashboard")
+    port = free_port()
+    settings = alerting_settings(stack_state, tmp_path, dashboard_port=port, dashboard_token=TOKEN)
+    env = write_config(settings, tmp_path / "dashboard.yaml")
+    log_path = tmp_path / "dashboard.log"
+    with alerting_worker(settings, tmp_path), log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fallwatch", "dashboard"], cwd=REPO, env=env,
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        store = redis.Redis.from_url(settings.redis.url)
+        try:
+            wait_for(lambda: port_accepts(port) or process.poll() is not None, "the dashboard's port")
+            assert process.poll() is None, log_path.read_text()
+            yield Dashboard(settings, f"http://127.0.0.1:{port}", store)
+        finally:
+            store.close()
+            process.send_signal(signal.SIGTERM)
+            returncode = process.wait(timeout=15)
+    assert returncode == 0, log_path.read_text()[-3000:]
+
+
+def fall_with_frames(dashboard: Dashboard, clip_path: Path, name: str) -> FallEvent:
+    """Three fall verdicts of a new camera, their frames (real JPEGs) on `frames`; returns the alert."""
+    settings = dashboard.settings
+    camera = unique_camera(name)
+    verdicts = [make_verdict(camera, seq, fall=True, start=utc_now()) for seq in range(3)]
+    capture = cv2.VideoCapture(str(clip_path))
+    ok, image = capture.read()
+    capture.release()
+    assert ok
+    ok, jpeg = cv2.imencode(".jpg", image)
+    assert ok
+    frames = [
+        Frame(frame_id=v.frame_id, camera_id=camera, room=v.room, seq=seq, captured_at=v.captured_at,
+              width=image.shape[1], height=image.shape[0], jpeg=jpeg.tobytes())
+        for seq, v in enumerate(verdicts)
+    ]
+    asyncio.run(produce(settings, settings.kafka.topics.frames, [(camera, encode(f)) for f in frames]))
+    send_verdicts(settings, verdicts)
+    (alert,) = alerts_of(settings, camera)
+    return alert
+
+
+def chromium(tmp_path: Path) -> webdriver.Chrome:
+    """Debian's headless Chromium; selenium gets the driver's path, so Selenium Manager downloads nothing."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.fail("chromium and chromium-driver are missing: run scripts/install-system-deps.sh")
+    os.environ["SE_OFFLINE"] = "true"
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / f'chromium-{uuid.uuid4().hex[:6]}'}",
+    ):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    driver = chromium(tmp_path)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def element(driver: webdriver.Chrome, css: str) -> object:
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+    except WebDriverException:
+        return None
+    return found[0] if found else None
+
+
+def test_an_alert_appears_live_and_acknowledge_writes_the_state_and_a_label(
+    dashboard: Dashboard, browser: webdriver.Chrome, clip_path: Path
+) -> None:
+    settings = dashboard.settings
+    browser.get(dashboard.url + "/")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "user").send_keys("nurse Ana")
+    browser.find_element(By.ID, "connect").click()
+    wait_for(lambda: browser.find_element(By.ID, "status").text == "live", "the page to go live")
+
+    # the alert opens after the page connected: it must arrive by the event stream
+    alert = fall_with_frames(dashboard, clip_path, "browser")
+    card = f'.room[data-room="{alert.room}"] .alert[data-alert-id="{alert.alert_id}"][data-state="open"]'
+    wait_for(lambda: element(browser, card), "the alert on the page")
+    wait_for(lambda: browser.execute_script(
+        "const img = document.querySelector(arguments[0] + ' img.snapshot');"
+        "return img !== null && img.complete && img.naturalWidth > 0;", card), "the snapshot on the page")
+    assert dashboard.store.ttl(f"fallwatch:snapshot:{alert.alert_id}") > 0, "snapshots expire"
+
+    browser.find_element(By.CSS_SELECTOR, f"{card} button.ack").click()
+
+    wait_for(lambda: decode(FallEvent, dashboard.store.get(alert_key(alert.alert_id))).state == "acknowledged",
+             "the acknowledgement in Redis")
+    acknowledged_card = f'.alert[data-alert-id="{alert.alert_id}"][data-state="acknowledged"]'
+    wait_for(lambda: element(browser, acknowledged_card), "the page to show the acknowledgement")
+    for frame_id in alert.evidence_frame_ids:
+        label = decode(Label, dashboard.store.get(frame_label_key(frame_id)))
+        assert (label.verdict, label.alert_id, label.labelled_by) == ("true_fall", alert.alert_id, "nurse Ana")
+    labels = asyncio.run(read_until(
+        settings, settings.kafka.topics.labels, Label, lambda got: any(x.alert_id == alert.alert_id for x in got)
+    ))
+    (label,) = [x for x in labels if x.alert_id == alert.alert_id]
+    assert label.label_id == label_id_for(alert.alert_id, "true_fall")
+    assert label.frame_ids == alert.evidence_frame_ids
+    events = alerts_of(settings, alert.camera_id, count=2)
+    assert [e.state for e in events] == ["open", "acknowledged"]
+
+
+def test_the_api_needs_the_token_and_refuses_impossible_answers(dashboard: Dashboard, clip_path: Path) -> None:
+    alert = fall_with_frames(dashboard, clip_path, "api")
+    wait_for(lambda: dashboard.store.get(alert_key(alert.alert_id)), "the alert in Redis")
+    with httpx.Client(base_url=dashboard.url, timeout=10) as client:
+        assert client.get("/api/alerts").status_code == 401
+        assert client.get("/api/alerts", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        rooms = client.get("/api/alerts", headers=auth).json()["rooms"]
+        assert alert.alert_id in [a["alert_id"] for a in rooms[alert.room]]
+
+        url = f"/api/alerts/{alert.alert_id}"
+        assert client.post(f"{url}/resolve", json={"by": "x"}, headers=auth).status_code == 409  # not acknowledged
+        assert client.post(f"{url}/acknowledge", json={"by": ""}, headers=auth).status_code == 422  # who answers?
+        assert client.post("/api/alerts/no-such-alert/acknowledge", json={"by": "x"}, headers=auth).status_code == 404
+        answer = client.post(f"{url}/false-alarm", json={"by": "night shift"}, headers=auth)
+        assert answer.status_code == 200
+        assert answer.json()["label"]["verdict"] == "false_alarm"
+        assert client.post(f"{url}/acknowledge", json={"by": "x"}, headers=auth).status_code == 409  # closed
+        rooms = client.get("/api/alerts", headers=auth).json()["rooms"]
+        assert alert.alert_id not in [a["alert_id"] for a in rooms.get(alert.room, [])]
+        metrics = client.get("/metrics").text
+        assert 'fallwatch_alert_answers_total{verdict="false_alarm"} 1.0' in metrics
+
+
+def test_the_dashboard_refuses_to_start_without_a_token() -> None:
+    env = {key: value for key, value in os.environ.items() if key != "FALLWATCH_ALERTING__DASHBOARD_TOKEN"}
+    result = subprocess.run([sys.executable, "-m", "fallwatch", "dashboard"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: the dashboard needs a bearer token: set alerting.dashboard_token "
+        "(e.g. FALLWATCH_ALERTING__DASHBOARD_TOKEN)"
+    ]

@@ -1,0 +1,89 @@
+"""Switcher training (paper A.3): input size from the data, seeded, imbalance weighted, early stopping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dmd_offline.dataset import DatasetManifest, DmdData, DmdRow
+from dmd_offline.train import load_trained, save_trained, train_switcher
+from fallwatch.settings import ConfigError, DmdSettings
+
+HIDDEN = 24
+
+
+def agreement_data(n: int, seed: int, agree_share: float = 0.75) -> DmdData:
+    """Hidden vectors whose first coordinate tells agreement (1) from disagreement (0), with noise elsewhere."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < agree_share).astype(int)
+    hidden = rng.normal(0, 1, (n, HIDDEN)).astype(np.float32)
+    hidden[:, 0] = np.where(labels == 1, 2.0, -2.0) + rng.normal(0, 0.3, n)
+    rows = [
+        DmdRow(
+            input_id=str(i), image_path=f"{i}.jpg", group="", split="", order_key=float(i),
+            small_fall_probability=0.5, large_fall_probability=0.5, small_prediction=0,
+            large_prediction=1 - label, label=int(label), ground_truth=0, large_source="computed",
+            offload_reason="", small_time_ms=1.0, large_time_ms=1.0, small_energy_j=float("nan"),
+            large_energy_j=float("nan"),
+        )
+        for i, label in enumerate(labels)
+    ]
+    manifest = DatasetManifest(source="synthetic", edge_model="e", cloud_model="c", hidden_size=HIDDEN)
+    return DmdData(manifest, rows, hidden)
+
+
+SETTINGS = DmdSettings(learning_rate=3e-3, max_epochs=30, patience=5, train_batch_size=16, seed=3)
+
+
+def test_switcher_learns_agreement_with_the_papers_architecture() -> None:
+    switcher, report = train_switcher(agreement_data(160, 1), agreement_data(60, 2), SETTINGS)
+    assert switcher.input_dim == HIDDEN == report.input_dim  # read from the data
+    assert [layer.out_features for layer in switcher.layers if isinstance(layer, torch.nn.Linear)] == [512, 128, 1]
+    assert report.val_accuracy > 0.95
+    assert report.best_val_loss == pytest.approx(min(report.val_losses))
+    assert not switcher.training  # handed back ready for inference
+
+
+def test_class_imbalance_is_weighted_and_reported() -> None:
+    train = agreement_data(200, 4, agree_share=0.8)
+    _, report = train_switcher(train, agreement_data(40, 5), SETTINGS)
+    agreements = int(train.column("label").sum())
+    assert report.agreement_share_train == pytest.approx(agreements / 200)
+    assert report.positive_class_weight == pytest.approx((200 - agreements) / agreements)
+
+
+def test_same_seed_same_switcher_and_another_seed_another() -> None:
+    train, val = agreement_data(80, 6), agreement_data(30, 7)
+    first, _ = train_switcher(train, val, SETTINGS)
+    again, _ = train_switcher(train, val, SETTINGS)
+    other, _ = train_switcher(train, val, SETTINGS.model_copy(update={"seed": 4}))
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    assert not torch.equal(first.layers[0].weight, other.layers[0].weight)
+
+
+def test_early_stopping_stops_when_validation_stops_improving() -> None:
+    # validation labels are unrelated to the inputs: the validation loss soon stops improving
+    val = agreement_data(40, 8)
+    shuffled = DmdData(val.manifest, val.rows, np.random.default_rng(0).permutation(val.hidden))
+    settings = SETTINGS.model_copy(update={"max_epochs": 500, "patience": 3})
+    _, report = train_switcher(agreement_data(80, 9), shuffled, settings)
+    assert report.epochs_run == report.best_epoch + 3 < 500
+
+
+def test_one_class_training_data_is_a_readable_error() -> None:
+    only_agreements = agreement_data(30, 10, agree_share=1.0)
+    with pytest.raises(ConfigError, match="only agreements"):
+        train_switcher(only_agreements, agreement_data(10, 11), SETTINGS)
+
+
+def test_trained_switcher_round_trips(tmp_path: Path) -> None:
+    switcher, report = train_switcher(agreement_data(60, 12), agreement_data(20, 13), SETTINGS)
+    save_trained(tmp_path, switcher, report)
+    loaded, loaded_report = load_trained(tmp_path)
+    probe = agreement_data(10, 14).hidden
+    assert np.array_equal(loaded.agreement_probability(probe), switcher.agreement_probability(probe))
+    assert loaded_report == report

@@ -1,0 +1,200 @@
+"""Camera producers without live streams: configuration mistakes, motion gating, the drop-oldest queue.
+
+The gating tests publish video files to the real local Kafka and count what arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from fallwatch.images import decode_jpeg_rgb
+from fallwatch.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
+from producers.camera import CapturedFrame, backoff_delay
+from producers.service import CameraPublisher, check_cameras, run_producers
+from producers.urls import redact
+from schemas import Frame
+from tests.conftest import consume_until, settings_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fallwatch(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fallwatch", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+
+
+def test_config_mistakes_give_one_line_each_without_credentials(tmp_path: Path) -> None:
+    cameras = [
+        {"id": "cam-1", "room": "101", "url": "rtsp://admin:hunter2@10.0.0.5:554/stream", "fps_target": 2},
+        {"id": "cam-2", "room": "102", "url": "ftp://admin:hunter2@10.0.0.6/feed"},
+        {"id": "cam-3", "room": "103", "url": "rtsp://10.0.0.7:99999/stream"},
+        {"id": "cam-1", "room": "104", "url": "http://10.0.0.8/mjpeg"},
+    ]
+    config = tmp_path / "cameras.yaml"
+    config.write_text(yaml.safe_dump({"producers": {"cameras": cameras}}))
+    result = fallwatch("producer", config=config)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "error: invalid settings (3 problems):"
+    assert [line.strip() for line in lines[1:]] == [
+        "producers.cameras.0.fps_target: unknown key",
+        "producers.cameras.1.url: unsupported scheme 'ftp' in ftp://***@10.0.0.6/feed "
+        "(use rtsp://, rtsps://, http://, https://, a file path or /dev/videoN)",
+        "producers.cameras.2.url: invalid port in rtsp://10.0.0.7:99999/stream",
+    ]
+    assert "hunter2" not in result.stderr
+    # ids are compared once every camera is valid on its own
+    del cameras[0]["fps_target"]
+    cameras[1]["url"] = "rtsps://admin:hunter2@10.0.0.6/feed"
+    cameras[2]["url"] = "rtsp://10.0.0.7:8554/stream"
+    config.write_text(yaml.safe_dump({"producers": {"cameras": cameras}}))
+    result = fallwatch("producer", config=config)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: invalid settings: producers.cameras: duplicate camera id 'cam-1'"
+
+
+def test_missing_video_files_are_reported_at_start_up(tmp_path: Path) -> None:
+    settings = Settings(producers={"cameras": [
+        {"id": "a", "room": "1", "url": str(tmp_path / "nope.mp4")},
+        {"id": "b", "room": "2", "url": "http://127.0.0.1:1/x", "enabled": False},
+    ]})
+    with pytest.raises(ConfigError) as caught:
+        check_cameras(settings.producers)
+    assert str(caught.value).splitlines() == [
+        "camera configuration:",
+        f"  camera a: video file {tmp_path / 'nope.mp4'} does not exist",
+    ]
+    settings.producers.cameras[0].enabled = False
+    with pytest.raises(ConfigError, match="no enabled cameras"):
+        check_cameras(settings.producers)
+
+
+def test_example_camera_settings_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CONFIG_ENV, str(REPO / "config" / "fallwatch.example.yaml"))
+    producers = load_settings().producers
+    camera = producers.cameras[0]
+    assert camera.motion.enabled and camera.motion.heartbeat_s > 0
+    documented = yaml.safe_load((REPO / "config" / "fallwatch.example.yaml").read_text())["producers"]
+    assert set(documented) == set(type(producers).model_fields)
+    assert set(documented["cameras"][0]) == set(CameraSettings.model_fields)
+
+
+def test_redact_hides_credentials_only() -> None:
+    assert redact("rtsp://user:p%40ss@cam.local:554/s?x=1") == "rtsp://***@cam.local:554/s?x=1"
+    assert redact("http://cam.local/mjpeg") == "http://cam.local/mjpeg"
+    assert redact("/videos/a@b.mp4") == "/videos/a@b.mp4"
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:
+    for attempt, ceiling in ((0, 1.0), (1, 2.0), (3, 8.0), (10, 30.0)):
+        delays = [backoff_delay(attempt, 1.0, 30.0) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert max(delays) - min(delays) > ceiling / 10, "jittered, not in lock step"
+
+
+def test_full_queue_drops_the_oldest_frames_and_counts_them(tmp_path: Path) -> None:
+    camera = CameraSettings(id="cam-q", room="1", url="http://127.0.0.1:1/stream")
+    settings = Settings(producers={"queue_size": 3})
+
+    async def scenario() -> tuple[list[int], int]:
+        publisher = CameraPublisher(camera, settings, None, asyncio.get_running_loop(), threading.Event())  # type: ignore[arg-type]
+        frame = CapturedFrame(datetime.now(UTC), 8, 8, b"jpeg", "motion")
+        for _ in range(7):
+            publisher.emit(frame)  # as the capture thread would
+        await asyncio.sleep(0)  # let the loop run the callbacks emit scheduled
+        queued = []
+        while not publisher.queue.empty():
+            item = publisher.queue.get_nowait()
+            assert item is not None
+            queued.append(item[0])
+        return queued, publisher.stats.dropped
+
+    queued, dropped = asyncio.run(scenario())
+    assert queued == [4, 5, 6], "the newest frames stay"
+    assert dropped == 4
+
+
+def static_video(path: Path, seconds: float, fps: float = 10.0) -> Path:
+    """A still scene with faint sensor noise: nothing moves."""
+    rng = np.random.default_rng(0)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (320, 240))
+    base = np.full((240, 320, 3), 90, np.uint8)
+    cv2.rectangle(base, (100, 60), (220, 200), (60, 120, 180), -1)
+    for _ in range(int(seconds * fps)):
+        noise = rng.integers(-4, 5, base.shape)
+        writer.write(np.clip(base.astype(int) + noise, 0, 255).astype(np.uint8))
+    writer.release()
+    return path
+
+
+def file_camera(camera_id: str, url: Path, **fields: object) -> dict:
+    return CameraSettings(id=camera_id, room="1", url=str(url), realtime=False, **fields).model_dump()
+
+
+def test_motion_gating_static_video_yields_only_heartbeats_and_resize(
+    stack_state, tmp_path: Path, clip_path: Path
+) -> None:
+    still = static_video(tmp_path / "still.mp4", seconds=10)
+    gate = {"heartbeat_s": 2.0}
+    settings = settings_for(stack_state, tmp_path, producers={"cameras": [
+        file_camera("still", still, fps=5, motion=gate),
+        file_camera("moving", clip_path, fps=5, motion=gate),
+        file_camera("ungated", clip_path, fps=5, motion={"enabled": False}, resize=(160, 120)),
+    ]})
+
+    async def scenario() -> tuple[dict[str, int], list[Frame]]:
+        published = await run_producers(settings, asyncio.Event())
+        frames = await consume_until(
+            settings, settings.kafka.topics.frames, Frame, lambda m: len(m) >= sum(published.values())
+        )
+        return published, frames
+
+    published, frames = asyncio.run(scenario())
+    still_times = [f.captured_at for f in frames if f.camera_id == "still"]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(still_times)]
+    assert published["still"] == 5, "10 s of a still scene: a heartbeat at 0, 2, 4, 6 and 8 s"
+    assert all(abs(gap - 2.0) < 0.15 for gap in gaps), gaps
+    assert published["ungated"] >= 18, "a 4+ s clip sampled at 5 fps"
+    # the clip moves most of the time: gating keeps far more than heartbeats alone would
+    assert published["moving"] >= published["ungated"] // 2 > 3
+    assert len(frames) == sum(published.values())
+    assert {(f.width, f.height) for f in frames if f.camera_id == "ungated"} == {(160, 120)}
+    assert all(decode_jpeg_rgb(f.jpeg).shape == (120, 160, 3) for f in frames if f.camera_id == "ungated")
+    for camera_id in published:
+        seqs = [f.seq for f in frames if f.camera_id == camera_id]
+        assert seqs == list(range(len(seqs))), "nothing dropped from a file, in order per camera"
+
+
+def test_cameras_status_without_a_producer_and_without_redis(stack_state, tmp_path: Path) -> None:
+    from fallwatch.stack import free_port
+
+    cameras = [
+        {"id": "cam-7", "room": "7", "url": "rtsp://viewer:secret@127.0.0.1:8554/cam"},
+        {"id": "cam-8", "room": "8", "url": "http://127.0.0.1:8080/cam.mjpg", "enabled": False},
+    ]
+    config = tmp_path / "cameras.yaml"
+    producers = {"status_key_prefix": f"test:{tmp_path.name}", "cameras": cameras}
+    config.write_text(yaml.safe_dump({"redis": {"url": stack_state.redis_url}, "producers": producers}))
+    result = fallwatch("cameras", "status", config=config)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if "cam-" in line]
+    assert len(rows) == 2 and "no status" in rows[0] and "disabled" in rows[1]
+    assert "rtsp://***@127.0.0.1:8554/cam" in rows[0] and "secret" not in result.stdout
+
+    config.write_text(yaml.safe_dump({"redis": {"url": f"redis://127.0.0.1:{free_port()}/0"}, "producers": producers}))
+    result = fallwatch("cameras", "status", config=config)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: cannot read camera status from Redis at redis://127.0.0.1:")

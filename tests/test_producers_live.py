@@ -1,0 +1,312 @@
+"""Camera producers on live streams served on loopback by real servers, publishing to real Kafka.
+
+HTTP/MJPEG comes from ffmpeg, RTSP from GStreamer's gst-rtsp-server (tests/rtsp_server.py), both
+Debian packages installed by scripts/install-system-deps.sh. The streams are made from a fall clip
+of ../shared/datasets (or conftest's synthetic clip when ../shared is absent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from fallwatch.kafka_io import make_consumer, topic_specs
+from fallwatch.settings import CameraSettings, Settings
+from fallwatch.stack import LocalStack, StackState, free_port, pid_alive
+from producers.service import run_producers
+from producers.status import read_statuses
+from schemas import Frame, decode
+from tests.conftest import REPO, settings_for, write_config
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+STREAM_FPS = 15
+
+
+class StreamServer:
+    """A stream server subprocess on a loopback port; can be paused (a stall), killed and started again."""
+
+    def __init__(self, argv: list[str], url: str, log: Path) -> None:
+        self.argv, self.url, self.log = argv, url, log
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def mjpeg_server(clip: Path, tmp_path: Path) -> StreamServer:
+    """ffmpeg serving the clip, looped and paced in real time, as multipart MJPEG over HTTP (one client)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/cam.mjpg"
+    argv = ["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip), "-an",
+            "-vf", f"scale=320:240,fps={STREAM_FPS}", "-c:v", "mjpeg", "-q:v", "6",
+            "-f", "mpjpeg", "-listen", "1", url]
+    return StreamServer(argv, url, tmp_path / f"mjpeg-{port}.log")
+
+
+def rtsp_server(clip: Path, tmp_path: Path) -> StreamServer:
+    """GStreamer's RTSP server; the clip is first made H.264 (ffmpeg) and a few loops long."""
+    video = tmp_path / "rtsp.mp4"
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "4", "-i", str(clip), "-an",
+         "-vf", f"scale=320:240,fps={STREAM_FPS}", "-c:v", "libx264", "-preset", "ultrafast", "-g", "15",
+         "-pix_fmt", "yuv420p", str(video)],
+        check=True, timeout=120,
+    )
+    port = free_port()
+    argv = [SYSTEM_PYTHON, str(REPO / "tests" / "rtsp_server.py"), str(port), str(video)]
+    return StreamServer(argv, f"rtsp://127.0.0.1:{port}/cam", tmp_path / f"rtsp-{port}.log")
+
+
+@pytest.fixture
+def servers() -> Iterator[list[StreamServer]]:
+    started: list[StreamServer] = []
+    yield started
+    for server in started:
+        server.kill()
+
+
+def live_camera(camera_id: str, url: str, fps: float = 4.0, **fields: object) -> dict:
+    return CameraSettings(id=camera_id, room=f"room-{camera_id}", url=url, fps=fps,
+                          motion={"enabled": False}, **fields).model_dump()
+
+
+FAST_RECOVERY = {"stall_timeout_s": 2.0, "open_timeout_s": 2.0, "reconnect_initial_s": 0.2,
+                 "reconnect_max_s": 1.0, "status_interval_s": 0.3}
+
+
+class FrameWatcher:
+    """Reads `frames` as the producer writes it; `until` polls a condition with a deadline."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.frames: list[Frame] = []
+        self.consumer = make_consumer(settings, settings.kafka.topics.frames, group_id=None)
+
+    def of(self, camera_id: str, after: datetime | None = None) -> list[Frame]:
+        return [f for f in self.frames if f.camera_id == camera_id and (after is None or f.captured_at > after)]
+
+    async def until(self, condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not condition():
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            batches = await self.consumer.getmany(timeout_ms=200)
+            self.frames.extend(decode(Frame, r.value) for batch in batches.values() for r in batch)
+
+
+    async def read_to_end(self) -> None:
+        """Everything written so far (the producer has stopped; the topic is this test's alone)."""
+        ends = await self.consumer.end_offsets(list(self.consumer.assignment()))
+        total = sum(ends.values())
+        await self.until(lambda: len(self.frames) >= total, f"all {total} records")
+
+
+async def status_until(
+    settings: Settings, camera_id: str, condition: Callable[[dict], bool], what: str, timeout_s: float = 30.0
+) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        status = (await read_statuses(settings)).get(camera_id)
+        if status is not None and condition(status):
+            return status
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for camera {camera_id} to be {what}: {status}")
+        await asyncio.sleep(0.1)  # polling Redis for the producer's next status write
+
+
+def sampling_rate(frames: list[Frame]) -> float:
+    span = (frames[-1].captured_at - frames[0].captured_at).total_seconds()
+    return (len(frames) - 1) / span
+
+
+def assert_in_order(frames: list[Frame]) -> None:
+    seqs = [f.seq for f in frames]
+    assert seqs == sorted(set(seqs)), "one camera's frames arrive in order, no duplicates"
+    assert [f.captured_at for f in frames] == sorted(f.captured_at for f in frames)
+
+
+def test_mjpeg_and_rtsp_streams_arrive_at_the_target_fps_in_order(
+    stack_state, tmp_path: Path, clip_path: Path, servers: list[StreamServer]
+) -> None:
+    mjpeg, rtsp = mjpeg_server(clip_path, tmp_path), rtsp_server(clip_path, tmp_path)
+    servers += [mjpeg, rtsp]
+    for server in servers:
+        server.start()
+    metrics_port = free_port()
+    settings = settings_for(stack_state, tmp_path, producers={
+        **FAST_RECOVERY, "metrics_port": metrics_port,
+        "status_key_prefix": f"test:{tmp_path.name}",
+        "cameras": [live_camera("mjpeg", mjpeg.url), live_camera("rtsp", rtsp.url, fps=3.0)],
+    })
+
+    async def scenario() -> tuple[FrameWatcher, str, list[dict]]:
+        stop = asyncio.Event()
+        producing = asyncio.create_task(run_producers(settings, stop))
+        watcher = FrameWatcher(settings)
+        await watcher.consumer.start()
+        try:
+            await watcher.until(
+                lambda: len(watcher.of("mjpeg")) >= 25 and len(watcher.of("rtsp")) >= 19, "25 + 19 frames"
+            )
+            metrics = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            )
+            await status_until(settings, "rtsp", lambda s: s["published"] >= 19, "publishing")
+            env = write_config(settings, tmp_path / "config.yaml")
+            cli = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "fallwatch", "cameras", "status", "--json"],
+                env=env, capture_output=True, text=True, timeout=120, cwd=REPO,
+            )
+            assert cli.returncode == 0, cli.stderr
+            rows = [json.loads(line) for line in cli.stdout.splitlines()]
+        finally:
+            stop.set()
+            await watcher.consumer.stop()
+        published = await producing
+        assert published["mjpeg"] >= 25 and published["rtsp"] >= 19
+        return watcher, metrics, rows
+
+    watcher, metrics, rows = asyncio.run(scenario())
+    for camera_id, fps in (("mjpeg", 4.0), ("rtsp", 3.0)):
+        frames = watcher.of(camera_id)
+        assert_in_order(frames)
+        # the first frame may wait for the stream's first keyframe; measure the steady rate after it
+        assert sampling_rate(frames[1:]) == pytest.approx(fps, rel=0.1), camera_id
+        assert {(f.width, f.height) for f in frames} == {(320, 240)}
+    assert 'fallwatch_producer_published_total{camera="mjpeg",room="room-mjpeg"}' in metrics
+    assert "fallwatch_producer_last_frame_age_seconds" in metrics and "fallwatch_producer_dropped_total" in metrics
+    by_id = {row["camera_id"]: row for row in rows}
+    assert set(by_id) == {"mjpeg", "rtsp"}
+    for row in by_id.values():
+        assert row["state"] == "streaming" and row["fps_in"] > row["fps_out"] > 0
+        assert row["reconnects"] == 0 and row["last_frame_age_s"] < 5
+
+
+def test_a_dropped_or_stalled_stream_reconnects_and_other_cameras_go_on(
+    stack_state, tmp_path: Path, clip_path: Path, servers: list[StreamServer]
+) -> None:
+    flaky = mjpeg_server(clip_path, tmp_path)
+    servers.append(flaky)
+    flaky.start()
+    never_url = f"http://viewer:secret@127.0.0.1:{free_port()}/cam.mjpg"  # nothing listens there
+    settings = settings_for(stack_state, tmp_path, producers={
+        **FAST_RECOVERY, "status_key_prefix": f"test:{tmp_path.name}",
+        "cameras": [
+            live_camera("flaky", flaky.url),
+            live_camera("steady", str(clip_path), loop=True, realtime=True),
+            live_camera("never", never_url),
+        ],
+    })
+
+    async def scenario() -> tuple[FrameWatcher, dict, dict, float, dict[str, int]]:
+        stop = asyncio.Event()
+        producing = asyncio.create_task(run_producers(settings, stop))
+        watcher = FrameWatcher(settings)
+        await watcher.consumer.start()
+        try:
+            await watcher.until(lambda: len(watcher.of("flaky")) >= 5 and len(watcher.of("steady")) >= 5, "frames")
+            flaky.pause()  # the connection stays open but no frame comes: a stall
+            stalled = await status_until(settings, "flaky", lambda s: s["stalls"] >= 1, "stalled")
+            steady_before = len(watcher.of("steady"))
+            flaky.kill()  # now the stream is gone altogether
+            await watcher.until(lambda: len(watcher.of("steady")) >= steady_before + 6, "steady frames meanwhile")
+            restarted_at = datetime.now(UTC)
+            flaky.start()
+            await watcher.until(lambda: len(watcher.of("flaky", after=restarted_at)) >= 5, "flaky frames again")
+            reconnect_s = (watcher.of("flaky", after=restarted_at)[0].captured_at - restarted_at).total_seconds()
+            never = await status_until(settings, "never", lambda s: s["reconnects"] >= 3, "retrying")
+        finally:
+            stop.set()
+            await watcher.consumer.stop()
+        return watcher, stalled, never, reconnect_s, await producing
+
+    watcher, stalled, never, reconnect_s, published = asyncio.run(scenario())
+    # detected after stall_timeout_s without a frame, and retried
+    assert stalled["updated_at"] - stalled["last_frame_at"] >= 0.9 * FAST_RECOVERY["stall_timeout_s"]
+    assert stalled["reconnects"] >= 1
+    print(f"\nflaky camera: first frame {reconnect_s:.2f} s after its stream server came back")
+    assert reconnect_s < 5.0, "reconnect_max_s is 1 s: the producer tries again at least every second"
+    for camera_id in ("flaky", "steady"):
+        assert_in_order(watcher.of(camera_id))
+    assert published["flaky"] == len(watcher.of("flaky")) and published["never"] == 0
+    assert never["state"] in {"waiting", "connecting"} and never["published"] == 0
+    assert never["last_error"] == f"cannot open video source {never_url.replace('viewer:secret', '***')}"
+    assert "secret" not in json.dumps([stalled, never])
+
+
+def test_broker_restart_mid_stream_loses_no_acked_frame(
+    tmp_path: Path, clip_path: Path, servers: list[StreamServer]
+) -> None:
+    # its own stack: restarting the session's broker would disturb every other test
+    stack = LocalStack(tmp_path / "stack", cache_dir=REPO / ".cache", partitions=1)
+    live = mjpeg_server(clip_path, tmp_path)
+    servers.append(live)
+    live.start()
+    settings = Settings(state_dir=tmp_path / "state", producers={
+        **FAST_RECOVERY, "status_key_prefix": f"test:{tmp_path.name}",
+        "cameras": [live_camera("live", live.url), live_camera("file", str(clip_path), loop=True, realtime=True)],
+    })
+    state = stack.up(topic_specs(settings))
+    try:
+        settings = settings.model_copy(update={
+            "kafka": settings.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers}),
+            "redis": settings.redis.model_copy(update={"url": state.redis_url}),
+        })
+        published, frames, stopped_at, restarted_at = asyncio.run(restart_scenario(settings, stack, state))
+    finally:
+        stack.down()
+    for camera_id in ("live", "file"):
+        mine = [f for f in frames if f.camera_id == camera_id]
+        assert_in_order(mine)
+        assert len(mine) == published[camera_id], "every frame Kafka acked is there, once"
+        assert any(f.captured_at < stopped_at for f in mine) and any(f.captured_at > restarted_at for f in mine)
+
+
+async def restart_scenario(
+    settings: Settings, stack: LocalStack, state: StackState
+) -> tuple[dict[str, int], list[Frame], datetime, datetime]:
+    stop = asyncio.Event()
+    producing = asyncio.create_task(run_producers(settings, stop))
+    watcher = FrameWatcher(settings)
+    await watcher.consumer.start()
+    try:
+        await watcher.until(lambda: len(watcher.of("live")) >= 5 and len(watcher.of("file")) >= 5, "frames")
+        stopped_at = datetime.now(UTC)
+        await asyncio.to_thread(stack.stop_kafka)
+        assert not pid_alive(state.kafka.pid)
+        before = await status_until(settings, "live", lambda s: True, "reporting")
+        # the cameras keep capturing while the broker is away
+        await status_until(settings, "live", lambda s: s["frames_in"] >= before["frames_in"] + 2 * STREAM_FPS,
+                           "capturing during the outage")
+        await asyncio.to_thread(stack.start_kafka_again)
+        restarted_at = datetime.now(UTC)
+        await watcher.until(
+            lambda: all(len(watcher.of(c, after=restarted_at)) >= 5 for c in ("live", "file")),
+            "frames after the restart", timeout_s=120,
+        )
+        stop.set()
+        published = await producing
+        await watcher.read_to_end()
+    finally:
+        stop.set()
+        await watcher.consumer.stop()
+    return published, watcher.frames, stopped_at, restarted_at
