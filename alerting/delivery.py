@@ -4,7 +4,8 @@
 reader of `fall-events` finds it in Redis (unless Redis is down). `handle` runs
 for every record of `fall-events`. Webhooks of a new alert go out first and do
 not wait for Redis: a Redis outage must not delay the caregivers' notification
-(a redelivered alert repeats its idempotency key, the alert id). Then the state
+(a redelivered alert repeats its idempotency key, the alert id); only an alert
+Redis knows to be answered already is not notified again. Then the state
 is written to Redis, retried until Redis answers, so an alert made during an
 outage reaches Redis when it returns (faust commits the record only after
 `handle` returned); a state Redis has already is not written twice.
@@ -51,7 +52,7 @@ class Delivery:
             log.error("could not write alert %s to Redis now (it goes to fall-events): %s", event.alert_id, exc)
 
     async def handle(self, event: FallEvent) -> None:
-        if event.state == "open":
+        if event.state == "open" and await self._nobody_answered(event):
             self._spawn(self._notify(self.rule.webhook_urls, OPENED_EVENT, event))
         await self._until_stored(event)
         if event.state == "open":
@@ -78,6 +79,15 @@ class Delivery:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.webhooks.close()
         await self.store.close()
+
+    async def _nobody_answered(self, event: FallEvent) -> bool:
+        """False when Redis knows a caregiver answered: a replay of `fall-events` (a new consumer group reads it
+        from the start) must not page anyone about old alerts. Without Redis: notify."""
+        try:
+            stored = await self.store.alert(event.alert_id)
+        except (RedisError, OSError):
+            return True
+        return stored is None or stored.state == "open"
 
     async def _until_stored(self, event: FallEvent) -> None:
         delay = 0.1

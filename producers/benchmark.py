@@ -81,7 +81,7 @@ def producer_loop(video: Path, seconds: float, fps: float, motion: bool) -> tupl
 
 def run_benchmark(videos: list[Path], seconds: float, fps: float) -> None:
     table = Table(title=f"producer capture loop, one camera, {seconds:g} s per row")
-    for column in ("video", "size", "loop", "CPU (cores)", "vs baseline", "frames decoded / sampled",
+    for column in ("video", "size", "measured loop", "CPU (cores)", "vs baseline", "frames decoded / sampled",
                    "published", "skipped by motion"):
         table.add_column(column)
     with tempfile.TemporaryDirectory() as folder:

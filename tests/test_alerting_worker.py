@@ -9,6 +9,9 @@ each other and of their order.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -21,7 +24,7 @@ import redis
 from alerting.rules import alert_id_for
 from alerting.store import ALERT_STREAM_KEY, alert_key, open_alert_key
 from alerting.webhooks import WebhookSender, signature_is_valid
-from fallwatch.settings import AlertingSettings, RedisSettings, Settings
+from fallwatch.settings import CONFIG_ENV, AlertingSettings, RedisSettings, Settings
 from fallwatch.stack import LocalStack, StackState, free_port, stop_pid
 from schemas import DeadLetter, FallEvent, Verdict, decode, utc_now
 from tests.alerting_helpers import (
@@ -339,3 +342,44 @@ def test_webhook_sender_gives_up_on_a_refusal_at_once_and_on_a_dead_receiver_aft
     assert (refusal.status, refusal.signature_valid) == (401, False)
     retries = [r for r in caplog.records if f":{dead_port}/" in r.getMessage() and "retrying" in r.getMessage()]
     assert len(retries) == 2, "three attempts: two retries, then it gives up"
+
+
+def test_bench_alerting_prints_its_table(stack_state: StackState) -> None:
+    env = {**os.environ, "FALLWATCH_KAFKA__BOOTSTRAP_SERVERS": stack_state.bootstrap_servers,
+           "FALLWATCH_REDIS__URL": stack_state.redis_url}
+    env.pop(CONFIG_ENV, None)
+    result = subprocess.run([sys.executable, "-m", "fallwatch", "bench", "alerting", "--cameras", "1"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("│")[1].strip(): line.split("│")[2:] for line in result.stdout.splitlines()
+            if line.startswith("│")}
+    assert list(rows) == ["baseline: one verdict's Kafka round trip", "sure cloud verdict (p 0.95)",
+                          "3 of 5 final edge falls at 2 fps", "offloaded, cloud down: edge-fallback after D = 10 s"]
+    k_of_n = float(rows["3 of 5 final edge falls at 2 fps"][1])
+    fallback = float(rows["offloaded, cloud down: edge-fallback after D = 10 s"][1])
+    assert k_of_n >= 1.0, "the third fall frame comes 1 s after the first at 2 fps"
+    assert fallback >= 11.0, "D, then two more frames"
+
+
+def test_a_replayed_open_of_an_answered_alert_pages_nobody(
+    shared_settings: Settings, receiver: WebhookReceiver, store: redis.Redis
+) -> None:
+    settings = shared_settings
+    camera = unique_camera("replayed")
+    send_verdicts(settings, [make_verdict(camera, seq, fall=True) for seq in range(3)])
+    (alert,) = alerts_of(settings, camera)
+    wait_for(lambda: len(receiver.received("/alerts", alert.alert_id)) >= 2, "the webhook and its retry")
+    send_events(settings, [alert.model_copy(update={"state": "false_alarm", "updated_at": utc_now()})])
+    wait_for(lambda: decode(FallEvent, store.get(alert_key(alert.alert_id))).state == "false_alarm",
+             "the false alarm in Redis")
+
+    # a consumer group reading fall-events from the start (a new deployment) sees the `open` again
+    send_events(settings, [alert])
+    # a later alert of another camera as a marker: a webhook of the replay would have gone out before its own
+    marker = unique_camera("marker")
+    send_verdicts(settings, [make_verdict(marker, seq, fall=True) for seq in range(3)])
+    (marker_alert,) = alerts_of(settings, marker)
+    wait_for(lambda: receiver.received("/alerts", marker_alert.alert_id), "the marker's webhook")
+    asyncio.run(wait_until_consumed(settings, settings.kafka.topics.fall_events))
+    assert len(receiver.received("/alerts", alert.alert_id)) == 2
+    assert decode(FallEvent, store.get(alert_key(alert.alert_id))).state == "false_alarm", "never goes back"
