@@ -16,12 +16,10 @@ download). Energy comes from NVML on a GPU and RAPL on a CPU when readable, else
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import statistics
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -39,11 +37,11 @@ from cloud_workers.energy import CostMeter, open_energy_meter
 from cloud_workers.model import Clip, LlavaVideoCloudModel, resolve_device, resolve_dtype
 from cloud_workers.service import CloudWorker
 from cloud_workers.tiny import build_random_full_size_cloud_model, build_tiny_cloud_model, restrict_to_answers
-from fallwatch.kafka_io import make_consumer, make_producer, topic_specs
+from fallwatch.kafka_io import make_consumer, make_producer
 from fallwatch.models import load_cloud_model
 from fallwatch.settings import ConfigError, Settings, load_settings
-from fallwatch.stack import LocalStack, create_topics
-from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, Topics, Verdict, decode, encode, utc_now
+from fallwatch.stack import fresh_run, local_stack_settings
+from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, Verdict, decode, encode, utc_now
 
 T = TypeVar("T")
 
@@ -291,36 +289,6 @@ async def read_verdicts(settings: Settings, count: int, timeout_s: float) -> lis
     return list(verdicts.values())
 
 
-@contextlib.contextmanager
-def bench_stack(settings: Settings, scratch: Path) -> Iterator[Settings]:
-    """Settings with fresh topics on the running local stack, or on a temporary one started here."""
-    stack = LocalStack.from_settings(settings)
-    state = stack.read_state()
-    temporary = state is None or not stack.healthy(state)
-    if temporary:
-        stack = LocalStack(scratch / "stack", settings.cache_dir, settings.kafka.partitions)
-        state = stack.up({})
-    assert state is not None
-    try:
-        kafka = settings.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers})
-        redis = settings.redis.model_copy(update={"url": state.redis_url})
-        yield with_fresh_topics(settings.model_copy(update={"kafka": kafka, "redis": redis}))
-    finally:
-        if temporary:
-            stack.down()
-
-
-def with_fresh_topics(settings: Settings) -> Settings:
-    """The settings with topics (created now) and a cloud consumer group nobody has used yet."""
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    topics = Topics(**{name: f"{prefix}.{value}" for name, value in Topics().model_dump().items()})
-    kafka = settings.kafka.model_copy(update={"topics": topics})
-    cloud = settings.cloud.model_copy(update={"group_id": f"{prefix}.cloud-workers"})
-    fresh = settings.model_copy(update={"kafka": kafka, "cloud": cloud})
-    asyncio.run(create_topics(settings.kafka.bootstrap_servers, topic_specs(fresh), settings.kafka.partitions))
-    return fresh
-
-
 # --- the command ------------------------------------------------------------------------------
 def load_bench_model(kind: ModelKind, settings: Settings, scratch: Path) -> LlavaVideoCloudModel:
     cloud = settings.cloud
@@ -395,14 +363,15 @@ def run_benchmark(
         if worker_requests > 0:
             worker_clips = [clips[i % len(clips)] for i in range(worker_requests)]
             runs, model_rates = [], []
-            with bench_stack(settings, scratch) as stack_settings:
+            with local_stack_settings(settings, scratch / "stack") as on_stack:
+                stack_settings = fresh_run(on_stack, "bench")
                 # Alternating rounds of the model alone and the worker on the same clips, medians
                 # of each: load from other work on the machine shifts both alike.
                 for round_ in range(worker_rounds):
                     model_rates.append(
                         on_worker_thread(model_requests_per_s, cloud_model, worker_clips, worker_batch)
                     )
-                    round_settings = stack_settings if round_ == 0 else with_fresh_topics(stack_settings)
+                    round_settings = stack_settings if round_ == 0 else fresh_run(stack_settings, "bench")
                     runs.append(asyncio.run(measure_worker(round_settings, cloud_model, worker_clips)))
             console.print(worker_table(runs, model_rates))
 

@@ -6,13 +6,11 @@ benchmarks) do not share counters.
 
 from __future__ import annotations
 
-import logging
 from typing import Literal
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
-log = logging.getLogger(__name__)
+from fallwatch.metrics import ServedMetrics
 
 # "cloud": answered by the model; "deadline": past its deadline, the edge answer is final;
 # "no_clip": neither the clip nor the frame could be read, the edge answer is final;
@@ -24,9 +22,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class CloudMetrics:
+class CloudMetrics(ServedMetrics):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.requests = Counter(
             "fallwatch_cloud_requests", "requests by outcome", ["outcome"], registry=self.registry
         )
@@ -57,24 +55,6 @@ class CloudMetrics:
         self.gpu_memory_bytes = Gauge(
             "fallwatch_cloud_gpu_memory_bytes", "peak GPU memory of the last batch", registry=self.registry
         )
-        self._server: WSGIServer | None = None
 
     def count(self, outcome: Outcome, n: int = 1) -> None:
         self.requests.labels(outcome=outcome).inc(n)
-
-    def value(self, name: str, **labels: str) -> float:
-        """The current value of one sample (0 when it was never set), e.g. for tests and benchmarks."""
-        return self.registry.get_sample_value(name, labels) or 0.0
-
-    def serve(self, port: int | None) -> None:
-        """Serve /metrics on `port` (None or 0: not served)."""
-        if not port:
-            return
-        self._server, _thread = start_http_server(port, registry=self.registry)
-        log.info("metrics on http://0.0.0.0:%d/metrics", port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -36,7 +36,6 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from cloud_workers.benchmark import bench_stack
 from edge_workers.model import EdgeBatch, ViltEdgeModel
 from edge_workers.service import EdgeWorker
 from edge_workers.switcher import create_untrained_switcher
@@ -44,6 +43,7 @@ from edge_workers.tiny import build_real_size_edge_model
 from fallwatch.images import decode_jpeg_rgb
 from fallwatch.kafka_io import make_producer
 from fallwatch.settings import Settings, load_settings
+from fallwatch.stack import fresh_run, local_stack_settings
 from schemas import Frame, encode
 
 CAMERA_SIZE = (480, 640)  # height, width of the frames the benchmark feeds
@@ -381,7 +381,8 @@ def run_benchmark(
 
         null_registry = scratch / "null-switchers"
         create_untrained_switcher(null_registry, NullEdgeModel().hidden_size, NullEdgeModel().name)
-        with bench_stack(settings, scratch) as stack_settings:
+        with local_stack_settings(settings, scratch / "stack") as on_stack:
+            stack_settings = fresh_run(on_stack, "bench")
             plumbing = asyncio.run(measure_plumbing(
                 bench_settings(stack_settings, null_registry, "null", max(batch_size, 64), settings.edge.batch_wait_ms),
                 jpegs, plumbing_frames,
@@ -391,7 +392,8 @@ def run_benchmark(
         model = ViltEdgeModel.from_pretrained(str(directory), settings.edge.question)
         vilt_registry = scratch / "vilt-switchers"
         create_untrained_switcher(vilt_registry, model.hidden_size, model.name)
-        with bench_stack(settings, scratch) as stack_settings:
+        with local_stack_settings(settings, scratch / "stack") as on_stack:
+            stack_settings = fresh_run(on_stack, "bench")
             vilt = asyncio.run(measure_vilt(
                 # a forward takes seconds: waiting up to half a second for a full batch costs little
                 bench_settings(stack_settings, vilt_registry, model.name, batch_size, VILT_BATCH_WAIT_MS), model,

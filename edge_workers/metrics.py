@@ -6,12 +6,9 @@ benchmarks) do not share counters, and `/metrics` shows exactly one worker.
 
 from __future__ import annotations
 
-import logging
-from wsgiref.simple_server import WSGIServer
+from prometheus_client import Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-log = logging.getLogger(__name__)
+from fallwatch.metrics import ServedMetrics
 
 # Per-frame stage latencies span 10 µs (switcher) to seconds (real-size ViLT on a small CPU).
 LATENCY_BUCKETS_S = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -19,9 +16,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SCORE_BUCKETS = tuple(i / 10 for i in range(1, 11))
 
 
-class EdgeMetrics:
+class EdgeMetrics(ServedMetrics):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.frames = Counter("fallwatch_edge_frames", "frames answered", registry=self.registry)
         self.batch_size = Histogram(
             "fallwatch_edge_batch_size", "records per batch", buckets=BATCH_BUCKETS, registry=self.registry
@@ -54,20 +51,6 @@ class EdgeMetrics:
         self.switcher_version = Gauge(
             "fallwatch_edge_switcher_info", "the switcher in use (value 1)", ["version"], registry=self.registry
         )
-        self._server: WSGIServer | None = None
-
-    def serve(self, port: int | None) -> None:
-        """Serve /metrics on `port` (None or 0: not served)."""
-        if not port:
-            return
-        self._server, _thread = start_http_server(port, registry=self.registry)
-        log.info("metrics on http://0.0.0.0:%d/metrics", port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
     def use_switcher(self, version: str) -> None:
         self.switcher_version.clear()

@@ -9,6 +9,7 @@ arrives and a summary once every sampled frame has its final verdict.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -21,12 +22,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from fallwatch.kafka_io import consumer_group_lag, make_consumer, topic_specs
+from fallwatch.kafka_io import consumer_group_lag, make_consumer
 from fallwatch.models import build_tiny_models
 from fallwatch.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
-from fallwatch.stack import LocalStack, create_topics
+from fallwatch.stack import fresh_run, local_stack_settings
 from producers.service import run_producers
-from schemas import FallEvent, Topics, Verdict, decode
+from schemas import FallEvent, Verdict, decode
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm"}
 SERVICES = {"edge": "edge_workers", "cloud": "cloud_workers", "alerting": "alerting"}
@@ -61,21 +62,15 @@ def find_videos(clips_dir: Path) -> list[Path]:
 
 
 def demo_settings(base: Settings, models: dict[str, dict[str, str]], videos: list[Path], fps: float) -> Settings:
-    """The base settings with this run's own topics (a fresh prefix) and one camera per video."""
-    run = time.strftime("demo-%Y%m%d-%H%M%S")
-    topics = Topics(**{name: f"{run}.{value}" for name, value in Topics().model_dump().items()})
+    """The base settings with the demo's models, one camera per video, and this run's own topics and groups."""
     data = base.model_dump(mode="json")
-    data["kafka"]["topics"] = topics.model_dump()
     for section, values in models.items():
         data[section].update(values)
     data["producers"]["cameras"] = [
         CameraSettings(id=f"cam-{i}", room=f"room-{i}", url=str(video), fps=fps).model_dump(mode="json")
         for i, video in enumerate(videos, start=1)
     ]
-    data["alerting"]["app_id"] = f"{run}-alerting"
-    data["edge"]["group_id"] = f"{run}-edge"
-    data["cloud"]["group_id"] = f"{run}-cloud"
-    return Settings(**data)
+    return fresh_run(Settings(**data), "demo")
 
 
 def start_services(settings: Settings, run_dir: Path) -> dict[str, subprocess.Popen]:
@@ -185,36 +180,25 @@ def print_summary(settings: Settings, tally: DemoTally) -> None:
 
 def run_demo(clips_dir: Path, fps: float) -> None:
     videos = find_videos(clips_dir)
+    # aiokafka logs its own retried NotLeader errors while brand-new topics settle; not news for a demo
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     base = load_settings()
-    stack = LocalStack.from_settings(base)
-    existing = stack.read_state()
-    started_stack = existing is None or not stack.healthy(existing)
-    console.print("starting the local stack (Kafka KRaft + redis-server)…")
-    state = stack.up(topic_specs(base))
+    console.print("starting the local stack (Kafka KRaft + redis-server) unless it runs already…")
     processes: dict[str, subprocess.Popen] = {}
-    try:
-        base = base.model_copy(
-            update={
-                "kafka": base.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers}),
-                "redis": base.redis.model_copy(update={"url": state.redis_url}),
-            }
-        )
-        models_dir = Path("models/tiny")
-        console.print(
-            "[bold yellow]The demo runs TINY UNTRAINED models: their verdicts and any alerts are arbitrary; "
-            "they show the plumbing, not fall detection.[/]"
-        )
-        tiny = build_tiny_models(models_dir)
-        settings = demo_settings(base, tiny.settings_sections(), videos, fps)
-        asyncio.run(create_topics(settings.kafka.bootstrap_servers, topic_specs(settings), settings.kafka.partitions))
-        run_dir = settings.state_dir / "demo"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        processes = start_services(settings, run_dir)
-        console.print(f"services started (logs in {run_dir}); streaming {len(videos)} videos at {fps} fps…")
-        tally = asyncio.run(stream_and_watch(settings, processes, run_dir))
-        print_summary(settings, tally)
-    finally:
-        stop_services(processes)
-        if started_stack:
-            stack.down()
-            console.print("local stack stopped")
+    with local_stack_settings(base, base.state_dir) as on_stack:
+        try:
+            console.print(
+                "[bold yellow]The demo runs TINY UNTRAINED models: their verdicts and any alerts are arbitrary; "
+                "they show the plumbing, not fall detection.[/]"
+            )
+            tiny = build_tiny_models(Path("models/tiny"))
+            settings = demo_settings(on_stack, tiny.settings_sections(), videos, fps)
+            run_dir = settings.state_dir / "demo"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            processes = start_services(settings, run_dir)
+            console.print(f"services started (logs in {run_dir}); streaming {len(videos)} videos at {fps} fps…")
+            tally = asyncio.run(stream_and_watch(settings, processes, run_dir))
+            print_summary(settings, tally)
+        finally:
+            stop_services(processes)
+    console.print("demo finished; services stopped")

@@ -19,11 +19,14 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from fallwatch.kafka_io import topic_specs
 from fallwatch.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -346,3 +349,40 @@ def stop_pid(pid: int, timeout_s: float = 30.0) -> None:
         log.warning("pid %s ignored SIGTERM for %.0f s; killing it", pid, timeout_s)
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: not pid_alive(pid), f"pid {pid} to die", 10.0)
+
+
+@contextmanager
+def local_stack_settings(settings: Settings, state_dir: Path) -> Iterator[Settings]:
+    """`settings` pointed at the running local stack, or at one started in `state_dir` and stopped on exit."""
+    stack = LocalStack.from_settings(settings)
+    state = stack.read_state()
+    temporary = state is None or not stack.healthy(state)
+    if temporary:
+        stack = LocalStack(state_dir, settings.cache_dir, settings.kafka.partitions)
+        state = stack.up({})
+    assert state is not None
+    try:
+        yield settings.model_copy(
+            update={
+                "kafka": settings.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers}),
+                "redis": settings.redis.model_copy(update={"url": state.redis_url}),
+            }
+        )
+    finally:
+        if temporary:
+            stack.down()
+
+
+def fresh_run(settings: Settings, name: str) -> Settings:
+    """The settings of a new run `name-<id>`: its own topics (created now), consumer groups and alerting app."""
+    run = f"{name}-{uuid.uuid4().hex[:8]}"
+    fresh = settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(update={"topics": settings.kafka.topics.prefixed(run)}),
+            "edge": settings.edge.model_copy(update={"group_id": f"{run}.{settings.edge.group_id}"}),
+            "cloud": settings.cloud.model_copy(update={"group_id": f"{run}.{settings.cloud.group_id}"}),
+            "alerting": settings.alerting.model_copy(update={"app_id": f"{run}-{settings.alerting.app_id}"}),
+        }
+    )
+    asyncio.run(create_topics(fresh.kafka.bootstrap_servers, topic_specs(fresh), fresh.kafka.partitions))
+    return fresh

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fallwatch.metrics import ServedMetrics
 from fallwatch.settings import CameraSettings, ProducerSettings
 from producers.camera import CameraStats
 
@@ -55,11 +54,9 @@ class ProducerCollector(Collector):
 
 def serve_metrics(
     settings: ProducerSettings, cameras: list[CameraSettings], stats: dict[str, CameraStats]
-) -> WSGIServer | None:
-    """Serve /metrics on `settings.metrics_port` (None or 0: off); the caller shuts the server down."""
-    if not settings.metrics_port:
-        return None
-    registry = CollectorRegistry()
-    registry.register(ProducerCollector(cameras, stats))
-    server, _thread = start_http_server(settings.metrics_port, registry=registry)
-    return server
+) -> ServedMetrics:
+    """The cameras' metrics, served on `settings.metrics_port` (None or 0: off); the caller closes them."""
+    metrics = ServedMetrics()
+    metrics.registry.register(ProducerCollector(cameras, stats))
+    metrics.serve(settings.metrics_port)
+    return metrics

@@ -169,7 +169,7 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
     thread_stop = threading.Event()
     publishers = [CameraPublisher(camera, settings, producer, loop, thread_stop) for camera in cameras]
     stats = {p.camera.id: p.stats for p in publishers}
-    metrics_server = serve_metrics(settings.producers, cameras, stats)
+    metrics = serve_metrics(settings.producers, cameras, stats)
     status_done = asyncio.Event()
     status_writer = asyncio.create_task(run_status_writer(settings, cameras, stats, status_done))
     for publisher in publishers:
@@ -192,8 +192,7 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
         stopping.cancel()
         status_done.set()
         await status_writer
-        if metrics_server is not None:
-            metrics_server.shutdown()
+        metrics.close()
         await producer.stop()
     for publisher in publishers:
         log.info("camera %s (%s): %d frames published, %d dropped, %d skipped by motion, %d reconnects",

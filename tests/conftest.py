@@ -54,7 +54,7 @@ def stack_state(local_stack: LocalStack) -> StackState:
 def settings_for(stack_state: StackState, tmp_path: Path, **sections: object) -> Settings:
     """Settings pointing at the session's stack with topics unique to one test."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    topics = Topics(**{name: f"{prefix}.{value}" for name, value in Topics().model_dump().items()})
+    topics = Topics().prefixed(prefix)
     settings = Settings(
         state_dir=tmp_path / "state",
         kafka={"bootstrap_servers": stack_state.bootstrap_servers, "topics": topics.model_dump()},
