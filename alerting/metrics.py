@@ -9,35 +9,15 @@ vs false alarms and the false-alarm share).
 from __future__ import annotations
 
 import logging
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from fallwatch.metrics import ServedMetrics
 
 log = logging.getLogger(__name__)
 
 # from a second (k of n at a few fps, or a cloud confirmation) to minutes (escalated, answered late)
 LATENCY_BUCKETS_S = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
-
-
-class ServedMetrics:
-    """A registry and, optionally, the HTTP server of its /metrics."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self._server: WSGIServer | None = None
-
-    def serve(self, port: int | None) -> None:
-        """Serve /metrics on `port` (None or 0: not served)."""
-        if not port:
-            return
-        self._server, _thread = start_http_server(port, registry=self.registry)
-        log.info("metrics on http://0.0.0.0:%d/metrics", port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
 
 class AlertingMetrics(ServedMetrics):

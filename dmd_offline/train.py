@@ -10,9 +10,7 @@ and training stops after `patience` epochs without a better one.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dmd_offline.dataset import DmdData
+from edge_workers.model import torch_threads
 from edge_workers.switcher import Switcher
 from fallwatch.settings import ConfigError, DmdSettings
 
@@ -55,15 +54,6 @@ def class_weight(labels: np.ndarray) -> float:
         )
     return negatives / positives
 
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple[Switcher, TrainingReport]:

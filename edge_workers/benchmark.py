@@ -22,8 +22,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from edge_workers.model import EdgeBatch, ViltEdgeModel
+from edge_workers.model import EdgeBatch, ViltEdgeModel, torch_threads
 from edge_workers.service import EdgeWorker
 from edge_workers.switcher import create_untrained_switcher
 from edge_workers.tiny import build_real_size_edge_model
@@ -277,15 +276,6 @@ def measure_option(
         note,
     )
 
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def measure_options(model: ViltEdgeModel, inputs: dict[str, torch.Tensor], compile_model: bool) -> list[OptionRow]:

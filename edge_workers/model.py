@@ -9,6 +9,8 @@ classifier head, read with a forward pre-hook (never by re-implementing the head
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -159,3 +161,14 @@ class ViltEdgeModel:
         hidden = self._captured_hidden.float().cpu().numpy().astype(np.float32)
         self._captured_hidden = None
         return EdgeBatch(fall_probability=fall_probability, hidden=hidden)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run a block with `count` torch CPU threads, then restore the previous number."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

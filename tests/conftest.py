@@ -14,9 +14,9 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -140,3 +140,22 @@ def service_process(package: str, settings: Settings, tmp_path: Path) -> Iterato
             process.kill()
             raise
         assert returncode in (0, -signal.SIGKILL), log_path.read_text()[-3000:]
+
+
+class Worker(Protocol):
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+W = TypeVar("W", bound=Worker)
+
+
+@contextlib.asynccontextmanager
+async def running(worker: W) -> AsyncIterator[W]:
+    """Run an in-process worker (edge, cloud) as a task; stop it and wait for it to drain on exit."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await task

@@ -9,13 +9,11 @@ in this process (the model loads once) except in the restart test, which runs
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ from fallwatch.kafka_io import consumer_group_lag, make_producer
 from fallwatch.models import TinyModelPaths
 from fallwatch.settings import Settings
 from schemas import CloudRequest, DeadLetter, KafkaPosition, Verdict, encode
-from tests.conftest import REPO, consume_until, settings_for, write_config
+from tests.conftest import REPO, consume_until, running, settings_for, write_config
 
 NUM_FRAMES = 4
 CLIP_FRAMES = 4
@@ -57,17 +55,6 @@ def worker_settings(stack_state, tmp_path: Path, tiny: TinyModelPaths, **cloud: 
 def cloud_model(tiny_models: TinyModelPaths) -> LlavaVideoCloudModel:
     return LlavaVideoCloudModel.from_pretrained(str(tiny_models.cloud), QUESTION, num_frames=NUM_FRAMES, device="cpu")
 
-
-@contextlib.asynccontextmanager
-async def running_worker(settings: Settings, model: LlavaVideoCloudModel) -> AsyncIterator[CloudWorker]:
-    worker = CloudWorker(settings, model)
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await task
 
 
 async def wait_for_finals(settings: Settings, frame_ids: set[str], timeout_s: float = 120.0) -> list[Verdict]:
@@ -93,7 +80,7 @@ def test_batches_fill_under_load(stack_state, tmp_path: Path, tiny_models, cloud
 
     async def scenario() -> tuple[list[CloudRequest], list[Verdict], CloudWorker, int]:
         requests = await publish_requests(settings, clips)
-        async with running_worker(settings, cloud_model) as worker:
+        async with running(CloudWorker(settings, cloud_model)) as worker:
             verdicts = await wait_for_finals(settings, {r.frame_id for r in requests})
         lag = await consumer_group_lag(settings, settings.cloud.group_id, settings.kafka.topics.cloud_requests)
         return requests, verdicts, worker, lag
@@ -128,7 +115,7 @@ def test_a_lone_request_is_answered_when_the_window_closes(
     settings = worker_settings(stack_state, tmp_path, tiny_models, batch_size=8, batch_wait_ms=window_ms)
 
     async def scenario() -> list[Verdict]:
-        async with running_worker(settings, cloud_model):
+        async with running(CloudWorker(settings, cloud_model)):
             answered: list[Verdict] = []
             for round_ in range(2):  # one at a time: each request alone in its batch
                 [request] = await publish_requests(settings, [small_clip(100 + round_)], first_seq=round_)
@@ -170,7 +157,7 @@ def test_deadlines_expired_clips_and_malformed_requests(stack_state, tmp_path: P
         await producer.stop()
         groups["lost"] = [lost]
         frame_ids = {r.frame_id for requests in groups.values() for r in requests}
-        async with running_worker(settings, cloud_model) as worker:
+        async with running(CloudWorker(settings, cloud_model)) as worker:
             verdicts = await wait_for_finals(settings, frame_ids)
             dead = await consume_until(settings, settings.kafka.topics.dead_letters, DeadLetter, lambda m: len(m) >= 1)
         return groups, verdicts, dead, worker

@@ -8,7 +8,6 @@ tiny ViLT, or as `python -m edge_workers` for the SIGKILL test.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import signal
@@ -17,7 +16,6 @@ import sys
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from fallwatch.models import TinyModelPaths, load_edge_model
 from fallwatch.settings import AlertRule, Settings
 from fallwatch.stack import free_port
 from schemas import CloudRequest, DeadLetter, Frame, Verdict, encode
-from tests.conftest import consume_until, service_process, settings_for, write_config
+from tests.conftest import consume_until, running, service_process, settings_for, write_config
 
 START = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -86,16 +84,6 @@ def registry_with_untrained(tiny: TinyModelPaths, registry: Path, threshold: flo
     metadata = load_switcher(source)[1]
     return create_untrained_switcher(registry, metadata.input_dim, metadata.edge_model, threshold, seed).name
 
-
-@contextlib.asynccontextmanager
-async def running(worker: EdgeWorker) -> AsyncIterator[EdgeWorker]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await task
 
 
 async def until(condition, what: str, timeout_s: float = 60.0) -> None:

@@ -7,29 +7,27 @@ loads once); Kafka and Redis are the real local servers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
 from redis import Redis
 
-from cloud_workers.service import run_cloud_worker
+from cloud_workers.service import CloudWorker
 from cloud_workers.tiny import set_fall_bias as set_cloud_fall_bias
 from edge_workers.model import ViltEdgeModel
-from edge_workers.service import run_edge_worker
+from edge_workers.service import EdgeWorker
 from edge_workers.switcher import create_untrained_switcher, latest_version, load_switcher, save_switcher
 from edge_workers.tiny import set_fall_bias as set_edge_fall_bias
 from fallwatch.images import decode_jpeg_rgb
 from fallwatch.kafka_io import make_producer
-from fallwatch.models import TinyModelPaths, load_edge_model
+from fallwatch.models import TinyModelPaths, load_cloud_model, load_edge_model
 from fallwatch.settings import CameraSettings, Settings
 from producers.service import run_producers
 from schemas import CloudRequest, DeadLetter, FallEvent, Frame, Verdict, encode
-from tests.conftest import consume_until, service_process, settings_for
+from tests.conftest import consume_until, running, service_process, settings_for
 
 
 def pipeline_settings(stack_state, tmp_path: Path, tiny: TinyModelPaths, clip: Path, registry: Path) -> Settings:
@@ -57,16 +55,6 @@ def switcher_with_median_threshold(settings: Settings, frames: list[Frame], sour
     save_switcher(settings.edge.switcher_registry, switcher, metadata.model_copy(update={"threshold": threshold}))
 
 
-@contextlib.asynccontextmanager
-async def running(*services) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(service(stop)) for service in services]
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
-
 
 def test_every_frame_gets_one_final_verdict(stack_state, tmp_path: Path, tiny_models, clip_path) -> None:
     registry = tmp_path / "switchers"
@@ -77,7 +65,9 @@ def test_every_frame_gets_one_final_verdict(stack_state, tmp_path: Path, tiny_mo
         count = published["cam-e2e"]
         frames = await consume_until(settings, settings.kafka.topics.frames, Frame, lambda m: len(m) >= count)
         switcher_with_median_threshold(settings, frames, tiny_models.switcher_registry)
-        async with running(lambda stop: run_edge_worker(settings, stop), lambda stop: run_cloud_worker(settings, stop)):
+        async with running(EdgeWorker(settings, load_edge_model(settings))), running(
+            CloudWorker(settings, load_cloud_model(settings))
+        ):
             verdicts = await consume_until(
                 settings, settings.kafka.topics.verdicts, Verdict,
                 lambda m: len({v.frame_id for v in m if v.final}) >= count,
@@ -125,7 +115,9 @@ def test_malformed_frames_are_dead_lettered_and_the_worker_goes_on(
         for value in (b"not json at all", encode(corrupt), encode(oversized), encode(good)[:-9], encode(after)):
             await producer.send_and_wait(topic, key=b"cam-x", value=value)
         await producer.stop()
-        async with running(lambda stop: run_edge_worker(settings, stop), lambda stop: run_cloud_worker(settings, stop)):
+        async with running(EdgeWorker(settings, load_edge_model(settings))), running(
+            CloudWorker(settings, load_cloud_model(settings))
+        ):
             verdicts = await consume_until(
                 settings, settings.kafka.topics.verdicts, Verdict, lambda m: any(v.final for v in m)
             )
@@ -172,7 +164,9 @@ def test_falls_in_the_verdicts_raise_one_alert(stack_state, tmp_path: Path, tiny
 
     async def scenario() -> tuple[int, list[Verdict], list[FallEvent]]:
         published = (await run_producers(settings, asyncio.Event()))["cam-e2e"]
-        async with running(lambda stop: run_edge_worker(settings, stop), lambda stop: run_cloud_worker(settings, stop)):
+        async with running(EdgeWorker(settings, load_edge_model(settings))), running(
+            CloudWorker(settings, load_cloud_model(settings))
+        ):
             verdicts = await consume_until(
                 settings, settings.kafka.topics.verdicts, Verdict,
                 lambda m: len({v.frame_id for v in m if v.final}) >= published,
