@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CLIPS ?= ../shared/datasets/fall-clips
 
-.PHONY: demo test lint system-deps clean
+.PHONY: demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,13 +12,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-system-deps:
+demo: $(VENV)/.installed
 	@scripts/install-system-deps.sh
-
-demo: $(VENV)/.installed system-deps
 	$(VENV)/bin/fallwatch demo --clips $(CLIPS)
 
-test: $(VENV)/.installed system-deps
+test: $(VENV)/.installed
+	@scripts/install-system-deps.sh --test
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed

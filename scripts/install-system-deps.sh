@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# System packages the local stack needs: redis-server (Debian), Java 17+ and Maven (to fetch Kafka's jars).
+# System packages from Debian, installed only when missing.
+#   scripts/install-system-deps.sh         what the local stack needs: redis-server, Java 17+, Maven (Kafka's jars)
+#   scripts/install-system-deps.sh --test  also what the tests need: stream servers and a headless browser
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
-# camera producers: ffmpeg serves the HTTP/MJPEG test streams; GStreamer's RTSP server (run by the
-# system python3 with its GObject bindings) serves the RTSP ones
-command -v ffmpeg >/dev/null || missing+=(ffmpeg)
-for package in python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good; do
-  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-done
-# the dashboard's browser test: Debian's Chromium and its driver (selenium is pointed at both)
-[ -x /usr/bin/chromium ] || missing+=(chromium)
-[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+if [ "${1:-}" = "--test" ]; then
+  # camera producers: ffmpeg serves the HTTP/MJPEG test streams; GStreamer's RTSP server (run by the
+  # system python3 with its GObject bindings) serves the RTSP ones
+  command -v ffmpeg >/dev/null || missing+=(ffmpeg)
+  for package in python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+  # the dashboard's browser test: Debian's Chromium and its driver (selenium is pointed at both)
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
