@@ -113,8 +113,8 @@ class StrategyResult:
 
 @dataclass(frozen=True)
 class Curve:
-    shares: list[float]
-    f1: list[float]
+    shares: list[float]  # % deferred to the large model, as a fraction
+    values: list[float]  # F1 at each share, or the total time / energy for a cost curve
 
 
 @dataclass
@@ -161,7 +161,7 @@ def normalised_auc(curve: Curve, small_f1: float, large_f1: float) -> float | No
     """(area under F1 vs share deferred − small-only F1) / (large-only F1 − small-only F1), APGR-style."""
     if large_f1 == small_f1:
         return None
-    area = float(np.trapezoid(curve.f1, curve.shares))
+    area = float(np.trapezoid(curve.values, curve.shares))
     return (area - small_f1) / (large_f1 - small_f1)
 
 

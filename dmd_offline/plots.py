@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers
 
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from dmd_offline.evaluate import Curve, Evaluation
 
@@ -19,23 +21,22 @@ STYLES = {"DMD": "o-", "uncertainty": "s--", "random": "^:", "oracle": "d-."}
 def f1_plot(curves: dict[str, Curve], title: str, path: Path, reference: str) -> Path:
     figure, axes = plt.subplots(figsize=(6, 4))
     for name, curve in curves.items():
-        axes.plot([100 * s for s in curve.shares], curve.f1, STYLES.get(name, "-"), label=name)
+        axes.plot([100 * s for s in curve.shares], curve.values, STYLES.get(name, "-"), label=name)
     axes.set(xlabel="% deferred to the large model", ylabel=f"combined F1 (vs {reference})", title=title,
              ylim=(0, 1.02))
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save(figure, axes, path)
 
 
 def cost_plot(curve: Curve, large_only: float | None, ylabel: str, title: str, path: Path) -> Path:
     figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot([100 * s for s in curve.shares], curve.f1, "o-", label="DMD (small + switcher + large on deferred)")
+    axes.plot([100 * s for s in curve.shares], curve.values, "o-", label="DMD (small + switcher + large on deferred)")
     if large_only is not None:
         axes.axhline(large_only, color="grey", linestyle="--", label="large-only")
     axes.set(xlabel="% deferred to the large model", ylabel=ylabel, title=title)
+    return save(figure, axes, path)
+
+
+def save(figure: Figure, axes: Axes, path: Path) -> Path:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()

@@ -184,7 +184,7 @@ def test_evaluation_defers_the_same_share_for_every_baseline_and_costs_add_up() 
     assert evaluation.result("large-only").energy_j == pytest.approx(500.0)
     assert dmd.energy_j == pytest.approx(10 * 1.0 + 3 * 50.0)
     assert set(evaluation.curves_test) == set(evaluation.curves_train) == {"DMD", "uncertainty", "random", "oracle"}
-    assert evaluation.time_curve_s is not None and len(evaluation.time_curve_s.f1) == 11
+    assert evaluation.time_curve_s is not None and len(evaluation.time_curve_s.values) == 11
 
 
 def test_energy_is_unknown_rather_than_guessed() -> None:
