@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ class DemoTally:
     sources: Counter[str] = field(default_factory=Counter)
     offloaded: set[str] = field(default_factory=set)
     alerts: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    interrupted: bool = False
 
     def complete(self) -> bool:
         return bool(self.published) and all(
@@ -115,13 +117,15 @@ def print_verdict(verdict: Verdict) -> None:
         console.print(f"{where}  {verdict.source:6} p={verdict.fall_probability:.2f} {answer} final")
 
 
-async def watch(settings: Settings, tally: DemoTally, processes: dict[str, subprocess.Popen], run_dir: Path) -> None:
+async def watch(
+    settings: Settings, tally: DemoTally, processes: dict[str, subprocess.Popen], run_dir: Path, stop: asyncio.Event
+) -> None:
     topics = settings.kafka.topics
     consumer = make_consumer(settings, topics.verdicts, topics.fall_events, group_id=None)
     await consumer.start()
     deadline = None
     try:
-        while True:
+        while not stop.is_set():
             check_alive(processes, run_dir)
             batches = await consumer.getmany(timeout_ms=500)
             for record in (r for batch in batches.values() for r in batch):
@@ -151,16 +155,30 @@ async def watch(settings: Settings, tally: DemoTally, processes: dict[str, subpr
 
 
 async def stream_and_watch(settings: Settings, processes: dict[str, subprocess.Popen], run_dir: Path) -> DemoTally:
+    """Stream the cameras and print what comes back until every frame has its final verdict, or Ctrl-C."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     tally = DemoTally()
-    watcher = asyncio.create_task(watch(settings, tally, processes, run_dir))
-    tally.published = await run_producers(settings, asyncio.Event())
-    console.print(f"[bold]all cameras done: {sum(tally.published.values())} frames published[/]")
-    await asyncio.wait_for(watcher, FINISH_TIMEOUT_S)
+    watcher = asyncio.create_task(watch(settings, tally, processes, run_dir, stop))
+    tally.published = await run_producers(settings, stop)
+    if not stop.is_set():
+        console.print(f"[bold]all cameras done: {sum(tally.published.values())} frames published[/]")
+    try:
+        await asyncio.wait_for(watcher, FINISH_TIMEOUT_S)
+    except TimeoutError:
+        raise ConfigError(
+            f"not every frame had a final verdict after {FINISH_TIMEOUT_S:.0f} s; see the logs in {run_dir}"
+        ) from None
+    if stop.is_set():
+        tally.interrupted = True
+        console.print("[bold]interrupted: stopping the services[/]")
     return tally
 
 
 def print_summary(settings: Settings, tally: DemoTally) -> None:
-    table = Table(title="fallwatch demo summary")
+    table = Table(title="fallwatch demo summary" + (" (interrupted)" if tally.interrupted else ""))
     for column in ("camera", "room", "video", "frames", "final verdicts", "alerts"):
         table.add_column(column)
     for camera in settings.producers.cameras:
