@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,21 @@ def test_unloadable_checkpoints_get_one_line(env: dict[str, str], message: str) 
     result = fallwatch(command, env={**env, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_prints_a_final_verdict_for_every_frame(tmp_path: Path, clip_path: Path) -> None:
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / clip_path.name).symlink_to(clip_path)
+    env = {"FALLWATCH_STATE_DIR": str(tmp_path / "state"), "FALLWATCH_CACHE_DIR": str(REPO / ".cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "fallwatch", "demo", "--clips", str(clips)], capture_output=True, text=True,
+        timeout=600, env={**os.environ, **env}, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "TINY UNTRAINED" in result.stdout
+    summary = re.search(r"frames (\d+), final verdicts (\d+)", result.stdout)
+    assert summary is not None and int(summary[1]) > 0 and summary[1] == summary[2], result.stdout[-1500:]
+    printed = len(re.findall(r"^cam-1 room-1 frame +\d+ +(?:edge|cloud|edge-fallback) .* final$", result.stdout, re.M))
+    assert printed == int(summary[1]), "each final verdict is printed as it arrives"
+    assert not (tmp_path / "state" / "stack.json").exists(), "the stack the demo started is stopped again"
