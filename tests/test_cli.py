@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from aiokafka.admin import AIOKafkaAdminClient
 
 from fallwatch.cli import app
 from fallwatch.settings import CONFIG_ENV, load_settings
+from schemas import Topics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,6 +95,18 @@ def test_compose_runs_every_service_with_a_real_cli_command() -> None:
     assert services["edge"]["deploy"]["replicas"] >= 2
 
 
+async def partition_counts(bootstrap_servers: str) -> dict[str, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        return {
+            topic["topic"]: len(topic["partitions"])
+            for topic in await admin.describe_topics(Topics().all())
+        }
+    finally:
+        await admin.close()
+
+
 def test_stack_up_status_down_uses_free_ports(tmp_path: Path, stack_state) -> None:
     env = {"FALLWATCH_STATE_DIR": str(tmp_path / "state"), "FALLWATCH_CACHE_DIR": str(REPO / ".cache")}
     up = fallwatch("stack", "up", env=env)
@@ -101,6 +116,9 @@ def test_stack_up_status_down_uses_free_ports(tmp_path: Path, stack_state) -> No
         # the session's stack already holds its ports: this one must have found others
         assert state["kafka"]["port"] != stack_state.kafka.port
         assert state["redis"]["port"] != stack_state.redis.port
+        assert asyncio.run(partition_counts(f"127.0.0.1:{state['kafka']['port']}")) == {
+            name: 4 for name in Topics().all()
+        }, "every topic is created with 4 partitions"
         status = fallwatch("stack", "status", env=env)
         assert status.returncode == 0
         assert "kafka: up" in status.stdout and "redis: up" in status.stdout
