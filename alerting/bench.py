@@ -28,10 +28,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.table import Table
 
-from fallwatch.kafka_io import make_consumer, make_producer, topic_specs
+from fallwatch.kafka_io import make_consumer, make_producer
 from fallwatch.settings import CONFIG_ENV, ConfigError, Settings, load_settings
-from fallwatch.stack import create_topics
-from schemas import FallEvent, Topics, Verdict, VerdictSource, decode, encode, utc_now
+from fallwatch.stack import fresh_run
+from schemas import FallEvent, Verdict, VerdictSource, decode, encode, utc_now
 
 START_TIMEOUT_S = 120.0
 ALERT_TIMEOUT_S = 60.0
@@ -157,17 +157,12 @@ async def measure(settings: Settings, cameras: int, fps: float) -> list[tuple[st
 
 
 def bench_settings(state_dir: Path) -> Settings:
-    """The local stack's addresses, fresh topics and app id; every alerting rule setting at its default."""
+    """The local stack's addresses, fresh topics (created) and app id; every alerting rule setting at its default."""
     base = load_settings()
-    run = f"bench-{uuid.uuid4().hex[:6]}"
-    topics = Topics(**{name: f"{run}.{value}" for name, value in Topics().model_dump().items()})
-    return Settings(
-        state_dir=state_dir,
-        log_level="WARNING",
-        kafka={**base.kafka.model_dump(), "topics": topics.model_dump()},
-        redis=base.redis.model_dump(),
-        alerting={"app_id": f"{run}-alerting"},
+    settings = Settings(
+        state_dir=state_dir, log_level="WARNING", kafka=base.kafka.model_dump(), redis=base.redis.model_dump()
     )
+    return fresh_run(settings, "bench")
 
 
 def bench_alerting(
@@ -177,7 +172,6 @@ def bench_alerting(
     """Alerting: seconds from a camera's first fall verdict to its alert, per confirmation path."""
     with tempfile.TemporaryDirectory(prefix="fallwatch-bench-alerting-") as tmp:
         settings = bench_settings(Path(tmp))
-        asyncio.run(create_topics(settings.kafka.bootstrap_servers, topic_specs(settings), settings.kafka.partitions))
         config = Path(tmp) / "alerting.yaml"
         config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
         env = {**os.environ, CONFIG_ENV: str(config)}
