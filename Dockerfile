@@ -11,5 +11,5 @@ COPY edge_workers edge_workers
 COPY cloud_workers cloud_workers
 COPY alerting alerting
 COPY dmd_offline dmd_offline
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps 'mediapipe==0.10.14'
 ENTRYPOINT ["fallwatch"]

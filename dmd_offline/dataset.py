@@ -185,3 +185,26 @@ def assign_missing_splits(data: DmdData, val_share: float, test_share: float) ->
         for index, row in enumerate(data.rows)
     ]
     return DmdData(data.manifest, rows, data.hidden)
+
+
+def switcher_splits_from_val(data: DmdData, val_share: float, seed: int) -> DmdData:
+    """Let the switcher learn from the validation split when the model pair learnt from the train split.
+
+    On the images it was trained on, a model is right almost always, so the two models'
+    disagreements there say little about unseen inputs. The pair's train rows are dropped,
+    a seeded random `val_share` of the val rows is kept for early stopping, the rest become
+    the switcher's train rows; the test split stays as it is.
+    """
+    held_out = np.random.default_rng(seed).random(len(data.rows)) < val_share
+    splits = {"train": None, "val": "train", "test": "test"}
+    rows = []
+    kept = []
+    for index, row in enumerate(data.rows):
+        split = splits[row.split]
+        if split is None:
+            continue
+        if split == "train" and held_out[index]:
+            split = "val"
+        rows.append(DmdRow(**{**asdict(row), "split": split}))
+        kept.append(index)
+    return DmdData(data.manifest, rows, data.hidden[kept])

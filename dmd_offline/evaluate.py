@@ -117,6 +117,17 @@ class Curve:
     values: list[float]  # F1 at each share, or the total time / energy for a cost curve
 
 
+@dataclass(frozen=True)
+class GroupResult:
+    """The strategies' F1 on the test rows of one group (source group of an image, or camera)."""
+
+    group: str
+    rows: int
+    falls: int
+    f1: dict[str, float]  # strategy → F1 on these rows, each deferring what it defers on the whole split
+    share_large_dmd: float
+
+
 @dataclass
 class Evaluation:
     reference: str  # what F1 is measured against: "ground truth" or "large model"
@@ -128,6 +139,7 @@ class Evaluation:
     time_curve_s: Curve | None = None  # DMD: total time vs share deferred (f1 holds the time)
     energy_curve_j: Curve | None = None
     cost_origins: dict[str, str] = field(default_factory=dict)
+    groups: list[GroupResult] = field(default_factory=list)
 
     def result(self, name: str) -> StrategyResult:
         return next(result for result in self.results if result.name == name)
@@ -211,6 +223,18 @@ def evaluate(
                 apgr=normalised_auc(test_curves[name], small_f1, large_f1) if name in test_curves else None,
             )
         )
+    groups = test.column("group")
+    by_group = []
+    for group in sorted(set(groups) - {""}):
+        rows = groups == group
+        group_outcomes = Outcomes.of(test.select(rows))
+        by_group.append(GroupResult(
+            group=group,
+            rows=int(rows.sum()),
+            falls=int(sum(row.ground_truth == 1 for row, selected in zip(test.rows, rows, strict=True) if selected)),
+            f1={name: group_outcomes.scores(mask[rows]).f1 for name, mask in deferred.items()},
+            share_large_dmd=float(dmd_deferred[rows].mean()),
+        ))
     shares = test_curves["DMD"].shares
     masks = [first_m(orders["DMD"], round(share * n)) for share in shares]
     times = [costs.time_s(mask, uses_small=True, uses_switcher=True) for mask in masks]
@@ -230,4 +254,5 @@ def evaluate(
             "edge energy": costs.small_energy_j.origin,
             "cloud energy": costs.large_energy_j.origin,
         },
+        groups=by_group,
     )

@@ -18,7 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cloud_workers.model import CloudModel
-from dmd_offline.dataset import DmdData, assign_missing_splits, export_paper_json, load_dataset
+from dmd_offline.dataset import (
+    DmdData,
+    assign_missing_splits,
+    export_paper_json,
+    load_dataset,
+    switcher_splits_from_val,
+)
 from dmd_offline.evaluate import Evaluation, evaluate
 from dmd_offline.metrics import Outcomes
 from dmd_offline.plots import write_plots
@@ -136,8 +142,9 @@ def read_replay_summary(workdir: Workdir) -> ReplaySummary | None:
 
 
 def split_dataset(settings: Settings) -> DmdData:
-    data = load_dataset(Workdir(settings.dmd.workdir).dataset)
-    return assign_missing_splits(data, settings.dmd.val_share, settings.dmd.test_share)
+    dmd = settings.dmd
+    data = assign_missing_splits(load_dataset(Workdir(dmd.workdir).dataset), dmd.val_share, dmd.test_share)
+    return switcher_splits_from_val(data, dmd.val_share, dmd.seed) if dmd.switcher_split == "val" else data
 
 
 def run_train(settings: Settings) -> TrainingReport:

@@ -85,6 +85,8 @@ def markdown_report(
         "",
         "Normalised AUC: area under the F1-vs-%-deferred curve, 0 = small-only, 1 = large-only.",
         "",
+        *curve_table(evaluation),
+        *group_table(evaluation),
         "## Bucket curve on the train split (threshold choice)",
         "",
         "| % deferred | " + " | ".join(f"{100 * s:.0f}" for s in choice.curve_shares) + " |",
@@ -101,6 +103,43 @@ def markdown_report(
     if plots:
         lines += ["## Plots", "", *[f"![{path.stem}]({path.name})" for path in plots], ""]
     return "\n".join(lines)
+
+
+def curve_table(evaluation: Evaluation) -> list[str]:
+    """F1 of each deferral strategy at every bucket of the test split: the whole curve, not one point."""
+    curves = evaluation.curves_test
+    if not curves:
+        return []
+    shares = curves["DMD"].shares
+    lines = [
+        "## F1 vs % deferred (test split)",
+        "",
+        "| strategy | " + " | ".join(f"{100 * share:.0f} %" for share in shares) + " |",
+        "|---|" + "---:|" * len(shares),
+    ]
+    for name in ("DMD", "uncertainty", "random", "oracle"):
+        lines.append(f"| {name} | " + " | ".join(f"{100 * value:.1f}" for value in curves[name].values) + " |")
+    return [*lines, ""]
+
+
+def group_table(evaluation: Evaluation) -> list[str]:
+    if not evaluation.groups:
+        return []
+    lines = [
+        "## F1 by group (test split)",
+        "",
+        "Each strategy defers what it defers on the whole split; % large is DMD's share within the group.",
+        "",
+        "| group | rows | falls | " + " | ".join(TABLE_ORDER) + " | % large (DMD) |",
+        "|---|---:|---:|" + "---:|" * len(TABLE_ORDER) + "---:|",
+    ]
+    for group in evaluation.groups:
+        lines.append(
+            f"| {group.group} | {group.rows} | {group.falls} | "
+            + " | ".join(f"{100 * group.f1[name]:.1f}" for name in TABLE_ORDER)
+            + f" | {100 * group.share_large_dmd:.1f} |"
+        )
+    return [*lines, ""]
 
 
 def json_report(

@@ -11,6 +11,7 @@ and training stops after `patience` epochs without a better one.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,6 +57,70 @@ def class_weight(labels: np.ndarray) -> float:
 
 
 
+@dataclass(frozen=True)
+class Fit:
+    best_epoch: int
+    best_val_loss: float
+    train_losses: list[float]
+    val_losses: list[float]
+
+
+def fit_early_stopping(
+    model: nn.Module,
+    train_epoch: Callable[[], float],
+    validation_loss: Callable[[], float],
+    max_epochs: int,
+    patience: int,
+) -> Fit:
+    """Train epoch by epoch until `patience` epochs bring no better validation loss.
+
+    `train_epoch` runs one epoch and returns its mean loss; `validation_loss` is called in
+    eval mode without gradients. The model ends in eval mode with its best epoch's weights.
+    """
+    best_loss, best_epoch, best_state = float("inf"), 0, None
+    train_losses: list[float] = []
+    val_losses: list[float] = []
+    for epoch in range(1, max_epochs + 1):
+        model.train()
+        train_losses.append(train_epoch())
+        model.eval()
+        with torch.no_grad():
+            val_loss = validation_loss()
+        val_losses.append(val_loss)
+        if val_loss < best_loss:
+            best_loss, best_epoch = val_loss, epoch
+            best_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        elif epoch - best_epoch >= patience:
+            break
+    if best_state is None:
+        raise ConfigError(f"training diverged: the validation loss was never finite ({val_losses[:3]}…)")
+    model.load_state_dict(best_state)
+    model.eval()
+    return Fit(best_epoch, best_loss, train_losses, val_losses)
+
+
+def minibatch_epoch(
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int,
+    shuffle: torch.Generator,
+) -> float:
+    """One shuffled pass over in-memory tensors; the mean training loss."""
+    permutation = torch.randperm(len(inputs), generator=shuffle)
+    total = 0.0
+    for start in range(0, len(inputs), batch_size):
+        batch = permutation[start : start + batch_size]
+        optimiser.zero_grad()
+        loss = loss_fn(model(inputs[batch]), targets[batch])
+        loss.backward()
+        optimiser.step()
+        total += loss.item() * len(batch)
+    return total / len(inputs)
+
+
 def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple[Switcher, TrainingReport]:
     if not val.rows:
         raise ConfigError("the validation split is empty: early stopping needs one (dmd.val_share, or split=val)")
@@ -74,33 +139,13 @@ def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple
         switcher = Switcher(input_dim=train_x.shape[1])
         optimiser = torch.optim.Adam(switcher.parameters(), lr=settings.learning_rate)
         shuffle = torch.Generator().manual_seed(settings.seed)
-        best_loss, best_epoch, best_state = float("inf"), 0, None
-        train_losses: list[float] = []
-        val_losses: list[float] = []
-        for epoch in range(1, settings.max_epochs + 1):
-            switcher.train()
-            permutation = torch.randperm(len(train_x), generator=shuffle)
-            total = 0.0
-            for start in range(0, len(train_x), settings.train_batch_size):
-                batch = permutation[start : start + settings.train_batch_size]
-                optimiser.zero_grad()
-                loss = loss_fn(switcher(train_x[batch]), train_y[batch])
-                loss.backward()
-                optimiser.step()
-                total += loss.item() * len(batch)
-            train_losses.append(total / len(train_x))
-            switcher.eval()
-            with torch.no_grad():
-                val_loss = float(loss_fn(switcher(val_x), val_y))
-            val_losses.append(val_loss)
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
-                best_state = {name: tensor.clone() for name, tensor in switcher.state_dict().items()}
-            elif epoch - best_epoch >= settings.patience:
-                break
-    assert best_state is not None  # max_epochs ≥ 1 and a finite loss improves on infinity
-    switcher.load_state_dict(best_state)
-    switcher.eval()
+        fit = fit_early_stopping(
+            switcher,
+            lambda: minibatch_epoch(switcher, optimiser, loss_fn, train_x, train_y, settings.train_batch_size, shuffle),
+            lambda: float(loss_fn(switcher(val_x), val_y)),
+            settings.max_epochs,
+            settings.patience,
+        )
     val_scores = switcher.agreement_probability(val.hidden)
     report = TrainingReport(
         input_dim=switcher.input_dim,
@@ -109,12 +154,12 @@ def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple
         val_rows=len(val.rows),
         agreement_share_train=float(train_y.mean()),
         positive_class_weight=weight,
-        epochs_run=len(train_losses),
-        best_epoch=best_epoch,
-        best_val_loss=best_loss,
+        epochs_run=len(fit.train_losses),
+        best_epoch=fit.best_epoch,
+        best_val_loss=fit.best_val_loss,
         val_accuracy=float(np.mean((val_scores >= 0.5) == val.column("label").astype(bool))),
-        train_losses=train_losses,
-        val_losses=val_losses,
+        train_losses=fit.train_losses,
+        val_losses=fit.val_losses,
     )
     return switcher, report
 

@@ -59,14 +59,18 @@ def _save(directory: Path, config: ViltConfig, processor: ViltProcessor, seed: i
     return directory
 
 
+def small_processor(shortest_edge: int) -> ViltProcessor:
+    """A `ViltProcessor` with the small question vocabulary, resizing frames to `shortest_edge` pixels."""
+    tokenizer = BertTokenizerFast(vocab=_tiny_vocab(), do_lower_case=True)
+    image_processor = ViltImageProcessor(size={"shortest_edge": shortest_edge}, size_divisor=32)
+    return ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
 def build_tiny_edge_model(directory: Path, seed: int = 0) -> Path:
     """Save a tiny random `ViltForQuestionAnswering` and its `ViltProcessor` into `directory`."""
-    vocab = _tiny_vocab()
-    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
-    image_processor = ViltImageProcessor(size={"shortest_edge": TINY_SHORTEST_EDGE}, size_divisor=32)
-    processor = ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = small_processor(TINY_SHORTEST_EDGE)
     config = ViltConfig(
-        vocab_size=len(vocab),
+        vocab_size=processor.tokenizer.vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,

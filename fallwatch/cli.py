@@ -169,6 +169,31 @@ def models_tiny(directory: Annotated[Path, typer.Argument(help="where to write t
     typer.echo(f"untrained tiny models written; use them with:\n{paths.yaml_snippet()}")
 
 
+@models_app.command("train-reference")
+def models_train_reference(
+    dataset: Annotated[Path, typer.Option(help="labelled image folder (labels.csv with train/val splits)")] = Path(
+        "../shared/datasets/falls-fallaction"
+    ),
+    output: Annotated[Path, typer.Option(help="where the pair is written")] = Path("models/reference"),
+    seed: Annotated[int, typer.Option(help="model initialisation, shuffling and augmentation")] = 0,
+    limit_per_split: Annotated[int | None, typer.Option(help="only the first N images of each split")] = None,
+) -> None:
+    """Train the reference pair here: a compact ViLT edge model and a BlazePose cloud model (no test images)."""
+    from dmd_offline.reference import train_reference_pair
+
+    configure_logging()
+    summary = train_reference_pair(dataset, output, Settings().edge.question, seed, limit_per_split)
+    for name, model in (("edge (compact ViLT)", summary.edge), ("cloud (BlazePose + MLP)", summary.cloud)):
+        typer.echo(
+            f"{name}: val F1 {model.val_f1:.3f}, accuracy {model.val_accuracy:.3f}, "
+            f"{model.epochs_run} epochs (best {model.best_epoch}), {model.seconds:.0f} s"
+        )
+    typer.echo(
+        f"reference pair written to {output} in {summary.seconds:.0f} s. Next, the DMD data, switcher and report:\n"
+        "  fallwatch --config config/reference.yaml dmd run"
+    )
+
+
 # --- demo -------------------------------------------------------------------------------------
 @app.command("demo")
 def demo(
@@ -176,12 +201,17 @@ def demo(
         "../shared/datasets/fall-clips"
     ),
     fps: Annotated[float, typer.Option(help="sampling rate per camera")] = 2.0,
+    models: Annotated[
+        str, typer.Option(help="auto: the trained reference pair when there is one, else tiny; reference; tiny")
+    ] = "auto",
 ) -> None:
     """Stream a folder of videos as cameras through every service on the local stack."""
     from fallwatch.demo import run_demo
 
+    if models not in ("auto", "reference", "tiny"):
+        raise ConfigError(f"--models must be auto, reference or tiny, not {models!r}")
     configure_logging("WARNING")
-    run_demo(clips, fps)
+    run_demo(clips, fps, models)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> None:

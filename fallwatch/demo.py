@@ -3,7 +3,9 @@
 Starts the local stack (and stops it again if it started it), runs the edge
 worker, cloud worker and alerting service as real subprocesses, streams each
 video as one camera in its own room, prints every verdict and alert as it
-arrives and a summary once every sampled frame has its final verdict.
+arrives and a summary once every sampled frame has its final verdict. When the
+folder has a `clips.csv` (file,label,fall_start_s), the summary also says, per
+clip, whether an alert fired and how long after the annotated fall start.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from rich.console import Console
 from rich.table import Table
 
+from dmd_offline.sources import read_csv
 from fallwatch.kafka_io import consumer_group_lag, make_consumer
-from fallwatch.models import build_tiny_models
+from fallwatch.models import REFERENCE_MODELS, ModelPaths, build_tiny_models, reference_models
 from fallwatch.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
 from fallwatch.stack import fresh_run, local_stack_settings
 from producers.service import run_producers
@@ -33,6 +38,7 @@ from schemas import FallEvent, Verdict, decode
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm"}
 SERVICES = {"edge": "edge_workers", "cloud": "cloud_workers", "alerting": "alerting"}
 FINISH_TIMEOUT_S = 300.0
+ModelChoice = Literal["auto", "reference", "tiny"]
 
 console = Console(highlight=False)
 
@@ -44,12 +50,45 @@ class DemoTally:
     sources: Counter[str] = field(default_factory=Counter)
     offloaded: set[str] = field(default_factory=set)
     alerts: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    first_alert: dict[str, FallEvent] = field(default_factory=dict)
+    stream_start: dict[str, datetime] = field(default_factory=dict)  # capture time of the camera's first frame
     interrupted: bool = False
 
     def complete(self) -> bool:
         return bool(self.published) and all(
             len(self.final_by_camera[camera]) >= count for camera, count in self.published.items()
         )
+
+
+@dataclass(frozen=True)
+class ClipTruth:
+    label: str  # "fall" or "no_fall"
+    fall_start_s: float | None
+
+
+def read_clip_truth(clips_dir: Path) -> dict[str, ClipTruth]:
+    """clips.csv's annotation per video file name; empty when the folder has none."""
+    clips_csv = clips_dir / "clips.csv"
+    if not clips_csv.is_file():
+        return {}
+    return {
+        row["file"]: ClipTruth(row["label"], float(row["fall_start_s"]) if row.get("fall_start_s") else None)
+        for row in read_csv(clips_csv)
+    }
+
+
+def clip_outcome(truth: ClipTruth | None, stream_start: datetime | None, alert: FallEvent | None) -> str:
+    """Whether the clip's first alert was right, and when it opened against the annotated fall start."""
+    if truth is None:
+        return "alert" if alert else "no alert"
+    if alert is None:
+        return "MISSED fall" if truth.label == "fall" else "no alert (right)"
+    if truth.label != "fall":
+        return "FALSE ALARM"
+    if stream_start is None or truth.fall_start_s is None:
+        return "alert"
+    opened_s = (alert.opened_at - stream_start).total_seconds()
+    return f"alert {opened_s - truth.fall_start_s:+.1f} s after the fall start"
 
 
 def find_videos(clips_dir: Path) -> list[Path]:
@@ -132,6 +171,7 @@ async def watch(
                 if record.topic == topics.fall_events:
                     event = decode(FallEvent, record.value)
                     tally.alerts[event.camera_id].add(event.alert_id)
+                    tally.first_alert.setdefault(event.camera_id, event)
                     console.print(
                         f"[bold red]ALERT[/] {event.state} {event.camera_id} {event.room}: {event.rule}, "
                         f"confidence {event.confidence:.2f}, evidence {len(event.evidence_frame_ids)} frames"
@@ -139,6 +179,8 @@ async def watch(
                     continue
                 verdict = decode(Verdict, record.value)
                 print_verdict(verdict)
+                start = tally.stream_start.get(verdict.camera_id)
+                tally.stream_start[verdict.camera_id] = min(start or verdict.captured_at, verdict.captured_at)
                 if not verdict.final:
                     tally.offloaded.add(verdict.frame_id)
                 elif verdict.frame_id not in tally.final_by_camera[verdict.camera_id]:
@@ -177,7 +219,7 @@ async def stream_and_watch(settings: Settings, processes: dict[str, subprocess.P
     return tally
 
 
-def print_summary(settings: Settings, tally: DemoTally) -> None:
+def print_summary(settings: Settings, tally: DemoTally, truth: dict[str, ClipTruth]) -> None:
     table = Table(title="fallwatch demo summary" + (" (interrupted)" if tally.interrupted else ""))
     for column in ("camera", "room", "video", "frames", "final verdicts", "alerts"):
         table.add_column(column)
@@ -187,6 +229,17 @@ def print_summary(settings: Settings, tally: DemoTally) -> None:
             str(len(tally.final_by_camera[camera.id])), str(len(tally.alerts[camera.id])),
         )
     console.print(table)
+    if truth:
+        # plain lines, not table cells: they must not be wrapped on a narrow terminal
+        console.print("per clip, against clips.csv (first alert's opening vs the annotated fall start):")
+    for camera in settings.producers.cameras if truth else []:
+        video = Path(camera.url).name
+        clip = truth.get(video)
+        annotated = "not in clips.csv" if clip is None else clip.label + (
+            f", falls at {clip.fall_start_s:.1f} s" if clip.fall_start_s is not None else ""
+        )
+        outcome = clip_outcome(clip, tally.stream_start.get(camera.id), tally.first_alert.get(camera.id))
+        console.print(f"  {camera.id} {video} ({annotated}): {outcome}", soft_wrap=True)
     frames = sum(tally.published.values())
     finals = sum(len(ids) for ids in tally.final_by_camera.values())
     console.print(
@@ -196,8 +249,29 @@ def print_summary(settings: Settings, tally: DemoTally) -> None:
     )
 
 
-def run_demo(clips_dir: Path, fps: float) -> None:
+def demo_models(choice: ModelChoice) -> ModelPaths:
+    """The trained reference pair when asked for or, with `auto`, when it exists; the tiny pair otherwise."""
+    reference = reference_models() if choice != "tiny" else None
+    if reference is not None:
+        console.print(
+            "[bold]The demo runs the REFERENCE pair trained here on falls-fallaction (a compact ViLT edge model, "
+            "a BlazePose cloud model; staged falls and little data: see the README's Results).[/]"
+        )
+        return reference
+    if choice == "reference":
+        raise ConfigError(f"no trained reference pair with a published switcher in {REFERENCE_MODELS}: "
+                          "run `make reference` first (about 10 minutes)")
+    console.print(
+        "[bold yellow]The demo runs TINY UNTRAINED models: their verdicts and any alerts are arbitrary; "
+        "they show the plumbing, not fall detection. `make reference` trains a real pair here "
+        "(about 10 minutes) and the demo uses it from then on.[/]"
+    )
+    return build_tiny_models(Path("models/tiny"))
+
+
+def run_demo(clips_dir: Path, fps: float, models: ModelChoice = "auto") -> None:
     videos = find_videos(clips_dir)
+    truth = read_clip_truth(clips_dir)
     # aiokafka logs its own retried NotLeader errors while brand-new topics settle; not news for a demo
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     base = load_settings()
@@ -205,18 +279,14 @@ def run_demo(clips_dir: Path, fps: float) -> None:
     processes: dict[str, subprocess.Popen] = {}
     with local_stack_settings(base, base.state_dir) as on_stack:
         try:
-            console.print(
-                "[bold yellow]The demo runs TINY UNTRAINED models: their verdicts and any alerts are arbitrary; "
-                "they show the plumbing, not fall detection.[/]"
-            )
-            tiny = build_tiny_models(Path("models/tiny"))
-            settings = demo_settings(on_stack, tiny.settings_sections(), videos, fps)
+            pair = demo_models(models)
+            settings = demo_settings(on_stack, pair.settings_sections(), videos, fps)
             run_dir = settings.state_dir / "demo"
             run_dir.mkdir(parents=True, exist_ok=True)
             processes = start_services(settings, run_dir)
             console.print(f"services started (logs in {run_dir}); streaming {len(videos)} videos at {fps} fps…")
             tally = asyncio.run(stream_and_watch(settings, processes, run_dir))
-            print_summary(settings, tally)
+            print_summary(settings, tally, truth)
         finally:
             stop_services(processes)
     console.print("demo finished; services stopped")

@@ -1,4 +1,4 @@
-"""Loading the configured model pair, and building the tiny untrained pair for tests and the demo."""
+"""Loading the configured model pair; the tiny untrained pair for tests, and finding the trained reference pair."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud_workers.model import CloudModel, LlavaVideoCloudModel
+from cloud_workers.pose import PoseFallCloudModel, is_pose_checkpoint
 from cloud_workers.tiny import build_tiny_cloud_model
 from edge_workers.model import EdgeModel, ViltEdgeModel
 from edge_workers.switcher import create_untrained_switcher, latest_version
@@ -42,6 +43,8 @@ def load_edge_model(settings: Settings) -> EdgeModel:
 def load_cloud_model(settings: Settings) -> CloudModel:
     cloud = settings.cloud
     with loading("cloud", cloud.model):
+        if is_pose_checkpoint(cloud.model):
+            return PoseFallCloudModel.from_pretrained(cloud.model, revision=cloud.revision)
         return LlavaVideoCloudModel.from_pretrained(
             cloud.model, cloud.question, num_frames=cloud.num_frames, revision=cloud.revision,
             device=cloud.device, dtype=cloud.dtype, device_map=cloud.device_map,
@@ -49,7 +52,7 @@ def load_cloud_model(settings: Settings) -> CloudModel:
 
 
 @dataclass(frozen=True)
-class TinyModelPaths:
+class ModelPaths:
     edge: Path
     cloud: Path
     switcher_registry: Path
@@ -67,10 +70,24 @@ class TinyModelPaths:
         )
 
 
-def build_tiny_models(directory: Path) -> TinyModelPaths:
+REFERENCE_MODELS = Path("models/reference")
+
+
+def reference_models(directory: Path = REFERENCE_MODELS) -> ModelPaths | None:
+    """The reference pair of `fallwatch models train-reference` with a published switcher, when all exist.
+
+    Relative paths on purpose: a switcher names the edge model it was trained for by the
+    configured string (config/reference.yaml), and the services compare that string.
+    """
+    paths = ModelPaths(directory / "edge-vilt", directory / "cloud-pose", directory / "switchers")
+    trained = all((path / "config.json").is_file() for path in (paths.edge, paths.cloud))
+    return paths if trained and latest_version(paths.switcher_registry) is not None else None
+
+
+def build_tiny_models(directory: Path) -> ModelPaths:
     """Tiny random checkpoints of the real classes plus an untrained switcher; answers are arbitrary."""
     directory = directory.resolve()
-    paths = TinyModelPaths(directory / "edge-vilt", directory / "cloud-llava", directory / "switchers")
+    paths = ModelPaths(directory / "edge-vilt", directory / "cloud-llava", directory / "switchers")
     built = all((path / "config.json").is_file() for path in (paths.edge, paths.cloud))
     if built and latest_version(paths.switcher_registry) is not None:
         log.warning("reusing the UNTRAINED tiny models in %s: their verdicts are arbitrary", directory)

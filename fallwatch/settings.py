@@ -274,6 +274,11 @@ class DmdSettings(Section):
         0.15, ge=0, lt=1, description="inputs without a split: share for validation (after train in time)"
     )
     test_share: float = Field(0.15, ge=0, lt=1, description="inputs without a split: the newest share, for testing")
+    switcher_split: Literal["train", "val"] = Field(
+        "train",
+        description="split the switcher learns from; val when the model pair learnt from train (val_share of "
+        "it is held out for early stopping, the pair's train rows are not used)",
+    )
     learning_rate: float = Field(1e-4, gt=0, description="Adam, as the paper")
     train_batch_size: int = Field(32, ge=1)
     max_epochs: int = Field(200, ge=1)

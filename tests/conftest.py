@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from fallwatch.kafka_io import make_consumer, topic_specs
-from fallwatch.models import TinyModelPaths, build_tiny_models
+from fallwatch.models import ModelPaths, build_tiny_models
 from fallwatch.settings import CONFIG_ENV, Settings
 from fallwatch.stack import LocalStack, StackState, create_topics
 from schemas import Message, Topics, decode
@@ -116,7 +116,7 @@ def clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModelPaths:
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> ModelPaths:
     return build_tiny_models(tmp_path_factory.mktemp("models"))
 
 
@@ -159,3 +159,13 @@ async def running(worker: W) -> AsyncIterator[W]:
     finally:
         stop.set()
         await task
+
+
+def run_fallwatch(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python -m fallwatch ARGS` in the checkout, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "fallwatch", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})}, cwd=REPO,
+    )

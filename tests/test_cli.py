@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,17 +16,12 @@ import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
 from fallwatch.cli import app
+from fallwatch.demo import ClipTruth, clip_outcome
 from fallwatch.settings import CONFIG_ENV, load_settings
-from schemas import Topics
+from schemas import FallEvent, Topics
+from tests.conftest import run_fallwatch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def fallwatch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fallwatch", *args], capture_output=True, text=True, timeout=120,
-        env={**os.environ, **(env or {})}, cwd=REPO,
-    )
 
 
 def command_names() -> set[str]:
@@ -49,7 +45,7 @@ def test_every_service_has_a_subcommand() -> None:
     ],
 )
 def test_user_mistakes_get_one_readable_line(args: tuple[str, ...], env: dict[str, str], message: str) -> None:
-    result = fallwatch(*args, env=env)
+    result = run_fallwatch(*args, env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -58,7 +54,7 @@ def test_user_mistakes_get_one_readable_line(args: tuple[str, ...], env: dict[st
 
 
 def test_unknown_command_is_a_usage_error_not_a_traceback() -> None:
-    result = fallwatch("fly")
+    result = run_fallwatch("fly")
     assert result.returncode == 2
     assert "No such command" in result.stderr and "Traceback" not in result.stderr
 
@@ -109,7 +105,7 @@ async def partition_counts(bootstrap_servers: str) -> dict[str, int]:
 
 def test_stack_up_status_down_uses_free_ports(tmp_path: Path, stack_state) -> None:
     env = {"FALLWATCH_STATE_DIR": str(tmp_path / "state"), "FALLWATCH_CACHE_DIR": str(REPO / ".cache")}
-    up = fallwatch("stack", "up", env=env)
+    up = run_fallwatch("stack", "up", env=env)
     try:
         assert up.returncode == 0, up.stderr
         state = json.loads((tmp_path / "state" / "stack.json").read_text())
@@ -119,18 +115,18 @@ def test_stack_up_status_down_uses_free_ports(tmp_path: Path, stack_state) -> No
         assert asyncio.run(partition_counts(f"127.0.0.1:{state['kafka']['port']}")) == {
             name: 4 for name in Topics().all()
         }, "every topic is created with 4 partitions"
-        status = fallwatch("stack", "status", env=env)
+        status = run_fallwatch("stack", "status", env=env)
         assert status.returncode == 0
         assert "kafka: up" in status.stdout and "redis: up" in status.stdout
     finally:
-        down = fallwatch("stack", "down", env=env)
+        down = run_fallwatch("stack", "down", env=env)
     assert down.returncode == 0 and "stopped" in down.stdout
-    after = fallwatch("stack", "status", env=env)
+    after = run_fallwatch("stack", "status", env=env)
     assert after.returncode == 1 and "no local stack" in after.stdout
 
 
 def test_models_tiny_writes_loadable_untrained_models(tmp_path: Path) -> None:
-    result = fallwatch("models", "tiny", str(tmp_path / "tiny"))
+    result = run_fallwatch("models", "tiny", str(tmp_path / "tiny"))
     assert result.returncode == 0, result.stderr
     snippet = yaml.safe_load(result.stdout.split("use them with:\n", 1)[1])
     assert Path(snippet["edge"]["model"], "config.json").is_file()
@@ -148,22 +144,39 @@ def test_models_tiny_writes_loadable_untrained_models(tmp_path: Path) -> None:
 )
 def test_unloadable_checkpoints_get_one_line(env: dict[str, str], message: str) -> None:
     command = "edge" if "FALLWATCH_EDGE__MODEL" in env else "cloud"
-    result = fallwatch(command, env={**env, "HF_HUB_OFFLINE": "1"})
+    result = run_fallwatch(command, env={**env, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_clip_outcome_compares_the_first_alert_with_the_annotated_fall_start() -> None:
+    start = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    alert = FallEvent(
+        alert_id="a", camera_id="cam-1", room="room-1", state="open", opened_at=start + timedelta(seconds=3.5),
+        first_fall_at=start + timedelta(seconds=2), confidence=0.9, evidence_frame_ids=["f"], rule="3 of 5",
+    )
+    fall, no_fall = ClipTruth("fall", 1.5), ClipTruth("no_fall", None)
+    assert clip_outcome(fall, start, alert) == "alert +2.0 s after the fall start"
+    assert clip_outcome(fall, start, None) == "MISSED fall"
+    assert clip_outcome(no_fall, start, alert) == "FALSE ALARM"
+    assert clip_outcome(no_fall, start, None) == "no alert (right)"
+    assert clip_outcome(None, start, alert) == "alert"
 
 
 def test_demo_prints_a_final_verdict_for_every_frame(tmp_path: Path, clip_path: Path) -> None:
     clips = tmp_path / "clips"
     clips.mkdir()
     (clips / clip_path.name).symlink_to(clip_path)
+    (clips / "clips.csv").write_text(f"file,label,fall_start_s\n{clip_path.name},fall,0.4\n")
     env = {"FALLWATCH_STATE_DIR": str(tmp_path / "state"), "FALLWATCH_CACHE_DIR": str(REPO / ".cache")}
     result = subprocess.run(
         [sys.executable, "-m", "fallwatch", "demo", "--clips", str(clips)], capture_output=True, text=True,
         timeout=600, env={**os.environ, **env}, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "TINY UNTRAINED" in result.stdout
+    assert "TINY UNTRAINED" in result.stdout  # no reference pair was trained in this directory
+    outcome = re.search(r"(MISSED fall|alert [+-]\d+\.\d s after the fall start)", result.stdout)
+    assert outcome is not None, "the summary judges the clip against clips.csv"
     summary = re.search(r"frames (\d+), final verdicts (\d+)", result.stdout)
     assert summary is not None and int(summary[1]) > 0 and summary[1] == summary[2], result.stdout[-1500:]
     printed = len(re.findall(r"^cam-1 room-1 frame +\d+ +(?:edge|cloud|edge-fallback) .* final$", result.stdout, re.M))

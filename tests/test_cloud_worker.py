@@ -28,7 +28,7 @@ from cloud_workers.service import CloudWorker
 from fallwatch.cli import main
 from fallwatch.images import decode_jpeg_rgb
 from fallwatch.kafka_io import consumer_group_lag, make_producer
-from fallwatch.models import TinyModelPaths
+from fallwatch.models import ModelPaths
 from fallwatch.settings import Settings
 from schemas import CloudRequest, DeadLetter, KafkaPosition, Verdict, encode
 from tests.conftest import REPO, consume_until, running, settings_for, write_config
@@ -42,7 +42,7 @@ def small_clip(seed: int) -> list[np.ndarray]:
     return synthetic_clip(seed, CLIP_FRAMES, height=96, width=128)
 
 
-def worker_settings(stack_state, tmp_path: Path, tiny: TinyModelPaths, **cloud: object) -> Settings:
+def worker_settings(stack_state, tmp_path: Path, tiny: ModelPaths, **cloud: object) -> Settings:
     settings = settings_for(
         stack_state, tmp_path, cloud={"model": str(tiny.cloud), "num_frames": NUM_FRAMES, "device": "cpu", **cloud}
     )
@@ -52,7 +52,7 @@ def worker_settings(stack_state, tmp_path: Path, tiny: TinyModelPaths, **cloud: 
 
 
 @pytest.fixture(scope="module")
-def cloud_model(tiny_models: TinyModelPaths) -> LlavaVideoCloudModel:
+def cloud_model(tiny_models: ModelPaths) -> LlavaVideoCloudModel:
     return LlavaVideoCloudModel.from_pretrained(str(tiny_models.cloud), QUESTION, num_frames=NUM_FRAMES, device="cpu")
 
 

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdData, DmdRow, assign_missing_splits
+from dmd_offline.dataset import (
+    UNKNOWN,
+    DatasetManifest,
+    DmdData,
+    DmdRow,
+    assign_missing_splits,
+    switcher_splits_from_val,
+)
 from dmd_offline.evaluate import Curve, evaluate, normalised_auc
 from dmd_offline.metrics import Outcomes, classification_scores
 from dmd_offline.threshold import bucket_threshold, budget_threshold
@@ -208,3 +215,20 @@ def test_inputs_without_a_split_are_split_by_time() -> None:
     split = assign_missing_splits(shuffled, val_share=0.2, test_share=0.3)
     by_time = sorted(split.rows, key=lambda row: row.order_key)
     assert [row.split for row in by_time] == ["train"] * 5 + ["val"] * 2 + ["test"] * 3
+
+
+def test_switcher_learns_from_val_when_the_pair_learnt_from_train() -> None:
+    parts = [constructed_rows([0.6] * n, [0] * n, [0] * n, [0] * n, split) for split, n in
+             (("train", 50), ("val", 200), ("test", 30))]
+    data = DmdData(MANIFEST, [row for part in parts for row in part.rows], np.concatenate([p.hidden for p in parts]))
+    remapped = switcher_splits_from_val(data, val_share=0.25, seed=3)
+    origin = {row.input_id.split("-")[0] for row in remapped.rows}
+    assert origin == {"val", "test"}  # the pair's own training rows are gone
+    new_val = [row for row in remapped.rows if row.split == "val"]
+    new_train = [row for row in remapped.rows if row.split == "train"]
+    assert all(row.input_id.startswith("val-") for row in new_val + new_train)
+    assert len(new_val) + len(new_train) == 200 and 30 <= len(new_val) <= 70  # about a quarter held out
+    assert [row.input_id for row in remapped.split("test").rows] == [row.input_id for row in parts[2].rows]
+    assert len(remapped.hidden) == len(remapped.rows) == 230
+    again = switcher_splits_from_val(data, val_share=0.25, seed=3)
+    assert [row.split for row in again.rows] == [row.split for row in remapped.rows]

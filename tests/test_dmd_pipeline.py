@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,10 +28,10 @@ from edge_workers.model import ViltEdgeModel
 from edge_workers.registry import SwitcherRegistry
 from edge_workers.switcher import latest_version, load_switcher
 from fallwatch.kafka_io import make_producer, send
-from fallwatch.models import TinyModelPaths, load_edge_model
+from fallwatch.models import ModelPaths, load_edge_model
 from fallwatch.settings import Settings
 from schemas import Frame, Label, Verdict
-from tests.conftest import SHARED_DATASETS, settings_for, write_config
+from tests.conftest import SHARED_DATASETS, run_fallwatch, settings_for, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 FALLS_FALLACTION = SHARED_DATASETS / "falls-fallaction"
@@ -105,7 +104,7 @@ def labelled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def tiny_settings(tiny: TinyModelPaths, tmp_path: Path, **dmd: object) -> Settings:
+def tiny_settings(tiny: ModelPaths, tmp_path: Path, **dmd: object) -> Settings:
     sections = tiny.settings_sections()
     sections["cloud"]["num_frames"] = 4  # type: ignore[index]
     return Settings(**sections, dmd={"workdir": str(tmp_path / "work"), **dmd})
@@ -271,9 +270,7 @@ def test_logged_only_replay_warns_about_the_biased_sample(stack_state, tiny_mode
 
 
 def run_cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FALLWATCH_CONFIG": str(config)}
-    return subprocess.run([sys.executable, "-m", "fallwatch", *args], capture_output=True, text=True, timeout=300,
-                          env=env, cwd=REPO)
+    return run_fallwatch(*args, env={"FALLWATCH_CONFIG": str(config)})
 
 
 def test_dmd_run_replays_trains_evaluates_and_publishes(
@@ -300,6 +297,11 @@ def test_dmd_run_replays_trains_evaluates_and_publishes(
     results = {r["name"]: r for r in payload["evaluation"]["results"]}
     assert results["large-only"]["share_large"] == 1.0 and results["small-only"]["share_large"] == 0.0
     assert payload["evaluation"]["reference"] == "ground truth"
+    # the breakdown by meta.csv's source_group covers every test row, and the whole test curve is printed
+    groups = payload["evaluation"]["groups"]
+    assert sum(group["rows"] for group in groups) == payload["evaluation"]["rows"] == 10
+    assert all(f"| {group['group']} | {group['rows']} |" in report for group in groups)
+    assert "## F1 vs % deferred (test split)" in report
     for plot in ("f1_vs_deferred_train", "f1_vs_deferred_test", "time_vs_deferred"):
         assert (workdir / "report" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
 

@@ -23,14 +23,14 @@ from edge_workers.switcher import create_untrained_switcher, latest_version, loa
 from edge_workers.tiny import set_fall_bias as set_edge_fall_bias
 from fallwatch.images import decode_jpeg_rgb
 from fallwatch.kafka_io import make_producer
-from fallwatch.models import TinyModelPaths, load_cloud_model, load_edge_model
+from fallwatch.models import ModelPaths, load_cloud_model, load_edge_model
 from fallwatch.settings import CameraSettings, Settings
 from producers.service import run_producers
 from schemas import CloudRequest, DeadLetter, FallEvent, Frame, Verdict, encode
 from tests.conftest import consume_until, running, service_process, settings_for
 
 
-def pipeline_settings(stack_state, tmp_path: Path, tiny: TinyModelPaths, clip: Path, registry: Path) -> Settings:
+def pipeline_settings(stack_state, tmp_path: Path, tiny: ModelPaths, clip: Path, registry: Path) -> Settings:
     sections = tiny.settings_sections()
     sections["edge"].update(switcher_registry=str(registry), batch_size=4)
     sections["cloud"].update(batch_size=4, num_frames=4)
@@ -143,9 +143,9 @@ def _jpeg() -> bytes:
     return cv2.imencode(".jpg", image)[1].tobytes()
 
 
-def fall_saying_models(tiny: TinyModelPaths, directory: Path) -> TinyModelPaths:
+def fall_saying_models(tiny: ModelPaths, directory: Path) -> ModelPaths:
     """Copies of the tiny pair configured (weights set, same classes) to answer "fall" for every input."""
-    fall = TinyModelPaths(directory / "edge-vilt", directory / "cloud-llava", directory / "switchers")
+    fall = ModelPaths(directory / "edge-vilt", directory / "cloud-llava", directory / "switchers")
     shutil.copytree(tiny.edge, fall.edge)
     shutil.copytree(tiny.cloud, fall.cloud)
     set_edge_fall_bias(fall.edge, fall=True)
