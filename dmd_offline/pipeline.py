@@ -195,7 +195,7 @@ def run_evaluate(settings: Settings) -> EvaluationOutput:
     replay_summary = read_replay_summary(workdir)
     report_md, report_json = write_report(
         workdir.report,
-        markdown_report(data, training, choice, evaluation, plots, replay_summary),
+        markdown_report(data, training, choice, evaluation, plots, replay_summary, settings.dmd.switcher_split),
         json_report(data, training, choice, evaluation, replay_summary),
     )
     return EvaluationOutput(evaluation, report_md, report_json, plots)

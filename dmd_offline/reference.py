@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 EDGE_DIR = "edge-vilt"
 CLOUD_DIR = "cloud-pose"
 SWITCHER_DIR = "switchers"
+DMD_DIR = "dmd"  # config/reference.yaml's dmd.workdir
 SUMMARY_FILE = "training.json"
 YES, NO = 0, 1  # the compact model's two answers
 
@@ -59,6 +61,9 @@ class EdgeTrainingConfig:
     weight_decay: float = 0.05
     max_epochs: int = 40
     patience: int = 8
+    # weigh each class by its inverse frequency: the train split is two-thirds falls, and an
+    # unweighted model leans to "fall" wherever it is unsure (unfamiliar rooms, lighting)
+    balance_classes: bool = True
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,13 @@ def f1_and_accuracy(labels: np.ndarray, fall_probability: np.ndarray) -> tuple[f
     return f1, float((predicted == truth).mean())
 
 
-def binary_log_loss(labels: np.ndarray, fall_probability: np.ndarray) -> float:
+def binary_log_loss(labels: np.ndarray, fall_probability: np.ndarray, balanced: bool = False) -> float:
+    """Mean log loss; `balanced` weighs both classes equally, whatever their counts."""
     p = np.clip(fall_probability.astype(np.float64), 1e-7, 1 - 1e-7)
-    return float(-np.mean(np.where(labels == 1, np.log(p), np.log(1 - p))))
+    losses = np.where(labels == 1, -np.log(p), -np.log(1 - p))
+    if not balanced:
+        return float(losses.mean())
+    return float(np.mean([losses[labels == label].mean() for label in (0, 1) if (labels == label).any()]))
 
 
 def shrink(image: np.ndarray, shortest_edge: int) -> np.ndarray:
@@ -187,6 +196,8 @@ class EdgeTrainer:
         crops = [torch.from_numpy(shrink(image, config.image_size * 8 // 7)).permute(2, 0, 1) for image in train.images]
         val_images = [shrink(image, config.image_size * 8 // 7) for image in val.images]
         targets = torch.from_numpy(np.where(train.labels == 1, YES, NO))
+        counts = torch.bincount(targets, minlength=2).clamp(min=1).float()
+        class_weights = len(targets) / (2 * counts) if config.balance_classes else torch.ones(2)
         optimiser = torch.optim.AdamW(
             self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
@@ -202,7 +213,7 @@ class EdgeTrainer:
             for part in batches(len(order), config.batch_size):
                 batch = order[part]
                 pixels = torch.stack([self.augment(crops[i]) for i in batch.tolist()])
-                loss = nn.functional.cross_entropy(self.logits(pixels), targets[batch])
+                loss = nn.functional.cross_entropy(self.logits(pixels), targets[batch], weight=class_weights)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -212,7 +223,7 @@ class EdgeTrainer:
             return total / len(crops)
 
         def validation_loss() -> float:
-            loss = binary_log_loss(val.labels, self.val_probabilities(val_images))
+            loss = binary_log_loss(val.labels, self.val_probabilities(val_images), config.balance_classes)
             log.info("edge epoch: validation loss %.3f", loss)
             return loss
 
@@ -324,6 +335,12 @@ def train_reference_pair(
     """Train both models; write `edge-vilt/`, `cloud-pose/` and `training.json` under `output`."""
     started = time.monotonic()
     train, val = load_splits(folder, limit_per_split)
+    for stale in (output / SWITCHER_DIR, output / DMD_DIR):
+        if stale.exists():
+            # DMD data and switchers of the previous pair: a switcher reads the edge model's hidden
+            # vectors, and a retrained edge model keeps its name and size but not their meaning
+            log.warning("removing %s: it belongs to the pair being replaced", stale)
+            shutil.rmtree(stale)
     log.info("training the reference pair on %d train / %d val images", len(train.images), len(val.images))
 
     edge_dir, cloud_dir = (output / EDGE_DIR).resolve(), (output / CLOUD_DIR).resolve()

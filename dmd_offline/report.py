@@ -33,6 +33,7 @@ def markdown_report(
     evaluation: Evaluation,
     plots: list[Path],
     replay: ReplaySummary | None = None,
+    switcher_split: str = "train",
 ) -> str:
     splits = {name: sum(row.split == name for row in data.rows) for name in ("train", "val", "test")}
     large = evaluation.result("large-only")
@@ -44,6 +45,11 @@ def markdown_report(
         f"(train {splits['train']}, val {splits['val']}, test {splits['test']}); "
         f"edge model `{data.manifest.edge_model}` (hidden {data.manifest.hidden_size}), "
         f"large model `{data.manifest.cloud_model}`.",
+        *(
+            ["- The switcher learnt from the data set's validation split (`dmd.switcher_split: val`): the model "
+             "pair learnt from its train split, which is left out here; train and val below are the switcher's."]
+            if switcher_split == "val" else []
+        ),
         f"- F1 is the fall class's, measured against the **{evaluation.reference}**.",
         f"- Switcher: {training.epochs_run} epochs, best at epoch {training.best_epoch} "
         f"(validation loss {training.best_val_loss:.4f}, accuracy {training.val_accuracy:.3f}); "

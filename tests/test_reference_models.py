@@ -115,3 +115,13 @@ def test_a_folder_without_val_rows_is_refused(tmp_path: Path) -> None:
     (folder / "labels.csv").write_text("image,label,split\nimages/a.jpg,fall,train\n")
     result = run_fallwatch("models", "train-reference", "--dataset", str(folder), "--output", str(tmp_path / "out"))
     assert result.returncode == 2 and "train and the val split" in result.stderr
+
+
+def test_retraining_removes_the_switchers_and_dmd_data_of_the_previous_pair(tmp_path: Path) -> None:
+    output = tmp_path / "pair"
+    for stale in ("switchers/20260101T000000Z", "dmd/dataset"):
+        (output / stale).mkdir(parents=True)
+    train_reference_pair(FALLS_FALLACTION, output, Settings().edge.question, limit_per_split=4,
+                         edge_config=TINY_EDGE, cloud_config=QUICK_CLOUD)
+    assert not (output / "switchers").exists() and not (output / "dmd").exists()
+    assert (output / "edge-vilt" / "config.json").is_file() and (output / "cloud-pose" / "config.json").is_file()
