@@ -32,7 +32,7 @@ from transformers import ViltConfig, ViltForQuestionAnswering, ViltProcessor
 
 from cloud_workers.pose import Pose, PoseEstimator, PoseFallClassifier, PoseFallConfig, pose_features
 from dmd_offline.sources import ReplayItem, image_folder_items
-from dmd_offline.train import fit_early_stopping, minibatch_epoch
+from dmd_offline.train import fit_early_stopping, fit_on_tensors
 from edge_workers.model import ViltEdgeModel, torch_threads
 from edge_workers.tiny import small_processor
 from fallwatch.settings import ConfigError
@@ -278,14 +278,8 @@ def train_pose_classifier(
         classifier.feature_std.copy_(train_x.std(dim=0) + 1e-6)
         loss_fn = nn.BCEWithLogitsLoss()
         optimiser = torch.optim.Adam(classifier.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-        shuffle = torch.Generator().manual_seed(seed)
-        fit = fit_early_stopping(
-            classifier,
-            lambda: minibatch_epoch(classifier, optimiser, loss_fn, train_x, train_y, config.batch_size, shuffle),
-            lambda: float(loss_fn(classifier(val_x), val_y)),
-            config.max_epochs,
-            config.patience,
-        )
+        fit = fit_on_tensors(classifier, optimiser, loss_fn, (train_x, train_y), (val_x, val_y),
+                             config.batch_size, seed, config.max_epochs, config.patience)
     with torch.inference_mode():
         found_probabilities = torch.sigmoid(classifier(val_x)).numpy()
     val_probabilities = np.full(len(val_poses), no_pose_probability, dtype=np.float32)

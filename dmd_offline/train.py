@@ -121,6 +121,28 @@ def minibatch_epoch(
     return total / len(inputs)
 
 
+def fit_on_tensors(
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    seed: int,
+    max_epochs: int,
+    patience: int,
+) -> Fit:
+    """Shuffled minibatch epochs over in-memory (inputs, targets), early stopping on the validation loss."""
+    shuffle = torch.Generator().manual_seed(seed)
+    return fit_early_stopping(
+        model,
+        lambda: minibatch_epoch(model, optimiser, loss_fn, *train, batch_size, shuffle),
+        lambda: float(loss_fn(model(val[0]), val[1])),
+        max_epochs,
+        patience,
+    )
+
+
 def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple[Switcher, TrainingReport]:
     if not val.rows:
         raise ConfigError("the validation split is empty: early stopping needs one (dmd.val_share, or split=val)")
@@ -138,14 +160,8 @@ def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple
         torch.manual_seed(settings.seed)
         switcher = Switcher(input_dim=train_x.shape[1])
         optimiser = torch.optim.Adam(switcher.parameters(), lr=settings.learning_rate)
-        shuffle = torch.Generator().manual_seed(settings.seed)
-        fit = fit_early_stopping(
-            switcher,
-            lambda: minibatch_epoch(switcher, optimiser, loss_fn, train_x, train_y, settings.train_batch_size, shuffle),
-            lambda: float(loss_fn(switcher(val_x), val_y)),
-            settings.max_epochs,
-            settings.patience,
-        )
+        fit = fit_on_tensors(switcher, optimiser, loss_fn, (train_x, train_y), (val_x, val_y),
+                             settings.train_batch_size, settings.seed, settings.max_epochs, settings.patience)
     val_scores = switcher.agreement_probability(val.hidden)
     report = TrainingReport(
         input_dim=switcher.input_dim,
