@@ -188,7 +188,10 @@ class LlavaVideoCloudModel:
         # Positions count real tokens only, so a left-padded row sees the same positions
         # as it would alone (`generate` derives them the same way from the attention mask).
         position_ids = (inputs["attention_mask"].cumsum(dim=-1) - 1).clamp(min=0)
-        logits = self.model(**inputs, position_ids=position_ids, logits_to_keep=1).logits[:, -1, :].float()
+        # Only the last position's logits are read, and no token follows: no key/value cache
+        # (for the 7B at batch 16 that would be gigabytes of GPU memory written for nothing).
+        logits = self.model(**inputs, position_ids=position_ids, logits_to_keep=1, use_cache=False).logits
+        logits = logits[:, -1, :].float()
         answer_logits = logits[:, self.yes_token_ids + self.no_token_ids]
         answer_probabilities = answer_logits.softmax(dim=-1)
         p_yes = answer_probabilities[:, : len(self.yes_token_ids)].sum(dim=-1)
@@ -201,15 +204,20 @@ class LlavaVideoCloudModel:
         return self.generate_answers_of(self.model_inputs(clips, [self.question] * len(clips)), max_new_tokens)
 
     @torch.inference_mode()
-    def generate_answers_of(self, inputs: dict[str, torch.Tensor], max_new_tokens: int = 3) -> list[str]:
-        generated = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    def generate_answers_of(
+        self, inputs: dict[str, torch.Tensor], max_new_tokens: int = 3, min_new_tokens: int = 0
+    ) -> list[str]:
+        """Greedy answers of prepared inputs; `min_new_tokens` keeps the end-of-sequence token from stopping early."""
+        generated = self.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False
+        )
         new_tokens = generated[:, inputs["input_ids"].shape[1] :]
         answers = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [answer.strip() for answer in answers]
 
     def model_inputs(self, clips: list[Clip], questions: list[str]) -> dict[str, torch.Tensor]:
         """The processed, checked model inputs of clips and their questions, on the model's device."""
-        videos = [sample_frames(clip, self.num_frames) for clip in clips]
+        videos = [self.resized_video(sample_frames(clip, self.num_frames)) for clip in clips]
         prompts = [self.prompt(question) for question in questions]
         inputs = self.processor(text=prompts, videos=videos, padding=True, return_tensors="pt")
         self.check_video_inputs(inputs, len(clips))
@@ -218,6 +226,22 @@ class LlavaVideoCloudModel:
             "attention_mask": inputs["attention_mask"].to(self.device),
             "pixel_values_videos": inputs["pixel_values_videos"].to(self.device, self.model.dtype),
         }
+
+    def resized_video(self, video: np.ndarray) -> torch.Tensor:
+        """One sampled clip [T, H, W, 3] as [T, 3, h, w] uint8, resized exactly as the processor resizes it.
+
+        The processor itself first copies the camera-sized frames of the whole batch into one
+        channels-first tensor and resizes that in float32 (for 8 clips of 8 frames of 640×480,
+        ~240 MB): with the tiny model, most of the time of a batch, ~5× this path's. Its own
+        `resize`, called clip by clip on a channels-last view of the frames (no copy), gives the
+        same values (tested equal to the processor's output); the processor then finds the frames
+        at its size already, skips its resize, and only crops and normalizes small frames.
+        """
+        frames = torch.from_numpy(video).permute(0, 3, 1, 2)
+        processor = self.processor.video_processor
+        if not processor.do_resize:  # a checkpoint that feeds frames at their own size
+            return frames
+        return processor.resize(frames, size=processor.size, resample=processor.resample)
 
     def check_video_inputs(self, inputs: dict[str, torch.Tensor], num_clips: int) -> None:
         """Fail loudly if the video would be dropped: the model would answer from text alone.

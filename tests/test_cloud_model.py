@@ -165,6 +165,26 @@ def test_left_padding_gives_each_prompt_the_answer_it_gets_alone(
     )
 
 
+@pytest.mark.parametrize("do_resize", [True, False])
+def test_pixel_values_are_the_processors_own(
+    model: LlavaVideoCloudModel, clips: list[list[np.ndarray]], monkeypatch: pytest.MonkeyPatch, do_resize: bool
+) -> None:
+    # model_inputs resizes clip by clip before the processor sees the frames (much cheaper than the
+    # processor resizing the whole batch); the pixel values must still be the processor's own, bit
+    # for bit (tolerance 0), for camera-sized frames of several sizes in one batch.
+    monkeypatch.setattr(model.processor.video_processor, "do_resize", do_resize)
+    cameras = [
+        [cv2.resize(frame, size) for frame in clip]
+        for clip, size in zip(clips[:3], [(640, 480), (1280, 720), (160, 120)], strict=True)
+    ]
+    prompts = [model.prompt(QUESTION)] * len(cameras)
+    videos = [sample_frames(clip, NUM_FRAMES) for clip in cameras]
+    expected = model.processor(text=prompts, videos=videos, padding=True, return_tensors="pt")
+    inputs = model.model_inputs(cameras, [QUESTION] * len(cameras))
+    assert torch.equal(inputs["pixel_values_videos"], expected["pixel_values_videos"])
+    assert torch.equal(inputs["input_ids"], expected["input_ids"])
+
+
 def test_video_token_guard_trips_when_the_video_is_dropped(
     model: LlavaVideoCloudModel, clips: list[list[np.ndarray]]
 ) -> None:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 from cloud_workers.benchmark import encode_jpeg, publish_requests, synthetic_clip
 from cloud_workers.energy import CostMeter, RaplEnergyMeter
 from cloud_workers.model import LlavaVideoCloudModel
-from cloud_workers.service import CloudWorker
+from cloud_workers.service import CloudWorker, decode_clips
 from fallwatch.cli import main
 from fallwatch.images import decode_jpeg_rgb
 from fallwatch.kafka_io import consumer_group_lag, make_producer
@@ -234,6 +235,18 @@ def test_a_stopped_worker_answers_every_live_request_after_restart(
     assert sources[(True, "edge-fallback")] == 0
 
 
+def test_clips_decode_in_order_without_their_undecodable_frames() -> None:
+    jpegs = [encode_jpeg(small_clip(seed)[0]) for seed in range(3)]
+    frames = [decode_jpeg_rgb(jpeg) for jpeg in jpegs]
+    with ThreadPoolExecutor(2) as pool:
+        clips = decode_clips([[jpegs[0], b"not a jpeg", jpegs[1]], [b"\xff\xd8 torn"], [jpegs[2]]], pool)
+    first, lost, last = clips
+    assert first is not None and len(first) == 2
+    assert np.array_equal(first[0], frames[0]) and np.array_equal(first[1], frames[1])
+    assert lost is None, "no frame left: the frame fallback answers it"
+    assert last is not None and len(last) == 1 and np.array_equal(last[0], frames[2])
+
+
 def test_rapl_meter_sums_packages_and_survives_wrap_around(tmp_path: Path) -> None:
     # The powercap layout of a two-socket machine; a sub-zone (cores) must not count twice.
     for name, energy in (("intel-rapl:0", 1_000_000), ("intel-rapl:1", 5_000_000), ("intel-rapl:0:0", 7)):
@@ -255,7 +268,7 @@ def test_rapl_meter_sums_packages_and_survives_wrap_around(tmp_path: Path) -> No
     assert RaplEnergyMeter.from_powercap(tmp_path / "absent") is None
 
 
-def test_bench_cloud_prints_its_three_tables(local_stack, stack_state, tmp_path: Path) -> None:
+def test_bench_cloud_prints_its_tables(local_stack, stack_state, tmp_path: Path) -> None:
     # The smallest run of every part; it uses the session's stack through its state directory.
     settings = settings_for(stack_state, tmp_path).model_copy(update={"state_dir": local_stack.state_dir})
     env = write_config(settings, tmp_path / "bench.yaml")
@@ -267,7 +280,8 @@ def test_bench_cloud_prints_its_three_tables(local_stack, stack_state, tmp_path:
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "model alone" in out and "one forward vs generate" in out and "worker (Kafka" in out
+    assert "model alone" in out and "one forward vs generate writing exactly 2 new tokens" in out
+    assert "worker on Kafka + Redis" in out and "worker vs the model's own batched throughput" in out
     model_table = out.split("one forward vs generate")[0]
     for batch_size in (1, 2):  # a row per batch size in the first table, with its requests/s
         assert re.search(rf"^│\s+{batch_size} │\s+[\d.]+ │\s+[\d.]+ │\s+[\d.]+ │", model_table, re.MULTILINE), out
@@ -276,6 +290,9 @@ def test_bench_cloud_prints_its_three_tables(local_stack, stack_state, tmp_path:
     worker_row = re.search(r"^│\s+1 │\s+6 │\s+2 │\s+([\d.]+) │", out, re.MULTILINE)
     assert worker_row is not None, out
     assert 1.0 <= float(worker_row.group(1)) <= 2.0, "mean batch formed, at most the worker's batch size"
+    for baseline in ("JPEG clips in memory", "decoded clips in memory", "pre-processed tensors in memory"):
+        ratio = re.search(rf"^│\s+{baseline} → .* │\s+[\d.]+ \([\d.]+\) │\s+([\d.]+) │$", out, re.MULTILINE)
+        assert ratio is not None and float(ratio.group(1)) > 0, out
 
 
 def test_bench_cloud_rejects_a_bad_option_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
