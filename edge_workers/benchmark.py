@@ -1,7 +1,10 @@
 """The measurements behind `fallwatch bench edge` (see edge_workers.bench): what an edge worker costs.
 
 1. Plumbing: the worker with a null edge model (zeros of the right shape) — frames/s through
-   Kafka, validation, JPEG decode, the switcher, routing and producing verdicts.
+   Kafka, validation, JPEG decode, the switcher, routing and producing verdicts. The frames are in
+   Kafka before the worker starts, so the feeder does not compete for the CPU while it is timed; the
+   CPU the worker and everything else (the Kafka broker, other work) spend per frame is reported
+   beside it, and JPEG decode alone on 1 and on the worker's decode threads gives the ceiling.
 2. The real-size ViLT-B/32 architecture (default `ViltConfig`, 3,129 answers, random weights,
    384-pixel processor): the worker's frames/s against a raw loop calling the same batched model
    on pre-processed tensors. The two are measured in alternating rounds in one run, so load from
@@ -18,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import io
+import os
 import statistics
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -104,6 +109,16 @@ class DecodeRow:
     ms_per_frame: float
 
 
+def measure_parallel_decode(jpegs: list[bytes], threads: int, frames: int = 512) -> float:
+    """Frames/s of JPEG decode alone, the frames spread over `threads` threads as the worker does."""
+    batch = [jpegs[i % len(jpegs)] for i in range(frames)]
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(decode_jpeg_rgb, batch[:threads]))  # warm-up: threads started
+        started = time.perf_counter()
+        list(pool.map(decode_jpeg_rgb, batch))
+        return frames / (time.perf_counter() - started)
+
+
 def measure_decode(jpegs: list[bytes], repeats: int = 10) -> list[DecodeRow]:
     def pil(jpeg: bytes) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
@@ -130,6 +145,18 @@ async def publish_frames(settings: Settings, frames: list[Frame]) -> None:
         await producer.stop()
 
 
+@dataclass(frozen=True)
+class CpuClock:
+    process_s: float  # this process, every thread (the worker's decode threads included)
+    machine_busy_s: float  # every core of the machine, from /proc/stat
+
+
+def cpu_clock() -> CpuClock:
+    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return CpuClock(time.process_time(), (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"))
+
+
 def answered(worker: EdgeWorker) -> int:
     return int(worker.metrics.registry.get_sample_value("fallwatch_edge_frames_total") or 0)
 
@@ -140,7 +167,8 @@ async def wait_answered(worker: EdgeWorker, count: int, timeout_s: float) -> flo
     while answered(worker) < count:
         if time.perf_counter() > deadline:
             raise TimeoutError(f"the edge worker answered {answered(worker)} of {count} frames in {timeout_s:.0f} s")
-        await asyncio.sleep(0.005)
+        # every 20 ms: reading the metrics costs CPU the worker would otherwise use; ±20 ms is < 1 % of a run
+        await asyncio.sleep(0.02)
     return time.perf_counter()
 
 
@@ -149,23 +177,33 @@ class PlumbingRun:
     frames: int
     frames_per_s: float
     mean_batch: float
+    worker_cpu_ms: float  # per frame, this process
+    other_cpu_ms: float  # per frame, every other process on the machine (the broker among them)
+    machine_busy: float  # share of the machine's cores busy during the run
 
 
 async def measure_plumbing(settings: Settings, jpegs: list[bytes], count: int) -> PlumbingRun:
-    """Frames already in Kafka; the rate from the first answered batch to the last frame."""
+    """Frames already in Kafka; the rate and the CPU spent from the first answered batch to the last frame."""
     await publish_frames(settings, frames_of(jpegs, count, 0))
     worker = EdgeWorker(settings, NullEdgeModel())
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
         first_time = await wait_answered(worker, 1, timeout_s=120)
-        first_count = answered(worker)
+        first_count, first_cpu = answered(worker), cpu_clock()
         last_time = await wait_answered(worker, count, timeout_s=600)
+        last_cpu = cpu_clock()
     finally:
         stop.set()
         await task
     batches = worker.metrics.registry.get_sample_value("fallwatch_edge_batch_size_count") or 1
-    return PlumbingRun(count, (count - first_count) / (last_time - first_time), count / batches)
+    frames, seconds = count - first_count, last_time - first_time
+    process_s = last_cpu.process_s - first_cpu.process_s
+    busy_s = last_cpu.machine_busy_s - first_cpu.machine_busy_s
+    return PlumbingRun(
+        count, frames / seconds, count / batches, process_s / frames * 1000, (busy_s - process_s) / frames * 1000,
+        busy_s / (seconds * (os.cpu_count() or 1)),
+    )  # fmt: skip
 
 
 @dataclass
@@ -368,6 +406,8 @@ def run_benchmark(
     with tempfile.TemporaryDirectory(prefix="fallwatch-bench-edge-") as scratch_dir:
         scratch = Path(scratch_dir)
         decode_rows = measure_decode(jpegs)
+        decode_threads = settings.edge.decode_threads
+        decode_fps = {threads: measure_parallel_decode(jpegs, threads) for threads in sorted({1, decode_threads})}
 
         null_registry = scratch / "null-switchers"
         create_untrained_switcher(null_registry, NullEdgeModel().hidden_size, NullEdgeModel().name)
@@ -390,27 +430,39 @@ def run_benchmark(
                 jpegs, vilt_frames, rounds,
             ))  # fmt: skip
         preprocess = measure_preprocess(model, [decode_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
-        console.print(summary_table(plumbing, vilt, batch_size, decode_rows[0], settings.edge.decode_threads))
+        console.print(summary_table(plumbing, vilt, batch_size, decode_fps))
         console.print(stage_table(vilt, decode_rows, preprocess))
         if options:
             inputs = model.preprocess([decode_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
             console.print(options_table(measure_options(model, inputs, compile_model), batch_size))
 
 
-def summary_table(
-    plumbing: PlumbingRun, vilt: ViltRun, batch_size: int, decode: DecodeRow, decode_threads: int
-) -> Table:
-    table = Table(title="edge worker (real Kafka + Redis on this machine)")
+def summary_table(plumbing: PlumbingRun, vilt: ViltRun, batch_size: int, decode_fps: dict[int, float]) -> Table:
+    cores = os.cpu_count() or 1
+    table = Table(
+        title=f"edge worker on real Kafka + Redis ({cores} cores); plumbing: frames in Kafka before the worker "
+        "starts, timed from its first answered batch to the last frame"
+    )
     for column in ("measurement", "value", "target"):
         table.add_column(column, justify="right")
     ratio = vilt.pipeline_fps / vilt.raw_fps
+    decode_threads = max(decode_fps)
     table.add_row(
         f"1. plumbing, null model: frames/s per worker ({plumbing.frames} frames, mean batch "
         f"{plumbing.mean_batch:.0f}, {decode_threads} decode threads)", f"{plumbing.frames_per_s:,.0f}", "≥ 2,000",
     )  # fmt: skip
+    for threads, fps in decode_fps.items():
+        table.add_row(f"1b. JPEG decode alone, nothing else: frames/s on {threads} thread(s)", f"{fps:,.0f}", "")
     table.add_row(
-        f"1b. ceiling of JPEG decode alone: {decode_threads} threads × 1000 / {decode.ms_per_frame:.2f} ms",
-        f"{decode_threads * 1000 / decode.ms_per_frame:,.0f}", "",
+        "1c. CPU ms per frame during 1: worker process (decode threads included) + other processes "
+        f"(the Kafka broker, and any other work); machine {plumbing.machine_busy:.0%} busy",
+        f"{plumbing.worker_cpu_ms:.2f} + {plumbing.other_cpu_ms:.2f}", "",
+    )  # fmt: skip
+    table.add_row(
+        f"1d. CPU-bound ceilings: {cores} cores × 1000 / the worker's ms per frame; / worker + other ms (the broker "
+        "alone when nothing else runs)",
+        f"{cores * 1000 / plumbing.worker_cpu_ms:,.0f} / "
+        f"{cores * 1000 / (plumbing.worker_cpu_ms + plumbing.other_cpu_ms):,.0f}", "",
     )  # fmt: skip
     table.add_row(
         f"2a. ViLT-B/32 real size, worker frames/s (batch {batch_size}, wait ≤ {VILT_BATCH_WAIT_MS} ms, "

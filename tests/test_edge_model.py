@@ -32,6 +32,7 @@ from edge_workers.switcher import (
     save_switcher,
 )
 from edge_workers.tiny import build_tiny_edge_model, real_size_processor, set_fall_bias
+from fallwatch.images import decode_jpeg_rgb
 from fallwatch.settings import DEFAULT_QUESTION
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -313,3 +314,12 @@ def test_untrained_switcher_is_seeded_and_marked(tmp_path: Path, edge: ViltEdgeM
     check_compatible(metadata, edge.name, edge.hidden_size)
     hidden = np.ones((2, edge.hidden_size), dtype=np.float32)
     np.testing.assert_array_equal(switcher_a.agreement_probability(hidden), switcher_b.agreement_probability(hidden))
+
+
+def test_jpeg_decodes_to_rgb_and_corrupt_bytes_to_none() -> None:
+    red_bgr = np.zeros((16, 16, 3), np.uint8)
+    red_bgr[..., 2] = 255  # OpenCV's channel order is BGR: this image is pure red
+    image = decode_jpeg_rgb(cv2.imencode(".jpg", red_bgr)[1].tobytes())
+    assert image is not None and image.shape == (16, 16, 3) and image.dtype == np.uint8
+    assert image[..., 0].min() > 240 and image[..., 1:].max() < 15, "red first"
+    assert decode_jpeg_rgb(b"\xff\xd8 truncated") is None

@@ -22,16 +22,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from aiokafka import TopicPartition
 from redis import Redis
 
 from alerting.rules import CameraState
 from edge_workers.model import EdgeModel
 from edge_workers.registry import announce_switcher
-from edge_workers.service import EdgeWorker
+from edge_workers.service import FRAMES_FETCH_BYTES, AnsweredBatch, CommitQueue, EdgeWorker
 from edge_workers.switcher import create_untrained_switcher, latest_version, load_switcher
 from fallwatch.images import decode_jpeg_rgb
-from fallwatch.kafka_io import consumer_group_lag, make_producer
-from fallwatch.models import TinyModelPaths, load_edge_model
+from fallwatch.kafka_io import consumer_group_lag, make_consumer, make_producer
+from fallwatch.models import ModelPaths, load_edge_model
 from fallwatch.settings import AlertRule, Settings
 from fallwatch.stack import free_port
 from schemas import CloudRequest, DeadLetter, Frame, Verdict, encode
@@ -68,7 +69,7 @@ async def publish_frames(settings: Settings, frames: list[Frame]) -> None:
     await publish(settings, [(frame.camera_id, encode(frame)) for frame in frames])
 
 
-def worker_settings(stack_state, tmp_path: Path, tiny: TinyModelPaths, registry: Path, **edge: object) -> Settings:
+def worker_settings(stack_state, tmp_path: Path, tiny: ModelPaths, registry: Path, **edge: object) -> Settings:
     sections = tiny.settings_sections()
     sections["edge"].update(
         switcher_registry=str(registry), batch_size=4, batch_wait_ms=20,
@@ -78,7 +79,7 @@ def worker_settings(stack_state, tmp_path: Path, tiny: TinyModelPaths, registry:
     return settings_for(stack_state, tmp_path, **sections)
 
 
-def registry_with_untrained(tiny: TinyModelPaths, registry: Path, threshold: float, seed: int = 0) -> str:
+def registry_with_untrained(tiny: ModelPaths, registry: Path, threshold: float, seed: int = 0) -> str:
     source = latest_version(tiny.switcher_registry)
     assert source is not None
     metadata = load_switcher(source)[1]
@@ -101,12 +102,12 @@ def verdicts_for(settings: Settings, count: int) -> list[Verdict]:
 
 
 @pytest.fixture(scope="module")
-def edge_model(tiny_models: TinyModelPaths) -> EdgeModel:
+def edge_model(tiny_models: ModelPaths) -> EdgeModel:
     return load_edge_model(Settings(edge=tiny_models.settings_sections()["edge"]))
 
 
 def test_hot_reload_mid_stream_answers_every_frame_once_with_the_new_switcher(
-    stack_state, tmp_path: Path, tiny_models: TinyModelPaths, edge_model: EdgeModel
+    stack_state, tmp_path: Path, tiny_models: ModelPaths, edge_model: EdgeModel
 ) -> None:
     registry = tmp_path / "switchers"
     old = registry_with_untrained(tiny_models, registry, threshold=0.0, seed=0)
@@ -144,7 +145,7 @@ def test_hot_reload_mid_stream_answers_every_frame_once_with_the_new_switcher(
 
 
 def test_a_mismatched_switcher_is_refused_at_hot_reload_and_the_old_one_kept(
-    stack_state, tmp_path: Path, tiny_models: TinyModelPaths, edge_model: EdgeModel,
+    stack_state, tmp_path: Path, tiny_models: ModelPaths, edge_model: EdgeModel,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     registry = tmp_path / "switchers"
@@ -169,7 +170,7 @@ def test_a_mismatched_switcher_is_refused_at_hot_reload_and_the_old_one_kept(
 
 
 def test_start_up_with_a_mismatched_switcher_is_one_readable_line(
-    stack_state, tmp_path: Path, tiny_models: TinyModelPaths
+    stack_state, tmp_path: Path, tiny_models: ModelPaths
 ) -> None:
     registry = tmp_path / "switchers"
     create_untrained_switcher(registry, 99, "some/other-model")
@@ -187,7 +188,7 @@ def test_start_up_with_a_mismatched_switcher_is_one_readable_line(
 
 
 def test_offload_budget_holds_under_a_burst(
-    stack_state, tmp_path: Path, tiny_models: TinyModelPaths, edge_model: EdgeModel
+    stack_state, tmp_path: Path, tiny_models: ModelPaths, edge_model: EdgeModel
 ) -> None:
     registry = tmp_path / "switchers"
     registry_with_untrained(tiny_models, registry, threshold=1.0)  # every frame asks for the cloud
@@ -220,7 +221,7 @@ def test_offload_budget_holds_under_a_burst(
 
 
 def test_exploration_sends_a_share_of_confident_frames_marked(
-    stack_state, tmp_path: Path, tiny_models: TinyModelPaths, edge_model: EdgeModel
+    stack_state, tmp_path: Path, tiny_models: ModelPaths, edge_model: EdgeModel
 ) -> None:
     registry = tmp_path / "switchers"
     registry_with_untrained(tiny_models, registry, threshold=0.0)  # every frame is confident
@@ -261,7 +262,7 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def test_each_kind_of_malformed_frame_is_dead_lettered_and_counted(
-    stack_state, tmp_path: Path, tiny_models: TinyModelPaths, edge_model: EdgeModel
+    stack_state, tmp_path: Path, tiny_models: ModelPaths, edge_model: EdgeModel
 ) -> None:
     registry = tmp_path / "switchers"
     registry_with_untrained(tiny_models, registry, threshold=0.0)
@@ -316,8 +317,34 @@ def test_each_kind_of_malformed_frame_is_dead_lettered_and_counted(
     assert any(name.startswith("fallwatch_edge_switcher_info{") for name in samples)
 
 
+def test_frames_larger_than_a_fetch_are_answered_amid_other_cameras(
+    stack_state, tmp_path: Path, tiny_models: ModelPaths, edge_model: EdgeModel
+) -> None:
+    """The worker fetches FRAMES_FETCH_BYTES per partition; a larger frame on any partition is still answered."""
+    registry = tmp_path / "switchers"
+    registry_with_untrained(tiny_models, registry, threshold=0.0)  # nothing offloaded: one verdict per frame
+    settings = worker_settings(stack_state, tmp_path, tiny_models, registry)
+    noise = np.random.default_rng(0).integers(0, 256, size=(1000, 1000, 3), dtype=np.uint8)
+    large_jpeg = cv2.imencode(".jpg", noise, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    assert FRAMES_FETCH_BYTES < len(large_jpeg) < settings.edge.max_frame_bytes
+    frames: list[Frame] = []
+    for index in range(8):  # eight cameras: every partition holds large frames between small ones
+        small = make_frames(f"cam-{index}", 6, seed=index)
+        frames += [*small[:3], small[3].model_copy(update={"jpeg": large_jpeg}), *small[4:]]
+
+    async def scenario() -> None:
+        await publish_frames(settings, frames)  # all there before the worker starts: full fetches meet them
+        async with running(EdgeWorker(settings, edge_model)):
+            await consume_until(
+                settings, settings.kafka.topics.verdicts, Verdict, lambda m: len({v.frame_id for v in m}) >= len(frames)
+            )
+
+    asyncio.run(scenario())
+    assert {v.frame_id for v in verdicts_for(settings, len(frames))} == {f.frame_id for f in frames}
+
+
 def test_sigkill_mid_stream_then_restart_every_frame_gets_a_final_verdict(
-    stack_state, tmp_path: Path, tiny_models: TinyModelPaths
+    stack_state, tmp_path: Path, tiny_models: ModelPaths
 ) -> None:
     registry = tmp_path / "switchers"
     registry_with_untrained(tiny_models, registry, threshold=0.0)
@@ -349,3 +376,27 @@ def test_sigkill_mid_stream_then_restart_every_frame_gets_a_final_verdict(
         state.observe(verdict, now=datetime.now(UTC))
     counted = [entry.frame_id for entry in state.window]
     assert len(counted) == len(set(counted)) == len(all_ids)
+
+
+def test_offsets_of_partitions_revoked_mid_batch_are_skipped_not_fatal(stack_state, tmp_path: Path) -> None:
+    """A batch answered while a rebalance took one of its partitions: the rest still commits, the worker lives."""
+    settings = settings_for(stack_state, tmp_path)
+
+    async def scenario() -> int | None:
+        consumer = make_consumer(settings, settings.kafka.topics.frames, group_id=f"g-{uuid.uuid4().hex[:6]}")
+        await consumer.start()
+        try:
+            while not consumer.assignment():
+                await consumer.getmany(timeout_ms=200)
+            kept = sorted(consumer.assignment())[0]
+            revoked = TopicPartition(settings.kafka.topics.verdicts, 0)  # never assigned to this consumer
+            acked: asyncio.Future = asyncio.get_running_loop().create_future()
+            acked.set_result(None)
+            commits = CommitQueue(consumer)
+            commits.add(AnsweredBatch(acks=[acked], offsets={kept: 3, revoked: 5}))
+            await commits.commit_acked()
+            return await consumer.committed(kept)
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(scenario()) == 3  # the partition still held is committed; no error for the other
