@@ -31,6 +31,7 @@ from torch import nn
 from transformers import ViltConfig, ViltForQuestionAnswering, ViltProcessor
 
 from cloud_workers.pose import Pose, PoseEstimator, PoseFallClassifier, PoseFallConfig, pose_features
+from dmd_offline.metrics import classification_scores
 from dmd_offline.sources import ReplayItem, image_folder_items
 from dmd_offline.train import fit_early_stopping, fit_on_tensors
 from edge_workers.model import ViltEdgeModel, torch_threads
@@ -98,12 +99,8 @@ class LabelledImages:
 
 
 def f1_and_accuracy(labels: np.ndarray, fall_probability: np.ndarray) -> tuple[float, float]:
-    predicted = fall_probability >= 0.5
-    truth = labels.astype(bool)
-    true_positives = int((predicted & truth).sum())
-    denominator = int(predicted.sum()) + int(truth.sum())
-    f1 = 2 * true_positives / denominator if denominator else 0.0
-    return f1, float((predicted == truth).mean())
+    scores = classification_scores(labels.astype(int), (fall_probability >= 0.5).astype(int))
+    return scores.f1, scores.accuracy
 
 
 def binary_log_loss(labels: np.ndarray, fall_probability: np.ndarray, balanced: bool = False) -> float:
@@ -148,8 +145,9 @@ def compact_vilt(processor: ViltProcessor, config: EdgeTrainingConfig) -> ViltFo
 
 
 def augmentation(image_size: int) -> transforms.Compose:
-    # Crops, flips, small tilts and colour: the dataset mixes web photos, stunt video and
-    # fisheye frames, some of them stored rotated (its README); the model must not learn the camera.
+    # Crops, flips, small tilts and colour: the data set mixes web photos, stunt video and fisheye
+    # frames, and the model must not learn the camera. No 90° turns: its README says a turned
+    # standing person looks like a lying one (upstream copies turned that way were dropped).
     return transforms.Compose([
         transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0), ratio=(0.75, 1.33), antialias=True),
         transforms.RandomHorizontalFlip(),
