@@ -185,6 +185,9 @@ class CloudSettings(Section):
     device_map: str | None = Field(
         None, description="accelerate device map ('auto', 'balanced'…) to spread the model over GPUs; replaces device"
     )
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads of a model on the CPU (null: torch's choice; 1 on a shared CPU)"
+    )
     poll_idle_ms: int = Field(500, ge=1, description="wait for a first request this long before checking for stop")
     keepalive_s: float = Field(
         1.0, gt=0, description="while waiting for the model (partitions paused), poll this often to stay in the group"

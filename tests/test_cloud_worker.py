@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 from cloud_workers.benchmark import encode_jpeg, publish_requests, synthetic_clip
 from cloud_workers.energy import CostMeter, RaplEnergyMeter
 from cloud_workers.model import LlavaVideoCloudModel
-from cloud_workers.service import CloudWorker, decode_clips
+from cloud_workers.service import CloudWorker, decode_clips, run_cloud_worker
 from fallwatch.cli import main
 from fallwatch.images import decode_jpeg_rgb
 from fallwatch.kafka_io import consumer_group_lag, make_producer
@@ -300,3 +300,16 @@ def test_bench_cloud_rejects_a_bad_option_in_one_line(capsys: pytest.CaptureFixt
         main(["bench", "cloud", "--model", "gpt"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --model must be one of tiny, configured, random-7b, not 'gpt'"
+
+
+def test_cloud_torch_threads_sets_the_cpu_threads(stack_state, tmp_path: Path, tiny_models, cloud_model) -> None:
+    settings = worker_settings(stack_state, tmp_path, tiny_models, torch_threads=1)
+    stop = asyncio.Event()
+    stop.set()  # start, apply the settings, stop at once
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        asyncio.run(run_cloud_worker(settings, stop, cloud_model))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
