@@ -230,16 +230,7 @@ def print_summary(settings: Settings, tally: DemoTally, truth: dict[str, ClipTru
         )
     console.print(table)
     if truth:
-        # plain lines, not table cells: they must not be wrapped on a narrow terminal
-        console.print("per clip, against clips.csv (first alert's opening vs the annotated fall start):")
-    for camera in settings.producers.cameras if truth else []:
-        video = Path(camera.url).name
-        clip = truth.get(video)
-        annotated = "not in clips.csv" if clip is None else clip.label + (
-            f", falls at {clip.fall_start_s:.1f} s" if clip.fall_start_s is not None else ""
-        )
-        outcome = clip_outcome(clip, tally.stream_start.get(camera.id), tally.first_alert.get(camera.id))
-        console.print(f"  {camera.id} {video} ({annotated}): {outcome}", soft_wrap=True)
+        print_clip_outcomes(settings, tally, truth)
     frames = sum(tally.published.values())
     finals = sum(len(ids) for ids in tally.final_by_camera.values())
     console.print(
@@ -247,6 +238,19 @@ def print_summary(settings: Settings, tally: DemoTally, truth: dict[str, ClipTru
         f"edge-fallback {tally.sources['edge-fallback']}; offloaded {len(tally.offloaded)}; "
         f"alerts {sum(len(a) for a in tally.alerts.values())}"
     )
+
+
+def print_clip_outcomes(settings: Settings, tally: DemoTally, truth: dict[str, ClipTruth]) -> None:
+    # plain lines, not table cells: they must not be wrapped on a narrow terminal
+    console.print("per clip, against clips.csv (first alert's opening vs the annotated fall start):")
+    for camera in settings.producers.cameras:
+        video = Path(camera.url).name
+        clip = truth.get(video)
+        annotated = "not in clips.csv" if clip is None else clip.label + (
+            f", falls at {clip.fall_start_s:.1f} s" if clip.fall_start_s is not None else ""
+        )
+        outcome = clip_outcome(clip, tally.stream_start.get(camera.id), tally.first_alert.get(camera.id))
+        console.print(f"  {camera.id} {video} ({annotated}): {outcome}", soft_wrap=True)
 
 
 def demo_models(choice: ModelChoice) -> ModelPaths:
