@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	@scripts/install-system-deps.sh
 	$(VENV)/bin/fallwatch demo --clips $(CLIPS)
 
-# The reference pair trained on falls-fallaction, its DMD report and published switcher (about 5 minutes on a quiet 2-core CPU).
+# The reference pair trained on falls-fallaction, its DMD report and published switcher (about 3 minutes on a quiet 2-core CPU).
 reference: $(VENV)/.installed
 	$(VENV)/bin/fallwatch models train-reference
 	$(VENV)/bin/fallwatch --config config/reference.yaml dmd run

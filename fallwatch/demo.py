@@ -264,11 +264,11 @@ def demo_models(choice: ModelChoice) -> ModelPaths:
         return reference
     if choice == "reference":
         raise ConfigError(f"no trained reference pair with a published switcher in {REFERENCE_MODELS}: "
-                          "run `make reference` first (about 5 minutes on a quiet 2-core CPU)")
+                          "run `make reference` first (about 3 minutes on a quiet 2-core CPU)")
     console.print(
         "[bold yellow]The demo runs TINY UNTRAINED models: their verdicts and any alerts are arbitrary; "
         "they show the plumbing, not fall detection. `make reference` trains a real pair here "
-        "(about 5 minutes) and the demo uses it from then on.[/]"
+        "(about 3 minutes) and the demo uses it from then on.[/]"
     )
     return build_tiny_models(Path("models/tiny"))
 
