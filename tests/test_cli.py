@@ -42,6 +42,8 @@ def test_every_service_has_a_subcommand() -> None:
         (("producer", "--video", "/nonexistent.mp4"), {}, "video file not found: /nonexistent.mp4"),
         (("edge",), {"FALLWATCH_EDGE__BATCH_SIZE": "zero"}, "edge.batch_size"),
         (("demo", "--clips", "/nonexistent-folder"), {}, "point the demo at a folder of your own videos"),
+        (("edge",), {"FALLWATCH_EDGE__BATCH_WAIT_MS": "0"}, "edge.batch_wait_ms"),
+        (("demo", "--models", "huge"), {}, "--models must be auto, reference or tiny"),
     ],
 )
 def test_user_mistakes_get_one_readable_line(args: tuple[str, ...], env: dict[str, str], message: str) -> None:
