@@ -18,7 +18,7 @@ import random
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -69,6 +69,25 @@ class DecodedFrame:
     record: ConsumerRecord
     frame: Frame
     image_rgb: np.ndarray
+
+
+@dataclass(frozen=True)
+class DecodingShare:
+    """Frames handed to one decode thread, and the future of their images (or reasons) and decode seconds."""
+
+    frames: list[tuple[ConsumerRecord, Frame]]
+    images: asyncio.Future[tuple[list[np.ndarray | str], float]]
+
+
+@dataclass
+class FetchedBatch:
+    """A batch as fetched: its decodable frames, the acks of its dead letters, and where it ends."""
+
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # the next offset of each partition
+    count: int = 0  # records fetched, dead letters included
+    decoded: list[DecodedFrame] = field(default_factory=list)
+    acks: list[asyncio.Future] = field(default_factory=list)
+    decode_s: float = 0.0  # seconds the decode threads spent on it, summed over threads
 
 
 @dataclass(frozen=True)
@@ -144,41 +163,78 @@ class EdgeWorker:
         self.metrics.serve(self.settings.edge.metrics_port)
         await producer.start()
         await consumer.start()
+        fetching: asyncio.Task[FetchedBatch] | None = asyncio.create_task(self.fetch_batch(consumer, producer))
         try:
-            while not stop.is_set():
+            while fetching is not None:
+                batch = await fetching
+                # The next batch is fetched and decoded (on the decode threads) while this one is answered,
+                # so neither the broker's round trip nor the decoding waits for the model and the produce.
+                fetching = None if stop.is_set() else asyncio.create_task(self.fetch_batch(consumer, producer))
                 # Between batches, so each frame is answered by exactly one switcher.
                 await self.reload_switcher(redis)
-                batches = await self.fetch_batch(consumer)
-                records = [record for partition in batches.values() for record in partition]
-                if records:
-                    acks = await self.handle_batch(records, producer, redis)
-                    commits.add(AnsweredBatch(acks, next_offsets(batches)))
+                if batch.offsets:
+                    acks = await self.handle_batch(batch, producer, redis)
+                    commits.add(AnsweredBatch(acks, batch.offsets))
                 await commits.commit_acked(wait=commits.in_flight() > MAX_BATCHES_IN_FLIGHT)
                 self.metrics.consumer_lag.set(await consumer_lag(consumer))
             await commits.drain()
         finally:
+            if fetching is not None:  # an error answering a batch: the next one is not answered either
+                fetching.cancel()
             await consumer.stop()
             await producer.stop()
             await redis.aclose()
             self.metrics.close()
             self.decode_pool.shutdown()
 
-    async def fetch_batch(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, list[ConsumerRecord]]:
+    async def fetch_batch(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> FetchedBatch:
         """Up to `batch_size` records, waiting at most `batch_wait_ms` after the first one for the batch to fill.
 
         `getmany` returns as soon as anything is there; a model forward costs less per frame in a full
-        batch, so a short wait for more records pays for itself.
+        batch, so a short wait for more records pays for itself. What has arrived is validated and handed
+        to the decode threads at once, so decoding overlaps the wait (and the broker's next fetch) instead
+        of following it.
         """
         edge = self.settings.edge
-        batches = await consumer.getmany(timeout_ms=edge.batch_wait_ms, max_records=edge.batch_size)
-        count = sum(len(records) for records in batches.values())
-        deadline = time.monotonic() + edge.batch_wait_ms / 1000
-        while 0 < count < edge.batch_size and (left_s := deadline - time.monotonic()) > 0:
-            more = await consumer.getmany(timeout_ms=int(left_s * 1000), max_records=edge.batch_size - count)
-            for partition, records in more.items():
-                batches.setdefault(partition, []).extend(records)
-                count += len(records)
-        return batches
+        batch = FetchedBatch()
+        decoding: list[DecodingShare] = []
+        wait_ms = edge.batch_wait_ms
+        deadline: float | None = None
+        while batch.count < edge.batch_size and wait_ms > 0:
+            fetched = await consumer.getmany(timeout_ms=wait_ms, max_records=edge.batch_size - batch.count)
+            records = [record for partition in fetched.values() for record in partition]
+            if deadline is None:
+                if not records:
+                    break
+                deadline = time.monotonic() + edge.batch_wait_ms / 1000
+            batch.offsets.update(next_offsets(fetched))
+            batch.count += len(records)
+            good, dead_letter_acks = await decode_batch(producer, self.settings, SERVICE, Frame, records)
+            batch.acks.extend(dead_letter_acks)
+            decoding.extend(self.start_decoding(good))
+            wait_ms = int((deadline - time.monotonic()) * 1000)
+        for share in decoding:
+            images, seconds = await share.images
+            batch.decode_s += seconds
+            for (record, frame), image in zip(share.frames, images, strict=True):
+                if isinstance(image, np.ndarray):
+                    batch.decoded.append(DecodedFrame(record, frame, image))
+                else:
+                    batch.acks.append(await send_dead_letter(producer, self.settings, SERVICE, record, image))
+        self.metrics.dead_letters.inc(batch.count - len(batch.decoded))
+        return batch
+
+    def start_decoding(self, good: list[tuple[ConsumerRecord, Frame]]) -> list[DecodingShare]:
+        """Hand the frames to the decode threads (JPEG decoding releases the GIL), one contiguous share
+        each, so the hand-off to a thread is paid once per share rather than once per frame."""
+        loop = asyncio.get_running_loop()
+        share = max(1, math.ceil(len(good) / self.settings.edge.decode_threads))
+        return [
+            DecodingShare(good[start : start + share], loop.run_in_executor(
+                self.decode_pool, self.images_or_reasons, [frame for _record, frame in good[start : start + share]]
+            ))
+            for start in range(0, len(good), share)
+        ]  # fmt: skip
 
     async def reload_switcher(self, redis: Redis) -> None:
         loaded = await self.registry.refresh(self.active, redis)
@@ -189,16 +245,14 @@ class EdgeWorker:
             self.router.set_threshold(loaded.metadata.threshold)
         self.metrics.use_switcher(loaded.metadata.version)
 
-    async def handle_batch(
-        self, records: list[ConsumerRecord], producer: AIOKafkaProducer, redis: Redis
-    ) -> list[asyncio.Future]:
-        """Answer a batch; returns the ack futures of every output."""
-        self.metrics.batch_size.observe(len(records))
-        started = time.perf_counter()
-        decoded, acks = await self.decode(records, producer)
+    async def handle_batch(self, batch: FetchedBatch, producer: AIOKafkaProducer, redis: Redis) -> list[asyncio.Future]:
+        """Answer a fetched batch; returns the ack futures of every output (dead letters included)."""
+        self.metrics.batch_size.observe(batch.count)
+        acks = batch.acks
+        decoded = batch.decoded
         if not decoded:
             return acks
-        decode_s = (time.perf_counter() - started) / len(records)
+        decode_s = batch.decode_s / len(decoded)
 
         started = time.perf_counter()
         output = await asyncio.to_thread(self.model.predict, [item.image_rgb for item in decoded])
@@ -242,32 +296,10 @@ class EdgeWorker:
                 metrics.over_budget.inc()
         metrics.offload_ratio.set(self.router.budget.offload_ratio())
 
-    async def decode(
-        self, records: list[ConsumerRecord], producer: AIOKafkaProducer
-    ) -> tuple[list[DecodedFrame], list[asyncio.Future]]:
-        """Validate and decode each record once; the bad ones go to `dead-letters` with the reason."""
-        good, acks = await decode_batch(producer, self.settings, SERVICE, Frame, records)
-        frames = [frame for _record, frame in good]
-        # JPEG decoding releases the GIL: the batch is spread over the decode threads, one contiguous share
-        # each, so the hand-off to a thread is paid once per share rather than once per frame.
-        loop = asyncio.get_running_loop()
-        share = max(1, math.ceil(len(frames) / self.settings.edge.decode_threads))
-        shares = await asyncio.gather(*(
-            loop.run_in_executor(self.decode_pool, self.images_or_reasons, frames[start : start + share])
-            for start in range(0, len(frames), share)
-        ))  # fmt: skip
-        images = [image for images_of_share in shares for image in images_of_share]
-        decoded: list[DecodedFrame] = []
-        for (record, frame), image in zip(good, images, strict=True):
-            if isinstance(image, np.ndarray):
-                decoded.append(DecodedFrame(record, frame, image))
-            else:
-                acks.append(await send_dead_letter(producer, self.settings, SERVICE, record, image))
-        self.metrics.dead_letters.inc(len(records) - len(decoded))
-        return decoded, acks
-
-    def images_or_reasons(self, frames: list[Frame]) -> list[np.ndarray | str]:
-        return [self.image_or_reason(frame) for frame in frames]
+    def images_or_reasons(self, frames: list[Frame]) -> tuple[list[np.ndarray | str], float]:
+        """Each frame's image or the reason it cannot be answered, and the seconds the share took."""
+        started = time.perf_counter()
+        return [self.image_or_reason(frame) for frame in frames], time.perf_counter() - started
 
     def image_or_reason(self, frame: Frame) -> np.ndarray | str:
         """The frame's RGB image, or the reason it cannot be answered."""
@@ -358,14 +390,17 @@ def next_offsets(batches: dict[TopicPartition, list[ConsumerRecord]]) -> dict[To
 class CommitQueue:
     """Answered batches, oldest first; each one's offsets are committed once it and all before it are acked.
 
-    The next batch is fetched and answered while the broker acks the previous one's outputs, so
-    the worker does not idle for a round trip per batch; at-least-once holds because a batch's
-    offsets are committed only after its outputs, and those of every batch before it, are acked.
+    The next batch is fetched and answered while the broker acks the previous one's outputs, and while
+    it stores their offsets (one commit in flight at a time, like the Java client's `commitAsync`), so
+    the worker does not idle for a round trip per batch. At-least-once holds because a batch's offsets
+    are committed only after its outputs, and those of every batch before it, are acked.
     """
 
     def __init__(self, consumer: AIOKafkaConsumer) -> None:
         self.consumer = consumer
         self.batches: deque[AnsweredBatch] = deque()
+        self.acked_offsets: dict[TopicPartition, int] = {}  # acked, not yet sent in a commit
+        self.committing: asyncio.Task[None] | None = None
 
     def add(self, batch: AnsweredBatch) -> None:
         self.batches.append(batch)
@@ -374,34 +409,48 @@ class CommitQueue:
         return len(self.batches)
 
     async def commit_acked(self, wait: bool = False) -> None:
-        """Commit the acked batches at the head of the queue (waiting for the oldest one when `wait`)."""
+        """Start committing the acked batches at the head of the queue (waiting for the oldest one's acks
+        when `wait`); if the previous commit is still in flight, they go with the next one."""
         if wait and self.batches:
             await asyncio.gather(*self.batches[0].acks)
-        offsets: dict[TopicPartition, int] = {}
         while self.batches and all(ack.done() for ack in self.batches[0].acks):
             batch = self.batches.popleft()
             for ack in batch.acks:
                 ack.result()  # a failed send raises here, before anything is committed past it
-            offsets.update(batch.offsets)
+            self.acked_offsets.update(batch.offsets)
+        if self.committing is not None:
+            if not self.committing.done():
+                return
+            self.committing.result()
+        if self.acked_offsets:
+            self.committing = asyncio.create_task(self.commit(self.acked_offsets))
+            self.acked_offsets = {}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         # A rebalance may have taken partitions while their batch was answered: their new owner
         # answers it again from the last commit (at-least-once; consumers dedupe by frame id).
         assigned = self.consumer.assignment()
-        revoked = [partition for partition in offsets if partition not in assigned]
-        for partition in revoked:
-            del offsets[partition]
-        if revoked:
-            log.warning("offsets of %d revoked partition(s) not committed; their frames will be answered again",
-                        len(revoked))
-        if not offsets:
+        held = {partition: offset for partition, offset in offsets.items() if partition in assigned}
+        if len(held) < len(offsets):
+            log.warning(
+                "offsets of %d revoked partition(s) not committed; their frames will be answered again",
+                len(offsets) - len(held),
+            )
+        if not held:
             return
         try:
-            await self.consumer.commit(offsets)
+            await self.consumer.commit(held)
         except CommitFailedError as exc:
             log.warning("offsets of a batch not committed (%s); its frames will be answered again", exc)
 
     async def drain(self) -> None:
-        while self.batches:
+        """Wait until every answered batch is acked and its offsets are committed."""
+        while self.batches or self.acked_offsets or (self.committing is not None and not self.committing.done()):
+            if self.committing is not None:
+                await asyncio.wait([self.committing])
             await self.commit_acked(wait=True)
+        if self.committing is not None:
+            self.committing.result()
 
 
 class DrainOnRevoke(ConsumerRebalanceListener):

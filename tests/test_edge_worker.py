@@ -394,7 +394,7 @@ def test_offsets_of_partitions_revoked_mid_batch_are_skipped_not_fatal(stack_sta
             acked.set_result(None)
             commits = CommitQueue(consumer)
             commits.add(AnsweredBatch(acks=[acked], offsets={kept: 3, revoked: 5}))
-            await commits.commit_acked()
+            await commits.drain()
             return await consumer.committed(kept)
         finally:
             await consumer.stop()
