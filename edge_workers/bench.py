@@ -13,7 +13,10 @@ from fallwatch.settings import ConfigError
 
 
 def bench_edge(
-    plumbing_frames: Annotated[int, typer.Option(help="frames through the worker with the null model")] = 2000,
+    plumbing_frames: Annotated[int, typer.Option(help="frames through the worker with the null model")] = 4000,
+    warmup_frames: Annotated[
+        int, typer.Option(help="frames through a discarded first pass, so the broker's JVM is warm (0: none)")
+    ] = 8000,
     vilt_frames: Annotated[int, typer.Option(help="frames per round of the real-size ViLT run")] = 8,
     rounds: Annotated[int, typer.Option(help="interleaved rounds of pipeline and raw loop")] = 6,
     batch_size: Annotated[int, typer.Option(help="the worker's batch size (and the raw loop's)")] = 8,
@@ -25,8 +28,10 @@ def bench_edge(
     """Edge worker: plumbing frames/s, real-size ViLT pipeline vs raw loop, switcher share, CPU options."""
     if min(plumbing_frames, vilt_frames, rounds, batch_size) < 1:
         raise ConfigError("--plumbing-frames, --vilt-frames, --rounds and --batch-size must be at least 1")
+    if warmup_frames < 0:
+        raise ConfigError("--warmup-frames must be 0 or more")
     from edge_workers.benchmark import run_benchmark
     from fallwatch.logs import configure_logging
 
     configure_logging("WARNING")
-    run_benchmark(plumbing_frames, vilt_frames, rounds, batch_size, options, compile_model)
+    run_benchmark(plumbing_frames, warmup_frames, vilt_frames, rounds, batch_size, options, compile_model)

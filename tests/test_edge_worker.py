@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from redis import Redis
 
 from alerting.rules import CameraState
@@ -376,6 +377,67 @@ def test_sigkill_mid_stream_then_restart_every_frame_gets_a_final_verdict(
         state.observe(verdict, now=datetime.now(UTC))
     counted = [entry.frame_id for entry in state.window]
     assert len(counted) == len(set(counted)) == len(all_ids)
+
+
+def test_a_worker_joining_mid_stream_takes_partitions_without_losing_a_frame(
+    stack_state, tmp_path: Path, tiny_models: ModelPaths, edge_model: EdgeModel
+) -> None:
+    """A second worker joins the group mid-stream, so partitions move while the first worker has batches in
+    flight and records fetched ahead; every frame still gets a final verdict, and the group commits them all."""
+    registry = tmp_path / "switchers"
+    registry_with_untrained(tiny_models, registry, threshold=0.0)  # nothing offloaded: every verdict is final
+    settings = worker_settings(stack_state, tmp_path, tiny_models, registry)
+    cameras = [f"cam-r{index}" for index in range(8)]  # spread over every partition
+    first = [frame for index, camera in enumerate(cameras) for frame in make_frames(camera, 15, seed=index)]
+    second = [frame for index, camera in enumerate(cameras)
+              for frame in make_frames(camera, 15, first_seq=15, seed=index)]  # fmt: skip
+    all_ids = {frame.frame_id for frame in first + second}
+
+    def answered(worker: EdgeWorker) -> float:
+        return worker.metrics.registry.get_sample_value("fallwatch_edge_frames_total") or 0
+
+    async def group_lag() -> int:
+        return await consumer_group_lag(settings, settings.edge.group_id, settings.kafka.topics.frames)
+
+    async def stable_members() -> int:
+        """Members of the worker group once its rebalance has settled (0 while it is rebalancing)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+        await admin.start()
+        try:
+            [response] = await admin.describe_consumer_groups([settings.edge.group_id])
+            _error, _group, state, _protocol_type, _protocol, members, *_ = response.groups[0]
+            return len(members) if state == "Stable" else 0
+        finally:
+            await admin.close()
+
+    async def until_stable_with(members: int) -> None:
+        deadline = asyncio.get_running_loop().time() + 60
+        while await stable_members() != members:
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(f"the worker group never settled with {members} members")
+            await asyncio.sleep(0.2)  # polling the group's state
+
+    async def scenario() -> tuple[list[Verdict], float, float, int]:
+        await publish_frames(settings, first)
+        async with running(EdgeWorker(settings, edge_model)) as first_worker:
+            await until(lambda: answered(first_worker) >= 20, "the first worker answering")
+            # its own model: one `predict` at a time per instance
+            async with running(EdgeWorker(settings, load_edge_model(settings))) as second_worker:
+                await until_stable_with(2)  # the second worker holds partitions: the second half is shared
+                await publish_frames(settings, second)
+                verdicts = await consume_until(
+                    settings, settings.kafka.topics.verdicts, Verdict,
+                    lambda m: {v.frame_id for v in m if v.final} >= all_ids, timeout_s=180,
+                )  # fmt: skip
+                deadline = asyncio.get_running_loop().time() + 60
+                while (lag := await group_lag()) > 0 and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.2)  # polling the committed offsets until they reach the end
+        return verdicts, answered(first_worker), answered(second_worker), lag
+
+    verdicts, by_first, by_second, lag = asyncio.run(scenario())
+    assert {v.frame_id for v in verdicts if v.final} == all_ids
+    assert by_first > 0 and by_second > 0, "the partitions were shared"
+    assert lag == 0, "every frame's offset was committed"
 
 
 def test_offsets_of_partitions_revoked_mid_batch_are_skipped_not_fatal(stack_state, tmp_path: Path) -> None:
