@@ -18,7 +18,7 @@ def bench_edge(
         int, typer.Option(help="frames through a discarded first pass, so the broker's JVM is warm (0: none)")
     ] = 8000,
     vilt_frames: Annotated[int, typer.Option(help="frames per round of the real-size ViLT run")] = 8,
-    rounds: Annotated[int, typer.Option(help="interleaved rounds of pipeline and raw loop")] = 6,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds of pipeline and raw loop")] = 12,
     batch_size: Annotated[int, typer.Option(help="the worker's batch size (and the raw loop's)")] = 8,
     options: Annotated[bool, typer.Option(help="also measure the CPU options of the ViLT forward")] = True,
     compile_model: Annotated[

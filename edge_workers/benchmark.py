@@ -13,7 +13,7 @@
 4. CPU options of the ViLT forward (threads, channels-last, bf16, dynamic int8, torch.compile):
    speed against fp32 measured alternately on the same batch, and how far the answers move.
 
-Also: JPEG decode with OpenCV vs PIL, and the processor's pre-processing cost per frame.
+Also: JPEG decode with simplejpeg (used) vs OpenCV vs PIL, and the processor's pre-processing cost per frame.
 """
 
 from __future__ import annotations
@@ -123,7 +123,12 @@ def measure_decode(jpegs: list[bytes], repeats: int = 10) -> list[DecodeRow]:
     def pil(jpeg: bytes) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
 
-    decoders: dict[str, Callable[[bytes], object]] = {"OpenCV (used)": decode_jpeg_rgb, "PIL": pil}
+    def opencv(jpeg: bytes) -> np.ndarray:
+        return cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+
+    decoders: dict[str, Callable[[bytes], object]] = {
+        "simplejpeg (used)": decode_jpeg_rgb, "OpenCV (same pixels)": opencv, "PIL": pil
+    }
     times: dict[str, list[float]] = {name: [] for name in decoders}
     for _ in range(repeats):  # alternating, so both see the same load
         for name, decoder in decoders.items():

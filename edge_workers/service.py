@@ -52,8 +52,9 @@ MAX_BATCHES_IN_FLIGHT = 4
 # Per-partition fetch size of the `frames` consumer (the client's default). aiokafka asks a broker for more
 # only once every partition it buffers from that broker is drained (or 100 ms old), so huge fetches make the
 # worker idle while one refills; with ~50 kB frames, 1 MB fetches keep records flowing (plumbing bench:
-# ~1,850 against ~1,300 frames/s with 10 MB; 2 and 4 MB are no better). A larger frame still arrives: the broker returns an oversized
-# record whole when its partition comes first in a fetch, and an empty answer (never a truncated one) otherwise.
+# ~1,850 against ~1,300 frames/s with 10 MB; 2 and 4 MB are no better). A larger frame still arrives: the
+# broker returns an oversized record whole when its partition comes first in a fetch, and an empty answer
+# (never a truncated one) otherwise.
 FRAMES_FETCH_BYTES = 1024 * 1024
 
 

@@ -34,8 +34,8 @@ from edge_workers.switcher import (
 from edge_workers.tiny import build_tiny_edge_model, real_size_processor, set_fall_bias
 from fallwatch.images import decode_jpeg_rgb
 from fallwatch.settings import DEFAULT_QUESTION
+from tests.conftest import SHARED_DATASETS
 
-SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 FALL_IMAGES = SHARED_DATASETS / "falls-fallaction" / "images"
 FRAME_HEIGHT, FRAME_WIDTH = 480, 640
 
@@ -323,3 +323,28 @@ def test_jpeg_decodes_to_rgb_and_corrupt_bytes_to_none() -> None:
     assert image is not None and image.shape == (16, 16, 3) and image.dtype == np.uint8
     assert image[..., 0].min() > 240 and image[..., 1:].max() < 15, "red first"
     assert decode_jpeg_rgb(b"\xff\xd8 truncated") is None
+
+
+def test_jpeg_decoding_gives_opencvs_exact_pixels_on_real_and_synthetic_images() -> None:
+    """The fast decoder (simplejpeg) and OpenCV agree to the last bit: every colour subsampling, grey
+    scale, odd sizes, the shared datasets' images when ../shared is there; what simplejpeg refuses
+    goes to OpenCV, which decodes a PNG and, like simplejpeg, refuses a truncated JPEG."""
+    rng = np.random.default_rng(0)
+    smooth = cv2.resize(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8), (643, 481), interpolation=cv2.INTER_CUBIC)
+    jpegs = [
+        cv2.imencode(".jpg", smooth, [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling])[1]
+        .tobytes()
+        for quality in (50, 95)
+        for sampling in (cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+                         cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444)
+    ]  # fmt: skip
+    jpegs.append(cv2.imencode(".jpg", cv2.cvtColor(smooth, cv2.COLOR_BGR2GRAY))[1].tobytes())
+    jpegs += [path.read_bytes() for path in sorted(SHARED_DATASETS.rglob("*.jpg"))]
+    truncated = jpegs[0][: len(jpegs[0]) // 2]
+    png = cv2.imencode(".png", smooth)[1].tobytes()
+    for image_bytes in [*jpegs, png]:
+        expected = cv2.imdecode(np.frombuffer(image_bytes, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+        decoded = decode_jpeg_rgb(image_bytes)
+        assert decoded is not None and decoded.shape == expected.shape
+        np.testing.assert_array_equal(decoded, expected)
+    assert decode_jpeg_rgb(truncated) is None
