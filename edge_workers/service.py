@@ -82,11 +82,12 @@ class DecodingShare:
 
 @dataclass
 class FetchedBatch:
-    """A batch as fetched: its decodable frames, the acks of its dead letters, and where it ends."""
+    """A batch as fetched: its frames (decoding, then decoded), the acks of its dead letters, where it ends."""
 
     offsets: dict[TopicPartition, int] = field(default_factory=dict)  # the next offset of each partition
     count: int = 0  # records fetched, dead letters included
-    decoded: list[DecodedFrame] = field(default_factory=list)
+    decoding: list[DecodingShare] = field(default_factory=list)  # handed to the decode threads
+    decoded: list[DecodedFrame] = field(default_factory=list)  # once `EdgeWorker.decoded` has run
     acks: list[asyncio.Future] = field(default_factory=list)
     decode_s: float = 0.0  # seconds the decode threads spent on it, summed over threads
 
@@ -170,9 +171,11 @@ class EdgeWorker:
         try:
             while fetching is not None:
                 batch = await fetching
-                # The next batch is fetched and decoded (on the decode threads) while this one is answered,
-                # so neither the broker's round trip nor the decoding waits for the model and the produce.
+                # The next batch is fetched while this one is decoded and answered, and its frames queue up
+                # behind this one's on the decode threads: neither the broker's round trip nor the decode
+                # threads wait for the model and the produce.
                 fetching = None if stop.is_set() else asyncio.create_task(self.fetch_batch(consumer, producer))
+                await self.decoded(batch, producer)
                 # Between batches, so each frame is answered by exactly one switcher.
                 await self.reload_switcher(redis)
                 if batch.offsets:
@@ -196,11 +199,10 @@ class EdgeWorker:
         `getmany` returns as soon as anything is there; a model forward costs less per frame in a full
         batch, so a short wait for more records pays for itself. What has arrived is validated and handed
         to the decode threads at once, so decoding overlaps the wait (and the broker's next fetch) instead
-        of following it.
+        of following it; `decoded` collects the images.
         """
         edge = self.settings.edge
         batch = FetchedBatch()
-        decoding: list[DecodingShare] = []
         wait_ms = edge.batch_wait_ms
         deadline: float | None = None
         while batch.count < edge.batch_size and wait_ms > 0:
@@ -213,9 +215,13 @@ class EdgeWorker:
             batch.count += len(records)
             good, dead_letter_acks = await decode_batch(producer, self.settings, SERVICE, Frame, records)
             batch.acks.extend(dead_letter_acks)
-            decoding.extend(self.start_decoding(good))
+            batch.decoding.extend(self.start_decoding(good))
             wait_ms = int((deadline - time.monotonic()) * 1000)
-        for share in decoding:
+        return batch
+
+    async def decoded(self, batch: FetchedBatch, producer: AIOKafkaProducer) -> None:
+        """Wait for the batch's images; a frame that could not be decoded goes to `dead-letters` with the reason."""
+        for share in batch.decoding:
             images, seconds = await share.images
             batch.decode_s += seconds
             for (record, frame), image in zip(share.frames, images, strict=True):
@@ -224,7 +230,6 @@ class EdgeWorker:
                 else:
                     batch.acks.append(await send_dead_letter(producer, self.settings, SERVICE, record, image))
         self.metrics.dead_letters.inc(batch.count - len(batch.decoded))
-        return batch
 
     async def next_records(self, consumer: AIOKafkaConsumer, limit: int, wait_ms: int) -> list[ConsumerRecord]:
         """Up to `limit` records, oldest first: those already taken from the consumer, else a new fetch's worth.
