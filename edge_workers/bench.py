@@ -14,6 +14,7 @@ from fallwatch.settings import ConfigError
 
 def bench_edge(
     plumbing_frames: Annotated[int, typer.Option(help="frames through the worker with the null model")] = 4000,
+    plumbing_passes: Annotated[int, typer.Option(help="timed plumbing passes (the median is reported)")] = 3,
     warmup_frames: Annotated[
         int, typer.Option(help="frames through a discarded first pass, so the broker's JVM is warm (0: none)")
     ] = 8000,
@@ -26,12 +27,16 @@ def bench_edge(
     ] = False,
 ) -> None:
     """Edge worker: plumbing frames/s, real-size ViLT pipeline vs raw loop, switcher share, CPU options."""
-    if min(plumbing_frames, vilt_frames, rounds, batch_size) < 1:
-        raise ConfigError("--plumbing-frames, --vilt-frames, --rounds and --batch-size must be at least 1")
+    if min(plumbing_frames, plumbing_passes, vilt_frames, rounds, batch_size) < 1:
+        raise ConfigError(
+            "--plumbing-frames, --plumbing-passes, --vilt-frames, --rounds and --batch-size must be at least 1"
+        )
     if warmup_frames < 0:
         raise ConfigError("--warmup-frames must be 0 or more")
     from edge_workers.benchmark import run_benchmark
     from fallwatch.logs import configure_logging
 
     configure_logging("WARNING")
-    run_benchmark(plumbing_frames, warmup_frames, vilt_frames, rounds, batch_size, options, compile_model)
+    run_benchmark(
+        plumbing_frames, plumbing_passes, warmup_frames, vilt_frames, rounds, batch_size, options, compile_model
+    )

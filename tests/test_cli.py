@@ -44,6 +44,8 @@ def test_every_service_has_a_subcommand() -> None:
         (("demo", "--clips", "/nonexistent-folder"), {}, "point the demo at a folder of your own videos"),
         (("edge",), {"FALLWATCH_EDGE__BATCH_WAIT_MS": "0"}, "edge.batch_wait_ms"),
         (("demo", "--models", "huge"), {}, "--models must be auto, reference or tiny"),
+        (("bench", "edge", "--plumbing-passes", "0"), {}, "--plumbing-passes"),
+        (("bench", "edge", "--warmup-frames", "-1"), {}, "--warmup-frames must be 0 or more"),
     ],
 )
 def test_user_mistakes_get_one_readable_line(args: tuple[str, ...], env: dict[str, str], message: str) -> None:
