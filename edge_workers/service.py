@@ -182,7 +182,8 @@ class EdgeWorker:
                     acks = await self.handle_batch(batch, producer, redis)
                     commits.add(AnsweredBatch(acks, batch.offsets))
                 await commits.commit_acked(wait=commits.in_flight() > MAX_BATCHES_IN_FLIGHT)
-                self.metrics.consumer_lag.set(await consumer_lag(consumer))
+                # records taken from the consumer but not yet in a batch are still waiting too
+                self.metrics.consumer_lag.set(await consumer_lag(consumer) + len(self.taken))
             await commits.drain()
         finally:
             if fetching is not None:  # an error answering a batch: the next one is not answered either
