@@ -19,7 +19,7 @@ from cloud_workers.bench import bench_cloud
 from dmd_offline.cli import dmd_app
 from edge_workers.bench import bench_edge
 from fallwatch.logs import configure_logging
-from fallwatch.runtime import run_until_signalled
+from fallwatch.runtime import exit_on_sigterm, run_until_signalled
 from fallwatch.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
 from producers.bench import bench_producer
 from producers.cli import cameras_app
@@ -215,6 +215,7 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> None:
+    exit_on_sigterm()
     # click itself turns usage errors into one line and exit status 2; our own mistakes are ConfigErrors
     try:
         app(args=argv)

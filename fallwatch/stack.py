@@ -179,7 +179,7 @@ class LocalStack:
         controller_port = free_port()
         try:
             kafka = self.start_kafka(libs, kafka_port, controller_port)
-        except StackError:
+        except BaseException:  # a StackError, or the start cut short (SIGTERM): redis-server must not run on
             stop_pid(redis.pid)
             raise
         state = StackState(kafka=kafka, kafka_controller_port=controller_port, redis=redis)
@@ -215,9 +215,7 @@ class LocalStack:
                  "--save", "", "--appendonly", "no", "--daemonize", "no"],
                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        wait_until(lambda: port_accepts(port) or process.poll() is not None, f"redis-server on port {port}")
-        if process.poll() is not None:
-            raise StackError(f"redis-server exited with {process.returncode}; see {log_path}")
+        wait_for_port(process, port, "redis-server", log_path)
         return ServiceState(pid=process.pid, port=port, log=str(log_path))
 
     def restart_redis(self) -> StackState:
@@ -253,9 +251,7 @@ class LocalStack:
                 ["java", "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-cp", classpath, KAFKA_MAIN, str(config)],
                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        wait_until(lambda: port_accepts(port) or process.poll() is not None, f"Kafka on port {port}")
-        if process.poll() is not None:
-            raise StackError(f"Kafka exited with {process.returncode}; see {log_path}")
+        wait_for_port(process, port, "Kafka", log_path)
         return ServiceState(pid=process.pid, port=port, log=str(log_path))
 
     def stop_kafka(self) -> None:
@@ -335,6 +331,21 @@ def all_partitions_led(descriptions: list[dict]) -> bool:
     )
 
 
+def wait_for_port(process: subprocess.Popen[bytes], port: int, name: str, log_path: Path) -> None:
+    """Wait until the server just started listens on `port`; stop it if it exits or the wait is cut short.
+
+    The servers run in their own sessions (Ctrl-C in a terminal must not stop `fallwatch stack up`'s),
+    so one whose start is interrupted (a timeout, SIGTERM) would otherwise run on with nobody knowing it.
+    """
+    try:
+        wait_until(lambda: port_accepts(port) or process.poll() is not None, f"{name} on port {port}")
+        if process.poll() is not None:
+            raise StackError(f"{name} exited with {process.returncode}; see {log_path}")
+    except BaseException:
+        stop_pid(process.pid)
+        raise
+
+
 def stop_pid(pid: int, timeout_s: float = 30.0) -> None:
     """SIGTERM, wait for the process to exit, SIGKILL if it does not."""
     if not pid_alive(pid):
@@ -359,9 +370,10 @@ def local_stack_settings(settings: Settings, state_dir: Path) -> Iterator[Settin
     temporary = state is None or not stack.healthy(state)
     if temporary:
         stack = LocalStack(state_dir, settings.cache_dir, settings.kafka.partitions)
-        state = stack.up({})
-    assert state is not None
     try:
+        if temporary:
+            state = stack.up({})  # inside the `try`: a stack interrupted while it starts is stopped too
+        assert state is not None
         yield settings.model_copy(
             update={
                 "kafka": settings.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers}),

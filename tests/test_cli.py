@@ -6,8 +6,10 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from fallwatch.cli import app
 from fallwatch.demo import ClipTruth, clip_outcome
 from fallwatch.settings import CONFIG_ENV, load_settings
+from fallwatch.stack import LocalStack, pid_alive, stop_pid
 from schemas import FallEvent, Topics
 from tests.conftest import run_fallwatch
 
@@ -127,6 +130,46 @@ def test_stack_up_status_down_uses_free_ports(tmp_path: Path, stack_state) -> No
     assert down.returncode == 0 and "stopped" in down.stdout
     after = run_fallwatch("stack", "status", env=env)
     assert after.returncode == 1 and "no local stack" in after.stdout
+
+
+def test_sigterm_stops_a_benchmarks_temporary_stack_and_removes_its_files(tmp_path: Path) -> None:
+    """`timeout`, `kill` or a CI runner stop a command with SIGTERM: like Ctrl-C, the temporary broker and
+    redis-server a benchmark started are stopped and its scratch directory (~1 GB of Kafka log) removed."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {
+        **os.environ,
+        "TMPDIR": str(scratch),  # where the benchmark's temporary directory goes
+        "FALLWATCH_STATE_DIR": str(tmp_path / "no-stack"),  # no running stack to borrow: it starts its own
+        "FALLWATCH_CACHE_DIR": str(REPO / ".cache"),
+    }
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "fallwatch", "bench", "edge", "--plumbing-frames", "1000000", "--no-options"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    servers: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not (state_files := list(scratch.glob("fallwatch-bench-edge-*/stack/stack.json"))):
+            assert bench.poll() is None, bench.stderr.read() if bench.stderr else ""
+            assert time.monotonic() < deadline, "the benchmark's stack never came up"
+            time.sleep(0.1)  # polling for the stack's state file
+        state = LocalStack(state_files[0].parent, REPO / ".cache").read_state()
+        assert state is not None
+        servers = [state.kafka.pid, state.redis.pid]
+        assert all(pid_alive(pid) for pid in servers)
+        bench.send_signal(signal.SIGTERM)
+        status = bench.wait(timeout=120)
+        still_running = [pid for pid in servers if pid_alive(pid)]
+        left_behind = list(scratch.iterdir())
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        for pid in servers:  # whatever the outcome, leave no server running
+            stop_pid(pid)
+    assert status == 128 + signal.SIGTERM
+    assert still_running == [], "the broker and redis-server were stopped"
+    assert left_behind == [], "the scratch directory was removed"
 
 
 def test_models_tiny_writes_loadable_untrained_models(tmp_path: Path) -> None:
