@@ -237,8 +237,8 @@ class EdgeWorker:
 
         `getmany` is asked for everything the consumer has buffered, not just `limit`: aiokafka sends its
         next fetch to a broker only once every partition it buffers from that broker is drained, so taking
-        it all at once keeps that fetch in flight while this batch is decoded and answered (plumbing bench:
-        ~1,750 against ~1,850 frames/s).
+        it all at once keeps that fetch in flight while this batch is decoded and answered (plumbing bench,
+        when this was added: ~1,750 → ~1,850 frames/s).
         """
         if not self.taken:
             fetched = await consumer.getmany(timeout_ms=wait_ms)
