@@ -2,15 +2,15 @@
 
 1. The model alone: requests/s, latency per batch, energy per request for batch sizes
    1, 4, 8, 16 of clips of `--frames` frames (camera-sized 640×480, so pre-processing counts).
-2. P(fall) from one forward pass vs `generate` (the baseline: answer in free text, read
-   the first word): speed ratio on the same inputs, and how often the two answers agree.
-   `generate` writes exactly `--generate-tokens` tokens (its end-of-sequence token may not
-   stop it earlier), so the ratio is defined by that number, printed in the table title.
-3. The worker (real Kafka + Redis, JPEG clips by claim check) against the model's own
+2. The worker (real Kafka + Redis, JPEG clips by claim check) against the model's own
    batched throughput at the worker's batch size, in one process on the same requests from
    three starting points: JPEG clips in memory (JPEG decode, pre-processing and forward: the
    work the worker does per request, so the ratio prices Kafka, Redis and scheduling),
    decoded clips (pre-processing and forward) and pre-processed tensors (the forward alone).
+3. P(fall) from one forward pass vs `generate` (the baseline: answer in free text, read
+   the first word): speed ratio on the same inputs, and how often the two answers agree.
+   `generate` writes exactly `--generate-tokens` tokens (its end-of-sequence token may not
+   stop it earlier), so the ratio is defined by that number, printed in the table title.
 
 Models: `tiny` (a random tiny LLaVA-NeXT-Video of the real classes, built here),
 `configured` (cloud.model of the settings: a real checkpoint), `random-7b` (the 7B
@@ -43,7 +43,12 @@ from cloud_workers.bench import ModelKind
 from cloud_workers.energy import CostMeter, open_energy_meter
 from cloud_workers.model import Clip, LlavaVideoCloudModel, resolve_device, resolve_dtype
 from cloud_workers.service import DECODE_THREADS, CloudWorker, decode_clips
-from cloud_workers.tiny import build_random_full_size_cloud_model, build_tiny_cloud_model, restrict_to_answers
+from cloud_workers.tiny import (
+    build_random_full_size_cloud_model,
+    build_tiny_cloud_model,
+    restrict_model_to_answers,
+    restrict_to_answers,
+)
 from fallwatch.kafka_io import make_consumer, make_producer
 from fallwatch.models import load_cloud_model
 from fallwatch.settings import ConfigError, Settings, load_settings
@@ -342,12 +347,18 @@ def load_bench_model(kind: ModelKind, settings: Settings, scratch: Path) -> Llav
 def load_agreement_model(
     kind: ModelKind, model: LlavaVideoCloudModel, settings: Settings, scratch: Path
 ) -> LlavaVideoCloudModel:
-    """The model whose answers are compared: for `tiny`, a copy that may only say Yes or No.
+    """The model whose answers are compared: a random model is made to say only Yes or No.
 
-    A random tiny model's greedy first word is almost never "Yes" or "No", which would make
-    the agreement meaningless; restricted, it still answers at random per clip.
+    A random model's greedy first word is almost never "Yes" or "No", which would make the
+    agreement meaningless; restricted, it still answers at random per clip. The tiny model
+    gets a restricted copy; the random 7B (14 GB) is restricted in place, so this comes after
+    every timing (the compute per clip does not change, only the answers).
     """
-    if kind != "tiny":
+    if kind == "configured":
+        return model
+    if kind == "random-7b":
+        yes_id, no_id = model.processor.tokenizer.convert_tokens_to_ids(["Yes", "No"])
+        restrict_model_to_answers(model.model, yes_id=yes_id, no_id=no_id)
         return model
     directory = build_tiny_cloud_model(scratch / "tiny-llava-yes-no", seed=1)
     restrict_to_answers(directory)
@@ -383,14 +394,6 @@ def run_benchmark(
         rows = [on_worker_thread(measure_batches, cloud_model, clips, size, repeats) for size in sizes]
         console.print(batch_table(rows))
 
-        generate_rows = [
-            on_worker_thread(measure_generate, cloud_model, clips, size, generate_tokens, repeats) for size in (1, 8)
-        ]
-        agreement_model = load_agreement_model(kind, cloud_model, settings, scratch)
-        agreement = on_worker_thread(measure_agreement, agreement_model, clips[:agreement_clips], generate_tokens)
-        console.print(generate_table(generate_rows, generate_tokens))
-        console.print(agreement_line(agreement, kind))
-
         if worker_requests > 0:
             worker_clips = [clips[i % len(clips)] for i in range(worker_requests)]
             # The JPEGs the worker gets (publish_requests encodes them the same way).
@@ -411,6 +414,14 @@ def run_benchmark(
                     runs.append(asyncio.run(measure_worker(round_settings, cloud_model, worker_clips)))
             console.print(worker_table(runs, rates))
             console.print(ratio_table(runs, rates))
+
+        generate_rows = [
+            on_worker_thread(measure_generate, cloud_model, clips, size, generate_tokens, repeats) for size in (1, 8)
+        ]
+        console.print(generate_table(generate_rows, generate_tokens))
+        agreement_model = load_agreement_model(kind, cloud_model, settings, scratch)  # last: may change the model
+        agreement = on_worker_thread(measure_agreement, agreement_model, clips[:agreement_clips], generate_tokens)
+        console.print(agreement_line(agreement, kind))
 
 
 def describe(model: LlavaVideoCloudModel, kind: ModelKind, frames: int) -> str:
@@ -477,7 +488,8 @@ def tokens_for_fivefold(row: GenerateRow, new_tokens: int) -> str:
 
 
 def agreement_line(agreement: Agreement, kind: ModelKind) -> str:
-    restricted = " (tiny: a copy that may only say Yes or No)" if kind == "tiny" else ""
+    restricted = {"tiny": " (a copy of the tiny model that may only say Yes or No)",
+                  "random-7b": " (the random 7B made to say only Yes or No)"}.get(kind, "")  # fmt: skip
     return (
         f"agreement, one forward (P(Yes) > 0.5) vs generate's first word: {agreement.agree}/{agreement.clips}"
         f" clips; {agreement.neither} neither yes nor no{restricted}"

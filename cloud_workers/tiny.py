@@ -215,23 +215,28 @@ def set_fall_bias(directory: Path, fall: bool) -> None:
 
 
 def restrict_to_answers(directory: Path) -> None:
-    """Rewrite the saved tiny model so that it only ever says "Yes" or "No", still at random.
+    """Rewrite the saved tiny model so that it only ever says "Yes" or "No", still at random."""
+    model = LlavaNextVideoForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+    vocab = _load_vocab(directory)
+    restrict_model_to_answers(model, yes_id=vocab["Yes"], no_id=vocab["No"])
+    model.save_pretrained(directory)
+
+
+@torch.no_grad()
+def restrict_model_to_answers(model: LlavaNextVideoForConditionalGeneration, yes_id: int, no_id: int) -> None:
+    """Change the model in place so that it only ever says "Yes" or "No", still at random.
 
     Every other token (lower-case variants included, so that P(fall) > 0.5 exactly when
     "Yes" is the greedy choice) gets a large negative logit from the constant channel,
     while "Yes" and "No" keep their random, input-dependent logits: which one wins
     depends on the clip, so one-forward and `generate` can be compared on a real decision.
     """
-    model = LlavaNextVideoForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
-    vocab = _load_vocab(directory)
-    answer_ids = [vocab["Yes"], vocab["No"]]
-    other_ids = [token_id for token_id in range(model.lm_head.weight.shape[0]) if token_id not in answer_ids]
-    with torch.no_grad():
-        _add_constant_channel(model, constant=1.0)
-        model.lm_head.weight[:, CONSTANT_CHANNEL] = 0.0
-        model.lm_head.weight[other_ids, :] = 0.0
-        model.lm_head.weight[other_ids, CONSTANT_CHANNEL] = -1000.0
-    model.save_pretrained(directory)
+    others = torch.ones(model.lm_head.weight.shape[0], dtype=torch.bool, device=model.lm_head.weight.device)
+    others[[yes_id, no_id]] = False
+    _add_constant_channel(model, constant=1.0)
+    model.lm_head.weight[:, CONSTANT_CHANNEL] = 0.0
+    model.lm_head.weight[others, :] = 0.0
+    model.lm_head.weight[others, CONSTANT_CHANNEL] = -1000.0
 
 
 def _add_constant_channel(model: LlavaNextVideoForConditionalGeneration, constant: float) -> None:
