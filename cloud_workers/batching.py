@@ -9,19 +9,24 @@ the consumer is polled every `keepalive_s`: a paused poll returns nothing but
 tells the group coordinator this member is alive, so a forward slower than
 `max_poll_interval_ms` on a slow GPU does not get the worker evicted, its partitions
 handed to another worker and the same batch answered again (a rebalance spiral).
+Slow is not stuck, though: once a batch has been in the model past its deadline (a hung
+GPU), the polls stop, and the member leaves the group `max_poll_interval_ms` later, so
+that another worker answers its partitions instead of nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,20 +76,29 @@ async def _poll(consumer: AIOKafkaConsumer, max_records: int, timeout_s: float) 
     return [Arrival(record, now) for records in by_partition.values() for record in records]
 
 
-async def while_paused(consumer: AIOKafkaConsumer, work: Awaitable[T], keepalive_s: float) -> T:
-    """Run `work` with the consumer's partitions paused, polling every `keepalive_s` to stay in the group."""
-    task = asyncio.ensure_future(work)
+async def while_paused(consumer: AIOKafkaConsumer, work: asyncio.Task[T], keepalive_s: float, poll_until: float) -> T:
+    """Wait for `work` with the consumer's partitions paused, polling every `keepalive_s` to stay in
+    the group until `poll_until` (time.monotonic()); after that, without polling (see the module doc)."""
     try:
-        while True:
+        while not work.done():
             consumer.pause(*consumer.assignment())
-            done, _ = await asyncio.wait({task}, timeout=keepalive_s)
-            if done:
-                return task.result()
+            remaining_s = poll_until - time.monotonic()
+            if remaining_s <= 0:
+                log.error(
+                    "a batch is still in the model past its deadline: stuck; no longer polling, so the group "
+                    "hands this worker's partitions to another one; it rejoins once the batch ends"
+                )
+                await asyncio.wait({work})
+                break
+            await asyncio.wait({work}, timeout=min(keepalive_s, remaining_s))
+            if work.done():
+                break
             # Partitions assigned by a rebalance since the last pause are not paused yet; any
             # record this poll returns goes back, so it is consumed (and committed) only after
             # it has been answered.
             stray = await consumer.getmany(timeout_ms=0)
             for partition, records in stray.items():
                 consumer.seek(partition, records[0].offset)
+        return work.result()
     finally:
         consumer.resume(*consumer.assignment())

@@ -11,7 +11,8 @@ the batch's energy and the batch's peak GPU memory.
 
 While one batch is in the model the next is collected, its clips fetched (one MGET) and
 decoded (on a thread per core); then the partitions stay paused (polled, so the group keeps
-this worker) until the model is free.
+this worker) until the model is free, or until `cloud.stuck_batch_s` after the batch went in:
+then the polls stop, and the group gives the partitions of a worker with a hung GPU to another.
 A batch's offsets are committed only after every one of its outputs is acked.
 """
 
@@ -28,7 +29,6 @@ from datetime import timedelta
 import numpy as np
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import CommitFailedError
 from redis.asyncio import Redis
 
 from cloud_workers.batching import Arrival, Batch, collect_batch, while_paused
@@ -36,7 +36,7 @@ from cloud_workers.energy import BatchCost, CostMeter, open_energy_meter
 from cloud_workers.metrics import CloudMetrics
 from cloud_workers.model import Clip, CloudModel
 from fallwatch.images import decode_jpeg_rgb
-from fallwatch.kafka_io import decode_batch, make_consumer, make_producer, send
+from fallwatch.kafka_io import commit_held_offsets, decode_batch, make_consumer, make_producer, send
 from fallwatch.models import load_cloud_model
 from fallwatch.settings import Settings
 from schemas import CloudRequest, Frame, SchemaError, Verdict, decode, utc_now
@@ -107,7 +107,12 @@ class CloudWorker:
         self.decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="cloud-decode")
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = make_consumer(self.settings, self.topics.cloud_requests, group_id=self.cloud.group_id)
+        consumer = make_consumer(
+            self.settings,
+            self.topics.cloud_requests,
+            group_id=self.cloud.group_id,
+            max_poll_interval_ms=self.cloud.max_poll_interval_ms,
+        )
         producer = make_producer(self.settings)
         fetcher = FrameFetcher(self.settings)
         redis = Redis.from_url(self.settings.redis.url)
@@ -119,11 +124,18 @@ class CloudWorker:
         # meanwhile, so the model never waits for Kafka, Redis or JPEG decoding; at most these
         # two batches are in flight.
         answering: asyncio.Task[None] | None = None
+        stuck_at = 0.0  # time.monotonic() from which the batch in the model counts as stuck
         try:
             while not stop.is_set():
-                if answering is not None and answering.done():
-                    answering.result()  # raises what went wrong in it
-                    answering = None
+                if answering is not None:
+                    if answering.done():
+                        answering.result()  # raises what went wrong in it
+                        answering = None
+                    elif time.monotonic() >= stuck_at:
+                        # Stuck: no more polls, not even for the next batch, so the group can
+                        # hand the partitions to another worker (see batching.while_paused).
+                        await while_paused(consumer, answering, self.cloud.keepalive_s, stuck_at)
+                        continue
                 batch = await collect_batch(
                     consumer,
                     max_records=self.cloud.batch_size,
@@ -134,10 +146,11 @@ class CloudWorker:
                     continue
                 prepared = await self.prepare(batch, producer, fetcher, redis)
                 if answering is not None:
-                    await while_paused(consumer, answering, self.cloud.keepalive_s)
+                    await while_paused(consumer, answering, self.cloud.keepalive_s, stuck_at)
                 answering = asyncio.create_task(self.answer_and_commit(prepared, consumer, producer))
+                stuck_at = time.monotonic() + self.cloud.stuck_batch_s
             if answering is not None:
-                await while_paused(consumer, answering, self.cloud.keepalive_s)
+                await while_paused(consumer, answering, self.cloud.keepalive_s, stuck_at)
         finally:
             if answering is not None and not answering.done():
                 await asyncio.wait({answering})  # it uses the clients stopped below
@@ -189,12 +202,7 @@ class CloudWorker:
             acks += await self.answer(prepared.jobs, prepared.batch, prepared.fetch_s, producer)
         await asyncio.gather(*acks)
         # This batch's offsets only: the next batch is already consumed but not answered yet.
-        try:
-            await consumer.commit(prepared.batch.next_offsets())
-        except CommitFailedError as exc:
-            # A rebalance took the partitions: their new owner answers the batch again from the
-            # last commit (at-least-once; consumers dedupe by frame id).
-            log.warning("offsets of a batch not committed (%s); its requests will be answered again", exc)
+        await commit_held_offsets(consumer, prepared.batch.next_offsets())
 
     async def fetch_clips(self, requests: list[CloudRequest], fetcher: FrameFetcher, redis: Redis) -> list[Clip | None]:
         """Each request's clip as RGB frames (oldest first); None where neither clip nor frame can be read."""

@@ -24,7 +24,6 @@ from datetime import datetime, timedelta
 import numpy as np
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError
 from redis.asyncio import Redis
 
 from edge_workers.metrics import EdgeMetrics
@@ -33,6 +32,7 @@ from edge_workers.registry import ActiveSwitcher, SwitcherRegistry
 from edge_workers.routing import RouteDecision, Router, RoutingPolicy
 from fallwatch.images import decode_jpeg_rgb, keep_freed_image_memory
 from fallwatch.kafka_io import (
+    commit_held_offsets,
     decode_batch,
     make_consumer,
     make_producer,
@@ -445,25 +445,8 @@ class CommitQueue:
                 return
             self.committing.result()
         if self.acked_offsets:
-            self.committing = asyncio.create_task(self.commit(self.acked_offsets))
+            self.committing = asyncio.create_task(commit_held_offsets(self.consumer, self.acked_offsets))
             self.acked_offsets = {}
-
-    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        # A rebalance may have taken partitions while their batch was answered: their new owner
-        # answers it again from the last commit (at-least-once; consumers dedupe by frame id).
-        assigned = self.consumer.assignment()
-        held = {partition: offset for partition, offset in offsets.items() if partition in assigned}
-        if len(held) < len(offsets):
-            log.warning(
-                "offsets of %d revoked partition(s) not committed; their frames will be answered again",
-                len(offsets) - len(held),
-            )
-        if not held:
-            return
-        try:
-            await self.consumer.commit(held)
-        except CommitFailedError as exc:
-            log.warning("offsets of a batch not committed (%s); its frames will be answered again", exc)
 
     async def drain(self) -> None:
         """Wait until every answered batch is acked and its offsets are committed."""

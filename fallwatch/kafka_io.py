@@ -1,19 +1,20 @@
 """Kafka plumbing shared by the services: clients, topic specs, decoding with dead letters.
 
 Delivery is at-least-once everywhere: producers use acks=all with idempotence,
-consumers never auto-commit and commit only after every output of a batch is
-acked by the broker (see `commit_after`).
+consumers never auto-commit and commit a batch's offsets only after every output
+of the batch is acked by the broker (see `commit_held_offsets`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from typing import Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CommitFailedError
 
 from fallwatch.settings import Settings
 from schemas import DeadLetter, Message, SchemaError, decode, encode
@@ -117,10 +118,26 @@ async def decode_batch(
     return good, acks
 
 
-async def commit_after(consumer: AIOKafkaConsumer, acks: Iterable[Awaitable[object]]) -> None:
-    """Wait until the broker acked every output of the batch, then commit the batch's offsets."""
-    await asyncio.gather(*acks)
-    await consumer.commit()
+async def commit_held_offsets(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+    """Commit `offsets` of the partitions this consumer still holds, once their outputs are acked.
+
+    A rebalance may have taken partitions while their batch was answered, or make the group
+    refuse the commit: the partitions' owner then answers those records again from the last
+    commit (at-least-once; consumers dedupe by frame id), so this is logged, not raised.
+    """
+    assigned = consumer.assignment()
+    held = {partition: offset for partition, offset in offsets.items() if partition in assigned}
+    if len(held) < len(offsets):
+        log.warning(
+            "offsets of %d revoked partition(s) not committed; their records will be answered again",
+            len(offsets) - len(held),
+        )
+    if not held:
+        return
+    try:
+        await consumer.commit(held)
+    except CommitFailedError as exc:
+        log.warning("offsets of a batch not committed (%s); its records will be answered again", exc)
 
 
 async def consumer_group_lag(settings: Settings, group_id: str, topic: str) -> int:

@@ -192,8 +192,27 @@ class CloudSettings(Section):
     keepalive_s: float = Field(
         1.0, gt=0, description="while waiting for the model (partitions paused), poll this often to stay in the group"
     )
+    max_poll_interval_ms: int = Field(
+        60_000, ge=1000, description="Kafka max.poll.interval.ms: a worker not polling this long leaves the group"
+    )
+    stuck_batch_s: float = Field(
+        60.0,
+        gt=0,
+        description="a batch in the model this long is stuck (a hung GPU): the worker stops polling, so the group "
+        "hands its partitions to another worker after max_poll_interval_ms",
+    )
     frame_fetch_timeout_s: float = Field(10.0, gt=0, description="reading an expired clip's frame back from `frames`")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0 or null: off)")
+
+    @model_validator(mode="after")
+    def keepalive_well_inside_the_poll_interval(self) -> CloudSettings:
+        # A keepalive poll can be late by an event-loop hiccup; half the interval leaves room for it.
+        if self.keepalive_s * 1000 > self.max_poll_interval_ms / 2:
+            raise ValueError(
+                f"keepalive_s ({self.keepalive_s}) must be at most half of max_poll_interval_ms "
+                f"({self.max_poll_interval_ms}), or a slow batch costs the worker its partitions"
+            )
+        return self
 
 
 class AlertRule(Section):

@@ -157,22 +157,6 @@ def alerts_of(settings: Settings, camera_id: str, count: int = 1, timeout_s: flo
     return alerts_for(events, camera_id)
 
 
-async def read_all(settings: Settings, topic: str, model: type[M]) -> list[M]:
-    """Everything on `topic` up to its end offsets now."""
-    consumer = make_consumer(settings, topic, group_id=None)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
-        end = await consumer.end_offsets(partitions)
-        messages: list[M] = []
-        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
-            batches = await consumer.getmany(timeout_ms=1000)
-            messages += [decode(model, record.value) for records in batches.values() for record in records]
-        return messages
-    finally:
-        await consumer.stop()
-
-
 async def wait_until_consumed(settings: Settings, *topics: str, timeout_s: float = WAIT_S) -> None:
     """Wait until the app's group committed every record sent so far to `topics` (default: verdicts).
 

@@ -22,6 +22,8 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from fallwatch.kafka_io import make_consumer, topic_specs
 from fallwatch.models import ModelPaths, build_tiny_models
@@ -97,6 +99,41 @@ async def consume_until(
     finally:
         await consumer.stop()
     return messages
+
+
+async def read_all(settings: Settings, topic: str, model: type[M]) -> list[M]:
+    """Everything on `topic` up to its end offsets now."""
+    consumer = make_consumer(settings, topic, group_id=None)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
+        end = await consumer.end_offsets(partitions)
+        messages: list[M] = []
+        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+            batches = await consumer.getmany(timeout_ms=1000)
+            messages += [decode(model, record.value) for records in batches.values() for record in records]
+        return messages
+    finally:
+        await consumer.stop()
+
+
+
+async def until_group_stable_with(settings: Settings, group_id: str, members: int, timeout_s: float = 60) -> None:
+    """Wait until the consumer group has settled (state Stable) with `members` members."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await admin.start()
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        while True:
+            [response] = await admin.describe_consumer_groups([group_id])
+            _error, _group, state, _protocol_type, _protocol, group_members, *_ = response.groups[0]
+            if state == "Stable" and len(group_members) == members:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(f"group {group_id} never settled with {members} members ({state}, {len(group_members)})")
+            await asyncio.sleep(0.2)  # polling the group's state
+    finally:
+        await admin.close()
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,6 @@ from tests.alerting_helpers import (
     body_alert_id,
     make_verdict,
     produce,
-    read_all,
     read_until,
     send_events,
     send_verdicts,
@@ -45,7 +44,7 @@ from tests.alerting_helpers import (
     wait_for,
     wait_until_consumed,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, read_all
 
 CLOUD_WAIT_S = 2.0
 ESCALATE_AFTER_S = 4.0

@@ -13,6 +13,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +34,15 @@ from fallwatch.kafka_io import consumer_group_lag, make_producer
 from fallwatch.models import ModelPaths
 from fallwatch.settings import Settings
 from schemas import CloudRequest, DeadLetter, KafkaPosition, Verdict, encode
-from tests.conftest import REPO, consume_until, running, settings_for, write_config
+from tests.conftest import (
+    REPO,
+    consume_until,
+    read_all,
+    running,
+    settings_for,
+    until_group_stable_with,
+    write_config,
+)
 
 NUM_FRAMES = 4
 CLIP_FRAMES = 4
@@ -52,9 +62,29 @@ def worker_settings(stack_state, tmp_path: Path, tiny: ModelPaths, **cloud: obje
     return settings.model_copy(update={"cloud": settings.cloud.model_copy(update={"group_id": group_id})})
 
 
+def load_tiny_cloud_model(tiny: ModelPaths) -> LlavaVideoCloudModel:
+    return LlavaVideoCloudModel.from_pretrained(str(tiny.cloud), QUESTION, num_frames=NUM_FRAMES, device="cpu")
+
+
 @pytest.fixture(scope="module")
 def cloud_model(tiny_models: ModelPaths) -> LlavaVideoCloudModel:
-    return LlavaVideoCloudModel.from_pretrained(str(tiny_models.cloud), QUESTION, num_frames=NUM_FRAMES, device="cpu")
+    return load_tiny_cloud_model(tiny_models)
+
+
+class HeldForward:
+    """Holds a model's forward until the test releases it: a hung GPU (there is no GPU here)."""
+
+    def __init__(self, model: LlavaVideoCloudModel) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        model.model.register_forward_pre_hook(self.hold)
+
+    def hold(self, module: torch.nn.Module, args: object) -> None:
+        self.entered.set()
+        self.release.wait()
+
+    async def until_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 120), "the worker never took a batch"
 
 
 
@@ -233,6 +263,98 @@ def test_a_stopped_worker_answers_every_live_request_after_restart(
     assert cloud_answered == live, "every live request answered by the model, across the restart"
     assert {v.frame_id for v in verdicts if v.source == "edge-fallback"} == late
     assert sources[(True, "edge-fallback")] == 0
+
+
+def test_a_batch_slower_than_the_poll_interval_keeps_the_partitions(stack_state, tmp_path: Path, tiny_models) -> None:
+    # Kafka evicts a member that has not polled for max.poll.interval.ms (1 s here), and every batch
+    # takes 2 s in the model. The worker polls, partitions paused, while it waits, so it keeps its
+    # partitions and answers each request once; evicted, its commit would be refused and the new
+    # owner of the partitions would answer the batch again.
+    settings = worker_settings(
+        stack_state, tmp_path, tiny_models, batch_size=4, batch_wait_ms=100, keepalive_s=0.2, max_poll_interval_ms=1000
+    )
+    slow = load_tiny_cloud_model(tiny_models)
+    # A GPU slower than the poll interval (there is no GPU here): the forward itself takes 2 s.
+    slow.model.register_forward_pre_hook(lambda module, args: time.sleep(2.0))
+
+    async def scenario() -> tuple[list[CloudRequest], list[Verdict], int]:
+        # Four batches: the group checks a member's last poll only every few seconds.
+        requests = await publish_requests(settings, [small_clip(seed) for seed in range(16)])
+        async with running(CloudWorker(settings, slow)):
+            await wait_for_finals(settings, {r.frame_id for r in requests})
+        # The worker has stopped: everything it wrote is on the topic now.
+        verdicts = await read_all(settings, settings.kafka.topics.verdicts, Verdict)
+        lag = await consumer_group_lag(settings, settings.cloud.group_id, settings.kafka.topics.cloud_requests)
+        return requests, verdicts, lag
+
+    requests, verdicts, lag = asyncio.run(scenario())
+    assert sorted(v.frame_id for v in verdicts) == sorted(r.frame_id for r in requests), "each answered once"
+    assert {v.source for v in verdicts} == {"cloud"}
+    assert min(v.timings_ms["model"] for v in verdicts) >= 2000, "every batch outlasted the poll interval"
+    assert lag == 0, "every batch committed: the group never took the partitions away"
+
+
+def test_a_stuck_batch_hands_its_partitions_to_another_worker(
+    stack_state, tmp_path: Path, tiny_models, cloud_model
+) -> None:
+    # The first worker's GPU hangs in its first batch: the forward blocks until the test lets it go.
+    # Past stuck_batch_s the worker stops polling, the group evicts it a poll interval later, and a
+    # second worker answers every request, the hung batch's included, while the first still hangs.
+    settings = worker_settings(
+        stack_state, tmp_path, tiny_models, batch_size=4, batch_wait_ms=100,
+        keepalive_s=0.2, max_poll_interval_ms=1000, stuck_batch_s=1.0,
+    )  # fmt: skip
+    hung = load_tiny_cloud_model(tiny_models)
+    held = HeldForward(hung)
+
+    async def scenario() -> tuple[list[CloudRequest], list[Verdict], int]:
+        requests = await publish_requests(settings, [small_clip(seed) for seed in range(8)])
+        stop_hung = asyncio.Event()
+        hung_worker = asyncio.create_task(CloudWorker(settings, hung).run(stop_hung))
+        try:
+            await held.until_entered()
+            async with running(CloudWorker(settings, cloud_model)):
+                verdicts = await wait_for_finals(settings, {r.frame_id for r in requests})
+        finally:
+            held.release.set()
+            stop_hung.set()
+            await hung_worker  # it answers its batch again, and its commit is refused: it survives that
+        lag = await consumer_group_lag(settings, settings.cloud.group_id, settings.kafka.topics.cloud_requests)
+        return requests, verdicts, lag
+
+    requests, verdicts, lag = asyncio.run(scenario())
+    assert {v.frame_id for v in verdicts if v.source == "cloud"} == {r.frame_id for r in requests}
+    assert lag == 0, "the second worker committed every request"
+
+
+def test_a_worker_joining_mid_batch_takes_partitions_and_the_first_survives(
+    stack_state, tmp_path: Path, tiny_models, cloud_model
+) -> None:
+    # A second GPU worker joins while the first has a batch in the model; the rebalance moves some of
+    # that batch's partitions to the newcomer. The first worker commits what it still holds and lives
+    # on; the newcomer answers the moved requests again (at-least-once).
+    settings = worker_settings(stack_state, tmp_path, tiny_models, batch_size=8, batch_wait_ms=100, keepalive_s=0.2)
+    first_model = load_tiny_cloud_model(tiny_models)
+    held = HeldForward(first_model)
+    cameras = tuple(f"cam-j{index}" for index in range(8))  # spread over every partition
+
+    async def scenario() -> tuple[list[CloudRequest], list[Verdict], int]:
+        requests = await publish_requests(settings, [small_clip(seed) for seed in range(8)], cameras=cameras)
+        try:
+            async with running(CloudWorker(settings, first_model)):
+                await held.until_entered()
+                async with running(CloudWorker(settings, cloud_model)):
+                    await until_group_stable_with(settings, settings.cloud.group_id, 2)
+                    held.release.set()
+                    verdicts = await wait_for_finals(settings, {r.frame_id for r in requests})
+        finally:
+            held.release.set()
+        lag = await consumer_group_lag(settings, settings.cloud.group_id, settings.kafka.topics.cloud_requests)
+        return requests, verdicts, lag
+
+    requests, verdicts, lag = asyncio.run(scenario())  # a worker that failed re-raises here, on leaving `running`
+    assert {v.frame_id for v in verdicts if v.source == "cloud"} == {r.frame_id for r in requests}
+    assert lag == 0, "every request committed by one worker or the other"
 
 
 def test_clips_decode_in_order_without_their_undecodable_frames() -> None:

@@ -23,7 +23,6 @@ import cv2
 import numpy as np
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from redis import Redis
 
 from alerting.rules import CameraState
@@ -37,7 +36,14 @@ from fallwatch.models import ModelPaths, load_edge_model
 from fallwatch.settings import AlertRule, Settings
 from fallwatch.stack import free_port
 from schemas import CloudRequest, DeadLetter, Frame, Verdict, encode
-from tests.conftest import consume_until, running, service_process, settings_for, write_config
+from tests.conftest import (
+    consume_until,
+    running,
+    service_process,
+    settings_for,
+    until_group_stable_with,
+    write_config,
+)
 
 START = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -399,31 +405,14 @@ def test_a_worker_joining_mid_stream_takes_partitions_without_losing_a_frame(
     async def group_lag() -> int:
         return await consumer_group_lag(settings, settings.edge.group_id, settings.kafka.topics.frames)
 
-    async def stable_members() -> int:
-        """Members of the worker group once its rebalance has settled (0 while it is rebalancing)."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-        await admin.start()
-        try:
-            [response] = await admin.describe_consumer_groups([settings.edge.group_id])
-            _error, _group, state, _protocol_type, _protocol, members, *_ = response.groups[0]
-            return len(members) if state == "Stable" else 0
-        finally:
-            await admin.close()
-
-    async def until_stable_with(members: int) -> None:
-        deadline = asyncio.get_running_loop().time() + 60
-        while await stable_members() != members:
-            if asyncio.get_running_loop().time() > deadline:
-                pytest.fail(f"the worker group never settled with {members} members")
-            await asyncio.sleep(0.2)  # polling the group's state
-
     async def scenario() -> tuple[list[Verdict], float, float, int]:
         await publish_frames(settings, first)
         async with running(EdgeWorker(settings, edge_model)) as first_worker:
             await until(lambda: answered(first_worker) >= 20, "the first worker answering")
             # its own model: one `predict` at a time per instance
             async with running(EdgeWorker(settings, load_edge_model(settings))) as second_worker:
-                await until_stable_with(2)  # the second worker holds partitions: the second half is shared
+                # the second worker holds partitions: the second half is shared
+                await until_group_stable_with(settings, settings.edge.group_id, 2)
                 await publish_frames(settings, second)
                 verdicts = await consume_until(
                     settings, settings.kafka.topics.verdicts, Verdict,
