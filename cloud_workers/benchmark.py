@@ -276,6 +276,7 @@ class WorkerRun:
     batch_size: int
     requests_per_s: float
     median_worker_ms: float
+    median_preprocess_ms: float  # one batch's pre-processing inside the worker (timings_ms.preprocess)
     median_model_ms: float  # one batch's forward inside the worker (timings_ms.model)
     mean_batch: float
 
@@ -302,6 +303,7 @@ async def measure_worker(settings: Settings, model: LlavaVideoCloudModel, clips:
         batch_size=settings.cloud.batch_size,
         requests_per_s=len(verdicts) / span_s,
         median_worker_ms=statistics.median(v.timings_ms["worker"] for v in verdicts),
+        median_preprocess_ms=statistics.median(v.timings_ms["preprocess"] for v in verdicts),
         median_model_ms=statistics.median(v.timings_ms["model"] for v in verdicts),
         mean_batch=statistics.mean(v.batch_size or 0 for v in verdicts),
     )
@@ -499,15 +501,21 @@ def agreement_line(agreement: Agreement, kind: ModelKind) -> str:
 def worker_table(runs: list[WorkerRun], rates: list[ModelRates]) -> Table:
     batch_size = runs[0].batch_size
     from_frames = statistics.median(rate.from_frames for rate in rates)
-    table = Table(title="worker on Kafka + Redis: JPEG clips by claim check → verdicts")
+    forward_only = statistics.median(rate.forward_only for rate in rates)
+    table = Table(
+        title="worker on Kafka + Redis: JPEG clips by claim check → verdicts (a batch is pre-processed while the "
+        "one before is in the model; 'alone': the same work in one process, nothing else running)"
+    )
     for column in ("rounds", "requests", "batch", "mean batch formed", "worker req/s (rounds)",
-                   "model ms/batch in worker", "median arrival→verdict (ms)"):  # fmt: skip
+                   "pre-process ms/batch", "forward ms/batch", "median arrival→verdict (ms)"):  # fmt: skip
         table.add_column(column, justify="right")
+    preprocess_alone_ms = 1000 * batch_size * (1 / from_frames - 1 / forward_only)
     table.add_row(
         str(len(runs)), str(runs[0].requests), str(batch_size),
         f"{statistics.mean(run.mean_batch for run in runs):.1f}",
         f"{worker_rate(runs):.1f} ({', '.join(f'{run.requests_per_s:.1f}' for run in runs)})",
-        f"{statistics.median(run.median_model_ms for run in runs):.0f} (alone: {1000 * batch_size / from_frames:.0f})",
+        f"{statistics.median(run.median_preprocess_ms for run in runs):.0f} (alone: {preprocess_alone_ms:.0f})",
+        f"{statistics.median(run.median_model_ms for run in runs):.0f} (alone: {1000 * batch_size / forward_only:.0f})",
         f"{statistics.median(run.median_worker_ms for run in runs):.0f}",
     )  # fmt: skip
     return table

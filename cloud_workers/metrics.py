@@ -38,7 +38,7 @@ class CloudMetrics(ServedMetrics):
         )
         self.batch_seconds = Histogram(
             "fallwatch_cloud_batch_seconds",
-            "wall time per batch of each stage (collect, fetch, model)",
+            "wall time per batch of each stage (collect, fetch, preprocess, model)",
             ["stage"],
             buckets=SECONDS_BUCKETS,
             registry=self.registry,

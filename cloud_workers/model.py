@@ -8,7 +8,7 @@ the prompt, not from generated text (one forward pass, a real probability, no pa
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -25,14 +25,29 @@ ANSWER_INSTRUCTION = "Answer Yes or No."
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Clip = list[np.ndarray]
+PreparedT = TypeVar("PreparedT")
+ModelInputs = dict[str, torch.Tensor]
 
 
-class CloudModel(Protocol):
-    """Clips → fall probability. Each clip is a list of HxWx3 uint8 RGB frames, oldest first."""
+class CloudModel(Protocol[PreparedT]):
+    """Clips → fall probability. Each clip is a list of HxWx3 uint8 RGB frames, oldest first.
+
+    `predict` is `prepare` then `predict_prepared`: the worker runs `prepare` (CPU work) for the
+    next batch while this batch is in the model, so the two must be safe to run at once on
+    different batches.
+    """
 
     name: str
     device: torch.device  # where inputs go (the first device of a model spread by a device map)
     gpu_indices: list[int]  # the GPUs holding its weights (empty on CPU): their energy counts
+
+    def prepare(self, clips: list[Clip]) -> PreparedT:
+        """The CPU work before the model (sampling, resizing, tokenizing) of a non-empty batch."""
+        ...
+
+    def predict_prepared(self, prepared: PreparedT) -> np.ndarray:
+        """P(fall) per clip of a prepared batch, float32, shape [len(clips)]."""
+        ...
 
     def predict(self, clips: list[Clip]) -> np.ndarray:
         """P(fall) per clip, float32, shape [len(clips)]."""
@@ -166,6 +181,13 @@ class LlavaVideoCloudModel:
         ]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
 
+    def prepare(self, clips: list[Clip]) -> ModelInputs:
+        """The processed inputs of clips asked this model's question, on the CPU."""
+        return self.model_inputs(clips, [self.question] * len(clips))
+
+    def predict_prepared(self, prepared: ModelInputs) -> np.ndarray:
+        return self.yes_probabilities_of(prepared)
+
     def predict(self, clips: list[Clip]) -> np.ndarray:
         """P(fall) per clip: every clip asked this model's question."""
         return self.yes_probabilities(clips, [self.question] * len(clips))
@@ -179,12 +201,13 @@ class LlavaVideoCloudModel:
         return self.yes_probabilities_of(self.model_inputs(clips, questions))
 
     @torch.inference_mode()
-    def yes_probabilities_of(self, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    def yes_probabilities_of(self, inputs: ModelInputs) -> np.ndarray:
         """P(Yes) per row of prepared inputs (`model_inputs`), from one forward pass.
 
         P(Yes) = the summed softmax probability of the "Yes" token ids divided by that
         of the "Yes" and "No" ids together, at the position after the prompt.
         """
+        inputs = self.on_device(inputs)
         # Positions count real tokens only, so a left-padded row sees the same positions
         # as it would alone (`generate` derives them the same way from the attention mask).
         position_ids = (inputs["attention_mask"].cumsum(dim=-1) - 1).clamp(min=0)
@@ -204,10 +227,9 @@ class LlavaVideoCloudModel:
         return self.generate_answers_of(self.model_inputs(clips, [self.question] * len(clips)), max_new_tokens)
 
     @torch.inference_mode()
-    def generate_answers_of(
-        self, inputs: dict[str, torch.Tensor], max_new_tokens: int = 3, min_new_tokens: int = 0
-    ) -> list[str]:
+    def generate_answers_of(self, inputs: ModelInputs, max_new_tokens: int = 3, min_new_tokens: int = 0) -> list[str]:
         """Greedy answers of prepared inputs; `min_new_tokens` keeps the end-of-sequence token from stopping early."""
+        inputs = self.on_device(inputs)
         generated = self.model.generate(
             **inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False
         )
@@ -215,12 +237,16 @@ class LlavaVideoCloudModel:
         answers = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [answer.strip() for answer in answers]
 
-    def model_inputs(self, clips: list[Clip], questions: list[str]) -> dict[str, torch.Tensor]:
-        """The processed, checked model inputs of clips and their questions, on the model's device."""
+    def model_inputs(self, clips: list[Clip], questions: list[str]) -> ModelInputs:
+        """The processed, checked model inputs of clips and their questions, on the CPU."""
         videos = [self.resized_video(sample_frames(clip, self.num_frames)) for clip in clips]
         prompts = [self.prompt(question) for question in questions]
         inputs = self.processor(text=prompts, videos=videos, padding=True, return_tensors="pt")
         self.check_video_inputs(inputs, len(clips))
+        return {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values_videos")}
+
+    def on_device(self, inputs: ModelInputs) -> ModelInputs:
+        """Inputs on the model's device, the pixels in its dtype (no copy where they already are)."""
         return {
             "input_ids": inputs["input_ids"].to(self.device),
             "attention_mask": inputs["attention_mask"].to(self.device),

@@ -200,7 +200,11 @@ class PoseFallCloudModel:
     def from_pretrained(cls, model_dir: str, revision: str | None = None) -> PoseFallCloudModel:
         return cls(PoseFallClassifier.from_pretrained(model_dir, revision=revision), name=model_dir)
 
-    def fall_probabilities(self, poses: list[Pose | None]) -> np.ndarray:
+    def prepare(self, clips: list[Clip]) -> list[Pose | None]:
+        """The pose in each clip's newest frame (the frame the edge offloaded): BlazePose, on the CPU."""
+        return [self.estimator(clip[-1]) for clip in clips]
+
+    def predict_prepared(self, poses: list[Pose | None]) -> np.ndarray:
         """P(fall) per pose; the classifier's prior for frames in which nobody was found."""
         found = [pose for pose in poses if pose is not None]
         probabilities = np.full(len(poses), self.classifier.config.no_pose_probability, dtype=np.float32)
@@ -213,7 +217,7 @@ class PoseFallCloudModel:
 
     def predict(self, clips: list[Clip]) -> np.ndarray:
         """P(fall) per clip, from its newest frame (the frame the edge offloaded)."""
-        return self.fall_probabilities([self.estimator(clip[-1]) for clip in clips])
+        return self.predict_prepared(self.prepare(clips))
 
 
 def is_pose_checkpoint(model_id_or_dir: str) -> bool:

@@ -123,7 +123,7 @@ def test_batches_fill_under_load(stack_state, tmp_path: Path, tiny_models, cloud
     assert all(v.timings_ms["collect"] < 5000 for v in verdicts), "full batches close on size, not on time"
     for verdict in verdicts:
         timings = verdict.timings_ms
-        assert timings["model_per_request"] * 8 == pytest.approx(timings["model"])
+        assert timings["model_per_request"] * 8 == pytest.approx(timings["preprocess"] + timings["model"])
         assert timings["worker"] >= timings["queue"] + timings["model"]
         assert (verdict.energy_j is None) == (worker.costs.energy is None)
         assert verdict.gpu_memory_mb is None, "a CPU model reports no GPU memory"
@@ -355,6 +355,42 @@ def test_a_worker_joining_mid_batch_takes_partitions_and_the_first_survives(
     requests, verdicts, lag = asyncio.run(scenario())  # a worker that failed re-raises here, on leaving `running`
     assert {v.frame_id for v in verdicts if v.source == "cloud"} == {r.frame_id for r in requests}
     assert lag == 0, "every request committed by one worker or the other"
+
+
+def test_the_next_batch_is_pre_processed_while_one_is_in_the_model(stack_state, tmp_path: Path, tiny_models) -> None:
+    # On a GPU machine the clips' CPU work (resizing, tokenizing) would otherwise leave the GPU idle.
+    settings = worker_settings(stack_state, tmp_path, tiny_models, batch_size=4, batch_wait_ms=100)
+    model = load_tiny_cloud_model(tiny_models)
+    held = HeldForward(model)
+    prepared_batches: list[int] = []
+    second_prepared = threading.Event()
+    prepare = model.prepare
+
+    def recording_prepare(clips: list[list[np.ndarray]]) -> dict[str, torch.Tensor]:
+        inputs = prepare(clips)
+        prepared_batches.append(len(clips))
+        if len(prepared_batches) == 2:
+            second_prepared.set()
+        return inputs
+
+    model.prepare = recording_prepare  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[list[CloudRequest], list[Verdict], bool]:
+        requests = await publish_requests(settings, [small_clip(seed) for seed in range(8)])
+        try:
+            async with running(CloudWorker(settings, model)):
+                await held.until_entered()
+                overlapped = await asyncio.to_thread(second_prepared.wait, 120)
+                held.release.set()
+                verdicts = await wait_for_finals(settings, {r.frame_id for r in requests})
+        finally:
+            held.release.set()
+        return requests, verdicts, overlapped
+
+    requests, verdicts, overlapped = asyncio.run(scenario())
+    assert overlapped, "the second batch was pre-processed while the first was held in the model"
+    assert sum(prepared_batches) == 8 and {v.frame_id for v in verdicts} == {r.frame_id for r in requests}
+    assert all(v.timings_ms["preprocess"] > 0 for v in verdicts)
 
 
 def test_clips_decode_in_order_without_their_undecodable_frames() -> None:
