@@ -9,9 +9,9 @@ the consumer is polled every `keepalive_s`: a paused poll returns nothing but
 tells the group coordinator this member is alive, so a forward slower than
 `max_poll_interval_ms` on a slow GPU does not get the worker evicted, its partitions
 handed to another worker and the same batch answered again (a rebalance spiral).
-Slow is not stuck, though: once a batch has been in the model past its deadline (a hung
-GPU), the polls stop, and the member leaves the group `max_poll_interval_ms` later, so
-that another worker answers its partitions instead of nobody.
+Slow is not stuck, though: once a batch has been in the model past `poll_until`
+(`cloud.stuck_batch_s`: a hung GPU), the polls stop, and the member leaves the group
+`max_poll_interval_ms` later, so that another worker answers its partitions instead of nobody.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ async def while_paused(consumer: AIOKafkaConsumer, work: asyncio.Task[T], keepal
             remaining_s = poll_until - time.monotonic()
             if remaining_s <= 0:
                 log.error(
-                    "a batch is still in the model past its deadline: stuck; no longer polling, so the group "
-                    "hands this worker's partitions to another one; it rejoins once the batch ends"
+                    "a batch has been in the model longer than cloud.stuck_batch_s (a hung GPU?); polling stops, "
+                    "so the group hands this worker's partitions to another; it rejoins once the batch ends"
                 )
                 await asyncio.wait({work})
                 break

@@ -195,13 +195,14 @@ class CloudWorker:
         fetch_s = time.monotonic() - fetch_started
         self.metrics.batch_seconds.labels(stage="fetch").observe(fetch_s)
         inputs: object = None
-        preprocess_started = time.monotonic()
+        preprocess_s = 0.0
         if jobs:
             # The model's CPU work on the clips (sampling, resizing, tokenizing), done here while the
             # previous batch is in the model: on a GPU machine it would otherwise leave the GPU idle.
+            preprocess_started = time.monotonic()
             inputs = await asyncio.to_thread(self.model.prepare, [job.clip for job in jobs])
-        preprocess_s = time.monotonic() - preprocess_started
-        self.metrics.batch_seconds.labels(stage="preprocess").observe(preprocess_s)
+            preprocess_s = time.monotonic() - preprocess_started
+            self.metrics.batch_seconds.labels(stage="preprocess").observe(preprocess_s)
         return PreparedBatch(batch, jobs, inputs, fetch_s, preprocess_s, acks)
 
     async def answer_and_commit(
