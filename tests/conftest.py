@@ -117,7 +117,6 @@ async def read_all(settings: Settings, topic: str, model: type[M]) -> list[M]:
         await consumer.stop()
 
 
-
 async def until_group_stable_with(settings: Settings, group_id: str, members: int, timeout_s: float = 60) -> None:
     """Wait until the consumer group has settled (state Stable) with `members` members."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
