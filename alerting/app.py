@@ -140,7 +140,11 @@ def make_app(settings: Settings) -> faust.App:
                 metrics.time_to_alert.observe((alert.updated_at - alert.first_fall_at).total_seconds())
                 log.info(
                     "alert %s opened: camera %s, room %s, rule %s, confidence %.2f, evidence %s",
-                    alert.alert_id, alert.camera_id, alert.room, alert.rule, alert.confidence,
+                    alert.alert_id,
+                    alert.camera_id,
+                    alert.room,
+                    alert.rule,
+                    alert.confidence,
                     ", ".join(alert.evidence_frame_ids),
                 )
             else:
@@ -205,10 +209,16 @@ def run_alerting(settings: Settings) -> None:
     log.info(
         "alerting %s: rule %d of %d within %.0f s, cloud confirms at p>=%.2f, cloud wait %.0f s, "
         "escalation after %.0f s, cooldown %.0f s, on %s and %s",
-        settings.alerting.app_id, settings.alerting.k, settings.alerting.n, settings.alerting.window_s,
-        settings.alerting.cloud_confirm_probability, settings.alerting.cloud_wait_s,
-        settings.alerting.escalate_after_s, settings.alerting.cooldown_s,
-        settings.kafka.topics.verdicts, settings.kafka.topics.fall_events,
+        settings.alerting.app_id,
+        settings.alerting.k,
+        settings.alerting.n,
+        settings.alerting.window_s,
+        settings.alerting.cloud_confirm_probability,
+        settings.alerting.cloud_wait_s,
+        settings.alerting.escalate_after_s,
+        settings.alerting.cooldown_s,
+        settings.kafka.topics.verdicts,
+        settings.kafka.topics.fall_events,
     )
     worker = faust.Worker(
         app,

@@ -83,9 +83,16 @@ async def play_camera(
         source, final, probability = plan(seq)
         captured_at = utc_now()
         verdict = Verdict(
-            frame_id=f"{camera}-{int(captured_at.timestamp() * 1000)}-{seq}", camera_id=camera, room="bench",
-            captured_at=captured_at, source=source, final=final, fall_probability=probability, decision=True,
-            edge_model="bench", cloud_model="bench" if source == "cloud" else None,
+            frame_id=f"{camera}-{int(captured_at.timestamp() * 1000)}-{seq}",
+            camera_id=camera,
+            room="bench",
+            captured_at=captured_at,
+            source=source,
+            final=final,
+            fall_probability=probability,
+            decision=True,
+            edge_model="bench",
+            cloud_model="bench" if source == "cloud" else None,
         )
         await producer.send_and_wait(topic, key=camera.encode(), value=encode(verdict))
         if first_sent is None:
@@ -107,8 +114,14 @@ async def kafka_round_trip(settings: Settings, producer: AIOKafkaProducer, sampl
             camera = f"baseline-{uuid.uuid4().hex[:6]}"
             captured_at = utc_now()
             probe = Verdict(
-                frame_id=f"{camera}-{int(captured_at.timestamp() * 1000)}-{index}", camera_id=camera, room="bench",
-                captured_at=captured_at, source="edge", final=True, fall_probability=0.1, decision=False,
+                frame_id=f"{camera}-{int(captured_at.timestamp() * 1000)}-{index}",
+                camera_id=camera,
+                room="bench",
+                captured_at=captured_at,
+                source="edge",
+                final=True,
+                fall_probability=0.1,
+                decision=False,
                 edge_model="bench",
             )
             sent = time.monotonic()
@@ -139,8 +152,11 @@ async def measure(settings: Settings, cameras: int, fps: float) -> list[tuple[st
         scenarios: list[tuple[str, str, VerdictPlan]] = [
             ("sure cloud verdict (p 0.95)", "0", sure_cloud_fall),
             (f"{rule.k} of {rule.n} final edge falls at {fps:g} fps", f"{(rule.k - 1) / fps:.1f}", edge_falls),
-            (f"offloaded, cloud down: edge-fallback after D = {rule.cloud_wait_s:g} s",
-             f"{rule.cloud_wait_s + (rule.k - 1) / fps:.1f}", offloaded_cloud_down),
+            (
+                f"offloaded, cloud down: edge-fallback after D = {rule.cloud_wait_s:g} s",
+                f"{rule.cloud_wait_s + (rule.k - 1) / fps:.1f}",
+                offloaded_cloud_down,
+            ),
         ]
         for name, expected, plan in scenarios:
             times = [
@@ -176,15 +192,17 @@ def bench_alerting(
         config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
         env = {**os.environ, CONFIG_ENV: str(config)}
         with (Path(tmp) / "alerting.log").open("wb") as log_file:
-            service = subprocess.Popen([sys.executable, "-m", "alerting"], env=env, stdout=log_file,
-                                       stderr=subprocess.STDOUT)
+            service = subprocess.Popen(
+                [sys.executable, "-m", "alerting"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
         try:
             rows = asyncio.run(asyncio.wait_for(measure(settings, cameras, fps), START_TIMEOUT_S + 600))
         finally:
             service.terminate()
             service.wait(timeout=30)
-    table = Table(title=f"alerting at default settings: first fall verdict → alert on fall-events, "
-                        f"{cameras} cameras per row")
+    table = Table(
+        title=f"alerting at default settings: first fall verdict → alert on fall-events, {cameras} cameras per row"
+    )
     for column in ("path", "expected wait (s)", "median (s)", "max (s)", "median − baseline (s)"):
         table.add_column(column)
     baseline = statistics.median(rows[0][2])
@@ -192,4 +210,3 @@ def bench_alerting(
         median = statistics.median(times)
         table.add_row(name, expected, f"{median:.3f}", f"{max(times):.3f}", f"{median - baseline:.3f}")
     Console(width=200).print(table)
-

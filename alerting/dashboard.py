@@ -97,8 +97,10 @@ def alerts_by_room(alerts: list[FallEvent]) -> dict[str, list[dict[str, object]]
 def make_dashboard(settings: Settings) -> FastAPI:
     token = settings.alerting.dashboard_token
     if not token:
-        raise ConfigError("the dashboard needs a bearer token: set alerting.dashboard_token "
-                          "(e.g. FALLWATCH_ALERTING__DASHBOARD_TOKEN)")
+        raise ConfigError(
+            "the dashboard needs a bearer token: set alerting.dashboard_token "
+            "(e.g. FALLWATCH_ALERTING__DASHBOARD_TOKEN)"
+        )
     topics = settings.kafka.topics
     store = AlertStore(settings.redis.url, settings.alerting.stream_maxlen)
     metrics = DashboardMetrics()
@@ -230,5 +232,10 @@ def run_dashboard(settings: Settings) -> None:
     # the signal again: with them that is an ordinary return, so a stopped dashboard exits with status 0
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, lambda signum, frame: None)
-    uvicorn.run(app, host=settings.alerting.dashboard_host, port=settings.alerting.dashboard_port,
-                log_level=settings.log_level.lower(), access_log=False)
+    uvicorn.run(
+        app,
+        host=settings.alerting.dashboard_host,
+        port=settings.alerting.dashboard_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )

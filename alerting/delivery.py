@@ -69,7 +69,10 @@ class Delivery:
         self.metrics.escalations.inc()
         log.warning(
             "alert %s (camera %s, room %s) not acknowledged within %.0f s: escalated",
-            alert.alert_id, alert.camera_id, alert.room, self.rule.rule_for(alert.room).escalate_after_s,
+            alert.alert_id,
+            alert.camera_id,
+            alert.room,
+            self.rule.rule_for(alert.room).escalate_after_s,
         )
         self._spawn(self._notify(self.rule.escalation_webhook_urls, ESCALATED_EVENT, alert))
 
@@ -99,7 +102,9 @@ class Delivery:
                 self.metrics.redis_failures.inc()
                 log.error(
                     "Redis unavailable, alert %s (%s) waits (it is on fall-events): %s",
-                    event.alert_id, event.state, exc,
+                    event.alert_id,
+                    event.state,
+                    exc,
                 )
             await asyncio.sleep(delay)  # backoff while Redis is down
             delay = min(delay * 2, REDIS_RETRY_MAX_S)
@@ -121,8 +126,12 @@ class Delivery:
         frame_id = alert.evidence_frame_ids[-1]
         jpeg = await find_frame_jpeg(self.settings, alert.camera_id, frame_id, alert.first_fall_at)
         if jpeg is None:
-            log.warning("no snapshot for alert %s: frame %s is not in %s", alert.alert_id, frame_id,
-                        self.settings.kafka.topics.frames)
+            log.warning(
+                "no snapshot for alert %s: frame %s is not in %s",
+                alert.alert_id,
+                frame_id,
+                self.settings.kafka.topics.frames,
+            )
             return
         try:
             await self.store.save_snapshot(alert.alert_id, jpeg, self.rule.snapshot_ttl_s)

@@ -112,8 +112,11 @@ class CameraState(BaseModel):
         if self._cooling_down():
             return None
         falls = [entry for entry in self.window if entry.fall]
-        if falls and verdict.source == "cloud" and verdict.decision and (
-            verdict.fall_probability >= self.rule.cloud_confirm_probability
+        if (
+            falls
+            and verdict.source == "cloud"
+            and verdict.decision
+            and (verdict.fall_probability >= self.rule.cloud_confirm_probability)
         ):
             return self._open_alert(verdict, falls, cloud_rule_name(self.rule), now)
         if len(falls) >= self.rule.k:

@@ -91,7 +91,12 @@ class WebhookSender:
             if attempt < self.settings.webhook_attempts:
                 log.warning(
                     "webhook %s, %s for alert %s, attempt %d failed (%s); retrying in %.1f s",
-                    url, event_name, alert.alert_id, attempt, problem, delay,
+                    url,
+                    event_name,
+                    alert.alert_id,
+                    attempt,
+                    problem,
+                    delay,
                 )
                 await asyncio.sleep(delay)  # backoff between attempts
                 delay = min(delay * 2, MAX_BACKOFF_S)

@@ -75,9 +75,7 @@ class RaplEnergyMeter:
             if zone_dir.name.count(":") != 1:
                 continue
             try:
-                zones.append(
-                    RaplZone(zone_dir / "energy_uj", int((zone_dir / "max_energy_range_uj").read_text()))
-                )
+                zones.append(RaplZone(zone_dir / "energy_uj", int((zone_dir / "max_energy_range_uj").read_text())))
                 int((zone_dir / "energy_uj").read_text())
             except (OSError, ValueError):
                 return None

@@ -25,9 +25,7 @@ SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class CloudMetrics(ServedMetrics):
     def __init__(self) -> None:
         super().__init__()
-        self.requests = Counter(
-            "fallwatch_cloud_requests", "requests by outcome", ["outcome"], registry=self.registry
-        )
+        self.requests = Counter("fallwatch_cloud_requests", "requests by outcome", ["outcome"], registry=self.registry)
         self.clip_fallbacks = Counter(
             "fallwatch_cloud_clip_fallbacks",
             "requests whose clip had expired from Redis, answered from the frame alone",

@@ -130,13 +130,21 @@ def pose_features(pose: Pose) -> np.ndarray:
     seen = xy[visibility > VISIBLE] if (visibility > VISIBLE).sum() >= 4 else xy
     box_width, box_height = seen.max(axis=0) - seen.min(axis=0)
     geometry = [
-        torso_angle / 90, thigh_angle / 90, body_angle / 90, np.sin(np.radians(torso_angle)),
+        torso_angle / 90,
+        thigh_angle / 90,
+        body_angle / 90,
+        np.sin(np.radians(torso_angle)),
         np.log((box_width + 1e-3) / (box_height + 1e-3)),
         (hips[1] - xy[NOSE, 1]) / torso_length,  # > 0: head above the hips in the image
         (hips[1] - shoulders[1]) / torso_length,
         (ankles[1] - hips[1]) / torso_length,  # > 0: ankles below the hips
-        box_width, box_height, hips[1], visibility.mean(), (visibility > VISIBLE).mean(),
-        float(pose.rotation != 0), torso_length,
+        box_width,
+        box_height,
+        hips[1],
+        visibility.mean(),
+        (visibility > VISIBLE).mean(),
+        float(pose.rotation != 0),
+        torso_length,
     ]
     skeleton = np.clip((xy - hips) / torso_length, -5.0, 5.0).ravel()
     return np.concatenate([np.asarray(geometry, dtype=np.float32), skeleton, visibility]).astype(np.float32)

@@ -58,8 +58,9 @@ def replay_step(settings: Settings) -> None:
     started = time.perf_counter()
     summary = run_replay(settings)
     typer.echo(summary.describe())
-    typer.echo(f"data set in {Workdir(settings.dmd.workdir).dataset}, paper JSON in "
-               f"{Workdir(settings.dmd.workdir).paper_json}")
+    typer.echo(
+        f"data set in {Workdir(settings.dmd.workdir).dataset}, paper JSON in {Workdir(settings.dmd.workdir).paper_json}"
+    )
     timed("replay", started)
 
 
@@ -82,8 +83,10 @@ def threshold_step(settings: Settings) -> None:
 
     started = time.perf_counter()
     choice = run_threshold(settings)
-    typer.echo(f"threshold {choice.threshold:.4f} ({choice.method}): defers {choice.deferred_share:.0%} of the "
-               f"train split, expected F1 {choice.f1:.3f}")
+    typer.echo(
+        f"threshold {choice.threshold:.4f} ({choice.method}): defers {choice.deferred_share:.0%} of the "
+        f"train split, expected F1 {choice.f1:.3f}"
+    )
     timed("threshold", started)
 
 
@@ -108,12 +111,26 @@ def publish_step(settings: Settings) -> None:
 
 @dmd_app.command("replay")
 def replay_command(
-    workdir: Workdir = None, source: Source = None, folder: Folder = None, since: Since = None, until: Until = None,
-    limit_per_split: Limit = None, logged_only: LoggedOnly = False,
+    workdir: Workdir = None,
+    source: Source = None,
+    folder: Folder = None,
+    since: Since = None,
+    until: Until = None,
+    limit_per_split: Limit = None,
+    logged_only: LoggedOnly = False,
 ) -> None:
     """Run both models over logged traffic or a labelled folder; write the DMD data set (resumable)."""
-    replay_step(configured(workdir=workdir, source=source, folder=folder, since=since, until=until,
-                           limit_per_split=limit_per_split, run_cloud_model=False if logged_only else None))
+    replay_step(
+        configured(
+            workdir=workdir,
+            source=source,
+            folder=folder,
+            since=since,
+            until=until,
+            limit_per_split=limit_per_split,
+            run_cloud_model=False if logged_only else None,
+        )
+    )
 
 
 @dmd_app.command("train")
@@ -142,14 +159,27 @@ def publish_command(workdir: Workdir = None) -> None:
 
 @dmd_app.command("run")
 def run_command(
-    workdir: Workdir = None, source: Source = None, folder: Folder = None, since: Since = None, until: Until = None,
-    limit_per_split: Limit = None, logged_only: LoggedOnly = False, target_offload_share: TargetShare = None,
+    workdir: Workdir = None,
+    source: Source = None,
+    folder: Folder = None,
+    since: Since = None,
+    until: Until = None,
+    limit_per_split: Limit = None,
+    logged_only: LoggedOnly = False,
+    target_offload_share: TargetShare = None,
     publish: Annotated[bool, typer.Option(help="publish the switcher at the end")] = True,
 ) -> None:
     """Every step: replay, train, threshold, evaluate, publish."""
-    settings = configured(workdir=workdir, source=source, folder=folder, since=since, until=until,
-                          limit_per_split=limit_per_split, run_cloud_model=False if logged_only else None,
-                          target_offload_share=target_offload_share)
+    settings = configured(
+        workdir=workdir,
+        source=source,
+        folder=folder,
+        since=since,
+        until=until,
+        limit_per_split=limit_per_split,
+        run_cloud_model=False if logged_only else None,
+        target_offload_share=target_offload_share,
+    )
     started = time.perf_counter()
     replay_step(settings)
     train_step(settings)

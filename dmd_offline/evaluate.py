@@ -49,8 +49,9 @@ def cost_column(measured: np.ndarray, configured: float | None, setting: str) ->
     if not missing.any():
         return CostColumn(measured, "measured")
     if configured is None:
-        return CostColumn(None, f"unknown: not measured for {int(missing.sum())} of {len(measured)} rows "
-                                f"and dmd.{setting} is not set")
+        return CostColumn(
+            None, f"unknown: not measured for {int(missing.sum())} of {len(measured)} rows and dmd.{setting} is not set"
+        )
     if missing.all():
         return CostColumn(np.full(len(measured), configured), "configured")
     return CostColumn(np.where(missing, configured, measured), f"measured, configured for {int(missing.sum())} rows")
@@ -67,19 +68,24 @@ class Costs:
     @classmethod
     def of(cls, data: DmdData, settings: DmdSettings, switcher_time_ms: float) -> Costs:
         return cls(
-            small_time_ms=cost_column(data.column("small_time_ms").astype(float), settings.small_time_ms,
-                                      "small_time_ms"),
-            large_time_ms=cost_column(data.column("large_time_ms").astype(float), settings.large_time_ms,
-                                      "large_time_ms"),
-            small_energy_j=cost_column(data.column("small_energy_j").astype(float), settings.small_energy_j,
-                                       "small_energy_j"),
-            large_energy_j=cost_column(data.column("large_energy_j").astype(float), settings.large_energy_j,
-                                       "large_energy_j"),
+            small_time_ms=cost_column(
+                data.column("small_time_ms").astype(float), settings.small_time_ms, "small_time_ms"
+            ),
+            large_time_ms=cost_column(
+                data.column("large_time_ms").astype(float), settings.large_time_ms, "large_time_ms"
+            ),
+            small_energy_j=cost_column(
+                data.column("small_energy_j").astype(float), settings.small_energy_j, "small_energy_j"
+            ),
+            large_energy_j=cost_column(
+                data.column("large_energy_j").astype(float), settings.large_energy_j, "large_energy_j"
+            ),
             switcher_time_ms=switcher_time_ms,
         )
 
-    def total(self, small: CostColumn, large: CostColumn, deferred: np.ndarray, uses_small: bool,
-              switcher_ms: float = 0.0) -> float | None:
+    def total(
+        self, small: CostColumn, large: CostColumn, deferred: np.ndarray, uses_small: bool, switcher_ms: float = 0.0
+    ) -> float | None:
         """Total over the split: the small model on every frame (unless large-only), the large one on deferred."""
         if large.values is None or (uses_small and small.values is None):
             return None
@@ -160,10 +166,12 @@ def curves(data: DmdData, agreement_scores: np.ndarray, buckets: int, seed: int)
     result = {}
     for name, order in strategy_orders(data, agreement_scores, seed).items():
         if name == "random":
-            runs = [deferral_curve(outcomes, random_order(len(order), seed + i), buckets)
-                    for i in range(RANDOM_CURVE_SEEDS)]
-            result[name] = Curve(runs[0][0], [float(np.mean(column)) for column in zip(*(r[1] for r in runs),
-                                                                                          strict=True)])
+            runs = [
+                deferral_curve(outcomes, random_order(len(order), seed + i), buckets) for i in range(RANDOM_CURVE_SEEDS)
+            ]
+            result[name] = Curve(
+                runs[0][0], [float(np.mean(column)) for column in zip(*(r[1] for r in runs), strict=True)]
+            )
         else:
             result[name] = Curve(*deferral_curve(outcomes, order, buckets))
     return result
@@ -183,9 +191,7 @@ def measure_switcher_ms(switcher: Switcher, hidden: np.ndarray) -> tuple[np.ndar
     return scores, (time.perf_counter() - started) * 1000 / max(1, len(hidden))
 
 
-def evaluate(
-    train: DmdData, test: DmdData, switcher: Switcher, threshold: float, settings: DmdSettings
-) -> Evaluation:
+def evaluate(train: DmdData, test: DmdData, switcher: Switcher, threshold: float, settings: DmdSettings) -> Evaluation:
     """Every strategy on `test`; the deferral curves on `train` and `test`."""
     train_scores = switcher.agreement_probability(train.hidden)
     test_scores, switcher_ms = measure_switcher_ms(switcher, test.hidden)
@@ -228,13 +234,17 @@ def evaluate(
     for group in sorted(set(groups) - {""}):
         rows = groups == group
         group_outcomes = Outcomes.of(test.select(rows))
-        by_group.append(GroupResult(
-            group=group,
-            rows=int(rows.sum()),
-            falls=int(sum(row.ground_truth == 1 for row, selected in zip(test.rows, rows, strict=True) if selected)),
-            f1={name: group_outcomes.scores(mask[rows]).f1 for name, mask in deferred.items()},
-            share_large_dmd=float(dmd_deferred[rows].mean()),
-        ))
+        by_group.append(
+            GroupResult(
+                group=group,
+                rows=int(rows.sum()),
+                falls=int(
+                    sum(row.ground_truth == 1 for row, selected in zip(test.rows, rows, strict=True) if selected)
+                ),
+                f1={name: group_outcomes.scores(mask[rows]).f1 for name, mask in deferred.items()},
+                share_large_dmd=float(dmd_deferred[rows].mean()),
+            )
+        )
     shares = test_curves["DMD"].shares
     masks = [first_m(orders["DMD"], round(share * n)) for share in shares]
     times = [costs.time_s(mask, uses_small=True, uses_switcher=True) for mask in masks]

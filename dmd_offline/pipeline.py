@@ -1,11 +1,11 @@
 """The steps of `fallwatch dmd`, each reading the previous step's output from the work directory.
 
-    <workdir>/dataset/        NPZ shards + manifest (replay)       <workdir>/dmd.json   the paper's JSON form
-    <workdir>/replay.json     the replay's counts and warnings
-    <workdir>/switcher/       trained weights + training.json (train)
-    <workdir>/threshold.json  the chosen threshold and its curve (threshold)
-    <workdir>/report/         report.md, report.json, PNG curves (evaluate)
-    edge.switcher_registry/<version>/                               (publish)
+<workdir>/dataset/        NPZ shards + manifest (replay)       <workdir>/dmd.json   the paper's JSON form
+<workdir>/replay.json     the replay's counts and warnings
+<workdir>/switcher/       trained weights + training.json (train)
+<workdir>/threshold.json  the chosen threshold and its curve (threshold)
+<workdir>/report/         report.md, report.json, PNG curves (evaluate)
+edge.switcher_registry/<version>/                               (publish)
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ def f1_plot(curves: dict[str, Curve], title: str, path: Path, reference: str) ->
     figure, axes = plt.subplots(figsize=(6, 4))
     for name, curve in curves.items():
         axes.plot([100 * s for s in curve.shares], curve.values, STYLES.get(name, "-"), label=name)
-    axes.set(xlabel="% deferred to the large model", ylabel=f"combined F1 (vs {reference})", title=title,
-             ylim=(0, 1.02))
+    axes.set(
+        xlabel="% deferred to the large model", ylabel=f"combined F1 (vs {reference})", title=title, ylim=(0, 1.02)
+    )
     return save(figure, axes, path)
 
 
@@ -48,16 +49,38 @@ def save(figure: Figure, axes: Axes, path: Path) -> Path:
 def write_plots(evaluation: Evaluation, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = [
-        f1_plot(evaluation.curves_train, "F1 vs % deferred (train split)", directory / "f1_vs_deferred_train.png",
-                evaluation.reference),
-        f1_plot(evaluation.curves_test, "F1 vs % deferred (test split)", directory / "f1_vs_deferred_test.png",
-                evaluation.reference),
+        f1_plot(
+            evaluation.curves_train,
+            "F1 vs % deferred (train split)",
+            directory / "f1_vs_deferred_train.png",
+            evaluation.reference,
+        ),
+        f1_plot(
+            evaluation.curves_test,
+            "F1 vs % deferred (test split)",
+            directory / "f1_vs_deferred_test.png",
+            evaluation.reference,
+        ),
     ]
     large_only = evaluation.result("large-only")
     if evaluation.time_curve_s is not None:
-        paths.append(cost_plot(evaluation.time_curve_s, large_only.time_s, "total time (s)",
-                               "Time vs % deferred (test split)", directory / "time_vs_deferred.png"))
+        paths.append(
+            cost_plot(
+                evaluation.time_curve_s,
+                large_only.time_s,
+                "total time (s)",
+                "Time vs % deferred (test split)",
+                directory / "time_vs_deferred.png",
+            )
+        )
     if evaluation.energy_curve_j is not None:
-        paths.append(cost_plot(evaluation.energy_curve_j, large_only.energy_j, "total energy (J)",
-                               "Energy vs % deferred (test split)", directory / "energy_vs_deferred.png"))
+        paths.append(
+            cost_plot(
+                evaluation.energy_curve_j,
+                large_only.energy_j,
+                "total energy (J)",
+                "Energy vs % deferred (test split)",
+                directory / "energy_vs_deferred.png",
+            )
+        )
     return paths

@@ -81,6 +81,9 @@ def publish(
                 announce_switcher(redis, key, metadata.version)
         except RedisError as exc:
             # the edge workers also poll the registry: they pick the version up within edge.registry_poll_s
-            log.warning("could not announce switcher %s through Redis (%s); workers will find it by polling",
-                        metadata.version, exc)
+            log.warning(
+                "could not announce switcher %s through Redis (%s); workers will find it by polling",
+                metadata.version,
+                exc,
+            )
     return path

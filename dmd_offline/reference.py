@@ -148,13 +148,15 @@ def augmentation(image_size: int) -> transforms.Compose:
     # Crops, flips, small tilts and colour: the data set mixes web photos, stunt video and fisheye
     # frames, and the model must not learn the camera. No 90° turns: its README says a turned
     # standing person looks like a lying one (upstream copies turned that way were dropped).
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0), ratio=(0.75, 1.33), antialias=True),
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomApply([transforms.RandomRotation(15)], p=0.3),
-        transforms.ColorJitter(0.3, 0.3, 0.3, 0.05),
-        transforms.RandomGrayscale(0.1),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0), ratio=(0.75, 1.33), antialias=True),
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomApply([transforms.RandomRotation(15)], p=0.3),
+            transforms.ColorJitter(0.3, 0.3, 0.3, 0.05),
+            transforms.RandomGrayscale(0.1),
+        ]
+    )
 
 
 class EdgeTrainer:
@@ -228,8 +230,9 @@ class EdgeTrainer:
         started = time.monotonic()
         fit = fit_early_stopping(self.model, train_epoch, validation_loss, config.max_epochs, config.patience)
         f1, accuracy = f1_and_accuracy(val.labels, self.val_probabilities(val_images))
-        return ModelSummary(time.monotonic() - started, len(fit.train_losses), fit.best_epoch,
-                            fit.best_val_loss, f1, accuracy)
+        return ModelSummary(
+            time.monotonic() - started, len(fit.train_losses), fit.best_epoch, fit.best_val_loss, f1, accuracy
+        )
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -256,8 +259,9 @@ def train_pose_classifier(
     if not found or not any(pose is not None for pose in val_poses):
         raise ConfigError("BlazePose found no person in the training or validation images: nothing to learn from")
     # a mirrored person falls the same way: each training pose counts twice
-    features = np.stack([pose_features(train_poses[i]) for i in found] +
-                        [pose_features(train_poses[i].mirrored()) for i in found])
+    features = np.stack(
+        [pose_features(train_poses[i]) for i in found] + [pose_features(train_poses[i].mirrored()) for i in found]
+    )
     labels = np.concatenate([train.labels[found], train.labels[found]]).astype(np.float32)
     missed = np.array([pose is None for pose in train_poses])
     # P(fall | nobody found), with one pseudo-count each way: people lying down are the ones BlazePose misses
@@ -276,17 +280,34 @@ def train_pose_classifier(
         classifier.feature_std.copy_(train_x.std(dim=0) + 1e-6)
         loss_fn = nn.BCEWithLogitsLoss()
         optimiser = torch.optim.Adam(classifier.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-        fit = fit_on_tensors(classifier, optimiser, loss_fn, (train_x, train_y), (val_x, val_y),
-                             config.batch_size, seed, config.max_epochs, config.patience)
+        fit = fit_on_tensors(
+            classifier,
+            optimiser,
+            loss_fn,
+            (train_x, train_y),
+            (val_x, val_y),
+            config.batch_size,
+            seed,
+            config.max_epochs,
+            config.patience,
+        )
     with torch.inference_mode():
         found_probabilities = torch.sigmoid(classifier(val_x)).numpy()
     val_probabilities = np.full(len(val_poses), no_pose_probability, dtype=np.float32)
     val_probabilities[val_found] = found_probabilities
     f1, accuracy = f1_and_accuracy(val.labels, val_probabilities)
     summary = ModelSummary(
-        time.monotonic() - started, len(fit.train_losses), fit.best_epoch, fit.best_val_loss, f1, accuracy,
-        notes={"pose_seconds": pose_seconds, "no_pose_share_train": float(missed.mean()),
-               "no_pose_probability": no_pose_probability},
+        time.monotonic() - started,
+        len(fit.train_losses),
+        fit.best_epoch,
+        fit.best_val_loss,
+        f1,
+        accuracy,
+        notes={
+            "pose_seconds": pose_seconds,
+            "no_pose_share_train": float(missed.mean()),
+            "no_pose_probability": no_pose_probability,
+        },
     )
     return classifier, summary
 
@@ -347,7 +368,16 @@ def train_reference_pair(
     trainer.save(edge_dir)
     log.info("edge (compact ViLT) model: val F1 %.3f, %.0f s", edge.val_f1, edge.seconds)
 
-    summary = ReferenceSummary(str(folder), seed, len(train.images), len(val.images), str(edge_dir),
-                               str(cloud_dir), edge, cloud, time.monotonic() - started)
+    summary = ReferenceSummary(
+        str(folder),
+        seed,
+        len(train.images),
+        len(val.images),
+        str(edge_dir),
+        str(cloud_dir),
+        edge,
+        cloud,
+        time.monotonic() - started,
+    )
     (output / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
     return summary

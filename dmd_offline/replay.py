@@ -58,8 +58,9 @@ class ReplaySummary:
             f"ground truth known for {self.ground_truth_known} rows",
         ]
         if exploration is not None:
-            lines.append(f"exploration share of the logged cloud answers: {exploration:.1%} "
-                         f"({dict(self.logged_reasons)})")
+            lines.append(
+                f"exploration share of the logged cloud answers: {exploration:.1%} ({dict(self.logged_reasons)})"
+            )
         return "\n".join(lines + [f"WARNING: {warning}" for warning in self.warnings])
 
 

@@ -46,9 +46,12 @@ def markdown_report(
         f"edge model `{data.manifest.edge_model}` (hidden {data.manifest.hidden_size}), "
         f"large model `{data.manifest.cloud_model}`.",
         *(
-            ["- The switcher learnt from the data set's validation split (`dmd.switcher_split: val`): the model "
-             "pair learnt from its train split, which is left out here; train and val below are the switcher's."]
-            if switcher_split == "val" else []
+            [
+                "- The switcher learnt from the data set's validation split (`dmd.switcher_split: val`): the model "
+                "pair learnt from its train split, which is left out here; train and val below are the switcher's."
+            ]
+            if switcher_split == "val"
+            else []
         ),
         f"- F1 is the fall class's, measured against the **{evaluation.reference}**.",
         f"- Switcher: {training.epochs_run} epochs, best at epoch {training.best_epoch} "

@@ -237,8 +237,9 @@ def video_folder_items(folder: Path, fps: float, clip_frames: int, clip_seconds:
         raise ConfigError(f"{clips_csv} not found: a video folder needs clips.csv (file,label,fall_start_s)")
     for number, row in enumerate(read_csv(clips_csv)):
         if row.get("label") not in LABEL_VALUES:
-            raise ConfigError(f"{clips_csv} row {number + 2}: label {row.get('label')!r} is not one of "
-                              f"{list(LABEL_VALUES)}")
+            raise ConfigError(
+                f"{clips_csv} row {number + 2}: label {row.get('label')!r} is not one of {list(LABEL_VALUES)}"
+            )
         is_fall = LABEL_VALUES[row["label"]] == 1
         fall_start_s = float(row.get("fall_start_s") or 0.0)
         recent: deque[tuple[float, np.ndarray]] = deque(maxlen=clip_frames)

@@ -56,7 +56,6 @@ def class_weight(labels: np.ndarray) -> float:
     return negatives / positives
 
 
-
 @dataclass(frozen=True)
 class Fit:
     best_epoch: int
@@ -160,8 +159,17 @@ def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple
         torch.manual_seed(settings.seed)
         switcher = Switcher(input_dim=train_x.shape[1])
         optimiser = torch.optim.Adam(switcher.parameters(), lr=settings.learning_rate)
-        fit = fit_on_tensors(switcher, optimiser, loss_fn, (train_x, train_y), (val_x, val_y),
-                             settings.train_batch_size, settings.seed, settings.max_epochs, settings.patience)
+        fit = fit_on_tensors(
+            switcher,
+            optimiser,
+            loss_fn,
+            (train_x, train_y),
+            (val_x, val_y),
+            settings.train_batch_size,
+            settings.seed,
+            settings.max_epochs,
+            settings.patience,
+        )
     val_scores = switcher.agreement_probability(val.hidden)
     report = TrainingReport(
         input_dim=switcher.input_dim,
@@ -182,8 +190,9 @@ def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple
 
 def save_trained(directory: Path, switcher: Switcher, report: TrainingReport) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({name: tensor.contiguous() for name, tensor in switcher.state_dict().items()},
-              str(directory / WEIGHTS_FILE))
+    save_file(
+        {name: tensor.contiguous() for name, tensor in switcher.state_dict().items()}, str(directory / WEIGHTS_FILE)
+    )
     (directory / TRAINING_FILE).write_text(json.dumps(asdict(report), indent=2))
 
 

@@ -128,7 +128,9 @@ def measure_decode(jpegs: list[bytes], repeats: int = 10) -> list[DecodeRow]:
         return cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
 
     decoders: dict[str, Callable[[bytes], object]] = {
-        "simplejpeg (used)": decode_jpeg_rgb, "OpenCV (same pixels)": opencv, "PIL": pil
+        "simplejpeg (used)": decode_jpeg_rgb,
+        "OpenCV (same pixels)": opencv,
+        "PIL": pil,
     }
     times: dict[str, list[float]] = {name: [] for name in decoders}
     for _ in range(repeats):  # alternating, so both see the same load
@@ -347,7 +349,6 @@ def measure_option(
         float(np.min(cosine(output.hidden, reference.hidden))),
         note,
     )
-
 
 
 def measure_options(model: ViltEdgeModel, inputs: dict[str, torch.Tensor], compile_model: bool) -> list[OptionRow]:

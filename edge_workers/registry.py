@@ -93,7 +93,9 @@ class SwitcherRegistry:
             return None
         log.info(
             "switcher %s loaded (threshold %.3f), replacing %s",
-            loaded.metadata.version, loaded.metadata.threshold, current.metadata.version,
+            loaded.metadata.version,
+            loaded.metadata.threshold,
+            current.metadata.version,
         )
         return loaded
 

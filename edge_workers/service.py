@@ -150,7 +150,10 @@ class EdgeWorker:
         metadata = self.active.metadata
         log.info(
             "edge worker: model %s (hidden %d), switcher %s (threshold %.3f%s)",
-            model.name, model.hidden_size, metadata.version, self.router.policy.threshold,
+            model.name,
+            model.hidden_size,
+            metadata.version,
+            self.router.policy.threshold,
             "" if metadata.trained else ", UNTRAINED",
         )
 

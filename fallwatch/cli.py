@@ -65,8 +65,10 @@ def stack_up() -> None:
 
     settings = settings_with_logging()
     state = LocalStack.from_settings(settings).up(topic_specs(settings))
-    typer.echo(f"kafka {state.bootstrap_servers} (pid {state.kafka.pid}), redis {state.redis_url} "
-               f"(pid {state.redis.pid}); logs in {settings.state_dir}")
+    typer.echo(
+        f"kafka {state.bootstrap_servers} (pid {state.kafka.pid}), redis {state.redis_url} "
+        f"(pid {state.redis.pid}); logs in {settings.state_dir}"
+    )
 
 
 @stack_app.command("down")

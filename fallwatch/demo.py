@@ -150,8 +150,9 @@ def print_verdict(verdict: Verdict) -> None:
     answer = "[bold red]FALL[/]   " if verdict.decision else "no fall"
     where = f"{verdict.camera_id} {verdict.room} frame {seq:>3}"
     if not verdict.final:
-        console.print(f"{where}  edge   p={verdict.fall_probability:.2f} {answer} → cloud "
-                      f"(switcher {verdict.switcher_score:.2f})")
+        console.print(
+            f"{where}  edge   p={verdict.fall_probability:.2f} {answer} → cloud (switcher {verdict.switcher_score:.2f})"
+        )
     else:
         console.print(f"{where}  {verdict.source:6} p={verdict.fall_probability:.2f} {answer} final")
 
@@ -225,8 +226,12 @@ def print_summary(settings: Settings, tally: DemoTally, truth: dict[str, ClipTru
         table.add_column(column)
     for camera in settings.producers.cameras:
         table.add_row(
-            camera.id, camera.room, Path(camera.url).name, str(tally.published.get(camera.id, 0)),
-            str(len(tally.final_by_camera[camera.id])), str(len(tally.alerts[camera.id])),
+            camera.id,
+            camera.room,
+            Path(camera.url).name,
+            str(tally.published.get(camera.id, 0)),
+            str(len(tally.final_by_camera[camera.id])),
+            str(len(tally.alerts[camera.id])),
         )
     console.print(table)
     if truth:
@@ -246,8 +251,10 @@ def print_clip_outcomes(settings: Settings, tally: DemoTally, truth: dict[str, C
     for camera in settings.producers.cameras:
         video = Path(camera.url).name
         clip = truth.get(video)
-        annotated = "not in clips.csv" if clip is None else clip.label + (
-            f", falls at {clip.fall_start_s:.1f} s" if clip.fall_start_s is not None else ""
+        annotated = (
+            "not in clips.csv"
+            if clip is None
+            else clip.label + (f", falls at {clip.fall_start_s:.1f} s" if clip.fall_start_s is not None else "")
         )
         outcome = clip_outcome(clip, tally.stream_start.get(camera.id), tally.first_alert.get(camera.id))
         console.print(f"  {camera.id} {video} ({annotated}): {outcome}", soft_wrap=True)
@@ -263,8 +270,10 @@ def demo_models(choice: ModelChoice) -> ModelPaths:
         )
         return reference
     if choice == "reference":
-        raise ConfigError(f"no trained reference pair with a published switcher in {REFERENCE_MODELS}: "
-                          "run `make reference` first (about 3 minutes on a quiet 2-core CPU)")
+        raise ConfigError(
+            f"no trained reference pair with a published switcher in {REFERENCE_MODELS}: "
+            "run `make reference` first (about 3 minutes on a quiet 2-core CPU)"
+        )
     console.print(
         "[bold yellow]The demo runs TINY UNTRAINED models: their verdicts and any alerts are arbitrary; "
         "they show the plumbing, not fall detection. `make reference` trains a real pair here "

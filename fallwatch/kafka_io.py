@@ -90,9 +90,7 @@ def dead_letter_for(service: str, record: SourceRecord, reason: str) -> DeadLett
 async def send_dead_letter(
     producer: AIOKafkaProducer, settings: Settings, service: str, record: ConsumerRecord, reason: str
 ) -> asyncio.Future:
-    log.warning(
-        "dead letter from %s partition %s offset %s: %s", record.topic, record.partition, record.offset, reason
-    )
+    log.warning("dead letter from %s partition %s offset %s: %s", record.topic, record.partition, record.offset, reason)
     return await producer.send(
         settings.kafka.topics.dead_letters,
         key=record.key,

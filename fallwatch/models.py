@@ -35,7 +35,10 @@ def load_edge_model(settings: Settings) -> EdgeModel:
     edge = settings.edge
     with loading("edge", edge.model):
         return ViltEdgeModel.from_pretrained(
-            edge.model, edge.question, revision=edge.revision, quantize_int8=edge.quantize_int8,
+            edge.model,
+            edge.question,
+            revision=edge.revision,
+            quantize_int8=edge.quantize_int8,
             bf16_autocast=edge.bf16_autocast,
         )
 
@@ -46,8 +49,13 @@ def load_cloud_model(settings: Settings) -> CloudModel:
         if is_pose_checkpoint(cloud.model):
             return PoseFallCloudModel.from_pretrained(cloud.model, revision=cloud.revision)
         return LlavaVideoCloudModel.from_pretrained(
-            cloud.model, cloud.question, num_frames=cloud.num_frames, revision=cloud.revision,
-            device=cloud.device, dtype=cloud.dtype, device_map=cloud.device_map,
+            cloud.model,
+            cloud.question,
+            num_frames=cloud.num_frames,
+            revision=cloud.revision,
+            device=cloud.device,
+            dtype=cloud.dtype,
+            device_map=cloud.device_map,
         )
 
 

@@ -127,9 +127,20 @@ def kafka_libs(cache_dir: Path) -> Path:
     tmp = libs.with_name("libs.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     result = subprocess.run(
-        ["mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-         f"-Dkafka.version={KAFKA_VERSION}", f"-DoutputDirectory={tmp.resolve()}", "-DincludeScope=runtime"],
-        capture_output=True, text=True, check=False,
+        [
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            f"-Dkafka.version={KAFKA_VERSION}",
+            f"-DoutputDirectory={tmp.resolve()}",
+            "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         raise StackError(f"mvn could not fetch the Kafka jars: {(result.stdout + result.stderr).strip()[-500:]}")
@@ -197,9 +208,7 @@ class LocalStack:
         return True
 
     def healthy(self, state: StackState) -> bool:
-        return all(
-            pid_alive(service.pid) and port_accepts(service.port) for service in (state.kafka, state.redis)
-        )
+        return all(pid_alive(service.pid) and port_accepts(service.port) for service in (state.kafka, state.redis))
 
     # --- redis -----------------------------------------------------------------------------
     def start_redis(self, port: int) -> ServiceState:
@@ -211,9 +220,24 @@ class LocalStack:
         log_path = self.state_dir / "redis.log"
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-                 "--save", "", "--appendonly", "no", "--daemonize", "no"],
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(data),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         wait_for_port(process, port, "redis-server", log_path)
         return ServiceState(pid=process.pid, port=port, log=str(log_path))
@@ -243,13 +267,16 @@ class LocalStack:
             cluster_id = uuid.uuid4().hex[:22]
             subprocess.run(
                 ["java", "-cp", classpath, KAFKA_STORAGE_TOOL, "format", "-t", cluster_id, "-c", str(config)],
-                check=True, capture_output=True,
+                check=True,
+                capture_output=True,
             )
         log_path = self.state_dir / "kafka.log"
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 ["java", "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-cp", classpath, KAFKA_MAIN, str(config)],
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         wait_for_port(process, port, "Kafka", log_path)
         return ServiceState(pid=process.pid, port=port, log=str(log_path))
@@ -275,28 +302,30 @@ class LocalStack:
 
 
 def kafka_properties(port: int, controller_port: int, data: Path) -> str:
-    return "\n".join([
-        "process.roles=broker,controller",
-        "node.id=1",
-        f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-        f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
-        "controller.listener.names=CONTROLLER",
-        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-        "inter.broker.listener.name=PLAINTEXT",
-        f"log.dirs={data}",
-        "num.partitions=4",
-        "offsets.topic.replication.factor=1",
-        # a single local broker: fewer offsets partitions make the first consumer group start fast
-        "offsets.topic.num.partitions=4",
-        "transaction.state.log.replication.factor=1",
-        "transaction.state.log.min.isr=1",
-        "share.coordinator.state.topic.replication.factor=1",
-        "share.coordinator.state.topic.min.isr=1",
-        "group.initial.rebalance.delay.ms=0",
-        "message.max.bytes=10485760",
-        "",
-    ])
+    return "\n".join(
+        [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "inter.broker.listener.name=PLAINTEXT",
+            f"log.dirs={data}",
+            "num.partitions=4",
+            "offsets.topic.replication.factor=1",
+            # a single local broker: fewer offsets partitions make the first consumer group start fast
+            "offsets.topic.num.partitions=4",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "message.max.bytes=10485760",
+            "",
+        ]
+    )
 
 
 async def create_topics(bootstrap_servers: str, topics: dict[str, dict[str, str]], partitions: int) -> None:

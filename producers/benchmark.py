@@ -38,9 +38,23 @@ def repeated(video: Path, seconds: float, folder: Path) -> Path:
     probe.release()
     longer = folder / f"{video.stem}-repeated{video.suffix}"
     subprocess.run(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-stream_loop", str(int(seconds / duration_s) + 1),
-         "-i", str(video), "-an", "-c", "copy", str(longer)],
-        check=True, timeout=300,
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-stream_loop",
+            str(int(seconds / duration_s) + 1),
+            "-i",
+            str(video),
+            "-an",
+            "-c",
+            "copy",
+            str(longer),
+        ],
+        check=True,
+        timeout=300,
     )
     return longer
 
@@ -64,8 +78,9 @@ def naive_read_loop(video: Path, seconds: float) -> tuple[float, int]:
 
 def producer_loop(video: Path, seconds: float, fps: float, motion: bool) -> tuple[float, CameraStats]:
     """The producer's capture loop. Returns (CPU cores used, the camera's stats)."""
-    camera = CameraSettings(id="bench", room="bench", url=str(video), fps=fps, loop=True, realtime=True,
-                            motion={"enabled": motion})
+    camera = CameraSettings(
+        id="bench", room="bench", url=str(video), fps=fps, loop=True, realtime=True, motion={"enabled": motion}
+    )
     stats = CameraStats()
     stop = threading.Event()
     capture = CameraCapture(camera, ProducerSettings(), stats, lambda _frame: None, stop)  # encoded, not sent
@@ -81,8 +96,16 @@ def producer_loop(video: Path, seconds: float, fps: float, motion: bool) -> tupl
 
 def run_benchmark(videos: list[Path], seconds: float, fps: float) -> None:
     table = Table(title=f"producer capture loop, one camera, {seconds:g} s per row")
-    for column in ("video", "size", "measured loop", "CPU (cores)", "vs baseline", "frames decoded / sampled",
-                   "published", "skipped by motion"):
+    for column in (
+        "video",
+        "size",
+        "measured loop",
+        "CPU (cores)",
+        "vs baseline",
+        "frames decoded / sampled",
+        "published",
+        "skipped by motion",
+    ):
         table.add_column(column)
     with tempfile.TemporaryDirectory() as folder:
         for video in videos:
@@ -99,7 +122,12 @@ def add_rows(table: Table, name: str, video: Path, seconds: float, fps: float) -
     for motion in (False, True):
         cpu, stats = producer_loop(video, seconds, fps, motion)
         table.add_row(
-            name, size, f"producer {fps:g} fps, motion gate {'on' if motion else 'off'}", f"{cpu:.3f}",
-            f"{cpu / base_cpu:.2f}", str(stats.sampled),
-            str(stats.sampled - stats.skipped_motion), str(stats.skipped_motion),
+            name,
+            size,
+            f"producer {fps:g} fps, motion gate {'on' if motion else 'off'}",
+            f"{cpu:.3f}",
+            f"{cpu / base_cpu:.2f}",
+            str(stats.sampled),
+            str(stats.sampled - stats.skipped_motion),
+            str(stats.skipped_motion),
         )

@@ -133,7 +133,9 @@ class CameraCapture:
             delay = backoff_delay(failures, self.settings.reconnect_initial_s, self.settings.reconnect_max_s)
             log.warning(
                 "camera %s: %s; reconnecting in %.1f s",
-                self.camera.id, self.stats.last_error or f"{redact(self.camera.url)} ended", delay,
+                self.camera.id,
+                self.stats.last_error or f"{redact(self.camera.url)} ended",
+                delay,
             )
             self.stats.state = "waiting"
             self.stats.reconnects += 1

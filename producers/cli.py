@@ -10,8 +10,20 @@ import typer
 
 cameras_app = typer.Typer(no_args_is_help=True, help="The cameras the producers stream.")
 
-COLUMNS = ("camera", "room", "state", "fps target / in / out", "published", "skipped (motion)", "dropped",
-           "failed", "reconnects (stalls)", "last frame", "url", "last error")
+COLUMNS = (
+    "camera",
+    "room",
+    "state",
+    "fps target / in / out",
+    "published",
+    "skipped (motion)",
+    "dropped",
+    "failed",
+    "reconnects (stalls)",
+    "last frame",
+    "url",
+    "last error",
+)
 
 
 def table_cells(row: dict) -> list[str]:
@@ -19,9 +31,17 @@ def table_cells(row: dict) -> list[str]:
         return [row["camera_id"], row["room"], row["state"], "", "", "", "", "", "", "", row["url"], ""]
     age = row.get("last_frame_age_s")
     return [
-        row["camera_id"], row["room"], row["state"], f"{row['fps_target']:g} / {row['fps_in']:g} / {row['fps_out']:g}",
-        str(row["published"]), str(row["skipped_motion"]), str(row["dropped"]), str(row["failed"]),
-        f"{row['reconnects']} ({row['stalls']})", "never" if age is None else f"{age:g} s ago", row["url"],
+        row["camera_id"],
+        row["room"],
+        row["state"],
+        f"{row['fps_target']:g} / {row['fps_in']:g} / {row['fps_out']:g}",
+        str(row["published"]),
+        str(row["skipped_motion"]),
+        str(row["dropped"]),
+        str(row["failed"]),
+        f"{row['reconnects']} ({row['stalls']})",
+        "never" if age is None else f"{age:g} s ago",
+        row["url"],
         row.get("last_error") or "",
     ]
 

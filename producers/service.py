@@ -132,8 +132,9 @@ class CameraPublisher:
     def on_failure(self, seq: int, exc: BaseException) -> None:
         self.stats.failed += 1
         if self.stats.failed == 1 or self.stats.failed % 100 == 0:
-            log.warning("camera %s: Kafka did not accept frame %d (%d so far): %s",
-                        self.camera.id, seq, self.stats.failed, exc)
+            log.warning(
+                "camera %s: Kafka did not accept frame %d (%d so far): %s", self.camera.id, seq, self.stats.failed, exc
+            )
 
 
 def check_cameras(settings: ProducerSettings) -> list[CameraSettings]:
@@ -176,8 +177,13 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
         name = f"capture-{publisher.camera.id}"
         # daemon: a capture blocked in OpenCV must not keep the process alive after shutdown
         threading.Thread(target=publisher.capture, name=name, daemon=True).start()
-        log.info("camera %s (%s): %s at %g fps", publisher.camera.id, publisher.camera.room,
-                 redact(publisher.camera.url), publisher.camera.fps)
+        log.info(
+            "camera %s (%s): %s at %g fps",
+            publisher.camera.id,
+            publisher.camera.room,
+            redact(publisher.camera.url),
+            publisher.camera.fps,
+        )
     publishing = asyncio.gather(*(p.publish() for p in publishers))
     stopping = asyncio.create_task(stop.wait())
     try:
@@ -195,7 +201,13 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
         metrics.close()
         await producer.stop()
     for publisher in publishers:
-        log.info("camera %s (%s): %d frames published, %d dropped, %d skipped by motion, %d reconnects",
-                 publisher.camera.id, publisher.camera.room, publisher.stats.published, publisher.stats.dropped,
-                 publisher.stats.skipped_motion, publisher.stats.reconnects)
+        log.info(
+            "camera %s (%s): %d frames published, %d dropped, %d skipped by motion, %d reconnects",
+            publisher.camera.id,
+            publisher.camera.room,
+            publisher.stats.published,
+            publisher.stats.dropped,
+            publisher.stats.skipped_motion,
+            publisher.stats.reconnects,
+        )
     return {camera_id: camera_stats.published for camera_id, camera_stats in stats.items()}

@@ -38,8 +38,10 @@ def open_capture(url: str, open_timeout_s: float = 30.0, read_timeout_s: float =
         capture = cv2.VideoCapture(url, cv2.CAP_V4L2)
     elif kind == "stream":
         params = [
-            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
-            cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_s * 1000),
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+            int(open_timeout_s * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+            int(read_timeout_s * 1000),
         ]
         capture = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
     else:

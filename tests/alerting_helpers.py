@@ -74,8 +74,15 @@ def alerts_for(events: list[FallEvent], camera_id: str) -> list[FallEvent]:
 
 def alerting_settings(stack_state: StackState, tmp_path: Path, **rules: object) -> Settings:
     # a fresh app id: its consumer group and its table's changelog topic are this test's alone
-    alerting = {"k": 3, "n": 5, "window_s": 30.0, "cooldown_s": 60.0, "tick_s": 0.2,
-                "app_id": f"alerting-{uuid.uuid4().hex[:8]}", **rules}
+    alerting = {
+        "k": 3,
+        "n": 5,
+        "window_s": 30.0,
+        "cooldown_s": 60.0,
+        "tick_s": 0.2,
+        "app_id": f"alerting-{uuid.uuid4().hex[:8]}",
+        **rules,
+    }
     return settings_for(stack_state, tmp_path, alerting=alerting)
 
 
@@ -150,10 +157,15 @@ async def read_until(
 
 def alerts_of(settings: Settings, camera_id: str, count: int = 1, timeout_s: float = WAIT_S) -> list[FallEvent]:
     """Wait until `fall-events` holds at least `count` events of this camera; returns them."""
-    events = asyncio.run(read_until(
-        settings, settings.kafka.topics.fall_events, FallEvent,
-        lambda got: len(alerts_for(got, camera_id)) >= count, timeout_s,
-    ))
+    events = asyncio.run(
+        read_until(
+            settings,
+            settings.kafka.topics.fall_events,
+            FallEvent,
+            lambda got: len(alerts_for(got, camera_id)) >= count,
+            timeout_s,
+        )
+    )
     return alerts_for(events, camera_id)
 
 

@@ -202,6 +202,10 @@ def run_fallwatch(
 ) -> subprocess.CompletedProcess[str]:
     """`python -m fallwatch ARGS` in the checkout, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "fallwatch", *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})}, cwd=REPO,
+        [sys.executable, "-m", "fallwatch", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
     )

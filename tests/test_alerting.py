@@ -72,12 +72,15 @@ def test_fewer_than_k_falls_in_the_last_n_do_not_confirm() -> None:
 
 def test_verdicts_outside_the_window_do_not_count() -> None:
     state = new_state()
-    alerts = observe_all(state, [
-        make_verdict("cam", 0, fall=True, at_s=0),
-        make_verdict("cam", 1, fall=True, at_s=10),
-        make_verdict("cam", 2, fall=True, at_s=45),  # more than 30 s after the first two
-        make_verdict("cam", 3, fall=True, at_s=12),  # a late verdict, older than the window
-    ])
+    alerts = observe_all(
+        state,
+        [
+            make_verdict("cam", 0, fall=True, at_s=0),
+            make_verdict("cam", 1, fall=True, at_s=10),
+            make_verdict("cam", 2, fall=True, at_s=45),  # more than 30 s after the first two
+            make_verdict("cam", 3, fall=True, at_s=12),  # a late verdict, older than the window
+        ],
+    )
     assert alerts == []
     # two more falls inside the window of the one at 45 s confirm
     alerts = observe_all(state, [make_verdict("cam", seq, fall=True, at_s=42 + seq) for seq in (4, 5)])
@@ -86,11 +89,14 @@ def test_verdicts_outside_the_window_do_not_count() -> None:
 
 
 def test_late_verdicts_inside_the_window_count_by_capture_time() -> None:
-    alerts = observe_all(new_state(), [
-        make_verdict("cam", 2, fall=True),
-        make_verdict("cam", 3, fall=True),
-        make_verdict("cam", 1, fall=True),  # the cloud's verdict for an earlier frame arrives last
-    ])
+    alerts = observe_all(
+        new_state(),
+        [
+            make_verdict("cam", 2, fall=True),
+            make_verdict("cam", 3, fall=True),
+            make_verdict("cam", 1, fall=True),  # the cloud's verdict for an earlier frame arrives last
+        ],
+    )
     assert len(alerts) == 1
     assert alerts[0].first_fall_at == T0 + timedelta(seconds=1)
 
@@ -148,8 +154,6 @@ def test_state_survives_a_json_round_trip() -> None:
     assert len(observe_all(restored, [make_verdict("cam", 2, fall=True)])) == 1
 
 
-
-
 # --- cloud confirmation and the cloud wait ---------------------------------------------------------
 
 
@@ -201,8 +205,11 @@ def test_a_cloud_verdict_in_time_cancels_the_fallback() -> None:
 
 
 def open_alert(state: CameraState, at: datetime = NOW) -> FallEvent:
-    alerts = [a for v in (make_verdict(state.camera_id, seq, fall=True) for seq in range(3))
-              if (a := state.observe(v, at)) is not None]
+    alerts = [
+        a
+        for v in (make_verdict(state.camera_id, seq, fall=True) for seq in range(3))
+        if (a := state.observe(v, at)) is not None
+    ]
     assert len(alerts) == 1
     return alerts[0]
 

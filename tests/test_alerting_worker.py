@@ -63,10 +63,15 @@ def shared_settings(
     """Settings of one worker that the tests below share, each with its own cameras."""
     tmp_path = tmp_path_factory.mktemp("alerting")
     settings = alerting_settings(
-        stack_state, tmp_path,
-        cloud_wait_s=CLOUD_WAIT_S, escalate_after_s=ESCALATE_AFTER_S,
-        webhook_urls=[f"{receiver.url}/alerts"], escalation_webhook_urls=[f"{receiver.url}/escalations"],
-        webhook_secret=WEBHOOK_SECRET, webhook_backoff_s=0.2, metrics_port=free_port(),
+        stack_state,
+        tmp_path,
+        cloud_wait_s=CLOUD_WAIT_S,
+        escalate_after_s=ESCALATE_AFTER_S,
+        webhook_urls=[f"{receiver.url}/alerts"],
+        escalation_webhook_urls=[f"{receiver.url}/escalations"],
+        webhook_secret=WEBHOOK_SECRET,
+        webhook_backoff_s=0.2,
+        metrics_port=free_port(),
     )
     with alerting_worker(settings, tmp_path):
         yield settings
@@ -122,10 +127,15 @@ def test_without_the_cloud_the_edge_decides_after_d_and_a_late_cloud_verdict_cou
     # nobody answers for the cloud: after D alerting publishes the edge's answers as final
     verdicts_topic = settings.kafka.topics.verdicts
     fallbacks = [
-        v for v in asyncio.run(read_until(
-            settings, verdicts_topic, Verdict,
-            lambda got: len([v for v in got if v.camera_id == camera and v.source == "edge-fallback"]) >= 2,
-        ))
+        v
+        for v in asyncio.run(
+            read_until(
+                settings,
+                verdicts_topic,
+                Verdict,
+                lambda got: len([v for v in got if v.camera_id == camera and v.source == "edge-fallback"]) >= 2,
+            )
+        )
         if v.camera_id == camera and v.source == "edge-fallback"
     ]
     assert sorted(v.frame_id for v in fallbacks) == [v.frame_id for v in provisional]
@@ -134,8 +144,9 @@ def test_without_the_cloud_the_edge_decides_after_d_and_a_late_cloud_verdict_cou
 
     # the cloud answers late and sure for the same frames: were they counted again, 4 falls (or the
     # cloud rule) would confirm; only 2 falls must stand
-    send_verdicts(settings, [make_verdict(camera, seq, fall=True, source="cloud", fall_probability=0.99)
-                             for seq in (0, 1)])
+    send_verdicts(
+        settings, [make_verdict(camera, seq, fall=True, source="cloud", fall_probability=0.99) for seq in (0, 1)]
+    )
     asyncio.run(wait_until_consumed(settings))
     assert alerts_for(asyncio.run(read_all(settings, settings.kafka.topics.fall_events, FallEvent)), camera) == []
 
@@ -158,15 +169,19 @@ def test_cooldown_after_a_false_alarm(shared_settings: Settings, store: redis.Re
     # a caregiver dismisses it (as the dashboard publishes it), when the newest frame is at 2 s
     send_events(settings, [first.model_copy(update={"state": "false_alarm", "updated_at": utc_now()})])
     asyncio.run(wait_until_consumed(settings, settings.kafka.topics.fall_events))
-    wait_for(lambda: decode(FallEvent, store.get(alert_key(first.alert_id))).state == "false_alarm",
-             "the false alarm in Redis")
+    wait_for(
+        lambda: decode(FallEvent, store.get(alert_key(first.alert_id))).state == "false_alarm",
+        "the false alarm in Redis",
+    )
     assert store.get(open_alert_key(camera)) is None
 
     # falls within the 60 s cooldown (capture time) open nothing, the one after it does
     send_verdicts(settings, [make_verdict(camera, seq, fall=True) for seq in range(30, 62)])
     asyncio.run(wait_until_consumed(settings))
-    assert [e.state for e in alerts_for(asyncio.run(read_all(
-        settings, settings.kafka.topics.fall_events, FallEvent)), camera)] == ["open", "false_alarm"]
+    assert [
+        e.state
+        for e in alerts_for(asyncio.run(read_all(settings, settings.kafka.topics.fall_events, FallEvent)), camera)
+    ] == ["open", "false_alarm"]
     send_verdicts(settings, [make_verdict(camera, 62, fall=True)])
     events = alerts_of(settings, camera, count=3)
     assert events[2].state == "open" and events[2].alert_id != first.alert_id
@@ -183,16 +198,20 @@ def test_signed_webhook_is_retried_and_an_unacknowledged_alert_escalates(
     send_events(settings, [acknowledged.model_copy(update={"state": "acknowledged", "updated_at": utc_now()})])
 
     # the receiver refused the first try (503) and accepted the retry; both signed, same idempotency key
-    tries = wait_for(lambda: (d := receiver.received("/alerts", alert.alert_id)) and len(d) >= 2 and d,
-                     "the webhook retry")
+    tries = wait_for(
+        lambda: (d := receiver.received("/alerts", alert.alert_id)) and len(d) >= 2 and d, "the webhook retry"
+    )
     assert [d.status for d in tries] == [503, 200]
     assert all(d.signature_valid and d.event == "alert.opened" for d in tries)
     assert {body_alert_id(d) for d in tries} == {alert.alert_id}
     assert decode(FallEvent, tries[1].body).evidence_frame_ids == alert.evidence_frame_ids
 
     # nobody acknowledged the first alert: after E it goes to the escalation channel, once
-    escalations = wait_for(lambda: (d := receiver.received("/escalations", alert.alert_id)) and
-                           any(x.status == 200 for x in d) and d, "the escalation", timeout_s=30)
+    escalations = wait_for(
+        lambda: (d := receiver.received("/escalations", alert.alert_id)) and any(x.status == 200 for x in d) and d,
+        "the escalation",
+        timeout_s=30,
+    )
     assert all(d.signature_valid and d.event == "alert.escalated" for d in escalations)
     stream = store.xrange(ALERT_STREAM_KEY)
     kinds = [fields[b"kind"] for _, fields in stream if fields[b"alert_id"] == alert.alert_id.encode()]
@@ -220,10 +239,14 @@ def test_malformed_record_goes_to_dead_letters_and_the_stream_goes_on(shared_set
     asyncio.run(produce(settings, settings.kafka.topics.verdicts, [(camera, b"not json")]))
     send_verdicts(settings, [make_verdict(camera, seq, fall=True) for seq in range(3)])
 
-    dead_letters = asyncio.run(read_until(
-        settings, settings.kafka.topics.dead_letters, DeadLetter,
-        lambda got: any(d.key == camera.encode() for d in got),
-    ))
+    dead_letters = asyncio.run(
+        read_until(
+            settings,
+            settings.kafka.topics.dead_letters,
+            DeadLetter,
+            lambda got: any(d.key == camera.encode() for d in got),
+        )
+    )
     (dead,) = [d for d in dead_letters if d.key == camera.encode()]
     assert dead.service == "alerting"
     assert dead.source_topic == settings.kafka.topics.verdicts
@@ -317,14 +340,23 @@ def test_alerts_reach_fall_events_while_redis_is_down_and_redis_when_it_returns(
 
 
 def test_webhook_sender_gives_up_on_a_refusal_at_once_and_on_a_dead_receiver_after_its_attempts(
-    receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture,
+    receiver: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     alert = FallEvent(
-        alert_id=f"sender-{uuid.uuid4().hex[:6]}", camera_id="cam", room="1", state="open", opened_at=utc_now(),
-        first_fall_at=utc_now(), confidence=0.9, evidence_frame_ids=["f"], rule="3 of 5",
+        alert_id=f"sender-{uuid.uuid4().hex[:6]}",
+        camera_id="cam",
+        room="1",
+        state="open",
+        opened_at=utc_now(),
+        first_fall_at=utc_now(),
+        confidence=0.9,
+        evidence_frame_ids=["f"],
+        rule="3 of 5",
     )
-    wrong_secret = AlertingSettings(webhook_urls=[receiver.url], webhook_secret="not-the-receivers",
-                                    webhook_attempts=3, webhook_backoff_s=0.05)
+    wrong_secret = AlertingSettings(
+        webhook_urls=[receiver.url], webhook_secret="not-the-receivers", webhook_attempts=3, webhook_backoff_s=0.05
+    )
     dead_port = free_port()
 
     async def send_both() -> tuple[bool, bool]:
@@ -344,16 +376,30 @@ def test_webhook_sender_gives_up_on_a_refusal_at_once_and_on_a_dead_receiver_aft
 
 
 def test_bench_alerting_prints_its_table(stack_state: StackState) -> None:
-    env = {**os.environ, "FALLWATCH_KAFKA__BOOTSTRAP_SERVERS": stack_state.bootstrap_servers,
-           "FALLWATCH_REDIS__URL": stack_state.redis_url}
+    env = {
+        **os.environ,
+        "FALLWATCH_KAFKA__BOOTSTRAP_SERVERS": stack_state.bootstrap_servers,
+        "FALLWATCH_REDIS__URL": stack_state.redis_url,
+    }
     env.pop(CONFIG_ENV, None)
-    result = subprocess.run([sys.executable, "-m", "fallwatch", "bench", "alerting", "--cameras", "1"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "fallwatch", "bench", "alerting", "--cameras", "1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {line.split("│")[1].strip(): line.split("│")[2:] for line in result.stdout.splitlines()
-            if line.startswith("│")}
-    assert list(rows) == ["baseline: one verdict's Kafka round trip", "sure cloud verdict (p 0.95)",
-                          "3 of 5 final edge falls at 2 fps", "offloaded, cloud down: edge-fallback after D = 10 s"]
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2:] for line in result.stdout.splitlines() if line.startswith("│")
+    }
+    assert list(rows) == [
+        "baseline: one verdict's Kafka round trip",
+        "sure cloud verdict (p 0.95)",
+        "3 of 5 final edge falls at 2 fps",
+        "offloaded, cloud down: edge-fallback after D = 10 s",
+    ]
     k_of_n = float(rows["3 of 5 final edge falls at 2 fps"][1])
     fallback = float(rows["offloaded, cloud down: edge-fallback after D = 10 s"][1])
     assert k_of_n >= 1.0, "the third fall frame comes 1 s after the first at 2 fps"
@@ -369,8 +415,10 @@ def test_a_replayed_open_of_an_answered_alert_pages_nobody(
     (alert,) = alerts_of(settings, camera)
     wait_for(lambda: len(receiver.received("/alerts", alert.alert_id)) >= 2, "the webhook and its retry")
     send_events(settings, [alert.model_copy(update={"state": "false_alarm", "updated_at": utc_now()})])
-    wait_for(lambda: decode(FallEvent, store.get(alert_key(alert.alert_id))).state == "false_alarm",
-             "the false alarm in Redis")
+    wait_for(
+        lambda: decode(FallEvent, store.get(alert_key(alert.alert_id))).state == "false_alarm",
+        "the false alarm in Redis",
+    )
 
     # a consumer group reading fall-events from the start (a new deployment) sees the `open` again
     send_events(settings, [alert])

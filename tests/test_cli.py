@@ -102,10 +102,7 @@ async def partition_counts(bootstrap_servers: str) -> dict[str, int]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
     try:
-        return {
-            topic["topic"]: len(topic["partitions"])
-            for topic in await admin.describe_topics(Topics().all())
-        }
+        return {topic["topic"]: len(topic["partitions"]) for topic in await admin.describe_topics(Topics().all())}
     finally:
         await admin.close()
 
@@ -199,8 +196,15 @@ def test_unloadable_checkpoints_get_one_line(env: dict[str, str], message: str) 
 def test_clip_outcome_compares_the_first_alert_with_the_annotated_fall_start() -> None:
     start = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
     alert = FallEvent(
-        alert_id="a", camera_id="cam-1", room="room-1", state="open", opened_at=start + timedelta(seconds=3.5),
-        first_fall_at=start + timedelta(seconds=2), confidence=0.9, evidence_frame_ids=["f"], rule="3 of 5",
+        alert_id="a",
+        camera_id="cam-1",
+        room="room-1",
+        state="open",
+        opened_at=start + timedelta(seconds=3.5),
+        first_fall_at=start + timedelta(seconds=2),
+        confidence=0.9,
+        evidence_frame_ids=["f"],
+        rule="3 of 5",
     )
     fall, no_fall = ClipTruth("fall", 1.5), ClipTruth("no_fall", None)
     assert clip_outcome(fall, start, alert) == "alert +2.0 s after the fall start"
@@ -217,8 +221,12 @@ def test_demo_prints_a_final_verdict_for_every_frame(tmp_path: Path, clip_path: 
     (clips / "clips.csv").write_text(f"file,label,fall_start_s\n{clip_path.name},fall,0.4\n")
     env = {"FALLWATCH_STATE_DIR": str(tmp_path / "state"), "FALLWATCH_CACHE_DIR": str(REPO / ".cache")}
     result = subprocess.run(
-        [sys.executable, "-m", "fallwatch", "demo", "--clips", str(clips)], capture_output=True, text=True,
-        timeout=600, env={**os.environ, **env}, cwd=tmp_path,
+        [sys.executable, "-m", "fallwatch", "demo", "--clips", str(clips)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env},
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "TINY UNTRAINED" in result.stdout  # no reference pair was trained in this directory

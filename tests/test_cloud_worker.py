@@ -87,7 +87,6 @@ class HeldForward:
         assert await asyncio.to_thread(self.entered.wait, 120), "the worker never took a batch"
 
 
-
 async def wait_for_finals(settings: Settings, frame_ids: set[str], timeout_s: float = 120.0) -> list[Verdict]:
     """Every verdict read until each of `frame_ids` has a final one."""
     return await consume_until(
@@ -216,9 +215,7 @@ def test_deadlines_expired_clips_and_malformed_requests(stack_state, tmp_path: P
     assert "invalid CloudRequest" in dead[0].reason
 
 
-def test_a_stopped_worker_answers_every_live_request_after_restart(
-    stack_state, tmp_path: Path, tiny_models
-) -> None:
+def test_a_stopped_worker_answers_every_live_request_after_restart(stack_state, tmp_path: Path, tiny_models) -> None:
     settings = worker_settings(stack_state, tmp_path, tiny_models, batch_size=4, batch_wait_ms=100)
     env = write_config(settings, tmp_path / "cloud.yaml")
     log_path = tmp_path / "cloud.log"
@@ -237,9 +234,7 @@ def test_a_stopped_worker_answers_every_live_request_after_restart(
         first = await publish_requests(settings, [small_clip(s) for s in range(12)])
         worker = start()
         try:
-            await consume_until(
-                settings, settings.kafka.topics.verdicts, Verdict, lambda m: len(m) >= 1, timeout_s=180
-            )
+            await consume_until(settings, settings.kafka.topics.verdicts, Verdict, lambda m: len(m) >= 1, timeout_s=180)
         finally:
             first_exit = stop(worker)
         # While the worker is down: more requests, some of which expire before it returns.

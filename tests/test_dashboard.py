@@ -67,8 +67,11 @@ def dashboard(stack_state: StackState, tmp_path_factory: pytest.TempPathFactory)
     log_path = tmp_path / "dashboard.log"
     with alerting_worker(settings, tmp_path), log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "fallwatch", "dashboard"], cwd=REPO, env=env,
-            stdout=log_file, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "fallwatch", "dashboard"],
+            cwd=REPO,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
         store = redis.Redis.from_url(settings.redis.url)
         try:
@@ -94,8 +97,16 @@ def fall_with_frames(dashboard: Dashboard, clip_path: Path, name: str) -> FallEv
     ok, jpeg = cv2.imencode(".jpg", image)
     assert ok
     frames = [
-        Frame(frame_id=v.frame_id, camera_id=camera, room=v.room, seq=seq, captured_at=v.captured_at,
-              width=image.shape[1], height=image.shape[0], jpeg=jpeg.tobytes())
+        Frame(
+            frame_id=v.frame_id,
+            camera_id=camera,
+            room=v.room,
+            seq=seq,
+            captured_at=v.captured_at,
+            width=image.shape[1],
+            height=image.shape[0],
+            jpeg=jpeg.tobytes(),
+        )
         for seq, v in enumerate(verdicts)
     ]
     asyncio.run(produce(settings, settings.kafka.topics.frames, [(camera, encode(f)) for f in frames]))
@@ -112,8 +123,14 @@ def chromium(tmp_path: Path) -> webdriver.Chrome:
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for argument in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
         f"--user-data-dir={tmp_path / f'chromium-{uuid.uuid4().hex[:6]}'}",
     ):
         options.add_argument(argument)
@@ -152,23 +169,32 @@ def test_an_alert_appears_live_and_acknowledge_writes_the_state_and_a_label(
     alert = fall_with_frames(dashboard, clip_path, "browser")
     card = f'.room[data-room="{alert.room}"] .alert[data-alert-id="{alert.alert_id}"][data-state="open"]'
     wait_for(lambda: element(browser, card), "the alert on the page")
-    wait_for(lambda: browser.execute_script(
-        "const img = document.querySelector(arguments[0] + ' img.snapshot');"
-        "return img !== null && img.complete && img.naturalWidth > 0;", card), "the snapshot on the page")
+    wait_for(
+        lambda: browser.execute_script(
+            "const img = document.querySelector(arguments[0] + ' img.snapshot');"
+            "return img !== null && img.complete && img.naturalWidth > 0;",
+            card,
+        ),
+        "the snapshot on the page",
+    )
     assert dashboard.store.ttl(f"fallwatch:snapshot:{alert.alert_id}") > 0, "snapshots expire"
 
     browser.find_element(By.CSS_SELECTOR, f"{card} button.ack").click()
 
-    wait_for(lambda: decode(FallEvent, dashboard.store.get(alert_key(alert.alert_id))).state == "acknowledged",
-             "the acknowledgement in Redis")
+    wait_for(
+        lambda: decode(FallEvent, dashboard.store.get(alert_key(alert.alert_id))).state == "acknowledged",
+        "the acknowledgement in Redis",
+    )
     acknowledged_card = f'.alert[data-alert-id="{alert.alert_id}"][data-state="acknowledged"]'
     wait_for(lambda: element(browser, acknowledged_card), "the page to show the acknowledgement")
     for frame_id in alert.evidence_frame_ids:
         label = decode(Label, dashboard.store.get(frame_label_key(frame_id)))
         assert (label.verdict, label.alert_id, label.labelled_by) == ("true_fall", alert.alert_id, "nurse Ana")
-    labels = asyncio.run(read_until(
-        settings, settings.kafka.topics.labels, Label, lambda got: any(x.alert_id == alert.alert_id for x in got)
-    ))
+    labels = asyncio.run(
+        read_until(
+            settings, settings.kafka.topics.labels, Label, lambda got: any(x.alert_id == alert.alert_id for x in got)
+        )
+    )
     (label,) = [x for x in labels if x.alert_id == alert.alert_id]
     assert label.label_id == label_id_for(alert.alert_id, "true_fall")
     assert label.frame_ids == alert.evidence_frame_ids
@@ -202,8 +228,9 @@ def test_the_api_needs_the_token_and_refuses_impossible_answers(dashboard: Dashb
 
 def test_the_dashboard_refuses_to_start_without_a_token() -> None:
     env = {key: value for key, value in os.environ.items() if key != "FALLWATCH_ALERTING__DASHBOARD_TOKEN"}
-    result = subprocess.run([sys.executable, "-m", "fallwatch", "dashboard"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "fallwatch", "dashboard"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: the dashboard needs a bearer token: set alerting.dashboard_token "

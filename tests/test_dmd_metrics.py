@@ -118,8 +118,9 @@ def test_budget_threshold_defers_the_target_share() -> None:
     choice = budget_threshold(scores, outcomes, target_share=0.3)
     assert int(np.sum(scores < choice.threshold)) == 15
     assert choice.deferred_share == pytest.approx(0.3)
-    expected = brute_force_f1(truth.tolist(), combined_by_threshold(scores.tolist(), choice.threshold,
-                                                                    (1 - truth).tolist(), truth.tolist()))
+    expected = brute_force_f1(
+        truth.tolist(), combined_by_threshold(scores.tolist(), choice.threshold, (1 - truth).tolist(), truth.tolist())
+    )
     assert choice.f1 == pytest.approx(expected)
     assert choice.method == "budget" and choice.target_share == 0.3
 
@@ -144,14 +145,25 @@ def identity_switcher() -> Switcher:
     return switcher
 
 
-def constructed_rows(scores: list[float], truth: list[int], small: list[int], large: list[int],
-                     split: str) -> DmdData:
+def constructed_rows(scores: list[float], truth: list[int], small: list[int], large: list[int], split: str) -> DmdData:
     rows = [
         DmdRow(
-            input_id=f"{split}-{i}", image_path=f"img{i}.jpg", group="g", split=split, order_key=float(i),
-            small_fall_probability=0.5 + 0.05 * (i % 9) * (1 if s else -1), large_fall_probability=float(b),
-            small_prediction=s, large_prediction=b, label=int(s == b), ground_truth=t, large_source="computed",
-            offload_reason="", small_time_ms=10.0, large_time_ms=100.0 + i, small_energy_j=float("nan"),
+            input_id=f"{split}-{i}",
+            image_path=f"img{i}.jpg",
+            group="g",
+            split=split,
+            order_key=float(i),
+            small_fall_probability=0.5 + 0.05 * (i % 9) * (1 if s else -1),
+            large_fall_probability=float(b),
+            small_prediction=s,
+            large_prediction=b,
+            label=int(s == b),
+            ground_truth=t,
+            large_source="computed",
+            offload_reason="",
+            small_time_ms=10.0,
+            large_time_ms=100.0 + i,
+            small_energy_j=float("nan"),
             large_energy_j=float("nan"),
         )
         for i, (t, s, b) in enumerate(zip(truth, small, large, strict=True))
@@ -218,8 +230,10 @@ def test_inputs_without_a_split_are_split_by_time() -> None:
 
 
 def test_switcher_learns_from_val_when_the_pair_learnt_from_train() -> None:
-    parts = [constructed_rows([0.6] * n, [0] * n, [0] * n, [0] * n, split) for split, n in
-             (("train", 50), ("val", 200), ("test", 30))]
+    parts = [
+        constructed_rows([0.6] * n, [0] * n, [0] * n, [0] * n, split)
+        for split, n in (("train", 50), ("val", 200), ("test", 30))
+    ]
     data = DmdData(MANIFEST, [row for part in parts for row in part.rows], np.concatenate([p.hidden for p in parts]))
     remapped = switcher_splits_from_val(data, val_share=0.25, seed=3)
     origin = {row.input_id.split("-")[0] for row in remapped.rows}

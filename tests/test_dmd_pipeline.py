@@ -165,16 +165,32 @@ def frame_at(camera: str, start: datetime, seq: int, image_path: Path) -> Frame:
     ok, jpeg = cv2.imencode(".jpg", image)
     assert ok
     return Frame(
-        frame_id=Frame.make_id(camera, captured_at, seq), camera_id=camera, room="101", seq=seq,
-        captured_at=captured_at, width=image.shape[1], height=image.shape[0], jpeg=jpeg.tobytes(),
+        frame_id=Frame.make_id(camera, captured_at, seq),
+        camera_id=camera,
+        room="101",
+        seq=seq,
+        captured_at=captured_at,
+        width=image.shape[1],
+        height=image.shape[0],
+        jpeg=jpeg.tobytes(),
     )
 
 
 def logged_cloud_verdict(frame: Frame, probability: float, reason: str) -> Verdict:
     return Verdict(
-        frame_id=frame.frame_id, camera_id=frame.camera_id, room=frame.room, captured_at=frame.captured_at,
-        source="cloud", final=True, fall_probability=probability, decision=probability >= 0.5, switcher_score=0.2,
-        offload_reason=reason, edge_model="edge", cloud_model="cloud", timings_ms={"model_per_request": 777.0},
+        frame_id=frame.frame_id,
+        camera_id=frame.camera_id,
+        room=frame.room,
+        captured_at=frame.captured_at,
+        source="cloud",
+        final=True,
+        fall_probability=probability,
+        decision=probability >= 0.5,
+        switcher_score=0.2,
+        offload_reason=reason,
+        edge_model="edge",
+        cloud_model="cloud",
+        timings_ms={"model_per_request": 777.0},
         energy_j=42.0,
     )
 
@@ -200,15 +216,28 @@ def test_kafka_replay_reuses_logged_cloud_verdicts_and_reads_labels(
     settings = settings_for(stack_state, tmp_path, **sections)
     images = sorted((labelled_folder / "images").iterdir())[:12]
     start = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
-    frames = [frame_at(camera, start, seq, images[2 * seq + (camera == "cam-b")])
-              for camera in ("cam-a", "cam-b") for seq in range(6)]
+    frames = [
+        frame_at(camera, start, seq, images[2 * seq + (camera == "cam-b")])
+        for camera in ("cam-a", "cam-b")
+        for seq in range(6)
+    ]
     # logged cloud answers for 5 frames (one explored), distinctive probabilities no model would produce
     logged = {frames[i].frame_id: 0.123 + 0.01 * i for i in (1, 2, 4, 7, 8)}
-    verdicts = [logged_cloud_verdict(frame, logged[frame.frame_id], "exploration" if i == 4 else "switcher")
-                for i, frame in enumerate(frames) if frame.frame_id in logged]
+    verdicts = [
+        logged_cloud_verdict(frame, logged[frame.frame_id], "exploration" if i == 4 else "switcher")
+        for i, frame in enumerate(frames)
+        if frame.frame_id in logged
+    ]
     verdicts.append(verdicts[0].model_copy(update={"source": "edge", "final": False, "fall_probability": 0.9}))
-    label = Label(label_id="alert-1:true_fall", alert_id="alert-1", camera_id="cam-a", room="101",
-                  frame_ids=[frames[3].frame_id, frames[4].frame_id], verdict="true_fall", labelled_by="nurse")
+    label = Label(
+        label_id="alert-1:true_fall",
+        alert_id="alert-1",
+        camera_id="cam-a",
+        room="101",
+        frame_ids=[frames[3].frame_id, frames[4].frame_id],
+        verdict="true_fall",
+        labelled_by="nurse",
+    )
     asyncio.run(publish_traffic(settings, frames, verdicts, [label, label]))
 
     edge = load_edge_model(settings)
@@ -238,8 +267,9 @@ def test_kafka_replay_reuses_logged_cloud_verdicts_and_reads_labels(
     # clips are built as the edge builds them: the camera's frames so far, at most edge.clip_frames
     computed_seqs = [frame.seq for frame in frames if frame.frame_id not in logged]
     assert cloud.clip_lengths == [min(seq + 1, settings.edge.clip_frames) for seq in computed_seqs]
-    assert [row.image_path.split("/")[1] for row in data.rows] == sorted(row.image_path.split("/")[1]
-                                                                         for row in data.rows)
+    assert [row.image_path.split("/")[1] for row in data.rows] == sorted(
+        row.image_path.split("/")[1] for row in data.rows
+    )
 
     # a second replay resumes: nothing is recomputed, nothing is paid for twice
     again = asyncio.run(replay(replay_items(settings), settings, edge, cloud, directory, "kafka"))
@@ -352,8 +382,9 @@ def test_dmd_mistakes_get_one_readable_line(tmp_path: Path, args: tuple[str, ...
 
 
 def test_python_dash_m_dmd_offline_is_the_same_command() -> None:
-    result = subprocess.run([sys.executable, "-m", "dmd_offline", "replay", "--help"], capture_output=True,
-                            text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "dmd_offline", "replay", "--help"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert result.returncode == 0 and "--logged-only" in result.stdout
 
 

@@ -23,10 +23,22 @@ def agreement_data(n: int, seed: int, agree_share: float = 0.75) -> DmdData:
     hidden[:, 0] = np.where(labels == 1, 2.0, -2.0) + rng.normal(0, 0.3, n)
     rows = [
         DmdRow(
-            input_id=str(i), image_path=f"{i}.jpg", group="", split="", order_key=float(i),
-            small_fall_probability=0.5, large_fall_probability=0.5, small_prediction=0,
-            large_prediction=1 - label, label=int(label), ground_truth=0, large_source="computed",
-            offload_reason="", small_time_ms=1.0, large_time_ms=1.0, small_energy_j=float("nan"),
+            input_id=str(i),
+            image_path=f"{i}.jpg",
+            group="",
+            split="",
+            order_key=float(i),
+            small_fall_probability=0.5,
+            large_fall_probability=0.5,
+            small_prediction=0,
+            large_prediction=1 - label,
+            label=int(label),
+            ground_truth=0,
+            large_source="computed",
+            offload_reason="",
+            small_time_ms=1.0,
+            large_time_ms=1.0,
+            small_energy_j=float("nan"),
             large_energy_j=float("nan"),
         )
         for i, label in enumerate(labels)

@@ -144,12 +144,14 @@ def test_mixed_frame_sizes_are_resized_to_the_first(edge: ViltEdgeModel, frames:
     np.testing.assert_allclose(batch.hidden[0], predict_seeded(edge, [frames[0]]).hidden[0], atol=1e-4)
 
 
-def test_grouped_preprocessing_equals_the_processors_default_bit_for_bit(
-    edge: ViltEdgeModel, frames: list[np.ndarray]
-):
+def test_grouped_preprocessing_equals_the_processors_default_bit_for_bit(edge: ViltEdgeModel, frames: list[np.ndarray]):
     default = edge.processor(
-        images=frames, text=[edge.question] * len(frames), return_tensors="pt", truncation=True,
-        max_length=edge.max_question_tokens, input_data_format="channels_last",
+        images=frames,
+        text=[edge.question] * len(frames),
+        return_tensors="pt",
+        truncation=True,
+        max_length=edge.max_question_tokens,
+        input_data_format="channels_last",
     )
 
     grouped = edge.preprocess(frames)

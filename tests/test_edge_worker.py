@@ -54,10 +54,18 @@ def make_frames(camera_id: str, count: int, first_seq: int = 0, seed: int = 0) -
     for seq in range(first_seq, first_seq + count):
         image = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
         captured_at = START + timedelta(milliseconds=250 * seq)
-        frames.append(Frame(
-            frame_id=Frame.make_id(camera_id, captured_at, seq), camera_id=camera_id, room="101", seq=seq,
-            captured_at=captured_at, width=64, height=48, jpeg=cv2.imencode(".jpg", image)[1].tobytes(),
-        ))
+        frames.append(
+            Frame(
+                frame_id=Frame.make_id(camera_id, captured_at, seq),
+                camera_id=camera_id,
+                room="101",
+                seq=seq,
+                captured_at=captured_at,
+                width=64,
+                height=48,
+                jpeg=cv2.imencode(".jpg", image)[1].tobytes(),
+            )
+        )
     return frames
 
 
@@ -65,8 +73,9 @@ async def publish(settings: Settings, values: list[tuple[str, bytes]]) -> None:
     producer = make_producer(settings)
     await producer.start()
     try:
-        acks = [await producer.send(settings.kafka.topics.frames, key=key.encode(), value=value)
-                for key, value in values]
+        acks = [
+            await producer.send(settings.kafka.topics.frames, key=key.encode(), value=value) for key, value in values
+        ]
         await asyncio.gather(*acks)
     finally:
         await producer.stop()
@@ -79,8 +88,11 @@ async def publish_frames(settings: Settings, frames: list[Frame]) -> None:
 def worker_settings(stack_state, tmp_path: Path, tiny: ModelPaths, registry: Path, **edge: object) -> Settings:
     sections = tiny.settings_sections()
     sections["edge"].update(
-        switcher_registry=str(registry), batch_size=4, batch_wait_ms=20,
-        group_id=f"edge-{uuid.uuid4().hex[:8]}", registry_announce_key=f"test:{uuid.uuid4().hex}:announced",
+        switcher_registry=str(registry),
+        batch_size=4,
+        batch_wait_ms=20,
+        group_id=f"edge-{uuid.uuid4().hex[:8]}",
+        registry_announce_key=f"test:{uuid.uuid4().hex}:announced",
     )
     sections["edge"].update(edge)
     return settings_for(stack_state, tmp_path, **sections)
@@ -93,7 +105,6 @@ def registry_with_untrained(tiny: ModelPaths, registry: Path, threshold: float, 
     return create_untrained_switcher(registry, metadata.input_dim, metadata.edge_model, threshold, seed).name
 
 
-
 async def until(condition, what: str, timeout_s: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not condition():
@@ -103,9 +114,11 @@ async def until(condition, what: str, timeout_s: float = 60.0) -> None:
 
 
 def verdicts_for(settings: Settings, count: int) -> list[Verdict]:
-    return asyncio.run(consume_until(
-        settings, settings.kafka.topics.verdicts, Verdict, lambda m: len({v.frame_id for v in m}) >= count
-    ))
+    return asyncio.run(
+        consume_until(
+            settings, settings.kafka.topics.verdicts, Verdict, lambda m: len({v.frame_id for v in m}) >= count
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,15 +157,16 @@ def test_hot_reload_mid_stream_answers_every_frame_once_with_the_new_switcher(
     assert {by_id[f.frame_id].switcher_version for f in after} == {new}
     # the scores really come from the new switcher's weights
     new_switcher = load_switcher(registry / new)[0]
-    expected = new_switcher.agreement_probability(
-        edge_model.predict([decode_jpeg_rgb(f.jpeg) for f in after]).hidden
-    )
+    expected = new_switcher.agreement_probability(edge_model.predict([decode_jpeg_rgb(f.jpeg) for f in after]).hidden)
     np.testing.assert_allclose([by_id[f.frame_id].switcher_score for f in after], expected, atol=1e-3)
     assert asyncio.run(consumer_group_lag(settings, settings.edge.group_id, settings.kafka.topics.frames)) == 0
 
 
 def test_a_mismatched_switcher_is_refused_at_hot_reload_and_the_old_one_kept(
-    stack_state, tmp_path: Path, tiny_models: ModelPaths, edge_model: EdgeModel,
+    stack_state,
+    tmp_path: Path,
+    tiny_models: ModelPaths,
+    edge_model: EdgeModel,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     registry = tmp_path / "switchers"
@@ -184,8 +198,11 @@ def test_start_up_with_a_mismatched_switcher_is_one_readable_line(
     settings = worker_settings(stack_state, tmp_path, tiny_models, registry)
 
     result = subprocess.run(
-        [sys.executable, "-m", "edge_workers"], env=write_config(settings, tmp_path / "edge.yaml"),
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "edge_workers"],
+        env=write_config(settings, tmp_path / "edge.yaml"),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
     assert result.returncode == 2
@@ -220,9 +237,9 @@ def test_offload_budget_holds_under_a_burst(
     assert {(v.routing.max_offload_ratio, v.routing.window_s, v.routing.threshold) for v in verdicts if v.routing} == {
         (0.25, 600, 1.0)
     } and all(v.routing is not None for v in verdicts), "the policy is recorded in each verdict"
-    requests = asyncio.run(consume_until(
-        settings, settings.kafka.topics.cloud_requests, CloudRequest, lambda m: len(m) >= 16
-    ))
+    requests = asyncio.run(
+        consume_until(settings, settings.kafka.topics.cloud_requests, CloudRequest, lambda m: len(m) >= 16)
+    )
     assert {r.frame_id for r in requests} == {v.frame_id for v in offloaded}
     assert {r.reason for r in requests} == {"switcher"}
 
@@ -249,9 +266,9 @@ def test_exploration_sends_a_share_of_confident_frames_marked(
     assert 14 <= len(explored) <= 50, len(explored)
     assert all(not v.final for v in explored), "the cloud answers an explored frame"
     assert all(v.final for v in verdicts if v.offload_reason is None)
-    requests = asyncio.run(consume_until(
-        settings, settings.kafka.topics.cloud_requests, CloudRequest, lambda m: len(m) >= len(explored)
-    ))
+    requests = asyncio.run(
+        consume_until(settings, settings.kafka.topics.cloud_requests, CloudRequest, lambda m: len(m) >= len(explored))
+    )
     assert {r.frame_id for r in requests} == {v.frame_id for v in explored}
     assert {r.reason for r in requests} == {"exploration"}
     assert all(r.clip_frame_ids[-1] == r.frame_id and len(r.clip_keys) == len(r.clip_frame_ids) for r in requests)
@@ -275,7 +292,12 @@ def test_each_kind_of_malformed_frame_is_dead_lettered_and_counted(
     registry_with_untrained(tiny_models, registry, threshold=0.0)
     port = free_port()
     settings = worker_settings(
-        stack_state, tmp_path, tiny_models, registry, known_cameras=["cam-f"], max_frame_bytes=100_000,
+        stack_state,
+        tmp_path,
+        tiny_models,
+        registry,
+        known_cameras=["cam-f"],
+        max_frame_bytes=100_000,
         metrics_port=port,
     )
     good, after = make_frames("cam-f", 2)
@@ -303,7 +325,8 @@ def test_each_kind_of_malformed_frame_is_dead_lettered_and_counted(
                 samples.update(scrape(port))
                 # the gauges and counters follow the batches: wait until the last batch is in them
                 return (samples.get("fallwatch_edge_frames_total"), samples.get("fallwatch_edge_consumer_lag")) == (
-                    1.0, 0.0
+                    1.0,
+                    0.0,
                 ) and samples.get("fallwatch_edge_dead_letters_total") == len(bad)
 
             await until(scraped_all, "the metrics of the batch")
@@ -367,10 +390,15 @@ def test_sigkill_mid_stream_then_restart_every_frame_gets_a_final_verdict(
     assert worker.returncode == -signal.SIGKILL
     asyncio.run(publish_frames(settings, second))
     with service_process("edge_workers", settings, tmp_path):
-        verdicts = asyncio.run(consume_until(
-            settings, settings.kafka.topics.verdicts, Verdict,
-            lambda m: {v.frame_id for v in m if v.final} >= all_ids, timeout_s=180,
-        ))
+        verdicts = asyncio.run(
+            consume_until(
+                settings,
+                settings.kafka.topics.verdicts,
+                Verdict,
+                lambda m: {v.frame_id for v in m if v.final} >= all_ids,
+                timeout_s=180,
+            )
+        )
 
     assert {v.frame_id for v in verdicts if v.final} == all_ids, "every frame has a final verdict"
     # At-least-once: a batch answered but not committed before the kill is answered again. Consumers

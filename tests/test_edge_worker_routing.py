@@ -23,7 +23,10 @@ class ManualClock:
 
 def policy(**overrides: object) -> RoutingPolicy:
     values: dict[str, object] = {
-        "threshold": 0.5, "max_offload_ratio": None, "max_offload_fps": None, "window_s": 10.0,
+        "threshold": 0.5,
+        "max_offload_ratio": None,
+        "max_offload_fps": None,
+        "window_s": 10.0,
         "exploration_rate": 0.0,
     }
     values.update(overrides)
@@ -108,7 +111,10 @@ def test_policy_from_settings_and_its_record() -> None:
     assert own.threshold == 0.7 and overridden.threshold == 0.4
     record = own.record(over_budget=True)
     assert (record.threshold, record.max_offload_ratio, record.window_s, record.exploration_rate) == (
-        0.7, 0.6, 30, 0.02
+        0.7,
+        0.6,
+        30,
+        0.02,
     )
     assert record.over_budget and record.max_offload_fps is None
 

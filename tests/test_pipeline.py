@@ -55,7 +55,6 @@ def switcher_with_median_threshold(settings: Settings, frames: list[Frame], sour
     save_switcher(settings.edge.switcher_registry, switcher, metadata.model_copy(update={"threshold": threshold}))
 
 
-
 def test_every_frame_gets_one_final_verdict(stack_state, tmp_path: Path, tiny_models, clip_path) -> None:
     registry = tmp_path / "switchers"
     settings = pipeline_settings(stack_state, tmp_path, tiny_models, clip_path, registry)
@@ -65,15 +64,20 @@ def test_every_frame_gets_one_final_verdict(stack_state, tmp_path: Path, tiny_mo
         count = published["cam-e2e"]
         frames = await consume_until(settings, settings.kafka.topics.frames, Frame, lambda m: len(m) >= count)
         switcher_with_median_threshold(settings, frames, tiny_models.switcher_registry)
-        async with running(EdgeWorker(settings, load_edge_model(settings))), running(
-            CloudWorker(settings, load_cloud_model(settings))
+        async with (
+            running(EdgeWorker(settings, load_edge_model(settings))),
+            running(CloudWorker(settings, load_cloud_model(settings))),
         ):
             verdicts = await consume_until(
-                settings, settings.kafka.topics.verdicts, Verdict,
+                settings,
+                settings.kafka.topics.verdicts,
+                Verdict,
                 lambda m: len({v.frame_id for v in m if v.final}) >= count,
             )
         requests = await consume_until(
-            settings, settings.kafka.topics.cloud_requests, CloudRequest,
+            settings,
+            settings.kafka.topics.cloud_requests,
+            CloudRequest,
             lambda m: len(m) >= sum(not v.final for v in verdicts),
         )
         return frames, verdicts, requests
@@ -102,8 +106,14 @@ def test_malformed_frames_are_dead_lettered_and_the_worker_goes_on(
     settings = pipeline_settings(stack_state, tmp_path, tiny_models, clip_path, tiny_models.switcher_registry)
     topic = settings.kafka.topics.frames
     good = Frame(
-        frame_id="cam-x-1-0", camera_id="cam-x", room="1", seq=0, captured_at="2026-11-25T12:00:00Z",
-        width=64, height=48, jpeg=_jpeg(),
+        frame_id="cam-x-1-0",
+        camera_id="cam-x",
+        room="1",
+        seq=0,
+        captured_at="2026-11-25T12:00:00Z",
+        width=64,
+        height=48,
+        jpeg=_jpeg(),
     )
     corrupt = good.model_copy(update={"frame_id": "cam-x-2-1", "seq": 1, "jpeg": b"\xff\xd8 truncated"})
     oversized = good.model_copy(update={"frame_id": "cam-x-3-2", "seq": 2, "jpeg": b"\xff" * 5_000_000})
@@ -115,8 +125,9 @@ def test_malformed_frames_are_dead_lettered_and_the_worker_goes_on(
         for value in (b"not json at all", encode(corrupt), encode(oversized), encode(good)[:-9], encode(after)):
             await producer.send_and_wait(topic, key=b"cam-x", value=value)
         await producer.stop()
-        async with running(EdgeWorker(settings, load_edge_model(settings))), running(
-            CloudWorker(settings, load_cloud_model(settings))
+        async with (
+            running(EdgeWorker(settings, load_edge_model(settings))),
+            running(CloudWorker(settings, load_cloud_model(settings))),
         ):
             verdicts = await consume_until(
                 settings, settings.kafka.topics.verdicts, Verdict, lambda m: any(v.final for v in m)
@@ -164,11 +175,14 @@ def test_falls_in_the_verdicts_raise_one_alert(stack_state, tmp_path: Path, tiny
 
     async def scenario() -> tuple[int, list[Verdict], list[FallEvent]]:
         published = (await run_producers(settings, asyncio.Event()))["cam-e2e"]
-        async with running(EdgeWorker(settings, load_edge_model(settings))), running(
-            CloudWorker(settings, load_cloud_model(settings))
+        async with (
+            running(EdgeWorker(settings, load_edge_model(settings))),
+            running(CloudWorker(settings, load_cloud_model(settings))),
         ):
             verdicts = await consume_until(
-                settings, settings.kafka.topics.verdicts, Verdict,
+                settings,
+                settings.kafka.topics.verdicts,
+                Verdict,
                 lambda m: len({v.frame_id for v in m if v.final}) >= published,
             )
         events = await consume_until(settings, settings.kafka.topics.fall_events, FallEvent, lambda m: len(m) >= 1)

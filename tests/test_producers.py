@@ -32,7 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 def fallwatch(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fallwatch", "--config", str(config), *args],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
 
 
@@ -67,10 +70,14 @@ def test_config_mistakes_give_one_line_each_without_credentials(tmp_path: Path) 
 
 
 def test_missing_video_files_are_reported_at_start_up(tmp_path: Path) -> None:
-    settings = Settings(producers={"cameras": [
-        {"id": "a", "room": "1", "url": str(tmp_path / "nope.mp4")},
-        {"id": "b", "room": "2", "url": "http://127.0.0.1:1/x", "enabled": False},
-    ]})
+    settings = Settings(
+        producers={
+            "cameras": [
+                {"id": "a", "room": "1", "url": str(tmp_path / "nope.mp4")},
+                {"id": "b", "room": "2", "url": "http://127.0.0.1:1/x", "enabled": False},
+            ]
+        }
+    )
     with pytest.raises(ConfigError) as caught:
         check_cameras(settings.producers)
     assert str(caught.value).splitlines() == [
@@ -149,11 +156,17 @@ def test_motion_gating_static_video_yields_only_heartbeats_and_resize(
 ) -> None:
     still = static_video(tmp_path / "still.mp4", seconds=10)
     gate = {"heartbeat_s": 2.0}
-    settings = settings_for(stack_state, tmp_path, producers={"cameras": [
-        file_camera("still", still, fps=5, motion=gate),
-        file_camera("moving", clip_path, fps=5, motion=gate),
-        file_camera("ungated", clip_path, fps=5, motion={"enabled": False}, resize=(160, 120)),
-    ]})
+    settings = settings_for(
+        stack_state,
+        tmp_path,
+        producers={
+            "cameras": [
+                file_camera("still", still, fps=5, motion=gate),
+                file_camera("moving", clip_path, fps=5, motion=gate),
+                file_camera("ungated", clip_path, fps=5, motion={"enabled": False}, resize=(160, 120)),
+            ]
+        },
+    )
 
     async def scenario() -> tuple[dict[str, int], list[Frame]]:
         published = await run_producers(settings, asyncio.Event())

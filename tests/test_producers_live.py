@@ -56,9 +56,29 @@ def mjpeg_server(clip: Path, tmp_path: Path) -> StreamServer:
     """ffmpeg serving the clip, looped and paced in real time, as multipart MJPEG over HTTP (one client)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/cam.mjpg"
-    argv = ["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip), "-an",
-            "-vf", f"scale=320:240,fps={STREAM_FPS}", "-c:v", "mjpeg", "-q:v", "6",
-            "-f", "mpjpeg", "-listen", "1", url]
+    argv = [
+        "ffmpeg",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-re",
+        "-stream_loop",
+        "-1",
+        "-i",
+        str(clip),
+        "-an",
+        "-vf",
+        f"scale=320:240,fps={STREAM_FPS}",
+        "-c:v",
+        "mjpeg",
+        "-q:v",
+        "6",
+        "-f",
+        "mpjpeg",
+        "-listen",
+        "1",
+        url,
+    ]
     return StreamServer(argv, url, tmp_path / f"mjpeg-{port}.log")
 
 
@@ -66,10 +86,31 @@ def rtsp_server(clip: Path, tmp_path: Path) -> StreamServer:
     """GStreamer's RTSP server; the clip is first made H.264 (ffmpeg) and a few loops long."""
     video = tmp_path / "rtsp.mp4"
     subprocess.run(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "4", "-i", str(clip), "-an",
-         "-vf", f"scale=320:240,fps={STREAM_FPS}", "-c:v", "libx264", "-preset", "ultrafast", "-g", "15",
-         "-pix_fmt", "yuv420p", str(video)],
-        check=True, timeout=120,
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-stream_loop",
+            "4",
+            "-i",
+            str(clip),
+            "-an",
+            "-vf",
+            f"scale=320:240,fps={STREAM_FPS}",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "15",
+            "-pix_fmt",
+            "yuv420p",
+            str(video),
+        ],
+        check=True,
+        timeout=120,
     )
     port = free_port()
     argv = [SYSTEM_PYTHON, str(REPO / "tests" / "rtsp_server.py"), str(port), str(video)]
@@ -85,12 +126,18 @@ def servers() -> Iterator[list[StreamServer]]:
 
 
 def live_camera(camera_id: str, url: str, fps: float = 4.0, **fields: object) -> dict:
-    return CameraSettings(id=camera_id, room=f"room-{camera_id}", url=url, fps=fps,
-                          motion={"enabled": False}, **fields).model_dump()
+    return CameraSettings(
+        id=camera_id, room=f"room-{camera_id}", url=url, fps=fps, motion={"enabled": False}, **fields
+    ).model_dump()
 
 
-FAST_RECOVERY = {"stall_timeout_s": 2.0, "open_timeout_s": 2.0, "reconnect_initial_s": 0.2,
-                 "reconnect_max_s": 1.0, "status_interval_s": 0.3}
+FAST_RECOVERY = {
+    "stall_timeout_s": 2.0,
+    "open_timeout_s": 2.0,
+    "reconnect_initial_s": 0.2,
+    "reconnect_max_s": 1.0,
+    "status_interval_s": 0.3,
+}
 
 
 class FrameWatcher:
@@ -111,7 +158,6 @@ class FrameWatcher:
                 pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
             batches = await self.consumer.getmany(timeout_ms=200)
             self.frames.extend(decode(Frame, r.value) for batch in batches.values() for r in batch)
-
 
     async def read_to_end(self) -> None:
         """Everything written so far (the producer has stopped; the topic is this test's alone)."""
@@ -152,11 +198,16 @@ def test_mjpeg_and_rtsp_streams_arrive_at_the_target_fps_in_order(
     for server in servers:
         server.start()
     metrics_port = free_port()
-    settings = settings_for(stack_state, tmp_path, producers={
-        **FAST_RECOVERY, "metrics_port": metrics_port,
-        "status_key_prefix": f"test:{tmp_path.name}",
-        "cameras": [live_camera("mjpeg", mjpeg.url), live_camera("rtsp", rtsp.url, fps=3.0)],
-    })
+    settings = settings_for(
+        stack_state,
+        tmp_path,
+        producers={
+            **FAST_RECOVERY,
+            "metrics_port": metrics_port,
+            "status_key_prefix": f"test:{tmp_path.name}",
+            "cameras": [live_camera("mjpeg", mjpeg.url), live_camera("rtsp", rtsp.url, fps=3.0)],
+        },
+    )
 
     async def scenario() -> tuple[FrameWatcher, str, list[dict]]:
         stop = asyncio.Event()
@@ -173,8 +224,13 @@ def test_mjpeg_and_rtsp_streams_arrive_at_the_target_fps_in_order(
             await status_until(settings, "rtsp", lambda s: s["published"] >= 19, "publishing")
             env = write_config(settings, tmp_path / "config.yaml")
             cli = await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-m", "fallwatch", "cameras", "status", "--json"],
-                env=env, capture_output=True, text=True, timeout=120, cwd=REPO,
+                subprocess.run,
+                [sys.executable, "-m", "fallwatch", "cameras", "status", "--json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=REPO,
             )
             assert cli.returncode == 0, cli.stderr
             rows = [json.loads(line) for line in cli.stdout.splitlines()]
@@ -209,14 +265,19 @@ def test_a_dropped_or_stalled_stream_reconnects_and_other_cameras_go_on(
     servers.append(flaky)
     flaky.start()
     never_url = f"http://viewer:secret@127.0.0.1:{free_port()}/cam.mjpg"  # nothing listens there
-    settings = settings_for(stack_state, tmp_path, producers={
-        **FAST_RECOVERY, "status_key_prefix": f"test:{tmp_path.name}",
-        "cameras": [
-            live_camera("flaky", flaky.url),
-            live_camera("steady", str(clip_path), loop=True, realtime=True),
-            live_camera("never", never_url),
-        ],
-    })
+    settings = settings_for(
+        stack_state,
+        tmp_path,
+        producers={
+            **FAST_RECOVERY,
+            "status_key_prefix": f"test:{tmp_path.name}",
+            "cameras": [
+                live_camera("flaky", flaky.url),
+                live_camera("steady", str(clip_path), loop=True, realtime=True),
+                live_camera("never", never_url),
+            ],
+        },
+    )
 
     async def scenario() -> tuple[FrameWatcher, dict, dict, float, dict[str, int]]:
         stop = asyncio.Event()
@@ -262,16 +323,22 @@ def test_broker_restart_mid_stream_loses_no_acked_frame(
     live = mjpeg_server(clip_path, tmp_path)
     servers.append(live)
     live.start()
-    settings = Settings(state_dir=tmp_path / "state", producers={
-        **FAST_RECOVERY, "status_key_prefix": f"test:{tmp_path.name}",
-        "cameras": [live_camera("live", live.url), live_camera("file", str(clip_path), loop=True, realtime=True)],
-    })
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        producers={
+            **FAST_RECOVERY,
+            "status_key_prefix": f"test:{tmp_path.name}",
+            "cameras": [live_camera("live", live.url), live_camera("file", str(clip_path), loop=True, realtime=True)],
+        },
+    )
     state = stack.up(topic_specs(settings))
     try:
-        settings = settings.model_copy(update={
-            "kafka": settings.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers}),
-            "redis": settings.redis.model_copy(update={"url": state.redis_url}),
-        })
+        settings = settings.model_copy(
+            update={
+                "kafka": settings.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers}),
+                "redis": settings.redis.model_copy(update={"url": state.redis_url}),
+            }
+        )
         published, frames, stopped_at, restarted_at = asyncio.run(restart_scenario(settings, stack, state))
     finally:
         stack.down()
@@ -296,13 +363,18 @@ async def restart_scenario(
         assert not pid_alive(state.kafka.pid)
         before = await status_until(settings, "live", lambda s: True, "reporting")
         # the cameras keep capturing while the broker is away
-        await status_until(settings, "live", lambda s: s["frames_in"] >= before["frames_in"] + 2 * STREAM_FPS,
-                           "capturing during the outage")
+        await status_until(
+            settings,
+            "live",
+            lambda s: s["frames_in"] >= before["frames_in"] + 2 * STREAM_FPS,
+            "capturing during the outage",
+        )
         await asyncio.to_thread(stack.start_kafka_again)
         restarted_at = datetime.now(UTC)
         await watcher.until(
             lambda: all(len(watcher.of(c, after=restarted_at)) >= 5 for c in ("live", "file")),
-            "frames after the restart", timeout_s=120,
+            "frames after the restart",
+            timeout_s=120,
         )
         stop.set()
         published = await producing

@@ -28,7 +28,6 @@ QUICK_CLOUD = CloudTrainingConfig(max_epochs=30, patience=5)
 PER_SPLIT = 16
 
 
-
 def image(name: str) -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(FALLS_FALLACTION / "images" / name)), cv2.COLOR_BGR2RGB)
 
@@ -36,14 +35,22 @@ def image(name: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("reference")
-    train_reference_pair(FALLS_FALLACTION, output, Settings().edge.question, seed=7, limit_per_split=PER_SPLIT,
-                         edge_config=TINY_EDGE, cloud_config=QUICK_CLOUD)
+    train_reference_pair(
+        FALLS_FALLACTION,
+        output,
+        Settings().edge.question,
+        seed=7,
+        limit_per_split=PER_SPLIT,
+        edge_config=TINY_EDGE,
+        cloud_config=QUICK_CLOUD,
+    )
     return output
 
 
 def test_the_pair_loads_through_the_normal_loading_path(reference_pair: Path) -> None:
-    settings = Settings(edge={"model": str(reference_pair / "edge-vilt")},
-                        cloud={"model": str(reference_pair / "cloud-pose")})
+    settings = Settings(
+        edge={"model": str(reference_pair / "edge-vilt")}, cloud={"model": str(reference_pair / "cloud-pose")}
+    )
     edge = load_edge_model(settings)
     cloud = load_cloud_model(settings)
     assert isinstance(edge, ViltEdgeModel) and edge.hidden_size == 2 * TINY_EDGE.hidden_size
@@ -70,8 +77,15 @@ def test_the_test_split_is_never_read() -> None:
 
 def test_same_seed_same_pair(reference_pair: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
-    train_reference_pair(FALLS_FALLACTION, again, Settings().edge.question, seed=7, limit_per_split=PER_SPLIT,
-                         edge_config=TINY_EDGE, cloud_config=QUICK_CLOUD)
+    train_reference_pair(
+        FALLS_FALLACTION,
+        again,
+        Settings().edge.question,
+        seed=7,
+        limit_per_split=PER_SPLIT,
+        edge_config=TINY_EDGE,
+        cloud_config=QUICK_CLOUD,
+    )
     for model in ("edge-vilt", "cloud-pose"):
         first = load_file(str(reference_pair / model / "model.safetensors"))
         second = load_file(str(again / model / "model.safetensors"))
@@ -121,7 +135,13 @@ def test_retraining_removes_the_switchers_and_dmd_data_of_the_previous_pair(tmp_
     output = tmp_path / "pair"
     for stale in ("switchers/20260101T000000Z", "dmd/dataset"):
         (output / stale).mkdir(parents=True)
-    train_reference_pair(FALLS_FALLACTION, output, Settings().edge.question, limit_per_split=4,
-                         edge_config=TINY_EDGE, cloud_config=QUICK_CLOUD)
+    train_reference_pair(
+        FALLS_FALLACTION,
+        output,
+        Settings().edge.question,
+        limit_per_split=4,
+        edge_config=TINY_EDGE,
+        cloud_config=QUICK_CLOUD,
+    )
     assert not (output / "switchers").exists() and not (output / "dmd").exists()
     assert (output / "edge-vilt" / "config.json").is_file() and (output / "cloud-pose" / "config.json").is_file()

@@ -24,24 +24,53 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 def sample_messages() -> list[Message]:
     frame = Frame(
-        frame_id=Frame.make_id("cam-1", NOW, 7), camera_id="cam-1", room="101", seq=7,
-        captured_at=NOW, width=640, height=480, jpeg=b"\xff\xd8\xff\xe0 not really a jpeg \x00\x01",
+        frame_id=Frame.make_id("cam-1", NOW, 7),
+        camera_id="cam-1",
+        room="101",
+        seq=7,
+        captured_at=NOW,
+        width=640,
+        height=480,
+        jpeg=b"\xff\xd8\xff\xe0 not really a jpeg \x00\x01",
     )
     request = CloudRequest(
-        frame_id=frame.frame_id, camera_id="cam-1", room="101", captured_at=NOW,
+        frame_id=frame.frame_id,
+        camera_id="cam-1",
+        room="101",
+        captured_at=NOW,
         frame_position=KafkaPosition(topic="frames", partition=2, offset=41),
-        clip_keys=["fallwatch:frame:a", "fallwatch:frame:b"], clip_frame_ids=["a", "b"],
+        clip_keys=["fallwatch:frame:a", "fallwatch:frame:b"],
+        clip_frame_ids=["a", "b"],
         edge=EdgeOutput(fall_probability=0.4, decision=False, model="vilt"),
-        switcher_score=0.2, switcher_version="v1", reason="switcher", deadline=NOW + timedelta(seconds=10),
+        switcher_score=0.2,
+        switcher_version="v1",
+        reason="switcher",
+        deadline=NOW + timedelta(seconds=10),
     )
     verdict = Verdict(
-        frame_id=frame.frame_id, camera_id="cam-1", room="101", captured_at=NOW, source="cloud", final=True,
-        fall_probability=0.9, decision=True, switcher_score=0.2, edge_model="vilt", cloud_model="llava",
+        frame_id=frame.frame_id,
+        camera_id="cam-1",
+        room="101",
+        captured_at=NOW,
+        source="cloud",
+        final=True,
+        fall_probability=0.9,
+        decision=True,
+        switcher_score=0.2,
+        edge_model="vilt",
+        cloud_model="llava",
         timings_ms={"cloud_model": 812.5},
     )
     event = FallEvent(
-        alert_id="a1", camera_id="cam-1", room="101", state="open", opened_at=NOW, first_fall_at=NOW,
-        confidence=0.8, evidence_frame_ids=[frame.frame_id], rule="3 of 5",
+        alert_id="a1",
+        camera_id="cam-1",
+        room="101",
+        state="open",
+        opened_at=NOW,
+        first_fall_at=NOW,
+        confidence=0.8,
+        evidence_frame_ids=[frame.frame_id],
+        rule="3 of 5",
     )
     dead = DeadLetter(service="edge_workers", reason="bad", source_topic="frames", raw=b"\x00garbage")
     return [frame, request, verdict, event, dead]
