@@ -40,7 +40,7 @@ from alerting.delivery import Delivery
 from alerting.metrics import AlertingMetrics
 from alerting.rules import CameraState
 from alerting.store import AlertStore
-from core.kafka_io import dead_letter_for
+from core.kafka_io import GroupLag, dead_letter_for
 from core.logs import configure_logging
 from core.settings import Settings
 from schemas import FallEvent, SchemaError, Verdict, decode, encode, utc_now
@@ -49,14 +49,16 @@ log = logging.getLogger(__name__)
 
 SERVICE = "alerting"
 CAMERA_TABLE = "camera-state"
+# how often the group's consumer lag is measured (an admin round trip per topic)
+LAG_INTERVAL_S = 5.0
 
 
 def faust_broker(bootstrap_servers: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap_servers.split(",")]
 
 
-def make_app(settings: Settings) -> faust.App:
-    """The alerting faust app for these settings (not started)."""
+def make_app(settings: Settings, metrics: AlertingMetrics) -> faust.App:
+    """The alerting faust app for these settings (not started), counting into `metrics`."""
     alerting = settings.alerting
     topics = settings.kafka.topics
     datadir = settings.state_dir / f"{alerting.app_id}-data"
@@ -85,7 +87,6 @@ def make_app(settings: Settings) -> faust.App:
         # values are CameraState.model_dump(mode="json") dicts; no value_type, because faust's
         # changelog recovery calls value_type.from_data(), which only faust Records have
     )
-    metrics = AlertingMetrics()
     delivery = Delivery(settings, AlertStore(settings.redis.url, alerting.stream_maxlen), metrics)
     # what the timer already did, so a tick does not repeat it before the stream catches up
     fallbacks_sent: set[str] = set()
@@ -190,14 +191,18 @@ def make_app(settings: Settings) -> faust.App:
         fallbacks_sent.intersection_update(pending)
         escalated.intersection_update(still_open)
 
-    @app.task
-    async def serve_metrics() -> None:
-        metrics.serve(alerting.metrics_port)
+    group_lag = GroupLag(settings)
+
+    @app.timer(LAG_INTERVAL_S)
+    async def measure_lag() -> None:
+        # the group's committed lag: what alerting still has to read, whichever worker holds the partitions
+        for topic in (topics.verdicts, topics.fall_events):
+            metrics.consumer_lag.labels(topic=topic).set(await group_lag.lag(alerting.app_id, topic))
 
     @app.on_before_shutdown.connect
     async def close_delivery(sender: faust.App, **kwargs: Any) -> None:
         await delivery.close()
-        metrics.close()
+        await group_lag.stop()
 
     return app
 
@@ -205,7 +210,10 @@ def make_app(settings: Settings) -> faust.App:
 def run_alerting(settings: Settings) -> None:
     """Run the alerting worker until SIGINT or SIGTERM (faust's worker handles both)."""
     configure_logging(settings.log_level)
-    app = make_app(settings)
+    metrics = AlertingMetrics()
+    # before faust starts, so a port in use is one line naming the setting
+    metrics.serve(settings.alerting.metrics_port, "alerting.metrics_port")
+    app = make_app(settings, metrics)
     log.info(
         "alerting %s: rule %d of %d within %.0f s, cloud confirms at p>=%.2f, cloud wait %.0f s, "
         "escalation after %.0f s, cooldown %.0f s, on %s and %s",
@@ -234,4 +242,6 @@ def run_alerting(settings: Settings) -> None:
         # faust's worker always ends with SystemExit; a clean stop is an ordinary return
         if exc.code not in (0, None):
             raise
+    finally:
+        metrics.close()
     log.info("alerting stopped")

@@ -40,6 +40,7 @@ from alerting.metrics import DashboardMetrics
 from alerting.store import AlertStore
 from core.kafka_io import make_producer
 from core.logs import configure_logging
+from core.metrics import listening_socket
 from core.settings import ConfigError, Settings
 from schemas import AlertState, FallEvent, Label, LabelVerdict, encode, utc_now
 
@@ -95,11 +96,11 @@ def alerts_by_room(alerts: list[FallEvent]) -> dict[str, list[dict[str, object]]
 
 
 def make_dashboard(settings: Settings) -> FastAPI:
-    token = settings.alerting.dashboard_token
+    token = settings.alerting.dashboard_key()
     if not token:
         raise ConfigError(
             "the dashboard needs a bearer token: set alerting.dashboard_token "
-            "(e.g. FALLWATCH_ALERTING__DASHBOARD_TOKEN)"
+            "(e.g. FALLWATCH_ALERTING__DASHBOARD_TOKEN) or alerting.dashboard_token_file"
         )
     topics = settings.kafka.topics
     store = AlertStore(settings.redis.url, settings.alerting.stream_maxlen)
@@ -232,10 +233,9 @@ def run_dashboard(settings: Settings) -> None:
     # the signal again: with them that is an ordinary return, so a stopped dashboard exits with status 0
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, lambda signum, frame: None)
-    uvicorn.run(
-        app,
-        host=settings.alerting.dashboard_host,
-        port=settings.alerting.dashboard_port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
+    # bound here, so a port in use is one line naming the setting (uvicorn would log it and exit 1)
+    sock = listening_socket(
+        settings.alerting.dashboard_host, settings.alerting.dashboard_port, "alerting.dashboard_port"
     )
+    server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False))
+    server.run(sockets=[sock])

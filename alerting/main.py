@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from core.entry import run_command, settings_with_logging
 
+# the settings sections this service reads besides kafka and redis; the others are not validated
+SECTIONS = ("alerting",)
+
 
 def alerting() -> None:
     """Run the alerting service (faust app on `verdicts`)."""
     from alerting.app import run_alerting
 
-    run_alerting(settings_with_logging())
+    run_alerting(settings_with_logging(SECTIONS))
 
 
 def dashboard() -> None:
     """Run the caregivers' web dashboard (needs alerting.dashboard_token)."""
     from alerting.dashboard import run_dashboard
 
-    run_dashboard(settings_with_logging())
+    run_dashboard(settings_with_logging(SECTIONS))
 
 
 def main(argv: list[str] | None = None) -> None:

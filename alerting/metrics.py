@@ -51,6 +51,12 @@ class AlertingMetrics(ServedMetrics):
         self.dead_letters = Counter(
             "fallwatch_alerting_dead_letters", "records sent to dead-letters", registry=self.registry
         )
+        self.consumer_lag = Gauge(
+            "fallwatch_alerting_consumer_lag",
+            "records of the topic the alerting group has not committed yet",
+            ["topic"],
+            registry=self.registry,
+        )
 
 
 class DashboardMetrics(ServedMetrics):

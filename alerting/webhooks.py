@@ -74,7 +74,7 @@ class WebhookSender:
             headers = {
                 "Content-Type": "application/json",
                 TIMESTAMP_HEADER: timestamp,
-                SIGNATURE_HEADER: sign(self.settings.webhook_secret, timestamp, body),
+                SIGNATURE_HEADER: sign(self.settings.webhook_key(), timestamp, body),
                 EVENT_HEADER: event_name,
                 IDEMPOTENCY_HEADER: alert.alert_id,
             }

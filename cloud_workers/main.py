@@ -5,12 +5,15 @@ from __future__ import annotations
 from core.entry import run_command, settings_with_logging
 from core.runtime import run_until_signalled
 
+# the settings sections this service reads besides kafka and redis; the others are not validated
+SECTIONS = ("cloud",)
+
 
 def cloud() -> None:
     """Run a cloud worker (consumer group on `cloud-requests`)."""
     from cloud_workers.service import run_cloud_worker
 
-    settings = settings_with_logging()
+    settings = settings_with_logging(SECTIONS)
     run_until_signalled(lambda stop: run_cloud_worker(settings, stop))
 
 

@@ -50,6 +50,11 @@ class CloudMetrics(ServedMetrics):
         self.energy_joules = Counter(
             "fallwatch_cloud_energy_joules", "energy measured over model forwards", registry=self.registry
         )
+        self.consumer_lag = Gauge(
+            "fallwatch_cloud_consumer_lag",
+            "requests behind the end of the assigned cloud-requests partitions",
+            registry=self.registry,
+        )
         self.gpu_memory_bytes = Gauge(
             "fallwatch_cloud_gpu_memory_bytes", "peak GPU memory of the last batch", registry=self.registry
         )

@@ -38,7 +38,7 @@ from cloud_workers.loading import load_cloud_model
 from cloud_workers.metrics import CloudMetrics
 from cloud_workers.model import Clip, CloudModel
 from core.images import decode_jpeg_rgb
-from core.kafka_io import commit_held_offsets, decode_batch, make_consumer, make_producer, send
+from core.kafka_io import assigned_lag, commit_held_offsets, decode_batch, make_consumer, make_producer, send
 from core.settings import Settings
 from schemas import CloudRequest, Frame, SchemaError, Verdict, decode, utc_now
 
@@ -119,10 +119,10 @@ class CloudWorker:
         producer = make_producer(self.settings)
         fetcher = FrameFetcher(self.settings)
         redis = Redis.from_url(self.settings.redis.url)
+        self.metrics.serve(self.cloud.metrics_port, "cloud.metrics_port")
         await producer.start()
         await fetcher.start()
         await consumer.start()
-        self.metrics.serve(self.cloud.metrics_port)
         # The batch in the model. The next one is collected and its clips fetched and decoded
         # meanwhile, so the model never waits for Kafka, Redis or JPEG decoding; at most these
         # two batches are in flight.
@@ -145,6 +145,8 @@ class CloudWorker:
                     max_wait_s=self.cloud.batch_wait_ms / 1000,
                     idle_wait_s=self.cloud.poll_idle_ms / 1000,
                 )
+                # what GPU capacity is decided on: requests waiting behind this worker's position
+                self.metrics.consumer_lag.set(await assigned_lag(consumer))
                 if batch is None:
                     continue
                 prepared = await self.prepare(batch, producer, fetcher, redis)

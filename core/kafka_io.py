@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import CommitFailedError
 
-from core.settings import Settings
+from core.settings import ConfigError, Settings
 from schemas import DeadLetter, Message, SchemaError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024
+# new topics: every partition has a leader well within this on a healthy cluster
+TOPICS_LED_TIMEOUT_S = 60.0
 
 
 def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
@@ -33,6 +38,80 @@ def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
     specs: dict[str, dict[str, str]] = {name: {} for name in topics.all()}
     specs[topics.frames] = {"retention.ms": retention_ms}
     return specs
+
+
+@dataclass(frozen=True)
+class TopicReport:
+    """One topic after `create_topics`: created now, or found, and how it differs from the settings."""
+
+    name: str
+    partitions: int
+    configs: dict[str, str]
+    created: bool
+    differences: list[str]
+
+
+async def create_topics(
+    bootstrap_servers: str, topics: dict[str, dict[str, str]], partitions: int, replication_factor: int = 1
+) -> list[TopicReport]:
+    """Create the missing topics (idempotent), each with `partitions` partitions and its configs.
+
+    Topics that exist are left as they are (changing partitions remaps keys to partitions; changing
+    configs is the operator's call): their differences from the settings are reported. Returns once
+    every partition has a leader, so the first clients do not meet NotLeader errors.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, partitions, replication_factor, topic_configs=configs)
+            for name, configs in topics.items()
+            if name not in existing
+        ]
+        if missing:
+            await admin.create_topics(missing)
+        deadline = time.monotonic() + TOPICS_LED_TIMEOUT_S
+        while not all_partitions_led(descriptions := await admin.describe_topics(list(topics))):
+            if time.monotonic() > deadline:
+                raise ConfigError(f"topics {sorted(topics)} have partitions without a leader")
+            await asyncio.sleep(0.1)  # polling the broker's metadata, not waiting blindly
+        counts = {topic["topic"]: len(topic["partitions"]) for topic in descriptions}
+        found = await topic_configs(admin, [name for name in topics if name in existing])
+    finally:
+        await admin.close()
+    reports = []
+    for name, configs in topics.items():
+        differences = []
+        if name in existing:
+            if counts[name] != partitions:
+                differences.append(f"{counts[name]} partitions, configured {partitions}")
+            differences += [
+                f"{key}={found[name].get(key)}, configured {value}"
+                for key, value in configs.items()
+                if found[name].get(key) != value
+            ]
+        reports.append(TopicReport(name, counts[name], configs, name not in existing, differences))
+    return reports
+
+
+async def topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+    """The configs in effect of each topic (its own and the broker's defaults)."""
+    if not names:
+        return {}
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name) for name in names])
+    configs: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for _error, _message, _type, name, entries in response.resources:
+            configs[name] = {entry[0]: entry[1] for entry in entries}
+    return configs
+
+
+def all_partitions_led(descriptions: list[dict]) -> bool:
+    return all(
+        topic["error_code"] == 0 and topic["partitions"] and all(p["leader"] >= 0 for p in topic["partitions"])
+        for topic in descriptions
+    )
 
 
 def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
@@ -138,23 +217,56 @@ async def commit_held_offsets(consumer: AIOKafkaConsumer, offsets: dict[TopicPar
         log.warning("offsets of a batch not committed (%s); its records will be answered again", exc)
 
 
-async def consumer_group_lag(settings: Settings, group_id: str, topic: str) -> int:
-    """Records of `topic` the group has not committed yet (all of them if it never committed)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-    consumer = make_consumer(settings, group_id=None)
-    await admin.start()
-    await consumer.start()
-    try:
-        partitions = await topic_partitions(consumer, topic)
-        end_offsets = await consumer.end_offsets(partitions)
-        committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
+async def assigned_lag(consumer: AIOKafkaConsumer) -> int:
+    """Records behind the end of this consumer's partitions, from what the last fetches reported."""
+    lag = 0
+    for partition in consumer.assignment():
+        highwater = consumer.highwater(partition)
+        if highwater is not None:
+            lag += max(0, highwater - await consumer.position(partition))
+    return lag
+
+
+class GroupLag:
+    """Records of a topic a consumer group has not committed yet, read with clients kept open.
+
+    The lag from the broker's view, as Kafka's own tools report it: what a group (faust's
+    alerting app, any worker) still has to answer, whichever member holds the partitions.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+        self.consumer = make_consumer(settings, group_id=None)
+        self.started = False
+
+    async def stop(self) -> None:
+        if self.started:
+            await self.consumer.stop()
+            await self.admin.close()
+            self.started = False
+
+    async def lag(self, group_id: str, topic: str) -> int:
+        """All of the topic's records if the group never committed; the clients start on the first call."""
+        if not self.started:
+            await self.admin.start()
+            await self.consumer.start()
+            self.started = True
+        partitions = await topic_partitions(self.consumer, topic)
+        end_offsets = await self.consumer.end_offsets(partitions)
+        committed = await self.admin.list_consumer_group_offsets(group_id, partitions=partitions)
         return sum(
             end_offsets[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
             for tp in partitions
         )
+
+
+async def consumer_group_lag(settings: Settings, group_id: str, topic: str) -> int:
+    """Records of `topic` the group has not committed yet (all of them if it never committed)."""
+    reader = GroupLag(settings)
+    try:
+        return await reader.lag(group_id, topic)
     finally:
-        await consumer.stop()
-        await admin.close()
+        await reader.stop()
 
 
 async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

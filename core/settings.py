@@ -5,23 +5,30 @@ Sources, highest priority first:
 2. the YAML file named by `FALLWATCH_CONFIG` (or `fallwatch --config FILE`);
 3. the addresses of the local stack started by `fallwatch stack up` (its `stack.json`);
 4. the defaults below.
+Secrets may also come from files (`*_file` fields: mounted Docker secrets), read when the settings load.
 
-`config/fallwatch.example.yaml` documents every field.
+A service loads only the sections it uses (`load_settings(sections=...)`): a mistake in the
+alerting section must not stop a camera producer. `config/fallwatch.example.yaml` documents every field.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
+import yaml
 from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -47,10 +54,30 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def read_secret_file(file: Path, what: str) -> str:
+    """A secret kept in a file (a mounted Docker secret), without its trailing newline."""
+    try:
+        return file.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{what}_file {file} cannot be read: {exc.strerror}") from None
+
+
+def secret_or_file(value: str, file: Path | None, what: str) -> str:
+    """`value`, or the content of `file` when one is given (never both)."""
+    if file is None:
+        return value
+    if value:
+        raise ValueError(f"give {what} or {what}_file, not both")
+    return read_secret_file(file, what)
+
+
 class KafkaSettings(Section):
     bootstrap_servers: str = "localhost:9092"
     topics: Topics = Topics()
     partitions: int = Field(4, ge=1, description="partitions of each topic created by fallwatch")
+    replication_factor: int = Field(
+        1, ge=1, description="copies of each partition in topics created by fallwatch (3 on a 3-broker cluster)"
+    )
     frames_retention_hours: float = Field(
         24.0, gt=0, description="retention of the `frames` topic: residents' images, keep it short"
     )
@@ -81,6 +108,10 @@ class CameraSettings(Section):
     loop: bool = False
     realtime: bool = Field(True, description="play a video file back at its own speed, like a live camera")
     enabled: bool = True
+    password_file: Path | None = Field(
+        None, description="file holding the password of the url's user (a Docker secret), e.g. rtsp://admin@host/..."
+    )
+    _password: str | None = PrivateAttr(None)
 
     @field_validator("url")
     @classmethod
@@ -91,6 +122,27 @@ class CameraSettings(Section):
         if problem is not None:
             raise ValueError(problem)
         return url
+
+    @model_validator(mode="after")
+    def password_from_file(self) -> CameraSettings:
+        if self.password_file is None:
+            return self
+        parts = urlsplit(self.url)
+        if not parts.username:
+            raise ValueError("password_file needs a user in the url, e.g. rtsp://admin@host/stream")
+        if parts.password is not None:
+            raise ValueError("give the password in the url or in password_file, not both")
+        self._password = read_secret_file(self.password_file, "password")
+        return self
+
+    @property
+    def source_url(self) -> str:
+        """The url to open: with the password from `password_file` when there is one (never log it)."""
+        if self._password is None:
+            return self.url
+        parts = urlsplit(self.url)
+        netloc = f"{parts.username}:{quote(self._password, safe='')}@{parts.netloc.split('@', 1)[1]}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
 
 class ProducerSettings(Section):
@@ -251,6 +303,7 @@ class AlertingSettings(AlertRule):
     webhook_urls: list[str] = Field(default_factory=list, description="POSTed every new alert")
     escalation_webhook_urls: list[str] = Field(default_factory=list, description="POSTed every escalated alert")
     webhook_secret: str = Field("", repr=False, description="HMAC-SHA256 key of the webhook signature")
+    webhook_secret_file: Path | None = Field(None, description="file holding webhook_secret (a Docker secret)")
     webhook_attempts: int = Field(5, ge=1, description="tries per webhook delivery")
     webhook_backoff_s: float = Field(0.5, gt=0, description="first retry delay; doubles on each retry")
     webhook_timeout_s: float = Field(5.0, gt=0)
@@ -260,14 +313,24 @@ class AlertingSettings(AlertRule):
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8088, ge=1, le=65535)
     dashboard_token: str = Field("", repr=False, description="bearer token of the dashboard; required to start it")
+    dashboard_token_file: Path | None = Field(None, description="file holding dashboard_token (a Docker secret)")
 
     @model_validator(mode="after")
     def valid_rooms_and_webhooks(self) -> AlertingSettings:
         for room in self.rooms:
             self.rule_for(room)
-        if (self.webhook_urls or self.escalation_webhook_urls) and not self.webhook_secret:
-            raise ValueError("webhook_secret must be set when webhook urls are configured")
+        self.dashboard_key()
+        if (self.webhook_urls or self.escalation_webhook_urls) and not self.webhook_key():
+            raise ValueError("webhook_secret (or webhook_secret_file) must be set when webhook urls are configured")
         return self
+
+    def webhook_key(self) -> str:
+        """The webhook signing key, from the setting or its file."""
+        return secret_or_file(self.webhook_secret, self.webhook_secret_file, "webhook_secret")
+
+    def dashboard_key(self) -> str:
+        """The dashboard's bearer token, from the setting or its file ("" when neither is set)."""
+        return secret_or_file(self.dashboard_token, self.dashboard_token_file, "dashboard_token")
 
     def rule_for(self, room: str) -> AlertRule:
         """The defaults with the room's overrides applied."""
@@ -345,12 +408,36 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [env_settings]
         config = os.environ.get(CONFIG_ENV)
         if config:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config))
         sources.append(LocalStackSource(settings_cls))
-        return tuple(sources)
+        unused = UNUSED_SECTIONS.get()
+        if unused:
+            sources = [WithoutSections(source, unused) for source in sources]
+        return (init_settings, *sources)
+
+
+# Sections every service reads; the others are read only by the services that name them.
+SHARED_SECTIONS = frozenset({"kafka", "redis"})
+SECTIONS = frozenset(name for name, field in Settings.model_fields.items() if isinstance(field.default, BaseModel))
+UNUSED_SECTIONS: ContextVar[frozenset[str]] = ContextVar("UNUSED_SECTIONS", default=frozenset())
+
+
+class WithoutSections(PydanticBaseSettingsSource):
+    """A settings source with some sections left out: those keep their defaults and are not validated."""
+
+    def __init__(self, source: PydanticBaseSettingsSource, unused: frozenset[str]) -> None:
+        super().__init__(source.settings_cls)
+        self.source = source
+        self.unused = unused
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.source().items() if key not in self.unused}
 
 
 class LocalStackSource(PydanticBaseSettingsSource):
@@ -360,7 +447,7 @@ class LocalStackSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        state_file = Path(os.environ.get(STATE_DIR_ENV, ".fallwatch")) / "stack.json"
+        state_file = local_stack_state_file()
         if not state_file.is_file():
             return {}
         state = json.loads(state_file.read_text())
@@ -370,19 +457,42 @@ class LocalStackSource(PydanticBaseSettingsSource):
         }
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Settings from all sources; a mistake becomes one ConfigError listing each problem."""
+def local_stack_state_file() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV, ".fallwatch")) / "stack.json"
+
+
+def load_settings(sections: Iterable[str] | None = None, **overrides: Any) -> Settings:
+    """Settings from all sources; a mistake becomes one ConfigError listing each problem.
+
+    `sections`: the sections the caller uses (besides kafka and redis); the others keep their
+    defaults and are not validated. None: every section.
+    """
     config = os.environ.get(CONFIG_ENV)
     if config and not Path(config).is_file():
         raise ConfigError(f"config file {config} does not exist")
+    unused = frozenset() if sections is None else SECTIONS - SHARED_SECTIONS - set(sections)
+    token = UNUSED_SECTIONS.set(unused)
     try:
         return Settings(**overrides)
+    except yaml.YAMLError as exc:
+        raise ConfigError(yaml_problem(config or "", exc)) from None
     except ValidationError as exc:
         problems = [f"{'.'.join(str(p) for p in err['loc'])}: {readable(err)}" for err in exc.errors()]
         if len(problems) == 1:
             raise ConfigError(f"invalid settings: {problems[0]}") from None
         # one line per problem: a camera list with several mistakes reads as a list
         raise ConfigError(f"invalid settings ({len(problems)} problems):\n  " + "\n  ".join(problems)) from None
+    finally:
+        UNUSED_SECTIONS.reset(token)
+
+
+def yaml_problem(path: str, error: yaml.YAMLError) -> str:
+    """A YAML syntax error as `config file F line L column C: problem`."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    return f"config file {path}{where}: {problem}" + (f" ({context})" if context else "")
 
 
 def readable(error: Any) -> str:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from core.entry import run_command, settings_with_logging
 from core.runtime import run_until_signalled
 
+# the settings sections this service reads besides kafka and redis; the others are not validated
+SECTIONS = ("edge",)
+
 
 def edge() -> None:
     """Run an edge worker (consumer group on `frames`)."""
     from edge_workers.service import run_edge_worker
 
-    settings = settings_with_logging()
+    settings = settings_with_logging(SECTIONS)
     run_until_signalled(lambda stop: run_edge_worker(settings, stop))
 
 

@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from core.clips import ClipBuffers
 from core.images import decode_jpeg_rgb, keep_freed_image_memory
 from core.kafka_io import (
+    assigned_lag,
     commit_held_offsets,
     decode_batch,
     make_consumer,
@@ -137,7 +138,7 @@ class EdgeWorker:
         commits = CommitQueue(consumer)
         # Before a rebalance takes partitions away, commit what was answered on them.
         consumer.subscribe([self.topics.frames], listener=DrainOnRevoke(commits, self.taken))
-        self.metrics.serve(self.settings.edge.metrics_port)
+        self.metrics.serve(self.settings.edge.metrics_port, "edge.metrics_port")
         await producer.start()
         await consumer.start()
         fetching: asyncio.Task[FetchedBatch] | None = asyncio.create_task(self.fetch_batch(consumer, producer))
@@ -156,7 +157,7 @@ class EdgeWorker:
                     commits.add(AnsweredBatch(acks, batch.offsets))
                 await commits.commit_acked(wait=commits.in_flight() > MAX_BATCHES_IN_FLIGHT)
                 # records taken from the consumer but not yet in a batch are still waiting too
-                self.metrics.consumer_lag.set(await consumer_lag(consumer) + len(self.taken))
+                self.metrics.consumer_lag.set(await assigned_lag(consumer) + len(self.taken))
             await commits.drain()
         finally:
             if fetching is not None:  # an error answering a batch: the next one is not answered either
@@ -359,16 +360,6 @@ class EdgeWorker:
             reason=reason,
             deadline=utc_now() + timedelta(seconds=self.settings.edge.cloud_deadline_s),
         )
-
-
-async def consumer_lag(consumer: AIOKafkaConsumer) -> int:
-    """Records behind the end of this consumer's partitions, from what the last fetches reported."""
-    lag = 0
-    for partition in consumer.assignment():
-        highwater = consumer.highwater(partition)
-        if highwater is not None:
-            lag += max(0, highwater - await consumer.position(partition))
-    return lag
 
 
 @dataclass(frozen=True)

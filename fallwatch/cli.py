@@ -1,13 +1,15 @@
-"""The `fallwatch` command line: one subcommand per service, the local stack, models, the demo.
+"""The `fallwatch` command line: one subcommand per service, the local stack, topics, settings, models, the demo.
 
 Every service also runs as `python -m <package>`, which is the same command (`<package>.main`).
-A user mistake (bad config, missing file, unreachable stack) prints one line
-and exits with status 2; tracebacks are for bugs.
+Every command takes `-h` and `--config FILE`, before or after the subcommand. A user mistake
+(bad config, missing file, unreachable broker) prints one line and exits with status 2;
+tracebacks are for bugs.
 """
 
 from __future__ import annotations
 
-import os
+import asyncio
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,27 +17,32 @@ import typer
 
 from alerting.main import alerting, dashboard
 from cloud_workers.main import cloud
-from core.entry import run_app, settings_with_logging
+from core.entry import ConfigOption, VersionOption, run_app, settings_with_logging
 from core.logs import configure_logging
-from core.settings import CONFIG_ENV, ConfigError, Settings
+from core.settings import Settings
 from dmd_offline.cli import dmd_app
 from edge_workers.main import edge
 from fallwatch.benchmarks.alerting import bench_alerting
 from fallwatch.benchmarks.cloud_command import bench_cloud
 from fallwatch.benchmarks.edge_command import bench_edge
 from fallwatch.benchmarks.producer_command import bench_producer
+from fallwatch.configuration import config_app
+from fallwatch.health import health
 from producers.cli import cameras_app
 from producers.main import producer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="The local Kafka + Redis stack.")
 models_app = typer.Typer(no_args_is_help=True, help="Model checkpoints and switchers.")
+topics_app = typer.Typer(no_args_is_help=True, help="The Kafka topics of fallwatch.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: a table, against a baseline measured in the same run.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
 app.add_typer(dmd_app, name="dmd")
 app.add_typer(cameras_app, name="cameras")
+app.add_typer(config_app, name="config")
+app.add_typer(topics_app, name="topics")
 bench_app.command("alerting")(bench_alerting)
 bench_app.command("cloud")(bench_cloud)
 bench_app.command("edge")(bench_edge)
@@ -43,14 +50,8 @@ bench_app.command("producer")(bench_producer)
 
 
 @app.callback()
-def root(
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="YAML settings file (also FALLWATCH_CONFIG)")
-    ] = None,
-) -> None:
-    if config is not None:
-        # an environment variable, so services started as subprocesses read the same file
-        os.environ[CONFIG_ENV] = str(config)
+def root(config: ConfigOption = None, version: VersionOption = False) -> None:
+    """The options before the subcommand (each subcommand takes --config too)."""
 
 
 # --- local stack ------------------------------------------------------------------------------
@@ -94,12 +95,34 @@ def stack_status() -> None:
         raise typer.Exit(1)
 
 
+# --- topics -----------------------------------------------------------------------------------
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create every topic on the configured brokers: kafka.partitions each, frames kept frames_retention_hours.
+
+    Topics that exist are left alone; where one differs from the settings, it says how.
+    """
+    from core.kafka_io import create_topics, topic_specs
+
+    settings = settings_with_logging(())
+    kafka = settings.kafka
+    reports = asyncio.run(
+        create_topics(kafka.bootstrap_servers, topic_specs(settings), kafka.partitions, kafka.replication_factor)
+    )
+    for report in reports:
+        configs = " ".join(f"{key}={value}" for key, value in report.configs.items())
+        state = "created" if report.created else "exists"
+        differs = f"; DIFFERS: {', '.join(report.differences)}" if report.differences else ""
+        typer.echo(f"{report.name}: {state}, {report.partitions} partitions {configs}{differs}".rstrip())
+
+
 # --- services: the same commands as `python -m <package>` -------------------------------------
 app.command("producer")(producer)
 app.command("edge")(edge)
 app.command("cloud")(cloud)
 app.command("alerting")(alerting)
 app.command("dashboard")(dashboard)
+app.command("health")(health)
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -139,6 +162,12 @@ def models_train_reference(
 
 
 # --- demo -------------------------------------------------------------------------------------
+class DemoModels(StrEnum):
+    auto = "auto"
+    reference = "reference"
+    tiny = "tiny"
+
+
 @app.command("demo")
 def demo(
     clips: Annotated[Path, typer.Option(help="a folder of video files, one camera each")] = Path(
@@ -146,16 +175,14 @@ def demo(
     ),
     fps: Annotated[float, typer.Option(help="sampling rate per camera")] = 2.0,
     models: Annotated[
-        str, typer.Option(help="auto: the trained reference pair when there is one, else tiny; reference; tiny")
-    ] = "auto",
+        DemoModels, typer.Option(help="auto: the trained reference pair when there is one, else tiny")
+    ] = DemoModels.auto,
 ) -> None:
     """Stream a folder of videos as cameras through every service on the local stack."""
     from fallwatch.demo import run_demo
 
-    if models not in ("auto", "reference", "tiny"):
-        raise ConfigError(f"--models must be auto, reference or tiny, not {models!r}")
     configure_logging("WARNING")
-    run_demo(clips, fps, models)  # type: ignore[arg-type]
+    run_demo(clips, fps, models.value)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,9 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-from core.kafka_io import topic_specs
+from core.kafka_io import create_topics, topic_specs
 from core.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -325,38 +323,6 @@ def kafka_properties(port: int, controller_port: int, data: Path) -> str:
             "message.max.bytes=10485760",
             "",
         ]
-    )
-
-
-async def create_topics(bootstrap_servers: str, topics: dict[str, dict[str, str]], partitions: int) -> None:
-    """Create missing topics (idempotent), each with `partitions` partitions and its configs.
-
-    Returns once every partition has a leader, so the first clients do not meet NotLeader errors.
-    """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=30000)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [
-            NewTopic(name, partitions, 1, topic_configs=configs)
-            for name, configs in topics.items()
-            if name not in existing
-        ]
-        if missing:
-            await admin.create_topics(missing)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not all_partitions_led(await admin.describe_topics(list(topics))):
-            if time.monotonic() > deadline:
-                raise StackError(f"topics {sorted(topics)} have partitions without a leader")
-            await asyncio.sleep(0.1)  # polling the broker's metadata, not waiting blindly
-    finally:
-        await admin.close()
-
-
-def all_partitions_led(descriptions: list[dict]) -> bool:
-    return all(
-        topic["error_code"] == 0 and topic["partitions"] and all(p["leader"] >= 0 for p in topic["partitions"])
-        for topic in descriptions
     )
 
 

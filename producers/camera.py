@@ -144,7 +144,7 @@ class CameraCapture:
 
     def stream_once(self) -> int:
         """One connection: frames until the source ends, stalls or fails; returns how many were sampled."""
-        capture = open_capture(self.camera.url, self.settings.open_timeout_s, self.settings.stall_timeout_s)
+        capture = open_capture(self.camera.source_url, self.settings.open_timeout_s, self.settings.stall_timeout_s)
         self.stats.last_error = None
         self.stats.state = "streaming"
         self.gate.reset()

@@ -55,9 +55,10 @@ def cameras_status(
     from rich.table import Table
 
     from core.settings import load_settings
+    from producers.main import SECTIONS
     from producers.status import read_statuses, status_rows
 
-    settings = load_settings()
+    settings = load_settings(SECTIONS)
     rows = status_rows(settings, asyncio.run(read_statuses(settings)))
     if as_json:
         for row in rows:

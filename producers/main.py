@@ -11,6 +11,9 @@ from core.entry import run_command, settings_with_logging
 from core.runtime import run_until_signalled
 from core.settings import CameraSettings, ConfigError
 
+# the settings sections this service reads besides kafka and redis; the others are not validated
+SECTIONS = ("producers",)
+
 
 def producer(
     video: Annotated[
@@ -21,7 +24,7 @@ def producer(
     """Stream the configured cameras (and any --video files) to the `frames` topic."""
     from producers.service import run_producers
 
-    settings = settings_with_logging()
+    settings = settings_with_logging(SECTIONS)
     if video:
         settings.producers.cameras.extend(video_cameras(video, fps))
     if not settings.producers.cameras:

@@ -58,5 +58,5 @@ def serve_metrics(
     """The cameras' metrics, served on `settings.metrics_port` (None or 0: off); the caller closes them."""
     metrics = ServedMetrics()
     metrics.registry.register(ProducerCollector(cameras, stats))
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, "producers.metrics_port")
     return metrics

@@ -25,10 +25,10 @@ import yaml
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from core.kafka_io import make_consumer, topic_specs
+from core.kafka_io import create_topics, make_consumer, topic_specs
 from core.settings import CONFIG_ENV, Settings
 from fallwatch.devkit.models import ModelPaths, build_tiny_models
-from fallwatch.stack import LocalStack, StackState, create_topics
+from fallwatch.stack import LocalStack, StackState
 from schemas import Message, Topics, decode
 
 M = TypeVar("M", bound=Message)

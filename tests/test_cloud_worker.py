@@ -452,7 +452,10 @@ def test_bench_cloud_rejects_a_bad_option_in_one_line(capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "cloud", "--model", "gpt"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: --model must be one of tiny, configured, random-7b, not 'gpt'"
+    assert capsys.readouterr().err.strip() == (
+        "error: Invalid value for '--model': 'gpt' is not one of 'tiny', 'configured', 'random-7b'. "
+        "(see fallwatch bench cloud --help)"
+    )
 
 
 def test_cloud_torch_threads_sets_the_cpu_threads(stack_state, tmp_path: Path, tiny_models, cloud_model) -> None:

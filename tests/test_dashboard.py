@@ -234,5 +234,5 @@ def test_the_dashboard_refuses_to_start_without_a_token() -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: the dashboard needs a bearer token: set alerting.dashboard_token "
-        "(e.g. FALLWATCH_ALERTING__DASHBOARD_TOKEN)"
+        "(e.g. FALLWATCH_ALERTING__DASHBOARD_TOKEN) or alerting.dashboard_token_file"
     ]

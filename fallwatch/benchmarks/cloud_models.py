@@ -1,6 +1,9 @@
 """The models `fallwatch bench cloud` measures: shared by the command and the benchmark it runs."""
 
-from typing import Literal, get_args
+from enum import StrEnum
 
-ModelKind = Literal["tiny", "configured", "random-7b"]
-MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
+
+class ModelKind(StrEnum):
+    tiny = "tiny"
+    configured = "configured"  # cloud.model
+    random_7b = "random-7b"  # LLaVA-NeXT-Video-7B's architecture, random weights (a GPU)
