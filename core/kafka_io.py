@@ -235,25 +235,29 @@ class GroupLag:
     """
 
     def __init__(self, settings: Settings) -> None:
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-        self.consumer = make_consumer(settings, group_id=None)
-        self.started = False
+        self.settings = settings
+        self.clients: tuple[AIOKafkaAdminClient, AIOKafkaConsumer] | None = None
 
     async def stop(self) -> None:
-        if self.started:
-            await self.consumer.stop()
-            await self.admin.close()
-            self.started = False
+        if self.clients is not None:
+            admin, consumer = self.clients
+            self.clients = None
+            await consumer.stop()
+            await admin.close()
 
     async def lag(self, group_id: str, topic: str) -> int:
         """All of the topic's records if the group never committed; the clients start on the first call."""
-        if not self.started:
-            await self.admin.start()
-            await self.consumer.start()
-            self.started = True
-        partitions = await topic_partitions(self.consumer, topic)
-        end_offsets = await self.consumer.end_offsets(partitions)
-        committed = await self.admin.list_consumer_group_offsets(group_id, partitions=partitions)
+        if self.clients is None:
+            # made here, inside the event loop (aiokafka's clients must be)
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka.bootstrap_servers)
+            consumer = make_consumer(self.settings, group_id=None)
+            await admin.start()
+            await consumer.start()
+            self.clients = admin, consumer
+        admin, consumer = self.clients
+        partitions = await topic_partitions(consumer, topic)
+        end_offsets = await consumer.end_offsets(partitions)
+        committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
         return sum(
             end_offsets[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
             for tp in partitions

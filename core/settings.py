@@ -219,8 +219,21 @@ class EdgeSettings(Section):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0 or null: off)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads of the edge model (null: torch's choice)")
     decode_threads: int = Field(2, ge=1, description="threads decoding the JPEGs of a batch")
-    quantize_int8: bool = Field(False, description="dynamic int8 Linear layers on CPU (faster, answers within 0.02)")
-    bf16_autocast: bool = Field(False, description="matmuls in bf16: faster on CPUs with bf16 units, else slower")
+    quantize_int8: bool | Literal["auto"] = Field(
+        False,
+        description="dynamic int8 Linear layers on CPU (faster); auto: on when the calibration frames keep fp32's "
+        "decisions within calibration_tolerance",
+    )
+    bf16_autocast: bool | Literal["auto"] = Field(
+        False,
+        description="matmuls in bf16: faster on CPUs with bf16 units, else slower; auto: as quantize_int8",
+    )
+    calibration_frames: Path | None = Field(
+        None, description="folder of JPEG frames from your cameras for the auto checks (null: the shipped frames)"
+    )
+    calibration_tolerance: float = Field(
+        0.02, gt=0, lt=1, description="auto: the largest change of P(fall) on a calibration frame an option may make"
+    )
 
 
 class CloudSettings(Section):

@@ -6,9 +6,15 @@ benchmarks) do not share counters, and `/metrics` shows exactly one worker.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from core.metrics import ServedMetrics
+
+if TYPE_CHECKING:  # the model module imports torch; the metrics do not need it
+    from edge_workers.model import CpuOptionCheck
 
 # Per-frame stage latencies span 10 µs (switcher) to seconds (real-size ViLT on a small CPU).
 LATENCY_BUCKETS_S = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -51,6 +57,26 @@ class EdgeMetrics(ServedMetrics):
         self.switcher_version = Gauge(
             "fallwatch_edge_switcher_info", "the switcher in use (value 1)", ["version"], registry=self.registry
         )
+
+        self.cpu_option = Gauge(
+            "fallwatch_edge_cpu_option",
+            "a CPU option of the edge model: 1 on, 0 off, by option and setting (true, false or auto)",
+            ["option", "setting"],
+            registry=self.registry,
+        )
+        self.calibration_max_fall_diff = Gauge(
+            "fallwatch_edge_calibration_max_fall_diff",
+            "auto options: the largest change of P(fall) the option made on a calibration frame",
+            ["option"],
+            registry=self.registry,
+        )
+
+    def use_cpu_options(self, checks: Sequence[CpuOptionCheck]) -> None:
+        for check in checks:
+            setting = check.setting if isinstance(check.setting, str) else str(check.setting).lower()
+            self.cpu_option.labels(option=check.option, setting=setting).set(int(check.enabled))
+            if check.max_fall_diff is not None:
+                self.calibration_max_fall_diff.labels(option=check.option).set(check.max_fall_diff)
 
     def use_switcher(self, version: str) -> None:
         self.switcher_version.clear()

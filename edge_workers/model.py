@@ -8,11 +8,13 @@ classifier head, read with a forward pre-hook (never by re-implementing the head
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -21,12 +23,15 @@ from torch import nn
 from transformers import ViltForQuestionAnswering, ViltProcessor
 
 from core.checkpoints import loading
-from core.settings import Settings
+from core.settings import ConfigError, EdgeSettings, Settings
 
 logger = logging.getLogger(__name__)
 
 # ViLT's text position embeddings stop at 40 tokens (config.max_position_embeddings).
 MAX_QUESTION_TOKENS = 40
+# Frames checked by `auto` CPU options when the facility gives none (see calibration/README.md).
+SHIPPED_CALIBRATION_FRAMES = Path(__file__).with_name("calibration")
+CALIBRATION_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ class ViltEdgeModel:
 
         final_linear = self.model.classifier[-1]
         self.hidden_size: int = final_linear.in_features
+        # the CPU options in use and, for `auto` ones, what the calibration check found (load_edge_model)
+        self.cpu_options: list[CpuOptionCheck] = []
         self._captured_hidden: torch.Tensor | None = None
         # Registered once, on the module that is in the model now (quantisation replaces modules,
         # so this must run after it): the input of the last Linear is the paper's hidden layer.
@@ -111,8 +118,7 @@ class ViltEdgeModel:
         if quantize_int8:
             if device != "cpu":
                 raise ValueError("dynamic int8 quantisation runs on the CPU only")
-            # Dynamic int8 on the Linear layers: measured 1.5x faster on CPU, hidden cosine >= 0.999.
-            model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+            model = quantized_int8(model)
         return cls(
             model,
             processor,
@@ -122,6 +128,19 @@ class ViltEdgeModel:
             device=device,
             bf16_autocast=bf16_autocast,
         )
+
+    def with_int8(self) -> ViltEdgeModel:
+        """A copy of this model with dynamic int8 Linear layers (this one is left as it is)."""
+        copied = ViltEdgeModel(
+            quantized_int8(copy.deepcopy(self.model)),
+            self.processor,
+            self.question,
+            name=self.name,
+            revision=self.revision,
+            bf16_autocast=self.bf16_autocast,
+        )
+        copied.cpu_options = list(self.cpu_options)
+        return copied
 
     def _capture_hidden(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self._captured_hidden = args[0]
@@ -182,13 +201,107 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def load_edge_model(settings: Settings) -> EdgeModel:
+def quantized_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 on the Linear layers (CPU): weights int8, activations quantised per batch."""
+    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+CpuOption = Literal["quantize_int8", "bf16_autocast"]
+
+
+@dataclass(frozen=True)
+class CpuOptionCheck:
+    """A CPU option of the edge model: its setting, whether it is on and, for `auto`, what decided it."""
+
+    option: CpuOption
+    setting: bool | Literal["auto"]
+    enabled: bool
+    frames: int = 0  # calibration frames checked (0: the setting decided alone)
+    max_fall_diff: float | None = None  # largest |P(fall) - P(fall) without the option| over them
+    decisions_changed: int | None = None  # frames whose fall / no-fall decision the option changed
+    tolerance: float | None = None
+    source: str = ""
+
+    def describe(self) -> str:
+        if self.setting != "auto":
+            return f"edge.{self.option}: {'on' if self.enabled else 'off'} (set)"
+        return (
+            f"edge.{self.option} auto: {'ON' if self.enabled else 'OFF'}; on {self.frames} calibration frames "
+            f"({self.source}) max |dP(fall)| {self.max_fall_diff:.4f} (tolerance {self.tolerance}), "
+            f"{self.decisions_changed} decision(s) changed"
+        )
+
+
+def calibration_images(folder: Path | None) -> tuple[list[np.ndarray], str]:
+    """The calibration frames (RGB) and where they came from: the facility's folder, else the shipped ones."""
+    source = folder or SHIPPED_CALIBRATION_FRAMES
+    setting = "edge.calibration_frames"
+    if not source.is_dir():
+        raise ConfigError(f"{setting}: {source} is not a folder")
+    paths = sorted(path for path in source.iterdir() if path.suffix.lower() in CALIBRATION_SUFFIXES)
+    images = [cv2.imread(str(path), cv2.IMREAD_COLOR_RGB) for path in paths]
+    unreadable = [path.name for path, image in zip(paths, images, strict=True) if image is None]
+    if unreadable:
+        raise ConfigError(f"{setting}: cannot read {', '.join(unreadable)} in {source}")
+    if not images:
+        raise ConfigError(f"{setting}: {source} holds no JPEG or PNG frames")
+    return images, ("the shipped frames" if folder is None else str(folder))
+
+
+def calibrate(model: ViltEdgeModel, edge: EdgeSettings) -> ViltEdgeModel:
+    """Turn on each `auto` CPU option whose answers on the calibration frames stay fp32's.
+
+    An option is on when no frame's fall / no-fall decision (at edge.decision_threshold) changes and
+    P(fall) moves by at most edge.calibration_tolerance on every frame; each option is checked on
+    top of the ones before it (int8, then bf16), against the model without any `auto` option.
+    """
+    images, source = calibration_images(edge.calibration_frames)
+    inputs = model.preprocess(images)
+    reference = seeded_fall_probability(model, inputs)
+    for option in ("quantize_int8", "bf16_autocast"):
+        if getattr(edge, option) != "auto":
+            continue
+        candidate = model.with_int8() if option == "quantize_int8" else model
+        if option == "bf16_autocast":
+            candidate.bf16_autocast = True
+        answers = seeded_fall_probability(candidate, inputs)
+        max_diff = float(np.max(np.abs(answers - reference)))
+        changed = int(np.sum((answers >= edge.decision_threshold) != (reference >= edge.decision_threshold)))
+        enabled = changed == 0 and max_diff <= edge.calibration_tolerance
+        if option == "bf16_autocast" and not enabled:
+            candidate.bf16_autocast = False
+        check = CpuOptionCheck(
+            option, "auto", enabled, len(images), max_diff, changed, edge.calibration_tolerance, source
+        )
+        logger.info(check.describe())
+        if enabled:
+            model = candidate
+        model.cpu_options.append(check)
+    return model
+
+
+def seeded_fall_probability(model: ViltEdgeModel, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    """P(fall) with the same random patch sampling every time, so only the option differs between runs."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return model.infer(inputs).fall_probability
+
+
+def load_edge_model(settings: Settings) -> ViltEdgeModel:
+    """The configured edge model with its CPU options; `auto` ones are checked on calibration frames first."""
     edge = settings.edge
     with loading("edge", edge.model):
-        return ViltEdgeModel.from_pretrained(
+        model = ViltEdgeModel.from_pretrained(
             edge.model,
             edge.question,
             revision=edge.revision,
-            quantize_int8=edge.quantize_int8,
-            bf16_autocast=edge.bf16_autocast,
+            quantize_int8=edge.quantize_int8 is True,
+            bf16_autocast=edge.bf16_autocast is True,
         )
+    for option in ("quantize_int8", "bf16_autocast"):
+        setting = getattr(edge, option)
+        if setting != "auto":
+            model.cpu_options.append(CpuOptionCheck(option, setting, setting))
+    if "auto" in (edge.quantize_int8, edge.bf16_autocast):
+        model = calibrate(model, edge)
+    return model

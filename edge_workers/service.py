@@ -17,6 +17,7 @@ import math
 import random
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -39,7 +40,7 @@ from core.kafka_io import (
 )
 from core.settings import Settings
 from edge_workers.metrics import EdgeMetrics
-from edge_workers.model import EdgeModel, load_edge_model, torch_threads
+from edge_workers.model import CpuOptionCheck, EdgeModel, load_edge_model, torch_threads
 from edge_workers.registry import ActiveSwitcher, SwitcherRegistry
 from edge_workers.routing import RouteDecision, Router, RoutingPolicy
 from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, OffloadReason, Verdict, utc_now
@@ -98,7 +99,7 @@ class EdgeAnswer:
 
 
 class EdgeWorker:
-    def __init__(self, settings: Settings, model: EdgeModel) -> None:
+    def __init__(self, settings: Settings, model: EdgeModel, cpu_options: Sequence[CpuOptionCheck] = ()) -> None:
         edge = settings.edge
         self.settings = settings
         self.model = model
@@ -118,6 +119,7 @@ class EdgeWorker:
         # Records taken from the consumer, not yet in a batch (see `next_records`); dropped on a rebalance.
         self.taken: deque[ConsumerRecord] = deque()
         self.metrics.use_switcher(self.active.metadata.version)
+        self.metrics.use_cpu_options(cpu_options)
         metadata = self.active.metadata
         log.info(
             "edge worker: model %s (hidden %d), switcher %s (threshold %.3f%s)",
@@ -439,4 +441,8 @@ class DrainOnRevoke(ConsumerRebalanceListener):
 async def run_edge_worker(settings: Settings, stop: asyncio.Event, model: EdgeModel | None = None) -> None:
     if settings.edge.torch_threads is not None:
         torch.set_num_threads(settings.edge.torch_threads)
-    await EdgeWorker(settings, model or load_edge_model(settings)).run(stop)
+    if model is None:
+        loaded = load_edge_model(settings)
+        await EdgeWorker(settings, loaded, loaded.cpu_options).run(stop)
+    else:
+        await EdgeWorker(settings, model).run(stop)

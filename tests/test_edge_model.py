@@ -6,6 +6,7 @@ Runs on tiny random checkpoints of the real ViLT classes, saved and loaded back 
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from datetime import UTC, datetime
@@ -20,8 +21,9 @@ from torch import nn
 from transformers import ViltForQuestionAnswering
 
 from core.images import decode_jpeg_rgb
-from core.settings import DEFAULT_QUESTION
-from edge_workers.model import EdgeBatch, EdgeModel, ViltEdgeModel
+from core.settings import DEFAULT_QUESTION, ConfigError, Settings
+from edge_workers.metrics import EdgeMetrics
+from edge_workers.model import SHIPPED_CALIBRATION_FRAMES, EdgeBatch, EdgeModel, ViltEdgeModel, load_edge_model
 from edge_workers.switcher import (
     Switcher,
     SwitcherMetadata,
@@ -350,3 +352,52 @@ def test_jpeg_decoding_gives_opencvs_exact_pixels_on_real_and_synthetic_images()
         assert decoded is not None and decoded.shape == expected.shape
         np.testing.assert_array_equal(decoded, expected)
     assert decode_jpeg_rgb(truncated) is None
+
+
+def auto_settings(tiny_dir: Path, **edge: object) -> Settings:
+    return Settings(edge={"model": str(tiny_dir), "quantize_int8": "auto", **edge})
+
+
+def test_auto_int8_is_on_when_the_calibration_frames_keep_fp32s_decisions(
+    tiny_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="edge_workers.model"):
+        model = load_edge_model(auto_settings(tiny_dir, calibration_tolerance=0.5))
+    [check] = [check for check in model.cpu_options if check.option == "quantize_int8"]
+    assert check.enabled and check.setting == "auto"
+    assert check.frames == len(list(SHIPPED_CALIBRATION_FRAMES.glob("*.jpg"))) == 12, "the shipped frames"
+    assert check.decisions_changed == 0 and 0 < check.max_fall_diff <= 0.5
+    assert not isinstance(model.model.classifier[-1], nn.Linear), "the model in use is the int8 one"
+    assert "edge.quantize_int8 auto: ON; on 12 calibration frames (the shipped frames)" in caplog.text
+    metrics = EdgeMetrics()
+    metrics.use_cpu_options(model.cpu_options)
+    assert metrics.value("fallwatch_edge_cpu_option", option="quantize_int8", setting="auto") == 1
+    assert metrics.value("fallwatch_edge_cpu_option", option="bf16_autocast", setting="false") == 0
+    assert metrics.value("fallwatch_edge_calibration_max_fall_diff", option="quantize_int8") == check.max_fall_diff
+
+
+def test_auto_int8_stays_off_when_it_moves_p_fall_beyond_the_tolerance(tiny_dir: Path) -> None:
+    measured = load_edge_model(auto_settings(tiny_dir, calibration_tolerance=0.5)).cpu_options
+    [on] = [check for check in measured if check.option == "quantize_int8"]
+    assert on.max_fall_diff is not None
+    model = load_edge_model(auto_settings(tiny_dir, calibration_tolerance=on.max_fall_diff / 2))
+    [off] = [check for check in model.cpu_options if check.option == "quantize_int8"]
+    assert not off.enabled and off.max_fall_diff == on.max_fall_diff
+    assert isinstance(model.model.classifier[-1], nn.Linear), "the fp32 model stays in use"
+
+
+def test_auto_bf16_checks_the_facilitys_own_frames(tiny_dir: Path, tmp_path: Path, frames: list[np.ndarray]) -> None:
+    folder = tmp_path / "own-frames"
+    folder.mkdir()
+    for index, frame in enumerate(frames):
+        cv2.imwrite(str(folder / f"frame-{index}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    settings = Settings(edge={"model": str(tiny_dir), "bf16_autocast": "auto", "calibration_frames": str(folder)})
+    model = load_edge_model(settings)
+    [check] = [check for check in model.cpu_options if check.option == "bf16_autocast"]
+    assert check.frames == len(frames) and check.source == str(folder)
+    assert model.bf16_autocast == check.enabled
+
+
+def test_calibration_frames_without_frames_are_one_line(tiny_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^edge.calibration_frames: .* holds no JPEG or PNG frames$"):
+        load_edge_model(auto_settings(tiny_dir, calibration_frames=str(tmp_path)))
