@@ -71,6 +71,12 @@ class EdgeMetrics(ServedMetrics):
             registry=self.registry,
         )
 
+    def use_budget(self, max_offload_ratio: float) -> None:
+        """Export the offload budget; without one the series is absent, so no rule compares against 0."""
+        Gauge(
+            "fallwatch_edge_offload_budget_ratio", "edge.max_offload_ratio, the offload budget", registry=self.registry
+        ).set(max_offload_ratio)
+
     def use_cpu_options(self, checks: Sequence[CpuOptionCheck]) -> None:
         for check in checks:
             setting = check.setting if isinstance(check.setting, str) else str(check.setting).lower()

@@ -120,6 +120,8 @@ class EdgeWorker:
         self.taken: deque[ConsumerRecord] = deque()
         self.metrics.use_switcher(self.active.metadata.version)
         self.metrics.use_cpu_options(cpu_options)
+        if edge.max_offload_ratio is not None:
+            self.metrics.use_budget(edge.max_offload_ratio)
         metadata = self.active.metadata
         log.info(
             "edge worker: model %s (hidden %d), switcher %s (threshold %.3f%s)",

@@ -23,6 +23,7 @@ from core.settings import Settings
 from dmd_offline.cli import dmd_app
 from edge_workers.main import edge
 from fallwatch.benchmarks.alerting import bench_alerting
+from fallwatch.benchmarks.capacity_command import bench_capacity
 from fallwatch.benchmarks.cloud_command import bench_cloud
 from fallwatch.benchmarks.edge_command import bench_edge
 from fallwatch.benchmarks.producer_command import bench_producer
@@ -44,6 +45,7 @@ app.add_typer(cameras_app, name="cameras")
 app.add_typer(config_app, name="config")
 app.add_typer(topics_app, name="topics")
 bench_app.command("alerting")(bench_alerting)
+bench_app.command("capacity")(bench_capacity)
 bench_app.command("cloud")(bench_cloud)
 bench_app.command("edge")(bench_edge)
 bench_app.command("producer")(bench_producer)

@@ -161,16 +161,22 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
     """
     cameras = check_cameras(settings.producers)
     producer = make_producer(settings)
-    try:
-        await producer.start()
-    except KafkaError as exc:
-        await producer.stop()
-        raise ConfigError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}") from None
     loop = asyncio.get_running_loop()
     thread_stop = threading.Event()
     publishers = [CameraPublisher(camera, settings, producer, loop, thread_stop) for camera in cameras]
     stats = {p.camera.id: p.stats for p in publishers}
-    metrics = serve_metrics(settings.producers, cameras, stats)
+    try:
+        # before Kafka: a port in use is one line naming the setting, with nothing started yet
+        metrics = serve_metrics(settings.producers, cameras, stats)
+    except ConfigError:
+        await producer.stop()
+        raise
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        metrics.close()
+        raise ConfigError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}") from None
     status_done = asyncio.Event()
     status_writer = asyncio.create_task(run_status_writer(settings, cameras, stats, status_done))
     for publisher in publishers:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from core.kafka_io import create_topics, make_consumer, topic_specs
 from core.settings import CONFIG_ENV, Settings
+from edge_workers.model import ViltEdgeModel
+from edge_workers.switcher import create_untrained_switcher
 from fallwatch.devkit.models import ModelPaths, build_tiny_models
+from fallwatch.devkit.tiny_cloud import set_fall_bias as set_cloud_fall_bias
+from fallwatch.devkit.tiny_edge import set_fall_bias as set_edge_fall_bias
 from fallwatch.stack import LocalStack, StackState
 from schemas import Message, Topics, decode
 
@@ -156,14 +161,26 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> ModelPaths:
     return build_tiny_models(tmp_path_factory.mktemp("models"))
 
 
+def fall_saying_models(tiny: ModelPaths, directory: Path) -> ModelPaths:
+    """Copies of the tiny pair configured (weights set, same classes) to answer "fall" for every input."""
+    fall = ModelPaths(directory / "edge-vilt", directory / "cloud-llava", directory / "switchers")
+    shutil.copytree(tiny.edge, fall.edge)
+    shutil.copytree(tiny.cloud, fall.cloud)
+    set_edge_fall_bias(fall.edge, fall=True)
+    set_cloud_fall_bias(fall.cloud, fall=True)
+    edge = ViltEdgeModel.from_pretrained(str(fall.edge), Settings().edge.question)
+    create_untrained_switcher(fall.switcher_registry, edge.hidden_size, edge.name)
+    return fall
+
+
 @contextlib.contextmanager
-def service_process(package: str, settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen]:
-    """`python -m <package>` with these settings; SIGTERM on exit, and it must stop cleanly."""
+def service_process(package: str, settings: Settings, tmp_path: Path, *args: str) -> Iterator[subprocess.Popen]:
+    """`python -m <package> ARGS` with these settings; SIGTERM on exit, and it must stop cleanly."""
     env = write_config(settings, tmp_path / f"{package}-{uuid.uuid4().hex[:6]}.yaml")
     log_path = tmp_path / f"{package}-{uuid.uuid4().hex[:6]}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", package], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT
+            [sys.executable, "-m", package, *args], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT
         )
     try:
         yield process

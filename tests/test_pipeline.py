@@ -7,7 +7,6 @@ loads once); Kafka and Redis are the real local servers.
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -20,15 +19,13 @@ from cloud_workers.service import CloudWorker
 from core.images import decode_jpeg_rgb
 from core.kafka_io import make_producer
 from core.settings import CameraSettings, Settings
-from edge_workers.model import ViltEdgeModel, load_edge_model
+from edge_workers.model import load_edge_model
 from edge_workers.service import EdgeWorker
-from edge_workers.switcher import create_untrained_switcher, latest_version, load_switcher, save_switcher
+from edge_workers.switcher import latest_version, load_switcher, save_switcher
 from fallwatch.devkit.models import ModelPaths
-from fallwatch.devkit.tiny_cloud import set_fall_bias as set_cloud_fall_bias
-from fallwatch.devkit.tiny_edge import set_fall_bias as set_edge_fall_bias
 from producers.service import run_producers
 from schemas import CloudRequest, DeadLetter, FallEvent, Frame, Verdict, encode
-from tests.conftest import consume_until, running, service_process, settings_for
+from tests.conftest import consume_until, fall_saying_models, running, service_process, settings_for
 
 
 def pipeline_settings(stack_state, tmp_path: Path, tiny: ModelPaths, clip: Path, registry: Path) -> Settings:
@@ -153,18 +150,6 @@ def _jpeg() -> bytes:
     image = np.zeros((48, 64, 3), np.uint8)
     image[10:30, 20:40] = (90, 160, 220)
     return cv2.imencode(".jpg", image)[1].tobytes()
-
-
-def fall_saying_models(tiny: ModelPaths, directory: Path) -> ModelPaths:
-    """Copies of the tiny pair configured (weights set, same classes) to answer "fall" for every input."""
-    fall = ModelPaths(directory / "edge-vilt", directory / "cloud-llava", directory / "switchers")
-    shutil.copytree(tiny.edge, fall.edge)
-    shutil.copytree(tiny.cloud, fall.cloud)
-    set_edge_fall_bias(fall.edge, fall=True)
-    set_cloud_fall_bias(fall.cloud, fall=True)
-    edge = ViltEdgeModel.from_pretrained(str(fall.edge), Settings().edge.question)
-    create_untrained_switcher(fall.switcher_registry, edge.hidden_size, edge.name)
-    return fall
 
 
 def test_falls_in_the_verdicts_raise_one_alert(stack_state, tmp_path: Path, tiny_models, clip_path) -> None:

@@ -90,6 +90,16 @@ def real_size_processor() -> ViltProcessor:
     return ViltProcessor(image_processor=ViltImageProcessor(), tokenizer=tokenizer)
 
 
+def real_size_config(processor: ViltProcessor) -> ViltConfig:
+    """ViLT-B/32's architecture (default `ViltConfig`) with the real checkpoint's 3,129 answers."""
+    answers = _answers(REAL_NUM_ANSWERS)
+    return ViltConfig(
+        vocab_size=processor.tokenizer.vocab_size,
+        id2label=dict(enumerate(answers)),
+        label2id={answer: index for index, answer in enumerate(answers)},
+    )
+
+
 def build_real_size_edge_model(directory: Path, seed: int = 0) -> Path:
     """Save a `ViltForQuestionAnswering` of the real size (default `ViltConfig`) with random weights.
 
@@ -97,13 +107,16 @@ def build_real_size_edge_model(directory: Path, seed: int = 0) -> Path:
     tokenizer has the real vocabulary size, but its tokens beyond the question words are fillers.
     """
     processor = real_size_processor()
-    answers = _answers(REAL_NUM_ANSWERS)
-    config = ViltConfig(
-        vocab_size=processor.tokenizer.vocab_size,
-        id2label=dict(enumerate(answers)),
-        label2id={answer: index for index, answer in enumerate(answers)},
-    )
-    return _save(directory, config, processor, seed)
+    return _save(directory, real_size_config(processor), processor, seed)
+
+
+def real_size_edge_model(seed: int = 0) -> tuple[ViltForQuestionAnswering, ViltProcessor]:
+    """The same real-size model, built in memory only (nothing written: for benchmarks of the forward alone)."""
+    processor = real_size_processor()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViltForQuestionAnswering(real_size_config(processor))
+    return model, processor
 
 
 def set_fall_bias(directory: Path, fall: bool) -> None:
