@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages from Debian, installed only when missing.
 #   scripts/install-system-deps.sh         what the local stack needs: redis-server, Java 17+, Maven (Kafka's jars)
-#   scripts/install-system-deps.sh --test  also what the tests need: stream servers and a headless browser
+#   scripts/install-system-deps.sh --test  also what the tests need: stream servers, a headless browser,
+#                                          docker-compose and Prometheus
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
@@ -17,6 +18,10 @@ if [ "${1:-}" = "--test" ]; then
   # the dashboard's browser test: Debian's Chromium and its driver (selenium is pointed at both)
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+  # deployment and monitoring: compose validates docker-compose.yml (no Docker engine needed);
+  # Prometheus and promtool check the alert rules and the dashboard's queries
+  command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
+  command -v prometheus >/dev/null || missing+=(prometheus)
 fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
