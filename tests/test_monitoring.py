@@ -19,11 +19,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from core.kafka_io import make_producer
 from fallwatch.monitoring import DASHBOARD, RULES, Prometheus, dashboard_queries, local_prometheus
 from fallwatch.stack import free_port
+from tests.alerting_helpers import wait_for
 from tests.conftest import fall_saying_models, service_process, settings_for
 
 TOKEN = "monitoring-test-token"
@@ -63,16 +62,6 @@ def open_alert_ids(port: int) -> list[str]:
     return [alert["alert_id"] for alerts in rooms.values() for alert in alerts if alert["state"] == "open"]
 
 
-def until(condition, what: str, deadline: float):
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.5)  # polling the services' state
-
-
 def test_every_dashboard_query_returns_a_series_from_the_running_services(
     stack_state, tmp_path: Path, tiny_models, clip_path
 ) -> None:
@@ -106,11 +95,13 @@ def test_every_dashboard_query_returns_a_series_from_the_running_services(
         services.enter_context(service_process("producers", settings, tmp_path))
         prometheus: Prometheus = services.enter_context(local_prometheus(ports, tmp_path / "prometheus"))
         deadline = time.monotonic() + DEADLINE_S
-        until(lambda: set(prometheus.targets_up().values()) == {"up"} and len(prometheus.targets_up()) == 5,
-              "every service to be scraped", deadline)  # fmt: skip
+        wait_for(lambda: set(prometheus.targets_up().values()) == {"up"} and len(prometheus.targets_up()) == 5,
+                 "every service to be scraped", deadline - time.monotonic())  # fmt: skip
         topics = settings.kafka.topics
         asyncio.run(send_malformed(settings, topics.frames, topics.cloud_requests, topics.verdicts))
-        [alert_id, *_] = until(lambda: open_alert_ids(ports["dashboard"]), "an alert from the falls", deadline)
+        [alert_id, *_] = wait_for(
+            lambda: open_alert_ids(ports["dashboard"]), "an alert from the falls", deadline - time.monotonic()
+        )
         dashboard_api(ports["dashboard"], f"/api/alerts/{alert_id}/acknowledge", {"by": "nurse"})
         dashboard_api(ports["dashboard"], f"/api/alerts/{alert_id}/false-alarm", {"by": "nurse"})
 
