@@ -35,7 +35,6 @@ from typing import TypeVar
 import cv2
 import numpy as np
 import torch
-from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
@@ -49,6 +48,7 @@ from cloud_workers.tiny import (
     restrict_model_to_answers,
     restrict_to_answers,
 )
+from core.redis_io import redis_client
 from fallwatch.kafka_io import make_consumer, make_producer
 from fallwatch.models import load_cloud_model
 from fallwatch.settings import ConfigError, Settings, load_settings
@@ -102,7 +102,7 @@ async def publish_requests(
     """
     topics = settings.kafka.topics
     producer = make_producer(settings)
-    redis = Redis.from_url(settings.redis.url)
+    redis = redis_client(settings.redis)
     await producer.start()
     requests = []
     try:

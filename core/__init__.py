@@ -1,0 +1,1 @@
+"""The shared core of the services: imports no service."""
