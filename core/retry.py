@@ -11,7 +11,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
 
 from fallwatch.settings import ConfigError
 
@@ -48,7 +55,8 @@ async def retry_until_up(
 
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(errors),
-        wait=wait_exponential_jitter(initial=FIRST_RETRY_S, max=LONGEST_RETRY_S),
+        # doubling from FIRST_RETRY_S, jittered so services started together do not retry in step
+        wait=wait_exponential(multiplier=FIRST_RETRY_S, max=LONGEST_RETRY_S) + wait_random(0, FIRST_RETRY_S),
         stop=stop_after_delay(timeout_s),
         before_sleep=say_retry,
         reraise=True,
