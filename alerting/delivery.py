@@ -286,7 +286,7 @@ async def read_topic(settings: Settings, topic: str) -> list[FallEvent]:
         await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
         events: list[FallEvent] = []
-        while any(await consumer.position(tp) < end[tp] for tp in partitions):
+        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
             for records in (await consumer.getmany(*partitions, timeout_ms=1000)).values():
                 for record in records:
                     try:
