@@ -82,6 +82,7 @@ def make_app(settings: Settings) -> faust.App:
         producer_max_request_size=MAX_MESSAGE_BYTES,
         consumer_max_fetch_size=MAX_MESSAGE_BYTES,
         processing_guarantee="at_least_once",
+        broker_session_timeout=alerting.session_timeout_s,
         topic_partitions=settings.kafka.partitions,
         # verdicts published before the app first joined must still be confirmed
         consumer_auto_offset_reset="earliest",

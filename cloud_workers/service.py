@@ -125,14 +125,14 @@ class CloudWorker:
         producer = make_producer(self.settings)
         fetcher = FrameFetcher(self.settings)
         redis = redis_client(self.settings.redis)
-        await start_clients(self.settings, producer, fetcher.consumer, consumer)
-        self.metrics.serve(self.cloud.metrics_port)
         # The batch in the model. The next one is collected and its clips fetched and decoded
         # meanwhile, so the model never waits for Kafka, Redis or JPEG decoding; at most these
         # two batches are in flight.
         answering: asyncio.Task[None] | None = None
         stuck_at = 0.0  # time.monotonic() from which the batch in the model counts as stuck
         try:
+            await start_clients(self.settings, producer, fetcher.consumer, consumer)  # retried while Kafka is down
+            self.metrics.serve(self.cloud.metrics_port)
             while not stop.is_set():
                 if answering is not None:
                     if answering.done():

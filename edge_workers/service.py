@@ -172,9 +172,10 @@ class EdgeWorker:
         # Before a rebalance takes partitions away, commit what was answered on them.
         consumer.subscribe([self.topics.frames], listener=DrainOnRevoke(commits, self.taken))
         self.metrics.serve(self.settings.edge.metrics_port)
-        await start_clients(self.settings, producer, consumer)
-        fetching: asyncio.Task[FetchedBatch] | None = asyncio.create_task(self.fetch_batch(consumer, producer))
+        fetching: asyncio.Task[FetchedBatch] | None = None
         try:
+            await start_clients(self.settings, producer, consumer)  # retried while Kafka is unreachable
+            fetching = asyncio.create_task(self.fetch_batch(consumer, producer))
             while fetching is not None:
                 batch = await fetching
                 # The next batch is fetched while this one is decoded and answered, and its frames queue up

@@ -312,6 +312,9 @@ class AlertingSettings(AlertRule):
         default_factory=dict, description="per-room overrides of the rule fields, e.g. {'101': {'k': 2}}"
     )
     tick_s: float = Field(0.5, gt=0, description="how often the cloud-wait and escalation deadlines are checked")
+    session_timeout_s: float = Field(
+        20.0, ge=6, description="a worker that died (kill -9) hands its cameras over after this long (faust: 60 s)"
+    )
     webhook_urls: list[str] = Field(default_factory=list, description="POSTed every new alert")
     escalation_webhook_urls: list[str] = Field(default_factory=list, description="POSTed every escalated alert")
     webhook_secret: str = Field("", repr=False, description="HMAC-SHA256 key of the webhook signature")

@@ -236,7 +236,7 @@ def finish(pipeline: Pipeline, name: str, frames: list[Frame], dead_letters: int
         events = asyncio.run(read_topic(settings, settings.kafka.topics.fall_events, FallEvent))
         return [event for event in events if event.camera_id in cameras and event.state == "open"]
 
-    wait_for(lambda: {event.camera_id for event in alerts()} == cameras, f"an alert for every camera of {name}")
+    wait_for(lambda: {event.camera_id for event in alerts()} == cameras, f"an alert for every camera of {name}", WAIT_S)
     opened = alerts()
     alert_ids = {event.alert_id for event in opened}
 
@@ -247,7 +247,7 @@ def finish(pipeline: Pipeline, name: str, frames: list[Frame], dead_letters: int
             if delivery.status == 200 and delivery.idempotency_key in alert_ids
         )
 
-    wait_for(lambda: set(delivered()) == alert_ids, f"the webhook of every alert of {name}")
+    wait_for(lambda: set(delivered()) == alert_ids, f"the webhook of every alert of {name}", WAIT_S)
     final = {frame.frame_id for frame in frames} & final_frame_ids(settings)
     row = Row(name, len(frames), len(final), len(alert_ids) - len(cameras), len(alert_ids), dead_letters)
     SCENARIOS.append(row)
