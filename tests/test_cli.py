@@ -19,8 +19,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from fallwatch.cli import app
 from fallwatch.demo import ClipTruth, clip_outcome
-from fallwatch.settings import CONFIG_ENV, load_settings
 from fallwatch.models import ModelPaths
+from fallwatch.settings import CONFIG_ENV, load_settings
 from fallwatch.stack import LocalStack, free_port, pid_alive, stop_pid
 from schemas import FallEvent, Topics
 from tests.conftest import run_fallwatch
