@@ -70,6 +70,8 @@ class Delivery:
         self.topic = settings.kafka.topics.fall_events
         self._tasks: set[asyncio.Task[None]] = set()
         self._outbox_pass = asyncio.Lock()
+        # Deliveries this worker put into the outbox or took from it, until done: put back if Redis loses them.
+        self._unfinished: dict[str, bytes] = {}
         self._rebuilding = False
 
     async def store_first(self, event: FallEvent) -> None:
@@ -147,7 +149,9 @@ class Delivery:
             for url in urls:
                 entry = {"url": url, "event": event_name, "alert": body, "attempt": 0}
                 member = delivery_member(event_name, alert.alert_id, url)
-                await self.store.enqueue_delivery(self.topic, member, json.dumps(entry).encode(), time.time())
+                payload = json.dumps(entry).encode()
+                if await self.store.enqueue_delivery(self.topic, member, payload, time.time()):
+                    self._unfinished[member] = payload
         except (RedisError, OSError) as exc:
             self.metrics.redis_failures.inc()
             log.error("webhook outbox unavailable (%s): %s of alert %s sent directly", exc, event_name, alert.alert_id)
@@ -171,6 +175,7 @@ class Delivery:
                 claimed = await self.store.claim_deliveries(self.topic, time.time(), lease_s, OUTBOX_BATCH)
             except (RedisError, OSError):
                 return  # the outbox waits in Redis; the next pass after Redis is back sends it
+            self._unfinished.update(claimed)
             await asyncio.gather(*(self._deliver_one(member, payload) for member, payload in claimed))
 
     async def _deliver_one(self, member: str, payload: bytes) -> None:
@@ -179,6 +184,7 @@ class Delivery:
         try:
             alert = decode(FallEvent, entry["alert"].encode())
         except SchemaError as exc:  # not ours to send: an outbox entry of another version
+            self._unfinished.pop(member, None)
             log.error("webhook outbox entry %s unreadable, dropped: %s", member, exc)
             await self._redis_quietly(self.store.delivery_done(self.topic, member, delivered=False))
             return
@@ -188,12 +194,14 @@ class Delivery:
             if not result.final:
                 self.webhooks.say_gave_up(url, event_name, alert, result.problem)
             self._count(event_name, result.accepted)
+            self._unfinished.pop(member, None)
             await self._redis_quietly(self.store.delivery_done(self.topic, member, delivered=result.accepted))
             return
         self.webhooks.say_retry(url, event_name, alert, attempt, result.problem)
         due = time.time() + self.webhooks.retry_delay_s(attempt)
         entry["attempt"] = attempt
-        await self._redis_quietly(self.store.retry_delivery(self.topic, member, json.dumps(entry).encode(), due))
+        self._unfinished[member] = json.dumps(entry).encode()
+        await self._redis_quietly(self.store.retry_delivery(self.topic, member, self._unfinished[member], due))
 
     async def _redis_quietly(self, call: Coroutine[Any, Any, None]) -> None:
         """An outbox update; if Redis fails now the lease runs out and the delivery is tried again."""
@@ -222,6 +230,9 @@ class Delivery:
             changed = 0
             for event in events:
                 changed += await self.store.apply(event)
+            # the outbox went with the rest: what this worker had not delivered yet goes back in
+            for member, payload in list(self._unfinished.items()):
+                await self.store.enqueue_delivery(self.topic, member, payload, time.time())
             await self.store.mark_built(self.topic)
             active = len(await self.store.active_alerts())
         except (RedisError, OSError) as exc:
@@ -232,11 +243,13 @@ class Delivery:
             self._rebuilding = False
         self.metrics.state_rebuilds.inc()
         log.warning(
-            "Redis had no alert state: rebuilt from %d records of %s (%d changes, %d active alerts) in %.1f s",
+            "Redis had no alert state: rebuilt from %d records of %s (%d changes, %d active alerts), "
+            "%d webhook deliveries back in the outbox, in %.1f s",
             len(events),
             self.topic,
             changed,
             active,
+            len(self._unfinished),
             time.monotonic() - started,
         )
 
