@@ -41,9 +41,9 @@ from alerting.delivery import Delivery
 from alerting.metrics import AlertingMetrics
 from alerting.rules import CameraState
 from alerting.store import AlertStore
-from fallwatch.kafka_io import MAX_MESSAGE_BYTES, dead_letter_for, log_dead_letter, ssl_context, wait_for_kafka
-from fallwatch.logs import configure_logging
-from fallwatch.settings import KafkaSettings, Settings
+from core.kafka_io import MAX_MESSAGE_BYTES, dead_letter_for, log_dead_letter, ssl_context, wait_for_kafka
+from core.logs import configure_logging
+from core.settings import KafkaSettings, Settings
 from schemas import FallEvent, SchemaError, Verdict, decode, encode, utc_now
 
 log = logging.getLogger(__name__)

@@ -40,8 +40,8 @@ from alerting.metrics import AlertingMetrics
 from alerting.snapshots import find_frame_jpeg
 from alerting.store import AlertStore
 from alerting.webhooks import WebhookSender
-from fallwatch.kafka_io import make_consumer, topic_partitions
-from fallwatch.settings import Settings
+from core.kafka_io import make_consumer, topic_partitions
+from core.settings import Settings
 from schemas import FallEvent, SchemaError, decode, encode
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.redis_io import redis_client
-from fallwatch.settings import RedisSettings
+from core.settings import RedisSettings
 from schemas import FallEvent, Label, decode, encode
 
 PREFIX = "fallwatch:"

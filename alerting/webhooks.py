@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from fallwatch.settings import AlertingSettings
+from core.settings import AlertingSettings
 from schemas import FallEvent, encode
 
 log = logging.getLogger(__name__)

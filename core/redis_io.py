@@ -18,7 +18,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from fallwatch.settings import RedisSettings
+from core.settings import RedisSettings
 
 log = logging.getLogger(__name__)
 

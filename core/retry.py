@@ -20,7 +20,7 @@ from tenacity import (
     wait_random,
 )
 
-from fallwatch.settings import ConfigError
+from core.settings import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from fallwatch.settings import ConfigError, DmdSettings
+from core.entry import run_app, settings_with_logging
+from core.settings import ConfigError, DmdSettings
 
 if TYPE_CHECKING:
-    from fallwatch.settings import Settings
+    from core.settings import Settings
 
-dmd_app = typer.Typer(no_args_is_help=True, help="Dual-Model Distillation offline tools.")
+dmd_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Dual-Model Distillation offline tools.")
 
 Workdir = Annotated[Path | None, typer.Option(help="work directory of the steps (default: dmd.workdir)")]
 Source = Annotated[str | None, typer.Option(help="kafka, images or videos (default: dmd.source)")]
@@ -36,8 +37,6 @@ TargetShare = Annotated[
 
 def configured(**overrides: Any) -> Settings:
     """Settings (with logging configured) and the given `dmd` options applied, validated like the config."""
-    from fallwatch.cli import settings_with_logging
-
     settings = settings_with_logging()
     given = {name: value for name, value in overrides.items() if value is not None}
     try:
@@ -188,3 +187,7 @@ def run_command(
     if publish:
         publish_step(settings)
     timed("dmd run", started)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_app(dmd_app, argv)

@@ -27,10 +27,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from core.kafka_io import consumer_group_lag, make_consumer
+from core.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
 from dmd_offline.sources import read_csv
-from fallwatch.kafka_io import consumer_group_lag, make_consumer
-from fallwatch.models import REFERENCE_MODELS, ModelPaths, build_tiny_models, reference_models
-from fallwatch.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
+from fallwatch.devkit.models import REFERENCE_MODELS, ModelPaths, build_tiny_models, reference_models
 from fallwatch.stack import fresh_run, local_stack_settings
 from producers.service import run_producers
 from schemas import FallEvent, Verdict, decode

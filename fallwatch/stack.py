@@ -4,7 +4,7 @@ Kafka's jars come from Maven Central (pinned version, cached under the cache
 directory) and the broker runs with plain `java`; redis-server is the Debian
 package. Pids, ports and logs live in the state directory, so `stack status`
 and `stack down` work from another process, and services find the addresses
-through `stack.json` (see fallwatch.settings).
+through `stack.json` (see core.settings).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from fallwatch.kafka_io import client_options, topic_specs
-from fallwatch.settings import ConfigError, KafkaSettings, RedisSettings, Settings
+from core.kafka_io import client_options, topic_specs
+from core.settings import ConfigError, KafkaSettings, RedisSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class LocalStack:
         )
 
     def write_state(self, state: StackState) -> None:
-        # `clients`: what a service's settings take from the running stack (fallwatch.settings.LocalStackSource)
+        # `clients`: what a service's settings take from the running stack (core.settings.LocalStackSource)
         clients = {"kafka": state.kafka_fields(), "redis": state.redis_fields()}
         self.state_file.write_text(json.dumps({**asdict(state), "clients": clients}, indent=2))
 

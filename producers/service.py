@@ -19,13 +19,13 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from core.kafka_io import make_producer, send, start_clients
 from core.retry import DependencyUnavailable
-from fallwatch.kafka_io import make_producer, send, start_clients
-from fallwatch.settings import CameraSettings, ConfigError, ProducerSettings, Settings
+from core.settings import CameraSettings, ConfigError, ProducerSettings, Settings
+from core.urls import redact, source_kind
 from producers.camera import CameraCapture, CameraStats, CapturedFrame
 from producers.metrics import serve_metrics
 from producers.status import run_status_writer
-from producers.urls import redact, source_kind
 from schemas import Frame
 
 log = logging.getLogger(__name__)

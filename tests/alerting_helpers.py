@@ -23,8 +23,8 @@ from typing import TypeVar
 import pytest
 from aiokafka import TopicPartition
 
-from fallwatch.kafka_io import make_admin, make_consumer, make_producer
-from fallwatch.settings import Settings
+from core.kafka_io import make_admin, make_consumer, make_producer
+from core.settings import Settings
 from fallwatch.stack import StackState, free_port
 from schemas import FallEvent, Message, Verdict, VerdictSource, decode, encode, utc_now
 from tests.conftest import REPO, settings_for, write_config

@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 from aiokafka import TopicPartition
 
+from core.kafka_io import make_consumer, make_producer
 from core.redis_io import sync_redis_client
-from fallwatch.kafka_io import make_consumer, make_producer
-from fallwatch.models import ModelPaths
-from fallwatch.settings import Settings
+from core.settings import Settings
+from fallwatch.devkit.models import ModelPaths
 from fallwatch.stack import LocalStack, StackState
 from schemas import DeadLetter, FallEvent, Frame, Verdict, encode
 from tests.alerting_helpers import WEBHOOK_SECRET, WebhookReceiver, wait_for

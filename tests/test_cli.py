@@ -17,10 +17,10 @@ import pytest
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
+from core.settings import CONFIG_ENV, load_settings
 from fallwatch.cli import app
 from fallwatch.demo import ClipTruth, clip_outcome
-from fallwatch.models import ModelPaths
-from fallwatch.settings import CONFIG_ENV, load_settings
+from fallwatch.devkit.models import ModelPaths
 from fallwatch.stack import LocalStack, free_port, pid_alive, stop_pid
 from schemas import FallEvent, Topics
 from tests.conftest import run_fallwatch

@@ -21,7 +21,7 @@ from cloud_workers.model import (
     video_tokens_per_frame,
     yes_probability,
 )
-from cloud_workers.tiny import (
+from fallwatch.devkit.tiny_cloud import (
     TINY_TOKENS_PER_FRAME,
     build_random_full_size_cloud_model,
     build_tiny_cloud_model,

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.images import decode_jpeg_rgb
 from edge_workers.service import jpeg_size_problem
-from fallwatch.images import decode_jpeg_rgb
 from schemas import CloudRequest, DeadLetter, FallEvent, Frame, Label, SchemaError, Verdict, decode
 
 MODELS = [Frame, CloudRequest, Verdict, FallEvent, Label, DeadLetter]

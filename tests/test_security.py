@@ -14,10 +14,10 @@ import pytest
 from aiokafka.errors import KafkaError
 from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
 
+from core.kafka_io import make_consumer, make_producer, start_clients, topic_specs
 from core.redis_io import sync_redis_client
 from core.retry import DependencyUnavailable
-from fallwatch.kafka_io import make_consumer, make_producer, start_clients, topic_specs
-from fallwatch.settings import Settings
+from core.settings import Settings
 from fallwatch.stack import LocalStack, StackState, create_topics
 from schemas import FallEvent, Topics
 from tests.alerting_helpers import alerting_worker, make_verdict, read_until, send_verdicts, unique_camera

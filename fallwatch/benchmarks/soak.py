@@ -27,9 +27,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from fallwatch.kafka_io import consumer_group_lag, make_producer
-from fallwatch.models import build_tiny_models
-from fallwatch.settings import CONFIG_ENV, Settings, load_settings
+from core.kafka_io import consumer_group_lag, make_producer
+from core.settings import CONFIG_ENV, Settings, load_settings
+from fallwatch.devkit.models import build_tiny_models
 from fallwatch.stack import fresh_run, local_stack_settings
 from schemas import Frame, encode, utc_now
 

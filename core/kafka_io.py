@@ -19,7 +19,7 @@ from aiokafka.errors import CommitFailedError, KafkaConnectionError
 from aiokafka.helpers import create_ssl_context
 
 from core.retry import retry_until_up
-from fallwatch.settings import KafkaSettings, Settings
+from core.settings import KafkaSettings, Settings
 from schemas import DeadLetter, Message, SchemaError, decode, encode
 
 log = logging.getLogger(__name__)
