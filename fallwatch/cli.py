@@ -24,6 +24,7 @@ from fallwatch.benchmarks.alerting import bench_alerting
 from fallwatch.benchmarks.cloud_command import bench_cloud
 from fallwatch.benchmarks.edge_command import bench_edge
 from fallwatch.benchmarks.producer_command import bench_producer
+from fallwatch.benchmarks.soak_command import bench_soak
 from producers.cli import cameras_app
 from producers.main import producer
 
@@ -40,22 +41,7 @@ bench_app.command("alerting")(bench_alerting)
 bench_app.command("cloud")(bench_cloud)
 bench_app.command("edge")(bench_edge)
 bench_app.command("producer")(bench_producer)
-
-
-@bench_app.command("soak")
-def bench_soak(
-    minutes: Annotated[float, typer.Option(help="how long the pipeline runs")] = 10.0,
-    cameras: Annotated[int, typer.Option(help="simulated cameras")] = 4,
-    fps: Annotated[float, typer.Option(help="frames per second of each camera")] = 2.0,
-    sample_s: Annotated[float, typer.Option(help="seconds between two rows of the table")] = 60.0,
-) -> None:
-    """The whole pipeline for N minutes: memory of each service and lag of each consumer over time."""
-    if minutes <= 0 or cameras < 1 or fps <= 0 or sample_s <= 0:
-        raise ConfigError("--minutes, --fps and --sample-s must be positive and --cameras at least 1")
-    from fallwatch.benchmarks.soak import run_soak
-
-    configure_logging("WARNING")
-    run_soak(minutes, cameras, fps, sample_s)
+bench_app.command("soak")(bench_soak)
 
 
 @app.callback()

@@ -261,3 +261,9 @@ def test_a_service_started_while_kafka_is_down_retries_then_says_so_in_one_line(
     retries = [line for line in result.stderr.splitlines() if f"Kafka at {nothing_there} not reachable" in line]
     assert len(retries) >= 2 and "retry 1 in" in retries[0], result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: Kafka at {nothing_there} unreachable for 4 s")
+
+
+def test_bench_soak_refuses_a_run_of_no_length_in_one_line() -> None:
+    result = run_fallwatch("bench", "soak", "--minutes", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --minutes, --fps and --sample-s must be positive and --cameras at least 1"

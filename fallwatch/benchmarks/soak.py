@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import psutil
 import yaml
+from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.table import Table
 
@@ -41,7 +42,7 @@ class Sample:
     elapsed_s: float
     frames_sent: int
     rss_mb: dict[str, float]
-    lags: dict[str, int]  # consumer group → records behind
+    lags: dict[str, int | None]  # consumer group → records behind (None: not known yet)
     alive: dict[str, bool]
 
 
@@ -103,7 +104,7 @@ async def soak(
         try:
             started = time.monotonic()
             end = started + minutes * 60
-            next_sample = started
+            next_sample = started + sample_s  # the first row once the services had time to start
             sent = 0
             rng = np.random.default_rng(0)
             jpegs = [cv2.imencode(".jpg", rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))[1].tobytes()]
@@ -160,7 +161,12 @@ async def sample(
             rss[service] = psutil.Process(process.pid).memory_info().rss / 2**20 if alive[service] else 0.0
         except psutil.NoSuchProcess:
             rss[service] = 0.0
-    lags = {name: await consumer_group_lag(settings, group, topic) for name, (group, topic) in groups.items()}
+    lags: dict[str, int | None] = {}
+    for name, (group, topic) in groups.items():
+        try:
+            lags[name] = await consumer_group_lag(settings, group, topic)
+        except KafkaError:  # the group has no coordinator yet (a fresh broker creates its offsets topic)
+            lags[name] = None
     return Sample(elapsed_s, sent, rss, lags, alive)
 
 
@@ -177,10 +183,13 @@ def print_table(samples: list[Sample]) -> None:
     for s in samples:
         memory = [f"{mb:.0f}" if s.alive[service] else "DEAD" for service, mb in s.rss_mb.items()]
         table.add_row(
-            str(timedelta(seconds=round(s.elapsed_s))), str(s.frames_sent), *memory, *map(str, s.lags.values())
+            str(timedelta(seconds=round(s.elapsed_s))),
+            str(s.frames_sent),
+            *memory,
+            *("?" if lag is None else str(lag) for lag in s.lags.values()),
         )
     Console().print(table)
-    # the first sample catches the services still loading their models: growth counts from the second
+    # the first sample may catch the services still warming up: growth counts from the second
     warm = samples[1] if len(samples) > 2 else samples[0]
     growth = {service: samples[-1].rss_mb[service] - warm.rss_mb[service] for service in warm.rss_mb}
     print(
