@@ -89,13 +89,11 @@ async def soak(
         )
         for service in SERVICES
     }
-    groups = {
-        f"edge ({settings.kafka.topics.frames})": (settings.edge.group_id, settings.kafka.topics.frames),
-        f"cloud ({settings.kafka.topics.cloud_requests})": (
-            settings.cloud.group_id,
-            settings.kafka.topics.cloud_requests,
-        ),
-        f"alerting ({settings.kafka.topics.verdicts})": (settings.alerting.app_id, settings.kafka.topics.verdicts),
+    topics = settings.kafka.topics
+    groups = {  # the column name: the topic each service consumes
+        "frames": (settings.edge.group_id, topics.frames),
+        "cloud-requests": (settings.cloud.group_id, topics.cloud_requests),
+        "verdicts": (settings.alerting.app_id, topics.verdicts),
     }
     samples: list[Sample] = []
     try:
@@ -177,9 +175,9 @@ def print_table(samples: list[Sample]) -> None:
     table.add_column("elapsed", justify="right")
     table.add_column("frames sent", justify="right")
     for service in samples[0].rss_mb:
-        table.add_column(f"{service} MB", justify="right")
-    for group in samples[0].lags:
-        table.add_column(f"lag {group}", justify="right")
+        table.add_column(f"{service.removesuffix('_workers')} MB", justify="right")
+    for topic in samples[0].lags:
+        table.add_column(f"lag {topic}", justify="right")
     for s in samples:
         memory = [f"{mb:.0f}" if s.alive[service] else "DEAD" for service, mb in s.rss_mb.items()]
         table.add_row(
@@ -188,7 +186,7 @@ def print_table(samples: list[Sample]) -> None:
             *memory,
             *("?" if lag is None else str(lag) for lag in s.lags.values()),
         )
-    Console().print(table)
+    Console(width=120).print(table)
     # the first sample may catch the services still warming up: growth counts from the second
     warm = samples[1] if len(samples) > 2 else samples[0]
     growth = {service: samples[-1].rss_mb[service] - warm.rss_mb[service] for service in warm.rss_mb}
