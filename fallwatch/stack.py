@@ -246,8 +246,9 @@ class LocalStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         libs = kafka_libs(self.cache_dir)
         security = self.make_security() if self.secure else None
-        redis = self.start_redis(free_port(DEFAULT_REDIS_PORT), security)
-        kafka_port = free_port(DEFAULT_KAFKA_PORT)
+        # a locked stack runs beside an ordinary one (tests): it takes any free ports, not the defaults
+        redis = self.start_redis(free_port(None if security else DEFAULT_REDIS_PORT), security)
+        kafka_port = free_port(None if security else DEFAULT_KAFKA_PORT)
         controller_port = free_port()
         try:
             kafka = self.start_kafka(libs, kafka_port, controller_port, security)
