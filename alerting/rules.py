@@ -94,6 +94,8 @@ class CameraState(BaseModel):
 
     def observe(self, verdict: Verdict, now: datetime) -> FallEvent | None:
         """Take one verdict of this camera; returns the alert event it causes (opened or resolved), if any."""
+        if verdict.captured_at > now + self._window_span:
+            return None  # from a clock gone wrong: counted, it would move the window past every real verdict
         if self.newest_at is not None and verdict.captured_at < self.newest_at - self._window_span:
             return None  # too late to count (and a redelivery this old is no longer in `seen_frames`)
         if verdict.frame_id in self.seen_frames:

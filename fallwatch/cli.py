@@ -27,6 +27,7 @@ from fallwatch.benchmarks.capacity_command import bench_capacity
 from fallwatch.benchmarks.cloud_command import bench_cloud
 from fallwatch.benchmarks.edge_command import bench_edge
 from fallwatch.benchmarks.producer_command import bench_producer
+from fallwatch.benchmarks.soak_command import bench_soak
 from fallwatch.configuration import config_app
 from fallwatch.health import health
 from producers.cli import cameras_app
@@ -49,6 +50,7 @@ bench_app.command("capacity")(bench_capacity)
 bench_app.command("cloud")(bench_cloud)
 bench_app.command("edge")(bench_edge)
 bench_app.command("producer")(bench_producer)
+bench_app.command("soak")(bench_soak)
 
 
 @app.callback()
@@ -108,9 +110,7 @@ def topics_create() -> None:
 
     settings = settings_with_logging(())
     kafka = settings.kafka
-    reports = asyncio.run(
-        create_topics(kafka.bootstrap_servers, topic_specs(settings), kafka.partitions, kafka.replication_factor)
-    )
+    reports = asyncio.run(create_topics(kafka, topic_specs(settings), kafka.partitions))
     for report in reports:
         configs = " ".join(f"{key}={value}" for key, value in report.configs.items())
         state = "created" if report.created else "exists"

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import typer
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from alerting.main import SECTIONS as ALERTING_SECTIONS
 from cloud_workers.main import SECTIONS as CLOUD_SECTIONS
@@ -71,13 +71,14 @@ class ShownSetting:
 
 
 def secret_keys(model: type[BaseModel]) -> set[str]:
-    """Names of the fields kept out of reprs (`repr=False`) anywhere in the settings: secrets."""
+    """Names of the secret fields anywhere in the settings: `SecretStr` ones and those kept out of reprs."""
     names: set[str] = set()
     for name, field in model.model_fields.items():
-        if not field.repr:
-            names.add(name)
         annotation = field.annotation
-        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        candidates = (annotation, *getattr(annotation, "__args__", ()))
+        if not field.repr or SecretStr in candidates:
+            names.add(name)
+        for candidate in candidates:
             if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                 names |= secret_keys(candidate)
     return names

@@ -19,7 +19,8 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from core.kafka_io import make_producer, send
+from core.kafka_io import make_producer, send, start_clients
+from core.retry import DependencyUnavailable
 from core.settings import CameraSettings, ConfigError, ProducerSettings, Settings
 from core.urls import redact, source_kind
 from producers.camera import CameraCapture, CameraStats, CapturedFrame
@@ -172,11 +173,15 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
         await producer.stop()
         raise
     try:
-        await producer.start()
-    except KafkaError as exc:
+        await start_clients(settings, producer)  # retried while the brokers are unreachable
+    except KafkaError as exc:  # refused credentials, a broker too old
         await producer.stop()
         metrics.close()
-        raise ConfigError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}") from None
+        raise ConfigError(f"cannot use Kafka at {settings.kafka.bootstrap_servers}: {exc}") from None
+    except DependencyUnavailable:
+        await producer.stop()
+        metrics.close()
+        raise
     status_done = asyncio.Event()
     status_writer = asyncio.create_task(run_status_writer(settings, cameras, stats, status_done))
     for publisher in publishers:
