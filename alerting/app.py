@@ -36,6 +36,7 @@ import logging
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaError
 
 from alerting.delivery import Delivery
 from alerting.metrics import AlertingMetrics
@@ -229,8 +230,13 @@ def make_app(settings: Settings, metrics: AlertingMetrics) -> faust.App:
     @app.timer(LAG_INTERVAL_S)
     async def measure_lag() -> None:
         # the group's committed lag: what alerting still has to read, whichever worker holds the partitions
-        for topic in (topics.verdicts, topics.fall_events):
-            metrics.consumer_lag.labels(topic=topic).set(await group_lag.lag(alerting.app_id, topic))
+        try:
+            for topic in (topics.verdicts, topics.fall_events):
+                metrics.consumer_lag.labels(topic=topic).set(await group_lag.lag(alerting.app_id, topic))
+        except (KafkaError, OSError) as exc:
+            # a gauge must never stop alerting (an error in a faust timer crashes the app): measure next time
+            log.warning("consumer lag not measured (%s); next try in %.0f s", exc, LAG_INTERVAL_S)
+            await group_lag.stop()
 
     @app.on_before_shutdown.connect
     async def close_delivery(sender: faust.App, **kwargs: Any) -> None:
