@@ -16,7 +16,7 @@ import typer
 
 from alerting.bench import bench_alerting
 from cloud_workers.bench import bench_cloud
-from dmd_offline.cli import dmd_app
+from dmd_offline.cli import dmd_app, eval_command
 from edge_workers.bench import bench_edge
 from fallwatch.logs import configure_logging
 from fallwatch.runtime import exit_on_sigterm, run_until_signalled
@@ -37,6 +37,7 @@ bench_app.command("alerting")(bench_alerting)
 bench_app.command("cloud")(bench_cloud)
 bench_app.command("edge")(bench_edge)
 bench_app.command("producer")(bench_producer)
+app.command("eval")(eval_command)
 
 
 @app.callback()

@@ -322,6 +322,35 @@ class DmdSettings(Section):
         return self
 
 
+class EvalSettings(Section):
+    """`fallwatch eval`: labelled clips sampled as cameras, replayed through routing policies and the alert rule."""
+
+    clips: Path | None = Field(None, description="folder with clips.csv (file,label,fall_start_s[,room])")
+    fps: float = Field(2.0, gt=0, le=30, description="sampling rate, as a camera's (`producers.cameras[].fps`)")
+    motion: MotionSettings = Field(MotionSettings(), description="the cameras' motion gate and heartbeat")
+    resize: tuple[PositiveInt, PositiveInt] | None = Field(None, description="[width, height] as a camera's")
+    jpeg_quality: int = Field(85, ge=10, le=100, description="as a camera's")
+    edge_latency_s: float = Field(0.1, ge=0, description="capture → the edge verdict reaches alerting")
+    cloud_latency_s: float = Field(1.0, ge=0, description="edge verdict → the cloud verdict reaches alerting")
+    cloud_shares: list[float] = Field(
+        default_factory=lambda: [0.1, 0.25, 0.5],
+        description="cloud shares at which DMD, uncertainty and random deferral are compared",
+    )
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples by clip for the confidence intervals")
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the confidence intervals")
+    seed: int = Field(0, description="bootstrap, random deferral, the edge model's patch order")
+    batch_size: int = Field(8, ge=1, description="frames (edge) or clips (cloud) per model forward")
+    cache_dir: Path = Field(Path(".cache/eval"), description="model outputs, keyed by clip, sampling and model")
+    report_dir: Path = Field(Path("eval-report"), description="report.md, report.json and the PNG curves")
+
+    @field_validator("cloud_shares")
+    @classmethod
+    def shares_are_shares(cls, shares: list[float]) -> list[float]:
+        if any(not 0 <= share <= 1 for share in shares):
+            raise ValueError(f"every cloud share must be within [0, 1], got {shares}")
+        return sorted(set(shares))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FALLWATCH_", env_nested_delimiter="__", extra="forbid")
 
@@ -335,6 +364,7 @@ class Settings(BaseSettings):
     cloud: CloudSettings = CloudSettings()
     alerting: AlertingSettings = AlertingSettings()
     dmd: DmdSettings = DmdSettings()
+    eval: EvalSettings = EvalSettings()
 
     @classmethod
     def settings_customise_sources(
