@@ -42,7 +42,7 @@ def rule_name(rule: AlertRule) -> str:
 
 
 def cloud_rule_name(rule: AlertRule) -> str:
-    return f"cloud p>={rule.cloud_confirm_probability:.2f}"
+    return f"cloud p>={rule.cloud_confirm_probability:.2f} + a fall within {rule.confirm_within_s:g} s"
 
 
 class WindowEntry(BaseModel):
@@ -113,12 +113,15 @@ class CameraState(BaseModel):
             return None
         falls = [entry for entry in self.window if entry.fall]
         if (
-            falls
-            and verdict.source == "cloud"
+            verdict.source == "cloud"
             and verdict.decision
-            and (verdict.fall_probability >= self.rule.cloud_confirm_probability)
+            and verdict.fall_probability >= self.rule.cloud_confirm_probability
         ):
-            return self._open_alert(verdict, falls, cloud_rule_name(self.rule), now)
+            # one frame, however sure, is not enough: a second fall verdict close to it confirms it
+            within = timedelta(seconds=self.rule.confirm_within_s)
+            pair = [entry for entry in falls if abs(entry.captured_at - verdict.captured_at) <= within]
+            if len(pair) >= 2:
+                return self._open_alert(verdict, pair, cloud_rule_name(self.rule), now)
         if len(falls) >= self.rule.k:
             return self._open_alert(verdict, falls, rule_name(self.rule), now)
         return None

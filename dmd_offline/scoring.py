@@ -151,7 +151,8 @@ def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 
 def f1_of(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
-    return np.nan_to_num(ratio(2 * tp, 2 * tp + fp + fn), nan=0.0)
+    """Fall-class F1; NaN (left out of the intervals) for a resample without a single fall frame."""
+    return np.where(tp + fn > 0, np.nan_to_num(ratio(2 * tp, 2 * tp + fp + fn), nan=0.0), np.nan)
 
 
 def interval(value: float | None, samples: np.ndarray, confidence: float) -> Interval:

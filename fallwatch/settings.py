@@ -218,12 +218,15 @@ class CloudSettings(Section):
 class AlertRule(Section):
     """How alerting confirms, escalates and closes the alerts of one room (defaults, or `alerting.rooms`)."""
 
-    k: int = Field(3, ge=1, description="falls among the last n final verdicts that confirm a fall")
+    k: int = Field(3, ge=2, description="falls among the last n final verdicts that confirm a fall (one never does)")
     n: int = Field(5, ge=1)
     window_s: float = Field(30.0, gt=0, description="verdicts older than this do not count towards k of n")
     cooldown_s: float = Field(60.0, ge=0, description="no new alert for a camera this long after its last closed")
     cloud_confirm_probability: float = Field(
-        0.9, ge=0, le=1, description="a final cloud fall verdict at least this sure confirms at once"
+        0.9, ge=0, le=1, description="a final cloud fall verdict at least this sure confirms with one more fall"
+    )
+    confirm_within_s: float = Field(
+        2.0, ge=0, description="... when that second fall verdict is at most this far from it (capture time)"
     )
     cloud_wait_s: float = Field(
         10.0, gt=0, description="D: wait this long for the cloud's verdict of an offloaded frame, then use the edge's"

@@ -157,15 +157,22 @@ def test_state_survives_a_json_round_trip() -> None:
 # --- cloud confirmation and the cloud wait ---------------------------------------------------------
 
 
-def test_a_sure_cloud_fall_confirms_at_once() -> None:
+def test_a_sure_cloud_fall_confirms_with_a_second_fall_close_to_it() -> None:
     state = new_state()
     unsure = make_verdict("cam", 0, fall=True, source="cloud", fall_probability=0.85)
     sure_edge = make_verdict("cam", 1, fall=True, source="edge", fall_probability=0.99)
     assert observe_all(state, [unsure, sure_edge]) == []
     sure_cloud = make_verdict("cam", 2, fall=True, source="cloud", fall_probability=0.95)
     (alert,) = observe_all(state, [sure_cloud])
-    assert alert.rule == "cloud p>=0.90"
+    assert alert.rule == "cloud p>=0.90 + a fall within 2 s"
     assert alert.evidence_frame_ids == [unsure.frame_id, sure_edge.frame_id, sure_cloud.frame_id]
+
+
+def test_one_sure_frame_alone_opens_nothing() -> None:
+    state = new_state()
+    sure = make_verdict("cam", 0, fall=True, source="cloud", fall_probability=1.0)
+    far = make_verdict("cam", 5, fall=True, source="cloud", fall_probability=1.0, at_s=5.0)
+    assert observe_all(state, [sure, *(make_verdict("cam", s, fall=False) for s in (1, 2, 3, 4)), far]) == []
 
 
 def test_an_offloaded_frame_waits_for_the_cloud_then_falls_back_to_the_edge() -> None:
@@ -265,17 +272,17 @@ def test_answers_on_other_alerts_change_nothing() -> None:
 
 
 def test_rooms_have_their_own_rules() -> None:
-    settings = AlertingSettings(rooms={"icu": {"k": 1, "n": 1, "cloud_wait_s": 2}})
-    assert (settings.rule_for("icu").k, settings.rule_for("icu").cloud_wait_s) == (1, 2.0)
+    settings = AlertingSettings(rooms={"icu": {"k": 2, "n": 2, "cloud_wait_s": 2}})
+    assert (settings.rule_for("icu").k, settings.rule_for("icu").cloud_wait_s) == (2, 2.0)
     assert settings.rule_for("icu").window_s == settings.window_s
     assert settings.rule_for("hall").k == 3
     state = CameraState(rule=settings.rule_for("icu"), camera_id="cam", room="icu")
-    assert len(observe_all(state, [make_verdict("cam", 0, fall=True)])) == 1
+    assert len(observe_all(state, [make_verdict("cam", 0, fall=True), make_verdict("cam", 1, fall=True)])) == 1
 
 
 @pytest.mark.parametrize(
     ("rooms", "message"),
-    [({"icu": {"k": 6}}, "rooms.icu"), ({"icu": {"surprise": 1}}, "surprise")],
+    [({"icu": {"k": 6}}, "rooms.icu"), ({"icu": {"k": 1}}, "rooms.icu"), ({"icu": {"surprise": 1}}, "surprise")],
 )
 def test_bad_room_rules_are_named(rooms: dict[str, dict[str, float]], message: str) -> None:
     with pytest.raises(ValueError, match=message):
