@@ -25,7 +25,7 @@ from dmd_offline.clip_outputs import ClipOutputs
 from edge_workers.routing import Router, RoutingPolicy
 from edge_workers.switcher import Switcher
 from fallwatch.settings import Settings
-from schemas import FallEvent, Verdict
+from schemas import FallEvent, PersonDown, Verdict
 
 EDGE_ONLY, CLOUD_ONLY = "edge-only", "cloud-only"
 DEFERRAL_FAMILIES = ("DMD", "uncertainty", "random")
@@ -108,6 +108,7 @@ class ClipRun:
 
     outputs: ClipOutputs
     alerts: list[FallEvent] = field(default_factory=list)  # alert events in the order alerting sent them
+    person_down: list[PersonDown] = field(default_factory=list)  # person-down changes, in order
     final_fall: dict[int, bool] = field(default_factory=dict)  # frame index → the final verdict alerting counted
     offloaded: int = 0
     cloud_frames: set[int] = field(default_factory=set)  # offloaded frames the cloud model answered (its cost)
@@ -198,12 +199,14 @@ def replay_clip(outputs: ClipOutputs, scores: np.ndarray, policy: Policy, settin
                     heapq.heappush(arrivals, (now, next(order), fallback))
             continue
         index = index_of[verdict.frame_id]
-        event = state.observe(verdict, now)
+        for output in state.observe(verdict, now):
+            if isinstance(output, PersonDown):
+                run.person_down.append(output)
+            else:
+                run.alerts.append(output)
         if verdict.final and index not in run.final_fall:
             run.final_fall[index] = verdict.decision
             run.fallbacks += verdict.source == "edge-fallback"
-        if event is not None:
-            run.alerts.append(event)
     return run
 
 

@@ -32,6 +32,8 @@ def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
     retention_ms = str(int(settings.kafka.frames_retention_hours * 3600 * 1000))
     specs: dict[str, dict[str, str]] = {name: {} for name in topics.all()}
     specs[topics.frames] = {"retention.ms": retention_ms}
+    # the newest record of each camera is its person-down state: compaction keeps it however old
+    specs[topics.person_down] = {"cleanup.policy": "compact"}
     return specs
 
 

@@ -216,17 +216,28 @@ class CloudSettings(Section):
 
 
 class AlertRule(Section):
-    """How alerting confirms, escalates and closes the alerts of one room (defaults, or `alerting.rooms`)."""
+    """How alerting decides that a person is down, and alerts, escalates and closes (defaults, or `alerting.rooms`).
 
-    k: int = Field(3, ge=2, description="falls among the last n final verdicts that confirm a fall (one never does)")
+    The person-down state of a camera (see `alerting.rules`): down when k of the last n final verdicts
+    are falls and the falls have lasted `down_for_s`, or at a sure cloud fall with a second fall close
+    to it; up again after n − k + 1 non-fall verdicts in a row spanning `up_after_s`.
+    """
+
+    k: int = Field(3, ge=2, description="falls among the last n final verdicts that make a person down (one never)")
     n: int = Field(5, ge=1)
-    window_s: float = Field(30.0, gt=0, description="verdicts older than this do not count towards k of n")
+    window_s: float = Field(30.0, gt=0, description="verdicts captured this long before the newest are too late")
+    down_for_s: float = Field(
+        0.0, ge=0, description="...and the falls have lasted this long (first fall verdict to the newest)"
+    )
+    up_after_s: float = Field(
+        0.0, ge=0, description="a person down is up again after n − k + 1 non-falls in a row spanning this long"
+    )
     cooldown_s: float = Field(60.0, ge=0, description="no new alert for a camera this long after its last closed")
     cloud_confirm_probability: float = Field(
         0.9, ge=0, le=1, description="a final cloud fall verdict at least this sure confirms with one more fall"
     )
     confirm_within_s: float = Field(
-        2.0, ge=0, description="... when that second fall verdict is at most this far from it (capture time)"
+        2.0, ge=0, description="... when that second fall verdict is at most this far from it (0: never)"
     )
     cloud_wait_s: float = Field(
         10.0, gt=0, description="D: wait this long for the cloud's verdict of an offloaded frame, then use the edge's"
