@@ -12,9 +12,10 @@ sequence live and in a replay, whatever the cloud's latency; the latency only de
   a person bending over is up again sooner than one who fell), or
 - a final cloud fall verdict with P(fall) ≥ `cloud_confirm_probability` and another fall verdict
   lie within `confirm_within_s` of each other (one frame, however sure, is never enough).
-An episode starts at a fall verdict and ends when the person is *up* again: n − k + 1 non-fall
-verdicts in a row (then k of n cannot hold), spanning at least `up_after_s` once the person was
-down. A single wrong verdict never flips the state either way. Each change is a `PersonDown`
+An episode starts at a fall verdict. Until the person counts as down, two non-fall verdicts in a
+row end it (one wrong frame does not); once down, the person is *up* again after n − k + 1 non-fall
+verdicts in a row (then k of n cannot hold) spanning at least `up_after_s`. A single wrong verdict
+never flips the state either way. Each change is a `PersonDown`
 record (topic `person-down`).
 
 **Alerts.** A down episode opens one alert (at the verdict that confirmed it, or once a cooldown
@@ -43,6 +44,13 @@ from schemas import FallEvent, PersonDown, Verdict, VerdictSource
 ALERT_ID_NAMESPACE = uuid.UUID("6f0f3c1e-2a7b-4d52-9a51-4c1f0e7d2b90")
 
 RuleOutput = FallEvent | PersonDown
+# A sampled frame's capture time is off by up to one source frame (33 ms at 30 fps): "lasted D seconds"
+# allows that much, or falls sampled every 0.5 s from 2.016 s to 4.016 s would not have lasted 2 s.
+CAPTURE_JITTER = timedelta(milliseconds=50)
+# Before the person counts as down, this many non-falls in a row end the stretch of falls (one wrong frame
+# does not); once down, n - k + 1 of them spanning up_after_s are needed: easy to drop a doubt, hard to
+# drop a person down.
+STRETCH_BREAK_FRAMES = 2
 
 
 def alert_id_for(camera_id: str, first_frame_id: str) -> str:
@@ -251,12 +259,14 @@ class CameraState(BaseModel):
             return None
         episode.non_falls.append(entry)
         in_a_row = episode.non_falls
-        if len(in_a_row) < self.rule.n - self.rule.k + 1:
-            return None
+        up_frames = self.rule.n - self.rule.k + 1
         if not episode.down:
-            self.episode = None  # the falls did not last: a bend, a sit, a wrong frame or two
+            if len(in_a_row) >= min(STRETCH_BREAK_FRAMES, up_frames):
+                self.episode = None  # the falls did not last: a bend, a sit, a wrong frame
             return None
-        if entry.captured_at - in_a_row[0].captured_at < timedelta(seconds=self.rule.up_after_s):
+        if len(in_a_row) < up_frames:
+            return None
+        if entry.captured_at - in_a_row[0].captured_at + CAPTURE_JITTER < timedelta(seconds=self.rule.up_after_s):
             return None
         self.episode = None
         return self._person_down_record(episode, room, now, down=False, changed_at=entry.captured_at)
@@ -265,7 +275,7 @@ class CameraState(BaseModel):
         """Which rule makes the person down at this fall verdict, and its evidence (None: not yet)."""
         rule = self.rule
         falls = [e for e in self.window if e.fall and e.captured_at >= episode.first.captured_at]
-        lasted = entry.captured_at - episode.first.captured_at
+        lasted = entry.captured_at - episode.first.captured_at + CAPTURE_JITTER
         if len(falls) >= rule.k and lasted >= timedelta(seconds=rule.down_for_s):
             return rule_name(rule), falls
         if rule.confirm_within_s > 0:

@@ -227,17 +227,17 @@ class AlertRule(Section):
     n: int = Field(5, ge=1)
     window_s: float = Field(30.0, gt=0, description="verdicts captured this long before the newest are too late")
     down_for_s: float = Field(
-        0.0, ge=0, description="...and the falls have lasted this long (first fall verdict to the newest)"
+        2.0, ge=0, description="...and the falls have lasted this long (first fall verdict to the newest)"
     )
     up_after_s: float = Field(
-        0.0, ge=0, description="a person down is up again after n − k + 1 non-falls in a row spanning this long"
+        2.0, ge=0, description="a person down is up again after n − k + 1 non-falls in a row spanning this long"
     )
     cooldown_s: float = Field(60.0, ge=0, description="no new alert for a camera this long after its last closed")
     cloud_confirm_probability: float = Field(
         0.9, ge=0, le=1, description="a final cloud fall verdict at least this sure confirms with one more fall"
     )
     confirm_within_s: float = Field(
-        2.0, ge=0, description="... when that second fall verdict is at most this far from it (0: never)"
+        0.0, ge=0, description="... when that second fall verdict is at most this far from it (0: off)"
     )
     cloud_wait_s: float = Field(
         10.0, gt=0, description="D: wait this long for the cloud's verdict of an offloaded frame, then use the edge's"

@@ -14,7 +14,8 @@ from fallwatch.settings import AlertingSettings
 from schemas import FallEvent, PersonDown, Verdict
 from tests.alerting_helpers import T0, make_verdict
 
-RULE = AlertingSettings(k=3, n=5, window_s=30.0, cooldown_s=60.0)
+# The mechanics of the rule with no duration to wait for and the sure-cloud pair on (the defaults are tested apart)
+RULE = AlertingSettings(k=3, n=5, window_s=30.0, cooldown_s=60.0, down_for_s=0.0, up_after_s=0.0, confirm_within_s=2.0)
 NOW = datetime(2026, 1, 1, 12, 5, tzinfo=UTC)  # wall clock of the pure rule tests
 
 
@@ -311,7 +312,7 @@ def test_answers_on_other_alerts_change_nothing() -> None:
 
 
 def test_rooms_have_their_own_rules() -> None:
-    settings = AlertingSettings(rooms={"icu": {"k": 2, "n": 2, "cloud_wait_s": 2}})
+    settings = AlertingSettings(rooms={"icu": {"k": 2, "n": 2, "down_for_s": 0, "cloud_wait_s": 2}})
     assert (settings.rule_for("icu").k, settings.rule_for("icu").cloud_wait_s) == (2, 2.0)
     assert settings.rule_for("icu").window_s == settings.window_s
     assert settings.rule_for("hall").k == 3
@@ -382,3 +383,19 @@ def test_the_person_down_state_survives_a_restart_of_the_service() -> None:
     restored = CameraState(rule=RULE, **state.model_dump(mode="json"))
     assert restored.person_down and restored == state
     assert person_down_changes(restored, [make_verdict("cam", seq, fall=False) for seq in range(3, 6)])[0].down is False
+
+
+def test_the_default_rule_waits_for_falls_that_last() -> None:
+    defaults = AlertingSettings()
+    assert (defaults.k, defaults.n, defaults.down_for_s, defaults.confirm_within_s) == (3, 5, 2.0, 0.0)
+    state = CameraState(rule=defaults.rule_for("101"), camera_id="cam", room="101")
+    # a bend at 2 fps: sure falls for 1.5 s, then up; even sure cloud verdicts do not make it a fall
+    bend = [make_verdict("cam", i, fall=True, at_s=0.5 * i, source="cloud", fall_probability=0.99) for i in range(4)]
+    standing = [make_verdict("cam", i, fall=False, at_s=0.5 * i) for i in range(4, 8)]
+    assert outputs_of(state, [*bend, *standing]) == []
+    # a fall: the person stays down; the alert opens once the falls have lasted 2 s
+    fall = [make_verdict("cam", i, fall=True, at_s=0.5 * i) for i in range(20, 26)]
+    down, alert = outputs_of(state, fall)
+    assert isinstance(down, PersonDown) and isinstance(alert, FallEvent)
+    assert alert.opened_at == fall[4].captured_at and alert.first_fall_at == fall[0].captured_at
+    assert alert.rule == "3 of 5 for 2 s"
