@@ -1,3 +1,3 @@
-from fallwatch.cli import run_service_command
+from alerting.main import main
 
-run_service_command("alerting")
+main()

@@ -41,9 +41,9 @@ from alerting.delivery import Delivery
 from alerting.metrics import AlertingMetrics
 from alerting.rules import CameraState
 from alerting.store import AlertStore
-from fallwatch.kafka_io import dead_letter_for
-from fallwatch.logs import configure_logging
-from fallwatch.settings import Settings
+from core.kafka_io import dead_letter_for
+from core.logs import configure_logging
+from core.settings import Settings
 from schemas import FallEvent, PersonDown, SchemaError, Verdict, decode, encode, utc_now
 
 log = logging.getLogger(__name__)

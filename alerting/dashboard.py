@@ -38,9 +38,9 @@ from redis.exceptions import RedisError
 
 from alerting.metrics import DashboardMetrics
 from alerting.store import AlertStore
-from fallwatch.kafka_io import make_producer
-from fallwatch.logs import configure_logging
-from fallwatch.settings import ConfigError, Settings
+from core.kafka_io import make_producer
+from core.logs import configure_logging
+from core.settings import ConfigError, Settings
 from schemas import AlertState, FallEvent, Label, LabelVerdict, encode, utc_now
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from alerting.metrics import AlertingMetrics
 from alerting.snapshots import find_frame_jpeg
 from alerting.store import AlertStore
 from alerting.webhooks import WebhookSender
-from fallwatch.settings import Settings
+from core.settings import Settings
 from schemas import FallEvent
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import logging
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from fallwatch.metrics import ServedMetrics
+from core.metrics import ServedMetrics
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from statistics import fmean
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fallwatch.settings import AlertRule
+from core.settings import AlertRule
 from schemas import FallEvent, PersonDown, Verdict, VerdictSource
 
 # fixed namespace of alert ids: uuid5(namespace, camera + first fall frame of the episode) is deterministic

@@ -15,8 +15,8 @@ from datetime import datetime
 from aiokafka import TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from fallwatch.kafka_io import make_consumer, topic_partitions
-from fallwatch.settings import Settings
+from core.kafka_io import make_consumer, topic_partitions
+from core.settings import Settings
 from schemas import Frame, SchemaError, decode
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import time
 
 import aiohttp
 
-from fallwatch.settings import AlertingSettings
+from core.settings import AlertingSettings
 from schemas import FallEvent, encode
 
 log = logging.getLogger(__name__)

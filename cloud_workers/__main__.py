@@ -1,3 +1,3 @@
-from fallwatch.cli import run_service_command
+from cloud_workers.main import main
 
-run_service_command("cloud")
+main()

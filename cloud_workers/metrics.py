@@ -10,7 +10,7 @@ from typing import Literal
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from fallwatch.metrics import ServedMetrics
+from core.metrics import ServedMetrics
 
 # "cloud": answered by the model; "deadline": past its deadline, the edge answer is final;
 # "no_clip": neither the clip nor the frame could be read, the edge answer is final;

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from cloud_workers.model import Clip
-from fallwatch.settings import ConfigError
+from core.settings import ConfigError
 
 MODEL_TYPE = "fallwatch-pose-fall"
 MEDIAPIPE_INSTALL = "pip install --no-deps mediapipe==0.10.14"

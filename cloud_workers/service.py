@@ -34,12 +34,12 @@ from redis.asyncio import Redis
 
 from cloud_workers.batching import Arrival, Batch, collect_batch, while_paused
 from cloud_workers.energy import BatchCost, CostMeter, open_energy_meter
+from cloud_workers.loading import load_cloud_model
 from cloud_workers.metrics import CloudMetrics
 from cloud_workers.model import Clip, CloudModel
-from fallwatch.images import decode_jpeg_rgb
-from fallwatch.kafka_io import commit_held_offsets, decode_batch, make_consumer, make_producer, send
-from fallwatch.models import load_cloud_model
-from fallwatch.settings import Settings
+from core.images import decode_jpeg_rgb
+from core.kafka_io import commit_held_offsets, decode_batch, make_consumer, make_producer, send
+from core.settings import Settings
 from schemas import CloudRequest, Frame, SchemaError, Verdict, decode, utc_now
 
 log = logging.getLogger(__name__)

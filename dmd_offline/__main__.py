@@ -1,3 +1,3 @@
-from fallwatch.cli import run_service_command
+from dmd_offline.cli import main
 
-run_service_command("dmd")
+main()

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from pydantic import BaseModel, ValidationError
 
-from fallwatch.settings import ConfigError
+from core.entry import run_app, settings_with_logging
+from core.settings import ConfigError
 
 if TYPE_CHECKING:
-    from fallwatch.settings import Settings
+    from core.settings import Settings
 
-dmd_app = typer.Typer(no_args_is_help=True, help="Dual-Model Distillation offline tools.")
+dmd_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Dual-Model Distillation offline tools.")
 
 Workdir = Annotated[Path | None, typer.Option(help="work directory of the steps (default: dmd.workdir)")]
 Source = Annotated[str | None, typer.Option(help="kafka, images or videos (default: dmd.source)")]
@@ -49,8 +50,6 @@ def with_options(section: S, options: dict[str, Any]) -> S:
 
 def configured(**overrides: Any) -> Settings:
     """Settings (with logging configured) and the given `dmd` options applied, validated like the config."""
-    from fallwatch.cli import settings_with_logging
-
     settings = settings_with_logging()
     settings.dmd = with_options(settings.dmd, overrides)
     return settings
@@ -221,7 +220,6 @@ def eval_command(
 
     from dmd_offline.event_eval import run_event_eval
     from dmd_offline.event_report import print_table, write_event_report
-    from fallwatch.cli import settings_with_logging
 
     started = time.perf_counter()
     settings = settings_with_logging()
@@ -248,3 +246,7 @@ def eval_command(
 
 
 dmd_app.command("eval")(eval_command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_app(dmd_app, argv)

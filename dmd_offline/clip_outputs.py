@@ -34,17 +34,15 @@ import torch
 from tqdm import tqdm
 
 import cloud_workers.model
-import cloud_workers.pose
 import producers.motion
 import producers.video
 from cloud_workers.energy import CostMeter, open_energy_meter
 from cloud_workers.model import CloudModel, resolve_device
-from cloud_workers.pose import is_pose_checkpoint
+from core.clips import ClipBuffers
+from core.images import decode_jpeg_rgb
+from core.settings import ConfigError, Settings
 from dmd_offline.clips import LabelledClip
 from edge_workers.model import EdgeModel, ViltEdgeModel
-from edge_workers.service import ClipBuffers
-from fallwatch.images import decode_jpeg_rgb
-from fallwatch.settings import ConfigError, Settings
 from producers.motion import MotionGate
 from producers.video import SourceError, encode_jpeg, resize, sample_frames
 from schemas import Frame
@@ -184,8 +182,10 @@ def edge_identity(settings: Settings, hashes: FileHashes) -> dict[str, Any]:
 
 
 def cloud_identity(settings: Settings, hashes: FileHashes) -> dict[str, Any]:
+    from cloud_workers import pose  # imported for a pose checkpoint only, as the cloud worker does
+
     cloud, edge = settings.cloud, settings.edge
-    wrapper = cloud_workers.pose if is_pose_checkpoint(cloud.model) else cloud_workers.model
+    wrapper = pose if pose.is_pose_checkpoint(cloud.model) else cloud_workers.model
     return {
         "model": cloud.model,
         "revision": cloud.revision,

@@ -9,7 +9,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from fallwatch.settings import ConfigError
+from core.settings import ConfigError
 
 LABEL_VALUES = {"fall": 1, "no_fall": 0, "1": 1, "0": 0}
 CLIPS_CSV = "clips.csv"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from fallwatch.settings import ConfigError
+from core.settings import ConfigError
 
 MANIFEST_FILE = "manifest.json"
 SHARD_PATTERN = "shard-*.npz"

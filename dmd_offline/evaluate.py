@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.settings import DmdSettings
 from dmd_offline.dataset import DmdData
 from dmd_offline.metrics import (
     Outcomes,
@@ -31,7 +32,6 @@ from dmd_offline.metrics import (
     uncertainty_order,
 )
 from edge_workers.switcher import Switcher
-from fallwatch.settings import DmdSettings
 
 RANDOM_CURVE_SEEDS = 20  # the random baseline's curve is averaged over this many orders
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from core.settings import AlertRule, ConfigError, Settings
 from dmd_offline.clip_outputs import CLIP_START, CacheStats, ClipOutputs, LazyModels, clip_outputs
 from dmd_offline.clips import LabelledClip, read_labelled_clips
 from dmd_offline.event_replay import ClipRun, Policy, Scores, policies, replay
 from dmd_offline.scoring import ClipFacts, ClipScore, PolicyScores, aggregate, score_clip
 from edge_workers.switcher import SwitcherMetadata, check_compatible, latest_version, load_switcher
-from fallwatch.settings import AlertRule, ConfigError, Settings
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,8 @@ def evaluate_policies(evaluation: EventEvaluation, scores: Scores, settings: Set
 
 def run_event_eval(settings: Settings, folder: Path, models: LazyModels | None = None) -> EventEvaluation:
     """Models on every clip (or the cache), then every policy through the router and the alert rule."""
-    from fallwatch.models import load_cloud_model, load_edge_model
+    from cloud_workers.loading import load_cloud_model
+    from edge_workers.model import load_edge_model
 
     clips = read_labelled_clips(folder)
     if not clips:

@@ -21,10 +21,10 @@ from datetime import datetime, timedelta
 import numpy as np
 
 from alerting.rules import CameraState
+from core.settings import Settings
 from dmd_offline.clip_outputs import ClipOutputs
 from edge_workers.routing import Router, RoutingPolicy
 from edge_workers.switcher import Switcher
-from fallwatch.settings import Settings
 from schemas import FallEvent, PersonDown, Verdict
 
 EDGE_ONLY, CLOUD_ONLY = "edge-only", "cloud-only"

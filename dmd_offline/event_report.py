@@ -15,10 +15,10 @@ import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
+from core.settings import Settings
 from dmd_offline.event_eval import EventEvaluation, PolicyResult
 from dmd_offline.event_replay import CLOUD_ONLY, DEFERRAL_FAMILIES, EDGE_ONLY
 from dmd_offline.scoring import Interval
-from fallwatch.settings import Settings
 
 COLUMNS = [
     "policy",

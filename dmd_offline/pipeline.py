@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cloud_workers.loading import load_cloud_model
 from cloud_workers.model import CloudModel
+from core.settings import ConfigError, Settings
 from dmd_offline.dataset import (
     DmdData,
     assign_missing_splits,
@@ -40,8 +42,7 @@ from dmd_offline.sources import (
 )
 from dmd_offline.threshold import ThresholdChoice, bucket_threshold, budget_threshold
 from dmd_offline.train import TrainingReport, load_trained, save_trained, train_switcher
-from edge_workers.model import EdgeModel
-from fallwatch.settings import ConfigError, Settings
+from edge_workers.model import EdgeModel, load_edge_model
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,6 @@ async def replay_items(settings: Settings) -> AsyncIterator[ReplayItem]:
 def run_replay(
     settings: Settings, edge_model: EdgeModel | None = None, cloud_model: CloudModel | None = None
 ) -> ReplaySummary:
-    from fallwatch.models import load_cloud_model, load_edge_model
-
     dmd = settings.dmd
     source = source_description(settings)
     if not dmd.run_cloud_model and dmd.source != "kafka":

@@ -9,13 +9,13 @@ from pathlib import Path
 from redis import Redis
 from redis.exceptions import RedisError
 
+from core.settings import ConfigError, Settings
 from dmd_offline.dataset import DatasetManifest
 from dmd_offline.evaluate import Evaluation
 from dmd_offline.threshold import ThresholdChoice
 from dmd_offline.train import TrainingReport
 from edge_workers.registry import announce_switcher
 from edge_workers.switcher import Switcher, SwitcherMetadata, new_version, save_switcher
-from fallwatch.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 

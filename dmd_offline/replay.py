@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from cloud_workers.energy import CostMeter, open_energy_meter
 from cloud_workers.model import CloudModel
+from core.settings import Settings
 from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdRow, done_input_ids, write_manifest, write_shard
 from dmd_offline.sources import ReplayItem
 from edge_workers.model import EdgeModel
-from fallwatch.settings import Settings
 
 log = logging.getLogger(__name__)
 

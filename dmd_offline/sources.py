@@ -19,11 +19,11 @@ from typing import TypeVar
 import numpy as np
 from aiokafka import TopicPartition
 
+from core.clips import ClipBuffers
+from core.images import decode_jpeg_rgb
+from core.kafka_io import make_consumer, topic_partitions
+from core.settings import ConfigError, Settings
 from dmd_offline.clips import LABEL_VALUES, read_csv, read_labelled_clips
-from edge_workers.service import ClipBuffers
-from fallwatch.images import decode_jpeg_rgb
-from fallwatch.kafka_io import make_consumer, topic_partitions
-from fallwatch.settings import ConfigError, Settings
 from producers.video import SourceError, encode_jpeg, sample_frames
 from schemas import Frame, Label, Message, SchemaError, Verdict, decode
 

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.settings import ConfigError, DmdSettings
 from dmd_offline.dataset import DmdData
 from edge_workers.model import torch_threads
 from edge_workers.switcher import Switcher
-from fallwatch.settings import ConfigError, DmdSettings
 
 WEIGHTS_FILE = "switcher.safetensors"
 TRAINING_FILE = "training.json"

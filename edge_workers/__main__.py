@@ -1,3 +1,3 @@
-from fallwatch.cli import run_service_command
+from edge_workers.main import main
 
-run_service_command("edge")
+main()

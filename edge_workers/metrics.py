@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from fallwatch.metrics import ServedMetrics
+from core.metrics import ServedMetrics
 
 # Per-frame stage latencies span 10 µs (switcher) to seconds (real-size ViLT on a small CPU).
 LATENCY_BUCKETS_S = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

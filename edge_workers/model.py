@@ -20,6 +20,9 @@ import torch
 from torch import nn
 from transformers import ViltForQuestionAnswering, ViltProcessor
 
+from core.checkpoints import loading
+from core.settings import Settings
+
 logger = logging.getLogger(__name__)
 
 # ViLT's text position embeddings stop at 40 tokens (config.max_position_embeddings).
@@ -177,3 +180,15 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def load_edge_model(settings: Settings) -> EdgeModel:
+    edge = settings.edge
+    with loading("edge", edge.model):
+        return ViltEdgeModel.from_pretrained(
+            edge.model,
+            edge.question,
+            revision=edge.revision,
+            quantize_int8=edge.quantize_int8,
+            bf16_autocast=edge.bf16_autocast,
+        )

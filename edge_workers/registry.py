@@ -23,8 +23,8 @@ from pathlib import Path
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
+from core.settings import ConfigError
 from edge_workers.switcher import Switcher, SwitcherMetadata, check_compatible, latest_version, load_switcher
-from fallwatch.settings import ConfigError
 
 log = logging.getLogger(__name__)
 

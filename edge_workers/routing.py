@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from fallwatch.settings import EdgeSettings
+from core.settings import EdgeSettings
 from schemas import OffloadReason, Routing
 
 # 0.1 * 30 is 3.0000000000000004 or 2.9999999999999996 in floats: round such products fairly.

@@ -19,19 +19,16 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import numpy as np
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
-from edge_workers.metrics import EdgeMetrics
-from edge_workers.model import EdgeModel, torch_threads
-from edge_workers.registry import ActiveSwitcher, SwitcherRegistry
-from edge_workers.routing import RouteDecision, Router, RoutingPolicy
-from fallwatch.images import decode_jpeg_rgb, keep_freed_image_memory
-from fallwatch.kafka_io import (
+from core.clips import ClipBuffers
+from core.images import decode_jpeg_rgb, keep_freed_image_memory
+from core.kafka_io import (
     commit_held_offsets,
     decode_batch,
     make_consumer,
@@ -39,8 +36,11 @@ from fallwatch.kafka_io import (
     send,
     send_dead_letter,
 )
-from fallwatch.models import load_edge_model
-from fallwatch.settings import Settings
+from core.settings import Settings
+from edge_workers.metrics import EdgeMetrics
+from edge_workers.model import EdgeModel, load_edge_model, torch_threads
+from edge_workers.registry import ActiveSwitcher, SwitcherRegistry
+from edge_workers.routing import RouteDecision, Router, RoutingPolicy
 from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, OffloadReason, Verdict, utc_now
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,6 @@ MAX_BATCHES_IN_FLIGHT = 4
 # broker returns an oversized record whole when its partition comes first in a fetch, and an empty answer
 # (never a truncated one) otherwise.
 FRAMES_FETCH_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class BufferedFrame:
-    frame_id: str
-    captured_at: datetime
-    jpeg: bytes
 
 
 @dataclass(frozen=True)
@@ -101,29 +94,6 @@ class EdgeAnswer:
     decision: bool
     score: float
     route: RouteDecision
-
-
-class ClipBuffers:
-    """A ring buffer of each camera's recent frames, for the clip of an offloaded frame."""
-
-    def __init__(self, clip_frames: int, clip_seconds: float) -> None:
-        self.clip_frames = clip_frames
-        self.clip_span = timedelta(seconds=clip_seconds)
-        self.by_camera: dict[str, deque[BufferedFrame]] = {}
-
-    def add(self, frame: Frame) -> None:
-        buffer = self.by_camera.setdefault(frame.camera_id, deque(maxlen=self.clip_frames))
-        buffer.append(BufferedFrame(frame.frame_id, frame.captured_at, frame.jpeg))
-
-    def clip_ending_at(self, frame: Frame) -> list[BufferedFrame]:
-        """The buffered frames of the camera up to and including `frame`, within the clip span."""
-        clip: list[BufferedFrame] = []
-        for buffered in self.by_camera.get(frame.camera_id, ()):
-            if frame.captured_at - self.clip_span <= buffered.captured_at <= frame.captured_at:
-                clip.append(buffered)
-            if buffered.frame_id == frame.frame_id:
-                break
-        return clip
 
 
 class EdgeWorker:

@@ -1,6 +1,6 @@
 """The `fallwatch` command line: one subcommand per service, the local stack, models, the demo.
 
-Every service also runs as `python -m <package>`, which is the same command.
+Every service also runs as `python -m <package>`, which is the same command (`<package>.main`).
 A user mistake (bad config, missing file, unreachable stack) prints one line
 and exits with status 2; tracebacks are for bugs.
 """
@@ -8,21 +8,24 @@ and exits with status 2; tracebacks are for bugs.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from alerting.bench import bench_alerting
-from cloud_workers.bench import bench_cloud
+from alerting.main import alerting, dashboard
+from cloud_workers.main import cloud
+from core.entry import run_app, settings_with_logging
+from core.logs import configure_logging
+from core.settings import CONFIG_ENV, ConfigError, Settings
 from dmd_offline.cli import dmd_app, eval_command
-from edge_workers.bench import bench_edge
-from fallwatch.logs import configure_logging
-from fallwatch.runtime import exit_on_sigterm, run_until_signalled
-from fallwatch.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
-from producers.bench import bench_producer
+from edge_workers.main import edge
+from fallwatch.benchmarks.alerting import bench_alerting
+from fallwatch.benchmarks.cloud_command import bench_cloud
+from fallwatch.benchmarks.edge_command import bench_edge
+from fallwatch.benchmarks.producer_command import bench_producer
 from producers.cli import cameras_app
+from producers.main import producer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="The local Kafka + Redis stack.")
@@ -51,17 +54,11 @@ def root(
         os.environ[CONFIG_ENV] = str(config)
 
 
-def settings_with_logging() -> Settings:
-    settings = load_settings()
-    configure_logging(settings.log_level)
-    return settings
-
-
 # --- local stack ------------------------------------------------------------------------------
 @stack_app.command("up")
 def stack_up() -> None:
     """Start Kafka (KRaft) and redis-server locally and create the topics."""
-    from fallwatch.kafka_io import topic_specs
+    from core.kafka_io import topic_specs
     from fallwatch.stack import LocalStack
 
     settings = settings_with_logging()
@@ -98,74 +95,19 @@ def stack_status() -> None:
         raise typer.Exit(1)
 
 
-# --- services ---------------------------------------------------------------------------------
-@app.command("producer")
-def producer(
-    video: Annotated[
-        list[Path] | None, typer.Option(help="add a camera that streams this video file (repeatable)")
-    ] = None,
-    fps: Annotated[float, typer.Option(help="sampling rate of --video cameras")] = 2.0,
-) -> None:
-    """Stream the configured cameras (and any --video files) to the `frames` topic."""
-    from producers.service import run_producers
-
-    settings = settings_with_logging()
-    if video:
-        settings.producers.cameras.extend(video_cameras(video, fps))
-    if not settings.producers.cameras:
-        raise ConfigError("no cameras: list them under producers.cameras in the config, or pass --video FILE")
-    run_until_signalled(lambda stop: run_producers(settings, stop))
-
-
-def video_cameras(videos: list[Path], fps: float) -> list[CameraSettings]:
-    missing = [str(path) for path in videos if not path.is_file()]
-    if missing:
-        raise ConfigError(f"video file not found: {', '.join(missing)}")
-    return [
-        CameraSettings(id=f"cam-{index}", room=path.stem, url=str(path), fps=fps)
-        for index, path in enumerate(videos, start=1)
-    ]
-
-
-@app.command("edge")
-def edge() -> None:
-    """Run an edge worker (consumer group on `frames`)."""
-    from edge_workers.service import run_edge_worker
-
-    settings = settings_with_logging()
-    run_until_signalled(lambda stop: run_edge_worker(settings, stop))
-
-
-@app.command("cloud")
-def cloud() -> None:
-    """Run a cloud worker (consumer group on `cloud-requests`)."""
-    from cloud_workers.service import run_cloud_worker
-
-    settings = settings_with_logging()
-    run_until_signalled(lambda stop: run_cloud_worker(settings, stop))
-
-
-@app.command("alerting")
-def alerting() -> None:
-    """Run the alerting service (faust app on `verdicts`)."""
-    from alerting.app import run_alerting
-
-    run_alerting(settings_with_logging())
-
-
-@app.command("dashboard")
-def dashboard() -> None:
-    """Run the caregivers' web dashboard (needs alerting.dashboard_token)."""
-    from alerting.dashboard import run_dashboard
-
-    run_dashboard(settings_with_logging())
+# --- services: the same commands as `python -m <package>` -------------------------------------
+app.command("producer")(producer)
+app.command("edge")(edge)
+app.command("cloud")(cloud)
+app.command("alerting")(alerting)
+app.command("dashboard")(dashboard)
 
 
 # --- models -----------------------------------------------------------------------------------
 @models_app.command("tiny")
 def models_tiny(directory: Annotated[Path, typer.Argument(help="where to write the tiny checkpoints")]) -> None:
     """Build tiny random (UNTRAINED) models of the real classes, and an untrained switcher."""
-    from fallwatch.models import build_tiny_models
+    from fallwatch.devkit.models import build_tiny_models
 
     configure_logging()
     paths = build_tiny_models(directory)
@@ -182,7 +124,7 @@ def models_train_reference(
     limit_per_split: Annotated[int | None, typer.Option(help="only the first N images of each split")] = None,
 ) -> None:
     """Train the reference pair here: a compact ViLT edge model and a BlazePose cloud model (no test images)."""
-    from dmd_offline.reference import train_reference_pair
+    from fallwatch.devkit.reference import train_reference_pair
 
     configure_logging()
     summary = train_reference_pair(dataset, output, Settings().edge.question, seed, limit_per_split)
@@ -218,15 +160,4 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_on_sigterm()
-    # click itself turns usage errors into one line and exit status 2; our own mistakes are ConfigErrors
-    try:
-        app(args=argv)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-
-
-def run_service_command(name: str) -> None:
-    """`python -m <package>`: the same as `fallwatch <name>`."""
-    main([name, *sys.argv[1:]])
+    run_app(app, argv)

@@ -28,11 +28,11 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from core.kafka_io import consumer_group_lag, make_consumer
+from core.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
 from dmd_offline.clips import CLIPS_CSV, LabelledClip, read_labelled_clips
 from dmd_offline.scoring import score_clip
-from fallwatch.kafka_io import consumer_group_lag, make_consumer
-from fallwatch.models import REFERENCE_MODELS, ModelPaths, build_tiny_models, reference_models
-from fallwatch.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
+from fallwatch.devkit.models import REFERENCE_MODELS, ModelPaths, build_tiny_models, reference_models
 from fallwatch.stack import fresh_run, local_stack_settings
 from producers.service import run_producers
 from schemas import FallEvent, Verdict, decode

@@ -4,7 +4,7 @@ Kafka's jars come from Maven Central (pinned version, cached under the cache
 directory) and the broker runs with plain `java`; redis-server is the Debian
 package. Pids, ports and logs live in the state directory, so `stack status`
 and `stack down` work from another process, and services find the addresses
-through `stack.json` (see fallwatch.settings).
+through `stack.json` (see core.settings).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from fallwatch.kafka_io import topic_specs
-from fallwatch.settings import ConfigError, Settings
+from core.kafka_io import topic_specs
+from core.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 

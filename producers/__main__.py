@@ -1,3 +1,3 @@
-from fallwatch.cli import run_service_command
+from producers.main import main
 
-run_service_command("producer")
+main()

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from fallwatch.settings import CameraSettings, ProducerSettings
+from core.settings import CameraSettings, ProducerSettings
+from core.urls import redact, source_kind
 from producers.motion import MotionGate, Trigger
-from producers.urls import redact, source_kind
 from producers.video import SourceError, encode_jpeg, open_capture, resize, sample_capture
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,7 @@ def cameras_status(
     from rich.console import Console
     from rich.table import Table
 
-    from fallwatch.settings import load_settings
+    from core.settings import load_settings
     from producers.status import read_statuses, status_rows
 
     settings = load_settings()

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fallwatch.metrics import ServedMetrics
-from fallwatch.settings import CameraSettings, ProducerSettings
+from core.metrics import ServedMetrics
+from core.settings import CameraSettings, ProducerSettings
 from producers.camera import CameraStats
 
 COUNTERS = {

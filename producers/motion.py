@@ -13,7 +13,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from fallwatch.settings import MotionSettings
+from core.settings import MotionSettings
 
 Trigger = Literal["motion", "heartbeat", "always"]
 

@@ -19,12 +19,12 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from fallwatch.kafka_io import make_producer, send
-from fallwatch.settings import CameraSettings, ConfigError, ProducerSettings, Settings
+from core.kafka_io import make_producer, send
+from core.settings import CameraSettings, ConfigError, ProducerSettings, Settings
+from core.urls import redact, source_kind
 from producers.camera import CameraCapture, CameraStats, CapturedFrame
 from producers.metrics import serve_metrics
 from producers.status import run_status_writer
-from producers.urls import redact, source_kind
 from schemas import Frame
 
 log = logging.getLogger(__name__)

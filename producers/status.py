@@ -20,9 +20,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from fallwatch.settings import CameraSettings, ConfigError, Settings
+from core.settings import CameraSettings, ConfigError, Settings
+from core.urls import redact
 from producers.camera import CameraStats
-from producers.urls import redact
 
 log = logging.getLogger(__name__)
 

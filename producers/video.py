@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from producers.urls import redact, source_kind
+from core.urls import redact, source_kind
 
 # RTSP over TCP: no lost UDP packets (smeared frames) behind NAT or on a busy Wi-Fi; set before the
 # first capture opens, because OpenCV reads it per open and offers no per-capture option for it

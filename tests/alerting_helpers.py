@@ -24,8 +24,8 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from fallwatch.kafka_io import make_consumer, make_producer
-from fallwatch.settings import Settings
+from core.kafka_io import make_consumer, make_producer
+from core.settings import Settings
 from fallwatch.stack import StackState, free_port
 from schemas import FallEvent, Message, Verdict, VerdictSource, decode, encode
 from tests.conftest import REPO, settings_for, write_config

@@ -25,9 +25,9 @@ import yaml
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from fallwatch.kafka_io import make_consumer, topic_specs
-from fallwatch.models import ModelPaths, build_tiny_models
-from fallwatch.settings import CONFIG_ENV, Settings
+from core.kafka_io import make_consumer, topic_specs
+from core.settings import CONFIG_ENV, Settings
+from fallwatch.devkit.models import ModelPaths, build_tiny_models
 from fallwatch.stack import LocalStack, StackState, create_topics
 from schemas import Message, Topics, decode
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from alerting.rules import CameraState, alert_id_for
-from fallwatch.settings import AlertingSettings
+from core.settings import AlertingSettings
 from schemas import FallEvent, PersonDown, Verdict
 from tests.alerting_helpers import T0, make_verdict
 

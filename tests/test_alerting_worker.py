@@ -24,7 +24,7 @@ import redis
 from alerting.rules import alert_id_for, rule_name
 from alerting.store import ALERT_STREAM_KEY, alert_key, open_alert_key
 from alerting.webhooks import WebhookSender, signature_is_valid
-from fallwatch.settings import CONFIG_ENV, AlertingSettings, RedisSettings, Settings
+from core.settings import CONFIG_ENV, AlertingSettings, RedisSettings, Settings
 from fallwatch.stack import LocalStack, StackState, free_port, stop_pid
 from schemas import DeadLetter, FallEvent, PersonDown, Verdict, decode, utc_now
 from tests.alerting_helpers import (

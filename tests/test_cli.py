@@ -17,10 +17,10 @@ import pytest
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
+from core.settings import CONFIG_ENV, load_settings
 from dmd_offline.clips import LabelledClip
 from fallwatch.cli import app
 from fallwatch.demo import clip_outcome
-from fallwatch.settings import CONFIG_ENV, load_settings
 from fallwatch.stack import LocalStack, pid_alive, stop_pid
 from schemas import FallEvent, Topics
 from tests.conftest import run_fallwatch

@@ -20,7 +20,7 @@ from cloud_workers.model import (
     sample_frames,
     video_tokens_per_frame,
 )
-from cloud_workers.tiny import (
+from fallwatch.devkit.tiny_cloud import (
     TINY_TOKENS_PER_FRAME,
     build_random_full_size_cloud_model,
     build_tiny_cloud_model,

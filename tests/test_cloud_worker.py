@@ -24,15 +24,15 @@ import pytest
 import torch
 from aiokafka import AIOKafkaProducer
 
-from cloud_workers.benchmark import encode_jpeg, publish_requests, synthetic_clip
 from cloud_workers.energy import CostMeter, RaplEnergyMeter
 from cloud_workers.model import LlavaVideoCloudModel
 from cloud_workers.service import CloudWorker, decode_clips, run_cloud_worker
+from core.images import decode_jpeg_rgb
+from core.kafka_io import consumer_group_lag, make_producer
+from core.settings import Settings
+from fallwatch.benchmarks.cloud import encode_jpeg, publish_requests, synthetic_clip
 from fallwatch.cli import main
-from fallwatch.images import decode_jpeg_rgb
-from fallwatch.kafka_io import consumer_group_lag, make_producer
-from fallwatch.models import ModelPaths
-from fallwatch.settings import Settings
+from fallwatch.devkit.models import ModelPaths
 from schemas import CloudRequest, DeadLetter, KafkaPosition, Verdict, encode
 from tests.conftest import (
     REPO,

@@ -29,7 +29,7 @@ from selenium.webdriver.common.by import By
 
 from alerting.dashboard import label_id_for
 from alerting.store import alert_key, frame_label_key
-from fallwatch.settings import Settings
+from core.settings import Settings
 from fallwatch.stack import StackState, free_port, port_accepts
 from schemas import FallEvent, Frame, Label, decode, encode, utc_now
 from tests.alerting_helpers import (

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.settings import DmdSettings
 from dmd_offline.dataset import (
     UNKNOWN,
     DatasetManifest,
@@ -20,7 +21,6 @@ from dmd_offline.evaluate import Curve, evaluate, normalised_auc
 from dmd_offline.metrics import Outcomes, classification_scores
 from dmd_offline.threshold import bucket_threshold, budget_threshold
 from edge_workers.switcher import Switcher
-from fallwatch.settings import DmdSettings
 
 MANIFEST = DatasetManifest(source="constructed", edge_model="edge", cloud_model="cloud", hidden_size=1)
 

@@ -20,16 +20,16 @@ import pytest
 from redis import Redis
 
 from cloud_workers.model import Clip, LlavaVideoCloudModel
+from core.kafka_io import make_producer, send
+from core.settings import Settings
 from dmd_offline.dataset import load_dataset, shard_paths
 from dmd_offline.pipeline import as_async
 from dmd_offline.replay import replay
 from dmd_offline.sources import ReplayItem, image_folder_items, video_folder_items
-from edge_workers.model import ViltEdgeModel
+from edge_workers.model import ViltEdgeModel, load_edge_model
 from edge_workers.registry import SwitcherRegistry
 from edge_workers.switcher import latest_version, load_switcher
-from fallwatch.kafka_io import make_producer, send
-from fallwatch.models import ModelPaths, load_edge_model
-from fallwatch.settings import Settings
+from fallwatch.devkit.models import ModelPaths
 from schemas import Frame, Label, Verdict
 from tests.conftest import SHARED_DATASETS, run_fallwatch, settings_for, write_config
 

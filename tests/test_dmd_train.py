@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.settings import ConfigError, DmdSettings
 from dmd_offline.dataset import DatasetManifest, DmdData, DmdRow
 from dmd_offline.train import load_trained, save_trained, train_switcher
-from fallwatch.settings import ConfigError, DmdSettings
 
 HIDDEN = 24
 

@@ -19,6 +19,8 @@ from PIL import Image
 from torch import nn
 from transformers import ViltForQuestionAnswering
 
+from core.images import decode_jpeg_rgb
+from core.settings import DEFAULT_QUESTION
 from edge_workers.model import EdgeBatch, EdgeModel, ViltEdgeModel
 from edge_workers.switcher import (
     Switcher,
@@ -31,9 +33,7 @@ from edge_workers.switcher import (
     new_version,
     save_switcher,
 )
-from edge_workers.tiny import build_tiny_edge_model, real_size_processor, set_fall_bias
-from fallwatch.images import decode_jpeg_rgb
-from fallwatch.settings import DEFAULT_QUESTION
+from fallwatch.devkit.tiny_edge import build_tiny_edge_model, real_size_processor, set_fall_bias
 from tests.conftest import SHARED_DATASETS
 
 FALL_IMAGES = SHARED_DATASETS / "falls-fallaction" / "images"

@@ -26,14 +26,14 @@ from aiokafka import TopicPartition
 from redis import Redis
 
 from alerting.rules import CameraState
-from edge_workers.model import EdgeModel
+from core.images import decode_jpeg_rgb
+from core.kafka_io import consumer_group_lag, make_consumer, make_producer
+from core.settings import AlertRule, Settings
+from edge_workers.model import EdgeModel, load_edge_model
 from edge_workers.registry import announce_switcher
 from edge_workers.service import FRAMES_FETCH_BYTES, AnsweredBatch, CommitQueue, EdgeWorker
 from edge_workers.switcher import create_untrained_switcher, latest_version, load_switcher
-from fallwatch.images import decode_jpeg_rgb
-from fallwatch.kafka_io import consumer_group_lag, make_consumer, make_producer
-from fallwatch.models import ModelPaths, load_edge_model
-from fallwatch.settings import AlertRule, Settings
+from fallwatch.devkit.models import ModelPaths
 from fallwatch.stack import free_port
 from schemas import CloudRequest, DeadLetter, Frame, Verdict, encode
 from tests.conftest import (

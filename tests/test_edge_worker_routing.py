@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import ConfigError, EdgeSettings
 from edge_workers.registry import SwitcherRegistry
 from edge_workers.routing import Router, RoutingPolicy
 from edge_workers.switcher import create_untrained_switcher
-from fallwatch.settings import ConfigError, EdgeSettings
 
 
 class ManualClock:

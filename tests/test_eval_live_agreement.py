@@ -20,15 +20,17 @@ import numpy as np
 import torch
 from transformers import ViltForQuestionAnswering
 
+from cloud_workers.loading import load_cloud_model
 from cloud_workers.service import CloudWorker
+from core.settings import CameraSettings, Settings
 from dmd_offline.clip_outputs import CLIP_START, ClipOutputs, LazyModels, camera_id_for, clip_outputs
 from dmd_offline.clips import read_labelled_clips
 from dmd_offline.event_replay import Scores, policies, replay
 from dmd_offline.scoring import ClipScore, score_clip
+from edge_workers.model import load_edge_model
 from edge_workers.service import EdgeWorker
 from edge_workers.switcher import Switcher, latest_version, load_switcher, save_switcher
-from fallwatch.models import ModelPaths, load_cloud_model, load_edge_model
-from fallwatch.settings import CameraSettings, Settings
+from fallwatch.devkit.models import ModelPaths
 from producers.service import run_producers
 from schemas import FallEvent, Frame, PersonDown, Verdict
 from tests.alerting_helpers import wait_until_consumed

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from cloud_workers.loading import load_cloud_model
+from core.settings import Settings
 from dmd_offline.clip_outputs import LazyModels
 from dmd_offline.event_eval import EventEvaluation, run_event_eval
 from dmd_offline.scoring import score_clip
-from fallwatch.models import ModelPaths, load_cloud_model, load_edge_model
-from fallwatch.settings import Settings
+from edge_workers.model import load_edge_model
+from fallwatch.devkit.models import ModelPaths
 from schemas import FallEvent
 from tests.conftest import run_fallwatch, write_config
 

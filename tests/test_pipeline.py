@@ -15,16 +15,17 @@ import numpy as np
 from aiokafka import AIOKafkaProducer
 from redis import Redis
 
+from cloud_workers.loading import load_cloud_model
 from cloud_workers.service import CloudWorker
-from cloud_workers.tiny import set_fall_bias as set_cloud_fall_bias
-from edge_workers.model import ViltEdgeModel
+from core.images import decode_jpeg_rgb
+from core.kafka_io import make_producer
+from core.settings import CameraSettings, Settings
+from edge_workers.model import ViltEdgeModel, load_edge_model
 from edge_workers.service import EdgeWorker
 from edge_workers.switcher import create_untrained_switcher, latest_version, load_switcher, save_switcher
-from edge_workers.tiny import set_fall_bias as set_edge_fall_bias
-from fallwatch.images import decode_jpeg_rgb
-from fallwatch.kafka_io import make_producer
-from fallwatch.models import ModelPaths, load_cloud_model, load_edge_model
-from fallwatch.settings import CameraSettings, Settings
+from fallwatch.devkit.models import ModelPaths
+from fallwatch.devkit.tiny_cloud import set_fall_bias as set_cloud_fall_bias
+from fallwatch.devkit.tiny_edge import set_fall_bias as set_edge_fall_bias
 from producers.service import run_producers
 from schemas import CloudRequest, DeadLetter, FallEvent, Frame, Verdict, encode
 from tests.conftest import consume_until, running, service_process, settings_for

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import yaml
 
-from fallwatch.images import decode_jpeg_rgb
-from fallwatch.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
+from core.images import decode_jpeg_rgb
+from core.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
+from core.urls import redact
 from producers.camera import CapturedFrame, backoff_delay
 from producers.service import CameraPublisher, check_cameras, run_producers
-from producers.urls import redact
 from schemas import Frame
 from tests.conftest import consume_until, settings_for
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from fallwatch.kafka_io import make_consumer, topic_specs
-from fallwatch.settings import CameraSettings, Settings
+from core.kafka_io import make_consumer, topic_specs
+from core.settings import CameraSettings, Settings
 from fallwatch.stack import LocalStack, StackState, free_port, pid_alive
 from producers.service import run_producers
 from producers.status import read_statuses

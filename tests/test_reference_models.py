@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from cloud_workers.loading import load_cloud_model
 from cloud_workers.pose import LANDMARKS, Pose, PoseFallCloudModel, pose_features
-from dmd_offline.reference import CloudTrainingConfig, EdgeTrainingConfig, load_splits, train_reference_pair
-from edge_workers.model import ViltEdgeModel
-from fallwatch.models import load_cloud_model, load_edge_model
-from fallwatch.settings import Settings
+from core.settings import Settings
+from edge_workers.model import ViltEdgeModel, load_edge_model
+from fallwatch.devkit.reference import CloudTrainingConfig, EdgeTrainingConfig, load_splits, train_reference_pair
 from tests.conftest import SHARED_DATASETS, run_fallwatch
 
 FALLS_FALLACTION = SHARED_DATASETS / "falls-fallaction"

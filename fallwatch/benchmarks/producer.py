@@ -22,7 +22,7 @@ import cv2
 from rich.console import Console
 from rich.table import Table
 
-from fallwatch.settings import CameraSettings, ProducerSettings
+from core.settings import CameraSettings, ProducerSettings
 from producers.camera import CameraCapture, CameraStats
 
 

@@ -10,7 +10,7 @@ training early; the test split is never read):
   small classifier on pose features: stronger, and of a different family.
 
 Both are seeded; both are saved with `save_pretrained` and load through
-`fallwatch.models.load_edge_model` / `load_cloud_model`, like any other checkpoint.
+`edge_workers.model.load_edge_model` / `cloud_workers.loading.load_cloud_model`, like any other checkpoint.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from torch import nn
 from transformers import ViltConfig, ViltForQuestionAnswering, ViltProcessor
 
 from cloud_workers.pose import Pose, PoseEstimator, PoseFallClassifier, PoseFallConfig, pose_features
+from core.settings import ConfigError
 from dmd_offline.metrics import classification_scores
 from dmd_offline.sources import ReplayItem, image_folder_items
 from dmd_offline.train import fit_early_stopping, fit_on_tensors
 from edge_workers.model import ViltEdgeModel, torch_threads
-from edge_workers.tiny import small_processor
-from fallwatch.settings import ConfigError
+from fallwatch.devkit.tiny_edge import small_processor
 
 log = logging.getLogger(__name__)
 

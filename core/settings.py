@@ -85,7 +85,7 @@ class CameraSettings(Section):
     @field_validator("url")
     @classmethod
     def usable_url(cls, url: str) -> str:
-        from producers.urls import url_problem
+        from core.urls import url_problem
 
         problem = url_problem(url)
         if problem is not None:

@@ -30,8 +30,8 @@ from rich.console import Console
 from rich.table import Table
 
 from alerting.rules import rule_name
-from fallwatch.kafka_io import make_consumer, make_producer
-from fallwatch.settings import CONFIG_ENV, ConfigError, Settings, load_settings
+from core.kafka_io import make_consumer, make_producer
+from core.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from fallwatch.stack import fresh_run
 from schemas import FallEvent, Verdict, VerdictSource, decode, encode, utc_now
 

@@ -1,62 +1,18 @@
-"""Loading the configured model pair; the tiny untrained pair for tests, and finding the trained reference pair."""
+"""The dev kit's model pairs: the tiny untrained pair for tests and demos, and finding the trained reference pair."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud_workers.model import CloudModel, LlavaVideoCloudModel
-from cloud_workers.pose import PoseFallCloudModel, is_pose_checkpoint
-from cloud_workers.tiny import build_tiny_cloud_model
-from edge_workers.model import EdgeModel, ViltEdgeModel
+from core.settings import Settings
+from edge_workers.model import ViltEdgeModel
 from edge_workers.switcher import create_untrained_switcher, latest_version
-from edge_workers.tiny import build_tiny_edge_model
-from fallwatch.settings import ConfigError, Settings
+from fallwatch.devkit.tiny_cloud import build_tiny_cloud_model
+from fallwatch.devkit.tiny_edge import build_tiny_edge_model
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def loading(what: str, model_id: str) -> Iterator[None]:
-    """A checkpoint that cannot be found or read is a settings mistake: one line, not a traceback."""
-    if model_id.startswith(("/", ".", "~")) and not Path(model_id).expanduser().exists():
-        raise ConfigError(f"the {what} model directory {model_id} does not exist")
-    try:
-        yield
-    except OSError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot load the {what} model {model_id!r}: {first_line}") from None
-
-
-def load_edge_model(settings: Settings) -> EdgeModel:
-    edge = settings.edge
-    with loading("edge", edge.model):
-        return ViltEdgeModel.from_pretrained(
-            edge.model,
-            edge.question,
-            revision=edge.revision,
-            quantize_int8=edge.quantize_int8,
-            bf16_autocast=edge.bf16_autocast,
-        )
-
-
-def load_cloud_model(settings: Settings) -> CloudModel:
-    cloud = settings.cloud
-    with loading("cloud", cloud.model):
-        if is_pose_checkpoint(cloud.model):
-            return PoseFallCloudModel.from_pretrained(cloud.model, revision=cloud.revision)
-        return LlavaVideoCloudModel.from_pretrained(
-            cloud.model,
-            cloud.question,
-            num_frames=cloud.num_frames,
-            revision=cloud.revision,
-            device=cloud.device,
-            dtype=cloud.dtype,
-            device_map=cloud.device_map,
-        )
 
 
 @dataclass(frozen=True)

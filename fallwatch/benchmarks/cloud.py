@@ -1,4 +1,4 @@
-"""The measurements behind `fallwatch bench cloud` (see cloud_workers.bench): what a cloud worker costs.
+"""The measurements behind `fallwatch bench cloud` (see fallwatch.benchmarks.cloud_command): what a cloud worker costs.
 
 1. The model alone: requests/s, latency per batch, energy per request for batch sizes
    1, 4, 8, 16 of clips of `--frames` frames (camera-sized 640×480, so pre-processing counts).
@@ -39,19 +39,19 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
-from cloud_workers.bench import ModelKind
 from cloud_workers.energy import CostMeter, open_energy_meter
+from cloud_workers.loading import load_cloud_model
 from cloud_workers.model import Clip, LlavaVideoCloudModel, resolve_device, resolve_dtype
 from cloud_workers.service import DECODE_THREADS, CloudWorker, decode_clips
-from cloud_workers.tiny import (
+from core.kafka_io import make_consumer, make_producer
+from core.settings import ConfigError, Settings, load_settings
+from fallwatch.benchmarks.cloud_models import ModelKind
+from fallwatch.devkit.tiny_cloud import (
     build_random_full_size_cloud_model,
     build_tiny_cloud_model,
     restrict_model_to_answers,
     restrict_to_answers,
 )
-from fallwatch.kafka_io import make_consumer, make_producer
-from fallwatch.models import load_cloud_model
-from fallwatch.settings import ConfigError, Settings, load_settings
 from fallwatch.stack import fresh_run, local_stack_settings
 from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, Verdict, decode, encode, utc_now
 

@@ -1,4 +1,4 @@
-"""`fallwatch bench producer`: the command; the measurements are in producers.benchmark.
+"""`fallwatch bench producer`: the command; the measurements are in fallwatch.benchmarks.producer.
 
 Kept free of OpenCV imports, so registering it costs `fallwatch` nothing.
 """
@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from fallwatch.settings import ConfigError
+from core.settings import ConfigError
 
 DEFAULT_VIDEOS = (
     Path("../shared/datasets/fall-clips/gmdcsa24_s1_fall13_backward_fall.mp4"),  # 640×480, 30 fps
@@ -30,8 +30,8 @@ def bench_producer(
         raise ConfigError(f"video not found: {', '.join(missing)} (pass --video FILE)")
     if seconds <= 0 or fps <= 0:
         raise ConfigError("--seconds and --fps must be positive")
-    from fallwatch.logs import configure_logging
-    from producers.benchmark import run_benchmark
+    from core.logs import configure_logging
+    from fallwatch.benchmarks.producer import run_benchmark
 
     configure_logging("WARNING")
     run_benchmark(chosen, seconds, fps)

@@ -1,4 +1,4 @@
-"""`fallwatch bench edge`: the command; the measurements are in edge_workers.benchmark.
+"""`fallwatch bench edge`: the command; the measurements are in fallwatch.benchmarks.edge.
 
 Kept free of torch and transformers imports, so registering it costs `fallwatch` nothing.
 """
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from fallwatch.settings import ConfigError
+from core.settings import ConfigError
 
 
 def bench_edge(
@@ -33,8 +33,8 @@ def bench_edge(
         )
     if warmup_frames < 0:
         raise ConfigError("--warmup-frames must be 0 or more")
-    from edge_workers.benchmark import run_benchmark
-    from fallwatch.logs import configure_logging
+    from core.logs import configure_logging
+    from fallwatch.benchmarks.edge import run_benchmark
 
     configure_logging("WARNING")
     run_benchmark(

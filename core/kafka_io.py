@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError
 
-from fallwatch.settings import Settings
+from core.settings import Settings
 from schemas import DeadLetter, Message, SchemaError, decode, encode
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The measurements behind `fallwatch bench edge` (see edge_workers.bench): what an edge worker costs.
+"""The measurements behind `fallwatch bench edge` (see fallwatch.benchmarks.edge_command): what an edge worker costs.
 
 1. Plumbing: the worker with a null edge model (zeros of the right shape) — frames/s through
    Kafka, validation, JPEG decode, the switcher, routing and producing verdicts. The frames are in
@@ -41,13 +41,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from core.images import decode_jpeg_rgb
+from core.kafka_io import make_consumer, make_producer
+from core.settings import Settings, load_settings
 from edge_workers.model import EdgeBatch, ViltEdgeModel, torch_threads
 from edge_workers.service import EdgeWorker
 from edge_workers.switcher import create_untrained_switcher
-from edge_workers.tiny import build_real_size_edge_model
-from fallwatch.images import decode_jpeg_rgb
-from fallwatch.kafka_io import make_consumer, make_producer
-from fallwatch.settings import Settings, load_settings
+from fallwatch.devkit.tiny_edge import build_real_size_edge_model
 from fallwatch.stack import fresh_run, local_stack_settings
 from schemas import Frame, encode
 

@@ -1,18 +1,16 @@
-"""`fallwatch bench cloud`: the command; the measurements are in cloud_workers.benchmark.
+"""`fallwatch bench cloud`: the command; the measurements are in fallwatch.benchmarks.cloud.
 
 Kept free of torch and transformers imports, so registering it costs `fallwatch` nothing.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Annotated
 
 import typer
 
-from fallwatch.settings import ConfigError
-
-ModelKind = Literal["tiny", "configured", "random-7b"]
-MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
+from core.settings import ConfigError
+from fallwatch.benchmarks.cloud_models import MODEL_KINDS, ModelKind
 
 
 def bench_cloud(
@@ -37,8 +35,8 @@ def bench_cloud(
         raise ConfigError(
             "batch sizes, --frames, --repeats, --worker-batch, --worker-rounds and --agreement-clips must be at least 1"
         )
-    from cloud_workers.benchmark import run_benchmark
-    from fallwatch.logs import configure_logging
+    from core.logs import configure_logging
+    from fallwatch.benchmarks.cloud import run_benchmark
 
     configure_logging("WARNING")
     kind: ModelKind = model  # type: ignore[assignment]  # checked against MODEL_KINDS above

@@ -1,0 +1,43 @@
+"""`python -m producers` (also `fallwatch producer`): stream the cameras to the `frames` topic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from core.entry import run_command, settings_with_logging
+from core.runtime import run_until_signalled
+from core.settings import CameraSettings, ConfigError
+
+
+def producer(
+    video: Annotated[
+        list[Path] | None, typer.Option(help="add a camera that streams this video file (repeatable)")
+    ] = None,
+    fps: Annotated[float, typer.Option(help="sampling rate of --video cameras")] = 2.0,
+) -> None:
+    """Stream the configured cameras (and any --video files) to the `frames` topic."""
+    from producers.service import run_producers
+
+    settings = settings_with_logging()
+    if video:
+        settings.producers.cameras.extend(video_cameras(video, fps))
+    if not settings.producers.cameras:
+        raise ConfigError("no cameras: list them under producers.cameras in the config, or pass --video FILE")
+    run_until_signalled(lambda stop: run_producers(settings, stop))
+
+
+def video_cameras(videos: list[Path], fps: float) -> list[CameraSettings]:
+    missing = [str(path) for path in videos if not path.is_file()]
+    if missing:
+        raise ConfigError(f"video file not found: {', '.join(missing)}")
+    return [
+        CameraSettings(id=f"cam-{index}", room=path.stem, url=str(path), fps=fps)
+        for index, path in enumerate(videos, start=1)
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(producer, argv)
