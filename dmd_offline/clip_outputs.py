@@ -17,7 +17,7 @@ cloud, the clip settings). A cached run loads no model and decodes no video.
 from __future__ import annotations
 
 import hashlib
-import inspect
+import importlib.util
 import json
 import logging
 import re
@@ -26,26 +26,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import cloud_workers.model
-import producers.motion
-import producers.video
 from cloud_workers.energy import CostMeter, open_energy_meter
-from cloud_workers.model import CloudModel, resolve_device
 from core.clips import ClipBuffers
 from core.images import decode_jpeg_rgb
 from core.settings import ConfigError, Settings
 from dmd_offline.clips import LabelledClip
-from edge_workers.model import EdgeModel, ViltEdgeModel
 from producers.motion import MotionGate
 from producers.video import SourceError, encode_jpeg, resize, sample_frames
 from schemas import Frame
+
+if TYPE_CHECKING:  # the model wrappers (and transformers) are imported only when a model has to run
+    from cloud_workers.model import CloudModel
+    from edge_workers.model import EdgeModel
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +133,15 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def source_digest(*objects: Callable[..., Any] | type | ModuleType) -> str:
-    """The source code of what computes an output: a change to it invalidates the cached outputs."""
-    return digest([inspect.getsource(item) for item in objects])
+def source_digest(*modules: str) -> str:
+    """The source code of the modules that compute an output (read, not imported): a change to it
+    invalidates the cached outputs."""
+    sources = []
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None, name
+        sources.append(Path(spec.origin).read_text())
+    return digest(sources)
 
 
 def checkpoint_digest(model_id: str, hashes: FileHashes) -> str:
@@ -163,7 +167,7 @@ def sampling_identity(settings: Settings) -> dict[str, Any]:
         "motion": ev.motion.model_dump(),
         "resize": ev.resize,
         "jpeg_quality": ev.jpeg_quality,
-        "code": source_digest(producers.video, producers.motion, decode_jpeg_rgb),
+        "code": source_digest("producers.video", "producers.motion", "core.images"),
     }
 
 
@@ -176,25 +180,25 @@ def edge_identity(settings: Settings, hashes: FileHashes) -> dict[str, Any]:
         "quantize_int8": edge.quantize_int8,
         "bf16_autocast": edge.bf16_autocast,
         "weights": checkpoint_digest(edge.model, hashes),
-        "code": source_digest(ViltEdgeModel),
+        "code": source_digest("edge_workers.model"),
         "seed": EDGE_SEED,
     }
 
 
 def cloud_identity(settings: Settings, hashes: FileHashes) -> dict[str, Any]:
-    from cloud_workers import pose  # imported for a pose checkpoint only, as the cloud worker does
-
     cloud, edge = settings.cloud, settings.edge
-    wrapper = pose if pose.is_pose_checkpoint(cloud.model) else cloud_workers.model
     return {
         "model": cloud.model,
         "revision": cloud.revision,
         "question": cloud.question,
         "num_frames": cloud.num_frames,
         "dtype": cloud.dtype,
-        "device": resolve_device(cloud.device).type if cloud.device_map is None else f"map:{cloud.device_map}",
+        "device": cloud.device,
+        "device_map": cloud.device_map,
+        "cuda": torch.cuda.is_available(),  # device "auto" means the GPU when there is one
         "weights": checkpoint_digest(cloud.model, hashes),
-        "code": source_digest(wrapper, ClipBuffers),
+        # either wrapper may answer (BlazePose or LLaVA, by the checkpoint): both are keyed
+        "code": source_digest("cloud_workers.model", "cloud_workers.pose", "core.clips"),
         "clip_frames": edge.clip_frames,
         "clip_seconds": edge.clip_seconds,
     }

@@ -10,11 +10,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core.settings import AlertRule, ConfigError, Settings
+
+if TYPE_CHECKING:
+    from cloud_workers.model import CloudModel
+    from edge_workers.model import EdgeModel
 from dmd_offline.clip_outputs import CLIP_START, CacheStats, ClipOutputs, LazyModels, clip_outputs
 from dmd_offline.clips import LabelledClip, read_labelled_clips
 from dmd_offline.event_replay import ClipRun, Policy, Scores, policies, replay
@@ -90,17 +94,26 @@ def evaluate_policies(evaluation: EventEvaluation, scores: Scores, settings: Set
         )
 
 
+def edge_model(settings: Settings) -> EdgeModel:
+    from edge_workers.model import load_edge_model  # transformers and the model only when a model must run
+
+    return load_edge_model(settings)
+
+
+def cloud_model(settings: Settings) -> CloudModel:
+    from cloud_workers.loading import load_cloud_model
+
+    return load_cloud_model(settings)
+
+
 def run_event_eval(settings: Settings, folder: Path, models: LazyModels | None = None) -> EventEvaluation:
     """Models on every clip (or the cache), then every policy through the router and the alert rule."""
-    from cloud_workers.loading import load_cloud_model
-    from edge_workers.model import load_edge_model
-
     clips = read_labelled_clips(folder)
     if not clips:
         raise ConfigError(f"{folder / 'clips.csv'} lists no clip")
     if not any(clip.is_fall for clip in clips):
         raise ConfigError(f"{folder / 'clips.csv'} holds no fall clip: nothing to detect")
-    models = models or LazyModels(lambda: load_edge_model(settings), lambda: load_cloud_model(settings))
+    models = models or LazyModels(lambda: edge_model(settings), lambda: cloud_model(settings))
     outputs, cache = clip_outputs(settings, folder, clips, models)
     started = time.perf_counter()
     switcher, metadata = published_switcher(settings, outputs[0].hidden.shape[1])
