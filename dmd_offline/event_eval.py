@@ -23,6 +23,7 @@ from dmd_offline.clip_outputs import CLIP_START, CacheStats, ClipOutputs, LazyMo
 from dmd_offline.clips import LabelledClip, read_labelled_clips
 from dmd_offline.event_replay import ClipRun, Policy, Scores, policies, replay
 from dmd_offline.scoring import ClipFacts, ClipScore, PolicyScores, aggregate, score_clip
+from edge_workers.routing import RoutingPolicy
 from edge_workers.switcher import SwitcherMetadata, check_compatible, latest_version, load_switcher
 
 
@@ -117,7 +118,8 @@ def run_event_eval(settings: Settings, folder: Path, models: LazyModels | None =
     outputs, cache = clip_outputs(settings, folder, clips, models)
     started = time.perf_counter()
     switcher, metadata = published_switcher(settings, outputs[0].hidden.shape[1])
-    threshold = metadata.threshold if settings.edge.switcher_threshold is None else settings.edge.switcher_threshold
+    # the switcher's own threshold unless the settings override it, as the edge worker takes it
+    threshold = RoutingPolicy.from_settings(settings.edge, metadata.threshold).threshold
     evaluation = EventEvaluation(
         folder=folder,
         clips=clips,
