@@ -161,7 +161,7 @@ def replay_clip(outputs: ClipOutputs, scores: np.ndarray, policy: Policy, settin
             final=route.offload is None,
             fall_probability=probability,
             decision=probability >= edge.decision_threshold,
-            switcher_score=float(np.clip(scores[index], 0.0, 1.0)),
+            switcher_score=float(scores[index]) if policy.family == "DMD" else None,
             offload_reason=route.offload,
             edge_model=edge.model,
             produced_at=at_edge,
