@@ -32,6 +32,7 @@ or a rebalance.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -41,9 +42,9 @@ from alerting.delivery import Delivery
 from alerting.metrics import AlertingMetrics
 from alerting.rules import CameraState
 from alerting.store import AlertStore
-from core.kafka_io import dead_letter_for
+from core.kafka_io import MAX_MESSAGE_BYTES, dead_letter_for, log_dead_letter, ssl_context, wait_for_kafka
 from core.logs import configure_logging
-from core.settings import Settings
+from core.settings import KafkaSettings, Settings
 from schemas import FallEvent, PersonDown, SchemaError, Verdict, decode, encode, utc_now
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,18 @@ def faust_broker(bootstrap_servers: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap_servers.split(",")]
 
 
+def faust_credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
+    """The same SASL / TLS settings as every aiokafka client of fallwatch (`kafka_io.client_options`)."""
+    context = ssl_context(kafka) if kafka.uses_tls else None
+    if kafka.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=kafka.sasl_username, password=kafka.password(), ssl_context=context, mechanism=kafka.sasl_mechanism
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
 def make_app(settings: Settings) -> faust.App:
     """The alerting faust app for these settings (not started)."""
     alerting = settings.alerting
@@ -65,7 +78,12 @@ def make_app(settings: Settings) -> faust.App:
     app = faust.App(
         alerting.app_id,
         broker=faust_broker(settings.kafka.bootstrap_servers),
+        broker_credentials=faust_credentials(settings.kafka),
+        # faust's own 1 MB default refused a camera state grown large; `max_verdict_bytes` keeps states small
+        producer_max_request_size=MAX_MESSAGE_BYTES,
+        consumer_max_fetch_size=MAX_MESSAGE_BYTES,
         processing_guarantee="at_least_once",
+        broker_session_timeout=alerting.session_timeout_s,
         topic_partitions=settings.kafka.partitions,
         # verdicts published before the app first joined must still be confirmed
         consumer_auto_offset_reset="earliest",
@@ -88,7 +106,7 @@ def make_app(settings: Settings) -> faust.App:
         # changelog recovery calls value_type.from_data(), which only faust Records have
     )
     metrics = AlertingMetrics()
-    delivery = Delivery(settings, AlertStore(settings.redis.url, alerting.stream_maxlen), metrics)
+    delivery = Delivery(settings, AlertStore(settings.redis, alerting.stream_maxlen), metrics)
     # what the timer already did, so a tick does not repeat it before the stream catches up
     fallbacks_sent: set[str] = set()
     escalated: set[str] = set()
@@ -101,12 +119,22 @@ def make_app(settings: Settings) -> faust.App:
         return CameraState(rule=rule, camera_id=camera_id, room=room)
 
     async def dead_letter(message: Any, reason: str) -> None:
-        log.warning(
-            "dead letter from %s partition %s offset %s: %s", message.topic, message.partition, message.offset, reason
-        )
-        metrics.dead_letters.inc()
         # faust's Message has the ConsumerRecord fields dead_letter_for reads
-        await dead_letters.send(key=message.key, value=encode(dead_letter_for(SERVICE, message, reason)))
+        letter = dead_letter_for(SERVICE, message, reason)
+        log_dead_letter(letter)
+        metrics.dead_letters.inc()
+        await dead_letters.send(key=letter.key, value=encode(letter))
+
+    def verdict_or_reason(raw: bytes | None) -> Verdict | str:
+        size = len(raw or b"")
+        if size > alerting.max_verdict_bytes:
+            # a camera's state keeps its pending verdicts: one huge record would make every changelog write huge
+            return f"verdict of {size} bytes exceeds alerting.max_verdict_bytes ({alerting.max_verdict_bytes})"
+        try:
+            verdict = decode(Verdict, raw)
+        except SchemaError as exc:
+            return str(exc)
+        return settings.capture_time.problem(verdict.captured_at, utc_now()) or verdict
 
     @app.agent(verdicts_and_answers, name="confirm-falls")
     async def confirm_falls(stream: faust.StreamT[bytes]) -> None:
@@ -123,10 +151,9 @@ def make_app(settings: Settings) -> faust.App:
                     state.apply(answer)
                     cameras[answer.camera_id] = state.model_dump(mode="json")
                 continue
-            try:
-                verdict = decode(Verdict, message.value)
-            except SchemaError as exc:
-                await dead_letter(message, str(exc))
+            verdict = verdict_or_reason(message.value)
+            if isinstance(verdict, str):
+                await dead_letter(message, verdict)
                 continue
             state = camera_state(verdict.camera_id, verdict.room)
             state.room, state.partition = verdict.room, message.partition
@@ -177,6 +204,12 @@ def make_app(settings: Settings) -> faust.App:
             await delivery.handle(alert)
 
     @app.timer(alerting.tick_s)
+    async def outbox_and_rebuild() -> None:
+        # webhook retries that are due, deliveries a dead worker left, and Redis come back empty
+        await delivery.deliver_due()
+        await delivery.rebuild_if_empty()
+
+    @app.timer(alerting.tick_s)
     async def check_deadlines() -> None:
         # the table may still hold cameras of partitions this worker lost (standbys, a revocation):
         # only the owner of a camera's partition acts for it
@@ -220,6 +253,8 @@ def make_app(settings: Settings) -> faust.App:
 def run_alerting(settings: Settings) -> None:
     """Run the alerting worker until SIGINT or SIGTERM (faust's worker handles both)."""
     configure_logging(settings.log_level)
+    # faust's worker dies with a traceback when the brokers are not there at the start: wait for them first
+    asyncio.run(wait_for_kafka(settings))
     app = make_app(settings)
     log.info(
         "alerting %s: person down at %d of %d for %.1f s (up after %.1f s), or a cloud p>=%.2f with a fall within "

@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 
 from alerting.metrics import DashboardMetrics
 from alerting.store import AlertStore
-from core.kafka_io import make_producer
+from core.kafka_io import make_producer, start_clients
 from core.logs import configure_logging
 from core.settings import ConfigError, Settings
 from schemas import AlertState, FallEvent, Label, LabelVerdict, encode, utc_now
@@ -102,14 +102,14 @@ def make_dashboard(settings: Settings) -> FastAPI:
             "(e.g. FALLWATCH_ALERTING__DASHBOARD_TOKEN)"
         )
     topics = settings.kafka.topics
-    store = AlertStore(settings.redis.url, settings.alerting.stream_maxlen)
+    store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
     metrics = DashboardMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # aiokafka clients belong to the running event loop, so the producer is made here
         app.state.producer = make_producer(settings)
-        await app.state.producer.start()
+        await start_clients(settings, app.state.producer)
         try:
             yield
         finally:

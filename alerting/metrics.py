@@ -54,6 +54,11 @@ class AlertingMetrics(ServedMetrics):
         self.redis_failures = Counter(
             "fallwatch_alerting_redis_failures", "failed Redis writes (retried)", registry=self.registry
         )
+        self.state_rebuilds = Counter(
+            "fallwatch_alerting_state_rebuilds",
+            "times Redis had lost the alert state and it was rebuilt from fall-events",
+            registry=self.registry,
+        )
         self.dead_letters = Counter(
             "fallwatch_alerting_dead_letters", "records sent to dead-letters", registry=self.registry
         )

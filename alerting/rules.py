@@ -145,6 +145,8 @@ class CameraState(BaseModel):
 
     def observe(self, verdict: Verdict, now: datetime) -> list[RuleOutput]:
         """Take one verdict of this camera; returns the alert events and person-down changes it causes."""
+        if verdict.captured_at > now + self._window_span:
+            return []  # from a clock gone wrong: counted, it would move the window past every real verdict
         if self.newest_at is not None and verdict.captured_at < self.newest_at - self._window_span:
             return []  # too late to count (and a redelivery this old is no longer in `seen_frames`)
         if verdict.frame_id in self.seen_frames:

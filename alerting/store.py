@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio import Redis
-
+from core.redis_io import redis_client
+from core.settings import RedisSettings
 from schemas import FallEvent, Label, decode, encode
 
-REDIS_TIMEOUT_S = 2.0
 PREFIX = "fallwatch:"
 ACTIVE_ALERTS_KEY = f"{PREFIX}active-alerts"
 ALERT_STREAM_KEY = f"{PREFIX}alert-events"
 ESCALATION_MARK_TTL_S = 7 * 24 * 3600
+DELIVERED_MARK_TTL_S = 7 * 24 * 3600
 
 
 def alert_key(alert_id: str) -> str:
@@ -67,14 +67,64 @@ return 1
 """
 
 
+def built_key(fall_events_topic: str) -> str:
+    """Set once Redis holds the alert state of `fall_events_topic`; gone after Redis restarted empty."""
+    return f"{PREFIX}alerts-built:{fall_events_topic}"
+
+
+def rebuild_lock_key(fall_events_topic: str) -> str:
+    return f"{PREFIX}alerts-rebuilding:{fall_events_topic}"
+
+
+def outbox_key(fall_events_topic: str) -> str:
+    """Webhook deliveries not done yet, scored by when they are due (the outbox)."""
+    return f"{PREFIX}webhook-outbox:{fall_events_topic}"
+
+
+def outbox_payload_key(fall_events_topic: str) -> str:
+    return f"{PREFIX}webhook-outbox-payload:{fall_events_topic}"
+
+
+def delivered_key(member: str) -> str:
+    return f"{PREFIX}webhook-delivered:{member}"
+
+
+# KEYS: outbox, payloads, delivered mark; ARGV: member, payload, due time
+ENQUEUE_DELIVERY = """
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return 0
+end
+if redis.call('ZADD', KEYS[1], 'NX', ARGV[3], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: outbox, payloads; ARGV: now, lease end, limit. Due deliveries, each leased to the caller until the lease
+# ends (another worker takes it over if this one dies first).
+CLAIM_DELIVERIES = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local claimed = {}
+for _, member in ipairs(due) do
+  redis.call('ZADD', KEYS[1], ARGV[2], member)
+  table.insert(claimed, member)
+  table.insert(claimed, redis.call('HGET', KEYS[2], member) or '')
+end
+return claimed
+"""
+
+
 class AlertStore:
     """Redis access of alerting and the dashboard; RedisError / OSError reach the caller."""
 
-    def __init__(self, url: str, stream_maxlen: int) -> None:
-        # short timeouts: a Redis outage must show quickly, not stall a stream
-        self.redis = Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+    def __init__(self, settings: RedisSettings, stream_maxlen: int) -> None:
+        # short timeouts (core.redis_io): a Redis outage must show quickly, not stall a stream
+        self.redis = redis_client(settings)
         self.stream_maxlen = stream_maxlen
         self._apply_state = self.redis.register_script(APPLY_STATE)
+        self._enqueue = self.redis.register_script(ENQUEUE_DELIVERY)
+        self._claim = self.redis.register_script(CLAIM_DELIVERIES)
 
     async def apply(self, event: FallEvent) -> bool:
         """Store a state change of an alert; False when Redis already has this state or a later one."""
@@ -142,6 +192,48 @@ class AlertStore:
             for _, entries in reply
             for entry_id, fields in entries
         ]
+
+    # --- rebuilding from fall-events after Redis came back empty ----------------------------------
+    async def is_built(self, fall_events_topic: str) -> bool:
+        return bool(await self.redis.exists(built_key(fall_events_topic)))
+
+    async def claim_rebuild(self, fall_events_topic: str, lease_s: int) -> bool:
+        """True for the one alerting worker that rebuilds (others wait for it to mark the store built)."""
+        return bool(await self.redis.set(rebuild_lock_key(fall_events_topic), b"1", nx=True, ex=lease_s))
+
+    async def mark_built(self, fall_events_topic: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(built_key(fall_events_topic), b"1")
+            pipe.delete(rebuild_lock_key(fall_events_topic))
+            await pipe.execute()
+
+    # --- the webhook outbox -----------------------------------------------------------------------
+    async def enqueue_delivery(self, fall_events_topic: str, member: str, payload: bytes, due_s: float) -> bool:
+        """Add a delivery unless it is queued or was delivered already."""
+        keys = [outbox_key(fall_events_topic), outbox_payload_key(fall_events_topic), delivered_key(member)]
+        return bool(await self._enqueue(keys=keys, args=[member, payload, due_s]))
+
+    async def claim_deliveries(
+        self, fall_events_topic: str, now_s: float, lease_s: float, limit: int
+    ) -> list[tuple[str, bytes]]:
+        keys = [outbox_key(fall_events_topic), outbox_payload_key(fall_events_topic)]
+        flat = await self._claim(keys=keys, args=[now_s, now_s + lease_s, limit])
+        return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    async def delivery_done(self, fall_events_topic: str, member: str, delivered: bool) -> None:
+        """Out of the outbox; a delivery the receiver accepted is marked so it is never queued again."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if delivered:
+                pipe.set(delivered_key(member), b"1", ex=DELIVERED_MARK_TTL_S)
+            pipe.zrem(outbox_key(fall_events_topic), member)
+            pipe.hdel(outbox_payload_key(fall_events_topic), member)
+            await pipe.execute()
+
+    async def retry_delivery(self, fall_events_topic: str, member: str, payload: bytes, due_s: float) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(outbox_payload_key(fall_events_topic), member, payload)
+            pipe.zadd(outbox_key(fall_events_topic), {member: due_s})
+            await pipe.execute()
 
     async def close(self) -> None:
         await self.redis.aclose()

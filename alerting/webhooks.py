@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import logging
 import time
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -53,6 +54,13 @@ def retryable(status: int) -> bool:
     return status == 429 or status >= 500
 
 
+@dataclass(frozen=True)
+class Attempt:
+    accepted: bool
+    final: bool  # accepted, or refused for good (a 4xx other than 429)
+    problem: str
+
+
 class WebhookSender:
     """POSTs alerts to webhook URLs; `deliver` returns whether the receiver accepted."""
 
@@ -66,41 +74,57 @@ class WebhookSender:
             self._session = aiohttp.ClientSession(timeout=timeout)
         return self._session
 
-    async def deliver(self, url: str, event_name: str, alert: FallEvent) -> bool:
+    async def attempt(self, url: str, event_name: str, alert: FallEvent) -> Attempt:
+        """One POST of `alert`, signed now."""
         body = encode(alert)
-        delay = self.settings.webhook_backoff_s
-        for attempt in range(1, self.settings.webhook_attempts + 1):
-            timestamp = str(int(time.time()))  # signed anew on each try, so a retry is never stale
-            headers = {
-                "Content-Type": "application/json",
-                TIMESTAMP_HEADER: timestamp,
-                SIGNATURE_HEADER: sign(self.settings.webhook_secret, timestamp, body),
-                EVENT_HEADER: event_name,
-                IDEMPOTENCY_HEADER: alert.alert_id,
-            }
-            try:
-                async with self._client().post(url, data=body, headers=headers) as response:
-                    if response.status < 300:
-                        return True
-                    problem = f"HTTP {response.status}"
-                    if not retryable(response.status):
-                        log.error("webhook %s refused %s for alert %s: %s", url, event_name, alert.alert_id, problem)
-                        return False
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            if attempt < self.settings.webhook_attempts:
-                log.warning(
-                    "webhook %s, %s for alert %s, attempt %d failed (%s); retrying in %.1f s",
-                    url,
-                    event_name,
-                    alert.alert_id,
-                    attempt,
-                    problem,
-                    delay,
-                )
-                await asyncio.sleep(delay)  # backoff between attempts
-                delay = min(delay * 2, MAX_BACKOFF_S)
+        timestamp = str(int(time.time()))  # signed anew on each try, so a retry is never stale
+        headers = {
+            "Content-Type": "application/json",
+            TIMESTAMP_HEADER: timestamp,
+            SIGNATURE_HEADER: sign(self.settings.webhook_secret, timestamp, body),
+            EVENT_HEADER: event_name,
+            IDEMPOTENCY_HEADER: alert.alert_id,
+        }
+        try:
+            async with self._client().post(url, data=body, headers=headers) as response:
+                if response.status < 300:
+                    return Attempt(accepted=True, final=True, problem="")
+                problem = f"HTTP {response.status}"
+                if not retryable(response.status):
+                    log.error("webhook %s refused %s for alert %s: %s", url, event_name, alert.alert_id, problem)
+                    return Attempt(accepted=False, final=True, problem=problem)
+                return Attempt(accepted=False, final=False, problem=problem)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return Attempt(accepted=False, final=False, problem=f"{type(exc).__name__}: {exc}")
+
+    def retry_delay_s(self, attempt: int) -> float:
+        """Backoff before try `attempt + 1`: doubling from `webhook_backoff_s`, at most MAX_BACKOFF_S."""
+        return min(self.settings.webhook_backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+
+    def say_retry(self, url: str, event_name: str, alert: FallEvent, attempt: int, problem: str) -> None:
+        log.warning(
+            "webhook %s, %s for alert %s, attempt %d failed (%s); retrying in %.1f s",
+            url,
+            event_name,
+            alert.alert_id,
+            attempt,
+            problem,
+            self.retry_delay_s(attempt),
+        )
+
+    def say_gave_up(self, url: str, event_name: str, alert: FallEvent, problem: str) -> None:
         log.error("webhook %s gave up on %s for alert %s: %s", url, event_name, alert.alert_id, problem)
+
+    async def deliver(self, url: str, event_name: str, alert: FallEvent) -> bool:
+        """Every attempt in this process, with backoff (the outbox's retries survive a restart instead)."""
+        for number in range(1, self.settings.webhook_attempts + 1):
+            result = await self.attempt(url, event_name, alert)
+            if result.final:
+                return result.accepted
+            if number < self.settings.webhook_attempts:
+                self.say_retry(url, event_name, alert, number, result.problem)
+                await asyncio.sleep(self.retry_delay_s(number))  # backoff between attempts
+        self.say_gave_up(url, event_name, alert, result.problem)
         return False
 
     async def close(self) -> None:

@@ -31,6 +31,11 @@ class CloudMetrics(ServedMetrics):
             "requests whose clip had expired from Redis, answered from the frame alone",
             registry=self.registry,
         )
+        self.redis_failures = Counter(
+            "fallwatch_cloud_redis_failures",
+            "clip reads that failed (the frames then come from `frames`)",
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "fallwatch_cloud_batch_size", "requests per model forward", buckets=BATCH_BUCKETS, registry=self.registry
         )

@@ -68,6 +68,16 @@ def answer_token_ids(vocab: dict[str, int], variants: list[str]) -> list[int]:
     return ids
 
 
+def yes_probability(answer_logits: torch.Tensor, yes_count: int) -> torch.Tensor:
+    """P(Yes) per row of [B, yes ids + no ids] logits: the summed softmax of the first `yes_count`, float32.
+
+    A float32 sum of several softmax terms can round to just above 1 (1.0000001); clamped here, where
+    it is computed, so no verdict downstream is refused for it.
+    """
+    answer_probabilities = answer_logits.float().softmax(dim=-1)
+    return answer_probabilities[:, :yes_count].sum(dim=-1).clamp(0.0, 1.0)
+
+
 def sample_frames(clip: Clip, num_frames: int) -> np.ndarray:
     """Exactly `num_frames` frames of one clip, uniformly spaced in time, as [T, H, W, 3] uint8.
 
@@ -216,9 +226,7 @@ class LlavaVideoCloudModel:
         logits = self.model(**inputs, position_ids=position_ids, logits_to_keep=1, use_cache=False).logits
         logits = logits[:, -1, :].float()
         answer_logits = logits[:, self.yes_token_ids + self.no_token_ids]
-        answer_probabilities = answer_logits.softmax(dim=-1)
-        p_yes = answer_probabilities[:, : len(self.yes_token_ids)].sum(dim=-1)
-        return p_yes.cpu().numpy().astype(np.float32)
+        return yes_probability(answer_logits, len(self.yes_token_ids)).cpu().numpy()
 
     def generate_answers(self, clips: list[Clip], max_new_tokens: int = 3) -> list[str]:
         """Greedy free-text answers; only for comparing against the one-forward reading."""

@@ -38,7 +38,15 @@ from cloud_workers.loading import load_cloud_model
 from cloud_workers.metrics import CloudMetrics
 from cloud_workers.model import Clip, CloudModel
 from core.images import decode_jpeg_rgb
-from core.kafka_io import commit_held_offsets, decode_batch, make_consumer, make_producer, send
+from core.kafka_io import (
+    commit_held_offsets,
+    decode_batch,
+    make_consumer,
+    make_producer,
+    send,
+    start_clients,
+)
+from core.redis_io import RedisOutage, redis_client
 from core.settings import Settings
 from schemas import CloudRequest, Frame, SchemaError, Verdict, decode, utc_now
 
@@ -74,9 +82,6 @@ class FrameFetcher:
         self.consumer = make_consumer(settings, group_id=None)
         self.timeout_s = settings.cloud.frame_fetch_timeout_s
 
-    async def start(self) -> None:
-        await self.consumer.start()
-
     async def stop(self) -> None:
         await self.consumer.stop()
 
@@ -108,6 +113,7 @@ class CloudWorker:
         self.metrics = CloudMetrics()
         self.costs = CostMeter(model.device, open_energy_meter(model.device, model.gpu_indices))
         self.decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="cloud-decode")
+        self.redis_outage = RedisOutage(SERVICE, self.metrics.redis_failures.inc)
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer = make_consumer(
@@ -118,17 +124,15 @@ class CloudWorker:
         )
         producer = make_producer(self.settings)
         fetcher = FrameFetcher(self.settings)
-        redis = Redis.from_url(self.settings.redis.url)
-        await producer.start()
-        await fetcher.start()
-        await consumer.start()
-        self.metrics.serve(self.cloud.metrics_port)
+        redis = redis_client(self.settings.redis)
         # The batch in the model. The next one is collected and its clips fetched and decoded
         # meanwhile, so the model never waits for Kafka, Redis or JPEG decoding; at most these
         # two batches are in flight.
         answering: asyncio.Task[None] | None = None
         stuck_at = 0.0  # time.monotonic() from which the batch in the model counts as stuck
         try:
+            await start_clients(self.settings, producer, fetcher.consumer, consumer)  # retried while Kafka is down
+            self.metrics.serve(self.cloud.metrics_port)
             while not stop.is_set():
                 if answering is not None:
                     if answering.done():
@@ -219,7 +223,14 @@ class CloudWorker:
     async def fetch_clips(self, requests: list[CloudRequest], fetcher: FrameFetcher, redis: Redis) -> list[Clip | None]:
         """Each request's clip as RGB frames (oldest first); None where neither clip nor frame can be read."""
         keys = [key for request in requests for key in request.clip_keys]
-        values = await redis.mget(keys) if keys else []
+        missing: list[bytes | None] = [None] * len(keys)
+        values = (
+            await self.redis_outage.call(
+                "clips are read as single frames from Kafka", lambda: redis.mget(keys), missing
+            )
+            if keys
+            else []
+        )
         clips_jpegs: list[list[bytes]] = []
         start = 0
         for request in requests:
@@ -228,7 +239,7 @@ class CloudWorker:
             start = end
         for request, jpegs in zip(requests, clips_jpegs, strict=True):
             if not jpegs:
-                log.info("clip of %s expired from Redis; using the frame itself from Kafka", request.frame_id)
+                log.info("clip of %s not in Redis; using the frame itself from Kafka", request.frame_id)
                 self.metrics.clip_fallbacks.inc()
                 frame = await fetcher.fetch(request)
                 if frame is not None:

@@ -20,10 +20,16 @@ def decode_jpeg_rgb(jpeg: bytes) -> np.ndarray | None:
     # decoding is most of the edge worker's CPU per frame (`fallwatch bench edge`). Both decode straight
     # to RGB. What simplejpeg refuses (a truncated or CMYK JPEG, another image format) OpenCV decodes
     # as it always did, leniently, or not at all.
+    if not jpeg:
+        return None  # OpenCV asserts on an empty buffer (found by tests/test_fuzz.py)
     try:
         return simplejpeg.decode_jpeg(jpeg, colorspace="RGB")
     except ValueError:
+        pass
+    try:
         return cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+    except cv2.error:
+        return None
 
 
 def keep_freed_image_memory() -> None:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Iterable
 from typing import Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, KafkaConnectionError
+from aiokafka.helpers import create_ssl_context
 
-from core.settings import Settings
+from core.retry import retry_until_up
+from core.settings import KafkaSettings, Settings
 from schemas import DeadLetter, Message, SchemaError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -24,22 +27,79 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024
+# A dead letter names its record and never carries it, so a reason is all that can make it long.
+MAX_REASON_CHARS = 2000
+# A record's key is kept in its dead letter (and keys it) only when it is a plausible camera id.
+MAX_DEAD_LETTER_KEY_BYTES = 256
+
+
+def hours_ms(hours: float) -> str:
+    return str(int(hours * 3600 * 1000))
 
 
 def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
-    """Every topic fallwatch uses, with its configs (the `frames` retention is kept short)."""
-    topics = settings.kafka.topics
-    retention_ms = str(int(settings.kafka.frames_retention_hours * 3600 * 1000))
-    specs: dict[str, dict[str, str]] = {name: {} for name in topics.all()}
-    specs[topics.frames] = {"retention.ms": retention_ms}
+    """Every topic fallwatch uses, with its configs: `frames` (residents' images) and `dead-letters` expire."""
+    kafka = settings.kafka
+    specs: dict[str, dict[str, str]] = {name: {} for name in kafka.topics.all()}
+    specs[kafka.topics.frames] = {"retention.ms": hours_ms(kafka.frames_retention_hours)}
+    specs[kafka.topics.dead_letters] = {"retention.ms": hours_ms(kafka.dead_letters_retention_hours)}
     # the newest record of each camera is its person-down state: compaction keeps it however old
-    specs[topics.person_down] = {"cleanup.policy": "compact"}
+    specs[kafka.topics.person_down] = {"cleanup.policy": "compact"}
     return specs
+
+
+def client_options(kafka: KafkaSettings) -> dict[str, object]:
+    """Where the brokers are and how to authenticate: the options every aiokafka client of fallwatch gets."""
+    options: dict[str, object] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "security_protocol": kafka.security_protocol,
+    }
+    if kafka.uses_tls:
+        options["ssl_context"] = ssl_context(kafka)
+    if kafka.security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = kafka.sasl_mechanism
+        options["sasl_plain_username"] = kafka.sasl_username
+        options["sasl_plain_password"] = kafka.password()
+    return options
+
+
+def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext:
+    context = create_ssl_context(
+        cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None,
+        certfile=str(kafka.ssl_certfile) if kafka.ssl_certfile else None,
+        keyfile=str(kafka.ssl_keyfile) if kafka.ssl_keyfile else None,
+    )
+    context.check_hostname = kafka.ssl_check_hostname
+    return context
+
+
+def make_admin(settings: Settings, **overrides: object) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**{**client_options(settings.kafka), **overrides})
+
+
+async def start_clients(
+    settings: Settings, *clients: AIOKafkaProducer | AIOKafkaConsumer | AIOKafkaAdminClient
+) -> None:
+    """Start Kafka clients, retrying while the brokers are unreachable (`kafka.connect_timeout_s` at most)."""
+    for client in clients:
+        await retry_until_up(
+            client.start,
+            f"Kafka at {settings.kafka.bootstrap_servers}",
+            settings.kafka.connect_timeout_s,
+            (KafkaConnectionError, OSError),
+        )
+
+
+async def wait_for_kafka(settings: Settings) -> None:
+    """Return once the brokers answer, retrying as `start_clients` does: for clients that do not retry (faust)."""
+    admin = make_admin(settings)
+    await start_clients(settings, admin)
+    await admin.close()
 
 
 def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
     options: dict[str, object] = {
-        "bootstrap_servers": settings.kafka.bootstrap_servers,
+        **client_options(settings.kafka),
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": 5,
@@ -51,7 +111,7 @@ def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
 
 def make_consumer(settings: Settings, *topics: str, group_id: str | None, **overrides: object) -> AIOKafkaConsumer:
     options: dict[str, object] = {
-        "bootstrap_servers": settings.kafka.bootstrap_servers,
+        **client_options(settings.kafka),
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
@@ -78,26 +138,40 @@ class SourceRecord(Protocol):
 
 
 def dead_letter_for(service: str, record: SourceRecord, reason: str) -> DeadLetter:
+    """A dead letter *by reference*: where the record is and why it was refused, never its bytes.
+
+    Frames are residents' images, and a copy of a record could exceed the size limit that made it a
+    dead letter; the record itself stays readable at its position for the topic's retention.
+    """
+    key = record.key if record.key is not None and len(record.key) <= MAX_DEAD_LETTER_KEY_BYTES else None
     return DeadLetter(
         service=service,
-        reason=reason,
+        reason=reason[:MAX_REASON_CHARS],
         source_topic=record.topic,
         source_partition=record.partition,
         source_offset=record.offset,
-        key=record.key,
-        raw=record.value or b"",
+        key=key,
+        size=len(record.value or b""),
+    )
+
+
+def log_dead_letter(letter: DeadLetter) -> None:
+    log.warning(
+        "dead letter from %s partition %s offset %s (%d bytes): %s",
+        letter.source_topic,
+        letter.source_partition,
+        letter.source_offset,
+        letter.size,
+        letter.reason,
     )
 
 
 async def send_dead_letter(
     producer: AIOKafkaProducer, settings: Settings, service: str, record: ConsumerRecord, reason: str
 ) -> asyncio.Future:
-    log.warning("dead letter from %s partition %s offset %s: %s", record.topic, record.partition, record.offset, reason)
-    return await producer.send(
-        settings.kafka.topics.dead_letters,
-        key=record.key,
-        value=encode(dead_letter_for(service, record, reason)),
-    )
+    letter = dead_letter_for(service, record, reason)
+    log_dead_letter(letter)
+    return await producer.send(settings.kafka.topics.dead_letters, key=letter.key, value=encode(letter))
 
 
 async def decode_batch(
@@ -142,7 +216,7 @@ async def commit_held_offsets(consumer: AIOKafkaConsumer, offsets: dict[TopicPar
 
 async def consumer_group_lag(settings: Settings, group_id: str, topic: str) -> int:
     """Records of `topic` the group has not committed yet (all of them if it never committed)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    admin = make_admin(settings)
     consumer = make_consumer(settings, group_id=None)
     await admin.start()
     await consumer.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -47,6 +49,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def read_secret(value: SecretStr | None, file: Path | None, what: str) -> str | None:
+    """A secret given inline (or by environment variable) or in a file (a mounted secret), never both."""
+    if value is not None and file is not None:
+        raise ValueError(f"give {what} or {what}_file, not both")
+    if file is None:
+        return value.get_secret_value() if value is not None else None
+    try:
+        return file.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{what}_file {file} cannot be read: {exc.strerror}") from None
+
+
 class KafkaSettings(Section):
     bootstrap_servers: str = "localhost:9092"
     topics: Topics = Topics()
@@ -54,10 +68,56 @@ class KafkaSettings(Section):
     frames_retention_hours: float = Field(
         24.0, gt=0, description="retention of the `frames` topic: residents' images, keep it short"
     )
+    dead_letters_retention_hours: float = Field(
+        168.0, gt=0, description="retention of the `dead-letters` topic (set when fallwatch creates it)"
+    )
+    connect_timeout_s: float = Field(
+        60.0, gt=0, description="a service starting while Kafka is unreachable retries this long, then gives up"
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how every client (aiokafka, faust) talks to the brokers"
+    )
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = Field(None, description="also FALLWATCH_KAFKA__SASL_PASSWORD")
+    sasl_password_file: Path | None = Field(None, description="a file holding the SASL password (a mounted secret)")
+    ssl_cafile: Path | None = Field(None, description="CA certificate(s) of the brokers (null: the system's)")
+    ssl_certfile: Path | None = Field(None, description="client certificate, for brokers that require one")
+    ssl_keyfile: Path | None = Field(None, description="its private key")
+    ssl_check_hostname: bool = Field(True, description="the broker's certificate must name the host connected to")
+
+    @model_validator(mode="after")
+    def sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL"):
+            if not self.sasl_username:
+                raise ValueError(f"security_protocol {self.security_protocol} needs sasl_username")
+            if self.password() is None:
+                raise ValueError(f"security_protocol {self.security_protocol} needs sasl_password or its file")
+        return self
+
+    def password(self) -> str | None:
+        return read_secret(self.sasl_password, self.sasl_password_file, "sasl_password")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
 
 
 class RedisSettings(Section):
-    url: str = "redis://localhost:6379/0"
+    url: str = Field("redis://localhost:6379/0", description="redis:// or rediss:// (TLS)")
+    username: str | None = Field(None, description="ACL user (null: the default user)")
+    password: SecretStr | None = Field(None, description="also FALLWATCH_REDIS__PASSWORD")
+    password_file: Path | None = Field(None, description="a file holding the password (a mounted secret)")
+    ssl_ca_certs: Path | None = Field(None, description="rediss://: CA certificate(s) of the server (null: system)")
+    ssl_check_hostname: bool = Field(True, description="rediss://: the certificate must name the host")
+
+    @model_validator(mode="after")
+    def readable_password(self) -> RedisSettings:
+        self.secret()
+        return self
+
+    def secret(self) -> str | None:
+        return read_secret(self.password, self.password_file, "password")
 
 
 class MotionSettings(Section):
@@ -143,6 +203,10 @@ class EdgeSettings(Section):
     clip_ttl_s: int = Field(300, ge=1, description="TTL of clip JPEGs in Redis (claim check)")
     cloud_deadline_s: float = Field(15.0, gt=0, description="after this a cloud answer is no longer useful")
     max_frame_bytes: int = Field(4_000_000, ge=1)
+    min_frame_side: int = Field(16, ge=1, description="a frame narrower or lower than this many pixels is refused")
+    max_frame_pixels: int = Field(
+        4096 * 4096, ge=1, description="a frame of more pixels is refused before it is decoded (memory)"
+    )
     known_cameras: list[str] = Field(
         default_factory=list, description="camera ids this worker answers; others are dead-lettered (empty: any)"
     )
@@ -262,6 +326,9 @@ class AlertingSettings(AlertRule):
         default_factory=dict, description="per-room overrides of the rule fields, e.g. {'101': {'k': 2}}"
     )
     tick_s: float = Field(0.5, gt=0, description="how often the cloud-wait and escalation deadlines are checked")
+    session_timeout_s: float = Field(
+        20.0, ge=6, description="a worker that died (kill -9) hands its cameras over after this long (faust: 60 s)"
+    )
     webhook_urls: list[str] = Field(default_factory=list, description="POSTed every new alert")
     escalation_webhook_urls: list[str] = Field(default_factory=list, description="POSTed every escalated alert")
     webhook_secret: str = Field("", repr=False, description="HMAC-SHA256 key of the webhook signature")
@@ -269,6 +336,9 @@ class AlertingSettings(AlertRule):
     webhook_backoff_s: float = Field(0.5, gt=0, description="first retry delay; doubles on each retry")
     webhook_timeout_s: float = Field(5.0, gt=0)
     snapshot_ttl_s: int = Field(3600, ge=1, description="TTL of an alert's evidence JPEG in Redis")
+    max_verdict_bytes: int = Field(
+        64 * 1024, ge=1024, description="a larger verdict record is dead-lettered (it would bloat the camera state)"
+    )
     stream_maxlen: int = Field(10000, ge=1, description="approximate length cap of the caregiver Redis stream")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0 or null: off)")
     dashboard_host: str = "127.0.0.1"
@@ -336,6 +406,25 @@ class DmdSettings(Section):
         return self
 
 
+class CaptureTimeSettings(Section):
+    """How far a record's capture time may be from the consumer's clock; records beyond are dead-lettered."""
+
+    max_ahead_s: float = Field(
+        300.0, gt=0, description="capture times later than now + this are refused (a camera clock gone wrong)"
+    )
+    max_age_h: float = Field(
+        168.0, gt=0, description="capture times older than this are refused (beyond any backlog worth answering)"
+    )
+
+    def problem(self, captured_at: datetime, now: datetime) -> str | None:
+        """Why `captured_at` cannot be trusted, or None."""
+        if captured_at > now + timedelta(seconds=self.max_ahead_s):
+            return f"capture time {captured_at.isoformat()} is more than {self.max_ahead_s:.0f} s in the future"
+        if captured_at < now - timedelta(hours=self.max_age_h):
+            return f"capture time {captured_at.isoformat()} is more than {self.max_age_h:g} h old"
+        return None
+
+
 class EvalSettings(Section):
     """`fallwatch eval`: labelled clips sampled as cameras, replayed through routing policies and the alert rule."""
 
@@ -379,6 +468,7 @@ class Settings(BaseSettings):
     alerting: AlertingSettings = AlertingSettings()
     dmd: DmdSettings = DmdSettings()
     eval: EvalSettings = EvalSettings()
+    capture_time: CaptureTimeSettings = CaptureTimeSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -398,7 +488,7 @@ class Settings(BaseSettings):
 
 
 class LocalStackSource(PydanticBaseSettingsSource):
-    """Kafka and Redis addresses of the stack `fallwatch stack up` started, when one is running."""
+    """Kafka and Redis addresses (and credentials) of the stack `fallwatch stack up` started, when one runs."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
@@ -408,10 +498,9 @@ class LocalStackSource(PydanticBaseSettingsSource):
         if not state_file.is_file():
             return {}
         state = json.loads(state_file.read_text())
-        return {
-            "kafka": {"bootstrap_servers": f"127.0.0.1:{state['kafka']['port']}"},
-            "redis": {"url": f"redis://127.0.0.1:{state['redis']['port']}/0"},
-        }
+        # addresses and, for a locked stack, credentials (written by fallwatch.stack.LocalStack.write_state)
+        clients = state.get("clients", {})
+        return {"kafka": clients.get("kafka", {}), "redis": clients.get("redis", {})}
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -5,6 +5,7 @@ Kept free of OpenCV so the settings can validate URLs cheaply in every service.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -39,9 +40,27 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def redact(url: str) -> str:
-    """Hide credentials in camera URLs (rtsp://user:pass@host/...) before they reach logs or status."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+# A URL inside any text: scheme, then everything up to whitespace (a password may hold '@', ':' or '/').
+URL_PATTERN = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(\S+)")
+# Query parameters that carry credentials in cameras' HTTP APIs (…/video.cgi?user=admin&pwd=secret).
+SECRET_PARAMETER = re.compile(
+    r"([?&;](?:user|username|usr|login|password|passwd|pass|pwd|psw|token|access_token|auth|key|api_key|apikey|"
+    r"secret|signature|sig)=)[^&;#\s]*",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """Hide credentials of every URL in `text` (rtsp://user:pass@host/..., ...?pwd=...) before logs or status.
+
+    Everything up to the *last* '@' of a URL is the user part: a password may itself contain '@' or
+    '/', and showing too little of an odd URL is better than showing a password.
+    """
+
+    def hide(match: re.Match[str]) -> str:
+        scheme, rest = match.groups()
+        if "@" in rest:
+            rest = "***@" + rest.rsplit("@", 1)[1]
+        return scheme + SECRET_PARAMETER.sub(r"\1***", rest)
+
+    return URL_PATTERN.sub(hide, text)

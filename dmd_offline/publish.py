@@ -6,9 +6,9 @@ import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
-from redis import Redis
 from redis.exceptions import RedisError
 
+from core.redis_io import sync_redis_client
 from core.settings import ConfigError, Settings
 from dmd_offline.dataset import DatasetManifest
 from dmd_offline.evaluate import Evaluation
@@ -77,7 +77,7 @@ def publish(
     key = settings.edge.registry_announce_key
     if key:
         try:
-            with Redis.from_url(settings.redis.url, socket_connect_timeout=2) as redis:
+            with sync_redis_client(settings.redis) as redis:
                 announce_switcher(redis, key, metadata.version)
         except RedisError as exc:
             # the edge workers also poll the registry: they pick the version up within edge.registry_poll_s

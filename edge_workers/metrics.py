@@ -45,6 +45,11 @@ class EdgeMetrics(ServedMetrics):
         self.dead_letters = Counter(
             "fallwatch_edge_dead_letters", "records sent to dead-letters", registry=self.registry
         )
+        self.redis_failures = Counter(
+            "fallwatch_edge_redis_failures",
+            "Redis calls that failed (clips then go without the claim check, announcements wait for the poll)",
+            registry=self.registry,
+        )
         self.consumer_lag = Gauge(
             "fallwatch_edge_consumer_lag", "records behind the end of the assigned partitions", registry=self.registry
         )

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redis import Redis as SyncRedis
-from redis.asyncio import Redis
 
 from core.settings import ConfigError
 from edge_workers.switcher import Switcher, SwitcherMetadata, check_compatible, latest_version, load_switcher
@@ -74,9 +73,11 @@ class SwitcherRegistry:
         except Exception as exc:  # a mismatch or an unreadable artifact: one line, not a traceback
             raise ConfigError(f"cannot use switcher {newest}: {exc}") from None
 
-    async def refresh(self, current: ActiveSwitcher, redis: Redis) -> ActiveSwitcher | None:
-        """A newer fitting switcher when one was published since `current`, else None."""
-        announced = await redis.get(self.announce_key) if self.announce_key else None
+    async def refresh(self, current: ActiveSwitcher, announced: bytes | None) -> ActiveSwitcher | None:
+        """A newer fitting switcher when one was published since `current`, else None.
+
+        `announced` is the announcement key's value now (the last one seen while Redis is down).
+        """
         now = self.clock()
         if announced == self.last_announced and now < self.next_poll:
             return None

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import numpy as np
+import simplejpeg
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
@@ -35,7 +36,9 @@ from core.kafka_io import (
     make_producer,
     send,
     send_dead_letter,
+    start_clients,
 )
+from core.redis_io import RedisOutage, redis_client
 from core.settings import Settings
 from edge_workers.metrics import EdgeMetrics
 from edge_workers.model import EdgeModel, load_edge_model, torch_threads
@@ -113,6 +116,7 @@ class EdgeWorker:
         self.topics = settings.kafka.topics
         self.known_cameras = frozenset(edge.known_cameras)
         self.metrics = EdgeMetrics()
+        self.redis_outage = RedisOutage(SERVICE, self.metrics.redis_failures.inc)
         self.decode_pool = ThreadPoolExecutor(edge.decode_threads, thread_name_prefix="edge-decode")
         # Records taken from the consumer, not yet in a batch (see `next_records`); dropped on a rebalance.
         self.taken: deque[ConsumerRecord] = deque()
@@ -133,15 +137,15 @@ class EdgeWorker:
             self.settings, group_id=self.settings.edge.group_id, max_partition_fetch_bytes=FRAMES_FETCH_BYTES
         )
         producer = make_producer(self.settings)
-        redis = Redis.from_url(self.settings.redis.url)
+        redis = redis_client(self.settings.redis)
         commits = CommitQueue(consumer)
         # Before a rebalance takes partitions away, commit what was answered on them.
         consumer.subscribe([self.topics.frames], listener=DrainOnRevoke(commits, self.taken))
         self.metrics.serve(self.settings.edge.metrics_port)
-        await producer.start()
-        await consumer.start()
-        fetching: asyncio.Task[FetchedBatch] | None = asyncio.create_task(self.fetch_batch(consumer, producer))
+        fetching: asyncio.Task[FetchedBatch] | None = None
         try:
+            await start_clients(self.settings, producer, consumer)  # retried while Kafka is unreachable
+            fetching = asyncio.create_task(self.fetch_batch(consumer, producer))
             while fetching is not None:
                 batch = await fetching
                 # The next batch is fetched while this one is decoded and answered, and its frames queue up
@@ -231,7 +235,13 @@ class EdgeWorker:
         ]  # fmt: skip
 
     async def reload_switcher(self, redis: Redis) -> None:
-        loaded = await self.registry.refresh(self.active, redis)
+        announced = self.registry.last_announced
+        key = self.registry.announce_key
+        if key is not None:
+            announced = await self.redis_outage.call(
+                "new switchers are found by the registry poll until it is back", lambda: redis.get(key), announced
+            )
+        loaded = await self.registry.refresh(self.active, announced)
         if loaded is None:
             return
         self.active = loaded
@@ -297,13 +307,20 @@ class EdgeWorker:
 
     def image_or_reason(self, frame: Frame) -> np.ndarray | str:
         """The frame's RGB image, or the reason it cannot be answered."""
-        max_bytes = self.settings.edge.max_frame_bytes
+        edge = self.settings.edge
         if self.known_cameras and frame.camera_id not in self.known_cameras:
             return f"unknown camera {frame.camera_id!r}"
+        # one frame from a clock gone wrong would move its camera's alert window past every real frame
+        skew = self.settings.capture_time.problem(frame.captured_at, utc_now())
+        if skew is not None:
+            return skew
         if not frame.jpeg:
             return "empty JPEG"
-        if len(frame.jpeg) > max_bytes:
-            return f"frame of {len(frame.jpeg)} bytes exceeds {max_bytes}"
+        if len(frame.jpeg) > edge.max_frame_bytes:
+            return f"frame of {len(frame.jpeg)} bytes exceeds {edge.max_frame_bytes}"
+        size_problem = jpeg_size_problem(frame.jpeg, edge.min_frame_side, edge.max_frame_pixels)
+        if size_problem is not None:
+            return size_problem
         image = decode_jpeg_rgb(frame.jpeg)
         return "JPEG could not be decoded" if image is None else image
 
@@ -339,10 +356,18 @@ class EdgeWorker:
         frame = item.frame
         clip = self.clips.clip_ending_at(frame)
         ttl_s = self.settings.edge.clip_ttl_s
-        async with redis.pipeline(transaction=False) as pipe:
-            for buffered in clip:
-                pipe.set(FRAME_KEY_PREFIX + buffered.frame_id, buffered.jpeg, ex=ttl_s)
-            await pipe.execute()
+
+        async def store_clip() -> bool:
+            async with redis.pipeline(transaction=False) as pipe:
+                for buffered in clip:
+                    pipe.set(FRAME_KEY_PREFIX + buffered.frame_id, buffered.jpeg, ex=ttl_s)
+                await pipe.execute()
+            return True
+
+        # Without Redis the request goes without its clip: the cloud worker reads the frame itself from
+        # `frames` (its position is in the request), so the frame is still answered.
+        if not await self.redis_outage.call("offloaded frames go without their clip", store_clip, False):
+            clip = []
         return CloudRequest(
             frame_id=frame.frame_id,
             camera_id=frame.camera_id,
@@ -359,6 +384,22 @@ class EdgeWorker:
             reason=reason,
             deadline=utc_now() + timedelta(seconds=self.settings.edge.cloud_deadline_s),
         )
+
+
+def jpeg_size_problem(jpeg: bytes, min_side: int, max_pixels: int) -> str | None:
+    """Why a JPEG's dimensions (read from its header, before decoding) are unusable, or None.
+
+    Not a JPEG, or one whose header simplejpeg cannot read, is left to the decoder to judge.
+    """
+    try:
+        height, width, _colorspace, _subsampling = simplejpeg.decode_jpeg_header(jpeg)
+    except ValueError:
+        return None
+    if min(width, height) < min_side:
+        return f"frame of {width}×{height} pixels is smaller than {min_side} pixels a side"
+    if width * height > max_pixels:
+        return f"frame of {width}×{height} pixels exceeds {max_pixels} pixels"
+    return None
 
 
 async def consumer_lag(consumer: AIOKafkaConsumer) -> int:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,11 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from core.kafka_io import topic_specs
-from core.settings import ConfigError, Settings
+from core.kafka_io import client_options, topic_specs
+from core.settings import ConfigError, KafkaSettings, RedisSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,31 @@ class ServiceState:
     log: str
 
 
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+STACK_USER = "fallwatch"
+
+
+@dataclass
+class StackSecurity:
+    """A locked stack: Kafka on SASL_SSL (SCRAM) only, Redis on TLS only with a password, one self-signed
+    certificate for both, and the one user's password in a file (0600) that clients read."""
+
+    username: str
+    password_file: str
+    cert_file: str  # the self-signed certificate, also the clients' CA
+    key_file: str
+    kafka_keystore: str  # key and certificate in one PEM file, as Kafka's PEM keystore wants them
+
+    def password(self) -> str:
+        return Path(self.password_file).read_text().strip()
+
+
 @dataclass
 class StackState:
     kafka: ServiceState
     kafka_controller_port: int
     redis: ServiceState
+    security: StackSecurity | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -62,7 +84,40 @@ class StackState:
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis.port}/0"
+        scheme = "rediss" if self.security else "redis"
+        return f"{scheme}://127.0.0.1:{self.redis.port}/0"
+
+    def kafka_fields(self) -> dict[str, Any]:
+        """The `kafka` settings a client of this stack needs (address and, when locked, credentials)."""
+        fields: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers, "security_protocol": "PLAINTEXT"}
+        if self.security is not None:
+            fields |= {
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": SCRAM_MECHANISM,
+                "sasl_username": self.security.username,
+                "sasl_password": None,
+                "sasl_password_file": self.security.password_file,
+                "ssl_cafile": self.security.cert_file,
+            }
+        return fields
+
+    def redis_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"url": self.redis_url}
+        if self.security is not None:
+            fields |= {
+                "username": self.security.username,
+                "password": None,
+                "password_file": self.security.password_file,
+                "ssl_ca_certs": self.security.cert_file,
+            }
+        return fields
+
+    def kafka_settings(self, base: KafkaSettings | None = None) -> KafkaSettings:
+        """`base` (or the defaults) pointed at this stack."""
+        return KafkaSettings.model_validate({**(base or KafkaSettings()).model_dump(), **self.kafka_fields()})
+
+    def redis_settings(self, base: RedisSettings | None = None) -> RedisSettings:
+        return RedisSettings.model_validate({**(base or RedisSettings()).model_dump(), **self.redis_fields()})
 
 
 def port_is_free(port: int) -> bool:
@@ -151,10 +206,11 @@ def kafka_libs(cache_dir: Path) -> Path:
 class LocalStack:
     """Starts, stops and reports on the local Kafka + Redis of one state directory."""
 
-    def __init__(self, state_dir: Path, cache_dir: Path, partitions: int = 4) -> None:
+    def __init__(self, state_dir: Path, cache_dir: Path, partitions: int = 4, secure: bool = False) -> None:
         self.state_dir = state_dir.resolve()
         self.cache_dir = cache_dir.resolve()
         self.partitions = partitions
+        self.secure = secure
         self.state_file = self.state_dir / "stack.json"
 
     @classmethod
@@ -166,14 +222,18 @@ class LocalStack:
         if not self.state_file.is_file():
             return None
         raw = json.loads(self.state_file.read_text())
+        raw.pop("clients", None)
         return StackState(
             kafka=ServiceState(**raw["kafka"]),
             kafka_controller_port=raw["kafka_controller_port"],
             redis=ServiceState(**raw["redis"]),
+            security=StackSecurity(**raw["security"]) if raw.get("security") else None,
         )
 
     def write_state(self, state: StackState) -> None:
-        self.state_file.write_text(json.dumps(asdict(state), indent=2))
+        # `clients`: what a service's settings take from the running stack (core.settings.LocalStackSource)
+        clients = {"kafka": state.kafka_fields(), "redis": state.redis_fields()}
+        self.state_file.write_text(json.dumps({**asdict(state), "clients": clients}, indent=2))
 
     # --- lifecycle -------------------------------------------------------------------------
     def up(self, topics: dict[str, dict[str, str]]) -> StackState:
@@ -185,15 +245,17 @@ class LocalStack:
             return state
         self.state_dir.mkdir(parents=True, exist_ok=True)
         libs = kafka_libs(self.cache_dir)
-        redis = self.start_redis(free_port(DEFAULT_REDIS_PORT))
-        kafka_port = free_port(DEFAULT_KAFKA_PORT)
+        security = self.make_security() if self.secure else None
+        # a locked stack runs beside an ordinary one (tests): it takes any free ports, not the defaults
+        redis = self.start_redis(free_port(None if security else DEFAULT_REDIS_PORT), security)
+        kafka_port = free_port(None if security else DEFAULT_KAFKA_PORT)
         controller_port = free_port()
         try:
-            kafka = self.start_kafka(libs, kafka_port, controller_port)
+            kafka = self.start_kafka(libs, kafka_port, controller_port, security)
         except BaseException:  # a StackError, or the start cut short (SIGTERM): redis-server must not run on
             stop_pid(redis.pid)
             raise
-        state = StackState(kafka=kafka, kafka_controller_port=controller_port, redis=redis)
+        state = StackState(kafka=kafka, kafka_controller_port=controller_port, redis=redis, security=security)
         self.write_state(state)
         self.create_topics(state, topics)
         return state
@@ -210,34 +272,54 @@ class LocalStack:
     def healthy(self, state: StackState) -> bool:
         return all(pid_alive(service.pid) and port_accepts(service.port) for service in (state.kafka, state.redis))
 
+    def make_security(self) -> StackSecurity:
+        """A fresh password and a self-signed certificate for 127.0.0.1 / localhost (openssl)."""
+        if shutil.which("openssl") is None:
+            raise StackError("openssl is needed for the locked stack's certificate")
+        secret_dir = self.state_dir / "secrets"
+        secret_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        password_file = secret_dir / "password"
+        password_file.touch(mode=0o600)
+        password_file.write_text(secrets.token_urlsafe(24))
+        cert, key = secret_dir / "cert.pem", secret_dir / "key.pem"
+        result = subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise StackError(f"openssl could not make the certificate: {result.stderr.strip()[-300:]}")
+        key.chmod(0o600)
+        keystore = secret_dir / "kafka-keystore.pem"
+        keystore.touch(mode=0o600)
+        keystore.write_text(key.read_text() + cert.read_text())
+        return StackSecurity(STACK_USER, str(password_file), str(cert), str(key), str(keystore))
+
     # --- redis -----------------------------------------------------------------------------
-    def start_redis(self, port: int) -> ServiceState:
+    def start_redis(self, port: int, security: StackSecurity | None = None) -> ServiceState:
         binary = shutil.which("redis-server")
         if binary is None:
             raise StackError("redis-server is not installed (Debian: apt-get install -y redis-server)")
         data = self.state_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
         log_path = self.state_dir / "redis.log"
+        # no persistence: a restart comes back empty, and alerting rebuilds its state from `fall-events`
+        options = ["--bind", "127.0.0.1", "--dir", str(data), "--save", "", "--appendonly", "no", "--daemonize", "no"]
+        if security is None:
+            options += ["--port", str(port)]
+        else:
+            password = security.password()
+            options += [
+                "--port", "0", "--tls-port", str(port),
+                "--tls-cert-file", security.cert_file, "--tls-key-file", security.key_file,
+                "--tls-ca-cert-file", security.cert_file, "--tls-auth-clients", "no",
+                # the default user needs the password too, and the stack's clients log in as their own ACL user
+                "--requirepass", password,
+                "--user", security.username, "on", f">{password}", "~*", "&*", "+@all",
+            ]  # fmt: skip
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
-                [
-                    binary,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--dir",
-                    str(data),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--daemonize",
-                    "no",
-                ],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+                [binary, *options], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
             )
         wait_for_port(process, port, "redis-server", log_path)
         return ServiceState(pid=process.pid, port=port, log=str(log_path))
@@ -246,30 +328,42 @@ class LocalStack:
         """Stop and start redis-server on the same port (used to test outages)."""
         state = self._require_state()
         stop_pid(state.redis.pid)
-        state.redis = self.start_redis(state.redis.port)
+        state.redis = self.start_redis(state.redis.port, state.security)
         self.write_state(state)
         return state
 
     def stop_redis(self) -> None:
         stop_pid(self._require_state().redis.pid)
 
+    def start_redis_again(self) -> StackState:
+        """Start redis-server again on the same port, empty (after stop_redis)."""
+        state = self._require_state()
+        state.redis = self.start_redis(state.redis.port, state.security)
+        self.write_state(state)
+        return state
+
     # --- kafka -----------------------------------------------------------------------------
-    def start_kafka(self, libs: Path, port: int, controller_port: int) -> ServiceState:
+    def start_kafka(
+        self, libs: Path, port: int, controller_port: int, security: StackSecurity | None = None
+    ) -> ServiceState:
         if shutil.which("java") is None:
             raise StackError("java (17 or newer) is needed to run the local Kafka broker")
         kafka_dir = self.state_dir / "kafka"
         data = kafka_dir / "data"
         config = kafka_dir / "server.properties"
         kafka_dir.mkdir(parents=True, exist_ok=True)
-        config.write_text(kafka_properties(port, controller_port, data))
+        config.touch(mode=0o600)  # a locked broker's file holds its own SCRAM password
+        config.write_text(kafka_properties(port, controller_port, data, security))
         classpath = f"{libs}/*"
         if not (data / "meta.properties").is_file():
             cluster_id = uuid.uuid4().hex[:22]
-            subprocess.run(
-                ["java", "-cp", classpath, KAFKA_STORAGE_TOOL, "format", "-t", cluster_id, "-c", str(config)],
-                check=True,
-                capture_output=True,
-            )
+            format_command = ["java", "-cp", classpath, KAFKA_STORAGE_TOOL, "format", "-t", cluster_id]
+            format_command += ["-c", str(config)]
+            if security is not None:
+                # KRaft keeps SCRAM credentials in its metadata log: the user exists before the first start
+                scram = f"{SCRAM_MECHANISM}=[name={security.username},password={security.password()}]"
+                format_command += ["--add-scram", scram]
+            subprocess.run(format_command, check=True, capture_output=True)
         log_path = self.state_dir / "kafka.log"
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
@@ -287,12 +381,14 @@ class LocalStack:
     def start_kafka_again(self) -> StackState:
         """Start the broker again on the same ports and data (after stop_kafka)."""
         state = self._require_state()
-        state.kafka = self.start_kafka(kafka_libs(self.cache_dir), state.kafka.port, state.kafka_controller_port)
+        state.kafka = self.start_kafka(
+            kafka_libs(self.cache_dir), state.kafka.port, state.kafka_controller_port, state.security
+        )
         self.write_state(state)
         return state
 
     def create_topics(self, state: StackState, topics: dict[str, dict[str, str]]) -> None:
-        asyncio.run(create_topics(state.bootstrap_servers, topics, self.partitions))
+        asyncio.run(create_topics(state.kafka_settings(), topics, self.partitions))
 
     def _require_state(self) -> StackState:
         state = self.read_state()
@@ -301,17 +397,34 @@ class LocalStack:
         return state
 
 
-def kafka_properties(port: int, controller_port: int, data: Path) -> str:
+def kafka_properties(port: int, controller_port: int, data: Path, security: StackSecurity | None = None) -> str:
+    listener = "PLAINTEXT" if security is None else "SASL_SSL"
+    locked: list[str] = []
+    if security is not None:
+        jaas = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{security.username}" password="{security.password()}";'
+        )
+        locked = [
+            f"sasl.enabled.mechanisms={SCRAM_MECHANISM}",
+            f"sasl.mechanism.inter.broker.protocol={SCRAM_MECHANISM}",
+            f"listener.name.sasl_ssl.{SCRAM_MECHANISM.lower()}.sasl.jaas.config={jaas}",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={security.kafka_keystore}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={security.cert_file}",
+        ]
     return "\n".join(
         [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            f"listeners={listener}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+            f"advertised.listeners={listener}://127.0.0.1:{port}",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-            "inter.broker.listener.name=PLAINTEXT",
+            f"listener.security.protocol.map=CONTROLLER:PLAINTEXT,{listener}:{listener}",
+            f"inter.broker.listener.name={listener}",
+            *locked,
             f"log.dirs={data}",
             "num.partitions=4",
             "offsets.topic.replication.factor=1",
@@ -328,12 +441,12 @@ def kafka_properties(port: int, controller_port: int, data: Path) -> str:
     )
 
 
-async def create_topics(bootstrap_servers: str, topics: dict[str, dict[str, str]], partitions: int) -> None:
+async def create_topics(kafka: KafkaSettings, topics: dict[str, dict[str, str]], partitions: int) -> None:
     """Create missing topics (idempotent), each with `partitions` partitions and its configs.
 
     Returns once every partition has a leader, so the first clients do not meet NotLeader errors.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=30000)
+    admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=30000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -403,15 +516,20 @@ def local_stack_settings(settings: Settings, state_dir: Path) -> Iterator[Settin
         if temporary:
             state = stack.up({})  # inside the `try`: a stack interrupted while it starts is stopped too
         assert state is not None
-        yield settings.model_copy(
-            update={
-                "kafka": settings.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers}),
-                "redis": settings.redis.model_copy(update={"url": state.redis_url}),
-            }
-        )
+        yield on_stack(settings, state)
     finally:
         if temporary:
             stack.down()
+
+
+def on_stack(settings: Settings, state: StackState) -> Settings:
+    """`settings` with the Kafka and Redis addresses (and credentials) of a local stack."""
+    return settings.model_copy(
+        update={
+            "kafka": state.kafka_settings(settings.kafka),
+            "redis": state.redis_settings(settings.redis),
+        }
+    )
 
 
 def fresh_run(settings: Settings, name: str) -> Settings:
@@ -425,5 +543,5 @@ def fresh_run(settings: Settings, name: str) -> Settings:
             "alerting": settings.alerting.model_copy(update={"app_id": f"{run}-{settings.alerting.app_id}"}),
         }
     )
-    asyncio.run(create_topics(fresh.kafka.bootstrap_servers, topic_specs(fresh), fresh.kafka.partitions))
+    asyncio.run(create_topics(fresh.kafka, topic_specs(fresh), fresh.kafka.partitions))
     return fresh

@@ -19,7 +19,8 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from core.kafka_io import make_producer, send
+from core.kafka_io import make_producer, send, start_clients
+from core.retry import DependencyUnavailable
 from core.settings import CameraSettings, ConfigError, ProducerSettings, Settings
 from core.urls import redact, source_kind
 from producers.camera import CameraCapture, CameraStats, CapturedFrame
@@ -162,10 +163,13 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
     cameras = check_cameras(settings.producers)
     producer = make_producer(settings)
     try:
-        await producer.start()
-    except KafkaError as exc:
+        await start_clients(settings, producer)  # retried while the brokers are unreachable
+    except KafkaError as exc:  # refused credentials, a broker too old
         await producer.stop()
-        raise ConfigError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}") from None
+        raise ConfigError(f"cannot use Kafka at {settings.kafka.bootstrap_servers}: {exc}") from None
+    except DependencyUnavailable:
+        await producer.stop()
+        raise
     loop = asyncio.get_running_loop()
     thread_stop = threading.Event()
     publishers = [CameraPublisher(camera, settings, producer, loop, thread_stop) for camera in cameras]

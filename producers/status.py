@@ -17,9 +17,9 @@ import socket
 import time
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.redis_io import redis_client
 from core.settings import CameraSettings, ConfigError, Settings
 from core.urls import redact
 from producers.camera import CameraStats
@@ -27,7 +27,6 @@ from producers.camera import CameraStats
 log = logging.getLogger(__name__)
 
 STATUS_TTL_INTERVALS = 5
-REDIS_TIMEOUT_S = 2.0
 
 
 def camera_status(camera: CameraSettings, stats: CameraStats) -> dict[str, Any]:
@@ -62,7 +61,7 @@ async def run_status_writer(
     settings: Settings, cameras: list[CameraSettings], stats: dict[str, CameraStats], done: asyncio.Event
 ) -> None:
     """Write every camera's status until `done`, and once more after it (the final counts)."""
-    redis = Redis.from_url(settings.redis.url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+    redis = redis_client(settings.redis)
     interval_s = settings.producers.status_interval_s
     ttl_s = max(1, round(interval_s * STATUS_TTL_INTERVALS))
     failing = False
@@ -93,7 +92,7 @@ async def run_status_writer(
 
 async def read_statuses(settings: Settings) -> dict[str, dict[str, Any]]:
     """Every camera status in Redis under the configured prefix, by camera id."""
-    redis = Redis.from_url(settings.redis.url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+    redis = redis_client(settings.redis)
     prefix = settings.producers.status_key_prefix
     try:
         keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]

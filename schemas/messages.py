@@ -186,13 +186,18 @@ class Label(Message):
 
 
 class DeadLetter(Message):
-    """A record a service could not process (topic `dead-letters`)."""
+    """A record a service could not process (topic `dead-letters`), by reference: never its bytes.
+
+    The record itself stays at its position (topic, partition, offset) for that topic's retention;
+    a copy here would keep residents' images for the dead letters' retention instead, and could
+    itself exceed the size limit that made the record a dead letter.
+    """
 
     service: str
     reason: str
     source_topic: str
     source_partition: int | None = None
     source_offset: int | None = None
-    key: bytes | None = None
-    raw: bytes = Field(repr=False)
+    key: bytes | None = Field(None, description="the record's key (a camera id), when short")
+    size: int = Field(ge=0, description="bytes of the record's value")
     failed_at: AwareDatetime = Field(default_factory=utc_now)

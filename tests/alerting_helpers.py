@@ -15,24 +15,24 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
-from core.kafka_io import make_consumer, make_producer
+from core.kafka_io import make_admin, make_consumer, make_producer
 from core.settings import Settings
 from fallwatch.stack import StackState, free_port
-from schemas import FallEvent, Message, Verdict, VerdictSource, decode, encode
+from schemas import FallEvent, Message, Verdict, VerdictSource, decode, encode, utc_now
 from tests.conftest import REPO, settings_for, write_config
 
 M = TypeVar("M", bound=Message)
 
-T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+# an hour ago, to the second: consumers refuse capture times far from their clock (capture_time settings)
+T0 = utc_now().replace(microsecond=0) - timedelta(hours=1)
 WAIT_S = 30.0
 WEBHOOK_SECRET = "test-webhook-secret"
 
@@ -181,7 +181,7 @@ async def wait_until_consumed(settings: Settings, *topics: str, timeout_s: float
     `fall-events`: a missing alert is really missing, not late.
     """
     consumer = make_consumer(settings, group_id=None)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    admin = make_admin(settings)
     await consumer.start()
     await admin.start()
     try:

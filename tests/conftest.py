@@ -23,9 +23,8 @@ import numpy as np
 import pytest
 import yaml
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
-from core.kafka_io import make_consumer, topic_specs
+from core.kafka_io import make_admin, make_consumer, topic_specs
 from core.settings import CONFIG_ENV, Settings
 from fallwatch.devkit.models import ModelPaths, build_tiny_models
 from fallwatch.stack import LocalStack, StackState, create_topics
@@ -59,11 +58,11 @@ def settings_for(stack_state: StackState, tmp_path: Path, **sections: object) ->
     topics = Topics().prefixed(prefix)
     settings = Settings(
         state_dir=tmp_path / "state",
-        kafka={"bootstrap_servers": stack_state.bootstrap_servers, "topics": topics.model_dump()},
-        redis={"url": stack_state.redis_url},
+        kafka={**stack_state.kafka_fields(), "topics": topics.model_dump()},
+        redis=stack_state.redis_fields(),
         **sections,
     )
-    asyncio.run(create_topics(stack_state.bootstrap_servers, topic_specs(settings), settings.kafka.partitions))
+    asyncio.run(create_topics(settings.kafka, topic_specs(settings), settings.kafka.partitions))
     return settings
 
 
@@ -119,7 +118,7 @@ async def read_all(settings: Settings, topic: str, model: type[M]) -> list[M]:
 
 async def until_group_stable_with(settings: Settings, group_id: str, members: int, timeout_s: float = 60) -> None:
     """Wait until the consumer group has settled (state Stable) with `members` members."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    admin = make_admin(settings)
     await admin.start()
     deadline = asyncio.get_running_loop().time() + timeout_s
     try:

@@ -16,7 +16,7 @@ from tests.alerting_helpers import T0, make_verdict
 
 # The mechanics of the rule with no duration to wait for and the sure-cloud pair on (the defaults are tested apart)
 RULE = AlertingSettings(k=3, n=5, window_s=30.0, cooldown_s=60.0, down_for_s=0.0, up_after_s=0.0, confirm_within_s=2.0)
-NOW = datetime(2026, 1, 1, 12, 5, tzinfo=UTC)  # wall clock of the pure rule tests
+NOW = T0 + timedelta(minutes=5)  # wall clock of the pure rule tests
 
 
 def outputs_of(state: CameraState, verdicts: list[Verdict]) -> list[FallEvent | PersonDown]:
@@ -37,6 +37,15 @@ def new_state(camera_id: str = "cam") -> CameraState:
 
 
 # --- the rule ----------------------------------------------------------------------------------
+
+
+def test_one_record_from_the_far_future_does_not_silence_the_camera() -> None:
+    year_2100 = datetime(2100, 1, 1, tzinfo=UTC)
+    stray = make_verdict("cam", 0, fall=False, start=year_2100)
+    falls = [make_verdict("cam", seq, fall=True, fall_probability=0.99) for seq in (1, 2, 3)]
+    alerts = observe_all(new_state(), [stray, *falls])
+    assert [alert.state for alert in alerts] == ["open"], "three sure falls after the stray record open an alert"
+    assert alerts[0].evidence_frame_ids == [falls[0].frame_id, falls[1].frame_id, falls[2].frame_id]
 
 
 def test_k_of_n_falls_open_one_alert_with_evidence() -> None:

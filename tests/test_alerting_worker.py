@@ -276,7 +276,7 @@ def test_malformed_record_goes_to_dead_letters_and_the_stream_goes_on(shared_set
     (dead,) = [d for d in dead_letters if d.key == camera.encode()]
     assert dead.service == "alerting"
     assert dead.source_topic == settings.kafka.topics.verdicts
-    assert dead.raw == b"not json"
+    assert dead.size == len(b"not json")
     assert "invalid Verdict" in dead.reason
     alerts_of(settings, camera)
 

@@ -21,7 +21,8 @@ from core.settings import CONFIG_ENV, load_settings
 from dmd_offline.clips import LabelledClip
 from fallwatch.cli import app
 from fallwatch.demo import clip_outcome
-from fallwatch.stack import LocalStack, pid_alive, stop_pid
+from fallwatch.devkit.models import ModelPaths
+from fallwatch.stack import LocalStack, free_port, pid_alive, stop_pid
 from schemas import FallEvent, Topics
 from tests.conftest import run_fallwatch
 
@@ -242,3 +243,32 @@ def test_demo_prints_a_final_verdict_for_every_frame(tmp_path: Path, clip_path: 
     printed = len(re.findall(r"^cam-1 room-1 frame +\d+ +(?:edge|cloud|edge-fallback) .* final$", result.stdout, re.M))
     assert printed == int(summary[1]), "each final verdict is printed as it arrives"
     assert not (tmp_path / "state" / "stack.json").exists(), "the stack the demo started is stopped again"
+
+
+@pytest.mark.parametrize("command", ["edge", "cloud", "alerting"])
+def test_a_service_started_while_kafka_is_down_retries_then_says_so_in_one_line(
+    command: str, tiny_models: ModelPaths, tmp_path: Path
+) -> None:
+    sections = tiny_models.settings_sections()
+    nothing_there = f"127.0.0.1:{free_port()}"
+    env = {
+        "FALLWATCH_STATE_DIR": str(tmp_path),
+        "FALLWATCH_KAFKA__BOOTSTRAP_SERVERS": nothing_there,
+        "FALLWATCH_KAFKA__CONNECT_TIMEOUT_S": "4",
+        "FALLWATCH_EDGE__MODEL": sections["edge"]["model"],
+        "FALLWATCH_EDGE__SWITCHER_REGISTRY": sections["edge"]["switcher_registry"],
+        "FALLWATCH_CLOUD__MODEL": sections["cloud"]["model"],
+        "FALLWATCH_CLOUD__DEVICE": "cpu",
+    }
+    result = run_fallwatch(command, env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    retries = [line for line in result.stderr.splitlines() if f"Kafka at {nothing_there} not reachable" in line]
+    assert len(retries) >= 2 and "retry 1 in" in retries[0], result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: Kafka at {nothing_there} unreachable for 4 s")
+
+
+def test_bench_soak_refuses_a_run_of_no_length_in_one_line() -> None:
+    result = run_fallwatch("bench", "soak", "--minutes", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --minutes, --fps and --sample-s must be positive and --cameras at least 1"

@@ -19,6 +19,7 @@ from cloud_workers.model import (
     VideoTokenMismatchError,
     sample_frames,
     video_tokens_per_frame,
+    yes_probability,
 )
 from fallwatch.devkit.tiny_cloud import (
     TINY_TOKENS_PER_FRAME,
@@ -263,3 +264,13 @@ def test_bad_inputs_are_rejected(model: LlavaVideoCloudModel, clips: list[list[n
         model.predict([[clips[0][0].astype(np.float32)]])
     with pytest.raises(ValueError, match="questions"):
         model.yes_probabilities(clips[:2], [QUESTION])
+
+
+def test_p_yes_summed_in_float32_never_exceeds_one() -> None:
+    # Two "Yes" spellings and three "No" ones whose float32 softmax sum rounds to 1.0000001: the cloud
+    # worker died validating such a verdict (P(fall) must be at most 1) and the edge answered alone.
+    logits = torch.tensor([[1.300535798072815, -5.2027506828308105, -44.00814437866211, -37.33871078491211, -37.6961]])
+    assert logits.softmax(dim=-1)[:, :2].sum(dim=-1).item() > 1.0, "the float32 sum itself overflows"
+    p_yes = yes_probability(logits, yes_count=2)
+    assert p_yes.dtype == torch.float32
+    assert p_yes.item() == 1.0

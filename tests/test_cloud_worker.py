@@ -211,7 +211,7 @@ def test_deadlines_expired_clips_and_malformed_requests(stack_state, tmp_path: P
     assert metrics.value("fallwatch_cloud_requests_total", outcome="cloud") == 4
     assert metrics.value("fallwatch_cloud_requests_total", outcome="dead_letter") == 1
     assert metrics.value("fallwatch_cloud_clip_fallbacks_total") == 3
-    assert len(dead) == 1 and dead[0].service == "cloud_workers" and dead[0].raw == b'{"not": "a request"}'
+    assert len(dead) == 1 and dead[0].service == "cloud_workers" and dead[0].size == len(b'{"not": "a request"}')
     assert "invalid CloudRequest" in dead[0].reason
 
 

@@ -35,7 +35,7 @@ from edge_workers.service import FRAMES_FETCH_BYTES, AnsweredBatch, CommitQueue,
 from edge_workers.switcher import create_untrained_switcher, latest_version, load_switcher
 from fallwatch.devkit.models import ModelPaths
 from fallwatch.stack import free_port
-from schemas import CloudRequest, DeadLetter, Frame, Verdict, encode
+from schemas import CloudRequest, DeadLetter, Frame, Verdict, encode, utc_now
 from tests.conftest import (
     consume_until,
     running,
@@ -45,7 +45,7 @@ from tests.conftest import (
     write_config,
 )
 
-START = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+START = utc_now().replace(microsecond=0) - timedelta(hours=1)  # within the capture-time bounds
 
 
 def make_frames(camera_id: str, count: int, first_seq: int = 0, seed: int = 0) -> list[Frame]:

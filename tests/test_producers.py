@@ -99,6 +99,27 @@ def test_example_camera_settings_load(monkeypatch: pytest.MonkeyPatch) -> None:
     assert set(documented["cameras"][0]) == set(CameraSettings.model_fields)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("rtsp://admin:p@ss@cam.local/stream", "rtsp://***@cam.local/stream"),  # '@' in the password
+        ("rtsp://admin:pa/ss@cam.local:554/s", "rtsp://***@cam.local:554/s"),  # '/' in the password
+        ("rtsp://admin:a:b@c@10.0.0.5", "rtsp://***@10.0.0.5"),
+        ("rtsp://admin@cam.local/s", "rtsp://***@cam.local/s"),
+        (
+            "http://cam.local/video.cgi?user=admin&pwd=s3cret&res=hd",
+            "http://cam.local/video.cgi?user=***&pwd=***&res=hd",
+        ),
+        ("https://cam.local/mjpeg?token=abc123", "https://cam.local/mjpeg?token=***"),
+        ("cannot open rtsp://u:p@ss@cam/x (timeout)", "cannot open rtsp://***@cam/x (timeout)"),
+    ],
+)
+def test_redact_hides_credentials_of_any_url_shape(url: str, shown: str) -> None:
+    assert redact(url) == shown
+    for secret in ("p@ss", "pa/ss", "a:b@c", "s3cret", "abc123"):
+        assert secret not in redact(url)
+
+
 def test_redact_hides_credentials_only() -> None:
     assert redact("rtsp://user:p%40ss@cam.local:554/s?x=1") == "rtsp://***@cam.local:554/s?x=1"
     assert redact("http://cam.local/mjpeg") == "http://cam.local/mjpeg"

@@ -72,7 +72,7 @@ def sample_messages() -> list[Message]:
         evidence_frame_ids=[frame.frame_id],
         rule="3 of 5",
     )
-    dead = DeadLetter(service="edge_workers", reason="bad", source_topic="frames", raw=b"\x00garbage")
+    dead = DeadLetter(service="edge_workers", reason="bad", source_topic="frames", size=8)
     return [frame, request, verdict, event, dead]
 
 

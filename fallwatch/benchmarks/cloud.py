@@ -35,7 +35,6 @@ from typing import TypeVar
 import cv2
 import numpy as np
 import torch
-from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
@@ -44,6 +43,7 @@ from cloud_workers.loading import load_cloud_model
 from cloud_workers.model import Clip, LlavaVideoCloudModel, resolve_device, resolve_dtype
 from cloud_workers.service import DECODE_THREADS, CloudWorker, decode_clips
 from core.kafka_io import make_consumer, make_producer
+from core.redis_io import redis_client
 from core.settings import ConfigError, Settings, load_settings
 from fallwatch.benchmarks.cloud_models import ModelKind
 from fallwatch.devkit.tiny_cloud import (
@@ -102,7 +102,7 @@ async def publish_requests(
     """
     topics = settings.kafka.topics
     producer = make_producer(settings)
-    redis = Redis.from_url(settings.redis.url)
+    redis = redis_client(settings.redis)
     await producer.start()
     requests = []
     try:

@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import cv2
@@ -49,12 +49,12 @@ from edge_workers.service import EdgeWorker
 from edge_workers.switcher import create_untrained_switcher
 from fallwatch.devkit.tiny_edge import build_real_size_edge_model
 from fallwatch.stack import fresh_run, local_stack_settings
-from schemas import Frame, encode
+from schemas import Frame, encode, utc_now
 
 CAMERA_SIZE = (480, 640)  # height, width of the frames the benchmark feeds
 SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "falls-fallaction" / "images"
 CAMERAS = 4  # one per partition of the default topics
-START = datetime(2026, 1, 1, tzinfo=UTC)
+START = utc_now().replace(microsecond=0) - timedelta(hours=1)  # within the capture-time bounds
 VILT_BATCH_WAIT_MS = 500
 
 
