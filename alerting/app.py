@@ -1,8 +1,9 @@
 """The alerting service: a faust-streaming app on `verdicts` and `fall-events`.
 
 Agent `confirm-falls` reads `verdicts` and `fall-events`: each verdict (an
-undecodable one goes to `dead-letters`) feeds its camera's `CameraState`, and an
-alert the state opens or resolves is published to `fall-events` keyed by camera
+undecodable one goes to `dead-letters`) feeds its camera's `CameraState`; an
+alert the state opens or resolves is published to `fall-events`, a change of the
+camera's person-down state to `person-down` (compacted), both keyed by camera
 id; a caregiver's answer on `fall-events` (acknowledged, false alarm, resolved,
 published by the dashboard) updates the camera's state. Both topics are keyed
 by camera id with the same partition count, and faust assigns such topics
@@ -45,7 +46,7 @@ from alerting.store import AlertStore
 from core.kafka_io import MAX_MESSAGE_BYTES, GroupLag, dead_letter_for, log_dead_letter, ssl_context, wait_for_kafka
 from core.logs import configure_logging
 from core.settings import KafkaSettings, Settings
-from schemas import FallEvent, SchemaError, Verdict, decode, encode, utc_now
+from schemas import FallEvent, PersonDown, SchemaError, Verdict, decode, encode, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def make_app(settings: Settings, metrics: AlertingMetrics) -> faust.App:
     verdicts = app.topic(topics.verdicts, **raw_topic)
     verdicts_and_answers = app.topic(topics.verdicts, topics.fall_events, **raw_topic)
     fall_events = app.topic(topics.fall_events, **raw_topic)
+    person_down = app.topic(topics.person_down, **raw_topic)
     dead_letters = app.topic(topics.dead_letters, **raw_topic)
     cameras = app.Table(
         CAMERA_TABLE,
@@ -157,28 +159,41 @@ def make_app(settings: Settings, metrics: AlertingMetrics) -> faust.App:
                 continue
             state = camera_state(verdict.camera_id, verdict.room)
             state.room, state.partition = verdict.room, message.partition
-            alert = state.observe(verdict, utc_now())
+            outputs = state.observe(verdict, utc_now())
             # faust only writes the changelog on assignment, never for an in-place change
             cameras[verdict.camera_id] = state.model_dump(mode="json")
-            if alert is None:
-                continue
-            await delivery.store_first(alert)
-            await fall_events.send(key=alert.camera_id.encode(), value=encode(alert))
-            if alert.state == "open":
-                metrics.alerts_opened.labels(room=alert.room, rule=alert.rule).inc()
-                metrics.time_to_alert.observe((alert.updated_at - alert.first_fall_at).total_seconds())
-                log.info(
-                    "alert %s opened: camera %s, room %s, rule %s, confidence %.2f, evidence %s",
-                    alert.alert_id,
-                    alert.camera_id,
-                    alert.room,
-                    alert.rule,
-                    alert.confidence,
-                    ", ".join(alert.evidence_frame_ids),
-                )
-            else:
-                metrics.alerts_resolved.inc()
-                log.info("alert %s resolved: camera %s shows no fall any more", alert.alert_id, alert.camera_id)
+            for output in outputs:
+                if isinstance(output, PersonDown):
+                    await person_down.send(key=output.camera_id.encode(), value=encode(output))
+                    metrics.person_down_changes.labels(state="down" if output.down else "up").inc()
+                    log.info(
+                        "camera %s, room %s: person %s (%s)",
+                        output.camera_id,
+                        output.room,
+                        "down" if output.down else "up again",
+                        output.rule,
+                    )
+                else:
+                    await publish_alert(output)
+
+    async def publish_alert(alert: FallEvent) -> None:
+        await delivery.store_first(alert)
+        await fall_events.send(key=alert.camera_id.encode(), value=encode(alert))
+        if alert.state == "open":
+            metrics.alerts_opened.labels(room=alert.room, rule=alert.rule).inc()
+            metrics.time_to_alert.observe((alert.updated_at - alert.first_fall_at).total_seconds())
+            log.info(
+                "alert %s opened: camera %s, room %s, rule %s, confidence %.2f, evidence %s",
+                alert.alert_id,
+                alert.camera_id,
+                alert.room,
+                alert.rule,
+                alert.confidence,
+                ", ".join(alert.evidence_frame_ids),
+            )
+        else:
+            metrics.alerts_resolved.inc()
+            log.info("alert %s resolved: camera %s shows no fall any more", alert.alert_id, alert.camera_id)
 
     @app.agent(fall_events, name="deliver-alerts")
     async def deliver_alerts(stream: faust.StreamT[bytes]) -> None:
@@ -256,13 +271,15 @@ def run_alerting(settings: Settings) -> None:
     metrics.serve(settings.alerting.metrics_port, "alerting.metrics_port")
     app = make_app(settings, metrics)
     log.info(
-        "alerting %s: rule %d of %d within %.0f s, cloud confirms at p>=%.2f, cloud wait %.0f s, "
-        "escalation after %.0f s, cooldown %.0f s, on %s and %s",
+        "alerting %s: person down at %d of %d for %.1f s (up after %.1f s), or a cloud p>=%.2f with a fall within "
+        "%.1f s; cloud wait %.0f s, escalation after %.0f s, cooldown %.0f s, on %s and %s",
         settings.alerting.app_id,
         settings.alerting.k,
         settings.alerting.n,
-        settings.alerting.window_s,
+        settings.alerting.down_for_s,
+        settings.alerting.up_after_s,
         settings.alerting.cloud_confirm_probability,
+        settings.alerting.confirm_within_s,
         settings.alerting.cloud_wait_s,
         settings.alerting.escalate_after_s,
         settings.alerting.cooldown_s,

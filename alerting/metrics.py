@@ -32,6 +32,12 @@ class AlertingMetrics(ServedMetrics):
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self.person_down_changes = Counter(
+            "fallwatch_person_down_changes",
+            "person-down state changes, by new state",
+            ["state"],
+            registry=self.registry,
+        )
         self.alerts_resolved = Counter(
             "fallwatch_alerts_auto_resolved", "acknowledged alerts resolved by the rule", registry=self.registry
         )

@@ -50,6 +50,8 @@ def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
     specs: dict[str, dict[str, str]] = {name: {} for name in kafka.topics.all()}
     specs[kafka.topics.frames] = {"retention.ms": hours_ms(kafka.frames_retention_hours)}
     specs[kafka.topics.dead_letters] = {"retention.ms": hours_ms(kafka.dead_letters_retention_hours)}
+    # the newest record of each camera is its person-down state: compaction keeps it however old
+    specs[kafka.topics.person_down] = {"cleanup.policy": "compact"}
     return specs
 
 

@@ -333,14 +333,28 @@ class CloudSettings(Section):
 
 
 class AlertRule(Section):
-    """How alerting confirms, escalates and closes the alerts of one room (defaults, or `alerting.rooms`)."""
+    """How alerting decides that a person is down, and alerts, escalates and closes (defaults, or `alerting.rooms`).
 
-    k: int = Field(3, ge=1, description="falls among the last n final verdicts that confirm a fall")
+    The person-down state of a camera (see `alerting.rules`): down when k of the last n final verdicts
+    are falls and the falls have lasted `down_for_s`, or at a sure cloud fall with a second fall close
+    to it; up again after n − k + 1 non-fall verdicts in a row spanning `up_after_s`.
+    """
+
+    k: int = Field(3, ge=2, description="falls among the last n final verdicts that make a person down (one never)")
     n: int = Field(5, ge=1)
-    window_s: float = Field(30.0, gt=0, description="verdicts older than this do not count towards k of n")
+    window_s: float = Field(30.0, gt=0, description="verdicts captured this long before the newest are too late")
+    down_for_s: float = Field(
+        2.0, ge=0, description="...and the falls have lasted this long (first fall verdict to the newest)"
+    )
+    up_after_s: float = Field(
+        2.0, ge=0, description="a person down is up again after n − k + 1 non-falls in a row spanning this long"
+    )
     cooldown_s: float = Field(60.0, ge=0, description="no new alert for a camera this long after its last closed")
     cloud_confirm_probability: float = Field(
-        0.9, ge=0, le=1, description="a final cloud fall verdict at least this sure confirms at once"
+        0.9, ge=0, le=1, description="a final cloud fall verdict at least this sure confirms with one more fall"
+    )
+    confirm_within_s: float = Field(
+        0.0, ge=0, description="... when that second fall verdict is at most this far from it (0: off)"
     )
     cloud_wait_s: float = Field(
         10.0, gt=0, description="D: wait this long for the cloud's verdict of an offloaded frame, then use the edge's"
@@ -475,6 +489,35 @@ class CaptureTimeSettings(Section):
         return None
 
 
+class EvalSettings(Section):
+    """`fallwatch eval`: labelled clips sampled as cameras, replayed through routing policies and the alert rule."""
+
+    clips: Path | None = Field(None, description="folder with clips.csv (file,label,fall_start_s[,room])")
+    fps: float = Field(2.0, gt=0, le=30, description="sampling rate, as a camera's (`producers.cameras[].fps`)")
+    motion: MotionSettings = Field(MotionSettings(), description="the cameras' motion gate and heartbeat")
+    resize: tuple[PositiveInt, PositiveInt] | None = Field(None, description="[width, height] as a camera's")
+    jpeg_quality: int = Field(85, ge=10, le=100, description="as a camera's")
+    edge_latency_s: float = Field(0.1, ge=0, description="capture → the edge verdict reaches alerting")
+    cloud_latency_s: float = Field(1.0, ge=0, description="edge verdict → the cloud verdict reaches alerting")
+    cloud_shares: list[float] = Field(
+        default_factory=lambda: [0.1, 0.25, 0.5],
+        description="cloud shares at which DMD, uncertainty and random deferral are compared",
+    )
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples by clip for the confidence intervals")
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the confidence intervals")
+    seed: int = Field(0, description="bootstrap, random deferral, the edge model's patch order")
+    batch_size: int = Field(8, ge=1, description="frames (edge) or clips (cloud) per model forward")
+    cache_dir: Path = Field(Path(".cache/eval"), description="model outputs, keyed by clip, sampling and model")
+    report_dir: Path = Field(Path("eval-report"), description="report.md, report.json and the PNG curves")
+
+    @field_validator("cloud_shares")
+    @classmethod
+    def shares_are_shares(cls, shares: list[float]) -> list[float]:
+        if any(not 0 <= share <= 1 for share in shares):
+            raise ValueError(f"every cloud share must be within [0, 1], got {shares}")
+        return sorted(set(shares))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FALLWATCH_", env_nested_delimiter="__", extra="forbid")
 
@@ -488,6 +531,7 @@ class Settings(BaseSettings):
     cloud: CloudSettings = CloudSettings()
     alerting: AlertingSettings = AlertingSettings()
     dmd: DmdSettings = DmdSettings()
+    eval: EvalSettings = EvalSettings()
     capture_time: CaptureTimeSettings = CaptureTimeSettings()
 
     @classmethod

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from core.entry import run_app, settings_with_logging
-from core.settings import ConfigError, DmdSettings
+from core.settings import ConfigError
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -35,15 +35,23 @@ TargetShare = Annotated[
 ]
 
 
-def configured(**overrides: Any) -> Settings:
-    """Settings (with logging configured) and the given `dmd` options applied, validated like the config."""
-    settings = settings_with_logging()
-    given = {name: value for name, value in overrides.items() if value is not None}
+S = TypeVar("S", bound=BaseModel)
+
+
+def with_options(section: S, options: dict[str, Any]) -> S:
+    """A settings section with the given command-line options (None: not given) applied, validated like the config."""
+    given = {name: value for name, value in options.items() if value is not None}
     try:
-        settings.dmd = DmdSettings.model_validate({**settings.dmd.model_dump(), **given})
+        return type(section).model_validate({**section.model_dump(), **given})
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid option: {problems.replace('_', '-')}") from None
+
+
+def configured(**overrides: Any) -> Settings:
+    """Settings (with logging configured) and the given `dmd` options applied, validated like the config."""
+    settings = settings_with_logging()
+    settings.dmd = with_options(settings.dmd, overrides)
     return settings
 
 
@@ -187,6 +195,57 @@ def run_command(
     if publish:
         publish_step(settings)
     timed("dmd run", started)
+
+
+def eval_command(
+    clips: Annotated[Path | None, typer.Option(help="folder with clips.csv (default: eval.clips)")] = None,
+    report_dir: Annotated[Path | None, typer.Option(help="where the report goes (default: eval.report_dir)")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="model outputs cache (default: eval.cache_dir)")] = None,
+    fps: Annotated[float | None, typer.Option(help="camera sampling rate (default: eval.fps)")] = None,
+    edge_latency: Annotated[
+        float | None, typer.Option("--edge-latency", help="s from capture to the edge verdict (eval.edge_latency_s)")
+    ] = None,
+    cloud_latency: Annotated[
+        float | None,
+        typer.Option("--cloud-latency", help="s from the edge verdict to the cloud's (eval.cloud_latency_s)"),
+    ] = None,
+    share: Annotated[
+        list[float] | None,
+        typer.Option("--share", help="a cloud share to compare the deferral policies at (repeatable)"),
+    ] = None,
+    bootstrap: Annotated[int | None, typer.Option(help="bootstrap resamples by clip (eval.bootstrap)")] = None,
+) -> None:
+    """Event-level evaluation of labelled clips: every routing policy through the alert rule, per clip and policy."""
+    from rich.console import Console
+
+    from dmd_offline.event_eval import run_event_eval
+    from dmd_offline.event_report import print_table, write_event_report
+
+    started = time.perf_counter()
+    settings = settings_with_logging()
+    settings.eval = with_options(
+        settings.eval,
+        {
+            "clips": clips,
+            "report_dir": report_dir,
+            "cache_dir": cache_dir,
+            "fps": fps,
+            "edge_latency_s": edge_latency,
+            "cloud_latency_s": cloud_latency,
+            "cloud_shares": share or None,
+            "bootstrap": bootstrap,
+        },
+    )
+    if settings.eval.clips is None:
+        raise ConfigError("no clips: pass --clips FOLDER (a folder with clips.csv) or set eval.clips")
+    evaluation = run_event_eval(settings, settings.eval.clips)
+    print_table(evaluation, Console(highlight=False, width=200))
+    md_path, json_path, plots = write_event_report(evaluation, settings)
+    typer.echo(f"report: {md_path} (and {json_path.name}, {len(plots)} plot)")
+    timed("eval", started)
+
+
+dmd_app.command("eval")(eval_command)
 
 
 def main(argv: list[str] | None = None) -> None:

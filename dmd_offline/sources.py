@@ -8,7 +8,6 @@ so the replay need not pay for the large model twice.
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,6 +23,7 @@ from core.clips import ClipBuffers
 from core.images import decode_jpeg_rgb
 from core.kafka_io import make_consumer, topic_partitions
 from core.settings import ConfigError, Settings
+from dmd_offline.clips import LABEL_VALUES, read_csv, read_labelled_clips
 from producers.video import SourceError, encode_jpeg, sample_frames
 from schemas import Frame, Label, Message, SchemaError, Verdict, decode
 
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 
 SPLITS = ("train", "val", "test")
-LABEL_VALUES = {"fall": 1, "no_fall": 0, "1": 1, "0": 0}
 VIDEO_JPEG_QUALITY = 85  # as the producers encode camera frames by default
 
 
@@ -173,11 +172,6 @@ def clip_loader(jpegs: list[bytes]) -> Callable[[], list[np.ndarray]]:
 
 
 # --- labelled image folder --------------------------------------------------------------------
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def image_folder_items(folder: Path, limit_per_split: int | None = None) -> Iterator[ReplayItem]:
     """Images listed in `labels.csv` (image,label,split[,…]); `meta.csv` adds `source_group` when present.
 
@@ -232,33 +226,25 @@ def video_folder_items(folder: Path, fps: float, clip_frames: int, clip_seconds:
     otherwise. Frames go through JPEG like camera frames, and each frame's clip is the
     video's preceding frames within `clip_seconds` (at most `clip_frames`), as the edge builds it.
     """
-    clips_csv = folder / "clips.csv"
-    if not clips_csv.is_file():
-        raise ConfigError(f"{clips_csv} not found: a video folder needs clips.csv (file,label,fall_start_s)")
-    for number, row in enumerate(read_csv(clips_csv)):
-        if row.get("label") not in LABEL_VALUES:
-            raise ConfigError(
-                f"{clips_csv} row {number + 2}: label {row.get('label')!r} is not one of {list(LABEL_VALUES)}"
-            )
-        is_fall = LABEL_VALUES[row["label"]] == 1
-        fall_start_s = float(row.get("fall_start_s") or 0.0)
+    for number, clip in enumerate(read_labelled_clips(folder)):
+        fall_start_s = clip.fall_start_s or 0.0
         recent: deque[tuple[float, np.ndarray]] = deque(maxlen=clip_frames)
         try:
-            sampled = list(sample_frames(str(folder / row["file"]), fps, pace=False))
+            sampled = list(sample_frames(str(folder / clip.file), fps, pace=False))
         except SourceError as exc:
-            raise ConfigError(f"{clips_csv} row {number + 2}: {exc}") from None
+            raise ConfigError(f"{folder / 'clips.csv'} row {number + 2}: {exc}") from None
         for index, frame in enumerate(sampled):
             image = decode_jpeg_rgb(encode_jpeg(frame.image_bgr, VIDEO_JPEG_QUALITY))
             assert image is not None  # we just encoded it
             recent.append((frame.position_s, image))
-            clip = [img for t, img in recent if t >= frame.position_s - clip_seconds]
+            frames = [img for t, img in recent if t >= frame.position_s - clip_seconds]
             yield ReplayItem(
-                input_id=f"{row['file']}#{index}",
-                image_path=f"{folder / row['file']}#t={frame.position_s:.3f}",
-                group=row["file"],
-                split=row.get("split", "") or "",
+                input_id=f"{clip.file}#{index}",
+                image_path=f"{folder / clip.file}#t={frame.position_s:.3f}",
+                group=clip.file,
+                split=clip.split,
                 order_key=float(number * 1_000_000 + index),
                 image_rgb=image,
-                clip=lambda clip=clip: clip,
-                ground_truth=int(is_fall and frame.position_s >= fall_start_s),
+                clip=lambda frames=frames: frames,
+                ground_truth=int(clip.is_fall and frame.position_s >= fall_start_s),
             )

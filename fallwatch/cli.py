@@ -20,7 +20,7 @@ from cloud_workers.main import cloud
 from core.entry import ConfigOption, VersionOption, run_app, settings_with_logging
 from core.logs import configure_logging
 from core.settings import Settings
-from dmd_offline.cli import dmd_app
+from dmd_offline.cli import dmd_app, eval_command
 from edge_workers.main import edge
 from fallwatch.benchmarks.alerting import bench_alerting
 from fallwatch.benchmarks.capacity_command import bench_capacity
@@ -51,6 +51,7 @@ bench_app.command("cloud")(bench_cloud)
 bench_app.command("edge")(bench_edge)
 bench_app.command("producer")(bench_producer)
 bench_app.command("soak")(bench_soak)
+app.command("eval")(eval_command)
 
 
 @app.callback()

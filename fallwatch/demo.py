@@ -4,8 +4,9 @@ Starts the local stack (and stops it again if it started it), runs the edge
 worker, cloud worker and alerting service as real subprocesses, streams each
 video as one camera in its own room, prints every verdict and alert as it
 arrives and a summary once every sampled frame has its final verdict. When the
-folder has a `clips.csv` (file,label,fall_start_s), the summary also says, per
-clip, whether an alert fired and how long after the annotated fall start.
+folder has a `clips.csv` (file,label,fall_start_s), the summary also judges each
+clip's first alert against the annotated fall start, with the scoring of
+`fallwatch eval` (`dmd_offline.scoring.score_clip`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from rich.table import Table
 
 from core.kafka_io import consumer_group_lag, make_consumer
 from core.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
-from dmd_offline.sources import read_csv
+from dmd_offline.clips import CLIPS_CSV, LabelledClip, read_labelled_clips
+from dmd_offline.scoring import score_clip
 from fallwatch.devkit.models import REFERENCE_MODELS, ModelPaths, build_tiny_models, reference_models
 from fallwatch.stack import fresh_run, local_stack_settings
 from producers.service import run_producers
@@ -60,35 +62,18 @@ class DemoTally:
         )
 
 
-@dataclass(frozen=True)
-class ClipTruth:
-    label: str  # "fall" or "no_fall"
-    fall_start_s: float | None
-
-
-def read_clip_truth(clips_dir: Path) -> dict[str, ClipTruth]:
+def read_clip_truth(clips_dir: Path) -> dict[str, LabelledClip]:
     """clips.csv's annotation per video file name; empty when the folder has none."""
-    clips_csv = clips_dir / "clips.csv"
-    if not clips_csv.is_file():
+    if not (clips_dir / CLIPS_CSV).is_file():
         return {}
-    return {
-        row["file"]: ClipTruth(row["label"], float(row["fall_start_s"]) if row.get("fall_start_s") else None)
-        for row in read_csv(clips_csv)
-    }
+    return {clip.file: clip for clip in read_labelled_clips(clips_dir)}
 
 
-def clip_outcome(truth: ClipTruth | None, stream_start: datetime | None, alert: FallEvent | None) -> str:
-    """Whether the clip's first alert was right, and when it opened against the annotated fall start."""
+def clip_outcome(truth: LabelledClip | None, stream_start: datetime | None, alert: FallEvent | None) -> str:
+    """The clip's first alert judged against its annotation, as `fallwatch eval` judges it."""
     if truth is None:
         return "alert" if alert else "no alert"
-    if alert is None:
-        return "MISSED fall" if truth.label == "fall" else "no alert (right)"
-    if truth.label != "fall":
-        return "FALSE ALARM"
-    if stream_start is None or truth.fall_start_s is None:
-        return "alert"
-    opened_s = (alert.opened_at - stream_start).total_seconds()
-    return f"alert {opened_s - truth.fall_start_s:+.1f} s after the fall start"
+    return score_clip(truth.is_fall, truth.fall_start_s, stream_start, alert).describe()
 
 
 def find_videos(clips_dir: Path) -> list[Path]:
@@ -220,7 +205,7 @@ async def stream_and_watch(settings: Settings, processes: dict[str, subprocess.P
     return tally
 
 
-def print_summary(settings: Settings, tally: DemoTally, truth: dict[str, ClipTruth]) -> None:
+def print_summary(settings: Settings, tally: DemoTally, truth: dict[str, LabelledClip]) -> None:
     table = Table(title="fallwatch demo summary" + (" (interrupted)" if tally.interrupted else ""))
     for column in ("camera", "room", "video", "frames", "final verdicts", "alerts"):
         table.add_column(column)
@@ -245,7 +230,7 @@ def print_summary(settings: Settings, tally: DemoTally, truth: dict[str, ClipTru
     )
 
 
-def print_clip_outcomes(settings: Settings, tally: DemoTally, truth: dict[str, ClipTruth]) -> None:
+def print_clip_outcomes(settings: Settings, tally: DemoTally, truth: dict[str, LabelledClip]) -> None:
     # plain lines, not table cells: they must not be wrapped on a narrow terminal
     console.print("per clip, against clips.csv (first alert's opening vs the annotated fall start):")
     for camera in settings.producers.cameras:
@@ -254,7 +239,7 @@ def print_clip_outcomes(settings: Settings, tally: DemoTally, truth: dict[str, C
         annotated = (
             "not in clips.csv"
             if clip is None
-            else clip.label + (f", falls at {clip.fall_start_s:.1f} s" if clip.fall_start_s is not None else "")
+            else (f"fall at {clip.fall_start_s:.1f} s" if clip.fall_start_s is not None else "no fall")
         )
         outcome = clip_outcome(clip, tally.stream_start.get(camera.id), tally.first_alert.get(camera.id))
         console.print(f"  {camera.id} {video} ({annotated}): {outcome}", soft_wrap=True)

@@ -144,6 +144,27 @@ class FallEvent(Message):
     rule: str = Field(description="which confirmation rule fired, e.g. '3 of 5'")
 
 
+class PersonDown(Message):
+    """A camera's person-down state changed (topic `person-down`, keyed by camera id, compacted).
+
+    The newest record of a camera is its state, so a channel (an MQTT binary sensor per room, a
+    dashboard badge) forwards `down` as it comes and a late subscriber reads the current state.
+    """
+
+    camera_id: str
+    room: str
+    down: bool
+    since: AwareDatetime = Field(
+        description="down: capture time of the first fall verdict of the episode; up: when the person was seen up"
+    )
+    changed_at: AwareDatetime = Field(description="capture time of the verdict that changed the state")
+    episode_id: str = Field(description="the down episode; an alert it opens has this id")
+    rule: str = Field(description="which confirmation made the person count as down")
+    confidence: float = Field(ge=0.0, le=1.0, description="mean P(fall) of the verdicts that made the person down")
+    evidence_frame_ids: list[str]
+    updated_at: AwareDatetime = Field(default_factory=utc_now, description="wall clock of the change")
+
+
 LabelVerdict = Literal["true_fall", "false_alarm"]
 
 

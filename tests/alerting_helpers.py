@@ -79,6 +79,10 @@ def alerting_settings(stack_state: StackState, tmp_path: Path, **rules: object) 
         "n": 5,
         "window_s": 30.0,
         "cooldown_s": 60.0,
+        # the mechanics of the service: no duration to wait for, the sure-cloud pair on
+        "down_for_s": 0.0,
+        "up_after_s": 0.0,
+        "confirm_within_s": 2.0,
         "tick_s": 0.2,
         "app_id": f"alerting-{uuid.uuid4().hex[:8]}",
         **rules,

@@ -155,6 +155,46 @@ def clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def write_video(path: Path, frames: int, draw: Callable[[np.ndarray, int], None], fps: float = 10.0) -> None:
+    """A 320×240 mp4 whose frame `index` is drawn by `draw(image, index)` on a grey background."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (320, 240))
+    for index in range(frames):
+        image = np.full((240, 320, 3), 50, np.uint8)
+        draw(image, index)
+        writer.write(image)
+    writer.release()
+
+
+@pytest.fixture(scope="session")
+def drawn_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A labelled clip folder (clips.csv) of three drawn 4 s videos: a figure that tips over at 2 s and stays
+    down (breathing), one that walks across, one that sits down at 1 s and stays seated."""
+    folder = tmp_path_factory.mktemp("drawn-clips")
+
+    # every figure moves a few pixels a frame, enough for the producers' motion gate
+    def tipping(image: np.ndarray, index: int) -> None:
+        if index < 20:
+            cv2.rectangle(image, (120 + 3 * index, 60), (150 + 3 * index, 200), (200, 180, 160), -1)
+        else:
+            bob = 4 * (index % 2)
+            cv2.rectangle(image, (90, 166 + bob), (230, 196 + bob), (200, 180, 160), -1)
+
+    def walking(image: np.ndarray, index: int) -> None:
+        cv2.rectangle(image, (20 + 6 * index, 60), (50 + 6 * index, 200), (200, 180, 160), -1)
+
+    def sitting(image: np.ndarray, index: int) -> None:
+        top, sway = (60 if index < 10 else 120), 4 * (index % 2)
+        cv2.rectangle(image, (140 + sway, top), (175 + sway, 200), (160, 200, 180), -1)
+
+    write_video(folder / "tips-over.mp4", 40, tipping)
+    write_video(folder / "walks.mp4", 40, walking)
+    write_video(folder / "sits.mp4", 40, sitting)
+    (folder / "clips.csv").write_text(
+        "file,label,fall_start_s\ntips-over.mp4,fall,2.0\nwalks.mp4,no_fall,\nsits.mp4,no_fall,\n"
+    )
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> ModelPaths:
     return build_tiny_models(tmp_path_factory.mktemp("models"))

@@ -11,15 +11,25 @@ import pytest
 
 from alerting.rules import CameraState, alert_id_for
 from core.settings import AlertingSettings
-from schemas import FallEvent, Verdict
+from schemas import FallEvent, PersonDown, Verdict
 from tests.alerting_helpers import T0, make_verdict
 
-RULE = AlertingSettings(k=3, n=5, window_s=30.0, cooldown_s=60.0)
+# The mechanics of the rule with no duration to wait for and the sure-cloud pair on (the defaults are tested apart)
+RULE = AlertingSettings(k=3, n=5, window_s=30.0, cooldown_s=60.0, down_for_s=0.0, up_after_s=0.0, confirm_within_s=2.0)
 NOW = T0 + timedelta(minutes=5)  # wall clock of the pure rule tests
 
 
+def outputs_of(state: CameraState, verdicts: list[Verdict]) -> list[FallEvent | PersonDown]:
+    return [output for verdict in verdicts for output in state.observe(verdict, NOW)]
+
+
 def observe_all(state: CameraState, verdicts: list[Verdict]) -> list[FallEvent]:
-    return [alert for verdict in verdicts if (alert := state.observe(verdict, NOW)) is not None]
+    """The alert events these verdicts cause."""
+    return [output for output in outputs_of(state, verdicts) if isinstance(output, FallEvent)]
+
+
+def person_down_changes(state: CameraState, verdicts: list[Verdict]) -> list[PersonDown]:
+    return [output for output in outputs_of(state, verdicts) if isinstance(output, PersonDown)]
 
 
 def new_state(camera_id: str = "cam") -> CameraState:
@@ -97,13 +107,37 @@ def test_verdicts_outside_the_window_do_not_count() -> None:
     assert alerts[0].first_fall_at == T0 + timedelta(seconds=45)
 
 
-def test_late_verdicts_inside_the_window_count_by_capture_time() -> None:
+def test_final_verdicts_count_in_capture_order_behind_a_pending_frame() -> None:
+    state = new_state()
+    offloaded = make_verdict("cam", 1, fall=True, final=False)
+    later = [make_verdict("cam", 2, fall=True), make_verdict("cam", 3, fall=True)]
+    # the edge's final verdicts of frames 2 and 3 wait for the cloud's verdict of frame 1
+    assert observe_all(state, [make_verdict("cam", 0, fall=False), offloaded, *later]) == []
+    assert [entry.frame_id for entry in state.held] == [v.frame_id for v in later]
+    (alert,) = observe_all(state, [make_verdict("cam", 1, fall=True, source="cloud", fall_probability=0.8)])
+    assert alert.first_fall_at == T0 + timedelta(seconds=1)
+    assert alert.opened_at == T0 + timedelta(seconds=3), "opened at the verdict that confirmed it, in capture order"
+    assert state.held == []
+
+
+def test_arrival_order_does_not_change_the_alert() -> None:
+    frames = [(0, False), (1, True), (2, False), (3, True), (4, True), (5, True), (6, False)]
+    provisional = {1, 3}  # offloaded: their cloud verdicts come late, in either order
+    edge = [make_verdict("cam", seq, fall=fall, final=seq not in provisional) for seq, fall in frames]
+    cloud = [make_verdict("cam", seq, fall=fall, source="cloud") for seq, fall in frames if seq in provisional]
+    orders = [edge + cloud, edge + cloud[::-1], edge[:2] + cloud[:1] + edge[2:] + cloud[1:]]
+    alerts = [observe_all(new_state(), order) for order in orders]
+    assert all(len(found) == 1 for found in alerts)
+    assert len({(a[0].alert_id, a[0].opened_at, tuple(a[0].evidence_frame_ids)) for a in alerts}) == 1
+
+
+def test_a_stray_late_final_verdict_counts_by_capture_time() -> None:
     alerts = observe_all(
         new_state(),
         [
             make_verdict("cam", 2, fall=True),
             make_verdict("cam", 3, fall=True),
-            make_verdict("cam", 1, fall=True),  # the cloud's verdict for an earlier frame arrives last
+            make_verdict("cam", 1, fall=True),  # final, without a provisional verdict before it
         ],
     )
     assert len(alerts) == 1
@@ -147,11 +181,15 @@ def test_cooldown_after_an_alert_closes() -> None:
     state = new_state()
     (first,) = observe_all(state, [make_verdict("cam", seq, fall=True) for seq in range(3)])
     state.apply(first.model_copy(update={"state": "false_alarm"}))
-    # the alert opened at 2 s; falls until 61 s are within the 60 s cooldown
+    # the person is up again (3 non-falls), then down again: the alert closed at 2 s, so falls until 61 s
+    # are within the 60 s cooldown
+    assert observe_all(state, [make_verdict("cam", seq, fall=False) for seq in range(3, 6)]) == []
     assert observe_all(state, [make_verdict("cam", seq, fall=True) for seq in range(50, 62)]) == []
     (second,) = observe_all(state, [make_verdict("cam", 62, fall=True)])
     assert second.alert_id != first.alert_id
-    assert second.evidence_frame_ids[-1] == make_verdict("cam", 62, fall=True).frame_id
+    # the person has been down since 50 s: the evidence is what made them down, the alert opens at 62 s
+    assert second.evidence_frame_ids == [make_verdict("cam", seq, fall=True).frame_id for seq in (50, 51, 52)]
+    assert second.opened_at == T0 + timedelta(seconds=62)
 
 
 def test_state_survives_a_json_round_trip() -> None:
@@ -166,21 +204,29 @@ def test_state_survives_a_json_round_trip() -> None:
 # --- cloud confirmation and the cloud wait ---------------------------------------------------------
 
 
-def test_a_sure_cloud_fall_confirms_at_once() -> None:
+def test_a_sure_cloud_fall_confirms_with_a_second_fall_close_to_it() -> None:
     state = new_state()
     unsure = make_verdict("cam", 0, fall=True, source="cloud", fall_probability=0.85)
     sure_edge = make_verdict("cam", 1, fall=True, source="edge", fall_probability=0.99)
-    assert observe_all(state, [unsure, sure_edge]) == []
+    assert observe_all(state, [unsure, make_verdict("cam", 1, fall=False)]) == []
+    assert observe_all(new_state(), [unsure, sure_edge]) == [], "only a sure *cloud* verdict counts"
     sure_cloud = make_verdict("cam", 2, fall=True, source="cloud", fall_probability=0.95)
     (alert,) = observe_all(state, [sure_cloud])
-    assert alert.rule == "cloud p>=0.90"
-    assert alert.evidence_frame_ids == [unsure.frame_id, sure_edge.frame_id, sure_cloud.frame_id]
+    assert alert.rule == "cloud p>=0.90 + a fall within 2 s"
+    assert alert.evidence_frame_ids == [unsure.frame_id, sure_cloud.frame_id]
+
+
+def test_one_sure_frame_alone_opens_nothing() -> None:
+    state = new_state()
+    sure = make_verdict("cam", 0, fall=True, source="cloud", fall_probability=1.0)
+    far = make_verdict("cam", 5, fall=True, source="cloud", fall_probability=1.0, at_s=5.0)
+    assert observe_all(state, [sure, *(make_verdict("cam", s, fall=False) for s in (1, 2, 3, 4)), far]) == []
 
 
 def test_an_offloaded_frame_waits_for_the_cloud_then_falls_back_to_the_edge() -> None:
     state = new_state()
     provisional = make_verdict("cam", 0, fall=True, final=False)
-    assert state.observe(provisional, NOW) is None
+    assert state.observe(provisional, NOW) == []
     assert state.window == []
     d = timedelta(seconds=RULE.cloud_wait_s)
     assert state.due_fallbacks(NOW + d - timedelta(milliseconds=1)) == []
@@ -189,10 +235,10 @@ def test_an_offloaded_frame_waits_for_the_cloud_then_falls_back_to_the_edge() ->
     assert fallback.decision is True and fallback.fall_probability == provisional.fall_probability
 
     # the fallback comes back through the stream; the cloud's late answer for the frame must not count again
-    assert state.observe(fallback, NOW + d) is None
+    assert state.observe(fallback, NOW + d) == []
     assert state.pending == {}
     late_cloud = make_verdict("cam", 0, fall=True, source="cloud", fall_probability=0.99)
-    assert state.observe(late_cloud, NOW + d) is None, "a sure cloud verdict would confirm at once if counted"
+    assert state.observe(late_cloud, NOW + d) == [], "a second sure verdict for the frame would confirm if counted"
     assert [entry.source for entry in state.window] == ["edge-fallback"]
     (alert,) = observe_all(state, [make_verdict("cam", seq, fall=True) for seq in (1, 2)])
     assert alert.rule == "3 of 5 (edge-fallback)"
@@ -215,9 +261,10 @@ def test_a_cloud_verdict_in_time_cancels_the_fallback() -> None:
 
 def open_alert(state: CameraState, at: datetime = NOW) -> FallEvent:
     alerts = [
-        a
+        output
         for v in (make_verdict(state.camera_id, seq, fall=True) for seq in range(3))
-        if (a := state.observe(v, at)) is not None
+        for output in state.observe(v, at)
+        if isinstance(output, FallEvent)
     ]
     assert len(alerts) == 1
     return alerts[0]
@@ -274,17 +321,17 @@ def test_answers_on_other_alerts_change_nothing() -> None:
 
 
 def test_rooms_have_their_own_rules() -> None:
-    settings = AlertingSettings(rooms={"icu": {"k": 1, "n": 1, "cloud_wait_s": 2}})
-    assert (settings.rule_for("icu").k, settings.rule_for("icu").cloud_wait_s) == (1, 2.0)
+    settings = AlertingSettings(rooms={"icu": {"k": 2, "n": 2, "down_for_s": 0, "cloud_wait_s": 2}})
+    assert (settings.rule_for("icu").k, settings.rule_for("icu").cloud_wait_s) == (2, 2.0)
     assert settings.rule_for("icu").window_s == settings.window_s
     assert settings.rule_for("hall").k == 3
     state = CameraState(rule=settings.rule_for("icu"), camera_id="cam", room="icu")
-    assert len(observe_all(state, [make_verdict("cam", 0, fall=True)])) == 1
+    assert len(observe_all(state, [make_verdict("cam", 0, fall=True), make_verdict("cam", 1, fall=True)])) == 1
 
 
 @pytest.mark.parametrize(
     ("rooms", "message"),
-    [({"icu": {"k": 6}}, "rooms.icu"), ({"icu": {"surprise": 1}}, "surprise")],
+    [({"icu": {"k": 6}}, "rooms.icu"), ({"icu": {"k": 1}}, "rooms.icu"), ({"icu": {"surprise": 1}}, "surprise")],
 )
 def test_bad_room_rules_are_named(rooms: dict[str, dict[str, float]], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -294,3 +341,70 @@ def test_bad_room_rules_are_named(rooms: dict[str, dict[str, float]], message: s
 def test_webhooks_need_a_secret() -> None:
     with pytest.raises(ValueError, match="webhook_secret"):
         AlertingSettings(webhook_urls=["http://example.invalid/hook"])
+
+
+# --- the person-down state ---------------------------------------------------------------------------
+
+
+def timeline(camera_id: str, points: list[tuple[float, bool]], first_seq: int = 0) -> list[Verdict]:
+    """Final edge verdicts of a camera at these (seconds, fall) points."""
+    return [make_verdict(camera_id, first_seq + i, fall=fall, at_s=at) for i, (at, fall) in enumerate(points)]
+
+
+def test_the_person_down_state_opens_persists_and_clears() -> None:
+    rule = AlertingSettings(k=3, n=5, window_s=30.0, down_for_s=2.0, up_after_s=3.0).rule_for("101")
+    state = CameraState(rule=rule, camera_id="cam", room="101")
+    bend = timeline("cam", [(0.0, True), (0.5, True), (1.0, True), (1.5, False), (2.0, False), (2.5, False)])
+    assert person_down_changes(state, bend) == [], "falls that last 1 s are a bend, not a person down"
+    assert state.episode is None
+
+    fall = timeline("cam", [(10.0 + 0.5 * i, True) for i in range(5)], first_seq=10)
+    (down,) = person_down_changes(state, fall)
+    assert (down.down, down.since, down.changed_at) == (True, T0 + timedelta(seconds=10), T0 + timedelta(seconds=12))
+    assert down.rule == "3 of 5 for 2 s" and down.evidence_frame_ids == [v.frame_id for v in fall]
+    assert down.episode_id == state.open_alert_id, "the alert of the episode has the episode's id"
+
+    # lying still: heartbeats every 10 s, one of them wrongly "no fall"; two quick non-falls are not enough
+    lying = timeline("cam", [(22.0, True), (27.0, False), (32.0, True), (40.0, False), (40.5, False)], first_seq=20)
+    assert person_down_changes(state, lying) == []
+    assert state.person_down
+
+    # up: three non-falls in a row spanning at least up_after_s
+    up_again = timeline("cam", [(41.0, False), (43.5, False)], first_seq=30)
+    (up,) = person_down_changes(state, up_again)
+    assert (up.down, up.since, up.changed_at) == (False, T0 + timedelta(seconds=40), T0 + timedelta(seconds=43.5))
+    assert up.episode_id == down.episode_id
+    assert not state.person_down and state.episode is None
+
+
+def test_one_alert_per_down_episode() -> None:
+    state = new_state()
+    (alert,) = observe_all(state, [make_verdict("cam", seq, fall=True) for seq in range(3)])
+    state.apply(alert.model_copy(update={"state": "false_alarm"}))  # e.g. someone lying on the floor on purpose
+    still_down = [make_verdict("cam", seq, fall=True) for seq in range(3, 200, 10)]
+    assert observe_all(state, still_down) == [], "the same episode does not alert again after the cooldown"
+    assert state.person_down
+
+
+def test_the_person_down_state_survives_a_restart_of_the_service() -> None:
+    state = new_state()
+    observe_all(state, [make_verdict("cam", seq, fall=True) for seq in range(3)])
+    restored = CameraState(rule=RULE, **state.model_dump(mode="json"))
+    assert restored.person_down and restored == state
+    assert person_down_changes(restored, [make_verdict("cam", seq, fall=False) for seq in range(3, 6)])[0].down is False
+
+
+def test_the_default_rule_waits_for_falls_that_last() -> None:
+    defaults = AlertingSettings()
+    assert (defaults.k, defaults.n, defaults.down_for_s, defaults.confirm_within_s) == (3, 5, 2.0, 0.0)
+    state = CameraState(rule=defaults.rule_for("101"), camera_id="cam", room="101")
+    # a bend at 2 fps: sure falls for 1.5 s, then up; even sure cloud verdicts do not make it a fall
+    bend = [make_verdict("cam", i, fall=True, at_s=0.5 * i, source="cloud", fall_probability=0.99) for i in range(4)]
+    standing = [make_verdict("cam", i, fall=False, at_s=0.5 * i) for i in range(4, 8)]
+    assert outputs_of(state, [*bend, *standing]) == []
+    # a fall: the person stays down; the alert opens once the falls have lasted 2 s
+    fall = [make_verdict("cam", i, fall=True, at_s=0.5 * i) for i in range(20, 26)]
+    down, alert = outputs_of(state, fall)
+    assert isinstance(down, PersonDown) and isinstance(alert, FallEvent)
+    assert alert.opened_at == fall[4].captured_at and alert.first_fall_at == fall[0].captured_at
+    assert alert.rule == "3 of 5 for 2 s"

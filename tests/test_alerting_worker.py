@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from alerting.rules import alert_id_for
+from alerting.rules import alert_id_for, rule_name
 from alerting.store import ALERT_STREAM_KEY, alert_key, open_alert_key
 from alerting.webhooks import WebhookSender, signature_is_valid
 from core.settings import CONFIG_ENV, AlertingSettings, RedisSettings, Settings
 from fallwatch.stack import LocalStack, StackState, free_port, stop_pid
-from schemas import DeadLetter, FallEvent, Verdict, decode, utc_now
+from schemas import DeadLetter, FallEvent, PersonDown, Verdict, decode, utc_now
 from tests.alerting_helpers import (
     WEBHOOK_SECRET,
     WebhookReceiver,
@@ -107,12 +107,36 @@ def test_falls_open_one_alert_and_other_cameras_none(shared_settings: Settings, 
     assert store.get(open_alert_key(calm)) is None
 
 
-def test_a_sure_cloud_verdict_confirms_at_once(shared_settings: Settings) -> None:
+def test_a_sure_cloud_verdict_confirms_with_a_second_fall_and_the_person_down_state_is_published(
+    shared_settings: Settings,
+) -> None:
+    settings = shared_settings
     camera = unique_camera("cloud")
     sure = make_verdict(camera, 0, fall=True, source="cloud", fall_probability=0.97)
-    send_verdicts(shared_settings, [sure])
-    (alert,) = alerts_of(shared_settings, camera)
-    assert (alert.rule, alert.evidence_frame_ids) == ("cloud p>=0.90", [sure.frame_id])
+    second = make_verdict(camera, 1, fall=True, source="edge", fall_probability=0.7)
+    send_verdicts(settings, [sure])
+    asyncio.run(wait_until_consumed(settings))
+    assert alerts_for(asyncio.run(read_all(settings, settings.kafka.topics.fall_events, FallEvent)), camera) == []
+    send_verdicts(settings, [second])
+    (alert,) = alerts_of(settings, camera)
+    assert (alert.rule, alert.evidence_frame_ids) == (
+        "cloud p>=0.90 + a fall within 2 s",
+        [sure.frame_id, second.frame_id],
+    )
+
+    # up again: three non-falls in a row
+    send_verdicts(settings, [make_verdict(camera, seq, fall=False) for seq in (2, 3, 4)])
+    topic = settings.kafka.topics.person_down
+    changes = [
+        change
+        for change in asyncio.run(
+            read_until(settings, topic, PersonDown, lambda got: len([c for c in got if c.camera_id == camera]) >= 2)
+        )
+        if change.camera_id == camera
+    ]
+    assert [(c.down, c.changed_at) for c in changes] == [(True, second.captured_at), (False, changes[1].changed_at)]
+    assert changes[0].episode_id == alert.alert_id and changes[0].room == alert.room
+    assert changes[1].since == make_verdict(camera, 2, fall=False).captured_at
 
 
 def test_without_the_cloud_the_edge_decides_after_d_and_a_late_cloud_verdict_counts_once(
@@ -143,7 +167,7 @@ def test_without_the_cloud_the_edge_decides_after_d_and_a_late_cloud_verdict_cou
     assert all(v.produced_at - sent_at >= timedelta(seconds=CLOUD_WAIT_S) for v in fallbacks), "waited D"
 
     # the cloud answers late and sure for the same frames: were they counted again, 4 falls (or the
-    # cloud rule) would confirm; only 2 falls must stand
+    # sure cloud pair) would confirm; only 2 falls must stand
     send_verdicts(
         settings, [make_verdict(camera, seq, fall=True, source="cloud", fall_probability=0.99) for seq in (0, 1)]
     )
@@ -175,7 +199,9 @@ def test_cooldown_after_a_false_alarm(shared_settings: Settings, store: redis.Re
     )
     assert store.get(open_alert_key(camera)) is None
 
-    # falls within the 60 s cooldown (capture time) open nothing, the one after it does
+    # the person gets up, and falls again: falls within the 60 s cooldown (capture time) open nothing,
+    # the one after it does
+    send_verdicts(settings, [make_verdict(camera, seq, fall=False) for seq in range(3, 6)])
     send_verdicts(settings, [make_verdict(camera, seq, fall=True) for seq in range(30, 62)])
     asyncio.run(wait_until_consumed(settings))
     assert [
@@ -394,16 +420,20 @@ def test_bench_alerting_prints_its_table(stack_state: StackState) -> None:
     rows = {
         line.split("│")[1].strip(): line.split("│")[2:] for line in result.stdout.splitlines() if line.startswith("│")
     }
+    defaults = AlertingSettings()
+    down_row = f"{rule_name(defaults)} final edge falls at 2 fps"
+    fallback_row = f"offloaded, cloud down: edge-fallback after D = {defaults.cloud_wait_s:g} s"
     assert list(rows) == [
         "baseline: one verdict's Kafka round trip",
-        "sure cloud verdict (p 0.95)",
-        "3 of 5 final edge falls at 2 fps",
-        "offloaded, cloud down: edge-fallback after D = 10 s",
+        "sure cloud verdicts (p 0.95): the second confirms",
+        down_row,
+        fallback_row,
     ]
-    k_of_n = float(rows["3 of 5 final edge falls at 2 fps"][1])
-    fallback = float(rows["offloaded, cloud down: edge-fallback after D = 10 s"][1])
-    assert k_of_n >= 1.0, "the third fall frame comes 1 s after the first at 2 fps"
-    assert fallback >= 11.0, "D, then two more frames"
+    # at 2 fps the k-th fall comes (k - 1) / 2 s after the first, and the falls must have lasted down_for_s
+    down_wait_s = max((defaults.k - 1) / 2, defaults.down_for_s)
+    assert float(rows["sure cloud verdicts (p 0.95): the second confirms"][1]) >= 0.5, "the second frame at 2 fps"
+    assert float(rows[down_row][1]) >= down_wait_s
+    assert float(rows[fallback_row][1]) >= defaults.cloud_wait_s + down_wait_s, "D, then the frames that confirm"
 
 
 def test_a_replayed_open_of_an_answered_alert_pages_nobody(

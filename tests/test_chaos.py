@@ -130,6 +130,7 @@ def pipeline(
                 "app_id": f"chaos-alerting-{uuid.uuid4().hex[:6]}",
                 "k": 3,
                 "n": 5,
+                "down_for_s": 0.0,  # a camera's 8 frames span 1.75 s: the rule's mechanics, not its defaults
                 "tick_s": 0.2,
                 "cloud_wait_s": 3.0,  # a killed cloud worker's frames fall back to the edge's answer
                 "webhook_urls": [f"{receiver.url}/alerts"],

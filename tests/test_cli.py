@@ -18,8 +18,9 @@ import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
 from core.settings import CONFIG_ENV, load_settings
+from dmd_offline.clips import LabelledClip
 from fallwatch.cli import app
-from fallwatch.demo import ClipTruth, clip_outcome
+from fallwatch.demo import clip_outcome
 from fallwatch.devkit.models import ModelPaths
 from fallwatch.stack import LocalStack, free_port, pid_alive, stop_pid
 from schemas import FallEvent, Topics
@@ -84,7 +85,7 @@ def test_example_config_is_valid_and_complete(monkeypatch: pytest.MonkeyPatch) -
     settings = load_settings()
     documented = yaml.safe_load(example.read_text())
     assert set(documented) == set(type(settings).model_fields), "every top-level setting is documented"
-    for section in ("kafka", "edge", "cloud", "alerting"):
+    for section in ("kafka", "edge", "cloud", "alerting", "eval"):
         assert set(documented[section]) == set(type(getattr(settings, section)).model_fields), section
     assert settings.producers.cameras[0].id == "cam-101"
 
@@ -192,17 +193,21 @@ def test_clip_outcome_compares_the_first_alert_with_the_annotated_fall_start() -
         room="room-1",
         state="open",
         opened_at=start + timedelta(seconds=3.5),
+        updated_at=start + timedelta(seconds=4.0),
         first_fall_at=start + timedelta(seconds=2),
         confidence=0.9,
         evidence_frame_ids=["f"],
         rule="3 of 5",
     )
-    fall, no_fall = ClipTruth("fall", 1.5), ClipTruth("no_fall", None)
-    assert clip_outcome(fall, start, alert) == "alert +2.0 s after the fall start"
+    fall = LabelledClip("fall.mp4", is_fall=True, fall_start_s=1.5)
+    no_fall = LabelledClip("adl.mp4", is_fall=False, fall_start_s=None)
+    assert clip_outcome(fall, start, alert) == "alert +2.0 s after the fall start, sent +2.5 s"
     assert clip_outcome(fall, start, None) == "MISSED fall"
-    assert clip_outcome(no_fall, start, alert) == "FALSE ALARM"
+    assert clip_outcome(no_fall, start, alert) == "FALSE ALARM (opened at 3.5 s)"
     assert clip_outcome(no_fall, start, None) == "no alert (right)"
     assert clip_outcome(None, start, alert) == "alert"
+    late_fall = LabelledClip("fall.mp4", is_fall=True, fall_start_s=3.5)
+    assert clip_outcome(late_fall, start, alert) == "FALSE ALARM: opened 0.0 s before the fall started"
 
 
 def test_demo_prints_a_final_verdict_for_every_frame(tmp_path: Path, clip_path: Path) -> None:
@@ -221,7 +226,7 @@ def test_demo_prints_a_final_verdict_for_every_frame(tmp_path: Path, clip_path: 
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "TINY UNTRAINED" in result.stdout  # no reference pair was trained in this directory
-    outcome = re.search(r"(MISSED fall|alert [+-]\d+\.\d s after the fall start)", result.stdout)
+    outcome = re.search(r"(MISSED fall|FALSE ALARM|alert [+-]\d+\.\d s after the fall start)", result.stdout)
     assert outcome is not None, "the summary judges the clip against clips.csv"
     summary = re.search(r"frames (\d+), final verdicts (\d+)", result.stdout)
     assert summary is not None and int(summary[1]) > 0 and summary[1] == summary[2], result.stdout[-1500:]
