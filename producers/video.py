@@ -92,6 +92,25 @@ def sample_capture(
         yield SampledFrame(t_s, image)
 
 
+class OpenCVSource:
+    """Decode mode `all`: one open OpenCV capture that decodes every frame (and V4L2 devices)."""
+
+    def __init__(self, url: str, shown_url: str, fps: float, timeouts_s: tuple[float, float]) -> None:
+        self.capture = open_capture(url, *timeouts_s)
+        self.shown_url = shown_url
+        self.fps = fps
+
+    def close(self) -> None:
+        self.capture.release()
+
+    def frames(self, on_grab: Callable[[], None], on_decode: Callable[[], None]) -> Iterator[SampledFrame]:
+        def grabbed() -> None:  # OpenCV's grab() decodes the frame; retrieve() only converts it
+            on_grab()
+            on_decode()
+
+        yield from sample_capture(self.capture, self.shown_url, self.fps, on_grab=grabbed)
+
+
 def sample_frames(url: str, fps: float, pace: bool) -> Iterator[SampledFrame]:
     """Frames of the video file `url` at about `fps`; with `pace`, played back in real time."""
     capture = open_capture(url)

@@ -1,0 +1,154 @@
+"""Decoding only what is sampled, through PyAV (FFmpeg's libraries): the `auto` and `keyframes` modes.
+
+The demuxer hands over every compressed packet (cheap); each packet's time says, before any
+decoding, whether a sampled frame can be in it:
+- `auto`: a packet at or after the next due time is decoded in full; any other is decoded with
+  `skip_frame` NONREF, so the reference frames later frames depend on are still decoded but
+  non-reference ones (B-frames, mostly) are dropped before they cost anything. Intra-only codecs
+  (MJPEG) depend on nothing: their other packets are not decoded at all. The sampled frame is
+  thus the same one decoding everything would pick.
+- `keyframes`: only keyframes reach the decoder; the cheapest, and right while keyframes come at
+  least as often as the sampling rate. When they come less often the camera switches to `auto`
+  at the next keyframe (one warning line), so its sampling rate is kept.
+Frames are converted to BGR at the detect size in one step (swscale), not at full size first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+from typing import Any
+
+import av
+import av.error
+import numpy as np
+from av.codec.hwaccel import HWAccel, hwdevices_available
+
+from core.urls import redact, source_kind
+from producers.video import RateSampler, SampledFrame, SourceError
+
+log = logging.getLogger(__name__)
+
+# hardware decoders to try, in this order, among those FFmpeg was built with
+HARDWARE_DEVICES = ("cuda", "vaapi", "qsv", "videotoolbox", "d3d11va", "drm")
+ARRIVALS_KEPT = 64  # live packets in flight between demuxer and decoder (reordering), by pts
+
+
+def open_container(url: str, options: dict[str, str], timeout: tuple[float, float] | None, hardware: bool) -> Any:
+    """The opened source; with `hardware`, decoding on the first hardware device that works, else the CPU."""
+    devices = [device for device in HARDWARE_DEVICES if hardware and device in hwdevices_available()]
+    for device in devices:
+        try:
+            container = av.open(
+                url, options=options, timeout=timeout, hwaccel=HWAccel(device_type=device, allow_software_fallback=True)
+            )
+        except av.error.FFmpegError:
+            continue  # listed by the build but absent on this machine
+        if container.streams.video and container.streams.video[0].codec_context.is_hwaccel:
+            return container
+        container.close()
+    if hardware:
+        log.info("no hardware decoder works here (tried %s); decoding on the CPU", ", ".join(devices) or "none")
+    return av.open(url, options=options, timeout=timeout)
+
+
+class PyAVSource:
+    """One open connection to a video source, sampled at `fps` with the given decode mode."""
+
+    def __init__(
+        self,
+        url: str,
+        shown_url: str,
+        mode: str,
+        fps: float,
+        size: tuple[int, int] | None,
+        timeouts_s: tuple[float, float],
+        hardware: bool,
+    ) -> None:
+        self.shown_url = redact(shown_url)
+        self.mode = mode
+        self.interval_s = 1.0 / fps
+        self.size = size
+        self.live = source_kind(shown_url) != "file"
+        options = {"rtsp_transport": "tcp"} if url.startswith("rtsp") else {}
+        try:
+            self.container = open_container(
+                url.removeprefix("file://"), options, timeouts_s if self.live else None, hardware
+            )
+        except (av.error.FFmpegError, OSError) as exc:
+            raise SourceError(f"cannot open video source {self.shown_url}: {redact(str(exc))}") from None
+        if not self.container.streams.video:
+            self.container.close()
+            raise SourceError(f"no video stream in {self.shown_url}")
+        self.stream = self.container.streams.video[0]
+        # one thread per camera: frame threads would delay output and ignore skip_frame per packet
+        self.stream.thread_type = "SLICE"
+        self.stream.codec_context.thread_count = 1
+        self.intra_only = self.stream.codec_context.codec.intra_only
+
+    def close(self) -> None:
+        self.container.close()
+
+    def frames(self, on_grab: Callable[[], None], on_decode: Callable[[], None]) -> Iterator[SampledFrame]:
+        """The sampled frames, until the source ends or a read fails (or times out)."""
+        sampler = RateSampler(1.0 / self.interval_s)
+        arrivals: dict[int | None, float] = {}
+        context = self.stream.codec_context
+        first_s: float | None = None
+        last_keyframe_s: float | None = None
+        try:
+            for packet in self.container.demux(self.stream):
+                if packet.size == 0:
+                    continue
+                on_grab()
+                t_s = self.packet_time(packet, arrivals)
+                if t_s is None:
+                    continue
+                first_s = t_s if first_s is None else first_s
+                if self.mode == "keyframes":
+                    if not packet.is_keyframe:
+                        continue
+                    self.check_keyframe_rate(last_keyframe_s, t_s)
+                    last_keyframe_s = t_s
+                due = sampler.next_due_s is None or t_s + 1e-6 >= sampler.next_due_s
+                if self.intra_only and not due:
+                    continue
+                context.skip_frame = "DEFAULT" if due or self.mode == "keyframes" else "NONREF"
+                for frame in context.decode(packet):
+                    on_decode()
+                    frame_s = arrivals.pop(frame.pts, time.monotonic()) if self.live else frame.time
+                    if frame_s is not None and sampler.due(frame_s):
+                        yield SampledFrame(frame_s - first_s, self.image(frame))
+        except av.error.FFmpegError as exc:
+            raise SourceError(f"cannot read {self.shown_url}: {redact(str(exc))}") from None
+
+    def packet_time(self, packet: av.Packet, arrivals: dict[int | None, float]) -> float | None:
+        """Live: the clock when the packet arrived (kept for its frame); files: the packet's own time."""
+        if not self.live:
+            pts = packet.pts if packet.pts is not None else packet.dts
+            return None if pts is None else float(pts * Fraction(packet.time_base))
+        now = time.monotonic()
+        arrivals[packet.pts] = now
+        while len(arrivals) > ARRIVALS_KEPT:
+            del arrivals[next(iter(arrivals))]
+        return now
+
+    def check_keyframe_rate(self, last_keyframe_s: float | None, t_s: float) -> None:
+        """Keyframes further apart than the sampling interval: sample in `auto` from this keyframe on."""
+        if last_keyframe_s is None or t_s - last_keyframe_s <= self.interval_s + 1e-3:
+            return
+        log.warning(
+            "%s: keyframes come every %.2f s, less often than sampling at %g fps; decoding it in auto mode",
+            self.shown_url,
+            t_s - last_keyframe_s,
+            1.0 / self.interval_s,
+        )
+        self.mode = "auto"
+
+    def image(self, frame: av.VideoFrame) -> np.ndarray:
+        if self.size is None:
+            return frame.to_ndarray(format="bgr24")
+        width, height = self.size
+        return frame.to_ndarray(format="bgr24", width=width, height=height, interpolation="AREA")
