@@ -77,8 +77,8 @@ class PyAVSource:
             self.container = open_container(
                 url.removeprefix("file://"), options, timeouts_s if self.live else None, hardware
             )
-        except (av.error.FFmpegError, OSError) as exc:
-            raise SourceError(f"cannot open video source {self.shown_url}: {redact(str(exc))}") from None
+        except (av.error.FFmpegError, OSError):
+            raise SourceError(f"cannot open video source {self.shown_url}") from None
         if not self.container.streams.video:
             self.container.close()
             raise SourceError(f"no video stream in {self.shown_url}")
@@ -87,6 +87,7 @@ class PyAVSource:
         self.stream.thread_type = "SLICE"
         self.stream.codec_context.thread_count = 1
         self.intra_only = self.stream.codec_context.codec.intra_only
+        self.time_base = Fraction(self.stream.time_base or Fraction(1, 90_000))
 
     def close(self) -> None:
         self.container.close()
@@ -98,42 +99,63 @@ class PyAVSource:
         context = self.stream.codec_context
         first_s: float | None = None
         last_keyframe_s: float | None = None
+        for packet in self.packets():
+            on_grab()
+            t_s = self.packet_time(packet, arrivals)
+            if t_s is None:
+                continue
+            first_s = t_s if first_s is None else first_s
+            if self.mode == "keyframes":
+                if not packet.is_keyframe:
+                    continue
+                self.check_keyframe_rate(last_keyframe_s, t_s)
+                last_keyframe_s = t_s
+            due = sampler.next_due_s is None or t_s + 1e-6 >= sampler.next_due_s
+            if self.intra_only and not due:
+                continue
+            context.skip_frame = "DEFAULT" if due or self.mode == "keyframes" else "NONREF"
+            for frame in self.decoded(packet):
+                on_decode()
+                frame_s = arrivals.pop(frame.pts, time.monotonic()) if self.live else self.file_time(frame.pts)
+                if frame_s is not None and sampler.due(frame_s):
+                    yield SampledFrame(frame_s - first_s, self.image(frame))
+        context.skip_frame = "DEFAULT"
+        for frame in self.decoded(None):  # the frames the decoder still holds (reordering)
+            on_decode()
+            frame_s = None if self.live else self.file_time(frame.pts)
+            if frame_s is not None and first_s is not None and sampler.due(frame_s):
+                yield SampledFrame(frame_s - first_s, self.image(frame))
+
+    def packets(self) -> Iterator[av.Packet]:
+        """The stream's packets until it ends; a failed or timed-out read ends it too (the caller reconnects)."""
+        demuxer = self.container.demux(self.stream)
+        while True:
+            try:
+                packet = next(demuxer)
+            except (StopIteration, av.error.FFmpegError, OSError):
+                return
+            if packet.size:
+                yield packet
+
+    def decoded(self, packet: av.Packet | None) -> list[av.VideoFrame]:
+        """The frames one packet completes; a corrupt packet yields none (the stream goes on)."""
         try:
-            for packet in self.container.demux(self.stream):
-                if packet.size == 0:
-                    continue
-                on_grab()
-                t_s = self.packet_time(packet, arrivals)
-                if t_s is None:
-                    continue
-                first_s = t_s if first_s is None else first_s
-                if self.mode == "keyframes":
-                    if not packet.is_keyframe:
-                        continue
-                    self.check_keyframe_rate(last_keyframe_s, t_s)
-                    last_keyframe_s = t_s
-                due = sampler.next_due_s is None or t_s + 1e-6 >= sampler.next_due_s
-                if self.intra_only and not due:
-                    continue
-                context.skip_frame = "DEFAULT" if due or self.mode == "keyframes" else "NONREF"
-                for frame in context.decode(packet):
-                    on_decode()
-                    frame_s = arrivals.pop(frame.pts, time.monotonic()) if self.live else frame.time
-                    if frame_s is not None and sampler.due(frame_s):
-                        yield SampledFrame(frame_s - first_s, self.image(frame))
-        except av.error.FFmpegError as exc:
-            raise SourceError(f"cannot read {self.shown_url}: {redact(str(exc))}") from None
+            return self.stream.codec_context.decode(packet)
+        except av.error.InvalidDataError:
+            return []
 
     def packet_time(self, packet: av.Packet, arrivals: dict[int | None, float]) -> float | None:
         """Live: the clock when the packet arrived (kept for its frame); files: the packet's own time."""
         if not self.live:
-            pts = packet.pts if packet.pts is not None else packet.dts
-            return None if pts is None else float(pts * Fraction(packet.time_base))
+            return self.file_time(packet.pts if packet.pts is not None else packet.dts)
         now = time.monotonic()
         arrivals[packet.pts] = now
         while len(arrivals) > ARRIVALS_KEPT:
             del arrivals[next(iter(arrivals))]
         return now
+
+    def file_time(self, pts: int | None) -> float | None:
+        return None if pts is None else float(pts * self.time_base)
 
     def check_keyframe_rate(self, last_keyframe_s: float | None, t_s: float) -> None:
         """Keyframes further apart than the sampling interval: sample in `auto` from this keyframe on."""
