@@ -6,7 +6,8 @@ decoding, whether a sampled frame can be in it:
   `skip_frame` NONREF, so the reference frames later frames depend on are still decoded but
   non-reference ones (B-frames, mostly) are dropped before they cost anything. Intra-only codecs
   (MJPEG) depend on nothing: their other packets are not decoded at all. The sampled frame is
-  thus the same one decoding everything would pick.
+  thus the same one decoding everything would pick. Live streams are timed by arrival, so a live
+  stream with B-frames (frames arrive out of order) is decoded in full.
 - `keyframes`: only keyframes reach the decoder; the cheapest, and right while keyframes come at
   least as often as the sampling rate. When they come less often the camera switches to `auto`
   at the next keyframe (one warning line), so its sampling rate is kept.
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # hardware decoders to try, in this order, among those FFmpeg was built with
 HARDWARE_DEVICES = ("cuda", "vaapi", "qsv", "videotoolbox", "d3d11va", "drm")
-ARRIVALS_KEPT = 64  # live packets in flight between demuxer and decoder (reordering), by pts
+KEYFRAME_SLACK = 0.1  # of the sampling interval: a live stream's keyframes are timed by arrival, with jitter
 
 
 def open_container(url: str, options: dict[str, str], timeout: tuple[float, float] | None, hardware: bool) -> Any:
@@ -94,14 +95,18 @@ class PyAVSource:
 
     def frames(self, on_grab: Callable[[], None], on_decode: Callable[[], None]) -> Iterator[SampledFrame]:
         """The sampled frames, until the source ends or a read fails (or times out)."""
-        sampler = RateSampler(1.0 / self.interval_s)
-        arrivals: dict[int | None, float] = {}
+        # keyframes arrive a GOP apart: one a little early must not cost a whole GOP
+        sampler = RateSampler(
+            1.0 / self.interval_s, KEYFRAME_SLACK * self.interval_s if self.mode == "keyframes" else 1e-6
+        )
         context = self.stream.codec_context
         first_s: float | None = None
         last_keyframe_s: float | None = None
         for packet in self.packets():
             on_grab()
-            t_s = self.packet_time(packet, arrivals)
+            t_s = (
+                time.monotonic() if self.live else self.file_time(packet.pts if packet.pts is not None else packet.dts)
+            )
             if t_s is None:
                 continue
             first_s = t_s if first_s is None else first_s
@@ -110,13 +115,14 @@ class PyAVSource:
                     continue
                 self.check_keyframe_rate(last_keyframe_s, t_s)
                 last_keyframe_s = t_s
-            due = sampler.next_due_s is None or t_s + 1e-6 >= sampler.next_due_s
+            due = sampler.next_due_s is None or t_s + 1e-6 >= sampler.next_due_s or self.reordered_live()
             if self.intra_only and not due:
                 continue
             context.skip_frame = "DEFAULT" if due or self.mode == "keyframes" else "NONREF"
             for frame in self.decoded(packet):
                 on_decode()
-                frame_s = arrivals.pop(frame.pts, time.monotonic()) if self.live else self.file_time(frame.pts)
+                # live: the clock when the packet that completed the frame arrived, as OpenCV's grab()
+                frame_s = t_s if self.live else self.file_time(frame.pts)
                 if frame_s is not None and sampler.due(frame_s):
                     yield SampledFrame(frame_s - first_s, self.image(frame))
         context.skip_frame = "DEFAULT"
@@ -144,22 +150,17 @@ class PyAVSource:
         except av.error.InvalidDataError:
             return []
 
-    def packet_time(self, packet: av.Packet, arrivals: dict[int | None, float]) -> float | None:
-        """Live: the clock when the packet arrived (kept for its frame); files: the packet's own time."""
-        if not self.live:
-            return self.file_time(packet.pts if packet.pts is not None else packet.dts)
-        now = time.monotonic()
-        arrivals[packet.pts] = now
-        while len(arrivals) > ARRIVALS_KEPT:
-            del arrivals[next(iter(arrivals))]
-        return now
+    def reordered_live(self) -> bool:
+        """A live stream with B-frames: its frames are timed on arrival, so which one falls due is only known
+        after decoding; every frame is decoded (files are timed by their own timestamps and need not)."""
+        return self.live and self.stream.codec_context.has_b_frames > 0
 
     def file_time(self, pts: int | None) -> float | None:
         return None if pts is None else float(pts * self.time_base)
 
     def check_keyframe_rate(self, last_keyframe_s: float | None, t_s: float) -> None:
         """Keyframes further apart than the sampling interval: sample in `auto` from this keyframe on."""
-        if last_keyframe_s is None or t_s - last_keyframe_s <= self.interval_s + 1e-3:
+        if last_keyframe_s is None or t_s - last_keyframe_s <= (1 + KEYFRAME_SLACK) * self.interval_s:
             return
         log.warning(
             "%s: keyframes come every %.2f s, less often than sampling at %g fps; decoding it in auto mode",

@@ -55,14 +55,15 @@ def open_capture(url: str, open_timeout_s: float = 30.0, read_timeout_s: float =
 class RateSampler:
     """Chooses frames at `fps` by their timestamps, not by counting frames (sources drop and vary)."""
 
-    def __init__(self, fps: float) -> None:
+    def __init__(self, fps: float, early_s: float = 1e-6) -> None:
         self.interval_s = 1.0 / fps
+        self.early_s = early_s  # a frame this much before its due time still counts as due
         self.next_due_s: float | None = None
 
     def due(self, t_s: float) -> bool:
         if self.next_due_s is None:
             self.next_due_s = t_s
-        if t_s + 1e-6 < self.next_due_s:
+        if t_s + self.early_s < self.next_due_s:
             return False
         # keep the phase: a late frame does not push every later sample back
         self.next_due_s += self.interval_s * max(1, int((t_s - self.next_due_s) // self.interval_s) + 1)

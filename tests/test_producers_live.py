@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -22,8 +23,10 @@ import pytest
 from core.kafka_io import make_consumer, topic_specs
 from core.settings import CameraSettings, Settings
 from fallwatch.stack import LocalStack, StackState, free_port, pid_alive
+from producers.decoding import KEYFRAME_SLACK, PyAVSource
 from producers.service import run_producers
 from producers.status import read_statuses
+from producers.video import RateSampler, SourceError
 from schemas import Frame, decode
 from tests.conftest import REPO, settings_for, write_config
 
@@ -83,7 +86,7 @@ def mjpeg_server(clip: Path, tmp_path: Path) -> StreamServer:
 
 
 def rtsp_server(clip: Path, tmp_path: Path) -> StreamServer:
-    """GStreamer's RTSP server; the clip is first made H.264 (ffmpeg) and a few loops long."""
+    """GStreamer's RTSP server; the clip is first made H.264 with B-frames (ffmpeg) and a few loops long."""
     video = tmp_path / "rtsp.mp4"
     subprocess.run(
         [
@@ -103,6 +106,8 @@ def rtsp_server(clip: Path, tmp_path: Path) -> StreamServer:
             "libx264",
             "-preset",
             "ultrafast",
+            "-bf",  # non-reference B-frames, as many cameras' main profiles send
+            "2",
             "-g",
             "15",
             "-pix_fmt",
@@ -383,3 +388,66 @@ async def restart_scenario(
         stop.set()
         await watcher.consumer.stop()
     return published, watcher.frames, stopped_at, restarted_at
+
+
+def sample_live(url: str, mode: str, fps: float, samples: int) -> tuple[list[float], list[float], int]:
+    """`samples` frames of a live stream through PyAV in `mode`: (their times, every packet's arrival, decoded)."""
+    deadline = time.monotonic() + 30
+    while True:  # the server may not listen yet
+        try:
+            source = PyAVSource(url, url, mode, fps, None, (5.0, 5.0), hardware=False)
+            break
+        except SourceError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # polling for the server to come up
+    arrivals: list[float] = []
+    decoded = [0]
+    times: list[float] = []
+    try:
+        for frame in source.frames(
+            lambda: arrivals.append(time.monotonic()), lambda: decoded.__setitem__(0, decoded[0] + 1)
+        ):
+            times.append(arrivals[0] + frame.position_s)
+            if len(times) == samples:
+                break
+    finally:
+        source.close()
+    return times, arrivals, decoded[0]
+
+
+@pytest.mark.parametrize(
+    ("server", "mode", "fps", "decoded_share"),
+    [
+        ("mjpeg", "auto", 4.0, (0.0, 0.5)),  # intra-only: only the due frames are decoded
+        ("rtsp", "keyframes", 1.0, (0.0, 0.2)),  # a keyframe a second
+        ("rtsp", "auto", 4.0, (0.9, 1.0)),  # live with B-frames: timed on arrival, so all are decoded
+    ],
+)
+def test_live_streams_sample_the_first_frame_due_with_the_new_decode_paths(
+    tmp_path: Path,
+    clip_path: Path,
+    servers: list[StreamServer],
+    server: str,
+    mode: str,
+    fps: float,
+    decoded_share: tuple[float, float],
+) -> None:
+    stream = (mjpeg_server if server == "mjpeg" else rtsp_server)(clip_path, tmp_path)
+    servers.append(stream)
+    stream.start()
+    times, arrivals, decoded = sample_live(stream.url, mode, fps, samples=8)
+    assert len(times) == 8
+    sampler = RateSampler(fps, early_s=KEYFRAME_SLACK / fps if mode == "keyframes" else 1e-6)
+    for sampled in times:
+        due_s = sampler.next_due_s or sampled
+        assert sampler.due(sampled), "sampled before its due time"
+        if mode == "keyframes":  # the keyframe of each second (they come a second apart)
+            assert abs(sampled - due_s) < 0.5 / fps, (due_s, sampled)
+            continue
+        passed_over = [t for t in arrivals if due_s + 2e-3 < t < sampled - 2e-3]
+        # decoding everything would take the first frame after the due time; B-frames may hold one back
+        assert len(passed_over) <= (1 if server == "rtsp" else 0), (due_s, sampled, passed_over)
+    assert times[-1] - times[0] == pytest.approx(7 / fps, abs=2.0 / STREAM_FPS), "the sampling rate is kept"
+    low, high = decoded_share
+    assert low * len(arrivals) <= decoded <= high * len(arrivals), f"{decoded} of {len(arrivals)} frames decoded"
