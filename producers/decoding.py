@@ -113,7 +113,8 @@ class PyAVSource:
             if self.mode == "keyframes":
                 if not packet.is_keyframe:
                     continue
-                self.check_keyframe_rate(last_keyframe_s, t_s)
+                if self.keyframes_too_rare(last_keyframe_s, t_s):
+                    self.mode, sampler.early_s = "auto", 1e-6
                 last_keyframe_s = t_s
             due = sampler.next_due_s is None or t_s + 1e-6 >= sampler.next_due_s or self.reordered_live()
             if self.intra_only and not due:
@@ -158,17 +159,17 @@ class PyAVSource:
     def file_time(self, pts: int | None) -> float | None:
         return None if pts is None else float(pts * self.time_base)
 
-    def check_keyframe_rate(self, last_keyframe_s: float | None, t_s: float) -> None:
-        """Keyframes further apart than the sampling interval: sample in `auto` from this keyframe on."""
+    def keyframes_too_rare(self, last_keyframe_s: float | None, t_s: float) -> bool:
+        """Keyframes further apart than the sampling interval (one warning line): time to decode in `auto`."""
         if last_keyframe_s is None or t_s - last_keyframe_s <= (1 + KEYFRAME_SLACK) * self.interval_s:
-            return
+            return False
         log.warning(
             "%s: keyframes come every %.2f s, less often than sampling at %g fps; decoding it in auto mode",
             self.shown_url,
             t_s - last_keyframe_s,
             1.0 / self.interval_s,
         )
-        self.mode = "auto"
+        return True
 
     def image(self, frame: av.VideoFrame) -> np.ndarray:
         if self.size is None:
