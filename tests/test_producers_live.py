@@ -28,7 +28,7 @@ from producers.service import run_producers
 from producers.status import read_statuses
 from producers.video import RateSampler, SourceError
 from schemas import Frame, decode
-from tests.conftest import REPO, settings_for, write_config
+from tests.conftest import FALL_CLIPS, REPO, settings_for, write_config
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 STREAM_FPS = 15
@@ -451,3 +451,42 @@ def test_live_streams_sample_the_first_frame_due_with_the_new_decode_paths(
     assert times[-1] - times[0] == pytest.approx(7 / fps, abs=2.0 / STREAM_FPS), "the sampling rate is kept"
     low, high = decoded_share
     assert low * len(arrivals) <= decoded <= high * len(arrivals), f"{decoded} of {len(arrivals)} frames decoded"
+
+
+def test_sigterm_stops_the_producer_cleanly_while_captures_decode(stack_state, tmp_path: Path, clip_path: Path) -> None:
+    """SIGTERM mid-stream, repeated: exit status 0 each time, never an abort from a capture thread inside
+    the decoder at interpreter exit (it was rc -6, "terminate called without an active exception")."""
+    clips = [clip_path, FALL_CLIPS / "gmdcsa24_s1_adl10_walking_reading.mp4"]
+    cameras = [
+        live_camera(f"cam-{index}", str(clips[index % 2]), fps=5.0, loop=True, decode=("all", "auto")[index // 2 % 2])
+        for index in range(6)
+    ]
+    settings = settings_for(
+        stack_state,
+        tmp_path,
+        producers={"status_interval_s": 0.3, "status_key_prefix": f"test:{tmp_path.name}", "cameras": cameras},
+    )
+    env = write_config(settings, tmp_path / "config.yaml")
+    for attempt in range(4):
+        log_path = tmp_path / f"producer-{attempt}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "producers"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            asyncio.run(until_every_camera_publishes(settings, process.pid, [c["id"] for c in cameras]))
+            process.send_signal(signal.SIGTERM)
+            returncode = process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+        assert returncode == 0, f"stop {attempt + 1}: rc {returncode}\n{log_path.read_text()[-2000:]}"
+
+
+async def until_every_camera_publishes(settings: Settings, pid: int, camera_ids: list[str]) -> None:
+    def publishing(status: dict) -> bool:
+        return status["producer"].endswith(f":{pid}") and status["published"] > 0
+
+    for camera_id in camera_ids:
+        await status_until(settings, camera_id, publishing, f"published by producer {pid}", timeout_s=60)
