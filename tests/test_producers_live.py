@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import cv2
 import pytest
 
 from core.kafka_io import make_consumer, topic_specs
@@ -28,7 +31,7 @@ from producers.service import run_producers
 from producers.status import read_statuses
 from producers.video import RateSampler, SourceError
 from schemas import Frame, decode
-from tests.conftest import FALL_CLIPS, REPO, settings_for, write_config
+from tests.conftest import FALL_CLIPS, REPO, settings_for, write_config, write_video
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 STREAM_FPS = 15
@@ -259,6 +262,9 @@ def test_mjpeg_and_rtsp_streams_arrive_at_the_target_fps_in_order(
     assert set(by_id) == {"mjpeg", "rtsp"}
     for row in by_id.values():
         assert row["state"] == "streaming" and row["fps_in"] > row["fps_out"] > 0
+        assert row["decode"] == "auto" and 0 < row["fps_sampled"] < row["fps_in"]
+        assert row["sampled"] >= row["published"] and row["decoded"] <= row["frames_in"]
+        assert row["send_delay_max_s"] >= row["send_delay_s"] > 0
         # (a first attempt may have come before the server listened: reconnects are not asserted here)
         assert row["last_error"] is None and row["last_frame_age_s"] < 5
 
@@ -490,3 +496,66 @@ async def until_every_camera_publishes(settings: Settings, pid: int, camera_ids:
 
     for camera_id in camera_ids:
         await status_until(settings, camera_id, publishing, f"published by producer {pid}", timeout_s=60)
+
+
+def test_a_camera_behind_schedule_shows_within_10_s_and_a_detect_stream_is_sampled_instead_of_the_main(
+    stack_state, tmp_path: Path, clip_path: Path, servers: list[StreamServer]
+) -> None:
+    slow = tmp_path / "ten-fps.mp4"  # the source sends 10 frames/s; the camera asks for 20
+    write_video(slow, 50, lambda image, index: cv2.circle(image, (20 + 5 * index, 120), 20, (220, 200, 180), -1))
+    detect = mjpeg_server(clip_path, tmp_path)
+    servers.append(detect)
+    detect.start()
+    with socket.create_server(("127.0.0.1", 0)) as main_stream:  # the main stream: must never be opened
+        main_url = f"rtsp://viewer:secret@127.0.0.1:{main_stream.getsockname()[1]}/main"
+        metrics_port = free_port()
+        settings = settings_for(
+            stack_state,
+            tmp_path,
+            producers={
+                **FAST_RECOVERY,
+                "metrics_port": metrics_port,
+                "status_key_prefix": f"test:{tmp_path.name}",
+                "cameras": [
+                    live_camera("slow", str(slow), fps=20.0, loop=True, realtime=True),
+                    live_camera("nvr", main_url, detect_url=detect.url),
+                ],
+            },
+        )
+        watcher, behind, metrics = asyncio.run(behind_and_detect_scenario(settings, metrics_port))
+        main_stream.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            main_stream.accept()  # no connection is waiting: nothing ever connected to the main stream
+    assert behind["fps_target"] == 20.0 and behind["fps_sampled"] < 15.0
+    assert behind["behind"] > 0 and behind["behind_for_s"] > 0
+    assert metric_value(metrics, 'fallwatch_producer_behind_total{camera="slow",room="room-slow"}') > 0
+    assert metric_value(metrics, 'fallwatch_producer_behind_seconds{camera="slow"}') > 0
+    assert metric_value(metrics, 'fallwatch_producer_fps_target{camera="slow"}') == 20.0
+    assert 'fallwatch_producer_capture_to_send_seconds{camera="slow",stat="max"}' in metrics
+    nvr = watcher.of("nvr")
+    assert len(nvr) >= 5 and {(f.width, f.height) for f in nvr} == {(320, 240)}, "frames of the detect stream"
+
+
+def metric_value(metrics: str, sample: str) -> float:
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", metrics, re.MULTILINE)
+    assert match is not None, f"{sample} not in the metrics"
+    return float(match.group(1))
+
+
+async def behind_and_detect_scenario(settings: Settings, metrics_port: int) -> tuple[FrameWatcher, dict, str]:
+    stop = asyncio.Event()
+    producing = asyncio.create_task(run_producers(settings, stop))
+    watcher = FrameWatcher(settings)
+    await watcher.consumer.start()
+    try:
+        # visible within 10 s of the producer starting, in Redis (cameras status) and in the metrics
+        behind = await status_until(settings, "slow", lambda s: s["behind_for_s"] > 0, "behind", timeout_s=10)
+        await watcher.until(lambda: len(watcher.of("nvr")) >= 5 and watcher.of("slow"), "frames of both cameras")
+        metrics = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        )
+    finally:
+        stop.set()
+        await watcher.consumer.stop()
+    await producing
+    return watcher, behind, metrics
