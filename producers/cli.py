@@ -16,8 +16,8 @@ COLUMNS = (
     "state",
     "fps target / sampled / out",
     "behind (slots)",
-    "capture → sent (mean / max)",
-    "decode (decoded / read)",
+    "to Kafka (mean / max)",
+    "decoded / read",
     "published",
     "skipped (motion)",
     "dropped",
@@ -41,7 +41,7 @@ def table_cells(row: dict) -> list[str]:
         f"{row['fps_target']:g} / {row['fps_sampled']:g} / {row['fps_out']:g}",
         str(row["behind"]),
         " / ".join("-" if delay is None else f"{delay:.2f} s" for delay in delays),
-        f"{row['decode']} ({row['decoded']} / {row['frames_in']})",
+        f"{row['decoded']} / {row['frames_in']} ({row['decode']})",
         str(row["published"]),
         str(row["skipped_motion"]),
         str(row["dropped"]),
@@ -80,4 +80,4 @@ def cameras_status(
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*table_cells(row))
-    Console(width=240).print(table)
+    Console(width=300).print(table)
