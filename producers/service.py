@@ -159,6 +159,24 @@ def check_cameras(settings: ProducerSettings) -> list[CameraSettings]:
     return cameras
 
 
+def start_captures(publishers: list[CameraPublisher]) -> list[threading.Thread]:
+    threads = []
+    for publisher in publishers:
+        name = f"capture-{publisher.camera.id}"
+        # daemon: a capture that never returns from the decoder must not keep the process alive
+        threads.append(threading.Thread(target=publisher.capture, name=name, daemon=True))
+        threads[-1].start()
+        log.info(
+            "camera %s (%s): %s at %g fps, decode %s",
+            publisher.camera.id,
+            publisher.camera.room,
+            redact(publisher.camera.sampled_url),
+            publisher.camera.fps,
+            publisher.camera.decode,
+        )
+    return threads
+
+
 def join_captures(threads: list[threading.Thread], settings: ProducerSettings) -> None:
     """Wait for the capture threads; a blocked read gives up after the stall (or open) timeout."""
     deadline = time.monotonic() + max(settings.open_timeout_s, settings.stall_timeout_s) + JOIN_MARGIN_S
@@ -198,20 +216,7 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
         raise
     status_done = asyncio.Event()
     status_writer = asyncio.create_task(run_status_writer(settings, cameras, stats, status_done))
-    threads = []
-    for publisher in publishers:
-        name = f"capture-{publisher.camera.id}"
-        # daemon: a capture that never returns from the decoder must not keep the process alive
-        threads.append(threading.Thread(target=publisher.capture, name=name, daemon=True))
-        threads[-1].start()
-        log.info(
-            "camera %s (%s): %s at %g fps, decode %s",
-            publisher.camera.id,
-            publisher.camera.room,
-            redact(publisher.camera.sampled_url),
-            publisher.camera.fps,
-            publisher.camera.decode,
-        )
+    threads = start_captures(publishers)
     publishing = asyncio.gather(*(p.publish() for p in publishers))
     stopping = asyncio.create_task(stop.wait())
     try:
