@@ -13,6 +13,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -245,6 +246,6 @@ def video_folder_items(folder: Path, fps: float, clip_frames: int, clip_seconds:
                 split=clip.split,
                 order_key=float(number * 1_000_000 + index),
                 image_rgb=image,
-                clip=lambda frames=frames: frames,
+                clip=partial(list, frames),
                 ground_truth=int(clip.is_fall and frame.position_s >= fall_start_s),
             )
