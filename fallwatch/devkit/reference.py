@@ -329,7 +329,7 @@ class ReferenceSummary:
 
 def load_splits(folder: Path, limit_per_split: int | None) -> tuple[LabelledImages, LabelledImages]:
     """The train and validation images; the test split is left for the evaluation, unread."""
-    items = [item for item in image_folder_items(folder, limit_per_split) if item.split in ("train", "val")]
+    items = list(image_folder_items(folder, limit_per_split, splits=("train", "val")))
     train = [item for item in items if item.split == "train"]
     val = [item for item in items if item.split == "val"]
     if not train or not val:
