@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -119,7 +121,7 @@ class CameraPublisher:
             except Exception as exc:  # KafkaError, or a bug: one frame is lost, the camera goes on
                 self.on_failure(seq, exc)
                 continue
-            ack.add_done_callback(lambda done, seq=seq, at=captured.captured_at: self.on_ack(seq, at, done))
+            ack.add_done_callback(functools.partial(self.on_ack, seq, captured.captured_at))
             in_flight.add(ack)
             if len(in_flight) >= ACK_WINDOW:
                 _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
@@ -220,7 +222,8 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
     publishing = asyncio.gather(*(p.publish() for p in publishers))
     stopping = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({publishing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {publishing, stopping}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
             thread_stop.set()
             for publisher in publishers:

@@ -121,7 +121,7 @@ async def read_statuses(settings: Settings) -> dict[str, dict[str, Any]]:
 def status_rows(settings: Settings, statuses: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per configured camera (no status: its producer is not running) and per other reporting camera."""
     configured = {camera.id: camera for camera in settings.producers.cameras}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for camera_id in [*configured, *sorted(set(statuses) - set(configured))]:
         status = statuses.get(camera_id)
         if status is None:

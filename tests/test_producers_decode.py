@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -76,7 +77,8 @@ def frame_times(video: Path) -> list[float]:
     """Every frame's time in the file, from its first frame, in presentation order."""
     with av.open(str(video)) as container:
         stream = container.streams.video[0]
-        times = sorted(float(p.pts * stream.time_base) for p in container.demux(stream) if p.pts is not None)
+        time_base = stream.time_base or Fraction(1, 90_000)
+        times = sorted(float(p.pts * time_base) for p in container.demux(stream) if p.pts is not None)
     return [t - times[0] for t in times]
 
 

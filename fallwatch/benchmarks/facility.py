@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -71,7 +72,8 @@ def clip_rate(clip: Path, fps: float) -> float:
     """Frames per second a looped clip yields when sampled at `fps`: each loop restarts the schedule."""
     with av.open(str(clip)) as container:
         stream = container.streams.video[0]
-        times = sorted(float(p.pts * stream.time_base) for p in container.demux(stream) if p.pts is not None)
+        time_base = stream.time_base or Fraction(1, 90_000)
+        times = sorted(float(p.pts * time_base) for p in container.demux(stream) if p.pts is not None)
     sampler = RateSampler(fps)
     sampled = sum(sampler.due(t) for t in times)
     frame_s = (times[-1] - times[0]) / max(1, len(times) - 1)
