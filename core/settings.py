@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
@@ -143,6 +143,9 @@ class MotionSettings(Section):
     width: int = Field(160, ge=16, le=1920, description="width of the grey frame compared (smaller: cheaper)")
 
 
+UnitFloat = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
 class CameraSettings(Section):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     room: str = Field(min_length=1)
@@ -157,6 +160,11 @@ class CameraSettings(Section):
         "while they come at least as often as fps; all: decode every frame (OpenCV)",
     )
     hardware_decode: bool = Field(False, description="decode on the GPU/VA-API when the machine has one, else CPU")
+    masks: list[Annotated[list[tuple[UnitFloat, UnitFloat]], Field(min_length=3)]] = Field(
+        default_factory=list,
+        description="privacy masks: polygons of [x, y] points in 0..1 of the frame, blacked out before a frame "
+        "leaves the producer",
+    )
     resize: tuple[PositiveInt, PositiveInt] | None = Field(
         None, description="[width, height] of the published frames (null: as captured)"
     )

@@ -21,6 +21,7 @@ import numpy as np
 from core.settings import CameraSettings, ProducerSettings
 from core.urls import redact, source_kind
 from producers.decoding import PyAVSource
+from producers.masks import PrivacyMasks
 from producers.motion import MotionGate, Trigger
 from producers.video import OpenCVSource, SourceError, encode_jpeg, resize
 
@@ -149,6 +150,7 @@ class CameraCapture:
         self.stop = stop
         self.kind = source_kind(camera.sampled_url)
         self.gate = MotionGate(camera.motion)
+        self.masks = PrivacyMasks(camera.masks)
         self.warned_behind = False
         self.last_missed_at = 0.0
 
@@ -221,7 +223,8 @@ class CameraCapture:
         return sampled
 
     def publish(self, image_bgr: np.ndarray, position_s: float, captured_at: datetime) -> None:
-        """Gate a sampled frame on motion; resize, encode and hand over the ones that pass."""
+        """Mask a sampled frame and gate it on motion; resize, encode and hand over the ones that pass."""
+        image_bgr = self.masks.apply(image_bgr)
         trigger = self.gate.check(image_bgr, position_s)
         if trigger is None:
             self.stats.skipped_motion += 1
