@@ -116,7 +116,7 @@ class PyAVSource:
                 if self.keyframes_too_rare(last_keyframe_s, t_s):
                     self.mode, sampler.early_s = "auto", 1e-6
                 last_keyframe_s = t_s
-            due = sampler.next_due_s is None or t_s + 1e-6 >= sampler.next_due_s or self.reordered_live()
+            due = sampler.next_due_s is None or t_s + sampler.early_s >= sampler.next_due_s or self.reordered_live()
             if self.intra_only and not due:
                 continue
             context.skip_frame = "DEFAULT" if due or self.mode == "keyframes" else "NONREF"
