@@ -69,15 +69,18 @@ class Row:
 
 
 def clip_rate(clip: Path, fps: float) -> float:
-    """Frames per second a looped clip yields when sampled at `fps`: each loop restarts the schedule."""
+    """Frames per second a looped clip yields when sampled at `fps` in real time.
+
+    Each loop restarts the schedule at the clip's first frame, right after the loop's last sample
+    (a file camera is paced by its sampled frames; the rest of the file is read at once).
+    """
     with av.open(str(clip)) as container:
         stream = container.streams.video[0]
         time_base = stream.time_base or Fraction(1, 90_000)
         times = sorted(float(p.pts * time_base) for p in container.demux(stream) if p.pts is not None)
     sampler = RateSampler(fps)
-    sampled = sum(sampler.due(t) for t in times)
-    frame_s = (times[-1] - times[0]) / max(1, len(times) - 1)
-    return sampled / (times[-1] - times[0] + frame_s)
+    due = [t for t in times if sampler.due(t)]
+    return len(due) / (due[-1] - due[0])
 
 
 def run_facility(
