@@ -12,9 +12,9 @@ per partition); one commit is in flight at a time, like the Java client's `commi
 worker does not idle for a round trip per batch. Only partitions still held are committed.
 
 A rebalance (`RevokeListener`): before the partitions go, the answered batches are committed
-(their acks come in milliseconds); every batch fetched but not answered yet, and the records taken
-but not in a batch, belong to the partitions' next owner, who reads them again from the committed
-offsets: such a batch is still answered, but never committed (a new `generation` begins).
+(their acks come in milliseconds), and the records taken but not in a batch are dropped: the
+partitions' next owner reads them again from the committed offsets. A batch fetched before the
+rebalance is still answered; its commit then leaves out the partitions this member no longer holds.
 
 Slow is not stuck (`while_paused`): while a worker waits for its model, its partitions are paused
 and the consumer polled every `keepalive_s`, so a batch slower than `max_poll_interval_ms` does not
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Arrival:
     record: ConsumerRecord
-    at: float  # time.monotonic() when the record reached the worker
+    at: float  # time.monotonic() when the record was taken into its batch (the worker's queue starts there)
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,6 @@ class Batch:
     arrivals: list[Arrival]
     opened_at: float  # time.monotonic() when its first record was taken
     closed_at: float  # time.monotonic() when it stopped taking records
-    generation: int  # the consumer's assignment it was fetched under
 
     @property
     def records(self) -> list[ConsumerRecord]:
@@ -89,8 +88,8 @@ class BatchConsumer:
         self.settings = settings
         self.consumer = make_consumer(settings, group_id=group_id, **overrides)
         self.consumer.subscribe([topic], listener=RevokeListener(self))
-        self.generation = 0  # +1 at each rebalance: what was fetched before is the next owner's
-        self.taken: deque[Arrival] = deque()  # taken from the client, not in a batch yet
+        self.revocations = 0  # rebalances that took this member's partitions
+        self.taken: deque[ConsumerRecord] = deque()  # taken from the client, not in a batch yet
         self.answered_batches: deque[AnsweredBatch] = deque()  # oldest first, not committed yet
         self.acked_offsets: dict[TopicPartition, int] = {}  # acked, not yet sent in a commit
         self.committing: asyncio.Task[None] | None = None
@@ -109,13 +108,10 @@ class BatchConsumer:
 
         `on_records` sees each share of the batch as it is taken, so work on it (decoding) overlaps the wait.
         """
-        generation = self.generation
-        started = time.monotonic()
         arrivals = await self.take(max_records, idle_wait_s)
         if not arrivals:
             return None
-        # a record taken ahead by an earlier batch opens this one now, not when it arrived
-        opened_at = max(started, arrivals[0].at)
+        opened_at = arrivals[0].at
         closes_at = opened_at + max_wait_s
         if on_records is not None:
             await on_records([arrival.record for arrival in arrivals])
@@ -127,16 +123,15 @@ class BatchConsumer:
             if more and on_records is not None:
                 await on_records([arrival.record for arrival in more])
             arrivals += more
-        return Batch(arrivals, opened_at, time.monotonic(), generation)
+        return Batch(arrivals, opened_at, time.monotonic())
 
     async def take(self, limit: int, wait_s: float) -> list[Arrival]:
         """Up to `limit` records, oldest first: those already taken from the client, else a new fetch's worth."""
         if not self.taken:
-            # getmany returns records of partitions held when it returns, so they belong to this generation
             fetched = await self.consumer.getmany(timeout_ms=max(0, round(wait_s * 1000)))
-            now = time.monotonic()
-            self.taken.extend(Arrival(record, now) for records in fetched.values() for record in records)
-        return [self.taken.popleft() for _ in range(min(limit, len(self.taken)))]
+            self.taken.extend(record for records in fetched.values() for record in records)
+        now = time.monotonic()
+        return [Arrival(self.taken.popleft(), now) for _ in range(min(limit, len(self.taken)))]
 
     def answered(self, batch: Batch, acks: list[asyncio.Future]) -> None:
         """Hand back an answered batch with the ack futures of its outputs; it is committed once they are acked."""
@@ -155,10 +150,7 @@ class BatchConsumer:
             answered = self.answered_batches.popleft()
             for ack in answered.acks:
                 ack.result()  # a failed send raises here, before anything is committed past it
-            if answered.batch.generation == self.generation:
-                self.acked_offsets.update(answered.batch.next_offsets())
-            else:
-                log.info("a batch fetched before a rebalance is not committed; its partitions' owner reads it again")
+            self.acked_offsets.update(answered.batch.next_offsets())
         if self.committing is not None:
             if not self.committing.done():
                 return
@@ -178,9 +170,10 @@ class BatchConsumer:
         if self.committing is not None:
             self.committing.result()
 
-    def on_revoke(self) -> None:
-        """The partitions are going (the answered batches are committed): what was fetched is the next owner's."""
-        self.generation += 1
+    def on_revoke(self, revoked: list[TopicPartition]) -> None:
+        """The partitions are going (the answered batches are committed): what is taken is the next owner's."""
+        self.revocations += 1
+        log.info("%d partition(s) revoked; %d record(s) taken ahead are dropped", len(revoked), len(self.taken))
         self.taken.clear()
 
     async def lag(self) -> int:
@@ -221,11 +214,13 @@ class RevokeListener(ConsumerRebalanceListener):
         self.batches = batches
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        if not revoked:  # the first join of the group: nothing held yet
+            return
         try:
             # Before the partitions go, commit what was answered on them.
             await self.batches.drain()
         finally:
-            self.batches.on_revoke()
+            self.batches.on_revoke(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         """Nothing to do: the group's committed offsets say where to start."""
