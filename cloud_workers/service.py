@@ -254,20 +254,12 @@ class CloudWorker:
             worker_s = time.monotonic() - job.arrival.at
             self.metrics.request_seconds.observe(worker_s)
             self.metrics.count("cloud")
-            verdict = Verdict(
-                frame_id=request.frame_id,
-                camera_id=request.camera_id,
-                room=request.room,
-                captured_at=request.captured_at,
-                source="cloud",
-                final=True,
-                fall_probability=float(probability),
-                decision=bool(probability >= self.cloud.decision_threshold),
-                switcher_score=request.switcher_score,
-                offload_reason=request.reason,
-                edge_model=request.edge.model,
+            verdict = Verdict.for_request(
+                request,
+                "cloud",
+                float(probability),
+                bool(probability >= self.cloud.decision_threshold),
                 cloud_model=self.model.name,
-                switcher_version=request.switcher_version,
                 timings_ms={
                     "queue": (batch.closed_at - job.arrival.at) * 1000,  # waiting for the batch to close
                     "collect": batch.open_s * 1000,
@@ -317,20 +309,7 @@ def decode_clips(clips_jpegs: list[list[bytes]], pool: Executor) -> list[Clip | 
 
 def fallback(request: CloudRequest) -> Verdict:
     """The edge's answer as the final verdict of a request the cloud can no longer answer in time."""
-    return Verdict(
-        frame_id=request.frame_id,
-        camera_id=request.camera_id,
-        room=request.room,
-        captured_at=request.captured_at,
-        source="edge-fallback",
-        final=True,
-        fall_probability=request.edge.fall_probability,
-        decision=request.edge.decision,
-        switcher_score=request.switcher_score,
-        offload_reason=request.reason,
-        edge_model=request.edge.model,
-        switcher_version=request.switcher_version,
-    )
+    return Verdict.for_request(request, "edge-fallback", request.edge.fall_probability, request.edge.decision)
 
 
 async def run_cloud_worker(settings: Settings, stop: asyncio.Event, model: CloudModel | None = None) -> None:

@@ -309,11 +309,8 @@ class EdgeWorker:
     ) -> list[asyncio.Future]:
         frame = answer.item.frame
         offload = answer.route.offload
-        verdict = Verdict(
-            frame_id=frame.frame_id,
-            camera_id=frame.camera_id,
-            room=frame.room,
-            captured_at=frame.captured_at,
+        verdict = Verdict.for_frame(
+            frame,
             source="edge",
             final=offload is None,
             fall_probability=answer.probability,

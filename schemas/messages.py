@@ -9,7 +9,7 @@ stays readable with ordinary Kafka tools.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -124,6 +124,31 @@ class Verdict(Message):
     gpu_memory_mb: float | None = Field(default=None, ge=0.0, description="peak GPU memory of that forward")
     routing: Routing | None = Field(default=None, description="the edge's routing policy (edge verdicts)")
     produced_at: AwareDatetime = Field(default_factory=utc_now)
+
+    @classmethod
+    def for_frame(cls, frame: Frame | CloudRequest, **answer: Any) -> Verdict:
+        """The verdict on `frame` (a frame, or the request that offloaded it): its identity, and `answer`."""
+        return cls(
+            frame_id=frame.frame_id, camera_id=frame.camera_id, room=frame.room, captured_at=frame.captured_at, **answer
+        )
+
+    @classmethod
+    def for_request(
+        cls, request: CloudRequest, source: VerdictSource, fall_probability: float, decision: bool, **answer: Any
+    ) -> Verdict:
+        """The final verdict on an offloaded frame, carrying what the edge recorded about it."""
+        return cls.for_frame(
+            request,
+            source=source,
+            final=True,
+            fall_probability=fall_probability,
+            decision=decision,
+            switcher_score=request.switcher_score,
+            offload_reason=request.reason,
+            edge_model=request.edge.model,
+            switcher_version=request.switcher_version,
+            **answer,
+        )
 
 
 AlertState = Literal["open", "acknowledged", "resolved", "false_alarm"]
