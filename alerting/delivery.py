@@ -40,7 +40,7 @@ from alerting.metrics import AlertingMetrics
 from alerting.snapshots import find_frame_jpeg
 from alerting.store import AlertStore
 from alerting.webhooks import WebhookSender
-from core.kafka_io import make_consumer, topic_partitions
+from core.kafka_io import make_consumer, read_topic_partitions
 from core.settings import Settings
 from schemas import FallEvent, SchemaError, decode, encode
 
@@ -292,7 +292,7 @@ async def read_topic(settings: Settings, topic: str) -> list[FallEvent]:
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()
     try:
-        partitions: list[TopicPartition] = await topic_partitions(consumer, topic)
+        partitions: list[TopicPartition] = await read_topic_partitions(settings, topic)
         if not partitions:
             return []
         consumer.assign(partitions)
