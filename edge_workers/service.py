@@ -20,7 +20,6 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import numpy as np
 import simplejpeg
@@ -37,13 +36,13 @@ from core.settings import Settings
 from edge_workers.metrics import EdgeMetrics
 from edge_workers.model import CpuOptionCheck, EdgeModel, load_edge_model, torch_threads
 from edge_workers.registry import ActiveSwitcher, SwitcherRegistry
+from edge_workers.requests import Offload, cloud_request, store_clip
 from edge_workers.routing import RouteDecision, Router, RoutingPolicy
 from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, OffloadReason, Verdict, utc_now
 
 log = logging.getLogger(__name__)
 
 SERVICE = "edge_workers"
-FRAME_KEY_PREFIX = "fallwatch:frame:"
 # Batches answered while earlier ones wait for their acks; beyond this the worker waits (backpressure).
 MAX_BATCHES_IN_FLIGHT = 4
 # Per-partition fetch size of the `frames` consumer (the client's default). aiokafka asks a broker for more
@@ -329,38 +328,24 @@ class EdgeWorker:
         return acks
 
     async def cloud_request(self, answer: EdgeAnswer, reason: OffloadReason, redis: Redis) -> CloudRequest:
-        item = answer.item
-        frame = item.frame
+        record, frame = answer.item.record, answer.item.frame
         clip = self.clips.clip_ending_at(frame)
         ttl_s = self.settings.edge.clip_ttl_s
-
-        async def store_clip() -> bool:
-            async with redis.pipeline(transaction=False) as pipe:
-                for buffered in clip:
-                    pipe.set(FRAME_KEY_PREFIX + buffered.frame_id, buffered.jpeg, ex=ttl_s)
-                await pipe.execute()
-            return True
-
         # Without Redis the request goes without its clip: the cloud worker reads the frame itself from
         # `frames` (its position is in the request), so the frame is still answered.
-        if not await self.redis_outage.call("offloaded frames go without their clip", store_clip, False):
+        if not await self.redis_outage.call(
+            "offloaded frames go without their clip", lambda: store_clip(redis, clip, ttl_s), False
+        ):
             clip = []
-        return CloudRequest(
-            frame_id=frame.frame_id,
-            camera_id=frame.camera_id,
-            room=frame.room,
-            captured_at=frame.captured_at,
-            frame_position=KafkaPosition(
-                topic=item.record.topic, partition=item.record.partition, offset=item.record.offset
-            ),
-            clip_keys=[FRAME_KEY_PREFIX + buffered.frame_id for buffered in clip],
-            clip_frame_ids=[buffered.frame_id for buffered in clip],
+        offload = Offload(
             edge=EdgeOutput(fall_probability=answer.probability, decision=answer.decision, model=self.model.name),
             switcher_score=answer.score,
             switcher_version=self.active.metadata.version,
             reason=reason,
-            deadline=utc_now() + timedelta(seconds=self.settings.edge.cloud_deadline_s),
+            deadline_s=self.settings.edge.cloud_deadline_s,
         )
+        position = KafkaPosition(topic=record.topic, partition=record.partition, offset=record.offset)
+        return cloud_request(frame, position, clip, offload)
 
 
 def jpeg_size_problem(jpeg: bytes, min_side: int, max_pixels: int) -> str | None:
