@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from redis.asyncio import Redis
 
+from core.clips import BufferedFrame
 from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, OffloadReason, utc_now
 
 FRAME_KEY_PREFIX = "fallwatch:frame:"
@@ -21,7 +22,7 @@ def clip_key(frame_id: str) -> str:
     return FRAME_KEY_PREFIX + frame_id
 
 
-async def store_clip(redis: Redis, clip: Sequence[Frame], ttl_s: int) -> bool:
+async def store_clip(redis: Redis, clip: Sequence[BufferedFrame], ttl_s: int) -> bool:
     """The clip's JPEGs under their keys, expiring after `ttl_s` (True: for `RedisOutage.call`)."""
     async with redis.pipeline(transaction=False) as pipe:
         for frame in clip:
@@ -41,7 +42,9 @@ class Offload:
     deadline_s: float  # after this a cloud answer is no longer useful
 
 
-def cloud_request(frame: Frame, position: KafkaPosition, clip: Sequence[Frame], offload: Offload) -> CloudRequest:
+def cloud_request(
+    frame: Frame, position: KafkaPosition, clip: Sequence[BufferedFrame], offload: Offload
+) -> CloudRequest:
     """The request for `frame`, whose clip (oldest first, ending with it) is stored; [] when it could not be."""
     return CloudRequest(
         frame_id=frame.frame_id,

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from cloud_workers.model import Clip
+from core.clips import BufferedFrame
 from core.kafka_io import make_producer
 from core.redis_io import redis_client
 from core.settings import Settings
@@ -91,11 +92,12 @@ async def publish_requests(
             camera = cameras[index % len(cameras)]
             frames = camera_frames(camera, clip, (first_seq + index) * len(clip))
             frame = frames[-1]
+            buffered = [BufferedFrame(f.frame_id, f.captured_at, f.jpeg) for f in frames]  # as the edge buffers them
             if store_clips:
-                await store_clip(redis, frames, settings.edge.clip_ttl_s)
+                await store_clip(redis, buffered, settings.edge.clip_ttl_s)
             sent = await producer.send_and_wait(topics.frames, key=camera.encode(), value=encode(frame))
             position = KafkaPosition(topic=sent.topic, partition=sent.partition, offset=sent.offset)
-            request = cloud_request(frame, position, frames, offload)
+            request = cloud_request(frame, position, buffered, offload)
             if send_requests:
                 await producer.send_and_wait(topics.cloud_requests, key=camera.encode(), value=encode(request))
             requests.append(request)
