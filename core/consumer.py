@@ -147,10 +147,11 @@ class BatchConsumer:
         if wait and self.answered_batches:
             await asyncio.gather(*self.answered_batches[0].acks)
         while self.answered_batches and all(ack.done() for ack in self.answered_batches[0].acks):
-            answered = self.answered_batches.popleft()
-            for ack in answered.acks:
-                ack.result()  # a failed send raises here, before anything is committed past it
-            self.acked_offsets.update(answered.batch.next_offsets())
+            for ack in self.answered_batches[0].acks:
+                # A failed send raises here, and its batch stays at the head: nothing is committed past it,
+                # however often this is called again (by the worker, or the revoke listener before it).
+                ack.result()
+            self.acked_offsets.update(self.answered_batches.popleft().batch.next_offsets())
         if self.committing is not None:
             if not self.committing.done():
                 return
