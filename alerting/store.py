@@ -175,10 +175,6 @@ class AlertStore:
                 pipe.set(frame_label_key(frame_id), encode(label))
             await pipe.execute()
 
-    async def label_for_frame(self, frame_id: str) -> Label | None:
-        raw = await self.redis.get(frame_label_key(frame_id))
-        return decode(Label, raw) if raw else None
-
     async def last_event_id(self) -> str:
         """The id of the newest stream entry ("0-0" when there is none)."""
         newest: list[Any] = await self.redis.xrevrange(ALERT_STREAM_KEY, count=1)

@@ -13,7 +13,6 @@ Connection errors, timeouts, 429 and 5xx are retried; any other 4xx is final.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -21,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt
 
 from core.settings import AlertingSettings
 from schemas import FallEvent, encode
@@ -117,15 +117,22 @@ class WebhookSender:
 
     async def deliver(self, url: str, event_name: str, alert: FallEvent) -> bool:
         """Every attempt in this process, with backoff (the outbox's retries survive a restart instead)."""
-        for number in range(1, self.settings.webhook_attempts + 1):
-            result = await self.attempt(url, event_name, alert)
-            if result.final:
-                return result.accepted
-            if number < self.settings.webhook_attempts:
-                self.say_retry(url, event_name, alert, number, result.problem)
-                await asyncio.sleep(self.retry_delay_s(number))  # backoff between attempts
-        self.say_gave_up(url, event_name, alert, result.problem)
-        return False
+
+        def say_retry(state: RetryCallState) -> None:
+            assert state.outcome is not None
+            self.say_retry(url, event_name, alert, state.attempt_number, state.outcome.result().problem)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_result(lambda result: not result.final),
+            stop=stop_after_attempt(self.settings.webhook_attempts),
+            wait=lambda state: self.retry_delay_s(state.attempt_number),
+            before_sleep=say_retry,
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        )
+        result: Attempt = await retrying(self.attempt, url, event_name, alert)
+        if not result.final:
+            self.say_gave_up(url, event_name, alert, result.problem)
+        return result.accepted
 
     async def close(self) -> None:
         if self._session is not None:

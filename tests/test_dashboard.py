@@ -27,7 +27,7 @@ from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from alerting.dashboard import label_id_for
+from alerting.answers import label_id_for
 from alerting.store import alert_key, frame_label_key
 from core.settings import Settings
 from fallwatch.stack import StackState, free_port, port_accepts
