@@ -18,6 +18,7 @@ from typing import Literal
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
+from alerting.notifications import Notifier
 from alerting.store import AlertStore
 from schemas import AlertState, FallEvent, Label, LabelVerdict, Topics, encode, utc_now
 
@@ -83,8 +84,9 @@ def label_for(alert: FallEvent, verdict: LabelVerdict, by: str) -> Label:
 
 
 class Answers:
-    def __init__(self, topics: Topics, store: AlertStore, publish: Publish) -> None:
+    def __init__(self, topics: Topics, store: AlertStore, notifier: Notifier, publish: Publish) -> None:
         self.topics = topics
+        self.notifier = notifier
         self.store = store
         self.publish = publish
 
@@ -106,7 +108,7 @@ class Answers:
         except KafkaError as exc:
             raise NotPublished(f"could not publish the answer: {exc}") from None
         try:
-            await self.store.apply(changed)
+            await self.store.apply(changed, self.notifier.notification(changed))
             if label is not None:
                 await self.store.save_label(label)
         except (RedisError, OSError) as exc:

@@ -117,7 +117,8 @@ class AlertingApp:
             # values are CameraState.model_dump(mode="json") dicts; no value_type, because faust's
             # changelog recovery calls value_type.from_data(), which only faust Records have
         )
-        self.dispatcher = Dispatcher.for_settings(settings, metrics)
+        self.raw_topic = raw_topic
+        self.dispatcher = Dispatcher.for_settings(settings, metrics, self.publish)
         self.group_lag = GroupLag(settings)
         # what the timer already did, so a tick does not repeat it before the stream catches up
         self.fallbacks_sent: set[str] = set()
@@ -129,6 +130,11 @@ class AlertingApp:
         app.timer(LAG_INTERVAL_S)(self.measure_lag)
         app.on_before_shutdown.connect(self.close)
         app.task(self.dispatcher.start)
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """A record from outside the streams (an answer over MQTT), back once the broker has it."""
+        sent = await self.app.topic(topic, **self.raw_topic).send(key=key, value=value)
+        await sent
 
     def camera_state(self, camera_id: str, room: str) -> CameraState:
         stored = self.cameras.get(camera_id)

@@ -18,6 +18,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,6 +34,7 @@ from redis.exceptions import RedisError
 
 from alerting.answers import Action, AnswerRefused, Answers
 from alerting.metrics import DashboardMetrics
+from alerting.notifications import Notifier, link_is_valid
 from alerting.store import AlertStore
 from core.kafka_io import make_producer, start_clients
 from core.logs import configure_logging
@@ -147,6 +149,13 @@ async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"alert store unavailable: {exc}"}, status_code=503)
 
 
+async def signed_snapshot(alert_id: str, expires: int, signature: str, request: Request) -> Response:
+    """A snapshot by its signed link (`alerting.notifications`): for phones and Home Assistant, no token needed."""
+    if not link_is_valid(request.app.state.token, alert_id, expires, signature, time.time()):
+        raise HTTPException(403, "the snapshot link is invalid or expired")
+    return await snapshot(alert_id, store_of(request))
+
+
 def make_dashboard(settings: Settings) -> FastAPI:
     token = settings.alerting.dashboard_key()
     if not token:
@@ -165,7 +174,7 @@ def make_dashboard(settings: Settings) -> FastAPI:
         async def publish(topic: str, key: bytes, value: bytes) -> None:
             await producer.send_and_wait(topic, key=key, value=value)
 
-        app.state.answers = Answers(settings.kafka.topics, store, publish)
+        app.state.answers = Answers(settings.kafka.topics, store, Notifier(settings.alerting), publish)
         try:
             yield
         finally:
@@ -177,6 +186,7 @@ def make_dashboard(settings: Settings) -> FastAPI:
     app.add_exception_handler(RedisError, store_unavailable)
     app.add_exception_handler(OSError, store_unavailable)
     app.include_router(api)
+    app.add_api_route("/snapshots/{alert_id}", signed_snapshot)
     app.add_api_route("/", lambda: PAGE.read_text(), response_class=HTMLResponse)
     app.add_api_route("/healthz", lambda: {"status": "ok"})
     app.add_api_route(

@@ -3,7 +3,8 @@
 Channels run in order for each record of `fall-events`: webhooks first (they
 read Redis to skip alerts already answered), then the Redis state, then the
 snapshot. An escalation is claimed once in Redis (workers swap cameras on a
-rebalance), then sent through every channel.
+rebalance), then sent through every channel. MQTT, when configured, comes last:
+its buttons answer alerts that must be in Redis by then.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import logging
 
 from redis.exceptions import RedisError
 
+from alerting.answers import Action, Answers, Publish
 from alerting.channels.base import Channel
+from alerting.channels.mqtt import MqttChannel
 from alerting.channels.redis_state import RedisChannel
 from alerting.channels.snapshot import SnapshotChannel
 from alerting.channels.webhook import WebhookChannel
 from alerting.metrics import AlertingMetrics
+from alerting.notifications import Notifier
 from alerting.store import AlertStore
 from core.settings import Settings
 from schemas import FallEvent, PersonDown
@@ -34,15 +38,23 @@ class Dispatcher:
         self.channels = channels
 
     @classmethod
-    def for_settings(cls, settings: Settings, metrics: AlertingMetrics) -> Dispatcher:
-        """The channels these settings configure."""
+    def for_settings(cls, settings: Settings, metrics: AlertingMetrics, publish: Publish) -> Dispatcher:
+        """The channels these settings configure; `publish` sends an answer that came in over a channel."""
         store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
+        notifier = Notifier(settings.alerting)
         dispatcher = cls(settings, store, metrics, [])
         dispatcher.channels = [
-            WebhookChannel(settings, store, metrics),
-            RedisChannel(settings, store, metrics, on_rebuilt=dispatcher.store_rebuilt),
+            WebhookChannel(settings, store, metrics, notifier),
+            RedisChannel(settings, store, metrics, notifier, on_rebuilt=dispatcher.store_rebuilt),
             SnapshotChannel(settings, store),
         ]
+        if settings.alerting.mqtt.enabled:
+            answers = Answers(settings.kafka.topics, store, notifier, publish)
+
+            async def answer(alert_id: str, action: Action, by: str) -> FallEvent:
+                return (await answers.answer(alert_id, action, by)).alert
+
+            dispatcher.channels.append(MqttChannel(settings, store, notifier, answer))
         return dispatcher
 
     async def start(self) -> None:

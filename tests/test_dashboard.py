@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from alerting.answers import label_id_for
+from alerting.notifications import Notifier, link_signature
 from alerting.store import alert_key, frame_label_key
 from core.settings import Settings
 from fallwatch.stack import StackState, free_port, port_accepts
@@ -224,6 +226,24 @@ def test_the_api_needs_the_token_and_refuses_impossible_answers(dashboard: Dashb
         assert alert.alert_id not in [a["alert_id"] for a in rooms.get(alert.room, [])]
         metrics = client.get("/metrics").text
         assert 'fallwatch_alert_answers_total{verdict="false_alarm"} 1.0' in metrics
+
+
+def test_a_signed_snapshot_link_opens_without_the_token_until_it_expires(dashboard: Dashboard, clip_path: Path) -> None:
+    alert = fall_with_frames(dashboard, clip_path, "link")
+    wait_for(lambda: dashboard.store.get(f"fallwatch:snapshot:{alert.alert_id}"), "the snapshot in Redis")
+    link = Notifier(dashboard.settings.alerting).snapshot_url(alert.alert_id)
+    assert link is not None and link.startswith(f"{dashboard.url}/snapshots/{alert.alert_id}?")
+    expires = int(time.time()) - 1
+    expired = (
+        f"/snapshots/{alert.alert_id}?expires={expires}&signature={link_signature(TOKEN, alert.alert_id, expires)}"
+    )
+    with httpx.Client(timeout=10) as client:
+        opened = client.get(link)
+        assert opened.status_code == 200 and opened.headers["content-type"] == "image/jpeg"
+        assert opened.content == dashboard.store.get(f"fallwatch:snapshot:{alert.alert_id}")
+        assert client.get(link.replace("signature=", "signature=0")).status_code == 403, "tampered"
+        assert client.get(link.replace(alert.alert_id, "other-alert")).status_code == 403, "another alert"
+        assert client.get(dashboard.url + expired).status_code == 403, "expired"
 
 
 def test_the_dashboard_refuses_to_start_without_a_token() -> None:

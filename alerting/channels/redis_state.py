@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from alerting.channels.base import Channel
 from alerting.metrics import AlertingMetrics
+from alerting.notifications import Notifier
 from alerting.store import AlertStore
 from core.kafka_io import make_consumer, topic_partitions
 from core.retry import retry_until_done
@@ -38,9 +39,11 @@ class RedisChannel(Channel):
         settings: Settings,
         store: AlertStore,
         metrics: AlertingMetrics,
+        notifier: Notifier,
         on_rebuilt: Callable[[], Awaitable[int]],
     ) -> None:
         super().__init__()
+        self.notifier = notifier
         self.settings = settings
         self.store = store
         self.metrics = metrics
@@ -51,7 +54,7 @@ class RedisChannel(Channel):
     async def before_publish(self, alert: FallEvent) -> None:
         """One try; on failure `alert_changed` retries it when the record comes back from `fall-events`."""
         try:
-            await self.store.apply(alert)
+            await self.store.apply(alert, self.notifier.notification(alert))
         except REDIS_ERRORS as exc:
             self.metrics.redis_failures.inc()
             log.error("could not write alert %s to Redis now (it goes to fall-events): %s", alert.alert_id, exc)
@@ -64,13 +67,13 @@ class RedisChannel(Channel):
             )
 
         async def store() -> bool:
-            return await self.store.apply(alert)
+            return await self.store.apply(alert, self.notifier.notification(alert))
 
         await retry_until_done(store, REDIS_ERRORS, waits, REDIS_RETRY_MAX_S)
 
     async def escalated(self, alert: FallEvent) -> None:
         try:
-            await self.store.add_escalation(alert)
+            await self.store.add_escalation(alert, self.notifier.notification(alert, escalated=True))
         except REDIS_ERRORS as exc:
             log.error("escalation of alert %s not on the Redis stream: %s", alert.alert_id, exc)
 
@@ -92,7 +95,7 @@ class RedisChannel(Channel):
             events = await read_topic(self.settings, self.topic)
             changed = 0
             for event in events:
-                changed += await self.store.apply(event)
+                changed += await self.store.apply(event, self.notifier.notification(event))
             # the other channels' Redis state went with the rest: what they had not finished goes back in
             requeued = await self._on_rebuilt()
             await self.store.mark_built(self.topic)

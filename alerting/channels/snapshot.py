@@ -24,7 +24,7 @@ class SnapshotChannel(Channel):
         self.store = store
 
     async def alert_changed(self, alert: FallEvent) -> None:
-        if alert.state == "open":
+        if alert.state == "open" and alert.evidence_frame_ids:  # a fire drill has no frames
             self.spawn(self._save(alert))  # a search of `frames` must not hold up the stream
 
     async def _save(self, alert: FallEvent) -> None:

@@ -21,10 +21,11 @@ from redis.exceptions import RedisError
 
 from alerting.channels.base import Channel
 from alerting.metrics import AlertingMetrics
+from alerting.notifications import Notifier
 from alerting.store import AlertStore
 from alerting.webhooks import WebhookSender
 from core.settings import Settings
-from schemas import FallEvent, SchemaError, decode, encode
+from schemas import FallEvent
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ def delivery_member(event_name: str, alert_id: str, url: str) -> str:
 class WebhookChannel(Channel):
     name = "webhook"
 
-    def __init__(self, settings: Settings, store: AlertStore, metrics: AlertingMetrics) -> None:
+    def __init__(self, settings: Settings, store: AlertStore, metrics: AlertingMetrics, notifier: Notifier) -> None:
         super().__init__()
+        self.notifier = notifier
         self.rule = settings.alerting
         self.store = store
         self.metrics = metrics
@@ -56,10 +58,11 @@ class WebhookChannel(Channel):
 
     async def alert_changed(self, alert: FallEvent) -> None:
         if alert.state == "open" and await self._nobody_answered(alert):
-            await self._notify(self.rule.webhook_urls, OPENED_EVENT, alert)
+            await self._notify(self.rule.webhook_urls, OPENED_EVENT, alert, self.notifier.body(alert))
 
     async def escalated(self, alert: FallEvent) -> None:
-        await self._notify(self.rule.escalation_webhook_urls, ESCALATED_EVENT, alert)
+        body = self.notifier.body(alert, escalated=True)
+        await self._notify(self.rule.escalation_webhook_urls, ESCALATED_EVENT, alert, body)
 
     async def tick(self) -> None:
         await self.deliver_due()
@@ -82,14 +85,19 @@ class WebhookChannel(Channel):
             return True
         return stored is None or stored.state == "open"
 
-    async def _notify(self, urls: list[str], event_name: str, alert: FallEvent) -> None:
+    async def _notify(self, urls: list[str], event_name: str, alert: FallEvent, body: bytes) -> None:
         """Into the outbox, then one outbox pass at once; without Redis, every attempt right here."""
         if not urls:
             return
-        body = encode(alert).decode()
         try:
             for url in urls:
-                entry = {"url": url, "event": event_name, "alert": body, "attempt": 0}
+                entry = {
+                    "url": url,
+                    "event": event_name,
+                    "alert_id": alert.alert_id,
+                    "body": body.decode(),
+                    "attempt": 0,
+                }
                 member = delivery_member(event_name, alert.alert_id, url)
                 payload = json.dumps(entry).encode()
                 if await self.store.enqueue_delivery(self.topic, member, payload, time.time()):
@@ -97,7 +105,9 @@ class WebhookChannel(Channel):
         except (RedisError, OSError) as exc:
             self.metrics.redis_failures.inc()
             log.error("webhook outbox unavailable (%s): %s of alert %s sent directly", exc, event_name, alert.alert_id)
-            results = await asyncio.gather(*(self.sender.deliver(url, event_name, alert) for url in urls))
+            results = await asyncio.gather(
+                *(self.sender.deliver(url, event_name, alert.alert_id, body) for url in urls)
+            )
             for accepted in results:
                 self._count(event_name, accepted)
             return
@@ -121,25 +131,24 @@ class WebhookChannel(Channel):
             await asyncio.gather(*(self._deliver_one(member, payload) for member, payload in claimed))
 
     async def _deliver_one(self, member: str, payload: bytes) -> None:
-        entry = json.loads(payload)
-        event_name, url = entry["event"], entry["url"]
         try:
-            alert = decode(FallEvent, entry["alert"].encode())
-        except SchemaError as exc:  # not ours to send: an outbox entry of another version
+            entry = json.loads(payload)
+            event_name, url, alert_id, body = entry["event"], entry["url"], entry["alert_id"], entry["body"].encode()
+        except (ValueError, KeyError, AttributeError) as exc:  # not ours to send: an entry of another version
             self._unfinished.pop(member, None)
-            log.error("webhook outbox entry %s unreadable, dropped: %s", member, exc)
+            log.error("webhook outbox entry %s unreadable, dropped: %r", member, exc)
             await self._redis_quietly(self.store.delivery_done(self.topic, member, delivered=False))
             return
-        result = await self.sender.attempt(url, event_name, alert)
+        result = await self.sender.attempt(url, event_name, alert_id, body)
         attempt = entry["attempt"] + 1
         if result.final or attempt >= self.rule.webhook_attempts:
             if not result.final:
-                self.sender.say_gave_up(url, event_name, alert, result.problem)
+                self.sender.say_gave_up(url, event_name, alert_id, result.problem)
             self._count(event_name, result.accepted)
             self._unfinished.pop(member, None)
             await self._redis_quietly(self.store.delivery_done(self.topic, member, delivered=result.accepted))
             return
-        self.sender.say_retry(url, event_name, alert, attempt, result.problem)
+        self.sender.say_retry(url, event_name, alert_id, attempt, result.problem)
         due = time.time() + self.sender.retry_delay_s(attempt)
         entry["attempt"] = attempt
         self._unfinished[member] = json.dumps(entry).encode()
