@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,9 +41,10 @@ from tests.alerting_helpers import (
     read_until,
     send_verdicts,
     unique_camera,
+    wait_for,
     wait_until_consumed,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, read_all, write_config
 
 TOKEN = "test-dashboard-token"
 
@@ -240,6 +243,71 @@ def test_an_alert_lives_on_the_topics_and_the_button_acknowledges_it(worker: Mqt
     wait_retained(worker.port, alert_topic, json_state("resolved", alert.alert_id))
     assert wait_retained(worker.port, worker.topics.room(alert.room, "person_down"), lambda p: p == b"OFF") == b"OFF"
     assert [e.state for e in alerts_of(settings, camera, count=3)] == ["open", "acknowledged", "resolved"]
+
+
+def test_the_fire_drill_reports_every_channel_and_is_never_a_label(
+    worker: MqttWorker, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    settings = worker.settings
+    room = f"drill {uuid.uuid4().hex[:4]}"
+    env = write_config(settings, tmp_path / "drill.yaml")
+    drill = subprocess.Popen(
+        [sys.executable, "-m", "fallwatch", "alerts", "test", "--room", room, "--ack-wait", "30"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        # the drill reaches Home Assistant, clearly marked, and someone presses Acknowledge there
+        payload = json.loads(wait_retained(worker.port, worker.topics.room(room, "alert"), lambda p: b'"drill"' in p))
+        assert payload["drill"] and payload["message"].startswith(f"TEST — Room {room}: fire drill, not a real alert")
+        press(worker.port, worker.topics.room(room, "acknowledge"))
+        out, err = drill.communicate(timeout=60)
+    finally:
+        if drill.poll() is None:
+            drill.kill()
+            drill.communicate()
+    print(out)
+    assert drill.returncode == 0, out + err
+    header, *rows = out.splitlines()
+    alert_id = header.split()[2]
+    assert header == f"fire drill {alert_id} in room {room} (marked drill: not a real alert, never a label)"
+    by_channel = {row.split("  ")[1].strip(): row for row in rows}
+    assert sorted(by_channel) == ["acknowledged", "mqtt", "redis/dashboard", f"webhook {receiver.url}/alerts"]
+    assert all("  OK  " in row for row in rows), rows
+    assert "acknowledged on the MQTT button by Home Assistant (MQTT), " in by_channel["acknowledged"]
+    (accepted,) = [d for d in receiver.received("/alerts", alert_id) if d.status == 200]
+    assert json.loads(accepted.body)["drill"] is True
+
+    # the answer published its label (if any) before it reached Redis, and Redis has it: read every label now
+    labels = asyncio.run(read_all(settings, settings.kafka.topics.labels, Label))
+    assert [label for label in labels if label.alert_id == alert_id] == [], "a drill is never a label"
+    store = redis.Redis.from_url(settings.redis.url)
+
+    def resolved() -> FallEvent | None:
+        raw = store.get(alert_key(alert_id))
+        stored = decode(FallEvent, raw) if raw else None
+        return stored if stored is not None and stored.state == "resolved" else None
+
+    try:
+        closed = wait_for(resolved, "the drill resolved at its end, so it leaves the dashboard")
+    finally:
+        store.close()
+    assert isinstance(closed, FallEvent) and closed.answered_by == "Home Assistant (MQTT)"
+
+
+def test_a_channel_that_does_not_deliver_fails_the_drill(worker: MqttWorker, tmp_path: Path) -> None:
+    # the drill checks a webhook the running service does not know: it cannot be delivered
+    unknown = f"http://127.0.0.1:{free_port()}/nobody"
+    settings = worker.settings.model_copy(deep=True)
+    settings.alerting.webhook_urls = [unknown]
+    env = write_config(settings, tmp_path / "drill.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "fallwatch", "alerts", "test", "--room", "r", "--timeout", "3"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    rows = result.stdout.splitlines()[1:]
+    assert [row.split("  ")[1].strip() for row in rows] == ["redis/dashboard", f"webhook {unknown}", "mqtt"]
+    assert [("  OK  " in row) for row in rows] == [True, False, True]
 
 
 def channel_settings(port: int, security: StackSecurity | None = None, **mqtt: object) -> Settings:
