@@ -365,14 +365,6 @@ class LocalStack:
         wait_for_port(process, port, "redis-server", log_path)
         return ServiceState(pid=process.pid, port=port, log=str(log_path))
 
-    def restart_redis(self) -> StackState:
-        """Stop and start redis-server on the same port (used to test outages)."""
-        state = self._require_state()
-        stop_pid(state.redis.pid)
-        state.redis = self.start_redis(state.redis.port, state.security)
-        self.write_state(state)
-        return state
-
     def stop_redis(self) -> None:
         stop_pid(self._require_state().redis.pid)
 
