@@ -128,8 +128,11 @@ class AlertingApp:
         app.timer(self.rule.tick_s)(self.outbox_and_rebuild)
         app.timer(self.rule.tick_s)(self.check_deadlines)
         app.timer(LAG_INTERVAL_S)(self.measure_lag)
-        app.on_before_shutdown.connect(self.close)
         app.task(self.dispatcher.start)
+
+        @app.on_before_shutdown.connect
+        async def close_delivery(sender: faust.App, **kwargs: Any) -> None:
+            await self.close()
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
         """A record from outside the streams (an answer over MQTT), back once the broker has it."""
@@ -284,7 +287,7 @@ class AlertingApp:
             log.warning("consumer lag not measured (%s); next try in %.0f s", exc, LAG_INTERVAL_S)
             await self.group_lag.stop()
 
-    async def close(self, sender: faust.App | None = None, **kwargs: Any) -> None:
+    async def close(self) -> None:
         await self.dispatcher.close()
         await self.group_lag.stop()
 

@@ -130,7 +130,7 @@ class AlertStore:
     async def apply(self, event: FallEvent, notification: Notification) -> bool:
         """Store a state change of an alert; False when Redis already has this state or a later one."""
         keys = [alert_key(event.alert_id), open_alert_key(event.camera_id), ACTIVE_ALERTS_KEY, ALERT_STREAM_KEY]
-        args = [encode(event), self.stream_maxlen, notification.model_dump_json()]
+        args: list[bytes | int | str] = [encode(event), self.stream_maxlen, notification.model_dump_json()]
         return bool(await self._apply_state(keys=keys, args=args))
 
     async def alert(self, alert_id: str) -> FallEvent | None:
@@ -163,10 +163,16 @@ class AlertStore:
         return bool(await self.redis.set(escalated_key(alert_id), b"1", nx=True, ex=ESCALATION_MARK_TTL_S))
 
     async def add_escalation(self, alert: FallEvent, notification: Notification) -> None:
-        fields = {"kind": "escalation", "alert_id": alert.alert_id, "state": alert.state, "event": encode(alert)}
+        fields: dict[str | bytes, str | bytes] = {
+            "kind": "escalation",
+            "alert_id": alert.alert_id,
+            "state": alert.state,
+            "event": encode(alert),
+            "notification": notification.model_dump_json(),
+        }
         await self.redis.xadd(
             ALERT_STREAM_KEY,
-            {**fields, "notification": notification.model_dump_json()},
+            fields,  # type: ignore[arg-type]  # redis-py's hint wants an invariant dict of its own union
             maxlen=self.stream_maxlen,
             approximate=True,
         )

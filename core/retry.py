@@ -79,8 +79,9 @@ async def retry_until_done(
     """
 
     def report(state: RetryCallState) -> None:
-        assert state.outcome is not None
-        on_failure(state.outcome.exception())
+        exception = state.outcome.exception() if state.outcome is not None else None
+        assert exception is not None  # only errors are retried
+        on_failure(exception)
 
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(errors),
