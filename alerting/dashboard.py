@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,13 +34,13 @@ from redis.exceptions import RedisError
 
 from alerting.answers import Action, AnswerRefused, Answers
 from alerting.metrics import DashboardMetrics
-from alerting.notifications import Notifier, link_is_valid
+from alerting.notifications import Notifier, link_is_valid, plain_rule
 from alerting.store import AlertStore
 from core.kafka_io import make_producer, start_clients
 from core.logs import configure_logging
 from core.metrics import listening_socket
 from core.settings import ConfigError, Settings
-from schemas import FallEvent, Label
+from schemas import FallEvent, Label, decode
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,25 @@ class Answer(BaseModel):
     by: str = Field(min_length=1, max_length=200, description="who answers (shown in the label)")
 
 
+class AlertView(FallEvent):
+    """An alert as the page shows it."""
+
+    rule_text: str = Field(description="the rule in plain words, e.g. 'confirmed by the cloud model'")
+    escalated: bool = Field(False, description="nobody acknowledged it in time")
+
+
 class ActiveAlerts(BaseModel):
-    rooms: dict[str, list[FallEvent]] = Field(description="open and acknowledged alerts by room, oldest first")
+    rooms: dict[str, list[AlertView]] = Field(description="open and acknowledged alerts by room, oldest first")
+
+
+class ClosedAlert(BaseModel):
+    alert: AlertView
+    answered_by: str | None = Field(description="who answered (null: the rule resolved it, nobody answered)")
+    open_for_s: float = Field(description="from opening to closing")
+
+
+class History(BaseModel):
+    closed: list[ClosedAlert] = Field(description="newest first")
 
 
 class AnswerResult(BaseModel):
@@ -64,11 +81,17 @@ class AnswerResult(BaseModel):
     label: Label | None
 
 
-def alerts_by_room(alerts: list[FallEvent]) -> dict[str, list[FallEvent]]:
-    rooms: dict[str, list[FallEvent]] = {}
+def view(alert: FallEvent, escalated: bool = False) -> AlertView:
+    return AlertView(**alert.model_dump(), rule_text=plain_rule(alert.rule), escalated=escalated)
+
+
+async def active_by_room(store: AlertStore) -> ActiveAlerts:
+    alerts = await store.active_alerts()
+    escalated = await store.escalated([alert.alert_id for alert in alerts])
+    rooms: dict[str, list[AlertView]] = {}
     for alert in alerts:
-        rooms.setdefault(alert.room, []).append(alert)
-    return dict(sorted(rooms.items()))
+        rooms.setdefault(alert.room, []).append(view(alert, alert.alert_id in escalated))
+    return ActiveAlerts(rooms=dict(sorted(rooms.items())))
 
 
 def store_of(request: Request) -> AlertStore:
@@ -89,7 +112,23 @@ api = APIRouter(prefix="/api", dependencies=[Depends(authorized)])
 
 @api.get("/alerts")
 async def active_alerts(store: Store) -> ActiveAlerts:
-    return ActiveAlerts(rooms=alerts_by_room(await store.active_alerts()))
+    return await active_by_room(store)
+
+
+@api.get("/history")
+async def history(store: Store, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> History:
+    """Closed alerts, newest first, with who answered and how long they were open."""
+    closed = await store.closed_alerts(limit)
+    return History(
+        closed=[
+            ClosedAlert(
+                alert=view(alert),
+                answered_by=alert.answered_by,
+                open_for_s=round((alert.updated_at - alert.opened_at).total_seconds(), 1),
+            )
+            for alert in closed
+        ]
+    )
 
 
 @api.get("/alerts/{alert_id}/snapshot")
@@ -119,7 +158,7 @@ async def answer(alert_id: str, action: Action, body: Answer, request: Request) 
 async def events(request: Request, store: Store) -> StreamingResponse:
     """Server-sent events: a `snapshot` of the active alerts, then every change from the Redis stream."""
     after = await store.last_event_id()
-    current = ActiveAlerts(rooms=alerts_by_room(await store.active_alerts()))
+    current = await active_by_room(store)
 
     async def stream() -> AsyncIterator[str]:
         nonlocal after
@@ -136,7 +175,8 @@ async def events(request: Request, store: Store) -> StreamingResponse:
                 yield ": keep-alive\n\n"
             for entry_id, fields in entries:
                 after = entry_id
-                yield sse(fields["kind"], fields["event"], entry_id)
+                alert = view(decode(FallEvent, fields["event"].encode()), escalated=fields["kind"] == "escalation")
+                yield sse(fields["kind"], alert.model_dump_json(), entry_id)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 

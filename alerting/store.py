@@ -162,6 +162,28 @@ class AlertStore:
         """True for the one worker that escalates this alert (workers swap cameras on a rebalance)."""
         return bool(await self.redis.set(escalated_key(alert_id), b"1", nx=True, ex=ESCALATION_MARK_TTL_S))
 
+    async def escalated(self, alert_ids: list[str]) -> set[str]:
+        """Which of these alerts were escalated."""
+        if not alert_ids:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for alert_id in alert_ids:
+                pipe.exists(escalated_key(alert_id))
+            marks = await pipe.execute()
+        return {alert_id for alert_id, mark in zip(alert_ids, marks, strict=True) if mark}
+
+    async def closed_alerts(self, limit: int, scan: int = 5000) -> list[FallEvent]:
+        """The newest closed alerts (resolved, false alarm), newest first, from the last `scan` stream entries."""
+        entries: list[Any] = await self.redis.xrevrange(ALERT_STREAM_KEY, count=scan)
+        closed: dict[str, FallEvent] = {}
+        for _, fields in entries:
+            if fields[b"kind"] == b"state" and fields[b"state"] in (b"resolved", b"false_alarm"):
+                alert = decode(FallEvent, fields[b"event"])
+                closed.setdefault(alert.alert_id, alert)
+                if len(closed) == limit:
+                    break
+        return list(closed.values())
+
     async def add_escalation(self, alert: FallEvent, notification: Notification) -> None:
         fields: dict[str | bytes, str | bytes] = {
             "kind": "escalation",
