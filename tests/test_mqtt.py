@@ -408,3 +408,46 @@ def test_tls_and_a_password_are_required_and_used(tmp_path: Path) -> None:
         asyncio.run(scenario())
     finally:
         stop_pid(broker.pid)
+
+
+def test_a_press_that_fails_costs_that_press_only(stack_state: StackState, tmp_path: Path) -> None:
+    private = LocalStack(tmp_path / "broker", cache_dir=REPO / ".cache")
+    private.state_dir.mkdir(parents=True)
+    port = free_port()
+    broker = private.start_mosquitto(port)
+    settings = channel_settings(port).model_copy(update={"redis": stack_state.redis_settings()})
+    topics = MqttTopics(settings.alerting.mqtt.topic_prefix, settings.alerting.mqtt.discovery_prefix)
+    alert = an_alert(f"room-{uuid.uuid4().hex[:6]}")
+    presses: list[str] = []
+
+    async def buggy_answer(alert_id: str, action: str, by: str) -> FallEvent:
+        presses.append(alert_id)
+        raise RuntimeError("a bug in the answer path")
+
+    async def pressed(count: int) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while len(presses) < count:
+            assert time.monotonic() < deadline, f"{len(presses)} of {count} presses reached the answer"
+            await asyncio.sleep(0.1)  # polling interval
+
+    async def scenario() -> None:
+        store = AlertStore(settings.redis, 10)
+        notifier = Notifier(settings.alerting)
+        await store.apply(alert, notifier.notification(alert))
+        channel = MqttChannel(settings, store, notifier, buggy_answer)
+        await channel.start()
+        try:
+            await read_retained(port, topics.availability, lambda got: got.get(topics.availability) == b"online")
+            async with mqtt_client(port) as client:
+                for count in (1, 2):  # the second press still arrives: the first one's error did not end the channel
+                    await client.publish(topics.room(alert.room, "acknowledge"), b"PRESS", qos=1)
+                    await pressed(count)
+        finally:
+            await channel.close()
+            await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        stop_pid(broker.pid)
+    assert presses == [alert.alert_id, alert.alert_id]

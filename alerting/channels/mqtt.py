@@ -264,6 +264,9 @@ class MqttChannel(Channel):
         except (RedisError, OSError) as exc:
             log.error("MQTT %s for room %s not taken, Redis unavailable: %s", action, slug, exc)
             return
+        except Exception:  # a bug must cost this press, not the connection that takes every later one
+            log.exception("MQTT %s for room %s failed", action, slug)
+            return
         log.info("alert %s %s over MQTT", answered.alert_id, answered.state)
 
     async def _active_alert(self, slug: str, action: Action) -> FallEvent | None:
