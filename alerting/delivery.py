@@ -46,7 +46,7 @@ class Dispatcher:
         dispatcher.channels = [
             WebhookChannel(settings, store, metrics, notifier),
             RedisChannel(settings, store, metrics, notifier, on_rebuilt=dispatcher.store_rebuilt),
-            SnapshotChannel(settings, store),
+            SnapshotChannel(settings, store, on_saved=dispatcher.snapshot_ready),
         ]
         if settings.alerting.mqtt.enabled:
             answers = Answers(settings.kafka.topics, store, notifier, publish)
@@ -72,6 +72,10 @@ class Dispatcher:
     async def person_down(self, change: PersonDown) -> None:
         for channel in self.channels:
             await channel.person_down(change)
+
+    async def snapshot_ready(self, alert: FallEvent) -> None:
+        for channel in self.channels:
+            await channel.snapshot_ready(alert)
 
     async def escalate(self, alert: FallEvent) -> None:
         """Once per alert (also across workers when Redis is up), through every channel."""

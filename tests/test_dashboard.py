@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import httpx
 import pytest
 import redis
@@ -33,16 +32,13 @@ from alerting.notifications import Notifier, link_signature
 from alerting.store import alert_key, frame_label_key
 from core.settings import Settings
 from fallwatch.stack import StackState, free_port, port_accepts
-from schemas import FallEvent, Frame, Label, decode, encode, utc_now
+from schemas import FallEvent, Label, decode
 from tests.alerting_helpers import (
     alerting_settings,
     alerting_worker,
     alerts_of,
-    make_verdict,
-    produce,
+    fall_with_frames,
     read_until,
-    send_verdicts,
-    unique_camera,
     wait_for,
 )
 from tests.conftest import REPO, write_config
@@ -90,36 +86,6 @@ def dashboard(stack_state: StackState, tmp_path_factory: pytest.TempPathFactory)
             process.send_signal(signal.SIGTERM)
             returncode = process.wait(timeout=15)
     assert returncode == 0, log_path.read_text()[-3000:]
-
-
-def fall_with_frames(dashboard: Dashboard, clip_path: Path, name: str) -> FallEvent:
-    """Three fall verdicts of a new camera, their frames (real JPEGs) on `frames`; returns the alert."""
-    settings = dashboard.settings
-    camera = unique_camera(name)
-    verdicts = [make_verdict(camera, seq, fall=True, start=utc_now()) for seq in range(3)]
-    capture = cv2.VideoCapture(str(clip_path))
-    ok, image = capture.read()
-    capture.release()
-    assert ok
-    ok, jpeg = cv2.imencode(".jpg", image)
-    assert ok
-    frames = [
-        Frame(
-            frame_id=v.frame_id,
-            camera_id=camera,
-            room=v.room,
-            seq=seq,
-            captured_at=v.captured_at,
-            width=image.shape[1],
-            height=image.shape[0],
-            jpeg=jpeg.tobytes(),
-        )
-        for seq, v in enumerate(verdicts)
-    ]
-    asyncio.run(produce(settings, settings.kafka.topics.frames, [(camera, encode(f)) for f in frames]))
-    send_verdicts(settings, verdicts)
-    (alert,) = alerts_of(settings, camera)
-    return alert
 
 
 def chromium(tmp_path: Path) -> webdriver.Chrome:
@@ -173,7 +139,7 @@ def test_an_alert_appears_live_and_acknowledge_writes_the_state_and_a_label(
     wait_for(lambda: browser.find_element(By.ID, "status").text == "live", "the page to go live")
 
     # the alert opens after the page connected: it must arrive by the event stream
-    alert = fall_with_frames(dashboard, clip_path, "browser")
+    alert = fall_with_frames(dashboard.settings, clip_path, "browser")
     card = f'.room[data-room="{alert.room}"] .alert[data-alert-id="{alert.alert_id}"][data-state="open"]'
     wait_for(lambda: element(browser, card), "the alert on the page")
     wait_for(
@@ -248,11 +214,11 @@ def test_triage_urgent_first_live_counter_escalation_and_history(
     auth = {"Authorization": f"Bearer {TOKEN}"}
 
     # an older alert someone acknowledged, then a new one: the new, unanswered one comes first
-    older = fall_with_frames(dashboard, clip_path, f"older-{width}")
+    older = fall_with_frames(dashboard.settings, clip_path, f"older-{width}")
     with httpx.Client(base_url=dashboard.url, timeout=10, headers=auth) as client:
         wait_for(lambda: dashboard.store.get(alert_key(older.alert_id)), "the older alert in Redis")
         assert client.post(f"/api/alerts/{older.alert_id}/acknowledge", json={"by": "x"}).status_code == 200
-    newer = fall_with_frames(dashboard, clip_path, f"newer-{width}")
+    newer = fall_with_frames(dashboard.settings, clip_path, f"newer-{width}")
     card = f'.alert[data-alert-id="{newer.alert_id}"]'
     wait_for(lambda: element(browser, f'{card}[data-state="open"]'), "the new alert, live")
     wait_for(lambda: element(browser, f'.alert[data-alert-id="{older.alert_id}"][data-state="acknowledged"]'), "ack")
@@ -294,7 +260,7 @@ def test_triage_urgent_first_live_counter_escalation_and_history(
 
 
 def test_the_api_needs_the_token_and_refuses_impossible_answers(dashboard: Dashboard, clip_path: Path) -> None:
-    alert = fall_with_frames(dashboard, clip_path, "api")
+    alert = fall_with_frames(dashboard.settings, clip_path, "api")
     wait_for(lambda: dashboard.store.get(alert_key(alert.alert_id)), "the alert in Redis")
     with httpx.Client(base_url=dashboard.url, timeout=10) as client:
         assert client.get("/api/alerts").status_code == 401
@@ -318,7 +284,7 @@ def test_the_api_needs_the_token_and_refuses_impossible_answers(dashboard: Dashb
 
 
 def test_a_signed_snapshot_link_opens_without_the_token_until_it_expires(dashboard: Dashboard, clip_path: Path) -> None:
-    alert = fall_with_frames(dashboard, clip_path, "link")
+    alert = fall_with_frames(dashboard.settings, clip_path, "link")
     wait_for(lambda: dashboard.store.get(f"fallwatch:snapshot:{alert.alert_id}"), "the snapshot in Redis")
     link = Notifier(dashboard.settings.alerting).snapshot_url(alert.alert_id)
     assert link is not None and link.startswith(f"{dashboard.url}/snapshots/{alert.alert_id}?")

@@ -37,6 +37,7 @@ from tests.alerting_helpers import (
     alerting_settings,
     alerting_worker,
     alerts_of,
+    fall_with_frames,
     make_verdict,
     read_until,
     send_verdicts,
@@ -203,11 +204,10 @@ def test_discovery_gives_each_room_documented_entities(worker: MqttWorker) -> No
     assert wait_retained(worker.port, worker.topics.availability, lambda p: p == b"online") == b"online"
 
 
-def test_an_alert_lives_on_the_topics_and_the_button_acknowledges_it(worker: MqttWorker) -> None:
+def test_an_alert_lives_on_the_topics_and_the_button_acknowledges_it(worker: MqttWorker, clip_path: Path) -> None:
     settings = worker.settings
-    camera = unique_camera("lifecycle")
-    send_verdicts(settings, [make_verdict(camera, seq, fall=True, start=utc_now()) for seq in range(3)])
-    (alert,) = alerts_of(settings, camera)
+    alert = fall_with_frames(settings, clip_path, "lifecycle")
+    camera = alert.camera_id
     alert_topic = worker.topics.room(alert.room, "alert")
 
     opened = json.loads(wait_retained(worker.port, alert_topic, json_state("open", alert.alert_id)))
@@ -215,10 +215,16 @@ def test_an_alert_lives_on_the_topics_and_the_button_acknowledges_it(worker: Mqt
     assert opened["message"].startswith(f"Room {alert.room}: person down for ")
     assert opened["snapshot_url"].startswith(f"{settings.alerting.public_dashboard_url()}/snapshots/{alert.alert_id}?")
     assert wait_retained(worker.port, worker.topics.room(alert.room, "person_down"), lambda p: p == b"ON") == b"ON"
+    # the image entity's link comes once the snapshot is stored, so it opens
     link = wait_retained(
         worker.port, worker.topics.room(alert.room, "snapshot"), lambda p: alert.alert_id.encode() in p
     )
     assert link.decode().split("?")[0] == opened["snapshot_url"].split("?")[0]
+    snapshots = redis.Redis.from_url(settings.redis.url)
+    try:
+        assert snapshots.exists(f"fallwatch:snapshot:{alert.alert_id}"), "stored before its link went out"
+    finally:
+        snapshots.close()
 
     press(worker.port, worker.topics.room(alert.room, "acknowledge"))
     acknowledged = json.loads(wait_retained(worker.port, alert_topic, json_state("acknowledged", alert.alert_id)))

@@ -42,6 +42,9 @@ class Channel:
     async def person_down(self, change: PersonDown) -> None:
         """A camera's person-down state changed."""
 
+    async def snapshot_ready(self, alert: FallEvent) -> None:
+        """The alert's snapshot is stored: its link opens now."""
+
     async def tick(self) -> None:
         """Periodic work: retries that are due, state to rebuild."""
 

@@ -9,7 +9,8 @@ restart) reads the current state at once:
 - `<prefix>/rooms/<room>/alert`: the room's latest alert as JSON (`Notifier.body`: state, id, confidence,
   time since the fall, snapshot link, message);
 - `<prefix>/rooms/<room>/person_down`: `ON` while a camera of the room sees a person down, else `OFF`;
-- `<prefix>/rooms/<room>/snapshot`: the signed snapshot link of the room's latest alert;
+- `<prefix>/rooms/<room>/snapshot`: the signed snapshot link of the room's latest alert, once the
+  snapshot is stored;
 - `<prefix>/rooms/<room>/acknowledge`, `.../false_alarm`: commands (the Home Assistant buttons press
   `PRESS`); they answer the room's active alert the way the dashboard's buttons do (`alerting.answers`).
 
@@ -173,10 +174,12 @@ class MqttChannel(Channel):
         await self._room_seen(alert.room)
         body = self.notifier.body(alert, escalated)
         await self.publish(self.topics.room(alert.room, "alert"), body)
-        if alert.state == "open" and not alert.drill:
-            link = self.notifier.snapshot_url(alert.alert_id)
-            if link is not None:
-                await self.publish(self.topics.room(alert.room, "snapshot"), link.encode())
+
+    async def snapshot_ready(self, alert: FallEvent) -> None:
+        # only now: Home Assistant fetches the image as soon as the link arrives
+        link = self.notifier.snapshot_url(alert.alert_id)
+        if link is not None:
+            await self.publish(self.topics.room(alert.room, "snapshot"), link.encode())
 
     async def _room_seen(self, room: str) -> None:
         if room not in self.rooms:

@@ -1,8 +1,13 @@
-"""The snapshot channel: a new alert's newest evidence frame, read back from `frames`, kept in Redis for a while."""
+"""The snapshot channel: a new alert's newest evidence frame, read back from `frames`, kept in Redis for a while.
+
+Once it is stored, `on_saved` tells the other channels (the dispatcher's `snapshot_ready`), so a
+link to it is only handed out when it opens.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
@@ -18,10 +23,11 @@ log = logging.getLogger(__name__)
 class SnapshotChannel(Channel):
     name = "snapshot"
 
-    def __init__(self, settings: Settings, store: AlertStore) -> None:
+    def __init__(self, settings: Settings, store: AlertStore, on_saved: Callable[[FallEvent], Awaitable[None]]) -> None:
         super().__init__()
         self.settings = settings
         self.store = store
+        self._on_saved = on_saved
 
     async def alert_changed(self, alert: FallEvent) -> None:
         if alert.state == "open" and alert.evidence_frame_ids:  # a fire drill has no frames
@@ -49,3 +55,5 @@ class SnapshotChannel(Channel):
             await self.store.save_snapshot(alert.alert_id, jpeg, self.settings.alerting.snapshot_ttl_s)
         except (RedisError, OSError) as exc:
             log.error("could not store the snapshot of alert %s: %s", alert.alert_id, exc)
+            return
+        await self._on_saved(alert)
