@@ -167,6 +167,8 @@ class FallEvent(Message):
     confidence: float = Field(ge=0.0, le=1.0)
     evidence_frame_ids: list[str]
     rule: str = Field(description="which confirmation rule fired, e.g. '3 of 5'")
+    drill: bool = Field(False, description="a fire drill (`fallwatch alerts test`): delivered, never a label")
+    answered_by: str | None = Field(None, description="who acknowledged, resolved or dismissed it, and where")
 
 
 class PersonDown(Message):
