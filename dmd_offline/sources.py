@@ -22,7 +22,7 @@ from aiokafka import TopicPartition
 
 from core.clips import ClipBuffers
 from core.images import decode_jpeg_rgb
-from core.kafka_io import make_consumer, topic_partitions
+from core.kafka_io import make_consumer, read_topic_partitions
 from core.settings import ConfigError, Settings
 from dmd_offline.clips import LABEL_VALUES, read_csv, read_labelled_clips
 from producers.video import SourceError, encode_jpeg, sample_frames
@@ -85,7 +85,7 @@ async def read_topic(
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()
     try:
-        partitions = await topic_partitions(consumer, topic)
+        partitions = await read_topic_partitions(settings, topic)
         starts = await offsets_at(consumer, partitions, millis(since), await consumer.beginning_offsets(partitions))
         ends = await offsets_at(consumer, partitions, millis(until), await consumer.end_offsets(partitions))
         for partition in partitions:
