@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ import pytest
 import yaml
 from aiokafka import TopicPartition
 
-from core.kafka_io import create_topics, make_admin, make_consumer, topic_specs
+from core.kafka_io import consumer_group_lag, create_topics, make_admin, make_consumer, topic_specs
 from core.settings import CONFIG_ENV, Settings
 from edge_workers.model import ViltEdgeModel
 from edge_workers.switcher import create_untrained_switcher
@@ -119,6 +120,28 @@ async def read_all(settings: Settings, topic: str, model: type[M]) -> list[M]:
         return messages
     finally:
         await consumer.stop()
+
+
+async def until(condition: Callable[[], object], what: str, timeout_s: float = 60.0) -> None:
+    """Poll `condition` (a function, sync or async) until it holds; fail the test at the deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await holds(condition()):
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)  # polling the condition
+
+
+async def holds(value: object) -> bool:
+    return bool(await value if inspect.isawaitable(value) else value)
+
+
+async def until_caught_up(settings: Settings, group_id: str, topic: str, timeout_s: float = 120.0) -> None:
+    """Wait until `group_id` has committed every record of `topic` (so it will answer nothing more)."""
+
+    async def caught_up() -> bool:
+        return await consumer_group_lag(settings, group_id, topic) == 0
+
+    await until(caught_up, f"{group_id} to commit all of {topic}", timeout_s)
 
 
 async def until_group_stable_with(settings: Settings, group_id: str, members: int, timeout_s: float = 60) -> None:

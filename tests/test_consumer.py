@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -20,7 +19,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from core.consumer import Arrival, Batch, BatchConsumer
 from core.kafka_io import consumer_group_lag, make_admin, make_consumer, make_producer
 from core.settings import Settings
-from tests.conftest import settings_for, until_group_stable_with
+from tests.conftest import settings_for, until, until_caught_up, until_group_stable_with
 
 Position = tuple[int, int]  # partition, offset of an input record
 
@@ -80,19 +79,6 @@ async def committed_offsets(settings: Settings, group_id: str) -> dict[TopicPart
         return {tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
     finally:
         await admin.close()
-
-
-async def until(condition: Callable[[], object], what: str, timeout_s: float = 60.0) -> None:
-    """Poll `condition` (a function, sync or async) until it holds; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not await holds(condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)  # polling the broker's state
-
-
-async def holds(value: object) -> bool:
-    return bool(await value if inspect.isawaitable(value) else value)
 
 
 @pytest.fixture
@@ -272,7 +258,7 @@ def test_a_rebalance_mid_batch_loses_nothing_and_the_old_owner_commits_no_revoke
                 for name, member in (("first", first), ("second", second))
             ]
             try:
-                await until(lambda: lag_is_zero(settings, group_id), "the group to commit every record", 120)
+                await until_caught_up(settings, group_id, settings.kafka.topics.frames)
             finally:
                 stop.set()
                 await asyncio.gather(*workers)
@@ -291,10 +277,6 @@ def test_a_rebalance_mid_batch_loses_nothing_and_the_old_owner_commits_no_revoke
     assert all(outputs[p] == 2 for p in published if p[0] in holds["second"]), "moved: answered again, once"
     assert all(outputs[p] in (1, 2) for p in published if p[0] in holds["first"])
     assert done["second"], "the new owner answered its partitions"
-
-
-async def lag_is_zero(settings: Settings, group_id: str) -> bool:
-    return await consumer_group_lag(settings, group_id, settings.kafka.topics.frames) == 0
 
 
 @pytest.mark.parametrize("keepalive", [True, False], ids=["paused-polls", "no-polls"])

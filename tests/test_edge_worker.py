@@ -40,6 +40,8 @@ from tests.conftest import (
     running,
     service_process,
     settings_for,
+    until,
+    until_caught_up,
     until_group_stable_with,
     write_config,
 )
@@ -102,14 +104,6 @@ def registry_with_untrained(tiny: ModelPaths, registry: Path, threshold: float, 
     assert source is not None
     metadata = load_switcher(source)[1]
     return create_untrained_switcher(registry, metadata.input_dim, metadata.edge_model, threshold, seed).name
-
-
-async def until(condition, what: str, timeout_s: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def verdicts_for(settings: Settings, count: int) -> list[Verdict]:
@@ -429,10 +423,7 @@ def test_a_worker_joining_mid_stream_takes_partitions_without_losing_a_frame(
     def answered(worker: EdgeWorker) -> float:
         return worker.metrics.registry.get_sample_value("fallwatch_edge_frames_total") or 0
 
-    async def group_lag() -> int:
-        return await consumer_group_lag(settings, settings.edge.group_id, settings.kafka.topics.frames)
-
-    async def scenario() -> tuple[list[Verdict], float, float, int]:
+    async def scenario() -> tuple[list[Verdict], float, float]:
         await publish_frames(settings, first)
         async with running(EdgeWorker(settings, edge_model)) as first_worker:
             await until(lambda: answered(first_worker) >= 20, "the first worker answering")
@@ -445,12 +436,10 @@ def test_a_worker_joining_mid_stream_takes_partitions_without_losing_a_frame(
                     settings, settings.kafka.topics.verdicts, Verdict,
                     lambda m: {v.frame_id for v in m if v.final} >= all_ids, timeout_s=180,
                 )  # fmt: skip
-                deadline = asyncio.get_running_loop().time() + 60
-                while (lag := await group_lag()) > 0 and asyncio.get_running_loop().time() < deadline:
-                    await asyncio.sleep(0.2)  # polling the committed offsets until they reach the end
-        return verdicts, answered(first_worker), answered(second_worker), lag
+                # every frame's offset committed (or the test fails here)
+                await until_caught_up(settings, settings.edge.group_id, settings.kafka.topics.frames, 60)
+        return verdicts, answered(first_worker), answered(second_worker)
 
-    verdicts, by_first, by_second, lag = asyncio.run(scenario())
+    verdicts, by_first, by_second = asyncio.run(scenario())
     assert {v.frame_id for v in verdicts if v.final} == all_ids
     assert by_first > 0 and by_second > 0, "the partitions were shared"
-    assert lag == 0, "every frame's offset was committed"

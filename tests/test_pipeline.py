@@ -25,7 +25,15 @@ from edge_workers.switcher import latest_version, load_switcher, save_switcher
 from fallwatch.devkit.models import ModelPaths
 from producers.service import run_producers
 from schemas import CloudRequest, DeadLetter, FallEvent, Frame, Verdict, encode
-from tests.conftest import consume_until, fall_saying_models, running, service_process, settings_for
+from tests.conftest import (
+    consume_until,
+    fall_saying_models,
+    read_all,
+    running,
+    service_process,
+    settings_for,
+    until_caught_up,
+)
 
 
 def pipeline_settings(stack_state, tmp_path: Path, tiny: ModelPaths, clip: Path, registry: Path) -> Settings:
@@ -66,18 +74,17 @@ def test_every_frame_gets_one_final_verdict(stack_state, tmp_path: Path, tiny_mo
             running(EdgeWorker(settings, load_edge_model(settings))),
             running(CloudWorker(settings, load_cloud_model(settings))),
         ):
-            verdicts = await consume_until(
+            await consume_until(
                 settings,
                 settings.kafka.topics.verdicts,
                 Verdict,
                 lambda m: len({v.frame_id for v in m if v.final}) >= count,
             )
-        requests = await consume_until(
-            settings,
-            settings.kafka.topics.cloud_requests,
-            CloudRequest,
-            lambda m: len(m) >= sum(not v.final for v in verdicts),
-        )
+            # both groups committed everything, so no verdict is still to come: then read them all
+            await until_caught_up(settings, settings.edge.group_id, settings.kafka.topics.frames)
+            await until_caught_up(settings, settings.cloud.group_id, settings.kafka.topics.cloud_requests)
+        verdicts = await read_all(settings, settings.kafka.topics.verdicts, Verdict)
+        requests = await read_all(settings, settings.kafka.topics.cloud_requests, CloudRequest)
         return frames, verdicts, requests
 
     frames, verdicts, requests = asyncio.run(scenario())
