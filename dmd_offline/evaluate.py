@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.settings import DmdSettings
-from dmd_offline.dataset import DmdData
+from dmd_offline.dataset import DmdData, agreement_scores
 from dmd_offline.metrics import (
     Outcomes,
     deferral_curve,
@@ -185,16 +185,16 @@ def normalised_auc(curve: Curve, small_f1: float, large_f1: float) -> float | No
     return (area - small_f1) / (large_f1 - small_f1)
 
 
-def measure_switcher_ms(switcher: Switcher, hidden: np.ndarray) -> tuple[np.ndarray, float]:
+def measure_switcher_ms(switcher: Switcher, data: DmdData) -> tuple[np.ndarray, float]:
     started = time.perf_counter()
-    scores = switcher.agreement_probability(hidden)
-    return scores, (time.perf_counter() - started) * 1000 / max(1, len(hidden))
+    scores = agreement_scores(switcher, data)
+    return scores, (time.perf_counter() - started) * 1000 / max(1, len(data.rows))
 
 
 def evaluate(train: DmdData, test: DmdData, switcher: Switcher, threshold: float, settings: DmdSettings) -> Evaluation:
     """Every strategy on `test`; the deferral curves on `train` and `test`."""
-    train_scores = switcher.agreement_probability(train.hidden)
-    test_scores, switcher_ms = measure_switcher_ms(switcher, test.hidden)
+    train_scores = agreement_scores(switcher, train)
+    test_scores, switcher_ms = measure_switcher_ms(switcher, test)
     outcomes = Outcomes.of(test)
     costs = Costs.of(test, settings, switcher_ms)
     n = len(test.rows)

@@ -22,6 +22,7 @@ from cloud_workers.model import CloudModel
 from core.settings import ConfigError, Settings
 from dmd_offline.dataset import (
     DmdData,
+    agreement_scores,
     assign_missing_splits,
     export_paper_json,
     load_dataset,
@@ -157,7 +158,7 @@ def run_threshold(settings: Settings) -> ThresholdChoice:
     workdir = Workdir(settings.dmd.workdir)
     train = split_dataset(settings).split("train")
     switcher, _ = load_trained(workdir.switcher)
-    scores = switcher.agreement_probability(train.hidden)
+    scores = agreement_scores(switcher, train)
     outcomes = Outcomes.of(train)
     if settings.dmd.target_offload_share is None:
         choice = bucket_threshold(scores, outcomes, settings.dmd.buckets)
