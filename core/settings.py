@@ -474,7 +474,7 @@ class AdaptSettings(Section):
     gate_share: float = Field(
         0.3, gt=0, lt=1, description="each camera's latest share of frames is held out for the publish gate"
     )
-    gate_tolerance: float = Field(0.0, ge=0, lt=1, description="how much worse than the running pair still passes")
+    gate_tolerance: float = Field(0.0, ge=0, le=1, description="how much worse than the running pair still passes")
     target_offload_share: float = Field(
         0.3, gt=0, lt=1, description="the switcher's threshold defers this share of the out-of-fold frames"
     )
