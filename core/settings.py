@@ -470,7 +470,12 @@ class AdaptSettings(Section):
     epochs: int = Field(4, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     batch_size: int = Field(16, ge=1)
-    folds: int = Field(2, ge=2, description="cross-fitting folds, by camera (by time within a single camera)")
+    folds: int = Field(2, ge=2, description="cross-fitting folds")
+    cross_fit: Literal["camera", "time"] = Field(
+        "camera",
+        description="folds of whole cameras (the switcher learns the adapted edge's errors on rooms it did not "
+        "learn), or of time blocks within each camera; camera needs at least `folds` cameras, else time is used",
+    )
     gate_share: float = Field(
         0.3, gt=0, lt=1, description="each camera's latest share of frames is held out for the publish gate"
     )

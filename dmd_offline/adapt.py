@@ -5,8 +5,8 @@ From the frames of a window (`dmd.since` / `dmd.until` of the `frames` topic, or
 1. **Targets**: a caregiver's label where an answered alert covered the frame, else the cloud's
    answer (the logged cloud verdict, or the cloud model's when `dmd.run_cloud_model`).
 2. **Held-out slice**: each camera's latest `gate_share` of frames; nothing below learns from it.
-3. **Cross-fitting**: the other frames are split in `folds` by camera (by time when there is one
-   camera); for each fold, a copy of the running edge model is fine-tuned on the other folds
+3. **Cross-fitting**: the other frames are split in `folds` of whole cameras (`cross_fit`), or of
+   time blocks within each camera; for each fold, a copy of the running edge model is fine-tuned on the other folds
    (`dmd_offline.finetune`) and answers the fold. Those out-of-fold answers are the switcher's DMD
    rows: the switcher learns how the adapted edge errs on frames it did not learn from.
 4. **The candidate**: the running edge fine-tuned on all of them; the switcher trained on the
@@ -119,10 +119,10 @@ def held_out_slice(frames: list[AdaptFrame], share: float) -> np.ndarray:
     return held
 
 
-def fold_ids(frames: list[AdaptFrame], folds: int) -> np.ndarray:
-    """A fold per frame: whole cameras when there are enough, else contiguous time blocks of each camera."""
+def fold_ids(frames: list[AdaptFrame], folds: int, by: str) -> np.ndarray:
+    """A fold per frame: whole cameras (`by` camera, when there are enough), else time blocks of each camera."""
     groups = sorted({frame.group for frame in frames})
-    if len(groups) >= folds:
+    if by == "camera" and len(groups) >= folds:
         by_group = {group: index % folds for index, group in enumerate(groups)}
         return np.array([by_group[frame.group] for frame in frames])
     ids = np.zeros(len(frames), dtype=int)
@@ -357,7 +357,7 @@ class Adaptation:
         if not gate_frames or not learn:
             raise ConfigError(f"{len(frames)} frames in the window: too few to learn from and hold some out")
         self.targets = targets(learn, self.settings.cloud.decision_threshold)
-        folds = fold_ids(learn, adapt.folds)
+        folds = fold_ids(learn, adapt.folds, adapt.cross_fit)
         oof = self.out_of_fold(learn, folds)
         self.seconds["cross-fitting"] = time.perf_counter() - started
         started = time.perf_counter()

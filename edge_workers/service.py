@@ -140,8 +140,8 @@ class EdgeWorker:
         metadata = self.active.metadata
         log.info(
             "edge worker: model %s (hidden %d), switcher %s (threshold %.3f%s)",
-            model.name,
-            model.hidden_size,
+            self.model.name,
+            self.model.hidden_size,
             metadata.version,
             self.router.policy.threshold,
             "" if metadata.trained else ", UNTRAINED",
@@ -264,6 +264,7 @@ class EdgeWorker:
         if isinstance(loaded, LoadedPair):  # edge model and switcher together, between batches
             self.model = loaded.model
             self.drift.use_calibration(loaded.version.calibration)
+            self.metrics.camera_drift.clear()  # every camera is judged afresh against the new calibration
             loaded = loaded.switcher
         self.active = loaded
         if self.settings.edge.switcher_threshold is None:
