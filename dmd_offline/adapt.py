@@ -38,7 +38,7 @@ import torch
 from transformers import ViltProcessor
 
 from cloud_workers.model import CloudModel
-from core.settings import ConfigError, Settings
+from core.settings import ConfigError, DmdSettings, Settings
 from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdData, DmdRow, agreement_scores
 from dmd_offline.finetune import TrainingImages, finetune, save_edge
 from dmd_offline.metrics import Outcomes, first_m, uncertainty_order
@@ -327,7 +327,7 @@ class Candidate:
     calibration: Calibration
     running: RunningPair
     adaptation_frames: int
-    oof_rows: int
+    rows: DmdData  # the switcher's out-of-fold rows
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -377,7 +377,7 @@ class Adaptation:
         )
         self.seconds["gate"] = time.perf_counter() - started
         return Candidate(
-            edge, switcher, training, choice, result, calibration, self.running, len(learn), len(oof.rows), self.seconds
+            edge, switcher, training, choice, result, calibration, self.running, len(learn), oof, self.seconds
         )
 
     def out_of_fold(self, learn: list[AdaptFrame], folds: np.ndarray) -> DmdData:
@@ -398,12 +398,16 @@ class Adaptation:
         )
 
     def switcher_on(self, rows: DmdData) -> tuple[Switcher, TrainingReport, ThresholdChoice]:
-        dmd = self.settings.dmd
-        held = np.random.default_rng(dmd.seed).random(len(rows.rows)) < dmd.val_share
-        train, val = rows.select(~held), rows.select(held)
-        switcher, training = train_switcher(train, val, dmd)
-        choice = budget_threshold(agreement_scores(switcher, rows), Outcomes.of(rows), dmd.adapt.target_offload_share)
-        return switcher, training, choice
+        return switcher_on(rows, self.settings.dmd)
+
+
+def switcher_on(rows: DmdData, dmd: DmdSettings) -> tuple[Switcher, TrainingReport, ThresholdChoice]:
+    """A switcher trained on out-of-fold rows (a seeded share held out for early stopping) and its threshold."""
+    held = np.random.default_rng(dmd.seed).random(len(rows.rows)) < dmd.val_share
+    train, val = rows.select(~held), rows.select(held)
+    switcher, training = train_switcher(train, val, dmd)
+    choice = budget_threshold(agreement_scores(switcher, rows), Outcomes.of(rows), dmd.adapt.target_offload_share)
+    return switcher, training, choice
 
 
 def publish_candidate(settings: Settings, candidate: Candidate, window: str) -> str:

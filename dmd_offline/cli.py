@@ -206,7 +206,7 @@ def adapt_step(settings: Settings, publish: bool) -> None:
     candidate = Adaptation(settings, original, source).run(frames)
     gate = candidate.gate
     typer.echo(
-        f"adapted on {candidate.adaptation_frames} frames ({candidate.oof_rows} out-of-fold switcher rows), "
+        f"adapted on {candidate.adaptation_frames} frames ({len(candidate.rows.rows)} out-of-fold switcher rows), "
         f"held out {gate.frames}: "
         + ", ".join(f"{check.name} {check.candidate} vs {check.running}" for check in gate.checks)
     )

@@ -95,7 +95,7 @@ def test_adaptation_fixes_the_biased_camera_on_held_out_frames_and_publishes_one
     assert ours >= 0.7 > theirs + 0.15, (ours, theirs)
     cam_b = np.array([frame.group == "cam-b" for frame in held])
     assert candidate.calibration.fall_rate < 0.75  # no longer "fall" everywhere
-    assert candidate.oof_rows == candidate.adaptation_frames == 2 * FRAMES_PER_CAMERA - 24
+    assert len(candidate.rows.rows) == candidate.adaptation_frames == 2 * FRAMES_PER_CAMERA - 24
     assert candidate.gate.passed, candidate.gate.refusal()
     assert cam_b.sum() == 12
 
