@@ -36,7 +36,7 @@ def camera_frames(camera: str, colour: int, cloud_says_fall: bool, rng: np.rando
     """Noise frames tinted by one channel (what tells the rooms apart) with the cloud's logged answers."""
     frames = []
     for index in range(FRAMES_PER_CAMERA):
-        image = rng.integers(0, 96, size=(96, 128, 3), dtype=np.uint8)
+        image = rng.integers(0, 32, size=(96, 128, 3), dtype=np.uint8)
         image[..., colour] += 150
         fall = cloud_says_fall != (rng.random() < FLIPPED)
         frames.append(AdaptFrame(f"{camera}#{index}", camera, float(index), image, 0.9 if fall else 0.1, None))
@@ -51,15 +51,18 @@ def biased_frames(seed: int = 0) -> list[AdaptFrame]:
 FALL_LEAN = 3.0  # logits: P(fall) ≈ 0.95 on these frames, while the weights below stay random and learn
 
 
-@pytest.fixture
-def fall_edge(tiny_models: ModelPaths, tmp_path: Path) -> Path:
-    edge = tmp_path / "edge-vilt"
-    shutil.copytree(tiny_models.edge, edge)
+def fall_leaning_copy(source: Path, edge: Path) -> Path:
+    shutil.copytree(source, edge)
     model = ViltForQuestionAnswering.from_pretrained(edge)
     with torch.no_grad():
         model.classifier[-1].bias[model.config.label2id["yes"]] += FALL_LEAN
     model.save_pretrained(edge)
     return edge
+
+
+@pytest.fixture
+def fall_edge(tiny_models: ModelPaths, tmp_path: Path) -> Path:
+    return fall_leaning_copy(tiny_models.edge, tmp_path / "edge-vilt")
 
 
 def adapt_settings(edge: Path, tmp_path: Path, **adapt: object) -> Settings:
