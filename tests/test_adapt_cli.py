@@ -65,7 +65,7 @@ def test_adapt_publishes_from_logged_traffic_refuses_a_worse_window_and_rolls_ba
             "learning_rate": 3e-3,
             "max_epochs": 40,
             "run_cloud_model": False,
-            "adapt": {"learning_rate": 1e-2, "epochs": 6, "batch_size": 8, "gate_tolerance": 0.2},
+            "adapt": {"learning_rate": 5e-3, "epochs": 8, "batch_size": 8, "gate_tolerance": 0.2},
         },
     )
     config = tmp_path / "fallwatch.yaml"

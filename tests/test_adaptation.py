@@ -73,7 +73,7 @@ def adapt_settings(edge: Path, tmp_path: Path, **adapt: object) -> Settings:
             "max_epochs": 40,
             "patience": 5,
             "switcher_inputs": "hidden+confidence",
-            "adapt": {"learning_rate": 1e-2, "epochs": 6, "batch_size": 8, **adapt},
+            "adapt": {"learning_rate": 5e-3, "epochs": 8, "batch_size": 8, **adapt},
         },
     )
 
