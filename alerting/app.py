@@ -34,15 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 from typing import Any
 
 import faust
 from aiokafka.errors import KafkaError
 
-from alerting.delivery import Delivery
+from alerting.delivery import Dispatcher
 from alerting.metrics import AlertingMetrics
 from alerting.rules import CameraState
-from alerting.store import AlertStore
 from core.kafka_io import MAX_MESSAGE_BYTES, GroupLag, dead_letter_for, log_dead_letter, ssl_context, wait_for_kafka
 from core.logs import configure_logging
 from core.settings import KafkaSettings, Settings
@@ -72,13 +72,12 @@ def faust_credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | N
     return None
 
 
-def make_app(settings: Settings, metrics: AlertingMetrics) -> faust.App:
-    """The alerting faust app for these settings (not started), counting into `metrics`."""
+def faust_app(settings: Settings) -> faust.App:
+    """The faust app of these settings, with nothing registered on it."""
     alerting = settings.alerting
-    topics = settings.kafka.topics
     datadir = settings.state_dir / f"{alerting.app_id}-data"
     datadir.parent.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
-    app = faust.App(
+    return faust.App(
         alerting.app_id,
         broker=faust_broker(settings.kafka.bootstrap_servers),
         broker_credentials=faust_credentials(settings.kafka),
@@ -94,171 +93,203 @@ def make_app(settings: Settings, metrics: AlertingMetrics) -> faust.App:
         datadir=str(datadir),
         store="memory://",
     )
-    # every topic value is JSON made by schemas.encode; faust only moves the bytes
-    raw_topic: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "value_serializer": "raw"}
-    verdicts = app.topic(topics.verdicts, **raw_topic)
-    verdicts_and_answers = app.topic(topics.verdicts, topics.fall_events, **raw_topic)
-    fall_events = app.topic(topics.fall_events, **raw_topic)
-    person_down = app.topic(topics.person_down, **raw_topic)
-    dead_letters = app.topic(topics.dead_letters, **raw_topic)
-    cameras = app.Table(
-        CAMERA_TABLE,
-        partitions=settings.kafka.partitions,
-        key_type=str,
-        # values are CameraState.model_dump(mode="json") dicts; no value_type, because faust's
-        # changelog recovery calls value_type.from_data(), which only faust Records have
-    )
-    delivery = Delivery(settings, AlertStore(settings.redis, alerting.stream_maxlen), metrics)
-    # what the timer already did, so a tick does not repeat it before the stream catches up
-    fallbacks_sent: set[str] = set()
-    escalated: set[str] = set()
 
-    def camera_state(camera_id: str, room: str) -> CameraState:
-        stored = cameras.get(camera_id)
-        rule = alerting.rule_for(room)
+
+class AlertingApp:
+    """The alerting service's faust app (`self.app`, not started), counting into `metrics`."""
+
+    def __init__(self, settings: Settings, metrics: AlertingMetrics) -> None:
+        self.settings = settings
+        self.rule = settings.alerting
+        self.topic_names = topics = settings.kafka.topics
+        self.metrics = metrics
+        self.app = app = faust_app(settings)
+        # every topic value is JSON made by schemas.encode; faust only moves the bytes
+        raw_topic: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "value_serializer": "raw"}
+        self.verdicts = app.topic(topics.verdicts, **raw_topic)
+        self.fall_events = app.topic(topics.fall_events, **raw_topic)
+        self.person_down = app.topic(topics.person_down, **raw_topic)
+        self.dead_letters = app.topic(topics.dead_letters, **raw_topic)
+        self.cameras = app.Table(
+            CAMERA_TABLE,
+            partitions=settings.kafka.partitions,
+            key_type=str,
+            # values are CameraState.model_dump(mode="json") dicts; no value_type, because faust's
+            # changelog recovery calls value_type.from_data(), which only faust Records have
+        )
+        self.raw_topic = raw_topic
+        self.dispatcher = Dispatcher.for_settings(settings, metrics, self.publish)
+        self.group_lag = GroupLag(settings)
+        # what the timer already did, so a tick does not repeat it before the stream catches up
+        self.fallbacks_sent: set[str] = set()
+        self.escalated: set[str] = set()
+        app.agent(app.topic(topics.verdicts, topics.fall_events, **raw_topic), name="confirm-falls")(self.confirm_falls)
+        app.agent(self.fall_events, name="deliver-alerts")(self.deliver_alerts)
+        app.timer(self.rule.tick_s)(self.outbox_and_rebuild)
+        app.timer(self.rule.tick_s)(self.check_deadlines)
+        app.timer(LAG_INTERVAL_S)(self.measure_lag)
+        app.task(self.dispatcher.start)
+
+        @app.on_before_shutdown.connect
+        async def close_delivery(sender: faust.App, **kwargs: Any) -> None:
+            await self.close()
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """A record from outside the streams (an answer over MQTT), back once the broker has it."""
+        sent = await self.app.topic(topic, **self.raw_topic).send(key=key, value=value)
+        await sent
+
+    def camera_state(self, camera_id: str, room: str) -> CameraState:
+        stored = self.cameras.get(camera_id)
+        rule = self.rule.rule_for(room)
         if stored is not None:
             return CameraState(rule=rule, **stored)
         return CameraState(rule=rule, camera_id=camera_id, room=room)
 
-    async def dead_letter(message: Any, reason: str) -> None:
+    async def dead_letter(self, message: Any, reason: str) -> None:
         # faust's Message has the ConsumerRecord fields dead_letter_for reads
         letter = dead_letter_for(SERVICE, message, reason)
         log_dead_letter(letter)
-        metrics.dead_letters.inc()
-        await dead_letters.send(key=letter.key, value=encode(letter))
+        self.metrics.dead_letters.inc()
+        await self.dead_letters.send(key=letter.key, value=encode(letter))
 
-    def verdict_or_reason(raw: bytes | None) -> Verdict | str:
+    def verdict_or_reason(self, raw: bytes | None) -> Verdict | str:
         size = len(raw or b"")
-        if size > alerting.max_verdict_bytes:
+        if size > self.rule.max_verdict_bytes:
             # a camera's state keeps its pending verdicts: one huge record would make every changelog write huge
-            return f"verdict of {size} bytes exceeds alerting.max_verdict_bytes ({alerting.max_verdict_bytes})"
+            return f"verdict of {size} bytes exceeds alerting.max_verdict_bytes ({self.rule.max_verdict_bytes})"
         try:
             verdict = decode(Verdict, raw)
         except SchemaError as exc:
             return str(exc)
-        return settings.capture_time.problem(verdict.captured_at, utc_now()) or verdict
+        return self.settings.capture_time.problem(verdict.captured_at, utc_now()) or verdict
 
-    @app.agent(verdicts_and_answers, name="confirm-falls")
-    async def confirm_falls(stream: faust.StreamT[bytes]) -> None:
+    async def confirm_falls(self, stream: faust.StreamT[bytes]) -> None:
+        """Agent `confirm-falls`: verdicts through the camera's rule, answers into the camera's state."""
         async for event in stream.events():
-            message = event.message
-            if message.topic == topics.fall_events:
-                try:
-                    answer = decode(FallEvent, message.value)
-                except SchemaError:
-                    continue  # deliver-alerts dead-letters it
-                stored = cameras.get(answer.camera_id)
-                if stored is not None:
-                    state = camera_state(answer.camera_id, answer.room)
-                    state.apply(answer)
-                    cameras[answer.camera_id] = state.model_dump(mode="json")
-                continue
-            verdict = verdict_or_reason(message.value)
-            if isinstance(verdict, str):
-                await dead_letter(message, verdict)
-                continue
-            state = camera_state(verdict.camera_id, verdict.room)
-            state.room, state.partition = verdict.room, message.partition
-            outputs = state.observe(verdict, utc_now())
-            # faust only writes the changelog on assignment, never for an in-place change
-            cameras[verdict.camera_id] = state.model_dump(mode="json")
-            for output in outputs:
-                if isinstance(output, PersonDown):
-                    await person_down.send(key=output.camera_id.encode(), value=encode(output))
-                    metrics.person_down_changes.labels(state="down" if output.down else "up").inc()
-                    log.info(
-                        "camera %s, room %s: person %s (%s)",
-                        output.camera_id,
-                        output.room,
-                        "down" if output.down else "up again",
-                        output.rule,
-                    )
-                else:
-                    await publish_alert(output)
+            if event.message.topic == self.topic_names.fall_events:
+                self.take_answer(event.message.value)
+            else:
+                await self.take_verdict(event.message)
 
-    async def publish_alert(alert: FallEvent) -> None:
-        await delivery.store_first(alert)
-        await fall_events.send(key=alert.camera_id.encode(), value=encode(alert))
-        if alert.state == "open":
-            metrics.alerts_opened.labels(room=alert.room, rule=alert.rule).inc()
-            metrics.time_to_alert.observe((alert.updated_at - alert.first_fall_at).total_seconds())
-            log.info(
-                "alert %s opened: camera %s, room %s, rule %s, confidence %.2f, evidence %s",
-                alert.alert_id,
-                alert.camera_id,
-                alert.room,
-                alert.rule,
-                alert.confidence,
-                ", ".join(alert.evidence_frame_ids),
-            )
-        else:
-            metrics.alerts_resolved.inc()
+    def take_answer(self, raw: bytes | None) -> None:
+        try:
+            answer = decode(FallEvent, raw)
+        except SchemaError:
+            return  # deliver-alerts dead-letters it
+        if self.cameras.get(answer.camera_id) is not None:
+            state = self.camera_state(answer.camera_id, answer.room)
+            state.apply(answer)
+            self.cameras[answer.camera_id] = state.model_dump(mode="json")
+
+    async def take_verdict(self, message: Any) -> None:
+        verdict = self.verdict_or_reason(message.value)
+        if isinstance(verdict, str):
+            await self.dead_letter(message, verdict)
+            return
+        state = self.camera_state(verdict.camera_id, verdict.room)
+        state.room, state.partition = verdict.room, message.partition
+        outputs = state.observe(verdict, utc_now())
+        # faust only writes the changelog on assignment, never for an in-place change
+        self.cameras[verdict.camera_id] = state.model_dump(mode="json")
+        for output in outputs:
+            if isinstance(output, PersonDown):
+                await self.publish_person_down(output)
+            else:
+                await self.publish_alert(output)
+
+    async def publish_person_down(self, change: PersonDown) -> None:
+        await self.person_down.send(key=change.camera_id.encode(), value=encode(change))
+        self.metrics.person_down_changes.labels(state="down" if change.down else "up").inc()
+        log.info(
+            "camera %s, room %s: person %s (%s)",
+            change.camera_id,
+            change.room,
+            "down" if change.down else "up again",
+            change.rule,
+        )
+        await self.dispatcher.person_down(change)
+
+    async def publish_alert(self, alert: FallEvent) -> None:
+        await self.dispatcher.before_publish(alert)
+        await self.fall_events.send(key=alert.camera_id.encode(), value=encode(alert))
+        if alert.state != "open":
+            self.metrics.alerts_resolved.inc()
             log.info("alert %s resolved: camera %s shows no fall any more", alert.alert_id, alert.camera_id)
+            return
+        self.metrics.alerts_opened.labels(room=alert.room, rule=alert.rule).inc()
+        self.metrics.time_to_alert.observe((alert.updated_at - alert.first_fall_at).total_seconds())
+        log.info(
+            "alert %s opened: camera %s, room %s, rule %s, confidence %.2f, evidence %s",
+            alert.alert_id,
+            alert.camera_id,
+            alert.room,
+            alert.rule,
+            alert.confidence,
+            ", ".join(alert.evidence_frame_ids),
+        )
 
-    @app.agent(fall_events, name="deliver-alerts")
-    async def deliver_alerts(stream: faust.StreamT[bytes]) -> None:
+    async def deliver_alerts(self, stream: faust.StreamT[bytes]) -> None:
+        """Agent `deliver-alerts`: each record of `fall-events` through every delivery channel."""
         async for event in stream.events():
             try:
                 alert = decode(FallEvent, event.message.value)
             except SchemaError as exc:
-                await dead_letter(event.message, str(exc))
+                await self.dead_letter(event.message, str(exc))
                 continue
-            await delivery.handle(alert)
+            await self.dispatcher.handle(alert)
 
-    @app.timer(alerting.tick_s)
-    async def outbox_and_rebuild() -> None:
+    async def outbox_and_rebuild(self) -> None:
         # webhook retries that are due, deliveries a dead worker left, and Redis come back empty
-        await delivery.deliver_due()
-        await delivery.rebuild_if_empty()
+        await self.dispatcher.tick()
 
-    @app.timer(alerting.tick_s)
-    async def check_deadlines() -> None:
+    async def check_deadlines(self) -> None:
         # the table may still hold cameras of partitions this worker lost (standbys, a revocation):
         # only the owner of a camera's partition acts for it
-        owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.verdicts}
+        verdicts = self.topic_names.verdicts
+        owned = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == verdicts}
         now = utc_now()
         pending: set[str] = set()
         still_open: set[str] = set()
-        for camera_id, stored in list(cameras.items()):
+        for camera_id, stored in list(self.cameras.items()):
             if stored["partition"] not in owned or not (stored["pending"] or stored["open_alert"]):
                 continue  # not ours, or no deadline to watch: skip the cost of restoring the state
-            state = CameraState(rule=alerting.rule_for(stored["room"]), **stored)
+            state = CameraState(rule=self.rule.rule_for(stored["room"]), **stored)
             pending |= set(state.pending)
             if state.open_alert_id is not None:
                 still_open.add(state.open_alert_id)
-            for fallback in state.due_fallbacks(now):
-                if fallback.frame_id in fallbacks_sent:
-                    continue
-                fallbacks_sent.add(fallback.frame_id)
-                metrics.edge_fallbacks.inc()
-                log.info("no cloud verdict for frame %s in time: deciding on the edge's", fallback.frame_id)
-                await verdicts.send(key=camera_id.encode(), value=encode(fallback))
-            overdue = state.escalation_due(now)
-            if overdue is not None and overdue.alert_id not in escalated:
-                escalated.add(overdue.alert_id)
-                await delivery.escalate(overdue)
-        fallbacks_sent.intersection_update(pending)
-        escalated.intersection_update(still_open)
+            await self.decide_overdue(camera_id, state, now)
+        self.fallbacks_sent.intersection_update(pending)
+        self.escalated.intersection_update(still_open)
 
-    group_lag = GroupLag(settings)
+    async def decide_overdue(self, camera_id: str, state: CameraState, now: datetime) -> None:
+        """Edge fallbacks of overdue cloud verdicts; the escalation of an alert nobody acknowledged."""
+        for fallback in state.due_fallbacks(now):
+            if fallback.frame_id in self.fallbacks_sent:
+                continue
+            self.fallbacks_sent.add(fallback.frame_id)
+            self.metrics.edge_fallbacks.inc()
+            log.info("no cloud verdict for frame %s in time: deciding on the edge's", fallback.frame_id)
+            await self.verdicts.send(key=camera_id.encode(), value=encode(fallback))
+        overdue = state.escalation_due(now)
+        if overdue is not None and overdue.alert_id not in self.escalated:
+            self.escalated.add(overdue.alert_id)
+            await self.dispatcher.escalate(overdue)
 
-    @app.timer(LAG_INTERVAL_S)
-    async def measure_lag() -> None:
+    async def measure_lag(self) -> None:
         # the group's committed lag: what alerting still has to read, whichever worker holds the partitions
         try:
-            for topic in (topics.verdicts, topics.fall_events):
-                metrics.consumer_lag.labels(topic=topic).set(await group_lag.lag(alerting.app_id, topic))
+            for topic in (self.topic_names.verdicts, self.topic_names.fall_events):
+                lag = await self.group_lag.lag(self.rule.app_id, topic)
+                self.metrics.consumer_lag.labels(topic=topic).set(lag)
         except (KafkaError, OSError) as exc:
             # a gauge must never stop alerting (an error in a faust timer crashes the app): measure next time
             log.warning("consumer lag not measured (%s); next try in %.0f s", exc, LAG_INTERVAL_S)
-            await group_lag.stop()
+            await self.group_lag.stop()
 
-    @app.on_before_shutdown.connect
-    async def close_delivery(sender: faust.App, **kwargs: Any) -> None:
-        await delivery.close()
-        await group_lag.stop()
-
-    return app
+    async def close(self) -> None:
+        await self.dispatcher.close()
+        await self.group_lag.stop()
 
 
 def run_alerting(settings: Settings) -> None:
@@ -269,7 +300,7 @@ def run_alerting(settings: Settings) -> None:
     metrics = AlertingMetrics()
     # before faust starts, so a port in use is one line naming the setting
     metrics.serve(settings.alerting.metrics_port, "alerting.metrics_port")
-    app = make_app(settings, metrics)
+    app = AlertingApp(settings, metrics).app
     log.info(
         "alerting %s: person down at %d of %d for %.1f s (up after %.1f s), or a cloud p>=%.2f with a fall within "
         "%.1f s; cloud wait %.0f s, escalation after %.0f s, cooldown %.0f s, on %s and %s",

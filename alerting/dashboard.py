@@ -7,92 +7,193 @@ the page asks for the token and sends it with `fetch` (also for the event
 stream, which is why it reads the stream with `fetch` and not `EventSource`,
 which cannot send headers).
 
-A caregiver's answer is a state change and a label: both go to Kafka first
-(`fall-events`, where the alerting service learns of it, and `labels`, for
-dmd_offline), then to Redis, so the page updates at once; the alerting service
-writing the same change again is a no-op.
+The API is one `APIRouter` (`api`); its handlers find the store, the
+answers and the metrics on `app.state`. A caregiver's answer takes the path of
+`alerting.answers`, shared with the MQTT buttons. Redis errors become one 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import signal
-import uuid
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import uvicorn
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
+from alerting.answers import Action, AnswerRefused, Answers
 from alerting.metrics import DashboardMetrics
+from alerting.notifications import Notifier, link_is_valid, plain_rule
 from alerting.store import AlertStore
 from core.kafka_io import make_producer, start_clients
 from core.logs import configure_logging
 from core.metrics import listening_socket
 from core.settings import ConfigError, Settings
-from schemas import AlertState, FallEvent, Label, LabelVerdict, encode, utc_now
+from schemas import FallEvent, Label, decode
 
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("static") / "dashboard.html"
 STREAM_BLOCK_MS = 1000  # below the Redis client's socket timeout
-LABEL_ID_NAMESPACE = uuid.UUID("0b7c4a52-93e1-4f6e-8f3d-5a2e61c0d7a4")
+REDIS_DOWN_RETRY_S = 1.0
 
-Action = Literal["acknowledge", "false-alarm", "resolve"]
-
-
-@dataclass(frozen=True)
-class Transition:
-    allowed_from: tuple[AlertState, ...]
-    to: AlertState
-    label: LabelVerdict | None
-
-
-TRANSITIONS: dict[str, Transition] = {
-    "acknowledge": Transition(("open",), "acknowledged", "true_fall"),
-    "false-alarm": Transition(("open", "acknowledged"), "false_alarm", "false_alarm"),
-    "resolve": Transition(("acknowledged",), "resolved", None),
-}
-
-
-def label_id_for(alert_id: str, verdict: LabelVerdict) -> str:
-    """Deterministic: the same answer on the same alert is the same label."""
-    return str(uuid.uuid5(LABEL_ID_NAMESPACE, f"{alert_id}/{verdict}"))
-
-
-def label_for(alert: FallEvent, verdict: LabelVerdict, by: str) -> Label:
-    return Label(
-        label_id=label_id_for(alert.alert_id, verdict),
-        alert_id=alert.alert_id,
-        camera_id=alert.camera_id,
-        room=alert.room,
-        frame_ids=alert.evidence_frame_ids,
-        verdict=verdict,
-        labelled_by=by,
-    )
+bearer = HTTPBearer(auto_error=False)
 
 
 class Answer(BaseModel):
     by: str = Field(min_length=1, max_length=200, description="who answers (shown in the label)")
 
 
-def alerts_by_room(alerts: list[FallEvent]) -> dict[str, list[dict[str, object]]]:
-    rooms: dict[str, list[dict[str, object]]] = {}
+class AlertView(FallEvent):
+    """An alert as the page shows it."""
+
+    rule_text: str = Field(description="the rule in plain words, e.g. 'confirmed by the cloud model'")
+    escalated: bool = Field(False, description="nobody acknowledged it in time")
+
+
+class ActiveAlerts(BaseModel):
+    rooms: dict[str, list[AlertView]] = Field(description="open and acknowledged alerts by room, oldest first")
+
+
+class ClosedAlert(BaseModel):
+    alert: AlertView
+    answered_by: str | None = Field(description="who answered (null: the rule resolved it, nobody answered)")
+    open_for_s: float = Field(description="from opening to closing")
+
+
+class History(BaseModel):
+    closed: list[ClosedAlert] = Field(description="newest first")
+
+
+class AnswerResult(BaseModel):
+    alert: FallEvent
+    label: Label | None
+
+
+def view(alert: FallEvent, escalated: bool = False) -> AlertView:
+    return AlertView(**alert.model_dump(), rule_text=plain_rule(alert.rule), escalated=escalated)
+
+
+async def active_by_room(store: AlertStore) -> ActiveAlerts:
+    alerts = await store.active_alerts()
+    escalated = await store.escalated([alert.alert_id for alert in alerts])
+    rooms: dict[str, list[AlertView]] = {}
     for alert in alerts:
-        rooms.setdefault(alert.room, []).append(alert.model_dump(mode="json"))
-    return dict(sorted(rooms.items()))
+        rooms.setdefault(alert.room, []).append(view(alert, alert.alert_id in escalated))
+    return ActiveAlerts(rooms=dict(sorted(rooms.items())))
+
+
+def store_of(request: Request) -> AlertStore:
+    store: AlertStore = request.app.state.store
+    return store
+
+
+def authorized(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    token: str = request.app.state.token
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+Store = Annotated[AlertStore, Depends(store_of)]
+api = APIRouter(prefix="/api", dependencies=[Depends(authorized)])
+
+
+@api.get("/alerts")
+async def active_alerts(store: Store) -> ActiveAlerts:
+    return await active_by_room(store)
+
+
+@api.get("/history")
+async def history(store: Store, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> History:
+    """Closed alerts, newest first, with who answered and how long they were open."""
+    closed = await store.closed_alerts(limit)
+    return History(
+        closed=[
+            ClosedAlert(
+                alert=view(alert),
+                answered_by=alert.answered_by,
+                open_for_s=round((alert.updated_at - alert.opened_at).total_seconds(), 1),
+            )
+            for alert in closed
+        ]
+    )
+
+
+@api.get("/alerts/{alert_id}/snapshot")
+async def snapshot(alert_id: str, store: Store) -> Response:
+    jpeg = await store.snapshot(alert_id)
+    if jpeg is None:
+        raise HTTPException(404, "no snapshot (not fetched yet, or expired)")
+    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+
+@api.post("/alerts/{alert_id}/{action}")
+async def answer(alert_id: str, action: Action, body: Answer, request: Request) -> AnswerResult:
+    answers: Answers = request.app.state.answers
+    metrics: DashboardMetrics = request.app.state.metrics
+    try:
+        answered = await answers.answer(alert_id, action, body.by)
+    except AnswerRefused as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    if answered.label is not None:
+        metrics.answered(answered.label.verdict)
+    if answered.alert.state == "acknowledged":
+        metrics.ack_latency.observe((answered.alert.updated_at - answered.before.opened_at).total_seconds())
+    return AnswerResult(alert=answered.alert, label=answered.label)
+
+
+@api.get("/events")
+async def events(request: Request, store: Store) -> StreamingResponse:
+    """Server-sent events: a `snapshot` of the active alerts, then every change from the Redis stream."""
+    after = await store.last_event_id()
+    current = await active_by_room(store)
+
+    async def stream() -> AsyncIterator[str]:
+        nonlocal after
+        yield sse("snapshot", current.model_dump_json(), after)
+        while not await request.is_disconnected():
+            try:
+                entries = await store.read_events(after, STREAM_BLOCK_MS)
+            except (RedisError, OSError) as exc:
+                log.warning("event stream paused, Redis unavailable: %s", exc)
+                yield ": redis unavailable\n\n"
+                await asyncio.sleep(REDIS_DOWN_RETRY_S)  # the stream stays open; read again then
+                continue
+            if not entries:
+                yield ": keep-alive\n\n"
+            for entry_id, fields in entries:
+                after = entry_id
+                alert = view(decode(FallEvent, fields["event"].encode()), escalated=fields["kind"] == "escalation")
+                yield sse(fields["kind"], alert.model_dump_json(), entry_id)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+def sse(event: str, data: str, event_id: str) -> str:
+    return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
+
+
+async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": f"alert store unavailable: {exc}"}, status_code=503)
+
+
+async def signed_snapshot(alert_id: str, expires: int, signature: str, request: Request) -> Response:
+    """A snapshot by its signed link (`alerting.notifications`): for phones and Home Assistant, no token needed."""
+    if not link_is_valid(request.app.state.token, alert_id, expires, signature, time.time()):
+        raise HTTPException(403, "the snapshot link is invalid or expired")
+    return await snapshot(alert_id, store_of(request))
 
 
 def make_dashboard(settings: Settings) -> FastAPI:
@@ -102,127 +203,37 @@ def make_dashboard(settings: Settings) -> FastAPI:
             "the dashboard needs a bearer token: set alerting.dashboard_token "
             "(e.g. FALLWATCH_ALERTING__DASHBOARD_TOKEN) or alerting.dashboard_token_file"
         )
-    topics = settings.kafka.topics
     store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
-    metrics = DashboardMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # aiokafka clients belong to the running event loop, so the producer is made here
-        app.state.producer = make_producer(settings)
-        await start_clients(settings, app.state.producer)
+        producer = make_producer(settings)
+        await start_clients(settings, producer)
+
+        async def publish(topic: str, key: bytes, value: bytes) -> None:
+            await producer.send_and_wait(topic, key=key, value=value)
+
+        app.state.answers = Answers(settings.kafka.topics, store, Notifier(settings.alerting), publish)
         try:
             yield
         finally:
-            await app.state.producer.stop()
+            await producer.stop()
             await store.close()
 
     app = FastAPI(title="fallwatch dashboard", lifespan=lifespan, docs_url=None, redoc_url=None)
-
-    def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-
-    auth = [Depends(authorized)]
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page() -> str:
-        return PAGE.read_text()
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/api/alerts", dependencies=auth)
-    async def active_alerts() -> dict[str, object]:
-        try:
-            return {"rooms": alerts_by_room(await store.active_alerts())}
-        except (RedisError, OSError) as exc:
-            raise HTTPException(503, f"alert store unavailable: {exc}") from None
-
-    @app.get("/api/alerts/{alert_id}/snapshot", dependencies=auth)
-    async def snapshot(alert_id: str) -> Response:
-        try:
-            jpeg = await store.snapshot(alert_id)
-        except (RedisError, OSError) as exc:
-            raise HTTPException(503, f"alert store unavailable: {exc}") from None
-        if jpeg is None:
-            raise HTTPException(404, "no snapshot (not fetched yet, or expired)")
-        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
-
-    @app.post("/api/alerts/{alert_id}/{action}", dependencies=auth)
-    async def answer(alert_id: str, action: Action, body: Answer, request: Request) -> dict[str, object]:
-        producer: AIOKafkaProducer = request.app.state.producer
-        transition = TRANSITIONS[action]
-        try:
-            alert = await store.alert(alert_id)
-        except (RedisError, OSError) as exc:
-            raise HTTPException(503, f"alert store unavailable: {exc}") from None
-        if alert is None:
-            raise HTTPException(404, f"no alert {alert_id}")
-        if alert.state not in transition.allowed_from:
-            raise HTTPException(409, f"alert {alert_id} is {alert.state}; cannot {action} it")
-        changed = alert.model_copy(update={"state": transition.to, "updated_at": utc_now()})
-        label = label_for(changed, transition.label, body.by) if transition.label is not None else None
-        key = alert.camera_id.encode()
-        try:
-            await producer.send_and_wait(topics.fall_events, key=key, value=encode(changed))
-            if label is not None:
-                await producer.send_and_wait(topics.labels, key=key, value=encode(label))
-        except KafkaError as exc:
-            raise HTTPException(503, f"could not publish the answer: {exc}") from None
-        try:
-            await store.apply(changed)
-            if label is not None:
-                await store.save_label(label)
-        except (RedisError, OSError) as exc:
-            # it is on Kafka: the alerting service writes it to Redis when Redis is back
-            log.error("answer on alert %s published but not stored in Redis: %s", alert_id, exc)
-        if label is not None:
-            metrics.answered(label.verdict)
-        if transition.to == "acknowledged":
-            metrics.ack_latency.observe((changed.updated_at - alert.opened_at).total_seconds())
-        log.info("alert %s %s by %s", alert_id, transition.to, body.by)
-        return {"alert": changed.model_dump(mode="json"), "label": label.model_dump(mode="json") if label else None}
-
-    @app.get("/api/events", dependencies=auth)
-    async def events(request: Request) -> StreamingResponse:
-        """Server-sent events: a `snapshot` of the active alerts, then every change from the Redis stream."""
-        try:
-            after = await store.last_event_id()
-            current = alerts_by_room(await store.active_alerts())
-        except (RedisError, OSError) as exc:
-            raise HTTPException(503, f"alert store unavailable: {exc}") from None
-
-        async def stream() -> AsyncIterator[str]:
-            nonlocal after
-            yield sse("snapshot", json.dumps({"rooms": current}), after)
-            while not await request.is_disconnected():
-                try:
-                    entries = await store.read_events(after, STREAM_BLOCK_MS)
-                except (RedisError, OSError) as exc:
-                    log.warning("event stream paused, Redis unavailable: %s", exc)
-                    yield ": redis unavailable\n\n"
-                    await asyncio.sleep(1.0)  # retry interval while Redis is down
-                    continue
-                if not entries:
-                    yield ": keep-alive\n\n"
-                for entry_id, fields in entries:
-                    after = entry_id
-                    yield sse(fields["kind"], fields["event"], entry_id)
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-
+    app.state.token, app.state.store, app.state.metrics = token, store, DashboardMetrics()
+    app.add_exception_handler(RedisError, store_unavailable)
+    app.add_exception_handler(OSError, store_unavailable)
+    app.include_router(api)
+    app.add_api_route("/snapshots/{alert_id}", signed_snapshot)
+    app.add_api_route("/", lambda: PAGE.read_text(), response_class=HTMLResponse)
+    app.add_api_route("/healthz", lambda: {"status": "ok"})
+    app.add_api_route(
+        "/metrics",
+        lambda: Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST),
+    )
     return app
-
-
-def sse(event: str, data: str, event_id: str) -> str:
-    return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
 
 
 def run_dashboard(settings: Settings) -> None:

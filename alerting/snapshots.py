@@ -15,7 +15,7 @@ from datetime import datetime
 from aiokafka import TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from core.kafka_io import make_consumer, topic_partitions
+from core.kafka_io import make_consumer, read_topic_partitions
 from core.settings import Settings
 from schemas import Frame, SchemaError, decode
 
@@ -33,7 +33,7 @@ async def find_frame_jpeg(
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()
     try:
-        partitions = await topic_partitions(consumer, topic)
+        partitions = await read_topic_partitions(settings, topic)
         if not partitions:
             return None
         key = camera_id.encode()

@@ -2,8 +2,8 @@
 
 `fall-events` is the durable record; Redis holds each alert's latest state, the
 set of alerts not closed yet, a stream of every change (`fallwatch:alert-events`,
-for caregiver apps and the dashboard's live updates), evidence snapshots and
-labels. A state change is applied by one Lua script, atomically and only
+for caregiver apps and the dashboard's live updates; each entry carries its readable
+`notification`), evidence snapshots and labels. A state change is applied by one Lua script, atomically and only
 forwards (open → acknowledged → resolved / false_alarm), so a replayed `open`
 never undoes what a caregiver did, and a change lands on the stream once.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from alerting.notifications import Notification
 from core.redis_io import redis_client
 from core.settings import RedisSettings
 from schemas import FallEvent, Label, decode, encode
@@ -43,7 +44,7 @@ def frame_label_key(frame_id: str) -> str:
     return f"{PREFIX}label:{frame_id}"
 
 
-# KEYS: alert, camera's open-alert pointer, active set, stream; ARGV: event JSON, stream cap
+# KEYS: alert, camera's open-alert pointer, active set, stream; ARGV: event JSON, stream cap, notification JSON
 APPLY_STATE = """
 local new = cjson.decode(ARGV[1])
 local rank = {open = 0, acknowledged = 1, resolved = 2, false_alarm = 2}
@@ -62,7 +63,7 @@ else
   end
 end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*',
-  'kind', 'state', 'alert_id', new['alert_id'], 'state', new['state'], 'event', ARGV[1])
+  'kind', 'state', 'alert_id', new['alert_id'], 'state', new['state'], 'event', ARGV[1], 'notification', ARGV[3])
 return 1
 """
 
@@ -126,10 +127,11 @@ class AlertStore:
         self._enqueue = self.redis.register_script(ENQUEUE_DELIVERY)
         self._claim = self.redis.register_script(CLAIM_DELIVERIES)
 
-    async def apply(self, event: FallEvent) -> bool:
+    async def apply(self, event: FallEvent, notification: Notification) -> bool:
         """Store a state change of an alert; False when Redis already has this state or a later one."""
         keys = [alert_key(event.alert_id), open_alert_key(event.camera_id), ACTIVE_ALERTS_KEY, ALERT_STREAM_KEY]
-        return bool(await self._apply_state(keys=keys, args=[encode(event), self.stream_maxlen]))
+        args: list[bytes | int | str] = [encode(event), self.stream_maxlen, notification.model_dump_json()]
+        return bool(await self._apply_state(keys=keys, args=args))
 
     async def alert(self, alert_id: str) -> FallEvent | None:
         raw = await self.redis.get(alert_key(alert_id))
@@ -160,10 +162,39 @@ class AlertStore:
         """True for the one worker that escalates this alert (workers swap cameras on a rebalance)."""
         return bool(await self.redis.set(escalated_key(alert_id), b"1", nx=True, ex=ESCALATION_MARK_TTL_S))
 
-    async def add_escalation(self, alert: FallEvent) -> None:
+    async def escalated(self, alert_ids: list[str]) -> set[str]:
+        """Which of these alerts were escalated."""
+        if not alert_ids:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for alert_id in alert_ids:
+                pipe.exists(escalated_key(alert_id))
+            marks = await pipe.execute()
+        return {alert_id for alert_id, mark in zip(alert_ids, marks, strict=True) if mark}
+
+    async def closed_alerts(self, limit: int, scan: int = 5000) -> list[FallEvent]:
+        """The newest closed alerts (resolved, false alarm), newest first, from the last `scan` stream entries."""
+        entries: list[Any] = await self.redis.xrevrange(ALERT_STREAM_KEY, count=scan)
+        closed: dict[str, FallEvent] = {}
+        for _, fields in entries:
+            if fields[b"kind"] == b"state" and fields[b"state"] in (b"resolved", b"false_alarm"):
+                alert = decode(FallEvent, fields[b"event"])
+                closed.setdefault(alert.alert_id, alert)
+                if len(closed) == limit:
+                    break
+        return list(closed.values())
+
+    async def add_escalation(self, alert: FallEvent, notification: Notification) -> None:
+        fields: dict[str | bytes, str | bytes] = {
+            "kind": "escalation",
+            "alert_id": alert.alert_id,
+            "state": alert.state,
+            "event": encode(alert),
+            "notification": notification.model_dump_json(),
+        }
         await self.redis.xadd(
             ALERT_STREAM_KEY,
-            {"kind": "escalation", "alert_id": alert.alert_id, "state": alert.state, "event": encode(alert)},
+            fields,  # type: ignore[arg-type]  # redis-py's hint wants an invariant dict of its own union
             maxlen=self.stream_maxlen,
             approximate=True,
         )
@@ -174,10 +205,6 @@ class AlertStore:
             for frame_id in label.frame_ids:
                 pipe.set(frame_label_key(frame_id), encode(label))
             await pipe.execute()
-
-    async def label_for_frame(self, frame_id: str) -> Label | None:
-        raw = await self.redis.get(frame_label_key(frame_id))
-        return decode(Label, raw) if raw else None
 
     async def last_event_id(self) -> str:
         """The id of the newest stream entry ("0-0" when there is none)."""

@@ -1,6 +1,7 @@
 """Signed webhooks to caregiver systems, retried with exponential backoff.
 
-Each POST carries the alert (a `FallEvent` as JSON) and these headers:
+Each POST carries the alert (a `FallEvent` as JSON, with the notification's fields
+`message`, `down_for_s`, `snapshot_url`, `escalated` and `drill`; `alerting.notifications`) and these headers:
 
 - `X-Fallwatch-Timestamp`: Unix time in seconds when the request was signed;
 - `X-Fallwatch-Signature`: `sha256=` + hex HMAC-SHA256 with the shared secret over
@@ -13,7 +14,6 @@ Connection errors, timeouts, 429 and 5xx are retried; any other 4xx is final.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt
 
 from core.settings import AlertingSettings
-from schemas import FallEvent, encode
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +74,15 @@ class WebhookSender:
             self._session = aiohttp.ClientSession(timeout=timeout)
         return self._session
 
-    async def attempt(self, url: str, event_name: str, alert: FallEvent) -> Attempt:
-        """One POST of `alert`, signed now."""
-        body = encode(alert)
+    async def attempt(self, url: str, event_name: str, alert_id: str, body: bytes) -> Attempt:
+        """One POST of `body` (about alert `alert_id`), signed now."""
         timestamp = str(int(time.time()))  # signed anew on each try, so a retry is never stale
         headers = {
             "Content-Type": "application/json",
             TIMESTAMP_HEADER: timestamp,
             SIGNATURE_HEADER: sign(self.settings.webhook_key(), timestamp, body),
             EVENT_HEADER: event_name,
-            IDEMPOTENCY_HEADER: alert.alert_id,
+            IDEMPOTENCY_HEADER: alert_id,
         }
         try:
             async with self._client().post(url, data=body, headers=headers) as response:
@@ -91,7 +90,7 @@ class WebhookSender:
                     return Attempt(accepted=True, final=True, problem="")
                 problem = f"HTTP {response.status}"
                 if not retryable(response.status):
-                    log.error("webhook %s refused %s for alert %s: %s", url, event_name, alert.alert_id, problem)
+                    log.error("webhook %s refused %s for alert %s: %s", url, event_name, alert_id, problem)
                     return Attempt(accepted=False, final=True, problem=problem)
                 return Attempt(accepted=False, final=False, problem=problem)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -101,31 +100,38 @@ class WebhookSender:
         """Backoff before try `attempt + 1`: doubling from `webhook_backoff_s`, at most MAX_BACKOFF_S."""
         return min(self.settings.webhook_backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
 
-    def say_retry(self, url: str, event_name: str, alert: FallEvent, attempt: int, problem: str) -> None:
+    def say_retry(self, url: str, event_name: str, alert_id: str, attempt: int, problem: str) -> None:
         log.warning(
             "webhook %s, %s for alert %s, attempt %d failed (%s); retrying in %.1f s",
             url,
             event_name,
-            alert.alert_id,
+            alert_id,
             attempt,
             problem,
             self.retry_delay_s(attempt),
         )
 
-    def say_gave_up(self, url: str, event_name: str, alert: FallEvent, problem: str) -> None:
-        log.error("webhook %s gave up on %s for alert %s: %s", url, event_name, alert.alert_id, problem)
+    def say_gave_up(self, url: str, event_name: str, alert_id: str, problem: str) -> None:
+        log.error("webhook %s gave up on %s for alert %s: %s", url, event_name, alert_id, problem)
 
-    async def deliver(self, url: str, event_name: str, alert: FallEvent) -> bool:
+    async def deliver(self, url: str, event_name: str, alert_id: str, body: bytes) -> bool:
         """Every attempt in this process, with backoff (the outbox's retries survive a restart instead)."""
-        for number in range(1, self.settings.webhook_attempts + 1):
-            result = await self.attempt(url, event_name, alert)
-            if result.final:
-                return result.accepted
-            if number < self.settings.webhook_attempts:
-                self.say_retry(url, event_name, alert, number, result.problem)
-                await asyncio.sleep(self.retry_delay_s(number))  # backoff between attempts
-        self.say_gave_up(url, event_name, alert, result.problem)
-        return False
+
+        def say_retry(state: RetryCallState) -> None:
+            assert state.outcome is not None
+            self.say_retry(url, event_name, alert_id, state.attempt_number, state.outcome.result().problem)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_result(lambda result: not result.final),
+            stop=stop_after_attempt(self.settings.webhook_attempts),
+            wait=lambda state: self.retry_delay_s(state.attempt_number),
+            before_sleep=say_retry,
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        )
+        result: Attempt = await retrying(self.attempt, url, event_name, alert_id, body)
+        if not result.final:
+            self.say_gave_up(url, event_name, alert_id, result.problem)
+        return result.accepted
 
     async def close(self) -> None:
         if self._session is not None:

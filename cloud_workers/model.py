@@ -8,7 +8,7 @@ the prompt, not from generated text (one forward pass, a real probability, no pa
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -172,14 +172,18 @@ class LlavaVideoCloudModel:
         if device_map is not None:
             torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             model = LlavaNextVideoForConditionalGeneration.from_pretrained(
-                model_id_or_dir, revision=revision, dtype=resolve_dtype(dtype, torch_device), device_map=device_map
+                model_id_or_dir,
+                revision=revision or "main",
+                dtype=resolve_dtype(dtype, torch_device),
+                device_map=device_map,
             )
         else:
             torch_device = resolve_device(device)
             model = LlavaNextVideoForConditionalGeneration.from_pretrained(
-                model_id_or_dir, revision=revision, dtype=resolve_dtype(dtype, torch_device)
-            ).to(torch_device)
-        processor = LlavaNextVideoProcessor.from_pretrained(model_id_or_dir, revision=revision)
+                model_id_or_dir, revision=revision or "main", dtype=resolve_dtype(dtype, torch_device)
+            )
+            torch.nn.Module.to(model, torch_device)
+        processor = LlavaNextVideoProcessor.from_pretrained(model_id_or_dir, revision=revision or "main")
         return cls(model, processor, question, num_frames, name=model_id_or_dir)
 
     def prompt(self, question: str) -> str:
@@ -189,7 +193,8 @@ class LlavaVideoCloudModel:
                 "content": [{"type": "video"}, {"type": "text", "text": f"{question} {ANSWER_INSTRUCTION}"}],
             }
         ]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        # content parts are a list of dicts; transformers' hint allows only strings
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)  # type: ignore[arg-type]
 
     def prepare(self, clips: list[Clip]) -> ModelInputs:
         """The processed inputs of clips asked this model's question, on the CPU."""
@@ -310,5 +315,6 @@ def video_tokens_per_frame(config: LlavaNextVideoConfig) -> int:
 
     For LLaVA-NeXT-Video-7B: 336 / 14 = 24 patches a side, pooled by 2 → 12² = 144.
     """
-    patches_per_side = config.vision_config.image_size // config.vision_config.patch_size
+    vision: Any = config.vision_config  # a CLIPVisionConfig; typed as any sub-config
+    patches_per_side = vision.image_size // vision.patch_size
     return (patches_per_side // config.spatial_pool_stride) ** 2

@@ -180,6 +180,8 @@ class PoseFallClassifier(PreTrainedModel):
     def __init__(self, config: PoseFallConfig) -> None:
         super().__init__(config)
         # the training split's feature statistics travel with the weights
+        self.feature_mean: torch.Tensor
+        self.feature_std: torch.Tensor
         self.register_buffer("feature_mean", torch.zeros(config.feature_size))
         self.register_buffer("feature_std", torch.ones(config.feature_size))
         self.classifier = nn.Sequential(
@@ -206,7 +208,7 @@ class PoseFallCloudModel:
 
     @classmethod
     def from_pretrained(cls, model_dir: str, revision: str | None = None) -> PoseFallCloudModel:
-        return cls(PoseFallClassifier.from_pretrained(model_dir, revision=revision), name=model_dir)
+        return cls(PoseFallClassifier.from_pretrained(model_dir, revision=revision or "main"), name=model_dir)
 
     def prepare(self, clips: list[Clip]) -> list[Pose | None]:
         """The pose in each clip's newest frame (the frame the edge offloaded): BlazePose, on the CPU."""

@@ -1,7 +1,7 @@
 """The cloud worker: a consumer group on `cloud-requests` running the large video model.
 
 Per batch (up to `cloud.batch_size` requests, or `cloud.batch_wait_ms` after the first
-arrived; see `batching`): requests past their deadline get the edge's answer as the
+arrived; see `core.consumer`): requests past their deadline get the edge's answer as the
 final verdict (`edge-fallback`: the alerting service has used it already, and the log
 still holds one final verdict per frame); the others' clips are fetched from Redis
 (claim check) — a clip that expired falls back to the frame itself, read back from
@@ -13,8 +13,8 @@ While one batch is in the model the next is collected, its clips fetched (one MG
 decoded (on a thread per core) and pre-processed (`CloudModel.prepare`); then the partitions
 stay paused (polled, so the group keeps this worker) until the model is free, or until
 `cloud.stuck_batch_s` after the batch went in: then the polls stop, and the group gives the
-partitions of a worker with a hung GPU to another.
-A batch's offsets are committed only after every one of its outputs is acked.
+partitions of a worker with a hung GPU to another. Batches, commits (only after every output
+of the batch is acked) and rebalances are `core.consumer`'s.
 """
 
 from __future__ import annotations
@@ -23,30 +23,24 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import cast
 
 import numpy as np
 import torch
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 
-from cloud_workers.batching import Arrival, Batch, collect_batch, while_paused
 from cloud_workers.energy import BatchCost, CostMeter, open_energy_meter
 from cloud_workers.loading import load_cloud_model
 from cloud_workers.metrics import CloudMetrics
 from cloud_workers.model import Clip, CloudModel
+from core.consumer import Arrival, Batch, BatchConsumer
 from core.images import decode_jpeg_rgb
-from core.kafka_io import (
-    assigned_lag,
-    commit_held_offsets,
-    decode_batch,
-    make_consumer,
-    make_producer,
-    send,
-    start_clients,
-)
+from core.kafka_io import decode_batch, make_consumer, make_producer, send, start_clients
 from core.redis_io import RedisOutage, redis_client
 from core.settings import Settings
 from schemas import CloudRequest, Frame, SchemaError, Verdict, decode, utc_now
@@ -117,10 +111,10 @@ class CloudWorker:
         self.redis_outage = RedisOutage(SERVICE, self.metrics.redis_failures.inc)
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = make_consumer(
+        batches = BatchConsumer(
             self.settings,
             self.topics.cloud_requests,
-            group_id=self.cloud.group_id,
+            self.cloud.group_id,
             max_poll_interval_ms=self.cloud.max_poll_interval_ms,
         )
         producer = make_producer(self.settings)
@@ -134,7 +128,8 @@ class CloudWorker:
         try:
             # first: a port in use is one line naming the setting, and the clients below are closed
             self.metrics.serve(self.cloud.metrics_port, "cloud.metrics_port")
-            await start_clients(self.settings, producer, fetcher.consumer, consumer)  # retried while Kafka is down
+            await start_clients(self.settings, producer, fetcher.consumer)  # retried while Kafka is down
+            await batches.start()
             while not stop.is_set():
                 if answering is not None:
                     if answering.done():
@@ -142,31 +137,30 @@ class CloudWorker:
                         answering = None
                     elif time.monotonic() >= stuck_at:
                         # Stuck: no more polls, not even for the next batch, so the group can
-                        # hand the partitions to another worker (see batching.while_paused).
-                        await while_paused(consumer, answering, self.cloud.keepalive_s, stuck_at)
+                        # hand the partitions to another worker (see BatchConsumer.while_paused).
+                        await batches.while_paused(answering, self.cloud.keepalive_s, stuck_at)
                         continue
-                batch = await collect_batch(
-                    consumer,
+                batch = await batches.collect(
                     max_records=self.cloud.batch_size,
                     max_wait_s=self.cloud.batch_wait_ms / 1000,
                     idle_wait_s=self.cloud.poll_idle_ms / 1000,
                 )
                 # what GPU capacity is decided on: requests waiting behind this worker's position
-                self.metrics.consumer_lag.set(await assigned_lag(consumer))
+                self.metrics.consumer_lag.set(await batches.lag())
                 if batch is None:
                     continue
                 prepared = await self.prepare(batch, producer, fetcher, redis)
                 if answering is not None:
-                    await while_paused(consumer, answering, self.cloud.keepalive_s, stuck_at)
-                answering = asyncio.create_task(self.answer_and_commit(prepared, consumer, producer))
+                    await batches.while_paused(answering, self.cloud.keepalive_s, stuck_at)
+                answering = asyncio.create_task(self.answer_and_commit(prepared, batches, producer))
                 stuck_at = time.monotonic() + self.cloud.stuck_batch_s
             if answering is not None:
-                await while_paused(consumer, answering, self.cloud.keepalive_s, stuck_at)
+                await batches.while_paused(answering, self.cloud.keepalive_s, stuck_at)
         finally:
             if answering is not None and not answering.done():
                 await asyncio.wait({answering})  # it uses the clients stopped below
             self.metrics.close()
-            await consumer.stop()
+            await batches.stop()
             await fetcher.stop()
             await producer.stop()
             await redis.aclose()
@@ -214,15 +208,15 @@ class CloudWorker:
         return PreparedBatch(batch, jobs, inputs, fetch_s, preprocess_s, acks)
 
     async def answer_and_commit(
-        self, prepared: PreparedBatch, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
+        self, prepared: PreparedBatch, batches: BatchConsumer, producer: AIOKafkaProducer
     ) -> None:
         """One forward for the batch, its verdicts, then its offsets once every output is acked."""
         acks = prepared.acks
         if prepared.jobs:
             acks += await self.answer(prepared, producer)
-        await asyncio.gather(*acks)
         # This batch's offsets only: the next batch is already consumed but not answered yet.
-        await commit_held_offsets(consumer, prepared.batch.next_offsets())
+        batches.answered(prepared.batch, acks)
+        await batches.drain()
 
     async def fetch_clips(self, requests: list[CloudRequest], fetcher: FrameFetcher, redis: Redis) -> list[Clip | None]:
         """Each request's clip as RGB frames (oldest first); None where neither clip nor frame can be read."""
@@ -230,7 +224,10 @@ class CloudWorker:
         missing: list[bytes | None] = [None] * len(keys)
         values = (
             await self.redis_outage.call(
-                "clips are read as single frames from Kafka", lambda: redis.mget(keys), missing
+                "clips are read as single frames from Kafka",
+                # the client never decodes responses: the values are bytes
+                lambda: cast(Awaitable[list[bytes | None]], redis.mget(keys)),
+                missing,
             )
             if keys
             else []
@@ -262,20 +259,12 @@ class CloudWorker:
             worker_s = time.monotonic() - job.arrival.at
             self.metrics.request_seconds.observe(worker_s)
             self.metrics.count("cloud")
-            verdict = Verdict(
-                frame_id=request.frame_id,
-                camera_id=request.camera_id,
-                room=request.room,
-                captured_at=request.captured_at,
-                source="cloud",
-                final=True,
-                fall_probability=float(probability),
-                decision=bool(probability >= self.cloud.decision_threshold),
-                switcher_score=request.switcher_score,
-                offload_reason=request.reason,
-                edge_model=request.edge.model,
+            verdict = Verdict.for_request(
+                request,
+                "cloud",
+                float(probability),
+                bool(probability >= self.cloud.decision_threshold),
                 cloud_model=self.model.name,
-                switcher_version=request.switcher_version,
                 timings_ms={
                     "queue": (batch.closed_at - job.arrival.at) * 1000,  # waiting for the batch to close
                     "collect": batch.open_s * 1000,
@@ -325,20 +314,7 @@ def decode_clips(clips_jpegs: list[list[bytes]], pool: Executor) -> list[Clip | 
 
 def fallback(request: CloudRequest) -> Verdict:
     """The edge's answer as the final verdict of a request the cloud can no longer answer in time."""
-    return Verdict(
-        frame_id=request.frame_id,
-        camera_id=request.camera_id,
-        room=request.room,
-        captured_at=request.captured_at,
-        source="edge-fallback",
-        final=True,
-        fall_probability=request.edge.fall_probability,
-        decision=request.edge.decision,
-        switcher_score=request.switcher_score,
-        offload_reason=request.reason,
-        edge_model=request.edge.model,
-        switcher_version=request.switcher_version,
-    )
+    return Verdict.for_request(request, "edge-fallback", request.edge.fall_probability, request.edge.decision)
 
 
 async def run_cloud_worker(settings: Settings, stop: asyncio.Event, model: CloudModel | None = None) -> None:

@@ -32,6 +32,14 @@ def decode_jpeg_rgb(jpeg: bytes) -> np.ndarray | None:
         return None
 
 
+def decode_known_jpeg_rgb(jpeg: bytes) -> np.ndarray:
+    """`decode_jpeg_rgb` for frames this process made itself, where an undecodable one is a bug."""
+    image = decode_jpeg_rgb(jpeg)
+    if image is None:
+        raise ValueError("a JPEG made here could not be decoded")
+    return image
+
+
 def keep_freed_image_memory() -> None:
     """Let glibc's malloc keep the memory of freed images for the next ones instead of returning it to the OS.
 

@@ -337,7 +337,7 @@ class GroupLag:
             await consumer.start()
             self.clients = admin, consumer
         admin, consumer = self.clients
-        partitions = await topic_partitions(consumer, topic)
+        partitions = await topic_partitions(admin, topic)
         end_offsets = await consumer.end_offsets(partitions)
         committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
         return sum(
@@ -355,9 +355,20 @@ async def consumer_group_lag(settings: Settings, group_id: str, topic: str) -> i
         await reader.stop()
 
 
-async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """The topic's partitions, from fresh cluster metadata (a new client's cache may be empty)."""
-    # consumer.topics() fetches fresh metadata but does not store it in the client's cache, so
-    # partitions_for_topic() after it still answers None: read the fetched metadata itself.
-    cluster = await consumer._client.fetch_all_metadata()
-    return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
+async def topic_partitions(admin: AIOKafkaAdminClient, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, from fresh cluster metadata; none when the topic does not exist."""
+    # every topic's metadata: asking for this one by name could make a broker create it (auto.create.topics)
+    for description in await admin.describe_topics():
+        if description["topic"] == topic and description["error_code"] == 0:
+            return sorted(TopicPartition(topic, partition["partition"]) for partition in description["partitions"])
+    return []
+
+
+async def read_topic_partitions(settings: Settings, topic: str) -> list[TopicPartition]:
+    """`topic_partitions` with an admin client of its own, for a caller that holds none."""
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        return await topic_partitions(admin, topic)
+    finally:
+        await admin.close()

@@ -65,3 +65,27 @@ async def retry_until_up(
         return await retrying(attempt)
     except errors as exc:
         raise DependencyUnavailable(f"{what} unreachable for {timeout_s:.0f} s: {exc}") from None
+
+
+async def retry_until_done(
+    attempt: Callable[[], Awaitable[T]],
+    errors: tuple[type[BaseException], ...],
+    on_failure: Callable[[BaseException], None],
+    longest_s: float = LONGEST_RETRY_S,
+) -> T:
+    """`attempt()`, retried on `errors` with backoff (at most `longest_s` apart) until it succeeds.
+
+    For work that must not be dropped (it is still on its topic): `on_failure` reports each failure.
+    """
+
+    def report(state: RetryCallState) -> None:
+        exception = state.outcome.exception() if state.outcome is not None else None
+        assert exception is not None  # only errors are retried
+        on_failure(exception)
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(errors),
+        wait=wait_exponential(multiplier=FIRST_RETRY_S / 5, max=longest_s),
+        before_sleep=report,
+    )
+    return await retrying(attempt)

@@ -20,7 +20,7 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, exit_with_status)
 
 
-def run_until_signalled(service: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+def run_until_signalled(service: Callable[[asyncio.Event], Awaitable[object]]) -> None:
     """Run `service(stop)`; SIGINT or SIGTERM sets `stop` so the service drains and exits cleanly."""
 
     async def main() -> None:

@@ -398,6 +398,36 @@ class AlertRule(Section):
         return self
 
 
+class MqttSettings(Section):
+    """MQTT delivery and Home Assistant discovery (`alerting.channels.mqtt`); off while `host` is empty."""
+
+    host: str = Field("", description="broker host name (empty: no MQTT channel)")
+    port: int = Field(1883, ge=1, le=65535, description="1883 plain, 8883 TLS by convention")
+    username: str | None = Field(None, description="null: connect anonymously")
+    password: SecretStr | None = Field(None, description="also FALLWATCH_ALERTING__MQTT__PASSWORD")
+    password_file: Path | None = Field(None, description="a file holding the password (a mounted secret)")
+    tls: bool = Field(False, description="connect with TLS")
+    ca_file: Path | None = Field(None, description="TLS: CA certificate(s) of the broker (null: system)")
+    topic_prefix: str = Field("fallwatch", pattern=r"^[A-Za-z0-9_/-]+$", description="root of fallwatch's topics")
+    discovery_prefix: str = Field(
+        "homeassistant", pattern=r"^[A-Za-z0-9_/-]+$", description="Home Assistant's discovery prefix"
+    )
+    keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive; the broker publishes the will after 1.5 times")
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def readable_password(self) -> MqttSettings:
+        self.secret()
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+    def secret(self) -> str | None:
+        return read_secret(self.password, self.password_file, "password")
+
+
 class AlertingSettings(AlertRule):
     app_id: str = "fallwatch-alerting"
     rooms: dict[str, dict[str, float]] = Field(
@@ -424,6 +454,11 @@ class AlertingSettings(AlertRule):
     dashboard_port: int = Field(8088, ge=1, le=65535)
     dashboard_token: str = Field("", repr=False, description="bearer token of the dashboard; required to start it")
     dashboard_token_file: Path | None = Field(None, description="file holding dashboard_token (a Docker secret)")
+    dashboard_url: str = Field(
+        "", description="the dashboard as caregivers reach it, for snapshot links (empty: http://host:port)"
+    )
+    snapshot_link_ttl_s: int = Field(900, ge=1, description="how long a signed snapshot link stays valid")
+    mqtt: MqttSettings = MqttSettings()
 
     @model_validator(mode="after")
     def valid_rooms_and_webhooks(self) -> AlertingSettings:
@@ -441,6 +476,9 @@ class AlertingSettings(AlertRule):
     def dashboard_key(self) -> str:
         """The dashboard's bearer token, from the setting or its file ("" when neither is set)."""
         return secret_or_file(self.dashboard_token, self.dashboard_token_file, "dashboard_token")
+
+    def public_dashboard_url(self) -> str:
+        return (self.dashboard_url or f"http://{self.dashboard_host}:{self.dashboard_port}").rstrip("/")
 
     def rule_for(self, room: str) -> AlertRule:
         """The defaults with the room's overrides applied."""
@@ -644,7 +682,7 @@ class WithoutSections(PydanticBaseSettingsSource):
 
 
 class LocalStackSource(PydanticBaseSettingsSource):
-    """Kafka and Redis addresses (and credentials) of the stack `fallwatch stack up` started, when one runs."""
+    """Kafka, Redis and MQTT addresses (and credentials) of the stack `fallwatch stack up` started, if it runs."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
@@ -656,7 +694,10 @@ class LocalStackSource(PydanticBaseSettingsSource):
         state = json.loads(state_file.read_text())
         # addresses and, for a locked stack, credentials (written by fallwatch.stack.LocalStack.write_state)
         clients = state.get("clients", {})
-        return {"kafka": clients.get("kafka", {}), "redis": clients.get("redis", {})}
+        found = {"kafka": clients.get("kafka", {}), "redis": clients.get("redis", {})}
+        if clients.get("mqtt"):
+            found["alerting"] = {"mqtt": clients["mqtt"]}
+        return found
 
 
 def local_stack_state_file() -> Path:

@@ -224,7 +224,7 @@ class OutputCache:
         path = self.path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.stem}.partial.npz")
-        np.savez(partial, **arrays)
+        np.savez(partial, **arrays)  # type: ignore[arg-type]  # numpy's hint reads **arrays as allow_pickle
         partial.replace(path)  # a run stopped half-way leaves no truncated entry behind
 
 

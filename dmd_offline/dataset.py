@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +29,6 @@ if TYPE_CHECKING:  # the data set reads without torch
 
 MANIFEST_FILE = "manifest.json"
 SHARD_PATTERN = "shard-*.npz"
-PAPER_JSON_FILE = "dmd.json"
 UNKNOWN = -1  # ground truth or split not known for a row
 
 
@@ -64,9 +63,6 @@ class DmdRow:
     large_time_ms: float  # measured per-frame cloud-model time (from the log when logged)
     small_energy_j: float  # measured per-frame edge energy (RAPL), NaN when not measured
     large_energy_j: float  # measured per-frame cloud energy (NVML, or logged), NaN when not measured
-
-
-ROW_FIELDS = [field.name for field in fields(DmdRow)]
 
 
 @dataclass(frozen=True)

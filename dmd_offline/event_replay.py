@@ -193,22 +193,22 @@ def replay_clip(outputs: ClipOutputs, scores: np.ndarray, policy: Policy, settin
         heapq.heappush(arrivals, (answered_at, next(order), answer))
     fallbacks_sent: set[str] = set()
     while arrivals:
-        now, _, verdict = heapq.heappop(arrivals)
-        if verdict is None:  # alerting's timer: overdue cloud verdicts become edge-fallback verdicts
+        now, _, arrival = heapq.heappop(arrivals)
+        if arrival is None:  # alerting's timer: overdue cloud verdicts become edge-fallback verdicts
             for fallback in state.due_fallbacks(now):
                 if fallback.frame_id not in fallbacks_sent:
                     fallbacks_sent.add(fallback.frame_id)
                     heapq.heappush(arrivals, (now, next(order), fallback))
             continue
-        index = index_of[verdict.frame_id]
-        for output in state.observe(verdict, now):
+        index = index_of[arrival.frame_id]
+        for output in state.observe(arrival, now):
             if isinstance(output, PersonDown):
                 run.person_down.append(output)
             else:
                 run.alerts.append(output)
-        if verdict.final and index not in run.final_fall:
-            run.final_fall[index] = verdict.decision
-            run.fallbacks += verdict.source == "edge-fallback"
+        if arrival.final and index not in run.final_fall:
+            run.final_fall[index] = arrival.decision
+            run.fallbacks += arrival.source == "edge-fallback"
     return run
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,7 +22,7 @@ from aiokafka import TopicPartition
 
 from core.clips import ClipBuffers
 from core.images import decode_jpeg_rgb
-from core.kafka_io import make_consumer, topic_partitions
+from core.kafka_io import make_consumer, read_topic_partitions
 from core.settings import ConfigError, Settings
 from dmd_offline.clips import LABEL_VALUES, read_csv, read_labelled_clips
 from producers.video import SourceError, encode_jpeg, sample_frames
@@ -84,7 +85,7 @@ async def read_topic(
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()
     try:
-        partitions = await topic_partitions(consumer, topic)
+        partitions = await read_topic_partitions(settings, topic)
         starts = await offsets_at(consumer, partitions, millis(since), await consumer.beginning_offsets(partitions))
         ends = await offsets_at(consumer, partitions, millis(until), await consumer.end_offsets(partitions))
         for partition in partitions:
@@ -172,10 +173,13 @@ def clip_loader(jpegs: list[bytes]) -> Callable[[], list[np.ndarray]]:
 
 
 # --- labelled image folder --------------------------------------------------------------------
-def image_folder_items(folder: Path, limit_per_split: int | None = None) -> Iterator[ReplayItem]:
+def image_folder_items(
+    folder: Path, limit_per_split: int | None = None, splits: Collection[str] | None = None
+) -> Iterator[ReplayItem]:
     """Images listed in `labels.csv` (image,label,split[,…]); `meta.csv` adds `source_group` when present.
 
-    With `limit_per_split`, only the first that many rows of each split (in file order).
+    With `limit_per_split`, only the first that many rows of each split (in file order); with `splits`, only
+    rows of those splits (the others' images are not opened).
     """
     labels_csv = folder / "labels.csv"
     if not labels_csv.is_file():
@@ -195,7 +199,9 @@ def image_folder_items(folder: Path, limit_per_split: int | None = None) -> Iter
             raise ConfigError(
                 f"{labels_csv} row {number + 2}: label {row['label']!r} is not one of {list(LABEL_VALUES)}"
             )
-        if limit_per_split is not None and taken[split] >= limit_per_split:
+        if (splits is not None and split not in splits) or (
+            limit_per_split is not None and taken[split] >= limit_per_split
+        ):
             continue
         taken[split] += 1
         path = folder / row["image"]
@@ -245,6 +251,6 @@ def video_folder_items(folder: Path, fps: float, clip_frames: int, clip_seconds:
                 split=clip.split,
                 order_key=float(number * 1_000_000 + index),
                 image_rgb=image,
-                clip=lambda frames=frames: frames,
+                clip=partial(list, frames),
                 ground_truth=int(clip.is_fall and frame.position_s >= fall_start_s),
             )

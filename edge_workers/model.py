@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, cast, runtime_checkable
 
 import cv2
 import numpy as np
@@ -32,6 +32,7 @@ MAX_QUESTION_TOKENS = 40
 # Frames checked by `auto` CPU options when the facility gives none (see calibration/README.md).
 SHIPPED_CALIBRATION_FRAMES = Path(__file__).with_name("calibration")
 CALIBRATION_SUFFIXES = (".jpg", ".jpeg", ".png")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,15 @@ class ViltEdgeModel:
         device: str = "cpu",
         bf16_autocast: bool = False,
     ) -> None:
-        label2id = model.config.label2id
+        label2id = cast(dict[str, int], model.config.label2id or {})
         missing = [answer for answer in ("yes", "no") if answer not in label2id]
         if missing:
             raise ValueError(
                 f"edge model {name!r} has no answer label(s) {missing} in config.label2id; "
                 "a VQA checkpoint with 'yes' and 'no' answers is required"
             )
-        self.model = model.to(device).eval()
+        self.model = model
+        nn.Module.to(model, device).eval()
         self.processor = processor
         self.question = question
         self.name = name
@@ -113,8 +115,8 @@ class ViltEdgeModel:
         bf16_autocast: bool = False,
     ) -> ViltEdgeModel:
         """Load a hub id or a local checkpoint directory (model and processor)."""
-        model = ViltForQuestionAnswering.from_pretrained(model_id_or_dir, revision=revision)
-        processor = ViltProcessor.from_pretrained(model_id_or_dir, revision=revision)
+        model = ViltForQuestionAnswering.from_pretrained(model_id_or_dir, revision=revision or "main")
+        processor = ViltProcessor.from_pretrained(model_id_or_dir, revision=revision or "main")
         if quantize_int8:
             if device != "cpu":
                 raise ValueError("dynamic int8 quantisation runs on the CPU only")
@@ -201,9 +203,9 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def quantized_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 on the Linear layers (CPU): weights int8, activations quantised per batch."""
-    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+def quantized_int8(model: ModuleT) -> ModuleT:
+    """Dynamic int8 on the Linear layers (CPU): weights int8, activations per batch; a copy, same class."""
+    return cast(ModuleT, torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8))
 
 
 CpuOption = Literal["quantize_int8", "bf16_autocast"]
@@ -245,7 +247,7 @@ def calibration_images(folder: Path | None) -> tuple[list[np.ndarray], str]:
         raise ConfigError(f"{setting}: cannot read {', '.join(unreadable)} in {source}")
     if not images:
         raise ConfigError(f"{setting}: {source} holds no JPEG or PNG frames")
-    return images, ("the shipped frames" if folder is None else str(folder))
+    return [image for image in images if image is not None], ("the shipped frames" if folder is None else str(folder))
 
 
 def calibrate(model: ViltEdgeModel, edge: EdgeSettings) -> ViltEdgeModel:

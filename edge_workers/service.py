@@ -5,8 +5,9 @@ the JPEGs once, one batched edge-model forward (fall probability and hidden vect
 together), the switcher on the whole batch, then the routing policy (threshold,
 offload budget, exploration; `edge_workers.routing`) decides each frame: a final edge
 verdict, or a provisional verdict plus a `cloud-requests` record whose clip goes to
-Redis by claim check. Offsets are committed only after every output of the batch is
-acked. A newly published switcher is swapped in between batches (`edge_workers.registry`).
+Redis by claim check. Batches, commits (only after every output of the batch is acked)
+and rebalances are `core.consumer`'s. A newly published switcher is swapped in between
+batches (`between_batches`, `edge_workers.registry`).
 """
 
 from __future__ import annotations
@@ -16,43 +17,34 @@ import logging
 import math
 import random
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from typing import cast
 
 import numpy as np
 import simplejpeg
 import torch
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from redis.asyncio import Redis
 
 from core.clips import ClipBuffers
+from core.consumer import Batch, BatchConsumer
 from core.images import decode_jpeg_rgb, keep_freed_image_memory
-from core.kafka_io import (
-    assigned_lag,
-    commit_held_offsets,
-    decode_batch,
-    make_consumer,
-    make_producer,
-    send,
-    send_dead_letter,
-    start_clients,
-)
+from core.kafka_io import decode_batch, make_producer, send, send_dead_letter, start_clients
 from core.redis_io import RedisOutage, redis_client
 from core.settings import Settings
 from edge_workers.drift import DriftGuard
 from edge_workers.metrics import EdgeMetrics
 from edge_workers.model import CpuOptionCheck, EdgeModel, load_edge_model, torch_threads
 from edge_workers.registry import ActiveSwitcher, LoadedPair, PairRegistry, SwitcherRegistry
+from edge_workers.requests import Offload, cloud_request, store_clip
 from edge_workers.routing import RouteDecision, Router, RoutingPolicy
 from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, OffloadReason, Verdict, utc_now
 
 log = logging.getLogger(__name__)
 
 SERVICE = "edge_workers"
-FRAME_KEY_PREFIX = "fallwatch:frame:"
 # Batches answered while earlier ones wait for their acks; beyond this the worker waits (backpressure).
 MAX_BATCHES_IN_FLIGHT = 4
 # Per-partition fetch size of the `frames` consumer (the client's default). aiokafka asks a broker for more
@@ -81,14 +73,18 @@ class DecodingShare:
 
 @dataclass
 class FetchedBatch:
-    """A batch as fetched: its frames (decoding, then decoded), the acks of its dead letters, where it ends."""
+    """A batch as fetched: its frames (decoding, then decoded), the acks of its dead letters."""
 
-    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # the next offset of each partition
-    count: int = 0  # records fetched, dead letters included
+    batch: Batch | None = None  # None: nothing came within `edge.batch_wait_ms`
     decoding: list[DecodingShare] = field(default_factory=list)  # handed to the decode threads
     decoded: list[DecodedFrame] = field(default_factory=list)  # once `EdgeWorker.decoded` has run
     acks: list[asyncio.Future] = field(default_factory=list)
     decode_s: float = 0.0  # seconds the decode threads spent on it, summed over threads
+
+    @property
+    def count(self) -> int:
+        """Records fetched, dead letters included."""
+        return 0 if self.batch is None else len(self.batch.arrivals)
 
 
 @dataclass(frozen=True)
@@ -131,8 +127,6 @@ class EdgeWorker:
         self.metrics = EdgeMetrics()
         self.redis_outage = RedisOutage(SERVICE, self.metrics.redis_failures.inc)
         self.decode_pool = ThreadPoolExecutor(edge.decode_threads, thread_name_prefix="edge-decode")
-        # Records taken from the consumer, not yet in a batch (see `next_records`); dropped on a rebalance.
-        self.taken: deque[ConsumerRecord] = deque()
         self.metrics.use_switcher(self.active.metadata.version)
         self.metrics.use_cpu_options(cpu_options)
         if edge.max_offload_ratio is not None:
@@ -149,46 +143,41 @@ class EdgeWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         keep_freed_image_memory()
-        consumer = make_consumer(
-            self.settings, group_id=self.settings.edge.group_id, max_partition_fetch_bytes=FRAMES_FETCH_BYTES
+        batches = BatchConsumer(
+            self.settings, self.topics.frames, self.settings.edge.group_id, max_partition_fetch_bytes=FRAMES_FETCH_BYTES
         )
         producer = make_producer(self.settings)
         redis = redis_client(self.settings.redis)
-        commits = CommitQueue(consumer)
-        # Before a rebalance takes partitions away, commit what was answered on them.
-        consumer.subscribe([self.topics.frames], listener=DrainOnRevoke(commits, self.taken))
         fetching: asyncio.Task[FetchedBatch] | None = None
         try:
             # first: a port in use is one line naming the setting, and the clients below are closed
             self.metrics.serve(self.settings.edge.metrics_port, "edge.metrics_port")
-            await start_clients(self.settings, producer, consumer)  # retried while Kafka is unreachable
-            fetching = asyncio.create_task(self.fetch_batch(consumer, producer))
+            await start_clients(self.settings, producer)  # retried while Kafka is unreachable
+            await batches.start()
+            fetching = asyncio.create_task(self.fetch_batch(batches, producer))
             while fetching is not None:
-                batch = await fetching
+                fetched = await fetching
                 # The next batch is fetched while this one is decoded and answered, and its frames queue up
                 # behind this one's on the decode threads: neither the broker's round trip nor the decode
                 # threads wait for the model and the produce.
-                fetching = None if stop.is_set() else asyncio.create_task(self.fetch_batch(consumer, producer))
-                await self.decoded(batch, producer)
-                # Between batches, so each frame is answered by exactly one switcher.
-                await self.reload_switcher(redis)
-                if batch.offsets:
-                    acks = await self.handle_batch(batch, producer, redis)
-                    commits.add(AnsweredBatch(acks, batch.offsets))
-                await commits.commit_acked(wait=commits.in_flight() > MAX_BATCHES_IN_FLIGHT)
-                # records taken from the consumer but not yet in a batch are still waiting too
-                self.metrics.consumer_lag.set(await assigned_lag(consumer) + len(self.taken))
-            await commits.drain()
+                fetching = None if stop.is_set() else asyncio.create_task(self.fetch_batch(batches, producer))
+                await self.decoded(fetched, producer)
+                await self.between_batches(redis)
+                if fetched.batch is not None:
+                    batches.answered(fetched.batch, await self.handle_batch(fetched, producer, redis))
+                await batches.commit_acked(wait=batches.in_flight() > MAX_BATCHES_IN_FLIGHT)
+                self.metrics.consumer_lag.set(await batches.lag())
+            await batches.drain()
         finally:
             if fetching is not None:  # an error answering a batch: the next one is not answered either
                 fetching.cancel()
-            await consumer.stop()
+            await batches.stop()
             await producer.stop()
             await redis.aclose()
             self.metrics.close()
             self.decode_pool.shutdown()
 
-    async def fetch_batch(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> FetchedBatch:
+    async def fetch_batch(self, batches: BatchConsumer, producer: AIOKafkaProducer) -> FetchedBatch:
         """Up to `batch_size` records, waiting at most `batch_wait_ms` after the first one for the batch to fill.
 
         `getmany` returns as soon as anything is there; a model forward costs less per frame in a full
@@ -197,22 +186,16 @@ class EdgeWorker:
         of following it; `decoded` collects the images.
         """
         edge = self.settings.edge
-        batch = FetchedBatch()
-        wait_ms = edge.batch_wait_ms
-        deadline: float | None = None
-        while batch.count < edge.batch_size and wait_ms > 0:
-            records = await self.next_records(consumer, edge.batch_size - batch.count, wait_ms)
-            if deadline is None:
-                if not records:
-                    break
-                deadline = time.monotonic() + edge.batch_wait_ms / 1000
-            batch.offsets.update(next_offsets(records))
-            batch.count += len(records)
+        fetched = FetchedBatch()
+
+        async def start_decoding(records: list[ConsumerRecord]) -> None:
             good, dead_letter_acks = await decode_batch(producer, self.settings, SERVICE, Frame, records)
-            batch.acks.extend(dead_letter_acks)
-            batch.decoding.extend(self.start_decoding(good))
-            wait_ms = int((deadline - time.monotonic()) * 1000)
-        return batch
+            fetched.acks.extend(dead_letter_acks)
+            fetched.decoding.extend(self.start_decoding(good))
+
+        wait_s = edge.batch_wait_ms / 1000
+        fetched.batch = await batches.collect(edge.batch_size, wait_s, wait_s, on_records=start_decoding)
+        return fetched
 
     async def decoded(self, batch: FetchedBatch, producer: AIOKafkaProducer) -> None:
         """Wait for the batch's images; a frame that could not be decoded goes to `dead-letters` with the reason."""
@@ -226,19 +209,6 @@ class EdgeWorker:
                     batch.acks.append(await send_dead_letter(producer, self.settings, SERVICE, record, image))
         self.metrics.dead_letters.inc(batch.count - len(batch.decoded))
 
-    async def next_records(self, consumer: AIOKafkaConsumer, limit: int, wait_ms: int) -> list[ConsumerRecord]:
-        """Up to `limit` records, oldest first: those already taken from the consumer, else a new fetch's worth.
-
-        `getmany` is asked for everything the consumer has buffered, not just `limit`: aiokafka sends its
-        next fetch to a broker only once every partition it buffers from that broker is drained, so taking
-        it all at once keeps that fetch in flight while this batch is decoded and answered (plumbing bench,
-        when this was added: ~1,750 → ~1,850 frames/s).
-        """
-        if not self.taken:
-            fetched = await consumer.getmany(timeout_ms=wait_ms)
-            self.taken.extend(record for partition in fetched.values() for record in partition)
-        return [self.taken.popleft() for _ in range(min(limit, len(self.taken)))]
-
     def start_decoding(self, good: list[tuple[ConsumerRecord, Frame]]) -> list[DecodingShare]:
         """Hand the frames to the decode threads (JPEG decoding releases the GIL), one contiguous share
         each, so the hand-off to a thread is paid once per share rather than once per frame."""
@@ -251,12 +221,19 @@ class EdgeWorker:
             for start in range(0, len(good), share)
         ]  # fmt: skip
 
+    async def between_batches(self, redis: Redis) -> None:
+        """What changes the worker does between two batches, so each frame is answered by one model state."""
+        await self.reload_switcher(redis)
+
     async def reload_switcher(self, redis: Redis) -> None:
         announced = self.registry.last_announced
         key = self.registry.announce_key
         if key is not None:
             announced = await self.redis_outage.call(
-                "new switchers are found by the registry poll until it is back", lambda: redis.get(key), announced
+                "new switchers are found by the registry poll until it is back",
+                # the client never decodes responses: the value is bytes
+                lambda: cast(Awaitable[bytes | None], redis.get(key)),
+                announced,
             )
         loaded = await self.registry.refresh(self.active, announced)
         if loaded is None:
@@ -294,8 +271,8 @@ class EdgeWorker:
         base_rate = self.router.policy.exploration_rate
         rates = [self.drift.exploration_rate(item.frame.camera_id, base_rate) for item in decoded]
         routes = self.router.route(scores.tolist(), rates)
-        self.observe(decode_s, model_s, switcher_s, scores, routes)
         self.watch_drift(decoded, output.fall_probability, scores, routes)
+        self.observe(decode_s, model_s, switcher_s, scores, routes)
         timings_ms = {"decode": decode_s * 1000, "edge_model": model_s * 1000, "switcher": switcher_s * 1000}
         started = time.perf_counter()
         for item, probability, score, route in zip(decoded, output.fall_probability, scores, routes, strict=True):
@@ -364,11 +341,8 @@ class EdgeWorker:
     ) -> list[asyncio.Future]:
         frame = answer.item.frame
         offload = answer.route.offload
-        verdict = Verdict(
-            frame_id=frame.frame_id,
-            camera_id=frame.camera_id,
-            room=frame.room,
-            captured_at=frame.captured_at,
+        verdict = Verdict.for_frame(
+            frame,
             source="edge",
             final=offload is None,
             fall_probability=answer.probability,
@@ -387,38 +361,24 @@ class EdgeWorker:
         return acks
 
     async def cloud_request(self, answer: EdgeAnswer, reason: OffloadReason, redis: Redis) -> CloudRequest:
-        item = answer.item
-        frame = item.frame
+        record, frame = answer.item.record, answer.item.frame
         clip = self.clips.clip_ending_at(frame)
         ttl_s = self.settings.edge.clip_ttl_s
-
-        async def store_clip() -> bool:
-            async with redis.pipeline(transaction=False) as pipe:
-                for buffered in clip:
-                    pipe.set(FRAME_KEY_PREFIX + buffered.frame_id, buffered.jpeg, ex=ttl_s)
-                await pipe.execute()
-            return True
-
         # Without Redis the request goes without its clip: the cloud worker reads the frame itself from
         # `frames` (its position is in the request), so the frame is still answered.
-        if not await self.redis_outage.call("offloaded frames go without their clip", store_clip, False):
+        if not await self.redis_outage.call(
+            "offloaded frames go without their clip", lambda: store_clip(redis, clip, ttl_s), False
+        ):
             clip = []
-        return CloudRequest(
-            frame_id=frame.frame_id,
-            camera_id=frame.camera_id,
-            room=frame.room,
-            captured_at=frame.captured_at,
-            frame_position=KafkaPosition(
-                topic=item.record.topic, partition=item.record.partition, offset=item.record.offset
-            ),
-            clip_keys=[FRAME_KEY_PREFIX + buffered.frame_id for buffered in clip],
-            clip_frame_ids=[buffered.frame_id for buffered in clip],
+        offload = Offload(
             edge=EdgeOutput(fall_probability=answer.probability, decision=answer.decision, model=self.model.name),
             switcher_score=answer.score,
             switcher_version=self.active.metadata.version,
             reason=reason,
-            deadline=utc_now() + timedelta(seconds=self.settings.edge.cloud_deadline_s),
+            deadline_s=self.settings.edge.cloud_deadline_s,
         )
+        position = KafkaPosition(topic=record.topic, partition=record.partition, offset=record.offset)
+        return cloud_request(frame, position, clip, offload)
 
 
 def jpeg_size_problem(jpeg: bytes, min_side: int, max_pixels: int) -> str | None:
@@ -435,80 +395,6 @@ def jpeg_size_problem(jpeg: bytes, min_side: int, max_pixels: int) -> str | None
     if width * height > max_pixels:
         return f"frame of {width}×{height} pixels exceeds {max_pixels} pixels"
     return None
-
-
-@dataclass(frozen=True)
-class AnsweredBatch:
-    acks: list[asyncio.Future]
-    offsets: dict[TopicPartition, int]  # the next offset of each partition once the batch is committed
-
-
-def next_offsets(records: list[ConsumerRecord]) -> dict[TopicPartition, int]:
-    """The offset after the last of `records` in each of their partitions (records of a partition come in order)."""
-    return {TopicPartition(record.topic, record.partition): record.offset + 1 for record in records}
-
-
-class CommitQueue:
-    """Answered batches, oldest first; each one's offsets are committed once it and all before it are acked.
-
-    The next batch is fetched and answered while the broker acks the previous one's outputs, and while
-    it stores their offsets (one commit in flight at a time, like the Java client's `commitAsync`), so
-    the worker does not idle for a round trip per batch. At-least-once holds because a batch's offsets
-    are committed only after its outputs, and those of every batch before it, are acked.
-    """
-
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
-        self.consumer = consumer
-        self.batches: deque[AnsweredBatch] = deque()
-        self.acked_offsets: dict[TopicPartition, int] = {}  # acked, not yet sent in a commit
-        self.committing: asyncio.Task[None] | None = None
-
-    def add(self, batch: AnsweredBatch) -> None:
-        self.batches.append(batch)
-
-    def in_flight(self) -> int:
-        return len(self.batches)
-
-    async def commit_acked(self, wait: bool = False) -> None:
-        """Start committing the acked batches at the head of the queue (waiting for the oldest one's acks
-        when `wait`); if the previous commit is still in flight, they go with the next one."""
-        if wait and self.batches:
-            await asyncio.gather(*self.batches[0].acks)
-        while self.batches and all(ack.done() for ack in self.batches[0].acks):
-            batch = self.batches.popleft()
-            for ack in batch.acks:
-                ack.result()  # a failed send raises here, before anything is committed past it
-            self.acked_offsets.update(batch.offsets)
-        if self.committing is not None:
-            if not self.committing.done():
-                return
-            self.committing.result()
-        if self.acked_offsets:
-            self.committing = asyncio.create_task(commit_held_offsets(self.consumer, self.acked_offsets))
-            self.acked_offsets = {}
-
-    async def drain(self) -> None:
-        """Wait until every answered batch is acked and its offsets are committed."""
-        while self.batches or self.acked_offsets or (self.committing is not None and not self.committing.done()):
-            if self.committing is not None:
-                await asyncio.wait([self.committing])
-            await self.commit_acked(wait=True)
-        if self.committing is not None:
-            self.committing.result()
-
-
-class DrainOnRevoke(ConsumerRebalanceListener):
-    def __init__(self, commits: CommitQueue, taken: deque[ConsumerRecord]) -> None:
-        self.commits = commits
-        self.taken = taken
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.commits.drain()
-        # Whoever gets these partitions next (this worker too) fetches them again from the committed offsets.
-        self.taken.clear()
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Nothing to do: the group's committed offsets say where to start."""
 
 
 def pair_registry(settings: Settings) -> PairRegistry:

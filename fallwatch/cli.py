@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from alerting.cli import alerts_app
 from alerting.main import alerting, dashboard
 from cloud_workers.main import cloud
 from core.entry import ConfigOption, VersionOption, run_app, settings_with_logging
@@ -35,7 +36,7 @@ from producers.cli import cameras_app
 from producers.main import producer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-stack_app = typer.Typer(no_args_is_help=True, help="The local Kafka + Redis stack.")
+stack_app = typer.Typer(no_args_is_help=True, help="The local Kafka + Redis + MQTT stack.")
 models_app = typer.Typer(no_args_is_help=True, help="Model checkpoints and switchers.")
 topics_app = typer.Typer(no_args_is_help=True, help="The Kafka topics of fallwatch.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: a table, against a baseline measured in the same run.")
@@ -46,6 +47,7 @@ app.add_typer(dmd_app, name="dmd")
 app.add_typer(cameras_app, name="cameras")
 app.add_typer(config_app, name="config")
 app.add_typer(topics_app, name="topics")
+app.add_typer(alerts_app, name="alerts")
 bench_app.command("adaptation")(bench_adaptation)
 bench_app.command("alerting")(bench_alerting)
 bench_app.command("capacity")(bench_capacity)
@@ -64,7 +66,7 @@ def root(config: ConfigOption = None, version: VersionOption = False) -> None:
 # --- local stack ------------------------------------------------------------------------------
 @stack_app.command("up")
 def stack_up() -> None:
-    """Start Kafka (KRaft) and redis-server locally and create the topics."""
+    """Start Kafka (KRaft), redis-server and mosquitto locally and create the topics."""
     from core.kafka_io import topic_specs
     from fallwatch.stack import LocalStack
 
@@ -72,7 +74,8 @@ def stack_up() -> None:
     state = LocalStack.from_settings(settings).up(topic_specs(settings))
     typer.echo(
         f"kafka {state.bootstrap_servers} (pid {state.kafka.pid}), redis {state.redis_url} "
-        f"(pid {state.redis.pid}); logs in {settings.state_dir}"
+        f"(pid {state.redis.pid}), mqtt 127.0.0.1:{state.mqtt.port if state.mqtt else '-'} "
+        f"(pid {state.mqtt.pid if state.mqtt else '-'}); logs in {settings.state_dir}"
     )
 
 
@@ -95,7 +98,10 @@ def stack_status() -> None:
     if state is None:
         typer.echo("no local stack")
         raise typer.Exit(1)
-    for name, service in (("kafka", state.kafka), ("redis", state.redis)):
+    for name, service in (("kafka", state.kafka), ("redis", state.redis), ("mqtt", state.mqtt)):
+        if service is None:
+            typer.echo(f"{name}: not part of this stack (started before it had one)")
+            continue
         alive = pid_alive(service.pid) and port_accepts(service.port)
         typer.echo(f"{name}: {'up' if alive else 'DOWN'} port {service.port} pid {service.pid} log {service.log}")
     if not stack.healthy(state):

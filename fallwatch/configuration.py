@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -86,6 +87,7 @@ def secret_keys(model: type[BaseModel]) -> set[str]:
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """Dotted keys to leaf values; lists of mappings (cameras) by index, other lists as one value."""
+    items: Iterable[tuple[str, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):

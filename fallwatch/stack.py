@@ -1,8 +1,8 @@
-"""The local stack: a single-node Apache Kafka broker (KRaft) and a redis-server.
+"""The local stack: a single-node Apache Kafka broker (KRaft), a redis-server and a mosquitto MQTT broker.
 
 Kafka's jars come from Maven Central (pinned version, cached under the cache
-directory) and the broker runs with plain `java`; redis-server is the Debian
-package. Pids, ports and logs live in the state directory, so `stack status`
+directory) and the broker runs with plain `java`; redis-server and mosquitto are
+Debian packages. Pids, ports and logs live in the state directory, so `stack status`
 and `stack down` work from another process, and services find the addresses
 through `stack.json` (see core.settings).
 """
@@ -10,6 +10,8 @@ through `stack.json` (see core.settings).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import os
@@ -36,7 +38,10 @@ KAFKA_MAIN = "kafka.Kafka"
 KAFKA_STORAGE_TOOL = "kafka.tools.StorageTool"
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_REDIS_PORT = 6379
+DEFAULT_MQTT_PORT = 1883
 START_TIMEOUT_S = 60.0
+# Debian installs the broker in /usr/sbin, which is not on every user's PATH
+MOSQUITTO_PATHS = ("/usr/sbin/mosquitto",)
 
 
 class StackError(ConfigError):
@@ -75,6 +80,7 @@ class StackState:
     kafka_controller_port: int
     redis: ServiceState
     security: StackSecurity | None = None
+    mqtt: ServiceState | None = None  # None: a state file written before the stack had a broker
 
     @property
     def bootstrap_servers(self) -> str:
@@ -107,6 +113,23 @@ class StackState:
                 "password": None,
                 "password_file": self.security.password_file,
                 "ssl_ca_certs": self.security.cert_file,
+            }
+        return fields
+
+    def services(self) -> list[ServiceState]:
+        return [self.kafka, self.redis, *([self.mqtt] if self.mqtt else [])]
+
+    def mqtt_fields(self) -> dict[str, Any]:
+        """The `alerting.mqtt` settings a client of this stack needs ({} without a broker)."""
+        if self.mqtt is None:
+            return {}
+        fields: dict[str, Any] = {"host": "127.0.0.1", "port": self.mqtt.port}
+        if self.security is not None:
+            fields |= {
+                "username": self.security.username,
+                "password_file": self.security.password_file,
+                "tls": True,
+                "ca_file": self.security.cert_file,
             }
         return fields
 
@@ -202,13 +225,20 @@ def kafka_libs(cache_dir: Path) -> Path:
 
 
 class LocalStack:
-    """Starts, stops and reports on the local Kafka + Redis of one state directory."""
+    """Starts, stops and reports on the local Kafka + Redis + mosquitto of one state directory.
 
-    def __init__(self, state_dir: Path, cache_dir: Path, partitions: int = 4, secure: bool = False) -> None:
+    `default_ports`: take 9092, 6379 and 1883 when free (what a developer expects); a test session
+    takes any free ports, so sessions running side by side on one machine do not race for them.
+    """
+
+    def __init__(
+        self, state_dir: Path, cache_dir: Path, partitions: int = 4, secure: bool = False, default_ports: bool = True
+    ) -> None:
         self.state_dir = state_dir.resolve()
         self.cache_dir = cache_dir.resolve()
         self.partitions = partitions
         self.secure = secure
+        self.default_ports = default_ports
         self.state_file = self.state_dir / "stack.json"
 
     @classmethod
@@ -226,11 +256,12 @@ class LocalStack:
             kafka_controller_port=raw["kafka_controller_port"],
             redis=ServiceState(**raw["redis"]),
             security=StackSecurity(**raw["security"]) if raw.get("security") else None,
+            mqtt=ServiceState(**raw["mqtt"]) if raw.get("mqtt") else None,
         )
 
     def write_state(self, state: StackState) -> None:
         # `clients`: what a service's settings take from the running stack (core.settings.LocalStackSource)
-        clients = {"kafka": state.kafka_fields(), "redis": state.redis_fields()}
+        clients = {"kafka": state.kafka_fields(), "redis": state.redis_fields(), "mqtt": state.mqtt_fields()}
         self.state_file.write_text(json.dumps({**asdict(state), "clients": clients}, indent=2))
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -244,16 +275,25 @@ class LocalStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         libs = kafka_libs(self.cache_dir)
         security = self.make_security() if self.secure else None
+
         # a locked stack runs beside an ordinary one (tests): it takes any free ports, not the defaults
-        redis = self.start_redis(free_port(None if security else DEFAULT_REDIS_PORT), security)
-        kafka_port = free_port(None if security else DEFAULT_KAFKA_PORT)
+        def port(default: int) -> int:
+            return free_port(default if self.default_ports and security is None else None)
+
+        redis = self.start_redis(port(DEFAULT_REDIS_PORT), security)
+        kafka_port = port(DEFAULT_KAFKA_PORT)
         controller_port = free_port()
+        started = [redis]
         try:
+            started.append(self.start_mosquitto(port(DEFAULT_MQTT_PORT), security))
             kafka = self.start_kafka(libs, kafka_port, controller_port, security)
-        except BaseException:  # a StackError, or the start cut short (SIGTERM): redis-server must not run on
-            stop_pid(redis.pid)
+        except BaseException:  # a StackError, or the start cut short (SIGTERM): no server may run on
+            for service in started:
+                stop_pid(service.pid)
             raise
-        state = StackState(kafka=kafka, kafka_controller_port=controller_port, redis=redis, security=security)
+        state = StackState(
+            kafka=kafka, kafka_controller_port=controller_port, redis=redis, security=security, mqtt=started[1]
+        )
         self.write_state(state)
         self.create_topics(state, topics)
         return state
@@ -262,13 +302,16 @@ class LocalStack:
         state = self.read_state()
         if state is None:
             return False
-        stop_pid(state.kafka.pid)
-        stop_pid(state.redis.pid)
+        for service in state.services():
+            stop_pid(service.pid)
         self.state_file.unlink(missing_ok=True)
         return True
 
     def healthy(self, state: StackState) -> bool:
-        return all(pid_alive(service.pid) and port_accepts(service.port) for service in (state.kafka, state.redis))
+        # a stack from before the broker was part of it is restarted, so alerting finds one
+        return state.mqtt is not None and all(
+            pid_alive(service.pid) and port_accepts(service.port) for service in state.services()
+        )
 
     def make_security(self) -> StackSecurity:
         """A fresh password and a self-signed certificate for 127.0.0.1 / localhost (openssl)."""
@@ -322,14 +365,6 @@ class LocalStack:
         wait_for_port(process, port, "redis-server", log_path)
         return ServiceState(pid=process.pid, port=port, log=str(log_path))
 
-    def restart_redis(self) -> StackState:
-        """Stop and start redis-server on the same port (used to test outages)."""
-        state = self._require_state()
-        stop_pid(state.redis.pid)
-        state.redis = self.start_redis(state.redis.port, state.security)
-        self.write_state(state)
-        return state
-
     def stop_redis(self) -> None:
         stop_pid(self._require_state().redis.pid)
 
@@ -339,6 +374,35 @@ class LocalStack:
         state.redis = self.start_redis(state.redis.port, state.security)
         self.write_state(state)
         return state
+
+    # --- mosquitto -------------------------------------------------------------------------
+    def start_mosquitto(self, port: int, security: StackSecurity | None = None) -> ServiceState:
+        binary = shutil.which("mosquitto") or next((p for p in MOSQUITTO_PATHS if Path(p).is_file()), None)
+        if binary is None:
+            raise StackError("mosquitto is not installed (Debian: apt-get install -y mosquitto)")
+        config_path = self.state_dir / "mosquitto.conf"
+        # no persistence: retained state comes back from the alerting service on its next connection
+        lines = [f"listener {port} 127.0.0.1", "persistence false", "log_dest stdout", "log_type error warning notice"]
+        if os.geteuid() == 0:
+            lines.append("user root")  # as root it would switch to `mosquitto`, who cannot read the state dir
+        if security is None:
+            lines.append("allow_anonymous true")
+        else:
+            passwords = Path(security.password_file).with_name("mosquitto-passwords")
+            passwords.touch(mode=0o600)
+            passwords.write_text(f"{security.username}:{mosquitto_password_hash(security.password())}\n")
+            lines += [
+                "allow_anonymous false", f"password_file {passwords}",
+                f"certfile {security.cert_file}", f"keyfile {security.key_file}",
+            ]  # fmt: skip
+        config_path.write_text("\n".join(lines) + "\n")
+        log_path = self.state_dir / "mosquitto.log"
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                [binary, "-c", str(config_path)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_for_port(process, port, "mosquitto", log_path)
+        return ServiceState(pid=process.pid, port=port, log=str(log_path))
 
     # --- kafka -----------------------------------------------------------------------------
     def start_kafka(
@@ -437,6 +501,14 @@ def kafka_properties(port: int, controller_port: int, data: Path, security: Stac
             "",
         ]
     )
+
+
+def mosquitto_password_hash(password: str) -> str:
+    """A mosquitto password file entry's hash ($7$: PBKDF2-SHA512), as `mosquitto_passwd` writes it."""
+    salt = secrets.token_bytes(12)
+    iterations = 101
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def wait_for_port(process: subprocess.Popen[bytes], port: int, name: str, log_path: Path) -> None:

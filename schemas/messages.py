@@ -9,11 +9,11 @@ stays readable with ordinary Kafka tools.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 
 def utc_now() -> datetime:
@@ -125,6 +125,31 @@ class Verdict(Message):
     routing: Routing | None = Field(default=None, description="the edge's routing policy (edge verdicts)")
     produced_at: AwareDatetime = Field(default_factory=utc_now)
 
+    @classmethod
+    def for_frame(cls, frame: Frame | CloudRequest, **answer: Any) -> Verdict:
+        """The verdict on `frame` (a frame, or the request that offloaded it): its identity, and `answer`."""
+        return cls(
+            frame_id=frame.frame_id, camera_id=frame.camera_id, room=frame.room, captured_at=frame.captured_at, **answer
+        )
+
+    @classmethod
+    def for_request(
+        cls, request: CloudRequest, source: VerdictSource, fall_probability: float, decision: bool, **answer: Any
+    ) -> Verdict:
+        """The final verdict on an offloaded frame, carrying what the edge recorded about it."""
+        return cls.for_frame(
+            request,
+            source=source,
+            final=True,
+            fall_probability=fall_probability,
+            decision=decision,
+            switcher_score=request.switcher_score,
+            offload_reason=request.reason,
+            edge_model=request.edge.model,
+            switcher_version=request.switcher_version,
+            **answer,
+        )
+
 
 AlertState = Literal["open", "acknowledged", "resolved", "false_alarm"]
 
@@ -142,6 +167,8 @@ class FallEvent(Message):
     confidence: float = Field(ge=0.0, le=1.0)
     evidence_frame_ids: list[str]
     rule: str = Field(description="which confirmation rule fired, e.g. '3 of 5'")
+    drill: bool = Field(False, description="a fire drill (`fallwatch alerts test`): delivered, never a label")
+    answered_by: str | None = Field(None, description="who acknowledged, resolved or dismissed it, and where")
 
 
 class PersonDown(Message):

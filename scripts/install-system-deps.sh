@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # System packages from Debian, installed only when missing.
-#   scripts/install-system-deps.sh         what the local stack needs: redis-server, Java 17+, Maven (Kafka's jars)
+#   scripts/install-system-deps.sh         what the local stack needs: redis-server, mosquitto (MQTT), Java 17+,
+#                                          Maven (Kafka's jars)
 #   scripts/install-system-deps.sh --test  also what the tests need: stream servers, a headless browser,
 #                                          docker-compose and Prometheus
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+# the MQTT broker of the local stack and the MQTT tests (Debian installs it in /usr/sbin)
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 if [ "${1:-}" = "--test" ]; then

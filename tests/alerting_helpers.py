@@ -20,13 +20,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TypeVar
 
+import cv2
 import pytest
 from aiokafka import TopicPartition
 
 from core.kafka_io import make_admin, make_consumer, make_producer
 from core.settings import Settings
 from fallwatch.stack import StackState, free_port
-from schemas import FallEvent, Message, Verdict, VerdictSource, decode, encode, utc_now
+from schemas import FallEvent, Frame, Message, Verdict, VerdictSource, decode, encode, utc_now
 from tests.conftest import REPO, settings_for, write_config
 
 M = TypeVar("M", bound=Message)
@@ -219,6 +220,35 @@ def wait_for(condition: Callable[[], object], what: str, timeout_s: float = WAIT
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.1)  # polling interval
+
+
+def fall_with_frames(settings: Settings, clip_path: Path, name: str) -> FallEvent:
+    """Three fall verdicts of a new camera, their frames (real JPEGs) on `frames`; returns the alert."""
+    camera = unique_camera(name)
+    verdicts = [make_verdict(camera, seq, fall=True, start=utc_now()) for seq in range(3)]
+    capture = cv2.VideoCapture(str(clip_path))
+    ok, image = capture.read()
+    capture.release()
+    assert ok
+    ok, jpeg = cv2.imencode(".jpg", image)
+    assert ok
+    frames = [
+        Frame(
+            frame_id=v.frame_id,
+            camera_id=camera,
+            room=v.room,
+            seq=seq,
+            captured_at=v.captured_at,
+            width=image.shape[1],
+            height=image.shape[0],
+            jpeg=jpeg.tobytes(),
+        )
+        for seq, v in enumerate(verdicts)
+    ]
+    asyncio.run(produce(settings, settings.kafka.topics.frames, [(camera, encode(f)) for f in frames]))
+    send_verdicts(settings, verdicts)
+    (alert,) = alerts_of(settings, camera)
+    return alert
 
 
 # --- a webhook receiver --------------------------------------------------------------------------

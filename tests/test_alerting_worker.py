@@ -9,9 +9,12 @@ each other and of their order.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -21,12 +24,13 @@ from pathlib import Path
 import pytest
 import redis
 
+from alerting.notifications import link_is_valid, readable_duration
 from alerting.rules import alert_id_for, rule_name
 from alerting.store import ALERT_STREAM_KEY, alert_key, open_alert_key
 from alerting.webhooks import WebhookSender, signature_is_valid
 from core.settings import CONFIG_ENV, AlertingSettings, RedisSettings, Settings
 from fallwatch.stack import LocalStack, StackState, free_port, stop_pid
-from schemas import DeadLetter, FallEvent, PersonDown, Verdict, decode, utc_now
+from schemas import DeadLetter, FallEvent, PersonDown, Verdict, decode, encode, utc_now
 from tests.alerting_helpers import (
     WEBHOOK_SECRET,
     WebhookReceiver,
@@ -47,6 +51,7 @@ from tests.alerting_helpers import (
 from tests.conftest import REPO, read_all
 
 CLOUD_WAIT_S = 2.0
+DASHBOARD_TOKEN = "test-dashboard-token"
 ESCALATE_AFTER_S = 4.0
 
 
@@ -72,6 +77,7 @@ def shared_settings(
         webhook_secret=WEBHOOK_SECRET,
         webhook_backoff_s=0.2,
         metrics_port=free_port(),
+        dashboard_token=DASHBOARD_TOKEN,  # the key of the notifications' snapshot links
     )
     with alerting_worker(settings, tmp_path):
         yield settings
@@ -230,7 +236,17 @@ def test_signed_webhook_is_retried_and_an_unacknowledged_alert_escalates(
     assert [d.status for d in tries] == [503, 200]
     assert all(d.signature_valid and d.event == "alert.opened" for d in tries)
     assert {body_alert_id(d) for d in tries} == {alert.alert_id}
-    assert decode(FallEvent, tries[1].body).evidence_frame_ids == alert.evidence_frame_ids
+    body = json.loads(tries[1].body)
+    assert FallEvent.model_validate({k: body[k] for k in FallEvent.model_fields}) == alert, "the alert's fields"
+    # and a notification a person reads: one sentence, the room, the time down, a signed snapshot link
+    assert body["message"] == f"Room {alert.room}: person down for {readable_duration(body['down_for_s'])} — " + (
+        "seen in 3 of the last 5 frames"
+    )
+    assert body["room"] == alert.room and body["down_for_s"] >= 0 and not body["drill"]
+    link = urllib.parse.urlsplit(body["snapshot_url"])
+    assert link.path == f"/snapshots/{alert.alert_id}"
+    query = dict(urllib.parse.parse_qsl(link.query))
+    assert link_is_valid(DASHBOARD_TOKEN, alert.alert_id, int(query["expires"]), query["signature"], time.time())
 
     # nobody acknowledged the first alert: after E it goes to the escalation channel, once
     escalations = wait_for(
@@ -239,9 +255,14 @@ def test_signed_webhook_is_retried_and_an_unacknowledged_alert_escalates(
         timeout_s=30,
     )
     assert all(d.signature_valid and d.event == "alert.escalated" for d in escalations)
+    escalated = json.loads(escalations[-1].body)
+    assert escalated["escalated"] and "nobody has acknowledged it" in escalated["message"]
     stream = store.xrange(ALERT_STREAM_KEY)
-    kinds = [fields[b"kind"] for _, fields in stream if fields[b"alert_id"] == alert.alert_id.encode()]
-    assert kinds == [b"state", b"escalation"]
+    entries = [fields for _, fields in stream if fields[b"alert_id"] == alert.alert_id.encode()]
+    assert [fields[b"kind"] for fields in entries] == [b"state", b"escalation"]
+    messages = [json.loads(fields[b"notification"])["message"] for fields in entries]
+    assert messages[0].startswith(f"Room {alert.room}: person down for ")
+    assert "nobody has acknowledged it" in messages[1]
     # the acknowledged alert opened at the same time and was never escalated
     assert receiver.received("/escalations", acknowledged.alert_id) == []
     assert decode(FallEvent, store.get(alert_key(acknowledged.alert_id))).state == "acknowledged"
@@ -388,8 +409,10 @@ def test_webhook_sender_gives_up_on_a_refusal_at_once_and_on_a_dead_receiver_aft
     async def send_both() -> tuple[bool, bool]:
         sender = WebhookSender(wrong_secret)
         try:
-            refused = await sender.deliver(f"{receiver.url}/alerts", "alert.opened", alert)
-            unreachable = await sender.deliver(f"http://127.0.0.1:{dead_port}/", "alert.opened", alert)
+            refused = await sender.deliver(f"{receiver.url}/alerts", "alert.opened", alert.alert_id, encode(alert))
+            unreachable = await sender.deliver(
+                f"http://127.0.0.1:{dead_port}/", "alert.opened", alert.alert_id, encode(alert)
+            )
             return refused, unreachable
         finally:
             await sender.close()

@@ -108,15 +108,18 @@ def test_stack_up_status_down_uses_free_ports(tmp_path: Path, stack_state) -> No
         # the session's stack already holds its ports: this one must have found others
         assert state["kafka"]["port"] != stack_state.kafka.port
         assert state["redis"]["port"] != stack_state.redis.port
+        assert state["mqtt"]["port"] != stack_state.mqtt.port
+        assert state["clients"]["mqtt"] == {"host": "127.0.0.1", "port": state["mqtt"]["port"]}
         assert asyncio.run(partition_counts(f"127.0.0.1:{state['kafka']['port']}")) == {
             name: 4 for name in Topics().all()
         }, "every topic is created with 4 partitions"
         status = run_fallwatch("stack", "status", env=env)
         assert status.returncode == 0
-        assert "kafka: up" in status.stdout and "redis: up" in status.stdout
+        assert "kafka: up" in status.stdout and "redis: up" in status.stdout and "mqtt: up" in status.stdout
     finally:
         down = run_fallwatch("stack", "down", env=env)
     assert down.returncode == 0 and "stopped" in down.stdout
+    assert not pid_alive(state["mqtt"]["pid"]), "mosquitto stops with the stack"
     after = run_fallwatch("stack", "status", env=env)
     assert after.returncode == 1 and "no local stack" in after.stdout
 

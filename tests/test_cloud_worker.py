@@ -1,7 +1,8 @@
 """The cloud worker on the real stack with the tiny LLaVA-NeXT-Video: batching, deadlines, fallbacks, restarts.
 
-Requests are made the way an edge worker makes them (`publish_requests`: the frame to
-`frames`, the clip's JPEGs to Redis, the request to `cloud-requests`); the worker runs
+Requests are made with the edge worker's own claim check and request builder
+(`fallwatch.devkit.cloud_requests.publish_requests`: the clip's frames to Redis, the last
+one to `frames`, the request to `cloud-requests`); the worker runs
 in this process (the model loads once) except in the restart test, which runs
 `python -m cloud_workers` as a subprocess and stops it with SIGTERM.
 """
@@ -30,8 +31,8 @@ from cloud_workers.service import CloudWorker, decode_clips, run_cloud_worker
 from core.images import decode_jpeg_rgb
 from core.kafka_io import consumer_group_lag, make_producer
 from core.settings import Settings
-from fallwatch.benchmarks.cloud import encode_jpeg, publish_requests, synthetic_clip
 from fallwatch.cli import main
+from fallwatch.devkit.cloud_requests import encode_jpeg, publish_requests, synthetic_clip
 from fallwatch.devkit.models import ModelPaths
 from schemas import CloudRequest, DeadLetter, KafkaPosition, Verdict, encode
 from tests.conftest import (

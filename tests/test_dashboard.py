@@ -13,12 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import httpx
 import pytest
 import redis
@@ -27,25 +27,25 @@ from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from alerting.dashboard import label_id_for
+from alerting.answers import label_id_for
+from alerting.notifications import Notifier, link_signature
 from alerting.store import alert_key, frame_label_key
 from core.settings import Settings
 from fallwatch.stack import StackState, free_port, port_accepts
-from schemas import FallEvent, Frame, Label, decode, encode, utc_now
+from schemas import FallEvent, Label, decode
 from tests.alerting_helpers import (
     alerting_settings,
     alerting_worker,
     alerts_of,
-    make_verdict,
-    produce,
+    fall_with_frames,
     read_until,
-    send_verdicts,
-    unique_camera,
     wait_for,
 )
 from tests.conftest import REPO, write_config
 
 TOKEN = "test-dashboard-token"
+ESCALATE_AFTER_S = 5.0
+SCREENSHOTS = REPO / "docs" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
@@ -62,7 +62,10 @@ def dashboard(stack_state: StackState, tmp_path_factory: pytest.TempPathFactory)
     """The alerting service and `fallwatch dashboard`, both as subprocesses with one config."""
     tmp_path = tmp_path_factory.mktemp("dashboard")
     port = free_port()
-    settings = alerting_settings(stack_state, tmp_path, dashboard_port=port, dashboard_token=TOKEN)
+    # escalations within seconds: the page must show them
+    settings = alerting_settings(
+        stack_state, tmp_path, dashboard_port=port, dashboard_token=TOKEN, escalate_after_s=ESCALATE_AFTER_S
+    )
     env = write_config(settings, tmp_path / "dashboard.yaml")
     log_path = tmp_path / "dashboard.log"
     with alerting_worker(settings, tmp_path), log_path.open("wb") as log_file:
@@ -83,36 +86,6 @@ def dashboard(stack_state: StackState, tmp_path_factory: pytest.TempPathFactory)
             process.send_signal(signal.SIGTERM)
             returncode = process.wait(timeout=15)
     assert returncode == 0, log_path.read_text()[-3000:]
-
-
-def fall_with_frames(dashboard: Dashboard, clip_path: Path, name: str) -> FallEvent:
-    """Three fall verdicts of a new camera, their frames (real JPEGs) on `frames`; returns the alert."""
-    settings = dashboard.settings
-    camera = unique_camera(name)
-    verdicts = [make_verdict(camera, seq, fall=True, start=utc_now()) for seq in range(3)]
-    capture = cv2.VideoCapture(str(clip_path))
-    ok, image = capture.read()
-    capture.release()
-    assert ok
-    ok, jpeg = cv2.imencode(".jpg", image)
-    assert ok
-    frames = [
-        Frame(
-            frame_id=v.frame_id,
-            camera_id=camera,
-            room=v.room,
-            seq=seq,
-            captured_at=v.captured_at,
-            width=image.shape[1],
-            height=image.shape[0],
-            jpeg=jpeg.tobytes(),
-        )
-        for seq, v in enumerate(verdicts)
-    ]
-    asyncio.run(produce(settings, settings.kafka.topics.frames, [(camera, encode(f)) for f in frames]))
-    send_verdicts(settings, verdicts)
-    (alert,) = alerts_of(settings, camera)
-    return alert
 
 
 def chromium(tmp_path: Path) -> webdriver.Chrome:
@@ -166,7 +139,7 @@ def test_an_alert_appears_live_and_acknowledge_writes_the_state_and_a_label(
     wait_for(lambda: browser.find_element(By.ID, "status").text == "live", "the page to go live")
 
     # the alert opens after the page connected: it must arrive by the event stream
-    alert = fall_with_frames(dashboard, clip_path, "browser")
+    alert = fall_with_frames(dashboard.settings, clip_path, "browser")
     card = f'.room[data-room="{alert.room}"] .alert[data-alert-id="{alert.alert_id}"][data-state="open"]'
     wait_for(lambda: element(browser, card), "the alert on the page")
     wait_for(
@@ -202,8 +175,92 @@ def test_an_alert_appears_live_and_acknowledge_writes_the_state_and_a_label(
     assert [e.state for e in events] == ["open", "acknowledged"]
 
 
+def in_view(driver: webdriver.Chrome, css: str) -> bool:
+    """The element is on screen, whole, after scrolling to it (no horizontal scroll needed)."""
+    return bool(
+        driver.execute_script(
+            "const el = document.querySelector(arguments[0]); el.scrollIntoView({block: 'center'});"
+            "const r = el.getBoundingClientRect();"
+            "return r.width > 0 && r.height > 0 && r.left >= 0 && r.right <= window.innerWidth"
+            " && r.top >= 0 && r.bottom <= window.innerHeight;",
+            css,
+        )
+    )
+
+
+def screenshot(driver: webdriver.Chrome, tmp_path: Path, name: str) -> None:
+    """Kept with the test's files; FALLWATCH_UPDATE_SCREENSHOTS=1 also writes it to docs/screenshots."""
+    driver.execute_script("window.scrollTo(0, 0)")
+    driver.save_screenshot(str(tmp_path / name))
+    if os.environ.get("FALLWATCH_UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(exist_ok=True)
+        shutil.copy(tmp_path / name, SCREENSHOTS / name)
+
+
+@pytest.mark.parametrize(("width", "height"), [(390, 844), (1280, 900)], ids=["phone", "desktop"])
+def test_triage_urgent_first_live_counter_escalation_and_history(
+    dashboard: Dashboard, browser: webdriver.Chrome, clip_path: Path, tmp_path: Path, width: int, height: int
+) -> None:
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
+    )
+    browser.get(dashboard.url + "/")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "user").send_keys("nurse Ana")
+    browser.find_element(By.ID, "connect").click()
+    wait_for(lambda: browser.find_element(By.ID, "status").text == "live", "the page to go live")
+    assert not browser.find_element(By.ID, "login").is_displayed(), "the login form goes once connected"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    # an older alert someone acknowledged, then a new one: the new, unanswered one comes first
+    older = fall_with_frames(dashboard.settings, clip_path, f"older-{width}")
+    with httpx.Client(base_url=dashboard.url, timeout=10, headers=auth) as client:
+        wait_for(lambda: dashboard.store.get(alert_key(older.alert_id)), "the older alert in Redis")
+        assert client.post(f"/api/alerts/{older.alert_id}/acknowledge", json={"by": "x"}).status_code == 200
+    newer = fall_with_frames(dashboard.settings, clip_path, f"newer-{width}")
+    card = f'.alert[data-alert-id="{newer.alert_id}"]'
+    wait_for(lambda: element(browser, f'{card}[data-state="open"]'), "the new alert, live")
+    wait_for(lambda: element(browser, f'.alert[data-alert-id="{older.alert_id}"][data-state="acknowledged"]'), "ack")
+    order = [el.get_attribute("data-alert-id") for el in browser.find_elements(By.CSS_SELECTOR, ".alert")]
+    assert order.index(newer.alert_id) < order.index(older.alert_id), "unacknowledged first"
+    assert browser.find_element(By.CSS_SELECTOR, f"{card} .why").text.startswith("seen in 3 of the last 5 frames")
+
+    # the counter runs, the escalation shows as a badge
+    counter = browser.find_element(By.CSS_SELECTOR, f"{card} .down-for").text
+    wait_for(lambda: browser.find_element(By.CSS_SELECTOR, f"{card} .down-for").text != counter, "the counter")
+    wait_for(lambda: element(browser, f'{card}[data-escalated="yes"] .badge.escalated'), "the escalated badge")
+    assert browser.find_element(By.CSS_SELECTOR, f"{card} .badge.escalated").is_displayed()
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    assert in_view(browser, f"{card} button.ack") and in_view(browser, f"{card} button.false-alarm")
+    screenshot(browser, tmp_path, f"dashboard-active-{width}.png")
+
+    # the snapshot enlarges; acknowledge works from the page
+    wait_for(
+        lambda: browser.execute_script(f"return document.querySelector('{card} img.snapshot').naturalWidth > 0"), "img"
+    )
+    browser.find_element(By.CSS_SELECTOR, f"{card} img.snapshot").click()
+    assert browser.find_element(By.ID, "zoom").is_displayed()
+    browser.find_element(By.ID, "zoom").click()
+    browser.find_element(By.CSS_SELECTOR, f"{card} button.ack").click()
+    wait_for(lambda: element(browser, f'{card}[data-state="acknowledged"]'), "the acknowledgement")
+    assert decode(FallEvent, dashboard.store.get(alert_key(newer.alert_id))).answered_by == "nurse Ana"
+
+    # closed, it moves to the history with who answered and how long it was open
+    with httpx.Client(base_url=dashboard.url, timeout=10, headers=auth) as client:
+        assert client.post(f"/api/alerts/{newer.alert_id}/resolve", json={"by": "night shift"}).status_code == 200
+    wait_for(lambda: not element(browser, card), "the resolved alert to leave the active view")
+    browser.find_element(By.ID, "show-history").click()
+    row = f'#history tr[data-alert-id="{newer.alert_id}"]'
+    wait_for(lambda: element(browser, row), "the alert in the history")
+    cells = [td.text for td in browser.find_elements(By.CSS_SELECTOR, f"{row} td")]
+    assert cells[2:4] == ["resolved", "night shift"]
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    screenshot(browser, tmp_path, f"dashboard-history-{width}.png")
+
+
 def test_the_api_needs_the_token_and_refuses_impossible_answers(dashboard: Dashboard, clip_path: Path) -> None:
-    alert = fall_with_frames(dashboard, clip_path, "api")
+    alert = fall_with_frames(dashboard.settings, clip_path, "api")
     wait_for(lambda: dashboard.store.get(alert_key(alert.alert_id)), "the alert in Redis")
     with httpx.Client(base_url=dashboard.url, timeout=10) as client:
         assert client.get("/api/alerts").status_code == 401
@@ -224,6 +281,24 @@ def test_the_api_needs_the_token_and_refuses_impossible_answers(dashboard: Dashb
         assert alert.alert_id not in [a["alert_id"] for a in rooms.get(alert.room, [])]
         metrics = client.get("/metrics").text
         assert 'fallwatch_alert_answers_total{verdict="false_alarm"} 1.0' in metrics
+
+
+def test_a_signed_snapshot_link_opens_without_the_token_until_it_expires(dashboard: Dashboard, clip_path: Path) -> None:
+    alert = fall_with_frames(dashboard.settings, clip_path, "link")
+    wait_for(lambda: dashboard.store.get(f"fallwatch:snapshot:{alert.alert_id}"), "the snapshot in Redis")
+    link = Notifier(dashboard.settings.alerting).snapshot_url(alert.alert_id)
+    assert link is not None and link.startswith(f"{dashboard.url}/snapshots/{alert.alert_id}?")
+    expires = int(time.time()) - 1
+    expired = (
+        f"/snapshots/{alert.alert_id}?expires={expires}&signature={link_signature(TOKEN, alert.alert_id, expires)}"
+    )
+    with httpx.Client(timeout=10) as client:
+        opened = client.get(link)
+        assert opened.status_code == 200 and opened.headers["content-type"] == "image/jpeg"
+        assert opened.content == dashboard.store.get(f"fallwatch:snapshot:{alert.alert_id}")
+        assert client.get(link.replace("signature=", "signature=0")).status_code == 403, "tampered"
+        assert client.get(link.replace(alert.alert_id, "other-alert")).status_code == 403, "another alert"
+        assert client.get(dashboard.url + expired).status_code == 403, "expired"
 
 
 def test_the_dashboard_refuses_to_start_without_a_token() -> None:

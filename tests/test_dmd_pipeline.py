@@ -177,11 +177,8 @@ def frame_at(camera: str, start: datetime, seq: int, image_path: Path) -> Frame:
 
 
 def logged_cloud_verdict(frame: Frame, probability: float, reason: str) -> Verdict:
-    return Verdict(
-        frame_id=frame.frame_id,
-        camera_id=frame.camera_id,
-        room=frame.room,
-        captured_at=frame.captured_at,
+    return Verdict.for_frame(
+        frame,
         source="cloud",
         final=True,
         fall_probability=probability,

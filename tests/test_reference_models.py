@@ -6,6 +6,7 @@ BlazePose is real (its weights ship in the mediapipe wheel), on real images of t
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -67,12 +68,21 @@ def test_the_pair_loads_through_the_normal_loading_path(reference_pair: Path) ->
     assert 0 < summary["cloud"]["notes"]["no_pose_probability"] < 1
 
 
-def test_the_test_split_is_never_read() -> None:
+def test_the_test_split_is_never_read(tmp_path: Path) -> None:
+    """A copy of the data set whose test images are not images: training loads exactly the same data."""
+    copy = tmp_path / "falls-fallaction"
+    shutil.copytree(FALLS_FALLACTION, copy)
+    rows = list(csv.DictReader((copy / "labels.csv").open()))
+    test_images = [row["image"] for row in rows if row["split"] == "test"]
+    assert test_images, "the data set has a test split"
+    for name in test_images:
+        (copy / name).write_bytes(b"not an image")
     train, val = load_splits(FALLS_FALLACTION, limit_per_split=None)
-    with (FALLS_FALLACTION / "labels.csv").open() as handle:
-        splits = [line.split(",")[2] for line in handle.readlines()[1:]]
-    assert len(train.images) == splits.count("train") and len(val.images) == splits.count("val")
-    assert len(train.images) + len(val.images) < len(splits)
+    train_copy, val_copy = load_splits(copy, limit_per_split=None)
+    for original, again in ((train, train_copy), (val, val_copy)):
+        assert np.array_equal(original.labels, again.labels)
+        assert all(np.array_equal(a, b) for a, b in zip(original.images, again.images, strict=True))
+    assert len(train.images) + len(val.images) + len(test_images) == len(rows)
 
 
 def test_same_seed_same_pair(reference_pair: Path, tmp_path: Path) -> None:

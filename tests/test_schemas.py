@@ -118,3 +118,21 @@ def test_garbage_raises_the_one_typed_error(raw: bytes | None) -> None:
 def test_a_verdict_is_not_a_frame() -> None:
     with pytest.raises(SchemaError):
         decode(Frame, encode(sample_messages()[2]))
+
+
+def test_a_verdict_on_an_offloaded_frame_carries_the_edge_record_of_its_request() -> None:
+    frame, request = sample_messages()[:2]
+    assert isinstance(frame, Frame) and isinstance(request, CloudRequest)
+    verdict = Verdict.for_request(request, "cloud", 0.9, True, cloud_model="llava", batch_size=4)
+    identity = ("frame_id", "camera_id", "room", "captured_at")
+    assert [getattr(verdict, name) for name in identity] == [getattr(request, name) for name in identity]
+    assert (verdict.source, verdict.final, verdict.fall_probability, verdict.decision) == ("cloud", True, 0.9, True)
+    assert (verdict.switcher_score, verdict.offload_reason, verdict.edge_model, verdict.switcher_version) == (
+        0.2,
+        "switcher",
+        "vilt",
+        "v1",
+    )
+    assert (verdict.cloud_model, verdict.batch_size) == ("llava", 4)
+    edge = Verdict.for_frame(frame, source="edge", final=False, fall_probability=0.4, decision=False, edge_model="v")
+    assert [getattr(edge, name) for name in identity] == [getattr(frame, name) for name in identity]

@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from core.images import decode_jpeg_rgb
+from core.images import decode_known_jpeg_rgb
 from core.settings import Settings, load_settings
 from edge_workers.model import EdgeBatch, ViltEdgeModel, quantized_int8
 from edge_workers.switcher import latest_version, load_switcher
@@ -95,7 +95,7 @@ def per_frame_other_s(model: ViltEdgeModel, jpegs: list[bytes], repeats: int = 3
     decode, preprocess = [], []
     for _ in range(repeats):
         started = time.perf_counter()
-        images = [decode_jpeg_rgb(jpeg) for jpeg in jpegs]
+        images = [decode_known_jpeg_rgb(jpeg) for jpeg in jpegs]
         decode.append((time.perf_counter() - started) / len(jpegs))
         started = time.perf_counter()
         model.preprocess(images)
@@ -137,7 +137,7 @@ def run_benchmark(
     console = Console(width=160)
     model = load_model(model_dir, settings.edge.question)
     jpegs = [jpeg_of(image) for image in camera_images(batch_size)]
-    images = [decode_jpeg_rgb(jpeg) for jpeg in jpegs]
+    images = [decode_known_jpeg_rgb(jpeg) for jpeg in jpegs]
     decode_s, preprocess_s = per_frame_other_s(model, jpegs)
     timings = measure_options(model, model.preprocess(images), rounds)
     console.print(

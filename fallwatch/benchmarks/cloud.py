@@ -32,7 +32,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
-import cv2
 import numpy as np
 import torch
 from rich.console import Console
@@ -42,10 +41,10 @@ from cloud_workers.energy import CostMeter, open_energy_meter
 from cloud_workers.loading import load_cloud_model
 from cloud_workers.model import Clip, LlavaVideoCloudModel, resolve_device, resolve_dtype
 from cloud_workers.service import DECODE_THREADS, CloudWorker, decode_clips
-from core.kafka_io import make_consumer, make_producer
-from core.redis_io import redis_client
+from core.kafka_io import make_consumer
 from core.settings import ConfigError, Settings, load_settings
 from fallwatch.benchmarks.cloud_models import ModelKind
+from fallwatch.devkit.cloud_requests import CAMERA_SIZE, encode_jpeg, publish_requests, synthetic_clip
 from fallwatch.devkit.tiny_cloud import (
     build_random_full_size_cloud_model,
     build_tiny_cloud_model,
@@ -53,92 +52,11 @@ from fallwatch.devkit.tiny_cloud import (
     restrict_to_answers,
 )
 from fallwatch.stack import fresh_run, local_stack_settings
-from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, Verdict, decode, encode, utc_now
+from schemas import Verdict, decode
 
 T = TypeVar("T")
 
-CAMERA_SIZE = (480, 640)  # height, width of the frames the benchmark feeds
 AGREEMENT_BATCH = 8  # clips per call when comparing answers: bounds the 7B's KV cache in generate
-
-
-# --- inputs -----------------------------------------------------------------------------------
-def synthetic_clip(seed: int, num_frames: int, height: int = CAMERA_SIZE[0], width: int = CAMERA_SIZE[1]) -> Clip:
-    """A block falling over a background of the seed's colour with sensor-like noise, oldest first."""
-    rng = np.random.default_rng(seed)
-    background = rng.integers(0, 256, 3)
-    frames = []
-    for step in range(num_frames):
-        frame = np.clip(background + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
-        top = int(step * (height * 0.6) / max(1, num_frames - 1))
-        frame[top : top + height // 3, width // 3 : width // 2] = 255 - background
-        frames.append(frame)
-    return frames
-
-
-def encode_jpeg(frame_rgb: np.ndarray) -> bytes:
-    ok, buffer = cv2.imencode(".jpg", cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
-    if not ok:
-        raise ValueError("frame could not be JPEG-encoded")
-    return buffer.tobytes()
-
-
-def clip_key(settings: Settings, frame_id: str) -> str:
-    return f"{settings.kafka.topics.cloud_requests}:clip:{frame_id}"
-
-
-async def publish_requests(
-    settings: Settings,
-    clips: list[Clip],
-    deadline_s: float = 120.0,
-    store_clips: bool = True,
-    cameras: tuple[str, ...] = ("cam-a", "cam-b", "cam-c"),
-    first_seq: int = 0,
-    send_requests: bool = True,
-) -> list[CloudRequest]:
-    """Do what an edge worker does for each clip: its last frame to `frames`, its JPEGs to Redis, a request.
-
-    `store_clips=False` leaves the clip out of Redis, as if its TTL had run out;
-    `send_requests=False` returns the requests without publishing them.
-    """
-    topics = settings.kafka.topics
-    producer = make_producer(settings)
-    redis = redis_client(settings.redis)
-    await producer.start()
-    requests = []
-    try:
-        for index, clip in enumerate(clips):
-            seq = first_seq + index
-            camera = cameras[index % len(cameras)]
-            captured_at = utc_now()
-            jpegs = [encode_jpeg(frame) for frame in clip]
-            height, width = clip[-1].shape[:2]
-            frame = Frame(
-                frame_id=Frame.make_id(camera, captured_at, seq), camera_id=camera, room=f"room-{camera}", seq=seq,
-                captured_at=captured_at, width=width, height=height, jpeg=jpegs[-1],
-            )  # fmt: skip
-            sent = await producer.send_and_wait(topics.frames, key=camera.encode(), value=encode(frame))
-            clip_frame_ids = [f"{frame.frame_id}.{k}" for k in range(len(clip) - 1)] + [frame.frame_id]
-            keys = [clip_key(settings, frame_id) for frame_id in clip_frame_ids]
-            if store_clips:
-                async with redis.pipeline() as pipe:
-                    for key, jpeg in zip(keys, jpegs, strict=True):
-                        pipe.set(key, jpeg, ex=settings.edge.clip_ttl_s)
-                    await pipe.execute()
-            request = CloudRequest(
-                frame_id=frame.frame_id, camera_id=camera, room=frame.room, captured_at=captured_at,
-                frame_position=KafkaPosition(topic=sent.topic, partition=sent.partition, offset=sent.offset),
-                clip_keys=keys, clip_frame_ids=clip_frame_ids,
-                edge=EdgeOutput(fall_probability=0.25, decision=False, model="edge-bench"),
-                switcher_score=0.3, switcher_version="bench", reason="switcher",
-                deadline=captured_at + timedelta(seconds=deadline_s),
-            )  # fmt: skip
-            if send_requests:
-                await producer.send_and_wait(topics.cloud_requests, key=camera.encode(), value=encode(request))
-            requests.append(request)
-    finally:
-        await producer.stop()
-        await redis.aclose()
-    return requests
 
 
 # --- measurements -----------------------------------------------------------------------------

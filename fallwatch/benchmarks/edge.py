@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from core.images import decode_jpeg_rgb
+from core.images import decode_jpeg_rgb, decode_known_jpeg_rgb
 from core.kafka_io import make_consumer, make_producer
 from core.settings import Settings, load_settings
 from edge_workers.model import EdgeBatch, ViltEdgeModel, torch_threads
@@ -124,7 +124,7 @@ def measure_decode(jpegs: list[bytes], repeats: int = 10) -> list[DecodeRow]:
     def pil(jpeg: bytes) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
 
-    def opencv(jpeg: bytes) -> np.ndarray:
+    def opencv(jpeg: bytes) -> np.ndarray | None:
         return cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
 
     decoders: dict[str, Callable[[bytes], object]] = {
@@ -269,7 +269,7 @@ async def measure_vilt(
 ) -> ViltRun:
     """Alternate a round of the raw batched loop and a round of the worker on the same frames."""
     batch_size = settings.edge.batch_size
-    images = [decode_jpeg_rgb(jpegs[i % len(jpegs)]) for i in range(per_round)]
+    images = [decode_known_jpeg_rgb(jpegs[i % len(jpegs)]) for i in range(per_round)]
     inputs = [model.preprocess(images[i : i + batch_size]) for i in range(0, per_round, batch_size)]
     worker = EdgeWorker(settings, model)
     stop = asyncio.Event()
@@ -362,12 +362,12 @@ def measure_options(model: ViltEdgeModel, inputs: dict[str, torch.Tensor], compi
     rows.append(measure_option(f"threads 1, default {threads} (edge.torch_threads)", model, inputs, one_thread, 2))
 
     def channels_last() -> EdgeBatch:
-        model.model.to(memory_format=torch.channels_last)
+        nn.Module.to(model.model, memory_format=torch.channels_last)
         try:
             pixels = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
             return model.infer({**inputs, "pixel_values": pixels})
         finally:
-            model.model.to(memory_format=torch.contiguous_format)
+            nn.Module.to(model.model, memory_format=torch.contiguous_format)
 
     rows.append(measure_option("channels-last", model, inputs, channels_last, repeats=2))
 
@@ -481,11 +481,11 @@ def run_benchmark(
                 bench_settings(stack_settings, vilt_registry, model.name, batch_size, VILT_BATCH_WAIT_MS), model,
                 jpegs, vilt_frames, rounds,
             ))  # fmt: skip
-        preprocess = measure_preprocess(model, [decode_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
+        preprocess = measure_preprocess(model, [decode_known_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
         console.print(summary_table(passes, warmup_frames, vilt, batch_size, decode_fps))
         console.print(stage_table(vilt, decode_rows, preprocess))
         if options:
-            inputs = model.preprocess([decode_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
+            inputs = model.preprocess([decode_known_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
             console.print(options_table(measure_options(model, inputs, compile_model), batch_size))
 
 

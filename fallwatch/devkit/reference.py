@@ -259,15 +259,16 @@ def train_pose_classifier(
     if not found or not any(pose is not None for pose in val_poses):
         raise ConfigError("BlazePose found no person in the training or validation images: nothing to learn from")
     # a mirrored person falls the same way: each training pose counts twice
+    found_poses = [pose for pose in train_poses if pose is not None]
     features = np.stack(
-        [pose_features(train_poses[i]) for i in found] + [pose_features(train_poses[i].mirrored()) for i in found]
+        [pose_features(pose) for pose in found_poses] + [pose_features(pose.mirrored()) for pose in found_poses]
     )
     labels = np.concatenate([train.labels[found], train.labels[found]]).astype(np.float32)
     missed = np.array([pose is None for pose in train_poses])
     # P(fall | nobody found), with one pseudo-count each way: people lying down are the ones BlazePose misses
     no_pose_probability = float((train.labels[missed].sum() + 1) / (missed.sum() + 2))
     val_found = [i for i, pose in enumerate(val_poses) if pose is not None]
-    val_x = torch.from_numpy(np.stack([pose_features(val_poses[i]) for i in val_found]))
+    val_x = torch.from_numpy(np.stack([pose_features(pose) for pose in val_poses if pose is not None]))
     val_y = torch.from_numpy(val.labels[val_found].astype(np.float32))
     train_x, train_y = torch.from_numpy(features), torch.from_numpy(labels)
 
@@ -328,7 +329,7 @@ class ReferenceSummary:
 
 def load_splits(folder: Path, limit_per_split: int | None) -> tuple[LabelledImages, LabelledImages]:
     """The train and validation images; the test split is left for the evaluation, unread."""
-    items = [item for item in image_folder_items(folder, limit_per_split) if item.split in ("train", "val")]
+    items = list(image_folder_items(folder, limit_per_split, splits=("train", "val")))
     train = [item for item in items if item.split == "train"]
     val = [item for item in items if item.split == "val"]
     if not train or not val:

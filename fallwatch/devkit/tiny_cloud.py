@@ -10,10 +10,11 @@ tokenizer is a hand-written word-level `tokenizers` tokenizer.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import (
+from transformers import (  # type: ignore[attr-defined]  # LlavaNextVideoVideoProcessor: exported lazily, not in the type hints
     CLIPVisionConfig,
     LlamaConfig,
     LlavaNextImageProcessor,
@@ -123,17 +124,24 @@ def build_random_full_size_cloud_model(
     embedding. Nothing is written to disk (14 GB in bf16). The answers are meaningless;
     the compute per clip is the real model's.
     """
-    processor = build_processor(FULL_SIZE_IMAGE_SIZE, FULL_SIZE_PATCH_SIZE, LlavaNextVideoConfig().image_grid_pinpoints)
+    grid_pinpoints = cast(list[list[int]], LlavaNextVideoConfig().image_grid_pinpoints)
+    processor = build_processor(FULL_SIZE_IMAGE_SIZE, FULL_SIZE_PATCH_SIZE, grid_pinpoints)
     tokenizer = processor.tokenizer
     config = LlavaNextVideoConfig(
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_index=token_id(tokenizer, "<image>"),
+        video_token_index=token_id(tokenizer, "<video>"),
     )
-    config.text_config.vocab_size = FULL_SIZE_VOCAB
-    config.text_config.pad_token_id = tokenizer.pad_token_id
+    text_config: Any = config.text_config  # a LlamaConfig; typed as any sub-config
+    text_config.vocab_size = FULL_SIZE_VOCAB
+    text_config.pad_token_id = tokenizer.pad_token_id
     with torch.device(device):
         model = LlavaNextVideoForConditionalGeneration._from_config(config, dtype=dtype)
     return LlavaVideoCloudModel(model.eval(), processor, question, num_frames, name=FULL_SIZE_NAME)
+
+
+def token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    """The id of one token (`convert_tokens_to_ids` answers a list only when given one)."""
+    return cast(int, tokenizer.convert_tokens_to_ids(token))
 
 
 def build_tiny_config(tokenizer: PreTrainedTokenizerFast) -> LlavaNextVideoConfig:
@@ -166,8 +174,8 @@ def build_tiny_config(tokenizer: PreTrainedTokenizerFast) -> LlavaNextVideoConfi
     return LlavaNextVideoConfig(
         vision_config=vision_config,
         text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_index=token_id(tokenizer, "<image>"),
+        video_token_index=token_id(tokenizer, "<video>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
         image_grid_pinpoints=tiny_grid_pinpoints(),

@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import cast
 
 import torch
-from transformers import BertTokenizerFast, ViltConfig, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
+from transformers import (  # type: ignore[attr-defined]  # BertTokenizerFast: exported lazily, not in the type hints
+    BertTokenizerFast,
+    ViltConfig,
+    ViltForQuestionAnswering,
+    ViltImageProcessor,
+    ViltProcessor,
+)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Words of plausible fall questions; any other word is spelt with the letter tokens below.
@@ -123,7 +130,7 @@ def set_fall_bias(directory: Path, fall: bool) -> None:
     """Make the checkpoint in `directory` answer "yes" (fall=True) or "no" to every input, by a wide margin."""
     model = ViltForQuestionAnswering.from_pretrained(directory)
     final_linear = model.classifier[-1]
-    label2id = model.config.label2id
+    label2id = cast(dict[str, int], model.config.label2id)
     with torch.no_grad():
         final_linear.weight.zero_()
         final_linear.bias.zero_()

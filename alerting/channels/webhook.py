@@ -1,0 +1,163 @@
+"""The webhook channel: signed POSTs (`alerting.webhooks`) through an outbox in Redis.
+
+Each (receiver, event, alert) goes into the outbox and is sent at once from
+there; a failed try is rescheduled with backoff, so a delivery survives the
+worker's death (another worker takes a claimed delivery over when its lease
+ends). An alert Redis knows to be answered already is not notified (a replay of
+`fall-events`). Without Redis, every attempt is made right here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from alerting.channels.base import Channel
+from alerting.metrics import AlertingMetrics
+from alerting.notifications import Notifier
+from alerting.store import AlertStore
+from alerting.webhooks import WebhookSender
+from core.settings import Settings
+from schemas import FallEvent
+
+log = logging.getLogger(__name__)
+
+OPENED_EVENT = "alert.opened"
+ESCALATED_EVENT = "alert.escalated"
+# A claimed delivery is another worker's to take over after this long (a POST lasts webhook_timeout_s at most).
+OUTBOX_LEASE_MARGIN_S = 10.0
+OUTBOX_BATCH = 50
+
+
+def delivery_member(event_name: str, alert_id: str, url: str) -> str:
+    """The outbox's id of one delivery: the same alert, event and receiver is the same delivery."""
+    return f"{event_name}:{alert_id}:{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+
+
+class WebhookChannel(Channel):
+    name = "webhook"
+
+    def __init__(self, settings: Settings, store: AlertStore, metrics: AlertingMetrics, notifier: Notifier) -> None:
+        super().__init__()
+        self.notifier = notifier
+        self.rule = settings.alerting
+        self.store = store
+        self.metrics = metrics
+        self.sender = WebhookSender(settings.alerting)
+        self.topic = settings.kafka.topics.fall_events
+        self._outbox_pass = asyncio.Lock()
+        # Deliveries this worker put into the outbox or took from it, until done: put back if Redis loses them.
+        self._unfinished: dict[str, bytes] = {}
+
+    async def alert_changed(self, alert: FallEvent) -> None:
+        if alert.state == "open" and await self._nobody_answered(alert):
+            await self._notify(self.rule.webhook_urls, OPENED_EVENT, alert, self.notifier.body(alert))
+
+    async def escalated(self, alert: FallEvent) -> None:
+        body = self.notifier.body(alert, escalated=True)
+        await self._notify(self.rule.escalation_webhook_urls, ESCALATED_EVENT, alert, body)
+
+    async def tick(self) -> None:
+        await self.deliver_due()
+
+    async def store_rebuilt(self) -> int:
+        for member, payload in list(self._unfinished.items()):
+            await self.store.enqueue_delivery(self.topic, member, payload, time.time())
+        return len(self._unfinished)
+
+    async def close(self) -> None:
+        await super().close()
+        await self.sender.close()
+
+    async def _nobody_answered(self, alert: FallEvent) -> bool:
+        """False when Redis knows a caregiver answered: a replay of `fall-events` (a new consumer group reads it
+        from the start) must not page anyone about old alerts. Without Redis: notify."""
+        try:
+            stored = await self.store.alert(alert.alert_id)
+        except (RedisError, OSError):
+            return True
+        return stored is None or stored.state == "open"
+
+    async def _notify(self, urls: list[str], event_name: str, alert: FallEvent, body: bytes) -> None:
+        """Into the outbox, then one outbox pass at once; without Redis, every attempt right here."""
+        if not urls:
+            return
+        try:
+            for url in urls:
+                entry = {
+                    "url": url,
+                    "event": event_name,
+                    "alert_id": alert.alert_id,
+                    "body": body.decode(),
+                    "attempt": 0,
+                }
+                member = delivery_member(event_name, alert.alert_id, url)
+                payload = json.dumps(entry).encode()
+                if await self.store.enqueue_delivery(self.topic, member, payload, time.time()):
+                    self._unfinished[member] = payload
+        except (RedisError, OSError) as exc:
+            self.metrics.redis_failures.inc()
+            log.error("webhook outbox unavailable (%s): %s of alert %s sent directly", exc, event_name, alert.alert_id)
+            results = await asyncio.gather(
+                *(self.sender.deliver(url, event_name, alert.alert_id, body) for url in urls)
+            )
+            for accepted in results:
+                self._count(event_name, accepted)
+            return
+        self.spawn(self.deliver_due())
+
+    def _count(self, event_name: str, accepted: bool) -> None:
+        counter = self.metrics.webhook_deliveries if accepted else self.metrics.webhook_failures
+        counter.labels(event=event_name).inc()
+
+    async def deliver_due(self) -> None:
+        """One pass over the outbox: every due delivery is tried once, then done, or rescheduled with backoff."""
+        if self._outbox_pass.locked():
+            return  # the running pass takes what is due
+        async with self._outbox_pass:
+            lease_s = self.rule.webhook_timeout_s + OUTBOX_LEASE_MARGIN_S
+            try:
+                claimed = await self.store.claim_deliveries(self.topic, time.time(), lease_s, OUTBOX_BATCH)
+            except (RedisError, OSError):
+                return  # the outbox waits in Redis; the next pass after Redis is back sends it
+            self._unfinished.update(claimed)
+            await asyncio.gather(*(self._deliver_one(member, payload) for member, payload in claimed))
+
+    async def _deliver_one(self, member: str, payload: bytes) -> None:
+        try:
+            entry = json.loads(payload)
+            event_name, url, alert_id, body = entry["event"], entry["url"], entry["alert_id"], entry["body"].encode()
+        except (ValueError, KeyError, AttributeError) as exc:  # not ours to send: an entry of another version
+            self._unfinished.pop(member, None)
+            log.error("webhook outbox entry %s unreadable, dropped: %r", member, exc)
+            await self._redis_quietly(self.store.delivery_done(self.topic, member, delivered=False))
+            return
+        result = await self.sender.attempt(url, event_name, alert_id, body)
+        attempt = entry["attempt"] + 1
+        if result.final or attempt >= self.rule.webhook_attempts:
+            if not result.final:
+                self.sender.say_gave_up(url, event_name, alert_id, result.problem)
+            self._count(event_name, result.accepted)
+            self._unfinished.pop(member, None)
+            await self._redis_quietly(self.store.delivery_done(self.topic, member, delivered=result.accepted))
+            return
+        self.sender.say_retry(url, event_name, alert_id, attempt, result.problem)
+        due = time.time() + self.sender.retry_delay_s(attempt)
+        entry["attempt"] = attempt
+        self._unfinished[member] = json.dumps(entry).encode()
+        await self._redis_quietly(self.store.retry_delivery(self.topic, member, self._unfinished[member], due))
+
+    async def _redis_quietly(self, call: Coroutine[Any, Any, None]) -> None:
+        """An outbox update; if Redis fails now the lease runs out and the delivery is tried again."""
+        try:
+            await call
+        except (RedisError, OSError) as exc:
+            self.metrics.redis_failures.inc()
+            log.error("webhook outbox not updated (%s); the delivery is retried after its lease", exc)
