@@ -534,6 +534,9 @@ class DmdSettings(Section):
     until: AwareDatetime | None = Field(None, description="kafka: replay records logged before this time")
     limit_per_split: int | None = Field(None, ge=1, description="images: only the first N images of each split")
     video_fps: float = Field(2.0, gt=0, le=30, description="videos: sampling rate, as a camera's")
+    augment: int = Field(
+        0, ge=0, le=50, description="images: augmented copies of each train / val image, both models answering each"
+    )
     run_cloud_model: bool = Field(True, description="run the large model where no cloud verdict was logged")
     batch_size: int = Field(8, ge=1, description="inputs per model forward pass in the replay")
     shard_size: int = Field(512, ge=1, description="rows per data set shard (the unit of resuming)")

@@ -27,6 +27,7 @@ Folder = Annotated[Path | None, typer.Option(help="images: folder with labels.cs
 Since = Annotated[str | None, typer.Option(help="kafka: records logged at or after this ISO time (with zone)")]
 Until = Annotated[str | None, typer.Option(help="kafka: records logged before this ISO time (with zone)")]
 Limit = Annotated[int | None, typer.Option(help="images: only the first N images of each split")]
+Augment = Annotated[int | None, typer.Option(help="images: augmented copies of each train / val image (dmd.augment)")]
 LoggedOnly = Annotated[
     bool, typer.Option("--logged-only", help="kafka: use logged cloud verdicts only, never run the large model")
 ]
@@ -124,6 +125,7 @@ def replay_command(
     since: Since = None,
     until: Until = None,
     limit_per_split: Limit = None,
+    augment: Augment = None,
     logged_only: LoggedOnly = False,
 ) -> None:
     """Run both models over logged traffic or a labelled folder; write the DMD data set (resumable)."""
@@ -135,6 +137,7 @@ def replay_command(
             since=since,
             until=until,
             limit_per_split=limit_per_split,
+            augment=augment,
             run_cloud_model=False if logged_only else None,
         )
     )
@@ -172,6 +175,7 @@ def run_command(
     since: Since = None,
     until: Until = None,
     limit_per_split: Limit = None,
+    augment: Augment = None,
     logged_only: LoggedOnly = False,
     target_offload_share: TargetShare = None,
     publish: Annotated[bool, typer.Option(help="publish the switcher at the end")] = True,
@@ -184,6 +188,7 @@ def run_command(
         since=since,
         until=until,
         limit_per_split=limit_per_split,
+        augment=augment,
         run_cloud_model=False if logged_only else None,
         target_offload_share=target_offload_share,
     )
