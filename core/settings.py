@@ -563,6 +563,9 @@ class DmdSettings(Section):
     max_epochs: int = Field(200, ge=1)
     patience: int = Field(10, ge=1, description="early stopping: epochs without a better validation loss")
     buckets: int = Field(10, ge=1, description="threshold: buckets of the training split (the paper's 10)")
+    bootstrap: int = Field(
+        1000, ge=0, description="evaluate: bootstrap draws of whole groups (clips, cameras) for the F1 intervals"
+    )
     target_offload_share: float | None = Field(
         None, ge=0, le=1, description="budget mode: defer this share instead of the bucket method's peak"
     )
