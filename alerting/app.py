@@ -130,7 +130,7 @@ class AlertingApp:
         app.timer(LAG_INTERVAL_S)(self.measure_lag)
         app.task(self.dispatcher.start)
 
-        @app.on_before_shutdown.connect
+        @app.on_before_shutdown.connect  # type: ignore[arg-type]  # faust's hint rejects any async receiver
         async def close_delivery(sender: faust.App, **kwargs: Any) -> None:
             await self.close()
 

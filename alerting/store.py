@@ -194,7 +194,7 @@ class AlertStore:
         }
         await self.redis.xadd(
             ALERT_STREAM_KEY,
-            fields,  # type: ignore[arg-type]  # redis-py's hint wants an invariant dict of its own union
+            fields,
             maxlen=self.stream_maxlen,
             approximate=True,
         )

@@ -23,11 +23,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import cast
 
 import numpy as np
 import torch
@@ -224,10 +222,7 @@ class CloudWorker:
         missing: list[bytes | None] = [None] * len(keys)
         values = (
             await self.redis_outage.call(
-                "clips are read as single frames from Kafka",
-                # the client never decodes responses: the values are bytes
-                lambda: cast(Awaitable[list[bytes | None]], redis.mget(keys)),
-                missing,
+                "clips are read as single frames from Kafka", lambda: redis.mget(keys), missing
             )
             if keys
             else []

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
@@ -143,11 +143,28 @@ class MotionSettings(Section):
     width: int = Field(160, ge=16, le=1920, description="width of the grey frame compared (smaller: cheaper)")
 
 
+UnitFloat = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
 class CameraSettings(Section):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     room: str = Field(min_length=1)
     url: str = Field(min_length=1, description="video file path, rtsp://, http(s):// or /dev/videoN")
+    detect_url: str | None = Field(
+        None, description="the camera's low-resolution sub-stream, sampled instead of url (which is left alone)"
+    )
     fps: float = Field(2.0, gt=0, le=30, description="target sampling rate")
+    decode: Literal["auto", "keyframes", "all"] = Field(
+        "auto",
+        description="auto: decode only the frames the sampled ones depend on (PyAV); keyframes: only keyframes, "
+        "while they come at least as often as fps; all: decode every frame (OpenCV)",
+    )
+    hardware_decode: bool = Field(False, description="decode on the GPU/VA-API when the machine has one, else CPU")
+    masks: list[Annotated[list[tuple[UnitFloat, UnitFloat]], Field(min_length=3)]] = Field(
+        default_factory=list,
+        description="privacy masks: polygons of [x, y] points in 0..1 of the frame, blacked out before a frame "
+        "leaves the producer",
+    )
     resize: tuple[PositiveInt, PositiveInt] | None = Field(
         None, description="[width, height] of the published frames (null: as captured)"
     )
@@ -161,12 +178,12 @@ class CameraSettings(Section):
     )
     _password: str | None = PrivateAttr(None)
 
-    @field_validator("url")
+    @field_validator("url", "detect_url")
     @classmethod
-    def usable_url(cls, url: str) -> str:
+    def usable_url(cls, url: str | None) -> str | None:
         from core.urls import url_problem
 
-        problem = url_problem(url)
+        problem = None if url is None else url_problem(url)
         if problem is not None:
             raise ValueError(problem)
         return url
@@ -184,11 +201,17 @@ class CameraSettings(Section):
         return self
 
     @property
+    def sampled_url(self) -> str:
+        """The url the producer reads: the detect sub-stream when there is one (may hold credentials)."""
+        return self.detect_url or self.url
+
+    @property
     def source_url(self) -> str:
-        """The url to open: with the password from `password_file` when there is one (never log it)."""
-        if self._password is None:
-            return self.url
-        parts = urlsplit(self.url)
+        """`sampled_url` to open: with the password from `password_file` when there is one (never log it)."""
+        url = self.sampled_url
+        parts = urlsplit(url)
+        if self._password is None or not parts.username or parts.password is not None:
+            return url
         netloc = f"{parts.username}:{quote(self._password, safe='')}@{parts.netloc.split('@', 1)[1]}"
         return urlunsplit(parts._replace(netloc=netloc))
 

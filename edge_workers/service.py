@@ -17,10 +17,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import cast
 
 import numpy as np
 import simplejpeg
@@ -230,10 +229,7 @@ class EdgeWorker:
         key = self.registry.announce_key
         if key is not None:
             announced = await self.redis_outage.call(
-                "new switchers are found by the registry poll until it is back",
-                # the client never decodes responses: the value is bytes
-                lambda: cast(Awaitable[bytes | None], redis.get(key)),
-                announced,
+                "new switchers are found by the registry poll until it is back", lambda: redis.get(key), announced
             )
         loaded = await self.registry.refresh(self.active, announced)
         if loaded is None:

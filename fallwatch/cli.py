@@ -28,6 +28,7 @@ from fallwatch.benchmarks.alerting import bench_alerting
 from fallwatch.benchmarks.capacity_command import bench_capacity
 from fallwatch.benchmarks.cloud_command import bench_cloud
 from fallwatch.benchmarks.edge_command import bench_edge
+from fallwatch.benchmarks.facility_command import bench_facility
 from fallwatch.benchmarks.producer_command import bench_producer
 from fallwatch.benchmarks.soak_command import bench_soak
 from fallwatch.configuration import config_app
@@ -53,6 +54,7 @@ bench_app.command("alerting")(bench_alerting)
 bench_app.command("capacity")(bench_capacity)
 bench_app.command("cloud")(bench_cloud)
 bench_app.command("edge")(bench_edge)
+bench_app.command("facility")(bench_facility)
 bench_app.command("producer")(bench_producer)
 bench_app.command("soak")(bench_soak)
 app.command("eval")(eval_command)

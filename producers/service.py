@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ACK_WINDOW = 32  # frames in flight per camera before waiting for the broker's acks
 SLOT_POLL_S = 0.5  # how often a capture thread waiting for queue room checks for shutdown
+JOIN_MARGIN_S = 5.0  # beyond a capture's own timeouts, for its last frame and closing the source
 
 
 class CameraPublisher:
@@ -53,7 +58,7 @@ class CameraPublisher:
         self.stats = CameraStats()
         self.queue: asyncio.Queue[tuple[int, CapturedFrame] | None] = asyncio.Queue()
         self.capacity = settings.producers.queue_size
-        live = source_kind(camera.url) != "file" or camera.realtime
+        live = source_kind(camera.sampled_url) != "file" or camera.realtime
         # a file read faster than real time waits for room instead of dropping (nothing is lost)
         self.slots = None if live else threading.Semaphore(self.capacity)
         self.next_seq = 0  # touched only by the capture thread
@@ -116,19 +121,20 @@ class CameraPublisher:
             except Exception as exc:  # KafkaError, or a bug: one frame is lost, the camera goes on
                 self.on_failure(seq, exc)
                 continue
-            ack.add_done_callback(lambda done, seq=seq: self.on_ack(seq, done))
+            ack.add_done_callback(functools.partial(self.on_ack, seq, captured.captured_at))
             in_flight.add(ack)
             if len(in_flight) >= ACK_WINDOW:
                 _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
         if in_flight:
             await asyncio.wait(in_flight)
 
-    def on_ack(self, seq: int, ack: asyncio.Future) -> None:
+    def on_ack(self, seq: int, captured_at: datetime, ack: asyncio.Future) -> None:
         if ack.cancelled() or ack.exception() is not None:
             self.on_failure(seq, ack.exception() or asyncio.CancelledError())
             return
         self.stats.published += 1
         self.stats.fps_out.mark()
+        self.stats.send_delay_s.mark((datetime.now(UTC) - captured_at).total_seconds())
 
     def on_failure(self, seq: int, exc: BaseException) -> None:
         self.stats.failed += 1
@@ -147,12 +153,40 @@ def check_cameras(settings: ProducerSettings) -> list[CameraSettings]:
     if len(cameras) > settings.max_cameras:
         problems.append(f"{len(cameras)} enabled cameras, more than producers.max_cameras ({settings.max_cameras})")
     for camera in cameras:
-        path = Path(camera.url.removeprefix("file://"))
-        if source_kind(camera.url) == "file" and not path.is_file():
-            problems.append(f"camera {camera.id}: video file {redact(camera.url)} does not exist")
+        path = Path(camera.sampled_url.removeprefix("file://"))
+        if source_kind(camera.sampled_url) == "file" and not path.is_file():
+            problems.append(f"camera {camera.id}: video file {redact(camera.sampled_url)} does not exist")
     if problems:
         raise ConfigError("\n  ".join(["camera configuration:", *problems]))
     return cameras
+
+
+def start_captures(publishers: list[CameraPublisher]) -> list[threading.Thread]:
+    threads = []
+    for publisher in publishers:
+        name = f"capture-{publisher.camera.id}"
+        # daemon: a capture that never returns from the decoder must not keep the process alive
+        threads.append(threading.Thread(target=publisher.capture, name=name, daemon=True))
+        threads[-1].start()
+        log.info(
+            "camera %s (%s): %s at %g fps, decode %s",
+            publisher.camera.id,
+            publisher.camera.room,
+            redact(publisher.camera.sampled_url),
+            publisher.camera.fps,
+            publisher.camera.decode,
+        )
+    return threads
+
+
+def join_captures(threads: list[threading.Thread], settings: ProducerSettings) -> None:
+    """Wait for the capture threads; a blocked read gives up after the stall (or open) timeout."""
+    deadline = time.monotonic() + max(settings.open_timeout_s, settings.stall_timeout_s) + JOIN_MARGIN_S
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    if stuck:
+        log.warning("capture threads still running at shutdown: %s", ", ".join(stuck))
 
 
 async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, int]:
@@ -184,29 +218,22 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
         raise
     status_done = asyncio.Event()
     status_writer = asyncio.create_task(run_status_writer(settings, cameras, stats, status_done))
-    for publisher in publishers:
-        name = f"capture-{publisher.camera.id}"
-        # daemon: a capture blocked in OpenCV must not keep the process alive after shutdown
-        threading.Thread(target=publisher.capture, name=name, daemon=True).start()
-        log.info(
-            "camera %s (%s): %s at %g fps",
-            publisher.camera.id,
-            publisher.camera.room,
-            redact(publisher.camera.url),
-            publisher.camera.fps,
-        )
+    threads = start_captures(publishers)
     publishing = asyncio.gather(*(p.publish() for p in publishers))
     stopping = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({publishing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {publishing, stopping}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
             thread_stop.set()
             for publisher in publishers:
-                publisher.close()  # what is queued still goes out; a capture stuck in OpenCV is not awaited
+                publisher.close()  # what is queued still goes out
         await publishing
     finally:
         thread_stop.set()
         stopping.cancel()
+        # joined before the interpreter exits: one still inside the decoder then aborts the process
+        await asyncio.to_thread(join_captures, threads, settings.producers)
         status_done.set()
         await status_writer
         metrics.close()

@@ -29,16 +29,29 @@ log = logging.getLogger(__name__)
 STATUS_TTL_INTERVALS = 5
 
 
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def camera_status(camera: CameraSettings, stats: CameraStats) -> dict[str, Any]:
     return {
         "camera_id": camera.id,
         "room": camera.room,
         "url": redact(camera.url),
+        "detect_url": None if camera.detect_url is None else redact(camera.detect_url),
+        "decode": camera.decode,
         "state": stats.state,
         "fps_target": camera.fps,
         "fps_in": round(stats.fps_in.rate(), 2),
+        "fps_sampled": round(stats.fps_sampled.rate(), 2),
         "fps_out": round(stats.fps_out.rate(), 2),
         "frames_in": stats.frames_in,
+        "decoded": stats.decoded,
+        "sampled": stats.sampled,
+        "behind": stats.behind,
+        "behind_for_s": round(stats.behind_for_s(), 1),
+        "send_delay_s": rounded(stats.send_delay_s.mean()),
+        "send_delay_max_s": rounded(stats.send_delay_s.max()),
         "published": stats.published,
         "skipped_motion": stats.skipped_motion,
         "heartbeats": stats.heartbeats,
@@ -108,7 +121,7 @@ async def read_statuses(settings: Settings) -> dict[str, dict[str, Any]]:
 def status_rows(settings: Settings, statuses: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per configured camera (no status: its producer is not running) and per other reporting camera."""
     configured = {camera.id: camera for camera in settings.producers.cameras}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for camera_id in [*configured, *sorted(set(statuses) - set(configured))]:
         status = statuses.get(camera_id)
         if status is None:

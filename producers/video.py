@@ -55,14 +55,15 @@ def open_capture(url: str, open_timeout_s: float = 30.0, read_timeout_s: float =
 class RateSampler:
     """Chooses frames at `fps` by their timestamps, not by counting frames (sources drop and vary)."""
 
-    def __init__(self, fps: float) -> None:
+    def __init__(self, fps: float, early_s: float = 1e-6) -> None:
         self.interval_s = 1.0 / fps
+        self.early_s = early_s  # a frame this much before its due time still counts as due
         self.next_due_s: float | None = None
 
     def due(self, t_s: float) -> bool:
         if self.next_due_s is None:
             self.next_due_s = t_s
-        if t_s + 1e-6 < self.next_due_s:
+        if t_s + self.early_s < self.next_due_s:
             return False
         # keep the phase: a late frame does not push every later sample back
         self.next_due_s += self.interval_s * max(1, int((t_s - self.next_due_s) // self.interval_s) + 1)
@@ -90,6 +91,25 @@ def sample_capture(
         if not ok:
             raise SourceError(f"cannot decode a frame of {redact(url)}")
         yield SampledFrame(t_s, image)
+
+
+class OpenCVSource:
+    """Decode mode `all`: one open OpenCV capture that decodes every frame (and V4L2 devices)."""
+
+    def __init__(self, url: str, shown_url: str, fps: float, timeouts_s: tuple[float, float]) -> None:
+        self.capture = open_capture(url, *timeouts_s)
+        self.shown_url = shown_url
+        self.fps = fps
+
+    def close(self) -> None:
+        self.capture.release()
+
+    def frames(self, on_grab: Callable[[], None], on_decode: Callable[[], None]) -> Iterator[SampledFrame]:
+        def grabbed() -> None:  # OpenCV's grab() decodes the frame; retrieve() only converts it
+            on_grab()
+            on_decode()
+
+        yield from sample_capture(self.capture, self.shown_url, self.fps, on_grab=grabbed)
 
 
 def sample_frames(url: str, fps: float, pace: bool) -> Iterator[SampledFrame]:

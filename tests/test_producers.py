@@ -232,3 +232,41 @@ def test_cameras_status_without_a_producer_and_without_redis(stack_state, tmp_pa
     result = fallwatch("cameras", "status", config=config)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: cannot read camera status from Redis at redis://127.0.0.1:")
+
+
+def test_privacy_masks_are_black_in_the_published_jpegs(stack_state, tmp_path: Path, clip_path: Path) -> None:
+    right_half = [[(0.5, 0.0), (1.0, 0.0), (1.0, 1.0), (0.5, 1.0)]]
+    settings = settings_for(
+        stack_state,
+        tmp_path,
+        producers={
+            "cameras": [
+                file_camera("masked", clip_path, fps=2, motion={"enabled": False}, masks=right_half),
+                file_camera("open", clip_path, fps=2, motion={"enabled": False}),
+            ]
+        },
+    )
+
+    async def scenario() -> list[Frame]:
+        published = await run_producers(settings, asyncio.Event())
+        return await consume_until(
+            settings, settings.kafka.topics.frames, Frame, lambda m: len(m) >= sum(published.values())
+        )
+
+    frames = asyncio.run(scenario())
+    masked = [decode_jpeg_rgb(f.jpeg) for f in frames if f.camera_id == "masked"]
+    unmasked = [decode_jpeg_rgb(f.jpeg) for f in frames if f.camera_id == "open"]
+    assert len(masked) == len(unmasked) >= 7
+    width = masked[0].shape[1]
+    # a 16-pixel margin: JPEG blocks that straddle the mask's edge blend both sides
+    inside = slice(width // 2 + 16, None)
+    assert all(image[:, inside].max() == 0 for image in masked), "nothing behind the mask leaves the producer"
+    assert all(image[:, inside].mean() > 20 for image in unmasked), "the clip is not black there by itself"
+    assert all(image[:, : width // 2 - 16].mean() > 20 for image in masked), "the rest of the frame is kept"
+
+
+def test_a_mask_point_outside_the_frame_is_a_config_mistake() -> None:
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        CameraSettings(id="c", room="1", url="/v.mp4", masks=[[(0.0, 0.0), (1.5, 0.0), (1.0, 1.0)]])
+    with pytest.raises(ValueError, match="at least 3 items"):
+        CameraSettings(id="c", room="1", url="/v.mp4", masks=[[(0.0, 0.0), (1.0, 0.0)]])

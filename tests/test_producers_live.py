@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import cv2
 import pytest
 
 from core.kafka_io import make_consumer, topic_specs
 from core.settings import CameraSettings, Settings
 from fallwatch.stack import LocalStack, StackState, free_port, pid_alive
+from producers.decoding import KEYFRAME_SLACK, PyAVSource
 from producers.service import run_producers
 from producers.status import read_statuses
+from producers.video import RateSampler, SourceError
 from schemas import Frame, decode
-from tests.conftest import REPO, settings_for, write_config
+from tests.conftest import FALL_CLIPS, REPO, settings_for, write_config, write_video
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 STREAM_FPS = 15
@@ -83,7 +89,7 @@ def mjpeg_server(clip: Path, tmp_path: Path) -> StreamServer:
 
 
 def rtsp_server(clip: Path, tmp_path: Path) -> StreamServer:
-    """GStreamer's RTSP server; the clip is first made H.264 (ffmpeg) and a few loops long."""
+    """GStreamer's RTSP server; the clip is first made H.264 with B-frames (ffmpeg) and a few loops long."""
     video = tmp_path / "rtsp.mp4"
     subprocess.run(
         [
@@ -103,6 +109,8 @@ def rtsp_server(clip: Path, tmp_path: Path) -> StreamServer:
             "libx264",
             "-preset",
             "ultrafast",
+            "-bf",  # non-reference B-frames, as many cameras' main profiles send
+            "2",
             "-g",
             "15",
             "-pix_fmt",
@@ -254,6 +262,9 @@ def test_mjpeg_and_rtsp_streams_arrive_at_the_target_fps_in_order(
     assert set(by_id) == {"mjpeg", "rtsp"}
     for row in by_id.values():
         assert row["state"] == "streaming" and row["fps_in"] > row["fps_out"] > 0
+        assert row["decode"] == "auto" and 0 < row["fps_sampled"] < row["fps_in"]
+        assert row["sampled"] >= row["published"] and row["decoded"] <= row["frames_in"]
+        assert row["send_delay_max_s"] >= row["send_delay_s"] > 0
         # (a first attempt may have come before the server listened: reconnects are not asserted here)
         assert row["last_error"] is None and row["last_frame_age_s"] < 5
 
@@ -383,3 +394,168 @@ async def restart_scenario(
         stop.set()
         await watcher.consumer.stop()
     return published, watcher.frames, stopped_at, restarted_at
+
+
+def sample_live(url: str, mode: str, fps: float, samples: int) -> tuple[list[float], list[float], int]:
+    """`samples` frames of a live stream through PyAV in `mode`: (their times, every packet's arrival, decoded)."""
+    deadline = time.monotonic() + 30
+    while True:  # the server may not listen yet
+        try:
+            source = PyAVSource(url, url, mode, fps, None, (5.0, 5.0), hardware=False)
+            break
+        except SourceError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # polling for the server to come up
+    arrivals: list[float] = []
+    decoded = [0]
+    times: list[float] = []
+    try:
+        for frame in source.frames(
+            lambda: arrivals.append(time.monotonic()), lambda: decoded.__setitem__(0, decoded[0] + 1)
+        ):
+            times.append(arrivals[0] + frame.position_s)
+            if len(times) == samples:
+                break
+    finally:
+        source.close()
+    return times, arrivals, decoded[0]
+
+
+@pytest.mark.parametrize(
+    ("server", "mode", "fps", "decoded_share"),
+    [
+        ("mjpeg", "auto", 4.0, (0.0, 0.5)),  # intra-only: only the due frames are decoded
+        ("rtsp", "keyframes", 1.0, (0.0, 0.2)),  # a keyframe a second
+        ("rtsp", "auto", 4.0, (0.9, 1.0)),  # live with B-frames: timed on arrival, so all are decoded
+    ],
+)
+def test_live_streams_sample_the_first_frame_due_with_the_new_decode_paths(
+    tmp_path: Path,
+    clip_path: Path,
+    servers: list[StreamServer],
+    server: str,
+    mode: str,
+    fps: float,
+    decoded_share: tuple[float, float],
+) -> None:
+    stream = (mjpeg_server if server == "mjpeg" else rtsp_server)(clip_path, tmp_path)
+    servers.append(stream)
+    stream.start()
+    times, arrivals, decoded = sample_live(stream.url, mode, fps, samples=8)
+    assert len(times) == 8
+    sampler = RateSampler(fps, early_s=KEYFRAME_SLACK / fps if mode == "keyframes" else 1e-6)
+    for sampled in times:
+        due_s = sampler.next_due_s or sampled
+        assert sampler.due(sampled), "sampled before its due time"
+        if mode == "keyframes":  # the keyframe of each second (they come a second apart)
+            assert abs(sampled - due_s) < 0.5 / fps, (due_s, sampled)
+            continue
+        passed_over = [t for t in arrivals if due_s + 2e-3 < t < sampled - 2e-3]
+        # decoding everything would take the first frame after the due time; B-frames may hold one back
+        assert len(passed_over) <= (1 if server == "rtsp" else 0), (due_s, sampled, passed_over)
+    assert times[-1] - times[0] == pytest.approx(7 / fps, abs=2.0 / STREAM_FPS), "the sampling rate is kept"
+    low, high = decoded_share
+    assert low * len(arrivals) <= decoded <= high * len(arrivals), f"{decoded} of {len(arrivals)} frames decoded"
+
+
+def test_sigterm_stops_the_producer_cleanly_while_captures_decode(stack_state, tmp_path: Path, clip_path: Path) -> None:
+    """SIGTERM mid-stream, repeated: exit status 0 each time, never an abort from a capture thread inside
+    the decoder at interpreter exit (it was rc -6, "terminate called without an active exception")."""
+    clips = [clip_path, FALL_CLIPS / "gmdcsa24_s1_adl10_walking_reading.mp4"]
+    cameras = [
+        live_camera(f"cam-{index}", str(clips[index % 2]), fps=5.0, loop=True, decode=("all", "auto")[index // 2 % 2])
+        for index in range(6)
+    ]
+    settings = settings_for(
+        stack_state,
+        tmp_path,
+        producers={"status_interval_s": 0.3, "status_key_prefix": f"test:{tmp_path.name}", "cameras": cameras},
+    )
+    env = write_config(settings, tmp_path / "config.yaml")
+    for attempt in range(4):
+        log_path = tmp_path / f"producer-{attempt}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "producers"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            asyncio.run(until_every_camera_publishes(settings, process.pid, [c["id"] for c in cameras]))
+            process.send_signal(signal.SIGTERM)
+            returncode = process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+        assert returncode == 0, f"stop {attempt + 1}: rc {returncode}\n{log_path.read_text()[-2000:]}"
+
+
+async def until_every_camera_publishes(settings: Settings, pid: int, camera_ids: list[str]) -> None:
+    def publishing(status: dict) -> bool:
+        return status["producer"].endswith(f":{pid}") and status["published"] > 0
+
+    for camera_id in camera_ids:
+        await status_until(settings, camera_id, publishing, f"published by producer {pid}", timeout_s=60)
+
+
+def test_a_camera_behind_schedule_shows_within_10_s_and_a_detect_stream_is_sampled_instead_of_the_main(
+    stack_state, tmp_path: Path, clip_path: Path, servers: list[StreamServer]
+) -> None:
+    slow = tmp_path / "ten-fps.mp4"  # the source sends 10 frames/s; the camera asks for 20
+    write_video(slow, 50, lambda image, index: cv2.circle(image, (20 + 5 * index, 120), 20, (220, 200, 180), -1))
+    detect = mjpeg_server(clip_path, tmp_path)
+    servers.append(detect)
+    detect.start()
+    with socket.create_server(("127.0.0.1", 0)) as main_stream:  # the main stream: must never be opened
+        main_url = f"rtsp://viewer:secret@127.0.0.1:{main_stream.getsockname()[1]}/main"
+        metrics_port = free_port()
+        settings = settings_for(
+            stack_state,
+            tmp_path,
+            producers={
+                **FAST_RECOVERY,
+                "metrics_port": metrics_port,
+                "status_key_prefix": f"test:{tmp_path.name}",
+                "cameras": [
+                    live_camera("slow", str(slow), fps=20.0, loop=True, realtime=True),
+                    live_camera("nvr", main_url, detect_url=detect.url),
+                ],
+            },
+        )
+        watcher, behind, metrics = asyncio.run(behind_and_detect_scenario(settings, metrics_port))
+        main_stream.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            main_stream.accept()  # no connection is waiting: nothing ever connected to the main stream
+    assert behind["fps_target"] == 20.0 and behind["fps_sampled"] < 15.0
+    assert behind["behind"] > 0 and behind["behind_for_s"] > 0
+    assert metric_value(metrics, 'fallwatch_producer_behind_total{camera="slow",room="room-slow"}') > 0
+    assert metric_value(metrics, 'fallwatch_producer_behind_seconds{camera="slow"}') > 0
+    assert metric_value(metrics, 'fallwatch_producer_fps_target{camera="slow"}') == 20.0
+    assert 'fallwatch_producer_capture_to_send_seconds{camera="slow",stat="max"}' in metrics
+    nvr = watcher.of("nvr")
+    assert len(nvr) >= 5 and {(f.width, f.height) for f in nvr} == {(320, 240)}, "frames of the detect stream"
+
+
+def metric_value(metrics: str, sample: str) -> float:
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", metrics, re.MULTILINE)
+    assert match is not None, f"{sample} not in the metrics"
+    return float(match.group(1))
+
+
+async def behind_and_detect_scenario(settings: Settings, metrics_port: int) -> tuple[FrameWatcher, dict, str]:
+    stop = asyncio.Event()
+    producing = asyncio.create_task(run_producers(settings, stop))
+    watcher = FrameWatcher(settings)
+    await watcher.consumer.start()
+    try:
+        # visible within 10 s of the producer starting, in Redis (cameras status) and in the metrics
+        behind = await status_until(settings, "slow", lambda s: s["behind_for_s"] > 0, "behind", timeout_s=10)
+        await watcher.until(lambda: len(watcher.of("nvr")) >= 5 and watcher.of("slow"), "frames of both cameras")
+        metrics = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        )
+    finally:
+        stop.set()
+        await watcher.consumer.stop()
+    await producing
+    return watcher, behind, metrics

@@ -1,21 +1,21 @@
-"""The measurements of `fallwatch bench producer`: CPU cost of one camera's capture loop.
+"""The measurements of `fallwatch bench producer`: CPU cost of one camera's capture loop per decode path.
 
 Each video is played as a live camera (real-time pacing, looped) through the producer's own
-capture loop (`CameraCapture`: grab every frame, decode the due ones, motion gate, resize, JPEG)
-for a fixed time, without Kafka; the baseline, measured in the same run on the same video, is
-the naive loop that decodes every frame with `read()`. Short clips are first repeated into one
-longer file (ffmpeg, stream copy) so no row measures a loop restart. CPU is the process's CPU
-time over the wall time (FFmpeg decodes on threads of its own), so run it on an otherwise idle
-machine or say what else was running.
+capture loop (`CameraCapture`: read, decode, sample, resize, JPEG; motion gate off, the worst
+case) for a fixed time, without Kafka, once per decode path: today's (`decode: all`, OpenCV
+decoding every frame) and the new ones (`auto`, `keyframes`), interleaved round by round in the
+same run. Short clips are first repeated into one longer file (ffmpeg, stream copy) so no row
+measures a loop restart. CPU is the process's CPU time over the wall time (FFmpeg decodes on
+threads of its own), so run it on an otherwise idle machine or say what else was running.
 """
 
 from __future__ import annotations
 
 import resource
+import statistics
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import cv2
@@ -59,28 +59,20 @@ def repeated(video: Path, seconds: float, folder: Path) -> Path:
     return longer
 
 
-def naive_read_loop(video: Path, seconds: float) -> tuple[float, int]:
-    """Baseline: decode every frame (paced in real time). Returns (CPU cores used, frames decoded)."""
-    capture = cv2.VideoCapture(str(video))
-    fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
-    frames = 0
-    started, cpu_start = time.monotonic(), cpu_seconds()
-    while (elapsed := time.monotonic() - started) < seconds:
-        ok, _image = capture.read()
-        if not ok:
-            capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
-            continue
-        frames += 1
-        time.sleep(max(0.0, frames / fps - elapsed))
-    capture.release()
-    return (cpu_seconds() - cpu_start) / seconds, frames
+MODES = ("all", "auto", "keyframes")
+MODE_NAMES = {
+    "all": "today: decode every frame (OpenCV)",
+    "auto": "auto: skip non-reference frames not due (PyAV)",
+    "keyframes": "keyframes: only keyframes while often enough (PyAV)",
+}
 
 
-def producer_loop(video: Path, seconds: float, fps: float, motion: bool) -> tuple[float, CameraStats]:
-    """The producer's capture loop. Returns (CPU cores used, the camera's stats)."""
+def producer_loop(video: Path, seconds: float, fps: float, decode: str) -> tuple[float, CameraStats]:
+    """The producer's capture loop, motion gate off (the worst case). Returns (CPU cores used, the camera's stats)."""
     camera = CameraSettings(
-        id="bench", room="bench", url=str(video), fps=fps, loop=True, realtime=True, motion={"enabled": motion}
+        id="bench", room="bench", url=str(video), fps=fps, loop=True, realtime=True, motion={"enabled": False}
     )
+    camera = camera.model_copy(update={"decode": decode})
     stats = CameraStats()
     stop = threading.Event()
     capture = CameraCapture(camera, ProducerSettings(), stats, lambda _frame: None, stop)  # encoded, not sent
@@ -94,40 +86,48 @@ def producer_loop(video: Path, seconds: float, fps: float, motion: bool) -> tupl
     return cpu, stats
 
 
-def run_benchmark(videos: list[Path], seconds: float, fps: float) -> None:
-    table = Table(title=f"producer capture loop, one camera, {seconds:g} s per row")
+def run_benchmark(videos: list[Path], seconds: float, fps: float, rounds: int) -> None:
+    table = Table(
+        title=f"producer capture loop, one camera at {fps:g} fps, motion gate off, median of {rounds} × {seconds:g} s"
+    )
     for column in (
         "video",
         "size",
-        "measured loop",
+        "decode path",
         "CPU (cores)",
-        "vs baseline",
-        "frames decoded / sampled",
-        "published",
-        "skipped by motion",
+        "vs today",
+        f"cameras per core at {fps:g} fps",
+        "frames decoded / read",
+        "sampled",
+        "behind (slots)",
     ):
         table.add_column(column)
     with tempfile.TemporaryDirectory() as folder:
         for video in videos:
-            add_rows(table, video.name, repeated(video, seconds, Path(folder)), seconds, fps)
+            add_rows(table, video.name, repeated(video, seconds, Path(folder)), seconds, fps, rounds)
     Console(width=220).print(table)
 
 
-def add_rows(table: Table, name: str, video: Path, seconds: float, fps: float) -> None:
+def add_rows(table: Table, name: str, video: Path, seconds: float, fps: float, rounds: int) -> None:
     probe = cv2.VideoCapture(str(video))
     size = f"{int(probe.get(cv2.CAP_PROP_FRAME_WIDTH))}×{int(probe.get(cv2.CAP_PROP_FRAME_HEIGHT))}"
     probe.release()
-    base_cpu, base_frames = naive_read_loop(video, seconds)
-    table.add_row(name, size, "baseline: read() every frame", f"{base_cpu:.3f}", "1.00", str(base_frames), "", "")
-    for motion in (False, True):
-        cpu, stats = producer_loop(video, seconds, fps, motion)
+    runs: dict[str, list[tuple[float, CameraStats]]] = {mode: [] for mode in MODES}
+    for _ in range(rounds):  # interleaved, so load from other work falls on every path alike
+        for mode in MODES:
+            runs[mode].append(producer_loop(video, seconds, fps, mode))
+    today_cpu = statistics.median(cpu for cpu, _ in runs["all"])
+    for mode in MODES:
+        cpu = statistics.median(cpu for cpu, _ in runs[mode])
+        stats = runs[mode][-1][1]
         table.add_row(
             name,
             size,
-            f"producer {fps:g} fps, motion gate {'on' if motion else 'off'}",
+            MODE_NAMES[mode],
             f"{cpu:.3f}",
-            f"{cpu / base_cpu:.2f}",
+            f"{cpu / today_cpu:.2f}",
+            f"{1 / cpu:.1f}",
+            f"{stats.decoded} / {stats.frames_in}",
             str(stats.sampled),
-            str(stats.sampled - stats.skipped_motion),
-            str(stats.skipped_motion),
+            str(stats.behind),
         )

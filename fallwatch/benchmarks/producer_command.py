@@ -22,16 +22,17 @@ def bench_producer(
     videos: Annotated[list[Path] | None, typer.Option("--video", help="videos to play as cameras")] = None,
     seconds: Annotated[float, typer.Option(help="measured time per row")] = 10.0,
     fps: Annotated[float, typer.Option(help="the producer's sampling rate")] = 2.0,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds of every decode path (the median is shown)")] = 2,
 ) -> None:
-    """Producer: CPU per camera (sampling at --fps, with and without motion gating) vs decoding every frame."""
+    """Producer: CPU and cameras per core at --fps for each decode path (all = today's, auto, keyframes)."""
     chosen = videos or list(DEFAULT_VIDEOS)
     missing = [str(v) for v in chosen if not v.is_file()]
     if missing:
         raise ConfigError(f"video not found: {', '.join(missing)} (pass --video FILE)")
-    if seconds <= 0 or fps <= 0:
-        raise ConfigError("--seconds and --fps must be positive")
+    if seconds <= 0 or fps <= 0 or rounds < 1:
+        raise ConfigError("--seconds and --fps must be positive, --rounds at least 1")
     from core.logs import configure_logging
     from fallwatch.benchmarks.producer import run_benchmark
 
     configure_logging("WARNING")
-    run_benchmark(chosen, seconds, fps)
+    run_benchmark(chosen, seconds, fps, rounds)

@@ -1,0 +1,178 @@
+"""Decoding only what is sampled, through PyAV (FFmpeg's libraries): the `auto` and `keyframes` modes.
+
+The demuxer hands over every compressed packet (cheap); each packet's time says, before any
+decoding, whether a sampled frame can be in it:
+- `auto`: a packet at or after the next due time is decoded in full; any other is decoded with
+  `skip_frame` NONREF, so the reference frames later frames depend on are still decoded but
+  non-reference ones (B-frames, mostly) are dropped before they cost anything. Intra-only codecs
+  (MJPEG) depend on nothing: their other packets are not decoded at all. The sampled frame is
+  thus the same one decoding everything would pick. Live streams are timed by arrival, so a live
+  stream with B-frames (frames arrive out of order) is decoded in full.
+- `keyframes`: only keyframes reach the decoder; the cheapest, and right while keyframes come at
+  least as often as the sampling rate. When they come less often the camera switches to `auto`
+  at the next keyframe (one warning line), so its sampling rate is kept.
+Frames are converted to BGR at the detect size in one step (swscale), not at full size first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+from typing import Any
+
+import av
+import av.error
+import numpy as np
+from av.codec.hwaccel import HWAccel, hwdevices_available
+
+from core.urls import redact, source_kind
+from producers.video import RateSampler, SampledFrame, SourceError
+
+log = logging.getLogger(__name__)
+
+# hardware decoders to try, in this order, among those FFmpeg was built with
+HARDWARE_DEVICES = ("cuda", "vaapi", "qsv", "videotoolbox", "d3d11va", "drm")
+KEYFRAME_SLACK = 0.1  # of the sampling interval: a live stream's keyframes are timed by arrival, with jitter
+
+
+def open_container(url: str, options: dict[str, str], timeout: tuple[float, float] | None, hardware: bool) -> Any:
+    """The opened source; with `hardware`, decoding on the first hardware device that works, else the CPU."""
+    devices = [device for device in HARDWARE_DEVICES if hardware and device in hwdevices_available()]
+    for device in devices:
+        try:
+            container = av.open(
+                url, options=options, timeout=timeout, hwaccel=HWAccel(device_type=device, allow_software_fallback=True)
+            )
+        except av.error.FFmpegError:
+            continue  # listed by the build but absent on this machine
+        if container.streams.video and container.streams.video[0].codec_context.is_hwaccel:
+            return container
+        container.close()
+    if hardware:
+        log.info("no hardware decoder works here (tried %s); decoding on the CPU", ", ".join(devices) or "none")
+    return av.open(url, options=options, timeout=timeout)
+
+
+class PyAVSource:
+    """One open connection to a video source, sampled at `fps` with the given decode mode."""
+
+    def __init__(
+        self,
+        url: str,
+        shown_url: str,
+        mode: str,
+        fps: float,
+        size: tuple[int, int] | None,
+        timeouts_s: tuple[float, float],
+        hardware: bool,
+    ) -> None:
+        self.shown_url = redact(shown_url)
+        self.mode = mode
+        self.interval_s = 1.0 / fps
+        self.size = size
+        self.live = source_kind(shown_url) != "file"
+        options = {"rtsp_transport": "tcp"} if url.startswith("rtsp") else {}
+        try:
+            self.container = open_container(
+                url.removeprefix("file://"), options, timeouts_s if self.live else None, hardware
+            )
+        except (av.error.FFmpegError, OSError):
+            raise SourceError(f"cannot open video source {self.shown_url}") from None
+        if not self.container.streams.video:
+            self.container.close()
+            raise SourceError(f"no video stream in {self.shown_url}")
+        self.stream = self.container.streams.video[0]
+        # one thread per camera: frame threads would delay output and ignore skip_frame per packet
+        self.stream.thread_type = "SLICE"
+        self.stream.codec_context.thread_count = 1
+        self.intra_only = self.stream.codec_context.codec.intra_only
+        self.time_base = Fraction(self.stream.time_base or Fraction(1, 90_000))
+
+    def close(self) -> None:
+        self.container.close()
+
+    def frames(self, on_grab: Callable[[], None], on_decode: Callable[[], None]) -> Iterator[SampledFrame]:
+        """The sampled frames, until the source ends or a read fails (or times out)."""
+        # keyframes arrive a GOP apart: one a little early must not cost a whole GOP
+        sampler = RateSampler(
+            1.0 / self.interval_s, KEYFRAME_SLACK * self.interval_s if self.mode == "keyframes" else 1e-6
+        )
+        context = self.stream.codec_context
+        first_s: float | None = None
+        last_keyframe_s: float | None = None
+        for packet in self.packets():
+            on_grab()
+            t_s = (
+                time.monotonic() if self.live else self.file_time(packet.pts if packet.pts is not None else packet.dts)
+            )
+            if t_s is None:
+                continue
+            first_s = t_s if first_s is None else first_s
+            if self.mode == "keyframes":
+                if not packet.is_keyframe:
+                    continue
+                if self.keyframes_too_rare(last_keyframe_s, t_s):
+                    self.mode, sampler.early_s = "auto", 1e-6
+                last_keyframe_s = t_s
+            due = sampler.next_due_s is None or t_s + sampler.early_s >= sampler.next_due_s or self.reordered_live()
+            if self.intra_only and not due:
+                continue
+            context.skip_frame = "DEFAULT" if due or self.mode == "keyframes" else "NONREF"
+            for frame in self.decoded(packet):
+                on_decode()
+                # live: the clock when the packet that completed the frame arrived, as OpenCV's grab()
+                frame_s = t_s if self.live else self.file_time(frame.pts)
+                if frame_s is not None and sampler.due(frame_s):
+                    yield SampledFrame(frame_s - first_s, self.image(frame))
+        context.skip_frame = "DEFAULT"
+        for frame in self.decoded(None):  # the frames the decoder still holds (reordering)
+            on_decode()
+            frame_s = None if self.live else self.file_time(frame.pts)
+            if frame_s is not None and first_s is not None and sampler.due(frame_s):
+                yield SampledFrame(frame_s - first_s, self.image(frame))
+
+    def packets(self) -> Iterator[av.Packet]:
+        """The stream's packets until it ends; a failed or timed-out read ends it too (the caller reconnects)."""
+        demuxer = self.container.demux(self.stream)
+        while True:
+            try:
+                packet = next(demuxer)
+            except (StopIteration, av.error.FFmpegError, OSError):
+                return
+            if packet.size:
+                yield packet
+
+    def decoded(self, packet: av.Packet | None) -> list[av.VideoFrame]:
+        """The frames one packet completes; a corrupt packet yields none (the stream goes on)."""
+        try:
+            return self.stream.codec_context.decode(packet)
+        except av.error.InvalidDataError:
+            return []
+
+    def reordered_live(self) -> bool:
+        """A live stream with B-frames: its frames are timed on arrival, so which one falls due is only known
+        after decoding; every frame is decoded (files are timed by their own timestamps and need not)."""
+        return self.live and self.stream.codec_context.has_b_frames > 0
+
+    def file_time(self, pts: int | None) -> float | None:
+        return None if pts is None else float(pts * self.time_base)
+
+    def keyframes_too_rare(self, last_keyframe_s: float | None, t_s: float) -> bool:
+        """Keyframes further apart than the sampling interval (one warning line): time to decode in `auto`."""
+        if last_keyframe_s is None or t_s - last_keyframe_s <= (1 + KEYFRAME_SLACK) * self.interval_s:
+            return False
+        log.warning(
+            "%s: keyframes come every %.2f s, less often than sampling at %g fps; decoding it in auto mode",
+            self.shown_url,
+            t_s - last_keyframe_s,
+            1.0 / self.interval_s,
+        )
+        return True
+
+    def image(self, frame: av.VideoFrame) -> np.ndarray:
+        if self.size is None:
+            return frame.to_ndarray(format="bgr24")
+        width, height = self.size
+        return frame.to_ndarray(format="bgr24", width=width, height=height, interpolation="AREA")

@@ -1,0 +1,176 @@
+"""The producers' decode modes on real H.264 files, and the behind-schedule accounting of the capture loop.
+
+Each new decode path must sample the frames decoding everything samples: the same capture times
+(within one source frame of the schedule) and the same pictures, while decoding fewer frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from core.settings import CameraSettings, ProducerSettings
+from producers.camera import CameraCapture, CameraStats, CapturedFrame
+from producers.decoding import PyAVSource
+from producers.video import OpenCVSource, RateSampler, SampledFrame
+from tests.conftest import FALL_CLIPS
+
+# the shared clips: 640×480 and 1280×720 H.264 at 30 fps, with non-reference B-frames
+SHARED_CLIPS = [
+    FALL_CLIPS / "gmdcsa24_s1_fall13_backward_fall.mp4",
+    FALL_CLIPS / "gmdcsa24_s1_adl10_walking_reading.mp4",
+]
+TIMEOUTS_S = (10.0, 10.0)
+
+
+@dataclass
+class Sampled:
+    frames: list[SampledFrame] = field(default_factory=list)
+    read: int = 0
+    decoded: int = 0
+
+    def positions(self) -> list[float]:
+        return [frame.position_s for frame in self.frames]
+
+
+def sample(source: OpenCVSource | PyAVSource) -> Sampled:
+    result = Sampled()
+
+    def on_read() -> None:
+        result.read += 1
+
+    def on_decode() -> None:
+        result.decoded += 1
+
+    try:
+        result.frames = list(source.frames(on_read, on_decode))
+    finally:
+        source.close()
+    return result
+
+
+def h264_video(path: Path, source: Path, fps: int, keyframe_every: int, seconds: float = 6.0) -> Path:
+    """`source` re-encoded to H.264 at `fps` with a keyframe every `keyframe_every` frames (and B-frames)."""
+    subprocess.run(
+        [
+            *("ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "-1", "-t", str(seconds)),
+            *("-i", str(source), "-an", "-vf", f"scale=320:240,fps={fps}", "-c:v", "libx264", "-preset", "veryfast"),
+            *("-bf", "2", "-g", str(keyframe_every), "-keyint_min", str(keyframe_every), "-sc_threshold", "0"),
+            str(path),
+        ],
+        check=True,
+        timeout=120,
+    )
+    return path
+
+
+def frame_times(video: Path) -> list[float]:
+    """Every frame's time in the file, from its first frame, in presentation order."""
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        time_base = stream.time_base or Fraction(1, 90_000)
+        times = sorted(float(p.pts * time_base) for p in container.demux(stream) if p.pts is not None)
+    return [t - times[0] for t in times]
+
+
+def assert_on_schedule(positions: list[float], fps: float, times: list[float]) -> None:
+    """Each sample is the first frame at or after its due time: within one source frame of the schedule."""
+    sampler = RateSampler(fps)
+    due = [t for t in times if sampler.due(t)]
+    assert positions == pytest.approx(due[: len(positions)], abs=1e-3)
+    assert len(positions) >= len(due) - 1, "no due time left unsampled (the last may fall in the decoder's tail)"
+
+
+@pytest.mark.parametrize("clip", SHARED_CLIPS, ids=lambda clip: clip.stem)
+def test_auto_decodes_less_and_samples_the_frames_decoding_everything_does(clip: Path) -> None:
+    if not clip.is_file():
+        pytest.fail(f"{clip} is missing: the shared datasets must be beside the checkout")
+    everything = sample(OpenCVSource(str(clip), str(clip), 2.0, TIMEOUTS_S))
+    auto = sample(PyAVSource(str(clip), str(clip), "auto", 2.0, None, TIMEOUTS_S, hardware=False))
+    assert auto.positions() == pytest.approx(everything.positions(), abs=1e-3)
+    assert_on_schedule(auto.positions(), 2.0, frame_times(clip))
+    assert len(auto.frames) >= 7, "a 4 s clip at 2 fps"
+    assert auto.read == everything.read, "every packet is read"
+    assert auto.decoded < 0.6 * everything.decoded, "non-reference frames that are not due are never decoded"
+    for ours, theirs in zip(auto.frames, everything.frames, strict=True):
+        assert ours.image_bgr.shape == theirs.image_bgr.shape
+        difference = np.abs(ours.image_bgr.astype(int) - theirs.image_bgr.astype(int)).mean()
+        assert difference < 2.0, "the same picture (colour conversion aside), not a neighbour or a smeared one"
+
+
+def test_auto_decodes_straight_to_the_detect_size(clip_path: Path) -> None:
+    auto = sample(PyAVSource(str(clip_path), str(clip_path), "auto", 2.0, (160, 120), TIMEOUTS_S, hardware=False))
+    assert {frame.image_bgr.shape for frame in auto.frames} == {(120, 160, 3)}
+
+
+def test_keyframes_mode_decodes_only_keyframes_while_they_come_often_enough(tmp_path: Path, clip_path: Path) -> None:
+    # 15 fps, a keyframe every second: sampling at 1 fps needs nothing else
+    video = h264_video(tmp_path / "gop15.mp4", clip_path, fps=15, keyframe_every=15)
+    keyframes = sample(PyAVSource(str(video), str(video), "keyframes", 1.0, None, TIMEOUTS_S, hardware=False))
+    assert len(keyframes.frames) == 6 and keyframes.decoded == 6, "six seconds, six keyframes, nothing else decoded"
+    assert_on_schedule(keyframes.positions(), 1.0, frame_times(video))
+    everything = sample(OpenCVSource(str(video), str(video), 1.0, TIMEOUTS_S))
+    assert keyframes.positions() == pytest.approx(everything.positions(), abs=1e-3)
+
+
+def test_keyframes_rarer_than_the_sampling_rate_switch_to_auto(
+    tmp_path: Path, clip_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    video = h264_video(tmp_path / "gop15.mp4", clip_path, fps=15, keyframe_every=15)
+    with caplog.at_level(logging.WARNING, logger="producers.decoding"):
+        sampled = sample(PyAVSource(str(video), str(video), "keyframes", 2.0, None, TIMEOUTS_S, hardware=False))
+    assert "keyframes come every 1.00 s, less often than sampling at 2 fps" in caplog.text
+    # the first second had one keyframe only; from the second keyframe on every slot is sampled
+    positions = [position for position in sampled.positions() if position >= 1.0]
+    assert len(positions) == 10
+    assert_on_schedule(positions, 2.0, [t for t in frame_times(video) if t >= 1.0])
+
+
+def throttled_capture(video: Path, fps: float, seconds: float, emit_s: float) -> tuple[CameraStats, list[float]]:
+    """A realtime file camera whose hand-over to Kafka takes `emit_s` a frame; runs `seconds`."""
+    camera = CameraSettings(
+        id="slow", room="1", url=str(video), fps=fps, loop=True, realtime=True, motion={"enabled": False}
+    )
+    stats, stop, emitted = CameraStats(), threading.Event(), []
+
+    def slow_emit(_frame: CapturedFrame) -> None:
+        emitted.append(time.monotonic())
+        time.sleep(emit_s)  # the throttle under test: a loop slower than its schedule, not a synchronisation
+
+    thread = threading.Thread(target=CameraCapture(camera, ProducerSettings(), stats, slow_emit, stop).run)
+    thread.start()
+    stop.wait(seconds)  # the measured interval itself
+    stop.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    return stats, emitted
+
+
+def test_a_throttled_capture_loop_counts_the_slots_it_could_not_sample(
+    tmp_path: Path, clip_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    video = h264_video(tmp_path / "long.mp4", clip_path, fps=15, keyframe_every=15, seconds=12.0)
+    with caplog.at_level(logging.WARNING, logger="producers.camera"):
+        stats, emitted = throttled_capture(video, fps=4.0, seconds=6.0, emit_s=0.5)
+    slots = round((emitted[-1] - emitted[0]) * 4.0) + 1
+    assert stats.sampled == len(emitted)
+    assert stats.sampled <= 2.2 * 6, "the loop can take at most 2 frames/s"
+    assert abs(stats.sampled + stats.behind - slots) <= 1, "every slot is either sampled or counted behind"
+    assert stats.behind >= slots // 3
+    assert stats.behind_for_s() > 3.0
+    assert "camera slow: behind schedule for" in caplog.text, "one warning line after a few seconds"
+
+
+def test_a_capture_loop_that_keeps_up_is_never_behind(tmp_path: Path, clip_path: Path) -> None:
+    video = h264_video(tmp_path / "long.mp4", clip_path, fps=15, keyframe_every=15, seconds=12.0)
+    stats, emitted = throttled_capture(video, fps=2.0, seconds=4.0, emit_s=0.0)
+    assert len(emitted) >= 7 and stats.behind == 0 and stats.behind_for_s() == 0.0
