@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from transformers import ViltForQuestionAnswering
 
 from core.settings import AdaptSettings, ConfigError
 from edge_workers.model import ViltEdgeModel
@@ -30,7 +31,7 @@ class TrainingImages:
     targets: np.ndarray  # [N] 1 = fall
 
 
-def trainable_parameters(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+def trainable_parameters(model: ViltForQuestionAnswering, trainable: str) -> list[nn.Parameter]:
     """Freeze all but `trainable` (all, head, last:N) and return what learns."""
     if trainable == "all":
         chosen = list(model.parameters())

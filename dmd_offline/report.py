@@ -70,7 +70,8 @@ def markdown_report(
     ]
     for name in TABLE_ORDER:
         result = evaluation.result(name)
-        bounds = "" if result.f1_low is None else f" [{100 * result.f1_low:.1f}–{100 * result.f1_high:.1f}]"
+        low, high = result.f1_low, result.f1_high
+        bounds = "" if low is None or high is None else f" [{100 * low:.1f}–{100 * high:.1f}]"
         lines.append(
             f"| {name} | {100 * result.f1:.1f}{bounds} | {100 * result.share_large:.1f} | "
             f"{number(result.time_s, 3)}{change(result.time_s, large.time_s)} | "

@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,9 +51,9 @@ class DriftCheck:
 @dataclass
 class CameraWindow:
     first_seen: float
-    falls: deque[bool] = field(default_factory=deque)
-    scores: deque[float] = field(default_factory=deque)
-    offloaded: deque[bool] = field(default_factory=deque)
+    falls: deque[bool]  # each the camera's last `drift_window` frames
+    scores: deque[float]
+    offloaded: deque[bool]
     flagged: bool = False
 
 
@@ -84,7 +84,10 @@ class DriftGuard:
 
     def window(self, camera_id: str) -> CameraWindow:
         if camera_id not in self.cameras:
-            self.cameras[camera_id] = CameraWindow(first_seen=self.clock())
+            size = self.settings.drift_window
+            self.cameras[camera_id] = CameraWindow(
+                self.clock(), deque(maxlen=size), deque(maxlen=size), deque(maxlen=size)
+            )
         return self.cameras[camera_id]
 
     def exploration_rate(self, camera_id: str, base: float) -> float:
@@ -98,10 +101,9 @@ class DriftGuard:
     def observe(self, camera_id: str, fall: bool, score: float, offloaded: bool) -> DriftCheck | None:
         """Record one answered frame; returns the camera's check when its flag changed."""
         window = self.window(camera_id)
-        for values, value in ((window.falls, fall), (window.scores, score), (window.offloaded, offloaded)):
-            values.append(value)
-            if len(values) > self.settings.drift_window:
-                values.popleft()
+        window.falls.append(fall)
+        window.scores.append(score)
+        window.offloaded.append(offloaded)
         check = self.check(camera_id)
         if check is None or check.drifted == window.flagged:
             return None

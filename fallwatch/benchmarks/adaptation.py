@@ -5,7 +5,7 @@ out, or two halves (every other clip of each label, by file name) each adapted o
 the other. Per fold, the adaptation clips are the facility's logged traffic: every published frame
 with the running cloud model's answer (a camera's learning period with every frame explored), and
 with `--caregiver` a simulated caregiver answering every alert the running pair raised on them
-from the clip's annotation (`alerting.dashboard.label_for`, the dashboard's own label, on the
+from the clip's annotation (`alerting.answers.label_for`, the dashboard's own label, on the
 alert's evidence frames). `dmd_offline.adapt.Adaptation` makes the candidate (its gate result is
 reported, the candidate is evaluated either way); the held-out clips are then replayed through
 every policy of the running pair and of the candidate. Facts of all folds' held-out clips are
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alerting.dashboard import label_for
+from alerting.answers import label_for
 from cloud_workers.loading import load_cloud_model
 from core.images import decode_jpeg_rgb
 from core.settings import ConfigError, Settings
@@ -248,10 +248,9 @@ class Study:
                 name: asdict(aggregate(facts, ev.bootstrap, ev.confidence, ev.seed))
                 for name, facts in by_policy.items()
             }
-        for (name, share), clips in sorted(self.auroc_inputs.items()):
-            result.auroc.setdefault(name, []).append(
-                [share, *auroc_interval(clips, ev.bootstrap, ev.confidence, ev.seed)]
-            )
+        for (name, share), per_clip in sorted(self.auroc_inputs.items()):
+            interval = auroc_interval(per_clip, ev.bootstrap, ev.confidence, ev.seed)
+            result.auroc.setdefault(name, []).append([share, *interval])
         return result
 
 
