@@ -251,6 +251,25 @@ class ProducerSettings(Section):
 DEFAULT_QUESTION = "Is the person falling or lying on the floor?"
 
 
+class DriftSettings(Section):
+    """The edge worker's per-camera drift guard and learning mode (`edge_workers.drift`)."""
+
+    drift_window: int = Field(120, ge=1, description="a camera's last this many frames are compared")
+    drift_min_frames: int = Field(40, ge=1, description="no verdict on drift before this many frames")
+    fall_rate_tolerance: float = Field(0.25, gt=0, le=1, description="edge fall rate off by more: drift")
+    offload_share_tolerance: float = Field(0.3, gt=0, le=1, description="offload share off by more: drift")
+    score_distance_tolerance: float = Field(
+        0.35, gt=0, le=1, description="switcher scores' KS distance from the calibration deciles above this: drift"
+    )
+    raise_cloud_share_on_drift: bool = Field(True, description="a drifting camera is in learning mode")
+    learning_s: float = Field(
+        0.0, ge=0, description="a camera is in learning mode for this long after the worker first sees it"
+    )
+    learning_exploration_rate: float = Field(
+        0.3, ge=0, le=1, description="exploration share in learning mode (within the offload budget)"
+    )
+
+
 class EdgeSettings(Section):
     model: str = Field("dandelin/vilt-b32-finetuned-vqa", description="hub id or local directory")
     revision: str | None = None
@@ -260,6 +279,12 @@ class EdgeSettings(Section):
     # at least 1: getmany(timeout_ms=0) never yields to the fetcher, so a worker would never see a record
     batch_wait_ms: int = Field(50, ge=1)
     switcher_registry: Path = Field(Path("models/switchers"), description="directory of switcher versions")
+    model_registry: Path | None = Field(
+        None,
+        description="directory of edge model + switcher versions (`fallwatch dmd adapt`); when set, the worker "
+        "serves its ACTIVE version instead of `model` and `switcher_registry`",
+    )
+    drift: DriftSettings = Field(default_factory=DriftSettings)
     decision_threshold: float = Field(0.5, ge=0, le=1, description="P(fall) at or above which a frame is a fall")
     clip_frames: int = Field(8, ge=1, description="frames in the clip sent with an offloaded frame")
     clip_seconds: float = Field(4.0, gt=0, description="the clip covers at most this much recent time")
@@ -488,6 +513,40 @@ class AlertingSettings(AlertRule):
             raise ValueError(f"rooms.{room}: {problems}") from None
 
 
+class AdaptSettings(Section):
+    """`fallwatch dmd adapt`: the edge model learns the facility's frames (`dmd_offline.adapt`)."""
+
+    trainable: str = Field(
+        "all",
+        pattern=r"^(all|head|last:[1-9][0-9]*)$",
+        description="what of the edge model learns: all (a compact model), head (the VQA answer head), or "
+        "last:N (the head and the last N transformer layers); the rest stays frozen",
+    )
+    original_data: Path | None = Field(
+        None, description="image folder (labels.csv) the edge model learnt from: its train split is mixed in"
+    )
+    original_share: float = Field(
+        0.5, ge=0, lt=1, description="share of each epoch's images drawn from original_data (not to forget)"
+    )
+    epochs: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    folds: int = Field(2, ge=2, description="cross-fitting folds")
+    cross_fit: Literal["camera", "time"] = Field(
+        "camera",
+        description="folds of whole cameras (the switcher learns the adapted edge's errors on rooms it did not "
+        "learn), or of time blocks within each camera; camera needs at least `folds` cameras, else time is used",
+    )
+    gate_share: float = Field(
+        0.3, gt=0, lt=1, description="each camera's latest share of frames is held out for the publish gate"
+    )
+    gate_tolerance: float = Field(0.0, ge=0, le=1, description="how much worse than the running pair still passes")
+    target_offload_share: float = Field(
+        0.3, gt=0, lt=1, description="the switcher's threshold defers this share of the out-of-fold frames"
+    )
+    seed: int = 0
+
+
 class DmdSettings(Section):
     workdir: Path = Field(Path("dmd-data"), description="DMD data set, trained switcher, threshold and report")
     source: Literal["kafka", "images", "videos"] = Field(
@@ -498,6 +557,9 @@ class DmdSettings(Section):
     until: AwareDatetime | None = Field(None, description="kafka: replay records logged before this time")
     limit_per_split: int | None = Field(None, ge=1, description="images: only the first N images of each split")
     video_fps: float = Field(2.0, gt=0, le=30, description="videos: sampling rate, as a camera's")
+    augment: int = Field(
+        0, ge=0, le=50, description="images: augmented copies of each train / val image, both models answering each"
+    )
     run_cloud_model: bool = Field(True, description="run the large model where no cloud verdict was logged")
     batch_size: int = Field(8, ge=1, description="inputs per model forward pass in the replay")
     shard_size: int = Field(512, ge=1, description="rows per data set shard (the unit of resuming)")
@@ -511,14 +573,26 @@ class DmdSettings(Section):
         description="split the switcher learns from; val when the model pair learnt from train (val_share of "
         "it is held out for early stopping, the pair's train rows are not used)",
     )
+    switcher_inputs: Literal["hidden", "hidden+confidence"] = Field(
+        "hidden", description="the switcher reads the hidden vector (the paper's) or it and the edge's confidence"
+    )
+    switcher_target: Literal["agreement", "deferral_helps"] = Field(
+        "agreement",
+        description="the models agree (the paper's), or deferral_helps: defer where the edge is wrong and the "
+        "cloud right (rows with ground truth; the others keep agreement)",
+    )
     learning_rate: float = Field(1e-4, gt=0, description="Adam, as the paper")
     train_batch_size: int = Field(32, ge=1)
     max_epochs: int = Field(200, ge=1)
     patience: int = Field(10, ge=1, description="early stopping: epochs without a better validation loss")
     buckets: int = Field(10, ge=1, description="threshold: buckets of the training split (the paper's 10)")
+    bootstrap: int = Field(
+        1000, ge=0, description="evaluate: bootstrap draws of whole groups (clips, cameras) for the F1 intervals"
+    )
     target_offload_share: float | None = Field(
         None, ge=0, le=1, description="budget mode: defer this share instead of the bucket method's peak"
     )
+    adapt: AdaptSettings = Field(default_factory=AdaptSettings)
     small_time_ms: float | None = Field(None, ge=0, description="edge time per frame where not measured")
     large_time_ms: float | None = Field(None, ge=0, description="cloud time per frame where not measured")
     small_energy_j: float | None = Field(None, ge=0, description="edge energy per frame (never measured)")

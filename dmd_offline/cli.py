@@ -27,6 +27,7 @@ Folder = Annotated[Path | None, typer.Option(help="images: folder with labels.cs
 Since = Annotated[str | None, typer.Option(help="kafka: records logged at or after this ISO time (with zone)")]
 Until = Annotated[str | None, typer.Option(help="kafka: records logged before this ISO time (with zone)")]
 Limit = Annotated[int | None, typer.Option(help="images: only the first N images of each split")]
+Augment = Annotated[int | None, typer.Option(help="images: augmented copies of each train / val image (dmd.augment)")]
 LoggedOnly = Annotated[
     bool, typer.Option("--logged-only", help="kafka: use logged cloud verdicts only, never run the large model")
 ]
@@ -124,6 +125,7 @@ def replay_command(
     since: Since = None,
     until: Until = None,
     limit_per_split: Limit = None,
+    augment: Augment = None,
     logged_only: LoggedOnly = False,
 ) -> None:
     """Run both models over logged traffic or a labelled folder; write the DMD data set (resumable)."""
@@ -135,6 +137,7 @@ def replay_command(
             since=since,
             until=until,
             limit_per_split=limit_per_split,
+            augment=augment,
             run_cloud_model=False if logged_only else None,
         )
     )
@@ -172,6 +175,7 @@ def run_command(
     since: Since = None,
     until: Until = None,
     limit_per_split: Limit = None,
+    augment: Augment = None,
     logged_only: LoggedOnly = False,
     target_offload_share: TargetShare = None,
     publish: Annotated[bool, typer.Option(help="publish the switcher at the end")] = True,
@@ -184,6 +188,7 @@ def run_command(
         since=since,
         until=until,
         limit_per_split=limit_per_split,
+        augment=augment,
         run_cloud_model=False if logged_only else None,
         target_offload_share=target_offload_share,
     )
@@ -195,6 +200,69 @@ def run_command(
     if publish:
         publish_step(settings)
     timed("dmd run", started)
+
+
+def adapt_step(settings: Settings, publish: bool) -> None:
+    from dmd_offline.adapt import Adaptation, publish_candidate, read_window
+    from dmd_offline.publish import announce
+
+    started = time.perf_counter()
+    frames, original, source = read_window(settings)
+    candidate = Adaptation(settings, original, source).run(frames)
+    gate = candidate.gate
+    typer.echo(
+        f"adapted on {candidate.adaptation_frames} frames ({len(candidate.rows.rows)} out-of-fold switcher rows), "
+        f"held out {gate.frames}: "
+        + ", ".join(f"{check.name} {check.candidate} vs {check.running}" for check in gate.checks)
+    )
+    typer.echo("; ".join(f"{step} {seconds:.1f} s" for step, seconds in candidate.seconds.items()))
+    if not gate.passed:
+        typer.echo(gate.refusal())
+        raise typer.Exit(1)
+    if publish:
+        version = publish_candidate(settings, candidate, source)
+        announce(settings, version)
+        typer.echo(f"published version {version} (edge model and switcher) in {settings.edge.model_registry}")
+    timed("adapt", started)
+
+
+@dmd_app.command("adapt")
+def adapt_command(
+    workdir: Workdir = None,
+    source: Source = None,
+    folder: Folder = None,
+    since: Since = None,
+    until: Until = None,
+    logged_only: LoggedOnly = False,
+    publish: Annotated[bool, typer.Option(help="publish the candidate when it passes the gate")] = True,
+) -> None:
+    """Adapt the edge model to the facility's logged frames, retrain the switcher, gate and publish both."""
+    adapt_step(
+        configured(
+            workdir=workdir,
+            source=source,
+            folder=folder,
+            since=since,
+            until=until,
+            run_cloud_model=False if logged_only else None,
+        ),
+        publish,
+    )
+
+
+@dmd_app.command("rollback")
+def rollback_command() -> None:
+    """Make the version that was active before the current one active again (edge model and switcher)."""
+    from dmd_offline.publish import announce
+    from edge_workers.registry import rollback
+
+    settings = settings_with_logging()
+    registry = settings.edge.model_registry
+    if registry is None:
+        raise ConfigError("edge.model_registry is not set: there is no version to roll back")
+    left, back_to = rollback(registry)
+    announce(settings, back_to)
+    typer.echo(f"rolled back from {left} to {back_to}")
 
 
 def eval_command(

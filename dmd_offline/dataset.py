@@ -17,11 +17,15 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from core.settings import ConfigError
+
+if TYPE_CHECKING:  # the data set reads without torch
+    from edge_workers.switcher import Switcher
 
 MANIFEST_FILE = "manifest.json"
 SHARD_PATTERN = "shard-*.npz"
@@ -204,3 +208,8 @@ def switcher_splits_from_val(data: DmdData, val_share: float, seed: int) -> DmdD
         rows.append(DmdRow(**{**asdict(row), "split": split}))
         kept.append(index)
     return DmdData(data.manifest, rows, data.hidden[kept])
+
+
+def agreement_scores(switcher: Switcher, data: DmdData) -> np.ndarray:
+    """The switcher's predicted agreement for every row (with the edge's P(fall) where it reads confidence)."""
+    return switcher.agreement_probability(data.hidden, data.column("small_fall_probability").astype(np.float32))

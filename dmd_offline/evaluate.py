@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.settings import DmdSettings
-from dmd_offline.dataset import DmdData
+from dmd_offline.dataset import DmdData, agreement_scores
 from dmd_offline.metrics import (
     Outcomes,
     deferral_curve,
@@ -31,9 +31,11 @@ from dmd_offline.metrics import (
     random_order,
     uncertainty_order,
 )
+from dmd_offline.scoring import f1_of, interval
 from edge_workers.switcher import Switcher
 
 RANDOM_CURVE_SEEDS = 20  # the random baseline's curve is averaged over this many orders
+CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ class StrategyResult:
     time_s: float | None
     energy_j: float | None
     apgr: float | None = None  # normalised area under its F1-vs-deferred curve (deferral strategies)
+    f1_low: float | None = None  # bootstrap interval of the F1, resampling whole groups (clips, cameras)
+    f1_high: float | None = None
 
 
 @dataclass(frozen=True)
@@ -185,16 +189,35 @@ def normalised_auc(curve: Curve, small_f1: float, large_f1: float) -> float | No
     return (area - small_f1) / (large_f1 - small_f1)
 
 
-def measure_switcher_ms(switcher: Switcher, hidden: np.ndarray) -> tuple[np.ndarray, float]:
+def measure_switcher_ms(switcher: Switcher, data: DmdData) -> tuple[np.ndarray, float]:
     started = time.perf_counter()
-    scores = switcher.agreement_probability(hidden)
-    return scores, (time.perf_counter() - started) * 1000 / max(1, len(hidden))
+    scores = agreement_scores(switcher, data)
+    return scores, (time.perf_counter() - started) * 1000 / max(1, len(data.rows))
+
+
+def f1_interval(
+    outcomes: Outcomes, deferred: np.ndarray, groups: np.ndarray, resamples: int, seed: int
+) -> tuple[float | None, float | None]:
+    """The F1's 95 % bootstrap interval drawing whole groups: rows of one clip or camera are not independent
+    (a row without a group is a group of its own)."""
+    if resamples == 0 or not len(groups):
+        return None, None
+    keys = np.array([group or f"#row{i}" for i, group in enumerate(groups)])
+    _, index = np.unique(keys, return_inverse=True)
+    truth, predicted = outcomes.truth.astype(bool), outcomes.combined(deferred).astype(bool)
+    counts = [
+        np.bincount(index, weights=mask.astype(float))
+        for mask in (truth & predicted, ~truth & predicted, truth & ~predicted)
+    ]
+    draws = np.random.default_rng(seed).integers(0, len(counts[0]), size=(resamples, len(counts[0])))
+    result = interval(0.0, f1_of(*(count[draws].sum(axis=1) for count in counts)), CONFIDENCE)
+    return result.low, result.high
 
 
 def evaluate(train: DmdData, test: DmdData, switcher: Switcher, threshold: float, settings: DmdSettings) -> Evaluation:
     """Every strategy on `test`; the deferral curves on `train` and `test`."""
-    train_scores = switcher.agreement_probability(train.hidden)
-    test_scores, switcher_ms = measure_switcher_ms(switcher, test.hidden)
+    train_scores = agreement_scores(switcher, train)
+    test_scores, switcher_ms = measure_switcher_ms(switcher, test)
     outcomes = Outcomes.of(test)
     costs = Costs.of(test, settings, switcher_ms)
     n = len(test.rows)
@@ -213,9 +236,11 @@ def evaluate(train: DmdData, test: DmdData, switcher: Switcher, threshold: float
     small_f1 = outcomes.scores(deferred["small-only"]).f1
     large_f1 = outcomes.scores(deferred["large-only"]).f1
     results = []
+    groups = test.column("group")
     for name, mask in deferred.items():
         scores = outcomes.scores(mask)
         uses_small = name != "large-only"
+        f1_low, f1_high = f1_interval(outcomes, mask, groups, settings.bootstrap, settings.seed)
         results.append(
             StrategyResult(
                 name=name,
@@ -227,9 +252,10 @@ def evaluate(train: DmdData, test: DmdData, switcher: Switcher, threshold: float
                 time_s=costs.time_s(mask, uses_small, uses_switcher=name == "DMD"),
                 energy_j=costs.energy_j(mask, uses_small),
                 apgr=normalised_auc(test_curves[name], small_f1, large_f1) if name in test_curves else None,
+                f1_low=f1_low,
+                f1_high=f1_high,
             )
         )
-    groups = test.column("group")
     by_group = []
     for group in sorted(set(groups) - {""}):
         rows = groups == group

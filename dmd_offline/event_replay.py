@@ -66,7 +66,9 @@ class Scores:
                 EDGE_ONLY: [np.ones(clip.frames) for clip in outputs],
                 CLOUD_ONLY: [np.zeros(clip.frames) for clip in outputs],
                 # the switcher's predicted agreement: the edge worker offloads below its threshold
-                "DMD": [switcher.agreement_probability(clip.hidden).astype(np.float64) for clip in outputs],
+                "DMD": [
+                    switcher.agreement_probability(clip.hidden, clip.edge_p).astype(np.float64) for clip in outputs
+                ],
                 # Narayan et al. 2022: the edge's confidence |p − 0.5|, least confident first
                 "uncertainty": [2 * np.abs(clip.edge_p.astype(np.float64) - 0.5) for clip in outputs],
                 "random": [rng.random(clip.frames) for clip in outputs],

@@ -22,6 +22,7 @@ from cloud_workers.model import CloudModel
 from core.settings import ConfigError, Settings
 from dmd_offline.dataset import (
     DmdData,
+    agreement_scores,
     assign_missing_splits,
     export_paper_json,
     load_dataset,
@@ -39,6 +40,7 @@ from dmd_offline.sources import (
     kafka_items,
     read_log_index,
     video_folder_items,
+    with_augmented_copies,
 )
 from dmd_offline.threshold import ThresholdChoice, bucket_threshold, budget_threshold
 from dmd_offline.train import TrainingReport, load_trained, save_trained, train_switcher
@@ -92,7 +94,8 @@ def source_description(settings: Settings) -> str:
         raise ConfigError(f"{listing} not found: dmd.source {dmd.source} reads a folder with {listing.name}")
     if dmd.source == "images":
         limit = f", first {dmd.limit_per_split} per split" if dmd.limit_per_split else ""
-        return f"image folder {dmd.folder.resolve()}{limit}"
+        copies = f", {dmd.augment} augmented copies of each train / val image" if dmd.augment else ""
+        return f"image folder {dmd.folder.resolve()}{limit}{copies}"
     return f"video folder {dmd.folder.resolve()} at {dmd.video_fps} fps"
 
 
@@ -105,7 +108,7 @@ async def replay_items(settings: Settings) -> AsyncIterator[ReplayItem]:
         return
     assert dmd.folder is not None  # checked by source_description
     if dmd.source == "images":
-        items = image_folder_items(dmd.folder, dmd.limit_per_split)
+        items = with_augmented_copies(image_folder_items(dmd.folder, dmd.limit_per_split), dmd.augment, dmd.seed)
     else:
         items = video_folder_items(dmd.folder, dmd.video_fps, settings.edge.clip_frames, settings.edge.clip_seconds)
     async for item in as_async(items):
@@ -157,7 +160,7 @@ def run_threshold(settings: Settings) -> ThresholdChoice:
     workdir = Workdir(settings.dmd.workdir)
     train = split_dataset(settings).split("train")
     switcher, _ = load_trained(workdir.switcher)
-    scores = switcher.agreement_probability(train.hidden)
+    scores = agreement_scores(switcher, train)
     outcomes = Outcomes.of(train)
     if settings.dmd.target_offload_share is None:
         choice = bucket_threshold(scores, outcomes, settings.dmd.buckets)

@@ -57,6 +57,7 @@ def publish(
     metadata = SwitcherMetadata(
         version=new_version(),
         input_dim=switcher.input_dim,
+        inputs=switcher.inputs,
         threshold=choice.threshold,
         edge_model=manifest.edge_model,
         edge_model_revision=manifest.edge_model_revision,
@@ -74,16 +75,18 @@ def publish(
         metrics=publish_metrics(choice, training, evaluation),
     )
     path = save_switcher(settings.edge.switcher_registry, switcher, metadata)
-    key = settings.edge.registry_announce_key
-    if key:
-        try:
-            with sync_redis_client(settings.redis) as redis:
-                announce_switcher(redis, key, metadata.version)
-        except RedisError as exc:
-            # the edge workers also poll the registry: they pick the version up within edge.registry_poll_s
-            log.warning(
-                "could not announce switcher %s through Redis (%s); workers will find it by polling",
-                metadata.version,
-                exc,
-            )
+    announce(settings, metadata.version)
     return path
+
+
+def announce(settings: Settings, version: str) -> None:
+    """Tell the running edge workers about a new version (or an active one after a rollback)."""
+    key = settings.edge.registry_announce_key
+    if not key:
+        return
+    try:
+        with sync_redis_client(settings.redis) as redis:
+            announce_switcher(redis, key, version)
+    except RedisError as exc:
+        # the edge workers also poll the registry: they pick the version up within edge.registry_poll_s
+        log.warning("could not announce version %s through Redis (%s); workers will find it by polling", version, exc)

@@ -65,19 +65,22 @@ def markdown_report(
         "",
         "## Table 1 (test split)",
         "",
-        "| Model | F1 Score | % Large Model | Time (s) | Energy (J) |",
+        "| Model | F1 Score [95 % CI] | % Large Model | Time (s) | Energy (J) |",
         "|---|---:|---:|---:|---:|",
     ]
     for name in TABLE_ORDER:
         result = evaluation.result(name)
+        low, high = result.f1_low, result.f1_high
+        bounds = "" if low is None or high is None else f" [{100 * low:.1f}–{100 * high:.1f}]"
         lines.append(
-            f"| {name} | {100 * result.f1:.1f} | {100 * result.share_large:.1f} | "
+            f"| {name} | {100 * result.f1:.1f}{bounds} | {100 * result.share_large:.1f} | "
             f"{number(result.time_s, 3)}{change(result.time_s, large.time_s)} | "
             f"{number(result.energy_j, 2)}{change(result.energy_j, large.energy_j)} |"
         )
     lines += [
         "",
-        "Time and energy are totals over the test split; the change is against large-only.",
+        "Time and energy are totals over the test split; the change is against large-only. F1 intervals: "
+        "bootstrap draws of whole groups (source groups, clips or cameras), whose rows are not independent.",
         "",
         "## All scores (test split)",
         "",

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+import cv2
 import numpy as np
 from aiokafka import TopicPartition
 
@@ -253,4 +254,41 @@ def video_folder_items(folder: Path, fps: float, clip_frames: int, clip_seconds:
                 image_rgb=image,
                 clip=partial(list, frames),
                 ground_truth=int(clip.is_fall and frame.position_s >= fall_start_s),
+            )
+
+
+# --- augmented copies -------------------------------------------------------------------------
+AUGMENTED_SPLITS = ("train", "val")  # the switcher's learning rows; test rows stay as they are
+
+
+def augment_image(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A mirrored, cropped (80–100 % of each side) and re-lit copy at the same size: the same scene, another view."""
+    height, width = image.shape[:2]
+    crop_h, crop_w = (max(1, round(side * rng.uniform(0.8, 1.0))) for side in (height, width))
+    top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
+    copy = cv2.resize(image[top : top + crop_h, left : left + crop_w], (width, height), interpolation=cv2.INTER_AREA)
+    if rng.random() < 0.5:
+        copy = copy[:, ::-1]
+    gain, offset = rng.uniform(0.8, 1.2), rng.uniform(-20, 20)
+    return np.ascontiguousarray(np.clip(copy.astype(np.float32) * gain + offset, 0, 255).astype(np.uint8))
+
+
+def with_augmented_copies(items: Iterator[ReplayItem], copies: int, seed: int) -> Iterator[ReplayItem]:
+    """Each still image and, for rows of a learning split, `copies` augmented copies (`dmd.augment`): both models
+    answer every copy, so the switcher gets more rows without more labels. A copy keeps its original's group and
+    split (a video folder gets more rows from `dmd.video_fps` instead: every frame, at up to 30 fps)."""
+    rng = np.random.default_rng(seed)
+    for item in items:
+        yield item
+        if item.split not in AUGMENTED_SPLITS:
+            continue
+        for number in range(1, copies + 1):
+            image = augment_image(item.image_rgb, rng)
+            suffix = f"#aug{number}"
+            yield replace(
+                item,
+                input_id=item.input_id + suffix,
+                image_path=item.image_path + suffix,
+                image_rgb=image,
+                clip=single_image_clip(image),
             )

@@ -6,6 +6,12 @@ The two models usually agree far more often than not, so the loss weighs the
 positive (agreement) class by n_negative / n_positive, and the weight is reported.
 Early stopping: the weights of the epoch with the lowest validation loss are kept,
 and training stops after `patience` epochs without a better one.
+
+Inputs (`dmd.switcher_inputs`): the hidden vector (the paper's), or with the edge's
+confidence. Target (`dmd.switcher_target`): agreement (the paper's), or *deferral helps*:
+where ground truth is known, a row is a "defer" (0) only when the edge is wrong and the
+cloud right; where both are wrong, deferring buys nothing. Rows without ground truth keep
+the agreement target.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.settings import ConfigError, DmdSettings
-from dmd_offline.dataset import DmdData
+from dmd_offline.dataset import UNKNOWN, DmdData, agreement_scores
 from edge_workers.model import torch_threads
-from edge_workers.switcher import Switcher
+from edge_workers.switcher import Switcher, SwitcherInputs, input_size
 
 WEIGHTS_FILE = "switcher.safetensors"
 TRAINING_FILE = "training.json"
@@ -43,6 +49,25 @@ class TrainingReport:
     val_accuracy: float  # agreement predicted right at score 0.5, on the validation split
     train_losses: list[float]
     val_losses: list[float]
+    inputs: SwitcherInputs = "hidden"
+    target: str = "agreement"
+
+
+def switcher_targets(data: DmdData, target: str) -> np.ndarray:
+    """1 = keep the edge's answer, 0 = defer; see the module docstring."""
+    agreement = data.column("label").astype(np.float32)
+    if target == "agreement":
+        return agreement
+    truth = data.column("ground_truth").astype(int)
+    known = truth != UNKNOWN
+    edge_wrong = data.column("small_prediction").astype(int) != truth
+    cloud_right = data.column("large_prediction").astype(int) == truth
+    return np.where(known, (~(edge_wrong & cloud_right)).astype(np.float32), agreement)
+
+
+def switcher_rows(switcher: Switcher, data: DmdData) -> torch.Tensor:
+    features = switcher.features(data.hidden, data.column("small_fall_probability").astype(np.float32))
+    return torch.as_tensor(features, dtype=torch.float32)
 
 
 def class_weight(labels: np.ndarray) -> float:
@@ -145,11 +170,10 @@ def fit_on_tensors(
 def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple[Switcher, TrainingReport]:
     if not val.rows:
         raise ConfigError("the validation split is empty: early stopping needs one (dmd.val_share, or split=val)")
-    train_x = torch.as_tensor(train.hidden, dtype=torch.float32)
-    train_y = torch.as_tensor(train.column("label"), dtype=torch.float32)
-    val_x = torch.as_tensor(val.hidden, dtype=torch.float32)
-    val_y = torch.as_tensor(val.column("label"), dtype=torch.float32)
-    weight = class_weight(train.column("label"))
+    train_labels = switcher_targets(train, settings.switcher_target)
+    train_y = torch.as_tensor(train_labels)
+    val_y = torch.as_tensor(switcher_targets(val, settings.switcher_target))
+    weight = class_weight(train_labels)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(weight))
 
     # fork_rng: the caller's random stream stays as it was; the same seed gives the same switcher.
@@ -157,7 +181,9 @@ def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple
     # threads wait on each other (measured 6x slower with 2 threads on 2 shared cores).
     with torch_threads(1), torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        switcher = Switcher(input_dim=train_x.shape[1])
+        inputs = settings.switcher_inputs
+        switcher = Switcher(input_size(inputs, train.hidden.shape[1]), inputs)
+        train_x, val_x = switcher_rows(switcher, train), switcher_rows(switcher, val)
         optimiser = torch.optim.Adam(switcher.parameters(), lr=settings.learning_rate)
         fit = fit_on_tensors(
             switcher,
@@ -170,7 +196,7 @@ def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple
             settings.max_epochs,
             settings.patience,
         )
-    val_scores = switcher.agreement_probability(val.hidden)
+    val_scores = agreement_scores(switcher, val)
     report = TrainingReport(
         input_dim=switcher.input_dim,
         seed=settings.seed,
@@ -181,9 +207,11 @@ def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple
         epochs_run=len(fit.train_losses),
         best_epoch=fit.best_epoch,
         best_val_loss=fit.best_val_loss,
-        val_accuracy=float(np.mean((val_scores >= 0.5) == val.column("label").astype(bool))),
+        val_accuracy=float(np.mean((val_scores >= 0.5) == val_y.numpy().astype(bool))),
         train_losses=fit.train_losses,
         val_losses=fit.val_losses,
+        inputs=inputs,
+        target=settings.switcher_target,
     )
     return switcher, report
 
@@ -200,7 +228,7 @@ def load_trained(directory: Path) -> tuple[Switcher, TrainingReport]:
     if not (directory / WEIGHTS_FILE).is_file():
         raise ConfigError(f"no trained switcher in {directory}: run `fallwatch dmd train` first")
     report = TrainingReport(**json.loads((directory / TRAINING_FILE).read_text()))
-    switcher = Switcher(report.input_dim)
+    switcher = Switcher(report.input_dim, report.inputs)
     switcher.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     switcher.eval()
     return switcher, report

@@ -63,6 +63,12 @@ class EdgeMetrics(ServedMetrics):
             "fallwatch_edge_switcher_info", "the switcher in use (value 1)", ["version"], registry=self.registry
         )
 
+        self.camera_drift = Gauge(
+            "fallwatch_edge_camera_drift",
+            "1 while a camera's live statistics are off the active version's calibration (learning mode)",
+            ["camera"],
+            registry=self.registry,
+        )
         self.cpu_option = Gauge(
             "fallwatch_edge_cpu_option",
             "a CPU option of the edge model: 1 on, 0 off, by option and setting (true, false or auto)",

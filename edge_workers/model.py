@@ -289,14 +289,16 @@ def seeded_fall_probability(model: ViltEdgeModel, inputs: dict[str, torch.Tensor
         return model.infer(inputs).fall_probability
 
 
-def load_edge_model(settings: Settings) -> ViltEdgeModel:
-    """The configured edge model with its CPU options; `auto` ones are checked on calibration frames first."""
+def load_edge_model(settings: Settings, directory: Path | None = None) -> ViltEdgeModel:
+    """The configured edge model (or the one in `directory`, a published version's) with its CPU options;
+    `auto` ones are checked on calibration frames first."""
     edge = settings.edge
-    with loading("edge", edge.model):
+    source = edge.model if directory is None else str(directory)
+    with loading("edge", source):
         model = ViltEdgeModel.from_pretrained(
-            edge.model,
+            source,
             edge.question,
-            revision=edge.revision,
+            revision=edge.revision if directory is None else None,
             quantize_int8=edge.quantize_int8 is True,
             bf16_autocast=edge.bf16_autocast is True,
         )

@@ -9,21 +9,43 @@ every frame is answered by exactly one switcher and offsets stay committed after
 
 A version made for another edge model or hidden size is refused with one log line and the
 running switcher stays; the refused version is not retried (publish a new version instead).
+
+With `edge.model_registry` the worker serves an edge model and its switcher published together
+(`fallwatch dmd adapt`), and follows the registry's ACTIVE pointer (rollback included); see below.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
+import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis as SyncRedis
 
 from core.settings import ConfigError
-from edge_workers.switcher import Switcher, SwitcherMetadata, check_compatible, latest_version, load_switcher
+from edge_workers.switcher import (
+    VERSION_PATTERN,
+    Switcher,
+    SwitcherMetadata,
+    SwitcherMismatch,
+    check_compatible,
+    latest_version,
+    load_switcher,
+    save_switcher,
+)
+
+if TYPE_CHECKING:
+    from edge_workers.model import EdgeModel
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +126,207 @@ class SwitcherRegistry:
         switcher, metadata = load_switcher(path)
         check_compatible(metadata, self.edge_model, self.hidden_size)
         return ActiveSwitcher(switcher, metadata, path)
+
+
+# --- edge model and switcher published together (`edge.model_registry`) ---------------------------
+#
+# <registry>/<version>/edge/                the edge model (save_pretrained)
+# <registry>/<version>/switcher/<version>/  the switcher, bound to that edge model by its hash
+# <registry>/<version>/version.json         `PairVersion`: hashes, the calibration the drift guard reads
+# <registry>/ACTIVE                         `ActivePointer`: the version workers serve, and the ones before
+#
+# Publishing writes a version (atomically, as switchers are) and then points ACTIVE at it; rollback
+# points ACTIVE at the previous one. Workers follow ACTIVE, newer or older.
+
+ACTIVE_FILE = "ACTIVE"
+VERSION_FILE = "version.json"
+PAIR_EDGE_DIR = "edge"
+PAIR_SWITCHER_DIR = "switcher"
+
+
+class Calibration(BaseModel):
+    """What the pair does on frames it did not learn from: the drift guard compares live cameras with it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    frames: int = Field(ge=0)
+    fall_rate: float = Field(ge=0, le=1, description="share of frames the edge calls a fall")
+    offload_share: float = Field(ge=0, le=1, description="share of frames the switcher sends to the cloud")
+    score_quantiles: list[float] = Field(description="deciles of the switcher's scores (10 %, 20 %, … 90 %)")
+
+
+class PairVersion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(pattern=VERSION_PATTERN)
+    created_at: datetime
+    parent: str | None = Field(description="the version that was active when this one was made")
+    edge_base: str = Field(description="the edge model this one was adapted from")
+    edge_sha256: str = Field(description="of the edge directory's files; the switcher names it too")
+    switcher_sha256: str
+    calibration: Calibration
+    training_window: str
+    gate: dict[str, float] = Field(default_factory=dict)
+
+
+class ActivePointer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+    previous: list[str] = Field(default_factory=list, description="versions active before, the latest last")
+
+
+def directory_sha256(directory: Path) -> str:
+    """One hash over a directory's file names and contents (sorted), so any changed byte changes it."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def read_active(registry: Path) -> ActivePointer | None:
+    path = registry / ACTIVE_FILE
+    return ActivePointer.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+def write_active(registry: Path, pointer: ActivePointer) -> None:
+    """Replace ACTIVE atomically: a worker reads the old pointer or the new one, never half of one."""
+    staging = registry / f".{ACTIVE_FILE}.{uuid.uuid4().hex}.tmp"
+    staging.write_text(pointer.model_dump_json(indent=2))
+    with staging.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(staging, registry / ACTIVE_FILE)
+
+
+def activate(registry: Path, version: str) -> None:
+    current = read_active(registry)
+    previous = [] if current is None else [*current.previous, current.version]
+    write_active(registry, ActivePointer(version=version, previous=previous))
+
+
+def rollback(registry: Path) -> tuple[str, str]:
+    """Point ACTIVE back at the version active before; returns (from, to)."""
+    current = read_active(registry)
+    if current is None:
+        raise ConfigError(f"nothing to roll back: no version is active in {registry}")
+    if not current.previous:
+        raise ConfigError(f"nothing to roll back to: {current.version} is the first version in {registry}")
+    write_active(registry, ActivePointer(version=current.previous[-1], previous=current.previous[:-1]))
+    return current.version, current.previous[-1]
+
+
+def pair_edge_name(version: str) -> str:
+    """The edge model's name inside a pair: verdicts carry it, and the pair's switcher is made for it."""
+    return f"{version}/{PAIR_EDGE_DIR}"
+
+
+def save_pair(
+    registry: Path, version: PairVersion, edge_dir: Path, switcher: Switcher, switcher_metadata: SwitcherMetadata
+) -> Path:
+    """Write `<registry>/<version>/` atomically from a saved edge model and a switcher; does not activate it."""
+    registry.mkdir(parents=True, exist_ok=True)
+    final = registry / version.version
+    if final.exists():
+        raise FileExistsError(f"version {version.version} already exists in {registry}")
+    staging = registry / f".{version.version}.{uuid.uuid4().hex}.tmp"
+    try:
+        shutil.copytree(edge_dir, staging / PAIR_EDGE_DIR)
+        edge_sha256 = directory_sha256(staging / PAIR_EDGE_DIR)
+        bound = switcher_metadata.model_copy(
+            update={"edge_model": pair_edge_name(version.version), "edge_model_revision": edge_sha256}
+        )
+        switcher_dir = save_switcher(staging / PAIR_SWITCHER_DIR, switcher, bound)
+        written = version.model_copy(
+            update={"edge_sha256": edge_sha256, "switcher_sha256": directory_sha256(switcher_dir)}
+        )
+        (staging / VERSION_FILE).write_text(written.model_dump_json(indent=2))
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def read_pair_version(registry: Path, version: str) -> PairVersion:
+    path = registry / version / VERSION_FILE
+    if not path.is_file():
+        raise ConfigError(f"version {version} is not in {registry} (no {VERSION_FILE})")
+    return PairVersion.model_validate_json(path.read_text())
+
+
+@dataclass(frozen=True)
+class LoadedPair:
+    version: PairVersion
+    model: EdgeModel
+    switcher: ActiveSwitcher
+
+
+class PairRegistry:
+    """The edge worker's view of `edge.model_registry`: the active pair, and the next one when ACTIVE moves."""
+
+    def __init__(
+        self,
+        directory: Path,
+        load_model: Callable[[Path], EdgeModel],
+        poll_s: float,
+        announce_key: str | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.directory = directory
+        self.load_model = load_model
+        self.poll_s = poll_s
+        self.announce_key = announce_key
+        self.clock = clock
+        self.next_poll = clock() + poll_s
+        self.last_announced: bytes | None = None
+        self.refused: set[str] = set()
+
+    def load_active(self) -> LoadedPair:
+        pointer = read_active(self.directory)
+        if pointer is None:
+            raise ConfigError(f"no active version in {self.directory} (edge.model_registry): run `fallwatch dmd adapt`")
+        try:
+            return self._load(pointer.version)
+        except ConfigError:
+            raise
+        except Exception as exc:  # a mismatch or an unreadable artifact: one line, not a traceback
+            raise ConfigError(f"cannot use version {pointer.version}: {exc}") from None
+
+    async def refresh(self, current: ActiveSwitcher, announced: bytes | None) -> LoadedPair | None:
+        """The active pair when ACTIVE names another version than `current`'s, else None."""
+        now = self.clock()
+        if announced == self.last_announced and now < self.next_poll:
+            return None
+        self.last_announced = announced
+        self.next_poll = now + self.poll_s
+        pointer = await asyncio.to_thread(read_active, self.directory)
+        running = current.metadata.edge_model.split("/")[0]
+        if pointer is None or pointer.version == running or pointer.version in self.refused:
+            return None
+        try:
+            loaded = await asyncio.to_thread(self._load, pointer.version)
+        except Exception as exc:  # keep serving with the pair that works
+            self.refused.add(pointer.version)
+            log.error("version %s refused, keeping %s: %s", pointer.version, running, exc)
+            return None
+        log.info("version %s loaded (edge model and switcher), replacing %s", pointer.version, running)
+        return loaded
+
+    def _load(self, name: str) -> LoadedPair:
+        version = read_pair_version(self.directory, name)
+        edge_dir = self.directory / name / PAIR_EDGE_DIR
+        if directory_sha256(edge_dir) != version.edge_sha256:
+            raise SwitcherMismatch(f"the edge model of {name} does not match its recorded hash")
+        switcher_dir = latest_version(self.directory / name / PAIR_SWITCHER_DIR)
+        if switcher_dir is None or directory_sha256(switcher_dir) != version.switcher_sha256:
+            raise SwitcherMismatch(f"the switcher of {name} is missing or does not match its recorded hash")
+        model = self.load_model(edge_dir)
+        model.name = pair_edge_name(name)
+        switcher, metadata = load_switcher(switcher_dir)
+        check_compatible(metadata, model.name, model.hidden_size)
+        if metadata.edge_model_revision != version.edge_sha256:
+            raise SwitcherMismatch(f"the switcher of {name} was made for another edge model")
+        return LoadedPair(version, model, ActiveSwitcher(switcher, metadata, switcher_dir))

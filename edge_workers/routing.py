@@ -116,8 +116,13 @@ class Router:
         self.policy = replace(self.policy, threshold=threshold)
         self.budget.policy = self.policy
 
-    def route(self, scores: Sequence[float]) -> list[RouteDecision]:
-        """Decide every frame of a batch from its agreement probability."""
+    def route(self, scores: Sequence[float], exploration_rates: Sequence[float] | None = None) -> list[RouteDecision]:
+        """Decide every frame of a batch from its agreement probability.
+
+        `exploration_rates` (one per frame) replaces the policy's exploration rate, e.g. for a camera
+        in learning mode; the budget still caps what goes to the cloud.
+        """
+        rates = exploration_rates if exploration_rates is not None else [self.policy.exploration_rate] * len(scores)
         slots = self.budget.slots(len(scores))
         doubtful = sorted((i for i, s in enumerate(scores) if s < self.policy.threshold), key=lambda i: scores[i])
         switcher = set(doubtful[:slots])
@@ -127,7 +132,7 @@ class Router:
         for index, score in enumerate(scores):
             # One draw per confident frame whether or not a slot is left, so the share explored does
             # not depend on the budget's state.
-            if score >= self.policy.threshold and self.rng.random() < self.policy.exploration_rate and slots > 0:
+            if score >= self.policy.threshold and self.rng.random() < rates[index] and slots > 0:
                 explore.add(index)
                 slots -= 1
         self.budget.spend(len(scores), len(switcher) + len(explore))

@@ -33,9 +33,10 @@ from core.images import decode_jpeg_rgb, keep_freed_image_memory
 from core.kafka_io import decode_batch, make_producer, send, send_dead_letter, start_clients
 from core.redis_io import RedisOutage, redis_client
 from core.settings import Settings
+from edge_workers.drift import DriftGuard
 from edge_workers.metrics import EdgeMetrics
 from edge_workers.model import CpuOptionCheck, EdgeModel, load_edge_model, torch_threads
-from edge_workers.registry import ActiveSwitcher, SwitcherRegistry
+from edge_workers.registry import ActiveSwitcher, LoadedPair, PairRegistry, SwitcherRegistry
 from edge_workers.requests import Offload, cloud_request, store_clip
 from edge_workers.routing import RouteDecision, Router, RoutingPolicy
 from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, OffloadReason, Verdict, utc_now
@@ -97,14 +98,24 @@ class EdgeAnswer:
 
 
 class EdgeWorker:
-    def __init__(self, settings: Settings, model: EdgeModel, cpu_options: Sequence[CpuOptionCheck] = ()) -> None:
+    def __init__(self, settings: Settings, model: EdgeModel | None, cpu_options: Sequence[CpuOptionCheck] = ()) -> None:
+        """`model` is None when the edge model comes from `edge.model_registry` with its switcher."""
         edge = settings.edge
         self.settings = settings
-        self.model = model
-        self.registry = SwitcherRegistry(
-            edge.switcher_registry, model.name, model.hidden_size, edge.registry_poll_s, edge.registry_announce_key
-        )
-        self.active: ActiveSwitcher = self.registry.load_newest()
+        self.registry: SwitcherRegistry | PairRegistry
+        self.active: ActiveSwitcher
+        self.drift = DriftGuard(edge.drift, None)
+        if model is None:
+            self.registry = pair_registry(settings)
+            pair = self.registry.load_active()
+            self.model, self.active = pair.model, pair.switcher
+            self.drift.use_calibration(pair.version.calibration)
+        else:
+            self.model = model
+            self.registry = SwitcherRegistry(
+                edge.switcher_registry, model.name, model.hidden_size, edge.registry_poll_s, edge.registry_announce_key
+            )
+            self.active = self.registry.load_newest()
         self.router = Router(
             RoutingPolicy.from_settings(edge, self.active.metadata.threshold),
             rng=random.Random(edge.exploration_seed),
@@ -122,8 +133,8 @@ class EdgeWorker:
         metadata = self.active.metadata
         log.info(
             "edge worker: model %s (hidden %d), switcher %s (threshold %.3f%s)",
-            model.name,
-            model.hidden_size,
+            self.model.name,
+            self.model.hidden_size,
             metadata.version,
             self.router.policy.threshold,
             "" if metadata.trained else ", UNTRAINED",
@@ -223,6 +234,11 @@ class EdgeWorker:
         loaded = await self.registry.refresh(self.active, announced)
         if loaded is None:
             return
+        if isinstance(loaded, LoadedPair):  # edge model and switcher together, between batches
+            self.model = loaded.model
+            self.drift.use_calibration(loaded.version.calibration)
+            self.metrics.camera_drift.clear()  # every camera is judged afresh against the new calibration
+            loaded = loaded.switcher
         self.active = loaded
         if self.settings.edge.switcher_threshold is None:
             self.router.set_threshold(loaded.metadata.threshold)
@@ -245,10 +261,13 @@ class EdgeWorker:
         # One batch is too small to share across threads: on a busy 2-core machine the switcher took
         # 24 ms per 64 frames with torch's 2 threads against 1.8 ms with one.
         with torch_threads(1):
-            scores = self.active.switcher.agreement_probability(output.hidden)
+            scores = self.active.switcher.agreement_probability(output.hidden, output.fall_probability)
         switcher_s = (time.perf_counter() - started) / len(decoded)
 
-        routes = self.router.route(scores.tolist())
+        base_rate = self.router.policy.exploration_rate
+        rates = [self.drift.exploration_rate(item.frame.camera_id, base_rate) for item in decoded]
+        routes = self.router.route(scores.tolist(), rates)
+        self.watch_drift(decoded, output.fall_probability, scores, routes)
         self.observe(decode_s, model_s, switcher_s, scores, routes)
         timings_ms = {"decode": decode_s * 1000, "edge_model": model_s * 1000, "switcher": switcher_s * 1000}
         started = time.perf_counter()
@@ -278,6 +297,16 @@ class EdgeWorker:
             if route.over_budget:
                 metrics.over_budget.inc()
         metrics.offload_ratio.set(self.router.budget.offload_ratio())
+
+    def watch_drift(
+        self, decoded: list[DecodedFrame], probabilities: np.ndarray, scores: np.ndarray, routes: list[RouteDecision]
+    ) -> None:
+        threshold = self.settings.edge.decision_threshold
+        for item, probability, score, route in zip(decoded, probabilities, scores, routes, strict=True):
+            camera = item.frame.camera_id
+            check = self.drift.observe(camera, bool(probability >= threshold), float(score), route.offload is not None)
+            if check is not None:
+                self.metrics.camera_drift.labels(camera).set(1 if check.drifted else 0)
 
     def images_or_reasons(self, frames: list[Frame]) -> tuple[list[np.ndarray | str], float]:
         """Each frame's image or the reason it cannot be answered, and the seconds the share took."""
@@ -364,10 +393,24 @@ def jpeg_size_problem(jpeg: bytes, min_side: int, max_pixels: int) -> str | None
     return None
 
 
+def pair_registry(settings: Settings) -> PairRegistry:
+    edge = settings.edge
+    if edge.model_registry is None:
+        raise ValueError("edge.model_registry is not set")
+    return PairRegistry(
+        edge.model_registry,
+        lambda directory: load_edge_model(settings, directory),
+        edge.registry_poll_s,
+        edge.registry_announce_key,
+    )
+
+
 async def run_edge_worker(settings: Settings, stop: asyncio.Event, model: EdgeModel | None = None) -> None:
     if settings.edge.torch_threads is not None:
         torch.set_num_threads(settings.edge.torch_threads)
-    if model is None:
+    if model is None and settings.edge.model_registry is not None:
+        await EdgeWorker(settings, None).run(stop)
+    elif model is None:
         loaded = load_edge_model(settings)
         await EdgeWorker(settings, loaded, loaded.cpu_options).run(stop)
     else:

@@ -1,7 +1,10 @@
 """The DMD switcher (paper A.3) and its versioned artifact.
 
-The switcher reads the edge model's hidden vector and predicts the probability that
-the large model would give the same fall answer. A published switcher is a directory
+The switcher reads the edge model's hidden vector (the paper's `hidden` inputs), or that
+vector and the edge's own confidence in its answer (`hidden+confidence`: P(fall), its margin
+|2p − 1| and its entropy in bits), and predicts the probability that the large model would
+give the same fall answer. The confidence inputs let a switcher fall back on what uncertainty
+deferral knows where the hidden vector says little (a room the edge never saw). A published switcher is a directory
 `<registry>/<version>/` holding `switcher.safetensors` (weights) and `switcher.json`
 (`SwitcherMetadata`); versions are UTC timestamps, so the newest sorts last.
 """
@@ -15,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,14 +32,30 @@ VERSION_FORMAT = "%Y%m%dT%H%M%S%fZ"
 # A version is a directory name: no separators, no leading dot (those are in-progress writes).
 VERSION_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 DROPOUT = 0.3
+SwitcherInputs = Literal["hidden", "hidden+confidence"]
+CONFIDENCE_FEATURES = 3  # P(fall), margin, entropy
+
+
+def input_size(inputs: SwitcherInputs, hidden_size: int) -> int:
+    """The switcher's input width for an edge model of `hidden_size`."""
+    return hidden_size + (CONFIDENCE_FEATURES if inputs == "hidden+confidence" else 0)
+
+
+def confidence_features(fall_probability: np.ndarray) -> np.ndarray:
+    """[B] P(fall) → [B, 3]: P(fall), margin |2p − 1| and binary entropy in bits."""
+    p = np.clip(np.asarray(fall_probability, dtype=np.float64), 1e-7, 1 - 1e-7)
+    entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    return np.stack([p, np.abs(2 * p - 1), entropy], axis=1).astype(np.float32)
 
 
 class Switcher(nn.Module):
-    """MLP hidden → 512 → 128 → 1 with ReLU and dropout 0.3; outputs the agreement logit."""
+    """MLP inputs → 512 → 128 → 1 with ReLU and dropout 0.3; outputs the agreement logit."""
 
-    def __init__(self, input_dim: int) -> None:
+    def __init__(self, input_dim: int, inputs: SwitcherInputs = "hidden") -> None:
         super().__init__()
         self.input_dim = input_dim
+        self.inputs: SwitcherInputs = inputs
+        self.hidden_size = input_dim - input_size(inputs, 0)
         self.layers = nn.Sequential(
             nn.Linear(input_dim, 512),
             nn.ReLU(),
@@ -51,16 +70,28 @@ class Switcher(nn.Module):
         """Logits of agreement, shape [B]."""
         return self.layers(hidden).squeeze(-1)
 
-    def agreement_probability(self, hidden: np.ndarray) -> np.ndarray:
-        """P(the large model agrees with the edge model) for a batch [B, input_dim] → [B] float32."""
-        if hidden.ndim != 2 or hidden.shape[1] != self.input_dim:
-            raise ValueError(f"switcher expects hidden vectors of shape [B, {self.input_dim}], got {hidden.shape}")
+    def features(self, hidden: np.ndarray, fall_probability: np.ndarray | None) -> np.ndarray:
+        """The switcher's input rows [B, input_dim] from the edge's hidden vectors [B, D] and P(fall) [B]."""
+        if hidden.ndim != 2 or hidden.shape[1] != self.hidden_size:
+            raise ValueError(f"switcher expects hidden vectors of shape [B, {self.hidden_size}], got {hidden.shape}")
+        if self.inputs == "hidden":
+            return hidden
+        if fall_probability is None:
+            raise ValueError("a hidden+confidence switcher needs the edge's fall probabilities too")
+        return np.concatenate([hidden, confidence_features(fall_probability)], axis=1)
+
+    def agreement_probability(self, hidden: np.ndarray, fall_probability: np.ndarray | None = None) -> np.ndarray:
+        """P(the large model agrees with the edge model) for a batch of hidden vectors [B, D] → [B] float32.
+
+        `fall_probability` ([B], the edge's P(fall)) is needed by a `hidden+confidence` switcher.
+        """
+        rows = self.features(hidden, fall_probability)
         was_training = self.training
         self.eval()  # dropout off
         try:
             device = next(self.parameters()).device
             with torch.inference_mode():
-                logits = self(torch.as_tensor(hidden, dtype=torch.float32, device=device))
+                logits = self(torch.as_tensor(rows, dtype=torch.float32, device=device))
             return torch.sigmoid(logits).cpu().numpy().astype(np.float32)
         finally:
             self.train(was_training)
@@ -73,6 +104,7 @@ class SwitcherMetadata(BaseModel):
 
     version: str = Field(pattern=VERSION_PATTERN)
     input_dim: int = Field(gt=0)
+    inputs: SwitcherInputs = Field("hidden", description="hidden vector only (the paper's) or with confidence")
     threshold: float = Field(
         ge=0.0, le=1.0, description="agreement probability at or above which the edge answer is final"
     )
@@ -130,7 +162,7 @@ def save_switcher(registry: Path, switcher: Switcher, metadata: SwitcherMetadata
 def load_switcher(path: Path) -> tuple[Switcher, SwitcherMetadata]:
     """Load a published switcher directory; the switcher is in eval mode."""
     metadata = SwitcherMetadata.model_validate_json((path / METADATA_FILE).read_text())
-    switcher = Switcher(metadata.input_dim)
+    switcher = Switcher(metadata.input_dim, metadata.inputs)
     switcher.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
     switcher.eval()
     return switcher, metadata
@@ -151,8 +183,10 @@ def latest_version(registry: Path) -> Path | None:
 def check_compatible(metadata: SwitcherMetadata, edge_model_name: str, hidden_size: int) -> None:
     """Raise `SwitcherMismatch` unless the switcher was made for this edge model and hidden size."""
     problems = []
-    if metadata.input_dim != hidden_size:
-        problems.append(f"it reads {metadata.input_dim}-d hidden vectors but the edge model gives {hidden_size}-d")
+    expected = input_size(metadata.inputs, hidden_size)
+    if metadata.input_dim != expected:
+        what = "hidden vectors" if metadata.inputs == "hidden" else "hidden+confidence inputs"
+        problems.append(f"it reads {metadata.input_dim}-d {what} but the edge model gives {expected}-d")
     if metadata.edge_model != edge_model_name:
         problems.append(f"it was made for edge model {metadata.edge_model!r}, not {edge_model_name!r}")
     if problems:

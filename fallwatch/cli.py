@@ -23,6 +23,7 @@ from core.logs import configure_logging
 from core.settings import Settings
 from dmd_offline.cli import dmd_app, eval_command
 from edge_workers.main import edge
+from fallwatch.benchmarks.adaptation_command import bench_adaptation
 from fallwatch.benchmarks.alerting import bench_alerting
 from fallwatch.benchmarks.capacity_command import bench_capacity
 from fallwatch.benchmarks.cloud_command import bench_cloud
@@ -48,6 +49,7 @@ app.add_typer(cameras_app, name="cameras")
 app.add_typer(config_app, name="config")
 app.add_typer(topics_app, name="topics")
 app.add_typer(alerts_app, name="alerts")
+bench_app.command("adaptation")(bench_adaptation)
 bench_app.command("alerting")(bench_alerting)
 bench_app.command("capacity")(bench_capacity)
 bench_app.command("cloud")(bench_cloud)

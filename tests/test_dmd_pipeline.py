@@ -317,7 +317,7 @@ def test_dmd_run_replays_trains_evaluates_and_publishes(
     assert "[dmd run:" in result.stdout
 
     report = (workdir / "report" / "report.md").read_text()
-    assert "| Model | F1 Score | % Large Model | Time (s) | Energy (J) |" in report
+    assert "| Model | F1 Score [95 % CI] | % Large Model | Time (s) | Energy (J) |" in report
     for name in ("small-only", "large-only", "uncertainty", "random", "DMD", "oracle"):
         assert f"| {name} |" in report
     payload = json.loads((workdir / "report" / "report.json").read_text())

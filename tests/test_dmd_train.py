@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from core.settings import ConfigError, DmdSettings
-from dmd_offline.dataset import DatasetManifest, DmdData, DmdRow
-from dmd_offline.train import load_trained, save_trained, train_switcher
+from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdData, DmdRow, agreement_scores
+from dmd_offline.train import load_trained, save_trained, switcher_targets, train_switcher
 
 HIDDEN = 24
 
@@ -99,3 +100,50 @@ def test_trained_switcher_round_trips(tmp_path: Path) -> None:
     probe = agreement_data(10, 14).hidden
     assert np.array_equal(loaded.agreement_probability(probe), switcher.agreement_probability(probe))
     assert loaded_report == report
+
+
+def confidence_data(n: int, seed: int, ground_truth: int = 0) -> DmdData:
+    """Disagreement only where the edge is unsure (P(fall) near 0.5); the hidden vectors are pure noise."""
+    base = agreement_data(n, seed)
+    rng = np.random.default_rng(seed + 100)
+    probability = rng.random(n)
+    unsure = np.abs(probability - 0.5) < 0.2
+    rows = [
+        replace(row, small_fall_probability=float(p), label=int(not doubt), ground_truth=ground_truth)
+        for row, p, doubt in zip(base.rows, probability, unsure, strict=True)
+    ]
+    return DmdData(base.manifest, rows, rng.normal(0, 1, base.hidden.shape).astype(np.float32))
+
+
+def test_confidence_inputs_learn_what_the_hidden_vector_does_not_say() -> None:
+    train, val = confidence_data(300, 20), confidence_data(100, 21)
+    with_confidence = SETTINGS.model_copy(update={"switcher_inputs": "hidden+confidence"})
+    switcher, report = train_switcher(train, val, with_confidence)
+    _, hidden_only = train_switcher(train, val, SETTINGS)
+    assert switcher.input_dim == HIDDEN + 3 == report.input_dim and report.inputs == "hidden+confidence"
+    assert report.val_accuracy > 0.85 > hidden_only.val_accuracy + 0.1
+    with pytest.raises(ValueError, match="needs the edge's fall probabilities"):
+        switcher.agreement_probability(val.hidden)
+
+
+def test_confidence_switcher_round_trips_with_its_inputs(tmp_path: Path) -> None:
+    settings = SETTINGS.model_copy(update={"switcher_inputs": "hidden+confidence"})
+    data = confidence_data(60, 22)
+    switcher, report = train_switcher(data, confidence_data(20, 23), settings)
+    save_trained(tmp_path, switcher, report)
+    loaded, _ = load_trained(tmp_path)
+    assert loaded.inputs == "hidden+confidence"
+    assert np.array_equal(agreement_scores(loaded, data), agreement_scores(switcher, data))
+
+
+def test_deferral_helps_target_marks_only_frames_the_cloud_gets_right() -> None:
+    data = agreement_data(4, 30)
+    # edge wrong + cloud right, edge wrong + cloud wrong, edge right + cloud wrong, no ground truth (disagree)
+    cases = [(1, 0, 0), (1, 1, 0), (0, 1, 0), (0, 1, UNKNOWN)]
+    rows = [
+        replace(row, small_prediction=small, large_prediction=large, ground_truth=truth, label=int(small == large))
+        for row, (small, large, truth) in zip(data.rows, cases, strict=True)
+    ]
+    labelled = DmdData(data.manifest, rows, data.hidden)
+    assert switcher_targets(labelled, "agreement").tolist() == [0, 1, 0, 0]
+    assert switcher_targets(labelled, "deferral_helps").tolist() == [0, 1, 1, 0]

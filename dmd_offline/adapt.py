@@ -1,0 +1,501 @@
+"""`fallwatch dmd adapt`: the edge model learns the facility from its own logged traffic, behind a gate.
+
+From the frames of a window (`dmd.since` / `dmd.until` of the `frames` topic, or a video folder):
+
+1. **Targets**: a caregiver's label where an answered alert covered the frame, else the cloud's
+   answer (the logged cloud verdict, or the cloud model's when `dmd.run_cloud_model`).
+2. **Held-out slice**: each camera's latest `gate_share` of frames; nothing below learns from it.
+3. **Cross-fitting**: the other frames are split in `folds` of whole cameras (`cross_fit`), or of
+   time blocks within each camera; for each fold, a copy of the running edge model is fine-tuned on the other folds
+   (`dmd_offline.finetune`) and answers the fold. Those out-of-fold answers are the switcher's DMD
+   rows: the switcher learns how the adapted edge errs on frames it did not learn from.
+4. **The candidate**: the running edge fine-tuned on all of them; the switcher trained on the
+   out-of-fold rows (`dmd.switcher_inputs`, `dmd.switcher_target`), its threshold deferring
+   `target_offload_share` of them.
+5. **The gate**, on the held-out slice: the candidate's edge must agree with the cloud at least as
+   often as the running pair's, must not be less often right on caregiver-labelled frames, and its
+   switcher must not lose to uncertainty deferral at the switcher's own cloud share. Each check may
+   lose by `gate_tolerance` at most. A refusal says which check failed, in one line.
+6. **Publish**: edge model and switcher as one version in `edge.model_registry`, with the hashes
+   that bind them and the calibration the edge workers' drift guard compares cameras with (the
+   candidate on the held-out slice); then ACTIVE points at it and the workers are told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from transformers import ViltProcessor
+
+from cloud_workers.model import CloudModel
+from core.settings import ConfigError, DmdSettings, Settings
+from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdData, DmdRow, agreement_scores
+from dmd_offline.finetune import TrainingImages, finetune, save_edge
+from dmd_offline.metrics import Outcomes, first_m, uncertainty_order
+from dmd_offline.sources import ReplayItem, image_folder_items
+from dmd_offline.threshold import ThresholdChoice, budget_threshold
+from dmd_offline.train import TrainingReport, train_switcher
+from edge_workers.model import EdgeBatch, ViltEdgeModel
+from edge_workers.registry import (
+    PAIR_EDGE_DIR,
+    PAIR_SWITCHER_DIR,
+    Calibration,
+    PairVersion,
+    activate,
+    read_active,
+    save_pair,
+)
+from edge_workers.switcher import Switcher, SwitcherMetadata, latest_version, load_switcher, new_version
+
+log = logging.getLogger(__name__)
+
+PREDICT_BATCH = 16
+DECILES = [q / 10 for q in range(1, 10)]
+
+
+class GateRefused(Exception):
+    """The candidate is not published; the message says why in one line."""
+
+
+@dataclass
+class AdaptFrame:
+    input_id: str
+    group: str  # the camera
+    order_key: float  # capture time (ms) or position: the chronological order within a camera
+    image_rgb: np.ndarray
+    cloud_probability: float | None  # None: no cloud answer logged (and none computed)
+    label: int | None  # a caregiver's answer (1 fall, 0 not), None where nobody answered
+
+
+def frames_of(
+    items: Iterable[ReplayItem], cloud_model: CloudModel | None, batch_size: int, labels_are_caregivers: bool
+) -> list[AdaptFrame]:
+    """The window's frames with their cloud answers (computed where none was logged, with a cloud model).
+
+    `labels_are_caregivers`: the items' ground truth is a caregiver's label (logged traffic), not an
+    annotation (a folder), which adaptation must never see.
+    """
+    frames: list[AdaptFrame] = []
+    pending: list[tuple[AdaptFrame, ReplayItem]] = []
+    for item in items:
+        label = item.ground_truth if labels_are_caregivers else None
+        cloud = None if item.logged is None else item.logged.fall_probability
+        frame = AdaptFrame(item.input_id, item.group, item.order_key, item.image_rgb, cloud, label)
+        frames.append(frame)
+        if cloud is None and cloud_model is not None:
+            pending.append((frame, item))
+        if len(pending) >= batch_size:
+            answer_in_cloud(pending, cloud_model)
+    if pending:
+        answer_in_cloud(pending, cloud_model)
+    return frames
+
+
+def answer_in_cloud(pending: list[tuple[AdaptFrame, ReplayItem]], cloud_model: CloudModel | None) -> None:
+    assert cloud_model is not None
+    probabilities = cloud_model.predict([item.clip() for _, item in pending])
+    for (frame, _), probability in zip(pending, probabilities, strict=True):
+        frame.cloud_probability = float(probability)
+    pending.clear()
+
+
+def held_out_slice(frames: list[AdaptFrame], share: float) -> np.ndarray:
+    """True for each camera's latest `share` of frames (at least one, when the camera has two or more)."""
+    held = np.zeros(len(frames), dtype=bool)
+    for group in {frame.group for frame in frames}:
+        indices = sorted((i for i, f in enumerate(frames) if f.group == group), key=lambda i: frames[i].order_key)
+        count = min(len(indices) - 1, max(1, round(share * len(indices)))) if len(indices) > 1 else 0
+        held[indices[len(indices) - count :]] = True
+    return held
+
+
+def fold_ids(frames: list[AdaptFrame], folds: int, by: str) -> np.ndarray:
+    """A fold per frame: whole cameras (`by` camera, when there are enough), else time blocks of each camera."""
+    groups = sorted({frame.group for frame in frames})
+    if by == "camera" and len(groups) >= folds:
+        by_group = {group: index % folds for index, group in enumerate(groups)}
+        return np.array([by_group[frame.group] for frame in frames])
+    ids = np.zeros(len(frames), dtype=int)
+    for group in groups:
+        indices = sorted((i for i, f in enumerate(frames) if f.group == group), key=lambda i: frames[i].order_key)
+        for block, part in enumerate(np.array_split(np.array(indices, dtype=int), folds)):
+            ids[part] = block
+    return ids
+
+
+def targets(frames: list[AdaptFrame], cloud_threshold: float) -> np.ndarray:
+    """1 / 0 per frame: the caregiver's label, else the cloud's answer; -1 where neither is known."""
+
+    def target(frame: AdaptFrame) -> int:
+        if frame.label is not None:
+            return frame.label
+        return -1 if frame.cloud_probability is None else int(frame.cloud_probability >= cloud_threshold)
+
+    return np.array([target(frame) for frame in frames], dtype=int)
+
+
+def predict(edge: ViltEdgeModel, images: list[np.ndarray]) -> EdgeBatch:
+    """Seeded (ViLT draws its patch order at random), in batches."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        parts = [edge.predict(images[i : i + PREDICT_BATCH]) for i in range(0, len(images), PREDICT_BATCH)]
+    return EdgeBatch(
+        np.concatenate([part.fall_probability for part in parts]), np.concatenate([part.hidden for part in parts])
+    )
+
+
+@dataclass
+class RunningPair:
+    edge_dir: Path
+    version: str | None  # the registry's active version; None: edge.model with the newest switcher
+    switcher: Switcher | None
+    threshold: float | None
+
+
+def running_pair(settings: Settings) -> RunningPair:
+    registry = settings.edge.model_registry
+    pointer = read_active(registry) if registry is not None else None
+    if registry is not None and pointer is not None:
+        switcher_dir = latest_version(registry / pointer.version / PAIR_SWITCHER_DIR)
+        if switcher_dir is None:
+            raise ConfigError(f"version {pointer.version} in {registry} has no switcher")
+        switcher, metadata = load_switcher(switcher_dir)
+        return RunningPair(registry / pointer.version / PAIR_EDGE_DIR, pointer.version, switcher, metadata.threshold)
+    edge_dir = Path(settings.edge.model)
+    if not edge_dir.is_dir():
+        raise ConfigError(f"edge.model {settings.edge.model!r} is not a local directory: adaptation needs the weights")
+    newest = latest_version(settings.edge.switcher_registry)
+    if newest is None:
+        return RunningPair(edge_dir, None, None, None)
+    switcher, metadata = load_switcher(newest)
+    return RunningPair(edge_dir, None, switcher, metadata.threshold)
+
+
+def dmd_rows(
+    frames: list[AdaptFrame], output: EdgeBatch, cloud_threshold: float, edge_threshold: float, source: str
+) -> DmdData:
+    """The switcher's rows: frames with a cloud answer, labelled by the edge's agreement with it."""
+    rows, kept = [], []
+    for index, frame in enumerate(frames):
+        if frame.cloud_probability is None:
+            continue
+        small = int(output.fall_probability[index] >= edge_threshold)
+        large = int(frame.cloud_probability >= cloud_threshold)
+        rows.append(
+            DmdRow(
+                input_id=frame.input_id,
+                image_path=frame.input_id,
+                group=frame.group,
+                split="",
+                order_key=frame.order_key,
+                small_fall_probability=float(output.fall_probability[index]),
+                large_fall_probability=frame.cloud_probability,
+                small_prediction=small,
+                large_prediction=large,
+                label=int(small == large),
+                ground_truth=UNKNOWN if frame.label is None else frame.label,
+                large_source="logged",
+                offload_reason="",
+                small_time_ms=float("nan"),
+                large_time_ms=float("nan"),
+                small_energy_j=float("nan"),
+                large_energy_j=float("nan"),
+            )
+        )
+        kept.append(index)
+    manifest = DatasetManifest(
+        source=source, edge_model="adapted", cloud_model="logged", hidden_size=output.hidden.shape[1]
+    )
+    return DmdData(manifest, rows, output.hidden[kept])
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    name: str
+    candidate: float | None
+    running: float | None  # for the deferral check: uncertainty deferral at the candidate's share
+    passed: bool
+
+
+@dataclass
+class GateResult:
+    frames: int
+    checks: list[GateCheck]
+    cloud_share: float  # the candidate switcher's share of the held-out frames to the cloud
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def refusal(self) -> str:
+        words = {
+            "cloud agreement": "the candidate agrees with the cloud on {c:.1%} of the held-out frames, "
+            "the running pair on {r:.1%}",
+            "caregiver labels": "the candidate is right on {c:.1%} of the caregiver-labelled frames, "
+            "the running pair on {r:.1%}",
+            "switcher vs uncertainty": "the candidate's switcher is right on {c:.1%} with {s:.0%} to the cloud, "
+            "uncertainty deferral on {r:.1%}",
+        }
+        failed = [check for check in self.checks if not check.passed]
+        reasons = [words[check.name].format(c=check.candidate, r=check.running, s=self.cloud_share) for check in failed]
+        return "not published: " + "; ".join(reasons) + f" (held-out slice of {self.frames} frames)"
+
+    def as_metrics(self) -> dict[str, float]:
+        metrics = {"gate_frames": float(self.frames), "gate_cloud_share": self.cloud_share}
+        for check in self.checks:  # a check without frames to judge on (no caregiver label) is left out
+            key = check.name.replace(" ", "_")
+            if check.candidate is not None and check.running is not None:
+                metrics[f"gate_{key}_candidate"] = check.candidate
+                metrics[f"gate_{key}_running"] = check.running
+        return metrics
+
+
+def gate(
+    frames: list[AdaptFrame],
+    candidate: EdgeBatch,
+    candidate_scores: np.ndarray,
+    threshold: float,
+    running: EdgeBatch,
+    settings: Settings,
+) -> GateResult:
+    """The three checks of the module docstring on the held-out frames."""
+    edge_threshold = settings.edge.decision_threshold
+    tolerance = settings.dmd.adapt.gate_tolerance
+    cloud_known = np.array([f.cloud_probability is not None for f in frames])
+    cloud = np.array([(f.cloud_probability or 0.0) >= settings.cloud.decision_threshold for f in frames])
+    labelled = np.array([f.label is not None for f in frames])
+    labels = np.array([bool(f.label) for f in frames])
+    new = candidate.fall_probability >= edge_threshold
+    old = running.fall_probability >= edge_threshold
+
+    def share(mask: np.ndarray, right: np.ndarray) -> float | None:
+        return float(np.mean(right[mask])) if mask.any() else None
+
+    def check(name: str, ours: float | None, theirs: float | None) -> GateCheck:
+        passed = ours is None or theirs is None or ours >= theirs - tolerance
+        return GateCheck(name, ours, theirs, passed)
+
+    deferred = candidate_scores < threshold
+    checks = [
+        check("cloud agreement", share(cloud_known, new == cloud), share(cloud_known, old == cloud)),
+        check("caregiver labels", share(labelled, new == labels), share(labelled, old == labels)),
+    ]
+    if cloud_known.any():
+        # the reference is the caregiver where known, else the cloud; only frames with a cloud answer can defer
+        known = np.flatnonzero(cloud_known)
+        reference = np.where(labelled, labels, cloud)[known]
+        m = int(deferred[known].sum())
+        by_switcher = np.where(deferred[known], cloud[known], new[known])
+        order = uncertainty_order(candidate.fall_probability[known].astype(float))
+        by_uncertainty = np.where(first_m(order, m), cloud[known], new[known])
+        checks.append(
+            check(
+                "switcher vs uncertainty",
+                float(np.mean(by_switcher == reference)),
+                float(np.mean(by_uncertainty == reference)),
+            )
+        )
+    return GateResult(len(frames), checks, float(deferred.mean()) if len(frames) else 0.0)
+
+
+def calibration_of(output: EdgeBatch, scores: np.ndarray, threshold: float, edge_threshold: float) -> Calibration:
+    return Calibration(
+        frames=len(scores),
+        fall_rate=float(np.mean(output.fall_probability >= edge_threshold)),
+        offload_share=float(np.mean(scores < threshold)),
+        score_quantiles=[float(q) for q in np.quantile(scores, DECILES)],
+    )
+
+
+@dataclass
+class Candidate:
+    edge: ViltEdgeModel
+    switcher: Switcher
+    training: TrainingReport
+    choice: ThresholdChoice
+    gate: GateResult
+    calibration: Calibration
+    running: RunningPair
+    adaptation_frames: int
+    rows: DmdData  # the switcher's out-of-fold rows
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Adaptation:
+    """One adaptation run over a window's frames (the steps of the module docstring)."""
+
+    def __init__(self, settings: Settings, original: TrainingImages | None, source: str) -> None:
+        self.settings = settings
+        self.original = original
+        self.source = source
+        self.running = running_pair(settings)
+        self.seconds: dict[str, float] = {}
+
+    def base_model(self) -> ViltEdgeModel:
+        return ViltEdgeModel.from_pretrained(str(self.running.edge_dir), self.settings.edge.question)
+
+    def adapted(self, frames: list[AdaptFrame], known: np.ndarray, seed: int) -> ViltEdgeModel:
+        facility = TrainingImages([frames[i].image_rgb for i in np.flatnonzero(known)], self.targets[known])
+        return finetune(self.base_model(), facility, self.original, self.settings.dmd.adapt, seed)
+
+    def run(self, frames: list[AdaptFrame]) -> Candidate:
+        adapt = self.settings.dmd.adapt
+        started = time.perf_counter()
+        held = held_out_slice(frames, adapt.gate_share)
+        learn = [f for f, h in zip(frames, held, strict=True) if not h]
+        gate_frames = [f for f, h in zip(frames, held, strict=True) if h]
+        if not gate_frames or not learn:
+            raise ConfigError(f"{len(frames)} frames in the window: too few to learn from and hold some out")
+        self.targets = targets(learn, self.settings.cloud.decision_threshold)
+        folds = fold_ids(learn, adapt.folds, adapt.cross_fit)
+        oof = self.out_of_fold(learn, folds)
+        self.seconds["cross-fitting"] = time.perf_counter() - started
+        started = time.perf_counter()
+        edge = self.adapted(learn, self.targets >= 0, adapt.seed)
+        self.seconds["final edge"] = time.perf_counter() - started
+        started = time.perf_counter()
+        switcher, training, choice = self.switcher_on(oof)
+        self.seconds["switcher"] = time.perf_counter() - started
+        started = time.perf_counter()
+        images = [f.image_rgb for f in gate_frames]
+        candidate_out = predict(edge, images)
+        candidate_scores = switcher.agreement_probability(candidate_out.hidden, candidate_out.fall_probability)
+        running_out = predict(self.base_model(), images)
+        result = gate(gate_frames, candidate_out, candidate_scores, choice.threshold, running_out, self.settings)
+        calibration = calibration_of(
+            candidate_out, candidate_scores, choice.threshold, self.settings.edge.decision_threshold
+        )
+        self.seconds["gate"] = time.perf_counter() - started
+        return Candidate(
+            edge, switcher, training, choice, result, calibration, self.running, len(learn), oof, self.seconds
+        )
+
+    def out_of_fold(self, learn: list[AdaptFrame], folds: np.ndarray) -> DmdData:
+        """Each fold answered by an edge model adapted on the other folds."""
+        hidden_parts, probability_parts, order = [], [], []
+        for fold in sorted(set(folds.tolist())):
+            inside = folds == fold
+            edge = self.adapted(learn, (~inside) & (self.targets >= 0), self.settings.dmd.adapt.seed + 1 + fold)
+            output = predict(edge, [learn[i].image_rgb for i in np.flatnonzero(inside)])
+            hidden_parts.append(output.hidden)
+            probability_parts.append(output.fall_probability)
+            order.extend(np.flatnonzero(inside).tolist())
+        output = EdgeBatch(np.concatenate(probability_parts), np.concatenate(hidden_parts))
+        frames = [learn[i] for i in order]
+        settings = self.settings
+        return dmd_rows(
+            frames, output, settings.cloud.decision_threshold, settings.edge.decision_threshold, self.source
+        )
+
+    def switcher_on(self, rows: DmdData) -> tuple[Switcher, TrainingReport, ThresholdChoice]:
+        return switcher_on(rows, self.settings.dmd)
+
+
+def switcher_on(rows: DmdData, dmd: DmdSettings) -> tuple[Switcher, TrainingReport, ThresholdChoice]:
+    """A switcher trained on out-of-fold rows (a seeded share held out for early stopping) and its threshold."""
+    held = np.random.default_rng(dmd.seed).random(len(rows.rows)) < dmd.val_share
+    train, val = rows.select(~held), rows.select(held)
+    switcher, training = train_switcher(train, val, dmd)
+    choice = budget_threshold(agreement_scores(switcher, rows), Outcomes.of(rows), dmd.adapt.target_offload_share)
+    return switcher, training, choice
+
+
+def publish_candidate(settings: Settings, candidate: Candidate, window: str) -> str:
+    """Write the candidate as one version of `edge.model_registry` and make it the active one."""
+    if not candidate.gate.passed:
+        raise GateRefused(candidate.gate.refusal())
+    registry = settings.edge.model_registry
+    if registry is None:
+        raise ConfigError("edge.model_registry is not set: adapted versions are published there")
+    version = new_version()
+    metadata = SwitcherMetadata(
+        version=version,
+        input_dim=candidate.switcher.input_dim,
+        inputs=candidate.switcher.inputs,
+        threshold=candidate.choice.threshold,
+        edge_model=PAIR_EDGE_DIR,  # bound to the version's own edge model when saved
+        created_at=datetime.now(UTC),
+        trained=True,
+        training_window=window,
+        offload_policy={"method": "budget", "target_share": candidate.choice.target_share},
+        metrics=candidate.gate.as_metrics(),
+    )
+    pair = PairVersion(
+        version=version,
+        created_at=metadata.created_at,
+        parent=candidate.running.version,
+        edge_base=str(candidate.running.edge_dir),
+        edge_sha256="",  # filled in by save_pair from what it wrote
+        switcher_sha256="",
+        calibration=candidate.calibration,
+        training_window=window,
+        gate=candidate.gate.as_metrics(),
+    )
+    with tempfile.TemporaryDirectory(prefix="fallwatch-adapt-") as scratch:
+        edge_dir = save_edge(candidate.edge, Path(scratch) / "edge")
+        save_pair(registry, pair, edge_dir, candidate.switcher, metadata)
+    activate(registry, version)
+    return version
+
+
+def shrunk(image: np.ndarray, shortest_edge: int) -> np.ndarray:
+    """The image with its shorter side at `shortest_edge` (never enlarged): the model sees no more, and a
+    window's frames stay small in memory."""
+    height, width = image.shape[:2]
+    scale = shortest_edge / min(height, width)
+    if scale >= 1:
+        return image
+    return cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+
+
+def original_images(folder: Path | None, shortest_edge: int) -> TrainingImages | None:
+    """The train split of the image folder the edge model learnt from (`dmd.adapt.original_data`)."""
+    if folder is None:
+        return None
+    items = [item for item in image_folder_items(folder) if item.split == "train"]
+    if not items:
+        raise ConfigError(f"dmd.adapt.original_data: {folder}/labels.csv has no train split")
+    return TrainingImages(
+        [shrunk(item.image_rgb, shortest_edge) for item in items],
+        np.array([item.ground_truth for item in items], dtype=np.int64),
+    )
+
+
+def read_window(settings: Settings) -> tuple[list[AdaptFrame], TrainingImages | None, str]:
+    """The window's frames (with cloud answers and caregiver labels), the original data, the window's name."""
+    from cloud_workers.loading import load_cloud_model
+    from dmd_offline.pipeline import replay_items, source_description
+
+    dmd = settings.dmd
+    source = source_description(settings)
+    if not dmd.run_cloud_model and dmd.source != "kafka":
+        raise ConfigError(f"a {dmd.source} folder has no logged cloud verdicts: dmd.run_cloud_model must be true")
+    shortest_edge = running_shortest_edge(settings)
+
+    async def collect() -> list[ReplayItem]:
+        items = []
+        async for item in replay_items(settings):
+            item.image_rgb = shrunk(item.image_rgb, shortest_edge)
+            items.append(item)
+        return items
+
+    items = asyncio.run(collect())
+    missing = dmd.run_cloud_model and any(item.logged is None for item in items)
+    cloud_model = load_cloud_model(settings) if missing else None
+    frames = frames_of(items, cloud_model, dmd.batch_size, labels_are_caregivers=dmd.source == "kafka")
+    return frames, original_images(dmd.adapt.original_data, shortest_edge), source
+
+
+def running_shortest_edge(settings: Settings) -> int:
+    processor = ViltProcessor.from_pretrained(str(running_pair(settings).edge_dir))
+    return int(processor.image_processor.size["shortest_edge"])

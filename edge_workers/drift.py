@@ -1,0 +1,136 @@
+"""Per-camera drift guard and learning mode of the edge worker.
+
+The published pair's version carries a calibration (`edge_workers.registry.Calibration`): the
+edge's fall rate, the switcher's score deciles and the offload share on frames it did not learn
+from. The guard keeps each camera's last `drift_window` frames and flags the camera when, over at
+least `drift_min_frames` of them, the fall rate or the offload share is off by more than its
+tolerance, or the scores' distribution is (the largest gap between the live share of scores
+below each calibration decile and that decile's share: a Kolmogorov–Smirnov distance).
+
+A flagged camera, and a camera in its first `learning_s` seconds, is in *learning mode*: its
+confident frames are explored at `learning_exploration_rate` instead of `edge.exploration_rate`.
+Exploration only spends what the offload budget leaves, so the cloud share stays within it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.settings import DriftSettings
+from edge_workers.registry import Calibration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DriftCheck:
+    camera_id: str
+    frames: int
+    fall_rate: float
+    offload_share: float
+    score_distance: float
+    reasons: list[str]
+
+    @property
+    def drifted(self) -> bool:
+        return bool(self.reasons)
+
+    def describe(self) -> str:
+        return (
+            f"camera {self.camera_id} drifted from the published pair's calibration over {self.frames} frames: "
+            + "; ".join(self.reasons)
+        )
+
+
+@dataclass
+class CameraWindow:
+    first_seen: float
+    falls: deque[bool]  # each the camera's last `drift_window` frames
+    scores: deque[float]
+    offloaded: deque[bool]
+    flagged: bool = False
+
+
+def score_distance(scores: np.ndarray, quantiles: list[float]) -> float:
+    """Largest |live share of scores below the k-th calibration decile − k/10|."""
+    expected = np.arange(1, len(quantiles) + 1) / (len(quantiles) + 1)
+    live = np.array([np.mean(scores < q) for q in quantiles])
+    return float(np.max(np.abs(live - expected))) if len(quantiles) else 0.0
+
+
+class DriftGuard:
+    def __init__(
+        self, settings: DriftSettings, calibration: Calibration | None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self.calibration = calibration
+        self.clock = clock
+        self.cameras: dict[str, CameraWindow] = {}
+
+    def use_calibration(self, calibration: Calibration | None) -> None:
+        """A new pair: its own calibration, and every camera's window starts again."""
+        self.calibration = calibration
+        for window in self.cameras.values():
+            window.falls.clear()
+            window.scores.clear()
+            window.offloaded.clear()
+            window.flagged = False
+
+    def window(self, camera_id: str) -> CameraWindow:
+        if camera_id not in self.cameras:
+            size = self.settings.drift_window
+            self.cameras[camera_id] = CameraWindow(
+                self.clock(), deque(maxlen=size), deque(maxlen=size), deque(maxlen=size)
+            )
+        return self.cameras[camera_id]
+
+    def exploration_rate(self, camera_id: str, base: float) -> float:
+        """The camera's exploration share now: higher while it is new or flagged."""
+        settings = self.settings
+        window = self.window(camera_id)
+        learning = window.flagged and settings.raise_cloud_share_on_drift
+        learning = learning or self.clock() - window.first_seen < settings.learning_s
+        return max(base, settings.learning_exploration_rate) if learning else base
+
+    def observe(self, camera_id: str, fall: bool, score: float, offloaded: bool) -> DriftCheck | None:
+        """Record one answered frame; returns the camera's check when its flag changed."""
+        window = self.window(camera_id)
+        window.falls.append(fall)
+        window.scores.append(score)
+        window.offloaded.append(offloaded)
+        check = self.check(camera_id)
+        if check is None or check.drifted == window.flagged:
+            return None
+        window.flagged = check.drifted
+        if check.drifted:
+            log.warning("%s", check.describe())
+        else:
+            log.info("camera %s is back within the published pair's calibration", camera_id)
+        return check
+
+    def check(self, camera_id: str) -> DriftCheck | None:
+        """The camera's statistics against the calibration; None without calibration or enough frames."""
+        window = self.window(camera_id)
+        calibration, settings = self.calibration, self.settings
+        if calibration is None or len(window.falls) < settings.drift_min_frames:
+            return None
+        fall_rate = float(np.mean(window.falls))
+        offload_share = float(np.mean(window.offloaded))
+        distance = score_distance(np.array(window.scores), calibration.score_quantiles)
+        reasons = []
+        if abs(fall_rate - calibration.fall_rate) > settings.fall_rate_tolerance:
+            reasons.append(f"edge fall rate {fall_rate:.0%} against {calibration.fall_rate:.0%}")
+        if abs(offload_share - calibration.offload_share) > settings.offload_share_tolerance:
+            reasons.append(f"offload share {offload_share:.0%} against {calibration.offload_share:.0%}")
+        if distance > settings.score_distance_tolerance:
+            reasons.append(f"switcher scores {distance:.2f} away from their calibration (KS distance)")
+        return DriftCheck(camera_id, len(window.falls), fall_rate, offload_share, distance, reasons)
+
+    def flagged(self) -> list[str]:
+        return sorted(camera for camera, window in self.cameras.items() if window.flagged)

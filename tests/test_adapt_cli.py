@@ -1,0 +1,112 @@
+"""`fallwatch dmd adapt` and `dmd rollback` on logged traffic in the real Kafka, announced through Redis.
+
+The traffic is test_adaptation's biased case as a facility logs it: frames on `frames`, the cloud's
+answers on `verdicts`, a caregiver's "false alarm" on `labels`. A second window, where the cloud
+changed its answers after the learning part, gives a candidate that the gate refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import cv2
+import numpy as np
+from redis import Redis
+
+from core.settings import Settings
+from edge_workers.registry import read_active, read_pair_version
+from fallwatch.devkit.models import ModelPaths
+from schemas import Frame, Label
+from tests.conftest import settings_for, write_config
+from tests.test_adaptation import biased_frames, camera_frames, fall_leaning_copy
+from tests.test_dmd_pipeline import logged_cloud_verdict, publish_traffic, run_cli
+
+START = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+
+
+def as_logged(adapt_frames, start: datetime) -> tuple[list[Frame], list]:
+    frames, verdicts = [], []
+    for seq, adapt_frame in enumerate(adapt_frames):
+        captured_at = start + timedelta(seconds=0.5 * int(adapt_frame.order_key))
+        camera = adapt_frame.group
+        frame = Frame(
+            frame_id=Frame.make_id(camera, captured_at, seq),
+            camera_id=camera,
+            room=camera,
+            seq=seq,
+            captured_at=captured_at,
+            width=128,
+            height=96,
+            jpeg=cv2.imencode(".jpg", cv2.cvtColor(adapt_frame.image_rgb, cv2.COLOR_RGB2BGR))[1].tobytes(),
+        )
+        frames.append(frame)
+        verdicts.append(logged_cloud_verdict(frame, adapt_frame.cloud_probability, "exploration"))
+    return frames, verdicts
+
+
+def test_adapt_publishes_from_logged_traffic_refuses_a_worse_window_and_rolls_back(
+    stack_state, tiny_models: ModelPaths, tmp_path: Path
+) -> None:
+    edge = fall_leaning_copy(tiny_models.edge, tmp_path / "edge-vilt")
+    settings: Settings = settings_for(
+        stack_state,
+        tmp_path,
+        edge={
+            "model": str(edge),
+            "switcher_registry": str(tmp_path / "no-switchers"),
+            "model_registry": str(tmp_path / "registry"),
+            "registry_announce_key": f"test:{uuid.uuid4().hex}:announced",
+        },
+        cloud={"model": str(tiny_models.cloud)},
+        dmd={
+            "learning_rate": 3e-3,
+            "max_epochs": 40,
+            "run_cloud_model": False,
+            "adapt": {"learning_rate": 5e-3, "epochs": 8, "batch_size": 8, "gate_tolerance": 0.2},
+        },
+    )
+    config = tmp_path / "fallwatch.yaml"
+    write_config(settings, config)
+    frames, verdicts = as_logged(biased_frames(), START)
+    # the caregiver answered an alert on cam-b: its evidence frames are no fall, whatever the cloud said
+    evidence = [frame.frame_id for frame in frames if frame.camera_id == "cam-b"][:5]
+    label = Label(label_id="l1", alert_id="a1", camera_id="cam-b", room="cam-b", frame_ids=evidence,
+                  verdict="false_alarm", labelled_by="caregiver")  # fmt: skip
+    asyncio.run(publish_traffic(settings, frames, verdicts, [label]))
+    between = datetime.now(UTC)
+
+    result = run_cli("dmd", "adapt", "--until", between.isoformat(), config=config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    registry = tmp_path / "registry"
+    active = read_active(registry)
+    assert active is not None and f"published version {active.version}" in result.stdout
+    assert "adapted on 56 frames" in result.stdout
+    version = read_pair_version(registry, active.version)
+    assert version.gate["gate_cloud_agreement_candidate"] >= 0.7 > version.gate["gate_cloud_agreement_running"]
+    with Redis.from_url(stack_state.redis_url) as redis:
+        assert redis.get(settings.edge.registry_announce_key) == active.version.encode()
+
+    rollback = run_cli("dmd", "rollback", config=config)
+    assert rollback.returncode == 2 and rollback.stderr.strip().splitlines() == [
+        f"error: nothing to roll back to: {active.version} is the first version in {registry}"
+    ]
+
+    # a later window where the cloud swapped its answers for the two rooms after the learning part
+    # (a cloud model update, say): the candidate learns the old answers and disagrees afterwards
+    rng = np.random.default_rng(1)
+    cam_a, cam_b = camera_frames("cam-a", 0, False, rng), camera_frames("cam-b", 2, True, rng)
+    for camera, now_says in ((cam_a, 0.9), (cam_b, 0.1)):
+        for adapt_frame in camera[-12:]:
+            adapt_frame.cloud_probability = now_says
+    later = cam_a + cam_b
+    frames, verdicts = as_logged(later, START + timedelta(minutes=30))
+    asyncio.run(publish_traffic(settings, frames, verdicts, []))
+    refused = run_cli("dmd", "adapt", "--since", between.isoformat(), config=config)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    lines = [line for line in refused.stdout.splitlines() if line.startswith("not published")]
+    assert len(lines) == 1 and "Traceback" not in refused.stderr
+    assert lines[0].startswith("not published: the candidate agrees with the cloud on") and "running pair" in lines[0]
+    assert read_active(registry) == active, "the refused candidate changed nothing"

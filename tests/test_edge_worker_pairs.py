@@ -1,0 +1,149 @@
+"""The edge worker serving versions of `edge.model_registry` on the real stack (Kafka, Redis).
+
+Version A's edge model says "fall" for every frame while its calibration says a camera sees
+falls on 5 % of frames: the drift guard must flag the camera and raise its cloud share within the
+budget. Version B's says "no fall"; it is activated mid-stream and every frame must be answered
+exactly once, by A's pair before the switch and by B's after it; a rollback brings A back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import torch
+from redis import Redis
+
+from core.kafka_io import consumer_group_lag
+from core.settings import Settings
+from edge_workers.registry import Calibration, PairVersion, activate, announce_switcher, rollback, save_pair
+from edge_workers.service import EdgeWorker
+from edge_workers.switcher import Switcher, SwitcherMetadata
+from fallwatch.devkit.models import ModelPaths
+from fallwatch.devkit.tiny_edge import set_fall_bias
+from schemas import CloudRequest, Verdict
+from tests.conftest import consume_until, running
+from tests.test_edge_worker import make_frames, publish_frames, until, worker_settings
+
+HIDDEN = 64  # the tiny ViLT head's hidden layer (2 × its hidden size)
+BUDGET = 0.5
+MIN_FRAMES = 8
+CALIBRATION = Calibration(frames=100, fall_rate=0.05, offload_share=0.0, score_quantiles=[0.5] * 9)
+
+
+def publish_version(registry: Path, tiny: ModelPaths, scratch: Path, fall: bool, version: str) -> str:
+    edge = scratch / f"edge-{version}"
+    shutil.copytree(tiny.edge, edge)
+    set_fall_bias(edge, fall=fall)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        switcher = Switcher(HIDDEN)
+    metadata = SwitcherMetadata(
+        version=version,
+        input_dim=HIDDEN,
+        threshold=0.0,  # the switcher never doubts: offloads come from exploration only
+        edge_model="edge",
+        created_at=datetime.now(UTC),
+        trained=False,
+    )
+    pair = PairVersion(
+        version=version,
+        created_at=metadata.created_at,
+        parent=None,
+        edge_base=str(tiny.edge),
+        edge_sha256="",
+        switcher_sha256="",
+        calibration=CALIBRATION,
+        training_window="test",
+    )
+    save_pair(registry, pair, edge, switcher, metadata)
+    activate(registry, version)
+    return version
+
+
+def test_hot_reload_of_edge_and_switcher_mid_stream_and_the_drift_guard(
+    stack_state, tmp_path: Path, tiny_models: ModelPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = tmp_path / "registry"
+    old = publish_version(registry, tiny_models, tmp_path, fall=True, version="v1")
+    settings = worker_settings(
+        stack_state,
+        tmp_path,
+        tiny_models,
+        tmp_path / "unused",
+        model_registry=str(registry),
+        registry_poll_s=3600,  # only the announcement can trigger the reload quickly
+        max_offload_ratio=BUDGET,
+        # judged on the fall rate alone: the untrained switcher's scores are whatever they are
+        drift={
+            "drift_window": 40,
+            "drift_min_frames": MIN_FRAMES,
+            "learning_exploration_rate": 1.0,
+            "score_distance_tolerance": 1.0,
+        },
+    )
+    before, after, back = make_frames("cam-a", 24), make_frames("cam-a", 24, 24), make_frames("cam-a", 8, 48)
+    announce_key = settings.edge.registry_announce_key
+    assert announce_key is not None
+
+    async def answered(count: int) -> None:
+        await consume_until(settings, settings.kafka.topics.verdicts, Verdict, lambda m: len(m) >= count)
+
+    async def scenario() -> tuple[float | None, float | None]:
+        async with running(EdgeWorker(settings, None)) as worker:
+            await publish_frames(settings, before)
+            await answered(len(before))
+            flagged = worker.metrics.registry.get_sample_value("fallwatch_edge_camera_drift", {"camera": "cam-a"})
+            new = publish_version(registry, tiny_models, tmp_path, fall=False, version="v2")
+            announce_switcher(Redis.from_url(settings.redis.url), announce_key, new)
+            await until(lambda: worker.model.name == "v2/edge", "the announced version")
+            cleared = worker.metrics.registry.get_sample_value("fallwatch_edge_camera_drift", {"camera": "cam-a"})
+            await publish_frames(settings, after)
+            await answered(len(before) + len(after))
+            assert rollback(registry) == ("v2", "v1")
+            announce_switcher(Redis.from_url(settings.redis.url), announce_key, "v1")
+            await until(lambda: worker.model.name == "v1/edge", "the rolled-back version")
+            await publish_frames(settings, back)
+            await answered(len(before) + len(after) + len(back))
+        return flagged, cleared
+
+    with caplog.at_level(logging.WARNING, logger="edge_workers.drift"):
+        flagged, cleared = asyncio.run(scenario())
+    verdicts = asyncio.run(consume_until(settings, settings.kafka.topics.verdicts, Verdict, lambda m: len(m) >= 56))
+    counts = Counter(v.frame_id for v in verdicts)
+    assert set(counts) == {f.frame_id for f in before + after + back} and set(counts.values()) == {1}
+    by_id = {v.frame_id: v for v in verdicts}
+    for frames, version, fall in ((before, old, True), (after, "v2", False), (back, old, True)):
+        answers = {(by_id[f.frame_id].edge_model, by_id[f.frame_id].switcher_version, by_id[f.frame_id].decision)
+                   for f in frames}  # fmt: skip
+        assert answers == {(f"{version}/edge", version, fall)}, "edge model and switcher swapped together"
+
+    # the drift guard: the fall-saying edge is off its calibration once it has MIN_FRAMES frames
+    assert flagged == 1.0 and cleared is None, "flagged, and cleared by the new version's calibration"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edge_workers.drift"]
+    expected = (
+        "camera cam-a drifted from the published pair's calibration over 8 frames: edge fall rate 100% against 5%"
+    )
+    assert warnings == [expected, expected], "flagged under v1, not under v2, again after the rollback to v1"
+    requests = asyncio.run(
+        consume_until(settings, settings.kafka.topics.cloud_requests, CloudRequest, lambda m: len(m) >= 1)
+    )
+    offloaded = {r.frame_id for r in requests}
+    assert not offloaded & {f.frame_id for f in before[:MIN_FRAMES]}, "nothing explored before the flag"
+    assert offloaded & {f.frame_id for f in before[MIN_FRAMES + 4 :]}, "the flagged camera goes to the cloud"
+    assert {r.reason for r in requests} == {"exploration"}
+    assert len(offloaded & {f.frame_id for f in before}) <= BUDGET * len(before), "within the budget"
+    assert asyncio.run(consumer_group_lag(settings, settings.edge.group_id, settings.kafka.topics.frames)) == 0
+
+
+def test_start_without_an_active_version_is_one_readable_line(tmp_path: Path) -> None:
+    from core.settings import ConfigError
+
+    settings = Settings(edge={"model_registry": str(tmp_path / "empty")})
+    with pytest.raises(ConfigError, match=r"no active version in .*empty.*run `fallwatch dmd adapt`"):
+        EdgeWorker(settings, None)
