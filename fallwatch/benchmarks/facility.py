@@ -33,7 +33,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from core.kafka_io import consumer_group_lag, make_consumer, topic_partitions
+from core.kafka_io import consumer_group_lag, make_consumer, read_topic_partitions
 from core.settings import CONFIG_ENV, CameraSettings, Settings, load_settings
 from fallwatch.benchmarks.soak import soak_settings
 from fallwatch.stack import fresh_run, local_stack_settings
@@ -222,7 +222,7 @@ async def end_offsets(settings: Settings, topic: str) -> int:
     consumer = make_consumer(settings, topic, group_id=None)
     await consumer.start()
     try:
-        return sum((await consumer.end_offsets(await topic_partitions(consumer, topic))).values())
+        return sum((await consumer.end_offsets(await read_topic_partitions(settings, topic))).values())
     finally:
         await consumer.stop()
 
@@ -234,7 +234,7 @@ async def final_delays(settings: Settings, prefix: str, window_start: datetime, 
     await consumer.start()
     delays = []
     try:
-        partitions = await topic_partitions(consumer, topic)
+        partitions = await read_topic_partitions(settings, topic)
         end = await consumer.end_offsets(partitions)
         while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
             batches = await consumer.getmany(timeout_ms=1000)
