@@ -72,6 +72,27 @@ class ClipOutputs:
     cloud_ms: np.ndarray  # [F] float32
     cloud_j: np.ndarray  # [F] float32
 
+    @classmethod
+    def of(
+        cls, clip: LabelledClip, camera_id: str, room: str, edge: dict[str, np.ndarray], cloud: dict[str, np.ndarray]
+    ) -> ClipOutputs:
+        """From the cached (or just computed) arrays of both models."""
+        return cls(
+            clip=clip,
+            camera_id=camera_id,
+            room=room,
+            duration_s=float(edge["duration_s"]),
+            position_s=edge["position_s"],
+            heartbeat=edge["heartbeat"],
+            edge_p=edge["edge_p"],
+            hidden=edge["hidden"],
+            edge_ms=edge["edge_ms"],
+            edge_j=edge["edge_j"],
+            cloud_p=cloud["cloud_p"],
+            cloud_ms=cloud["cloud_ms"],
+            cloud_j=cloud["cloud_j"],
+        )
+
     @property
     def frames(self) -> int:
         return len(self.position_s)
@@ -365,6 +386,16 @@ class LazyModels:
         return self._cloud
 
 
+def edge_arrays(published: PublishedClip, models: LazyModels, settings: Settings) -> dict[str, np.ndarray]:
+    """The edge model's outputs on a clip's published frames, with the frames' timing."""
+    return {
+        "position_s": np.array([(f.captured_at - CLIP_START).total_seconds() for f in published.frames], np.float64),
+        "heartbeat": np.array(published.heartbeat, bool),
+        "duration_s": np.array(published.duration_s),
+        **run_edge(*models.edge, published.frames, settings.eval.batch_size),
+    }
+
+
 def clip_outputs(
     settings: Settings, folder: Path, clips: list[LabelledClip], models: LazyModels
 ) -> tuple[list[ClipOutputs], CacheStats]:
@@ -396,14 +427,7 @@ def clip_outputs(
             if edge is None:
                 assert published is not None
                 progress.set_postfix_str(f"edge model on {clip.file}")
-                edge = {
-                    "position_s": np.array(
-                        [(f.captured_at - CLIP_START).total_seconds() for f in published.frames], np.float64
-                    ),
-                    "heartbeat": np.array(published.heartbeat, bool),
-                    "duration_s": np.array(published.duration_s),
-                    **run_edge(*models.edge, published.frames, settings.eval.batch_size),
-                }
+                edge = edge_arrays(published, models, settings)
                 cache.save("edge", keys.edge, edge)
                 stats.edge_computed += len(published.frames)
             else:
@@ -418,23 +442,7 @@ def clip_outputs(
                 stats.cloud_cached += len(cloud["cloud_p"])
             if len(cloud["cloud_p"]) != len(edge["position_s"]):
                 raise ConfigError(f"the cache in {cache_dir} is inconsistent for {clip.file}: remove it and rerun")
-            results.append(
-                ClipOutputs(
-                    clip=clip,
-                    camera_id=camera_id,
-                    room=room,
-                    duration_s=float(edge["duration_s"]),
-                    position_s=edge["position_s"],
-                    heartbeat=edge["heartbeat"],
-                    edge_p=edge["edge_p"],
-                    hidden=edge["hidden"],
-                    edge_ms=edge["edge_ms"],
-                    edge_j=edge["edge_j"],
-                    cloud_p=cloud["cloud_p"],
-                    cloud_ms=cloud["cloud_ms"],
-                    cloud_j=cloud["cloud_j"],
-                )
-            )
+            results.append(ClipOutputs.of(clip, camera_id, room, edge, cloud))
             stats.frames += len(edge["position_s"])
             progress.update(1)
     hashes.save()

@@ -67,6 +67,15 @@ class Costs:
     large_energy_j: CostColumn
     switcher_time_ms: float  # measured per frame on this split
 
+    def origins(self) -> dict[str, str]:
+        """Where each per-frame cost came from (measured, logged or configured)."""
+        return {
+            "edge time": self.small_time_ms.origin,
+            "cloud time": self.large_time_ms.origin,
+            "edge energy": self.small_energy_j.origin,
+            "cloud energy": self.large_energy_j.origin,
+        }
+
     @classmethod
     def of(cls, data: DmdData, settings: DmdSettings, switcher_time_ms: float) -> Costs:
         return cls(
@@ -256,21 +265,6 @@ def evaluate(train: DmdData, test: DmdData, switcher: Switcher, threshold: float
                 f1_high=f1_high,
             )
         )
-    by_group = []
-    for group in sorted(set(groups) - {""}):
-        rows = groups == group
-        group_outcomes = Outcomes.of(test.select(rows))
-        by_group.append(
-            GroupResult(
-                group=group,
-                rows=int(rows.sum()),
-                falls=int(
-                    sum(row.ground_truth == 1 for row, selected in zip(test.rows, rows, strict=True) if selected)
-                ),
-                f1={name: group_outcomes.scores(mask[rows]).f1 for name, mask in deferred.items()},
-                share_large_dmd=float(dmd_deferred[rows].mean()),
-            )
-        )
     shares = test_curves["DMD"].shares
     masks = [first_m(orders["DMD"], round(share * n)) for share in shares]
     times = [costs.time_s(mask, uses_small=True, uses_switcher=True) for mask in masks]
@@ -284,11 +278,26 @@ def evaluate(train: DmdData, test: DmdData, switcher: Switcher, threshold: float
         curves_test=test_curves,
         time_curve_s=None if None in times else Curve(shares, [t for t in times if t is not None]),
         energy_curve_j=None if None in energies else Curve(shares, [e for e in energies if e is not None]),
-        cost_origins={
-            "edge time": costs.small_time_ms.origin,
-            "cloud time": costs.large_time_ms.origin,
-            "edge energy": costs.small_energy_j.origin,
-            "cloud energy": costs.large_energy_j.origin,
-        },
-        groups=by_group,
+        cost_origins=costs.origins(),
+        groups=group_results(test, groups, deferred),
     )
+
+
+def group_results(test: DmdData, groups: np.ndarray, deferred: dict[str, np.ndarray]) -> list[GroupResult]:
+    """Each source group's (clip's, camera's) F1 per strategy and DMD's cloud share there."""
+    by_group = []
+    for group in sorted(set(groups) - {""}):
+        rows = groups == group
+        group_outcomes = Outcomes.of(test.select(rows))
+        by_group.append(
+            GroupResult(
+                group=group,
+                rows=int(rows.sum()),
+                falls=int(
+                    sum(row.ground_truth == 1 for row, selected in zip(test.rows, rows, strict=True) if selected)
+                ),
+                f1={name: group_outcomes.scores(mask[rows]).f1 for name, mask in deferred.items()},
+                share_large_dmd=float(deferred["DMD"][rows].mean()),
+            )
+        )
+    return by_group

@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -135,19 +136,36 @@ class SimulatedClock:
         return self.now.timestamp()
 
 
+# (arrival at alerting, tie-break, verdict or None for a deadline check of alerting's timer)
+Arrival = tuple[datetime, int, Verdict | None]
+
+
 def replay_clip(outputs: ClipOutputs, scores: np.ndarray, policy: Policy, settings: Settings) -> ClipRun:
-    edge, ev = settings.edge, settings.eval
     rule = settings.alerting.rule_for(outputs.room)
-    state = CameraState(rule=rule, camera_id=outputs.camera_id, room=outputs.room)
-    clock = SimulatedClock()
-    router = Router(policy.routing(settings), clock=clock.seconds, rng=random.Random(edge.exploration_seed))
     run = ClipRun(outputs)
     order = itertools.count()
-    # (arrival at alerting, tie-break, verdict or None for a deadline check of alerting's timer)
-    arrivals: list[tuple[datetime, int, Verdict | None]] = []
+    arrivals = verdict_arrivals(outputs, scores, policy, settings, rule.cloud_wait_s, run, order)
+    state = CameraState(rule=rule, camera_id=outputs.camera_id, room=outputs.room)
+    feed_alerting(state, arrivals, run, order)
+    return run
+
+
+def verdict_arrivals(
+    outputs: ClipOutputs,
+    scores: np.ndarray,
+    policy: Policy,
+    settings: Settings,
+    cloud_wait_s: float,
+    run: ClipRun,
+    order: Iterator[int],
+) -> list[Arrival]:
+    """Route each frame as the edge worker would; the verdicts (and cloud answers) as alerting receives them."""
+    edge, ev = settings.edge, settings.eval
+    clock = SimulatedClock()
+    router = Router(policy.routing(settings), clock=clock.seconds, rng=random.Random(edge.exploration_seed))
+    arrivals: list[Arrival] = []
     edge_latency = timedelta(seconds=ev.edge_latency_s)
     cloud_latency = timedelta(seconds=ev.cloud_latency_s)
-    index_of: dict[str, int] = {}
     for index in range(outputs.frames):
         captured_at = outputs.captured_at(index)
         at_edge = captured_at + edge_latency
@@ -168,12 +186,11 @@ def replay_clip(outputs: ClipOutputs, scores: np.ndarray, policy: Policy, settin
             edge_model=edge.model,
             produced_at=at_edge,
         )
-        index_of[verdict.frame_id] = index
         heapq.heappush(arrivals, (at_edge, next(order), verdict))
         if route.offload is None:
             continue
         run.offloaded += 1
-        heapq.heappush(arrivals, (at_edge + timedelta(seconds=rule.cloud_wait_s), next(order), None))
+        heapq.heappush(arrivals, (at_edge + timedelta(seconds=cloud_wait_s), next(order), None))
         answered_at = at_edge + cloud_latency
         if ev.cloud_latency_s < edge.cloud_deadline_s:
             run.cloud_frames.add(index)
@@ -191,6 +208,12 @@ def replay_clip(outputs: ClipOutputs, scores: np.ndarray, policy: Policy, settin
         else:  # the cloud worker finds the request past its deadline and answers with the edge's verdict
             answer = verdict.model_copy(update={"source": "edge-fallback", "final": True, "produced_at": answered_at})
         heapq.heappush(arrivals, (answered_at, next(order), answer))
+    return arrivals
+
+
+def feed_alerting(state: CameraState, arrivals: list[Arrival], run: ClipRun, order: Iterator[int]) -> None:
+    """Alerting's rule over the arrivals in time order (its timer's edge fallbacks included), into `run`."""
+    index_of = {run.outputs.frame_id(index): index for index in range(run.outputs.frames)}
     fallbacks_sent: set[str] = set()
     while arrivals:
         now, _, arrival = heapq.heappop(arrivals)
@@ -209,7 +232,6 @@ def replay_clip(outputs: ClipOutputs, scores: np.ndarray, policy: Policy, settin
         if arrival.final and index not in run.final_fall:
             run.final_fall[index] = arrival.decision
             run.fallbacks += arrival.source == "edge-fallback"
-    return run
 
 
 def replay(outputs: list[ClipOutputs], scores: Scores, policy: Policy, settings: Settings) -> list[ClipRun]:

@@ -35,10 +35,35 @@ def markdown_report(
     replay: ReplaySummary | None = None,
     switcher_split: str = "train",
 ) -> str:
-    splits = {name: sum(row.split == name for row in data.rows) for name in ("train", "val", "test")}
-    large = evaluation.result("large-only")
-    share = evaluation.result("DMD").share_large
     lines = [
+        *summary_lines(data, training, choice, evaluation, switcher_split),
+        *score_tables(evaluation),
+        *curve_table(evaluation),
+        *group_table(evaluation),
+        "## Bucket curve on the train split (threshold choice)",
+        "",
+        "| % deferred | " + " | ".join(f"{100 * s:.0f}" for s in choice.curve_shares) + " |",
+        "|---|" + "---:|" * len(choice.curve_shares),
+        "| F1 | " + " | ".join(f"{f:.3f}" for f in choice.curve_f1) + " |",
+        "",
+        "## Costs",
+        "",
+        *[f"- {what}: {origin}" for what, origin in evaluation.cost_origins.items()],
+        "",
+    ]
+    if replay is not None:
+        lines += ["## Replay", "", *[f"- {line}" for line in replay.describe().splitlines()], ""]
+    if plots:
+        lines += ["## Plots", "", *[f"![{path.stem}]({path.name})" for path in plots], ""]
+    return "\n".join(lines)
+
+
+def summary_lines(
+    data: DmdData, training: TrainingReport, choice: ThresholdChoice, evaluation: Evaluation, switcher_split: str
+) -> list[str]:
+    splits = {name: sum(row.split == name for row in data.rows) for name in ("train", "val", "test")}
+    share = evaluation.result("DMD").share_large
+    return [
         "# DMD evaluation",
         "",
         f"- Data: {len(data.rows)} rows from {data.manifest.source} "
@@ -63,6 +88,13 @@ def markdown_report(
         + (f", target offload share {choice.target_share:.0%}" if choice.target_share is not None else "")
         + f"; on the test split it defers {share:.1%}, and the baselines defer the same share.",
         "",
+    ]
+
+
+def score_tables(evaluation: Evaluation) -> list[str]:
+    """Table 1 (F1 with its interval, share, time and energy) and every score, on the test split."""
+    large = evaluation.result("large-only")
+    lines = [
         "## Table 1 (test split)",
         "",
         "| Model | F1 Score [95 % CI] | % Large Model | Time (s) | Energy (J) |",
@@ -97,24 +129,8 @@ def markdown_report(
         "",
         "Normalised AUC: area under the F1-vs-%-deferred curve, 0 = small-only, 1 = large-only.",
         "",
-        *curve_table(evaluation),
-        *group_table(evaluation),
-        "## Bucket curve on the train split (threshold choice)",
-        "",
-        "| % deferred | " + " | ".join(f"{100 * s:.0f}" for s in choice.curve_shares) + " |",
-        "|---|" + "---:|" * len(choice.curve_shares),
-        "| F1 | " + " | ".join(f"{f:.3f}" for f in choice.curve_f1) + " |",
-        "",
-        "## Costs",
-        "",
-        *[f"- {what}: {origin}" for what, origin in evaluation.cost_origins.items()],
-        "",
     ]
-    if replay is not None:
-        lines += ["## Replay", "", *[f"- {line}" for line in replay.describe().splitlines()], ""]
-    if plots:
-        lines += ["## Plots", "", *[f"![{path.stem}]({path.name})" for path in plots], ""]
-    return "\n".join(lines)
+    return lines
 
 
 def curve_table(evaluation: Evaluation) -> list[str]:
