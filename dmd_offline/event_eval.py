@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from core.checkpoints import local_checkpoint_sha256
 from core.settings import AlertRule, ConfigError, Settings
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def published_switcher(settings: Settings, hidden_size: int) -> tuple[Any, Switc
     if newest is None:
         raise ConfigError(f"no switcher in {registry} (edge.switcher_registry): publish one with `fallwatch dmd run`")
     switcher, metadata = load_switcher(newest)
-    check_compatible(metadata, settings.edge.model, hidden_size)
+    check_compatible(metadata, settings.edge.model, hidden_size, local_checkpoint_sha256(settings.edge.model))
     return switcher, metadata
 
 

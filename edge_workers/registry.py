@@ -17,7 +17,6 @@ With `edge.model_registry` the worker serves an edge model and its switcher publ
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import shutil
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis as SyncRedis
 
+from core.checkpoints import directory_sha256, local_checkpoint_sha256
 from core.settings import ConfigError
 from edge_workers.switcher import (
     VERSION_PATTERN,
@@ -74,6 +74,7 @@ class SwitcherRegistry:
     ) -> None:
         self.directory = directory
         self.edge_model = edge_model
+        self.edge_model_sha256 = local_checkpoint_sha256(edge_model)
         self.hidden_size = hidden_size
         self.poll_s = poll_s
         self.announce_key = announce_key
@@ -124,7 +125,7 @@ class SwitcherRegistry:
 
     def _load(self, path: Path) -> ActiveSwitcher:
         switcher, metadata = load_switcher(path)
-        check_compatible(metadata, self.edge_model, self.hidden_size)
+        check_compatible(metadata, self.edge_model, self.hidden_size, self.edge_model_sha256)
         return ActiveSwitcher(switcher, metadata, path)
 
 
@@ -174,17 +175,6 @@ class ActivePointer(BaseModel):
 
     version: str
     previous: list[str] = Field(default_factory=list, description="versions active before, the latest last")
-
-
-def directory_sha256(directory: Path) -> str:
-    """One hash over a directory's file names and contents (sorted), so any changed byte changes it."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def read_active(registry: Path) -> ActivePointer | None:

@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.checkpoints import local_checkpoint_sha256
+
 WEIGHTS_FILE = "switcher.safetensors"
 METADATA_FILE = "switcher.json"
 VERSION_FORMAT = "%Y%m%dT%H%M%S%fZ"
@@ -110,6 +112,9 @@ class SwitcherMetadata(BaseModel):
     )
     edge_model: str = Field(description="hub id or local directory of the edge model it was trained on")
     edge_model_revision: str | None = None
+    edge_model_sha256: str | None = Field(
+        None, description="of the edge model's local directory: it matches that model wherever it is mounted"
+    )
     created_at: datetime
     trained: bool = Field(description="False for a randomly initialised switcher")
     training_window: str | None = Field(default=None, description="which traffic or data set it learnt from")
@@ -141,6 +146,8 @@ def save_switcher(registry: Path, switcher: Switcher, metadata: SwitcherMetadata
     """
     if switcher.input_dim != metadata.input_dim:
         raise ValueError(f"switcher input_dim {switcher.input_dim} != metadata input_dim {metadata.input_dim}")
+    if metadata.edge_model_sha256 is None:
+        metadata = metadata.model_copy(update={"edge_model_sha256": local_checkpoint_sha256(metadata.edge_model)})
     registry.mkdir(parents=True, exist_ok=True)
     final = registry / metadata.version
     if final.exists():
@@ -180,14 +187,23 @@ def latest_version(registry: Path) -> Path | None:
     return max(versions, key=lambda entry: entry.name, default=None)
 
 
-def check_compatible(metadata: SwitcherMetadata, edge_model_name: str, hidden_size: int) -> None:
-    """Raise `SwitcherMismatch` unless the switcher was made for this edge model and hidden size."""
+def check_compatible(
+    metadata: SwitcherMetadata, edge_model_name: str, hidden_size: int, edge_model_sha256: str | None = None
+) -> None:
+    """Raise `SwitcherMismatch` unless the switcher was made for this edge model and hidden size.
+
+    The model is the same when its local directory has the same content hash (a registry mounted at
+    another path), else when its name is.
+    """
     problems = []
     expected = input_size(metadata.inputs, hidden_size)
     if metadata.input_dim != expected:
         what = "hidden vectors" if metadata.inputs == "hidden" else "hidden+confidence inputs"
         problems.append(f"it reads {metadata.input_dim}-d {what} but the edge model gives {expected}-d")
-    if metadata.edge_model != edge_model_name:
+    if metadata.edge_model_sha256 is not None and edge_model_sha256 is not None:
+        if metadata.edge_model_sha256 != edge_model_sha256:
+            problems.append(f"it was made for another edge model (content hash) than {edge_model_name!r}")
+    elif metadata.edge_model != edge_model_name:
         problems.append(f"it was made for edge model {metadata.edge_model!r}, not {edge_model_name!r}")
     if problems:
         raise SwitcherMismatch(f"switcher {metadata.version} does not fit: " + "; ".join(problems))

@@ -24,6 +24,7 @@ from core.images import decode_jpeg_rgb
 from core.settings import DEFAULT_QUESTION, ConfigError, Settings
 from edge_workers.metrics import EdgeMetrics
 from edge_workers.model import SHIPPED_CALIBRATION_FRAMES, EdgeBatch, EdgeModel, ViltEdgeModel, load_edge_model
+from edge_workers.registry import SwitcherRegistry
 from edge_workers.switcher import (
     Switcher,
     SwitcherMetadata,
@@ -305,6 +306,23 @@ def test_check_compatible_refuses_another_edge_model_or_hidden_size():
         check_compatible(metadata, "dandelin/vilt-b32-finetuned-vqa", 768)
     with pytest.raises(SwitcherMismatch, match="other/model"):
         check_compatible(metadata, "other/model", 1536)
+
+
+def test_a_switcher_follows_its_edge_model_to_another_mount_by_content(tmp_path: Path, tiny_dir: Path) -> None:
+    """A registry and models mounted elsewhere (a container's /models): the path differs, the content does not."""
+    trained_on = tmp_path / "host" / "edge-vilt"
+    shutil.copytree(tiny_dir, trained_on)
+    create_untrained_switcher(tmp_path / "switchers", 32, str(trained_on))
+    mounted = tmp_path / "container" / "edge-vilt"
+    shutil.copytree(trained_on, mounted)
+
+    registry = SwitcherRegistry(tmp_path / "switchers", str(mounted), 32, poll_s=60, announce_key=None)
+    assert registry.load_newest().metadata.edge_model == str(trained_on), "the same model at another path fits"
+
+    set_fall_bias(mounted, fall=True)  # another model at that path now
+    changed = SwitcherRegistry(tmp_path / "switchers", str(mounted), 32, poll_s=60, announce_key=None)
+    with pytest.raises(ConfigError, match="content hash"):
+        changed.load_newest()
 
 
 def test_untrained_switcher_is_seeded_and_marked(tmp_path: Path, edge: ViltEdgeModel):
