@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from fallwatch.stack import StackError, free_port, port_accepts, stop_pid, wait_until
+from fallwatch.stack import StackError, free_port, stop_pid, wait_until
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 RULES = DEPLOY / "prometheus" / "rules.yml"
@@ -43,6 +44,14 @@ class Prometheus:
         """An instant query's series (vector results) or a scalar as one series."""
         data = self.api("query", query=expr)
         return data["result"] if data["resultType"] in ("vector", "matrix") else [{"value": data["result"]}]
+
+    def ready(self) -> bool:
+        """Prometheus answers queries (its API says 503 while it is still starting)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=10) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
 
     def targets_up(self) -> dict[str, str]:
         return {target["labels"]["job"]: target["health"] for target in self.api("targets")["activeTargets"]}
@@ -85,9 +94,10 @@ def local_prometheus(targets: dict[str, int], workdir: Path, scrape_interval_s: 
             start_new_session=True,
         )
     try:
-        wait_until(lambda: port_accepts(port) or process.poll() is not None, f"Prometheus on port {port}")
+        prometheus = Prometheus(f"http://127.0.0.1:{port}")
+        wait_until(lambda: prometheus.ready() or process.poll() is not None, f"Prometheus ready on port {port}")
         if process.poll() is not None:
             raise StackError(f"Prometheus exited with {process.returncode}; see {log_path}")
-        yield Prometheus(f"http://127.0.0.1:{port}")
+        yield prometheus
     finally:
         stop_pid(process.pid)

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 SHARES = (0.1, 0.2, 0.3, 0.5)
 ROW_SHARES = (0.25, 0.5, 1.0)
+PAPER_FAMILY = "DMD (paper: hidden only)"
+CONFIDENCE_FAMILY = "DMD (hidden+confidence)"
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,10 @@ class Study:
         original = original_images(settings.dmd.adapt.original_data, shortest)
         started = time.perf_counter()
         candidate = Adaptation(settings, original, f"fold {index}").run(frames)
-        paper = switcher_on(candidate.rows, settings.dmd.model_copy(update={"switcher_inputs": "hidden"}))[0]
+        paper, confident = (
+            switcher_on(candidate.rows, settings.dmd.model_copy(update={"switcher_inputs": inputs}))[0]
+            for inputs in ("hidden", "hidden+confidence")
+        )
         seconds = {**candidate.seconds, "total": time.perf_counter() - started}
         adapted = settings.model_copy(deep=True)
         adapted.edge.model = str(save_edge(candidate.edge, self.workdir / f"fold-{index}" / "edge"))
@@ -216,11 +221,13 @@ class Study:
         self.evaluate("before", held_outputs, Scores.of(held_outputs, running, settings.eval.seed),
                       running_meta.threshold, ["DMD", "uncertainty"])  # fmt: skip
         scores = Scores.of(after, candidate.switcher, settings.eval.seed)
-        scores.by_family["DMD (paper: hidden only)"] = [
-            paper.agreement_probability(clip.hidden, clip.edge_p).astype(np.float64) for clip in after
-        ]
+        # "DMD" is the candidate's own switcher (dmd.switcher_inputs); both kinds beside it, on the same rows
+        for family, switcher in ((PAPER_FAMILY, paper), (CONFIDENCE_FAMILY, confident)):
+            scores.by_family[family] = [
+                switcher.agreement_probability(clip.hidden, clip.edge_p).astype(np.float64) for clip in after
+            ]
         self.evaluate(
-            "after", after, scores, candidate.choice.threshold, ["DMD", "DMD (paper: hidden only)", "uncertainty"]
+            "after", after, scores, candidate.choice.threshold, ["DMD", PAPER_FAMILY, CONFIDENCE_FAMILY, "uncertainty"]
         )
         self.switcher_curve(candidate.rows, after)
         gate = {check.name: [check.candidate, check.running, check.passed] for check in candidate.gate.checks}
