@@ -226,7 +226,11 @@ def save_pair(
         shutil.copytree(edge_dir, staging / PAIR_EDGE_DIR)
         edge_sha256 = directory_sha256(staging / PAIR_EDGE_DIR)
         bound = switcher_metadata.model_copy(
-            update={"edge_model": pair_edge_name(version.version), "edge_model_revision": edge_sha256}
+            update={
+                "edge_model": pair_edge_name(version.version),
+                "edge_model_revision": edge_sha256,
+                "edge_model_sha256": edge_sha256,
+            }
         )
         switcher_dir = save_switcher(staging / PAIR_SWITCHER_DIR, switcher, bound)
         written = version.model_copy(

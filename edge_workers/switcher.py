@@ -146,8 +146,10 @@ def save_switcher(registry: Path, switcher: Switcher, metadata: SwitcherMetadata
     """
     if switcher.input_dim != metadata.input_dim:
         raise ValueError(f"switcher input_dim {switcher.input_dim} != metadata input_dim {metadata.input_dim}")
-    if metadata.edge_model_sha256 is None:
-        metadata = metadata.model_copy(update={"edge_model_sha256": local_checkpoint_sha256(metadata.edge_model)})
+    # the hash of the directory the switcher names now, whatever a copied metadata carried
+    edge_sha256 = local_checkpoint_sha256(metadata.edge_model)
+    if edge_sha256 is not None:
+        metadata = metadata.model_copy(update={"edge_model_sha256": edge_sha256})
     registry.mkdir(parents=True, exist_ok=True)
     final = registry / metadata.version
     if final.exists():
