@@ -62,7 +62,31 @@ def announce_switcher(redis: SyncRedis, key: str, version: str) -> None:
     redis.set(key, version)
 
 
-class SwitcherRegistry:
+class PolledRegistry:
+    """A registry directory the worker looks at again when the announcement changes, or every `poll_s`."""
+
+    def __init__(
+        self, directory: Path, poll_s: float, announce_key: str | None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.directory = directory
+        self.poll_s = poll_s
+        self.announce_key = announce_key
+        self.clock = clock
+        self.next_poll = clock() + poll_s
+        self.last_announced: bytes | None = None
+        self.refused: set[str] = set()  # versions that did not fit: not tried again
+
+    def due(self, announced: bytes | None) -> bool:
+        """Time to look: `announced` (the key's value now) changed, or the poll interval is over."""
+        now = self.clock()
+        if announced == self.last_announced and now < self.next_poll:
+            return False
+        self.last_announced = announced
+        self.next_poll = now + self.poll_s
+        return True
+
+
+class SwitcherRegistry(PolledRegistry):
     def __init__(
         self,
         directory: Path,
@@ -72,16 +96,10 @@ class SwitcherRegistry:
         announce_key: str | None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.directory = directory
+        super().__init__(directory, poll_s, announce_key, clock)
         self.edge_model = edge_model
         self.edge_model_sha256 = local_checkpoint_sha256(edge_model)
         self.hidden_size = hidden_size
-        self.poll_s = poll_s
-        self.announce_key = announce_key
-        self.clock = clock
-        self.next_poll = clock() + poll_s
-        self.last_announced: bytes | None = None
-        self.refused: set[str] = set()
 
     def load_newest(self) -> ActiveSwitcher:
         """The newest version at start-up; a missing or unfit switcher is a configuration mistake."""
@@ -101,11 +119,8 @@ class SwitcherRegistry:
 
         `announced` is the announcement key's value now (the last one seen while Redis is down).
         """
-        now = self.clock()
-        if announced == self.last_announced and now < self.next_poll:
+        if not self.due(announced):
             return None
-        self.last_announced = announced
-        self.next_poll = now + self.poll_s
         newest = await asyncio.to_thread(latest_version, self.directory)
         if newest is None or newest.name <= current.metadata.version or newest.name in self.refused:
             return None
@@ -258,7 +273,7 @@ class LoadedPair:
     switcher: ActiveSwitcher
 
 
-class PairRegistry:
+class PairRegistry(PolledRegistry):
     """The edge worker's view of `edge.model_registry`: the active pair, and the next one when ACTIVE moves."""
 
     def __init__(
@@ -269,14 +284,8 @@ class PairRegistry:
         announce_key: str | None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.directory = directory
+        super().__init__(directory, poll_s, announce_key, clock)
         self.load_model = load_model
-        self.poll_s = poll_s
-        self.announce_key = announce_key
-        self.clock = clock
-        self.next_poll = clock() + poll_s
-        self.last_announced: bytes | None = None
-        self.refused: set[str] = set()
 
     def load_active(self) -> LoadedPair:
         pointer = read_active(self.directory)
@@ -291,11 +300,8 @@ class PairRegistry:
 
     async def refresh(self, current: ActiveSwitcher, announced: bytes | None) -> LoadedPair | None:
         """The active pair when ACTIVE names another version than `current`'s, else None."""
-        now = self.clock()
-        if announced == self.last_announced and now < self.next_poll:
+        if not self.due(announced):
             return None
-        self.last_announced = announced
-        self.next_poll = now + self.poll_s
         pointer = await asyncio.to_thread(read_active, self.directory)
         running = current.metadata.edge_model.split("/")[0]
         if pointer is None or pointer.version == running or pointer.version in self.refused:
