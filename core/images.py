@@ -1,4 +1,4 @@
-"""JPEG decoding shared by the services that read frames (edge, cloud, offline replay)."""
+"""JPEG encoding and decoding shared by the services that make or read frames (producers, edge, cloud, replay)."""
 
 import ctypes
 
@@ -11,6 +11,22 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 IMAGE_MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024
 IMAGE_TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
+
+
+CAMERA_JPEG_QUALITY = 85  # a camera's default (producers' jpeg_quality)
+
+
+def encode_jpeg(image_bgr: np.ndarray, quality: int = CAMERA_JPEG_QUALITY) -> bytes:
+    """JPEG bytes of an HxWx3 BGR (OpenCV's order) or HxW grey image; ValueError when OpenCV cannot encode it."""
+    ok, buffer = cv2.imencode(".jpg", image_bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buffer.tobytes()
+
+
+def encode_jpeg_rgb(image_rgb: np.ndarray, quality: int = CAMERA_JPEG_QUALITY) -> bytes:
+    """`encode_jpeg` of an HxWx3 RGB image (what `decode_jpeg_rgb` gives back)."""
+    return encode_jpeg(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), quality)
 
 
 def decode_jpeg_rgb(jpeg: bytes) -> np.ndarray | None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from core import images
 from core.urls import redact, source_kind
 
 # RTSP over TCP: no lost UDP packets (smeared frames) behind NAT or on a busy Wi-Fi; set before the
@@ -132,7 +133,8 @@ def resize(image_bgr: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
 
 
 def encode_jpeg(image_bgr: np.ndarray, quality: int) -> bytes:
-    ok, buffer = cv2.imencode(".jpg", image_bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise SourceError("JPEG encoding failed")
-    return buffer.tobytes()
+    """core.images.encode_jpeg, failing as a source does (a camera records the error and reconnects)."""
+    try:
+        return images.encode_jpeg(image_bgr, quality)
+    except ValueError as exc:
+        raise SourceError(str(exc)) from None

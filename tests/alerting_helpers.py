@@ -24,6 +24,7 @@ import cv2
 import pytest
 from aiokafka import TopicPartition
 
+from core.images import encode_jpeg
 from core.kafka_io import make_admin, make_consumer, make_producer
 from core.settings import Settings
 from fallwatch.stack import StackState, free_port
@@ -230,8 +231,7 @@ def fall_with_frames(settings: Settings, clip_path: Path, name: str) -> FallEven
     ok, image = capture.read()
     capture.release()
     assert ok
-    ok, jpeg = cv2.imencode(".jpg", image)
-    assert ok
+    jpeg = encode_jpeg(image)
     frames = [
         Frame(
             frame_id=v.frame_id,

@@ -12,10 +12,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import cv2
 import numpy as np
 from redis import Redis
 
+from core.images import encode_jpeg_rgb
 from core.settings import Settings
 from edge_workers.registry import read_active, read_pair_version
 from fallwatch.devkit.models import ModelPaths
@@ -40,7 +40,7 @@ def as_logged(adapt_frames, start: datetime) -> tuple[list[Frame], list]:
             captured_at=captured_at,
             width=128,
             height=96,
-            jpeg=cv2.imencode(".jpg", cv2.cvtColor(adapt_frame.image_rgb, cv2.COLOR_RGB2BGR))[1].tobytes(),
+            jpeg=encode_jpeg_rgb(adapt_frame.image_rgb),
         )
         frames.append(frame)
         verdicts.append(logged_cloud_verdict(frame, adapt_frame.cloud_probability, "exploration"))

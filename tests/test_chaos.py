@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from aiokafka import TopicPartition
 
+from core.images import encode_jpeg
 from core.kafka_io import make_consumer, make_producer
 from core.redis_io import sync_redis_client
 from core.settings import Settings
@@ -328,7 +328,7 @@ def test_redis_restarted_empty_is_waited_out_and_rebuilt(pipeline: Pipeline, loc
 
 
 def jpeg_of(width: int, height: int) -> bytes:
-    return cv2.imencode(".jpg", np.full((height, width, 3), 128, np.uint8))[1].tobytes()
+    return encode_jpeg(np.full((height, width, 3), 128, np.uint8))
 
 
 def test_bad_records_are_dead_lettered_and_nothing_stops(pipeline: Pipeline) -> None:

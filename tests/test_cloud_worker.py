@@ -28,11 +28,11 @@ from aiokafka import AIOKafkaProducer
 from cloud_workers.energy import CostMeter, RaplEnergyMeter
 from cloud_workers.model import LlavaVideoCloudModel
 from cloud_workers.service import CloudWorker, decode_clips, run_cloud_worker
-from core.images import decode_jpeg_rgb
+from core.images import decode_jpeg_rgb, encode_jpeg_rgb
 from core.kafka_io import consumer_group_lag, make_producer
 from core.settings import Settings
 from fallwatch.cli import main
-from fallwatch.devkit.cloud_requests import encode_jpeg, publish_requests, synthetic_clip
+from fallwatch.devkit.cloud_requests import publish_requests, synthetic_clip
 from fallwatch.devkit.models import ModelPaths
 from schemas import CloudRequest, DeadLetter, KafkaPosition, Verdict, encode
 from tests.conftest import (
@@ -98,7 +98,7 @@ async def wait_for_finals(settings: Settings, frame_ids: set[str], timeout_s: fl
 
 def decoded(clip: list[np.ndarray]) -> list[np.ndarray]:
     """The clip as the worker sees it: through the JPEG round trip."""
-    frames = [decode_jpeg_rgb(encode_jpeg(frame)) for frame in clip]
+    frames = [decode_jpeg_rgb(encode_jpeg_rgb(frame)) for frame in clip]
     assert all(frame is not None for frame in frames)
     return [frame for frame in frames if frame is not None]
 
@@ -390,7 +390,7 @@ def test_the_next_batch_is_pre_processed_while_one_is_in_the_model(stack_state, 
 
 
 def test_clips_decode_in_order_without_their_undecodable_frames() -> None:
-    jpegs = [encode_jpeg(small_clip(seed)[0]) for seed in range(3)]
+    jpegs = [encode_jpeg_rgb(small_clip(seed)[0]) for seed in range(3)]
     frames = [decode_jpeg_rgb(jpeg) for jpeg in jpegs]
     with ThreadPoolExecutor(2) as pool:
         clips = decode_clips([[jpegs[0], b"not a jpeg", jpegs[1]], [b"\xff\xd8 torn"], [jpegs[2]]], pool)

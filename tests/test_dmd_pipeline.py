@@ -20,6 +20,7 @@ import pytest
 from redis import Redis
 
 from cloud_workers.model import Clip, LlavaVideoCloudModel
+from core.images import encode_jpeg
 from core.kafka_io import make_producer, send
 from core.settings import Settings
 from dmd_offline.dataset import load_dataset, shard_paths
@@ -162,8 +163,7 @@ def test_image_folder_replay_resumes_after_an_interruption(tiny_models, labelled
 def frame_at(camera: str, start: datetime, seq: int, image_path: Path) -> Frame:
     image = cv2.imread(str(image_path))
     captured_at = start + timedelta(seconds=0.5 * seq)
-    ok, jpeg = cv2.imencode(".jpg", image)
-    assert ok
+    jpeg = encode_jpeg(image)
     return Frame(
         frame_id=Frame.make_id(camera, captured_at, seq),
         camera_id=camera,

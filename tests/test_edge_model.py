@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 from transformers import ViltForQuestionAnswering
 
-from core.images import decode_jpeg_rgb
+from core.images import decode_jpeg_rgb, encode_jpeg, encode_jpeg_rgb
 from core.settings import DEFAULT_QUESTION, ConfigError, Settings
 from edge_workers.metrics import EdgeMetrics
 from edge_workers.model import SHIPPED_CALIBRATION_FRAMES, EdgeBatch, EdgeModel, ViltEdgeModel, load_edge_model
@@ -338,12 +338,14 @@ def test_untrained_switcher_is_seeded_and_marked(tmp_path: Path, edge: ViltEdgeM
     np.testing.assert_array_equal(switcher_a.agreement_probability(hidden), switcher_b.agreement_probability(hidden))
 
 
-def test_jpeg_decodes_to_rgb_and_corrupt_bytes_to_none() -> None:
+def test_jpeg_encodes_and_decodes_to_rgb_and_corrupt_bytes_to_none() -> None:
     red_bgr = np.zeros((16, 16, 3), np.uint8)
     red_bgr[..., 2] = 255  # OpenCV's channel order is BGR: this image is pure red
-    image = decode_jpeg_rgb(cv2.imencode(".jpg", red_bgr)[1].tobytes())
+    image = decode_jpeg_rgb(encode_jpeg(red_bgr))
     assert image is not None and image.shape == (16, 16, 3) and image.dtype == np.uint8
     assert image[..., 0].min() > 240 and image[..., 1:].max() < 15, "red first"
+    again = decode_jpeg_rgb(encode_jpeg_rgb(image))
+    assert again is not None and again[..., 0].min() > 240 and again[..., 1:].max() < 15, "RGB in, RGB out"
     assert decode_jpeg_rgb(b"\xff\xd8 truncated") is None
 
 

@@ -19,13 +19,12 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from redis import Redis
 
 from alerting.rules import CameraState
-from core.images import decode_jpeg_rgb
+from core.images import decode_jpeg_rgb, encode_jpeg
 from core.kafka_io import consumer_group_lag, make_producer
 from core.settings import AlertRule, Settings
 from edge_workers.model import EdgeModel, load_edge_model
@@ -64,7 +63,7 @@ def make_frames(camera_id: str, count: int, first_seq: int = 0, seed: int = 0) -
                 captured_at=captured_at,
                 width=64,
                 height=48,
-                jpeg=cv2.imencode(".jpg", image)[1].tobytes(),
+                jpeg=encode_jpeg(image),
             )
         )
     return frames
@@ -348,7 +347,7 @@ def test_frames_larger_than_a_fetch_are_answered_amid_other_cameras(
     registry_with_untrained(tiny_models, registry, threshold=0.0)  # nothing offloaded: one verdict per frame
     settings = worker_settings(stack_state, tmp_path, tiny_models, registry)
     noise = np.random.default_rng(0).integers(0, 256, size=(1000, 1000, 3), dtype=np.uint8)
-    large_jpeg = cv2.imencode(".jpg", noise, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    large_jpeg = encode_jpeg(noise, quality=95)
     assert FRAMES_FETCH_BYTES < len(large_jpeg) < settings.edge.max_frame_bytes
     frames: list[Frame] = []
     for index in range(8):  # eight cameras: every partition holds large frames between small ones

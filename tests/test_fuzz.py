@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 
-import cv2
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.images import decode_jpeg_rgb
+from core.images import decode_jpeg_rgb, encode_jpeg
 from edge_workers.service import jpeg_size_problem
 from schemas import CloudRequest, DeadLetter, FallEvent, Frame, Label, SchemaError, Verdict, decode
 
 MODELS = [Frame, CloudRequest, Verdict, FallEvent, Label, DeadLetter]
-VALID_JPEG = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))[1].tobytes()
+VALID_JPEG = encode_jpeg(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
 
 # JSON values as a producer gone wrong might write them: any shape, NaN and infinities included
 json_values = st.recursive(

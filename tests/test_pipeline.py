@@ -16,7 +16,7 @@ from redis import Redis
 
 from cloud_workers.loading import load_cloud_model
 from cloud_workers.service import CloudWorker
-from core.images import decode_jpeg_rgb
+from core.images import decode_jpeg_rgb, encode_jpeg
 from core.kafka_io import make_producer
 from core.settings import CameraSettings, Settings
 from edge_workers.model import load_edge_model
@@ -152,11 +152,9 @@ def test_malformed_frames_are_dead_lettered_and_the_worker_goes_on(
 
 
 def _jpeg() -> bytes:
-    import cv2
-
     image = np.zeros((48, 64, 3), np.uint8)
     image[10:30, 20:40] = (90, 160, 220)
-    return cv2.imencode(".jpg", image)[1].tobytes()
+    return encode_jpeg(image)
 
 
 def test_falls_in_the_verdicts_raise_one_alert(stack_state, tmp_path: Path, tiny_models, clip_path) -> None:

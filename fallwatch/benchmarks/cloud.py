@@ -41,10 +41,11 @@ from cloud_workers.energy import CostMeter, open_energy_meter
 from cloud_workers.loading import load_cloud_model
 from cloud_workers.model import Clip, LlavaVideoCloudModel, resolve_device, resolve_dtype
 from cloud_workers.service import DECODE_THREADS, CloudWorker, decode_clips
+from core.images import encode_jpeg_rgb
 from core.kafka_io import make_consumer
 from core.settings import ConfigError, Settings, load_settings
 from fallwatch.benchmarks.cloud_models import ModelKind
-from fallwatch.devkit.cloud_requests import CAMERA_SIZE, encode_jpeg, publish_requests, synthetic_clip
+from fallwatch.devkit.cloud_requests import CAMERA_SIZE, publish_requests, synthetic_clip
 from fallwatch.devkit.tiny_cloud import (
     build_random_full_size_cloud_model,
     build_tiny_cloud_model,
@@ -317,7 +318,7 @@ def run_benchmark(
         if worker_requests > 0:
             worker_clips = [clips[i % len(clips)] for i in range(worker_requests)]
             # The JPEGs the worker gets (publish_requests encodes them the same way).
-            clip_jpegs = [[encode_jpeg(frame) for frame in clip] for clip in clips]
+            clip_jpegs = [[encode_jpeg_rgb(frame) for frame in clip] for clip in clips]
             worker_jpegs = [clip_jpegs[i % len(clips)] for i in range(worker_requests)]
             runs: list[WorkerRun] = []
             rates: list[ModelRates] = []

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import cv2
 import numpy as np
 
 from cloud_workers.model import Clip
 from core.clips import BufferedFrame
+from core.images import encode_jpeg_rgb
 from core.kafka_io import make_producer
 from core.redis_io import redis_client
 from core.settings import Settings
@@ -43,13 +43,6 @@ def synthetic_clip(seed: int, num_frames: int, height: int = CAMERA_SIZE[0], wid
     return frames
 
 
-def encode_jpeg(frame_rgb: np.ndarray) -> bytes:
-    ok, buffer = cv2.imencode(".jpg", cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
-    if not ok:
-        raise ValueError("frame could not be JPEG-encoded")
-    return buffer.tobytes()
-
-
 def camera_frames(camera: str, clip: Clip, first_seq: int) -> list[Frame]:
     """The clip as a camera's frames, oldest first, the last one captured now."""
     last_at = utc_now()
@@ -60,7 +53,7 @@ def camera_frames(camera: str, clip: Clip, first_seq: int) -> list[Frame]:
         height, width = image.shape[:2]
         frame = Frame(
             frame_id=Frame.make_id(camera, captured_at, seq), camera_id=camera, room=f"room-{camera}", seq=seq,
-            captured_at=captured_at, width=width, height=height, jpeg=encode_jpeg(image),
+            captured_at=captured_at, width=width, height=height, jpeg=encode_jpeg_rgb(image),
         )  # fmt: skip
         frames.append(frame)
     return frames
