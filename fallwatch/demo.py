@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -24,15 +22,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from core.kafka_io import consumer_group_lag, make_consumer
-from core.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
+from core.settings import CameraSettings, ConfigError, Settings, load_settings
 from dmd_offline.clips import CLIPS_CSV, LabelledClip, read_labelled_clips
 from dmd_offline.scoring import score_clip
 from fallwatch.devkit.models import REFERENCE_MODELS, ModelPaths, build_tiny_models, reference_models
+from fallwatch.processes import start_services, stop_services
 from fallwatch.stack import fresh_run, local_stack_settings
 from producers.service import run_producers
 from schemas import FallEvent, Verdict, decode
@@ -97,30 +95,6 @@ def demo_settings(base: Settings, models: dict[str, dict[str, str]], videos: lis
         for i, video in enumerate(videos, start=1)
     ]
     return fresh_run(Settings(**data), "demo")
-
-
-def start_services(settings: Settings, run_dir: Path) -> dict[str, subprocess.Popen]:
-    config = run_dir / "config.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-    env = {**os.environ, CONFIG_ENV: str(config), "PYTHONUNBUFFERED": "1"}
-    processes = {}
-    for name, package in SERVICES.items():
-        log_file = (run_dir / f"{name}.log").open("wb")
-        processes[name] = subprocess.Popen(
-            [sys.executable, "-m", package], env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    return processes
-
-
-def stop_services(processes: dict[str, subprocess.Popen]) -> None:
-    for process in processes.values():
-        if process.poll() is None:
-            process.terminate()
-    for process in processes.values():
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def check_alive(processes: dict[str, subprocess.Popen], run_dir: Path) -> None:
@@ -281,10 +255,10 @@ def run_demo(clips_dir: Path, fps: float, models: ModelChoice = "auto") -> None:
             settings = demo_settings(on_stack, pair.settings_sections(), videos, fps)
             run_dir = settings.state_dir / "demo"
             run_dir.mkdir(parents=True, exist_ok=True)
-            processes = start_services(settings, run_dir)
+            processes = start_services(settings, run_dir / "config.yaml", SERVICES)
             console.print(f"services started (logs in {run_dir}); streaming {len(videos)} videos at {fps} fps…")
             tally = asyncio.run(stream_and_watch(settings, processes, run_dir))
             print_summary(settings, tally, truth)
         finally:
-            stop_services(processes)
+            stop_services(processes.values())
     console.print("demo finished; services stopped")

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -24,14 +21,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from rich.console import Console
-from rich.table import Table
 
 from alerting.rules import rule_name
 from core.kafka_io import make_consumer, make_producer
-from core.settings import CONFIG_ENV, ConfigError, Settings, load_settings
+from core.settings import ConfigError, Settings, load_settings
+from fallwatch.benchmarks.kit import bench_table, kafka_clients, show
+from fallwatch.processes import start_services, stop_services
 from fallwatch.stack import fresh_run
 from schemas import FallEvent, Verdict, VerdictSource, decode, encode, utc_now
 
@@ -52,6 +48,18 @@ def sure_cloud_fall(_: int) -> tuple[VerdictSource, bool, float]:
 
 def offloaded_cloud_down(_: int) -> tuple[VerdictSource, bool, float]:
     return "edge", False, 0.8
+
+
+def verdict_now(
+    camera: str, seq: int, source: VerdictSource, final: bool, probability: float, decision: bool
+) -> Verdict:
+    """The verdict of `camera`'s frame `seq`, captured now."""
+    captured_at = utc_now()
+    return Verdict(
+        frame_id=f"{camera}-{int(captured_at.timestamp() * 1000)}-{seq}", camera_id=camera, room="bench",
+        captured_at=captured_at, source=source, final=final, fall_probability=probability, decision=decision,
+        edge_model="bench", cloud_model="bench" if source == "cloud" else None,
+    )  # fmt: skip
 
 
 class AlertWatch:
@@ -83,19 +91,7 @@ async def play_camera(
         if camera in watch.arrived:
             break
         source, final, probability = plan(seq)
-        captured_at = utc_now()
-        verdict = Verdict(
-            frame_id=f"{camera}-{int(captured_at.timestamp() * 1000)}-{seq}",
-            camera_id=camera,
-            room="bench",
-            captured_at=captured_at,
-            source=source,
-            final=final,
-            fall_probability=probability,
-            decision=True,
-            edge_model="bench",
-            cloud_model="bench" if source == "cloud" else None,
-        )
+        verdict = verdict_now(camera, seq, source, final, probability, decision=True)
         await producer.send_and_wait(topic, key=camera.encode(), value=encode(verdict))
         if first_sent is None:
             first_sent = time.monotonic()
@@ -108,24 +104,12 @@ async def kafka_round_trip(settings: Settings, producer: AIOKafkaProducer, sampl
     """Baseline: send a verdict (no fall, so it opens nothing) and read it back from the topic."""
     topic = settings.kafka.topics.verdicts
     consumer = make_consumer(settings, topic, group_id=None, auto_offset_reset="latest")
-    await consumer.start()
-    try:
+    async with kafka_clients(consumer):
         await consumer.getmany(timeout_ms=500)  # joins the partitions at their end before the first send
         times = []
         for index in range(samples):
             camera = f"baseline-{uuid.uuid4().hex[:6]}"
-            captured_at = utc_now()
-            probe = Verdict(
-                frame_id=f"{camera}-{int(captured_at.timestamp() * 1000)}-{index}",
-                camera_id=camera,
-                room="bench",
-                captured_at=captured_at,
-                source="edge",
-                final=True,
-                fall_probability=0.1,
-                decision=False,
-                edge_model="bench",
-            )
+            probe = verdict_now(camera, index, "edge", True, 0.1, decision=False)
             sent = time.monotonic()
             await producer.send_and_wait(topic, key=camera.encode(), value=encode(probe))
             while True:
@@ -134,46 +118,47 @@ async def kafka_round_trip(settings: Settings, producer: AIOKafkaProducer, sampl
                     break
             times.append(time.monotonic() - sent)
         return times
-    finally:
-        await consumer.stop()
 
 
 async def measure(settings: Settings, cameras: int, fps: float) -> list[tuple[str, str, list[float]]]:
-    rule = settings.alerting
     producer = make_producer(settings, linger_ms=0)
     consumer = make_consumer(settings, settings.kafka.topics.fall_events, group_id=None, auto_offset_reset="latest")
-    await producer.start()
-    await consumer.start()
-    watch = AlertWatch(consumer)
-    watcher = asyncio.create_task(watch.run())
-    try:
-        verdicts = settings.kafka.topics.verdicts
-        # warm-up: the first alert also waits for the worker's group join and table recovery
-        await play_camera(producer, verdicts, watch, f"warmup-{uuid.uuid4().hex[:6]}", sure_cloud_fall, fps)
-        rows = [("baseline: one verdict's Kafka round trip", "-", await kafka_round_trip(settings, producer, 10))]
-        # the frame at which k falls have lasted down_for_s, after the first
-        down_wait_s = max(rule.k - 1, math.ceil(rule.down_for_s * fps - 1e-9)) / fps
-        scenarios: list[tuple[str, str, VerdictPlan]] = [
-            ("sure cloud verdicts (p 0.95): the second confirms", f"{1 / fps:.1f}", sure_cloud_fall),
-            (f"{rule_name(rule)} final edge falls at {fps:g} fps", f"{down_wait_s:.1f}", edge_falls),
-            (
-                f"offloaded, cloud down: edge-fallback after D = {rule.cloud_wait_s:g} s",
-                f"{rule.cloud_wait_s + down_wait_s:.1f}",
-                offloaded_cloud_down,
-            ),
+    async with kafka_clients(producer, consumer):
+        watch = AlertWatch(consumer)
+        watcher = asyncio.create_task(watch.run())
+        try:
+            return await play_scenarios(settings, producer, watch, cameras, fps)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def play_scenarios(
+    settings: Settings, producer: AIOKafkaProducer, watch: AlertWatch, cameras: int, fps: float
+) -> list[tuple[str, str, list[float]]]:
+    rule = settings.alerting
+    verdicts = settings.kafka.topics.verdicts
+    # warm-up: the first alert also waits for the worker's group join and table recovery
+    await play_camera(producer, verdicts, watch, f"warmup-{uuid.uuid4().hex[:6]}", sure_cloud_fall, fps)
+    rows = [("baseline: one verdict's Kafka round trip", "-", await kafka_round_trip(settings, producer, 10))]
+    # the frame at which k falls have lasted down_for_s, after the first
+    down_wait_s = max(rule.k - 1, math.ceil(rule.down_for_s * fps - 1e-9)) / fps
+    scenarios: list[tuple[str, str, VerdictPlan]] = [
+        ("sure cloud verdicts (p 0.95): the second confirms", f"{1 / fps:.1f}", sure_cloud_fall),
+        (f"{rule_name(rule)} final edge falls at {fps:g} fps", f"{down_wait_s:.1f}", edge_falls),
+        (
+            f"offloaded, cloud down: edge-fallback after D = {rule.cloud_wait_s:g} s",
+            f"{rule.cloud_wait_s + down_wait_s:.1f}",
+            offloaded_cloud_down,
+        ),
+    ]
+    for name, expected, plan in scenarios:
+        times = [
+            await play_camera(producer, verdicts, watch, f"bench-{uuid.uuid4().hex[:6]}", plan, fps)
+            for _ in range(cameras)
         ]
-        for name, expected, plan in scenarios:
-            times = [
-                await play_camera(producer, verdicts, watch, f"bench-{uuid.uuid4().hex[:6]}", plan, fps)
-                for _ in range(cameras)
-            ]
-            rows.append((name, expected, times))
-        return rows
-    finally:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
-        await consumer.stop()
-        await producer.stop()
+        rows.append((name, expected, times))
+    return rows
 
 
 def bench_settings(state_dir: Path) -> Settings:
@@ -192,25 +177,18 @@ def bench_alerting(
     """Alerting: seconds from a camera's first fall verdict to its alert, per confirmation path."""
     with tempfile.TemporaryDirectory(prefix="fallwatch-bench-alerting-") as tmp:
         settings = bench_settings(Path(tmp))
-        config = Path(tmp) / "alerting.yaml"
-        config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-        env = {**os.environ, CONFIG_ENV: str(config)}
-        with (Path(tmp) / "alerting.log").open("wb") as log_file:
-            service = subprocess.Popen(
-                [sys.executable, "-m", "alerting"], env=env, stdout=log_file, stderr=subprocess.STDOUT
-            )
+        services = start_services(settings, Path(tmp) / "alerting.yaml", {"alerting": "alerting"})
         try:
             rows = asyncio.run(asyncio.wait_for(measure(settings, cameras, fps), START_TIMEOUT_S + 600))
         finally:
-            service.terminate()
-            service.wait(timeout=30)
-    table = Table(
-        title=f"alerting at default settings: first fall verdict → alert on fall-events, {cameras} cameras per row"
+            stop_services(services.values())
+    table = bench_table(
+        f"alerting at default settings: first fall verdict → alert on fall-events, {cameras} cameras per row",
+        ("path", "expected wait (s)", "median (s)", "max (s)", "median − baseline (s)"),
+        labels=1,
     )
-    for column in ("path", "expected wait (s)", "median (s)", "max (s)", "median − baseline (s)"):
-        table.add_column(column)
     baseline = statistics.median(rows[0][2])
     for name, expected, times in rows:
         median = statistics.median(times)
         table.add_row(name, expected, f"{median:.3f}", f"{max(times):.3f}", f"{median - baseline:.3f}")
-    Console(width=200).print(table)
+    show(table, width=200)

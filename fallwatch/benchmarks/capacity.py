@@ -16,6 +16,7 @@ the GPU seconds of one request (--cloud-seconds-per-request, measured on your GP
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import statistics
 import time
@@ -24,14 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from core.images import decode_known_jpeg_rgb
 from core.settings import Settings, load_settings
 from edge_workers.model import EdgeBatch, ViltEdgeModel, quantized_int8
 from edge_workers.switcher import latest_version, load_switcher
-from fallwatch.benchmarks.edge import camera_images, jpeg_of
+from fallwatch.benchmarks.kit import alternating, bench_table, camera_jpegs, cpu_seconds, seconds_of, show
 from fallwatch.devkit.tiny_edge import real_size_edge_model
 
 OPTIONS = ("fp32", "dynamic int8 (edge.quantize_int8)", "bf16 autocast (edge.bf16_autocast)")
@@ -58,32 +58,24 @@ def timed(model: ViltEdgeModel, inputs: dict[str, torch.Tensor]) -> tuple[float,
     """Wall and CPU seconds of one forward, and its output (seeded: ViLT samples patches at random)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu = time.perf_counter(), cpu_seconds()
         output = model.infer(inputs)
-        return time.perf_counter() - wall, time.process_time() - cpu, output
+        return time.perf_counter() - wall, cpu_seconds() - cpu, output
 
 
 def measure_options(model: ViltEdgeModel, inputs: dict[str, torch.Tensor], rounds: int) -> list[OptionTiming]:
     int8 = ViltEdgeModel(quantized_int8(copy.deepcopy(model.model)), model.processor, model.question, model.name)
     bf16 = ViltEdgeModel(model.model, model.processor, model.question, model.name, bf16_autocast=True)
     models = dict(zip(OPTIONS, (model, int8, bf16), strict=True))
-    for candidate in models.values():
-        timed(candidate, inputs)  # warm-up: first calls allocate and pick kernels
-    walls: dict[str, list[float]] = {option: [] for option in OPTIONS}
-    cpus: dict[str, list[float]] = {option: [] for option in OPTIONS}
-    outputs: dict[str, np.ndarray] = {}
-    for _ in range(rounds):
-        for option, candidate in models.items():
-            wall, cpu, output = timed(candidate, inputs)
-            walls[option].append(wall)
-            cpus[option].append(cpu)
-            outputs[option] = output.fall_probability
+    runs = alternating({option: functools.partial(timed, candidate, inputs) for option, candidate in models.items()},
+                       rounds, warm_up=True)  # fmt: skip
+    outputs = {option: option_runs[-1][2].fall_probability for option, option_runs in runs.items()}
     frames = len(outputs["fp32"])
     return [
         OptionTiming(
             option,
-            statistics.median(walls[option]) / frames,
-            statistics.median(cpus[option]) / frames,
+            statistics.median(wall for wall, _, _ in runs[option]) / frames,
+            statistics.median(cpu for _, cpu, _ in runs[option]) / frames,
             float(np.max(np.abs(outputs[option] - outputs["fp32"]))),
         )
         for option in OPTIONS
@@ -92,15 +84,12 @@ def measure_options(model: ViltEdgeModel, inputs: dict[str, torch.Tensor], round
 
 def per_frame_other_s(model: ViltEdgeModel, jpegs: list[bytes], repeats: int = 3) -> tuple[float, float]:
     """Seconds per frame of JPEG decoding and of ViLT pre-processing (median of `repeats`)."""
-    decode, preprocess = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        images = [decode_known_jpeg_rgb(jpeg) for jpeg in jpegs]
-        decode.append((time.perf_counter() - started) / len(jpegs))
-        started = time.perf_counter()
-        model.preprocess(images)
-        preprocess.append((time.perf_counter() - started) / len(jpegs))
-    return statistics.median(decode), statistics.median(preprocess)
+    images = [decode_known_jpeg_rgb(jpeg) for jpeg in jpegs]
+    times = alternating({
+        "decode": lambda: seconds_of(lambda: [decode_known_jpeg_rgb(jpeg) for jpeg in jpegs]),
+        "preprocess": lambda: seconds_of(lambda: model.preprocess(images)),
+    }, repeats)  # fmt: skip
+    return statistics.median(times["decode"]) / len(jpegs), statistics.median(times["preprocess"]) / len(jpegs)
 
 
 def current_cloud_share(settings: Settings, given: float | None) -> CloudShare | None:
@@ -134,29 +123,28 @@ def run_benchmark(
     cloud_seconds_per_request: float | None,
 ) -> None:
     settings = load_settings(("edge",))
-    console = Console(width=160)
     model = load_model(model_dir, settings.edge.question)
-    jpegs = [jpeg_of(image) for image in camera_images(batch_size)]
+    jpegs = camera_jpegs(batch_size)
     images = [decode_known_jpeg_rgb(jpeg) for jpeg in jpegs]
     decode_s, preprocess_s = per_frame_other_s(model, jpegs)
     timings = measure_options(model, model.preprocess(images), rounds)
-    console.print(
+    show(
         f"edge box: this machine, {torch.get_num_threads()} torch threads; {model.name}; batches of {len(jpegs)} "
         f"{images[0].shape[1]}×{images[0].shape[0]} frames; {rounds} interleaved rounds. Other work on this machine "
-        "slows every option alike: the ratios hold, the absolute numbers need a quiet rerun."
+        "slows every option alike: the ratios hold, the absolute numbers need a quiet rerun.",
+        edge_table(timings, fps, decode_s + preprocess_s),
+        cloud_table(fps, current_cloud_share(settings, cloud_share), cloud_seconds_per_request),
     )
-    console.print(edge_table(timings, fps, decode_s + preprocess_s))
-    console.print(cloud_table(fps, current_cloud_share(settings, cloud_share), cloud_seconds_per_request))
 
 
 def edge_table(timings: list[OptionTiming], fps: float, other_s: float) -> Table:
-    table = Table(
-        title=f"cameras one edge box carries at {fps:g} fps per camera "
-        f"(per frame: forward + {other_s * 1000:.1f} ms decode and pre-processing)"
-    )
-    for column in ("CPU option", "forward ms/frame", "CPU ms/frame", "speed vs fp32", "max |ΔP(fall)|",
-                   "frames/s", f"cameras at {fps:g} fps"):  # fmt: skip
-        table.add_column(column, justify="left" if column == "CPU option" else "right")
+    table = bench_table(
+        f"cameras one edge box carries at {fps:g} fps per camera "
+        f"(per frame: forward + {other_s * 1000:.1f} ms decode and pre-processing)",
+        ("CPU option", "forward ms/frame", "CPU ms/frame", "speed vs fp32", "max |ΔP(fall)|", "frames/s",
+         f"cameras at {fps:g} fps"),
+        labels=1,
+    )  # fmt: skip
     fp32 = timings[0]
     for timing in timings:
         frame_s = timing.frame_s(other_s)
@@ -173,10 +161,11 @@ def edge_table(timings: list[OptionTiming], fps: float, other_s: float) -> Table
 
 
 def cloud_table(fps: float, share: CloudShare | None, seconds_per_request: float | None) -> Table:
-    table = Table(title="cloud GPU time per camera at the current cloud share")
-    for column in ("cloud share", "from", "requests per camera-hour", "GPU s per request", "GPU s per camera-hour",
-                   "cameras per GPU"):  # fmt: skip
-        table.add_column(column, justify="right")
+    table = bench_table(
+        "cloud GPU time per camera at the current cloud share",
+        ("cloud share", "from", "requests per camera-hour", "GPU s per request", "GPU s per camera-hour",
+         "cameras per GPU"),
+    )  # fmt: skip
     if share is None:
         table.add_row("unknown", "no switcher in edge.switcher_registry, no budget: pass --cloud-share", *["-"] * 4)
         return table

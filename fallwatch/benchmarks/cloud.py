@@ -21,10 +21,10 @@ download). Energy comes from NVML on a GPU and RAPL on a CPU when readable, else
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +34,6 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from cloud_workers.energy import CostMeter, open_energy_meter
@@ -45,7 +44,17 @@ from core.images import encode_jpeg_rgb
 from core.kafka_io import make_consumer
 from core.settings import ConfigError, Settings, load_settings
 from fallwatch.benchmarks.cloud_models import ModelKind
-from fallwatch.devkit.cloud_requests import CAMERA_SIZE, publish_requests, synthetic_clip
+from fallwatch.benchmarks.kit import (
+    CAMERA_SIZE,
+    alternating,
+    bench_table,
+    kafka_clients,
+    optional,
+    read_verdicts,
+    seconds_of,
+    show,
+)
+from fallwatch.devkit.cloud_requests import publish_requests, synthetic_clip
 from fallwatch.devkit.tiny_cloud import (
     build_random_full_size_cloud_model,
     build_tiny_cloud_model,
@@ -53,7 +62,6 @@ from fallwatch.devkit.tiny_cloud import (
     restrict_to_answers,
 )
 from fallwatch.stack import fresh_run, local_stack_settings
-from schemas import Verdict, decode
 
 T = TypeVar("T")
 
@@ -87,9 +95,7 @@ def measure_batches(model: LlavaVideoCloudModel, clips: list[Clip], batch_size: 
     seconds, energies, memories = [], [], []
     for _ in range(repeats):
         costs.start()
-        started = time.perf_counter()
-        model.predict(batch)
-        seconds.append(time.perf_counter() - started)
+        seconds.append(seconds_of(lambda: model.predict(batch)))
         cost = costs.stop()
         energies.append(cost.energy_j)
         memories.append(cost.gpu_memory_mb)
@@ -151,20 +157,11 @@ def measure_generate(
         "forward_model": lambda: model.yes_probabilities_of(inputs),
         "generate_model": lambda: model.generate_answers_of(inputs, new_tokens, new_tokens),
     }
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():
-        call()  # warm-up
-    for _ in range(repeats):  # interleaved, so load from other work on the machine hits all alike
-        for name, call in calls.items():
-            seconds[name].append(seconds_of(call))
+    seconds = alternating(
+        {name: functools.partial(seconds_of, call) for name, call in calls.items()}, repeats, warm_up=True
+    )
     ms = {name: statistics.median(values) * 1000 for name, values in seconds.items()}
     return GenerateRow(batch_size, ms["forward"], ms["generate"], ms["forward_model"], ms["generate_model"])
-
-
-def seconds_of(call: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -210,8 +207,10 @@ async def measure_worker(settings: Settings, model: LlavaVideoCloudModel, clips:
     worker = CloudWorker(settings, model)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
+    reader = make_consumer(settings, settings.kafka.topics.verdicts, group_id=None)
     try:
-        verdicts = await read_verdicts(settings, len(clips), timeout_s=600.0)
+        async with kafka_clients(reader):
+            verdicts = await read_verdicts(reader, len(clips), timeout_s=600.0)
     finally:
         stop.set()
         await task
@@ -226,24 +225,6 @@ async def measure_worker(settings: Settings, model: LlavaVideoCloudModel, clips:
         median_model_ms=statistics.median(v.timings_ms["model"] for v in verdicts),
         mean_batch=statistics.mean(v.batch_size or 0 for v in verdicts),
     )
-
-
-async def read_verdicts(settings: Settings, count: int, timeout_s: float) -> list[Verdict]:
-    consumer = make_consumer(settings, settings.kafka.topics.verdicts, group_id=None)
-    await consumer.start()
-    verdicts: dict[str, Verdict] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(verdicts) < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(verdicts)} of {count} verdicts after {timeout_s:.0f} s")
-            batches = await consumer.getmany(timeout_ms=500)
-            for record in (r for batch in batches.values() for r in batch):
-                verdict = decode(Verdict, record.value)
-                verdicts[verdict.frame_id] = verdict
-    finally:
-        await consumer.stop()
-    return list(verdicts.values())
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -305,15 +286,14 @@ def run_benchmark(
     settings = settings.model_copy(
         update={"cloud": settings.cloud.model_copy(update={"num_frames": frames, "batch_size": worker_batch})}
     )
-    console = Console(width=160)
     clips = [synthetic_clip(seed, frames) for seed in range(max(16, agreement_clips))]
     with tempfile.TemporaryDirectory(prefix="fallwatch-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
         cloud_model = load_bench_model(kind, settings, scratch)
-        console.print(describe(cloud_model, kind, frames))
+        show(describe(cloud_model, kind, frames))
 
         rows = [on_worker_thread(measure_batches, cloud_model, clips, size, repeats) for size in sizes]
-        console.print(batch_table(rows))
+        show(batch_table(rows))
 
         if worker_requests > 0:
             worker_clips = [clips[i % len(clips)] for i in range(worker_requests)]
@@ -333,16 +313,15 @@ def run_benchmark(
                     rates.append(on_worker_thread(model_rates, cloud_model, worker_jpegs, worker_batch, pool))
                     round_settings = stack_settings if round_ == 0 else fresh_run(stack_settings, "bench")
                     runs.append(asyncio.run(measure_worker(round_settings, cloud_model, worker_clips)))
-            console.print(worker_table(runs, rates))
-            console.print(ratio_table(runs, rates))
+            show(worker_table(runs, rates), ratio_table(runs, rates))
 
         generate_rows = [
             on_worker_thread(measure_generate, cloud_model, clips, size, generate_tokens, repeats) for size in (1, 8)
         ]
-        console.print(generate_table(generate_rows, generate_tokens))
+        show(generate_table(generate_rows, generate_tokens))
         agreement_model = load_agreement_model(kind, cloud_model, settings, scratch)  # last: may change the model
         agreement = on_worker_thread(measure_agreement, agreement_model, clips[:agreement_clips], generate_tokens)
-        console.print(agreement_line(agreement, kind))
+        show(agreement_line(agreement, kind))
 
 
 def describe(model: LlavaVideoCloudModel, kind: ModelKind, frames: int) -> str:
@@ -357,16 +336,11 @@ def describe(model: LlavaVideoCloudModel, kind: ModelKind, frames: int) -> str:
     )
 
 
-def optional(value: float | None, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
 def batch_table(rows: list[BatchRow]) -> Table:
-    table = Table(
-        title="model alone on decoded clips: pre-processing + one forward per batch (yes/no from next-token logits)"
+    table = bench_table(
+        "model alone on decoded clips: pre-processing + one forward per batch (yes/no from next-token logits)",
+        ("batch", "latency / batch (ms)", "latency / request (ms)", "requests/s", "J / request", "GPU MB"),
     )
-    for column in ("batch", "latency / batch (ms)", "latency / request (ms)", "requests/s", "J / request", "GPU MB"):
-        table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
             str(row.batch_size), f"{row.latency_ms:.1f}", f"{row.latency_ms / row.batch_size:.1f}",
@@ -376,14 +350,12 @@ def batch_table(rows: list[BatchRow]) -> Table:
 
 
 def generate_table(rows: list[GenerateRow], new_tokens: int) -> Table:
-    table = Table(
-        title=f"one forward vs generate writing exactly {new_tokens} new tokens (10 ≈ a one-sentence answer, "
-        "'Yes, the person is lying on the floor.'), on the same clips; target ≥ 5×"
-    )
-    for column in ("batch", "clips → P(Yes) (ms)", "clips → text (ms)", "ratio with pre-processing",
-                   "model only: forward (ms)", "generate (ms)", "ratio",
-                   "model only: 5× from (tokens, est.)"):  # fmt: skip
-        table.add_column(column, justify="right")
+    table = bench_table(
+        f"one forward vs generate writing exactly {new_tokens} new tokens (10 ≈ a one-sentence answer, "
+        "'Yes, the person is lying on the floor.'), on the same clips; target ≥ 5×",
+        ("batch", "clips → P(Yes) (ms)", "clips → text (ms)", "ratio with pre-processing", "model only: forward (ms)",
+         "generate (ms)", "ratio", "model only: 5× from (tokens, est.)"),
+    )  # fmt: skip
     for row in rows:
         table.add_row(
             str(row.batch_size), f"{row.forward_ms:.1f}", f"{row.generate_ms:.1f}",
@@ -421,13 +393,12 @@ def worker_table(runs: list[WorkerRun], rates: list[ModelRates]) -> Table:
     batch_size = runs[0].batch_size
     from_frames = statistics.median(rate.from_frames for rate in rates)
     forward_only = statistics.median(rate.forward_only for rate in rates)
-    table = Table(
-        title="worker on Kafka + Redis: JPEG clips by claim check → verdicts (a batch is pre-processed while the "
-        "one before is in the model; 'alone': the same work in one process, nothing else running)"
-    )
-    for column in ("rounds", "requests", "batch", "mean batch formed", "worker req/s (rounds)",
-                   "pre-process ms/batch", "forward ms/batch", "median arrival→verdict (ms)"):  # fmt: skip
-        table.add_column(column, justify="right")
+    table = bench_table(
+        "worker on Kafka + Redis: JPEG clips by claim check → verdicts (a batch is pre-processed while the "
+        "one before is in the model; 'alone': the same work in one process, nothing else running)",
+        ("rounds", "requests", "batch", "mean batch formed", "worker req/s (rounds)", "pre-process ms/batch",
+         "forward ms/batch", "median arrival→verdict (ms)"),
+    )  # fmt: skip
     preprocess_alone_ms = 1000 * batch_size * (1 / from_frames - 1 / forward_only)
     table.add_row(
         str(len(runs)), str(runs[0].requests), str(batch_size),
@@ -441,13 +412,12 @@ def worker_table(runs: list[WorkerRun], rates: list[ModelRates]) -> Table:
 
 
 def ratio_table(runs: list[WorkerRun], rates: list[ModelRates]) -> Table:
-    table = Table(
-        title=f"worker vs the model's own batched throughput (one process, no Kafka or Redis, batches of "
+    table = bench_table(
+        f"worker vs the model's own batched throughput (one process, no Kafka or Redis, batches of "
         f"{runs[0].batch_size}, the same requests, rounds alternating with the worker's); target ≥ 0.8 against "
-        "the model's work from JPEG clips"
+        "the model's work from JPEG clips",
+        ("the model's own work", "model req/s (rounds)", "worker / model"),
     )
-    for column in ("the model's own work", "model req/s (rounds)", "worker / model"):
-        table.add_column(column, justify="right")
     baselines = {
         "JPEG clips in memory → decode + pre-process + forward (target)": [rate.from_jpegs for rate in rates],
         "decoded clips in memory → pre-process + forward": [rate.from_frames for rate in rates],

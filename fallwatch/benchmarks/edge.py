@@ -25,7 +25,6 @@ import os
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,9 +34,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from PIL import Image
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
@@ -47,12 +45,22 @@ from core.settings import Settings, load_settings
 from edge_workers.model import EdgeBatch, ViltEdgeModel, torch_threads
 from edge_workers.service import EdgeWorker
 from edge_workers.switcher import create_untrained_switcher
+from fallwatch.benchmarks.kit import (
+    CAMERA_SIZE,
+    alternating,
+    bench_table,
+    camera_frame,
+    camera_jpegs,
+    cpu_clock,
+    kafka_clients,
+    read_verdicts,
+    seconds_of,
+    show,
+)
 from fallwatch.devkit.tiny_edge import build_real_size_edge_model
 from fallwatch.stack import fresh_run, local_stack_settings
 from schemas import Frame, encode, utc_now
 
-CAMERA_SIZE = (480, 640)  # height, width of the frames the benchmark feeds
-SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "falls-fallaction" / "images"
 CAMERAS = 4  # one per partition of the default topics
 START = utc_now().replace(microsecond=0) - timedelta(hours=1)  # within the capture-time bounds
 VILT_BATCH_WAIT_MS = 500
@@ -73,33 +81,12 @@ class NullEdgeModel:
 
 
 # --- inputs -----------------------------------------------------------------------------------
-def camera_images(count: int = 16) -> list[np.ndarray]:
-    """Camera-sized RGB frames: real fall images when ../shared is beside the checkout, else noise."""
-    height, width = CAMERA_SIZE
-    paths = sorted(SHARED_IMAGES.glob("*.jpg"))[:count] if SHARED_IMAGES.is_dir() else []
-    if paths:
-        return [
-            cv2.resize(np.asarray(Image.open(path).convert("RGB")), (width, height), interpolation=cv2.INTER_AREA)
-            for path in paths
-        ]
-    rng = np.random.default_rng(0)
-    return [cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), np.uint8), (31, 31), 0) for _ in range(count)]
-
-
-def jpeg_of(image_rgb: np.ndarray) -> bytes:
-    return cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
-
-
 def frames_of(jpegs: list[bytes], count: int, first_seq: int) -> list[Frame]:
-    height, width = CAMERA_SIZE
     frames = []
     for seq in range(first_seq, first_seq + count):
         camera = f"cam-{seq % CAMERAS}"
         captured_at = START + timedelta(milliseconds=500 * seq)
-        frames.append(Frame(
-            frame_id=Frame.make_id(camera, captured_at, seq), camera_id=camera, room=camera, seq=seq,
-            captured_at=captured_at, width=width, height=height, jpeg=jpegs[seq % len(jpegs)],
-        ))  # fmt: skip
+        frames.append(camera_frame(camera, camera, seq, captured_at, jpegs[seq % len(jpegs)], CAMERA_SIZE))
     return frames
 
 
@@ -115,9 +102,7 @@ def measure_parallel_decode(jpegs: list[bytes], threads: int, frames: int = 512)
     batch = [jpegs[i % len(jpegs)] for i in range(frames)]
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(decode_jpeg_rgb, batch[:threads]))  # warm-up: threads started
-        started = time.perf_counter()
-        list(pool.map(decode_jpeg_rgb, batch))
-        return frames / (time.perf_counter() - started)
+        return frames / seconds_of(lambda: list(pool.map(decode_jpeg_rgb, batch)))
 
 
 def measure_decode(jpegs: list[bytes], repeats: int = 10) -> list[DecodeRow]:
@@ -132,57 +117,25 @@ def measure_decode(jpegs: list[bytes], repeats: int = 10) -> list[DecodeRow]:
         "OpenCV (same pixels)": opencv,
         "PIL": pil,
     }
-    times: dict[str, list[float]] = {name: [] for name in decoders}
-    for _ in range(repeats):  # alternating, so both see the same load
-        for name, decoder in decoders.items():
-            started = time.perf_counter()
-            for jpeg in jpegs:
-                decoder(jpeg)
-            times[name].append((time.perf_counter() - started) / len(jpegs))
-    return [DecodeRow(name, statistics.median(values) * 1000) for name, values in times.items()]
+    times = alternating({name: decoding_seconds(decoder, jpegs) for name, decoder in decoders.items()}, repeats)
+    return [DecodeRow(name, statistics.median(values) / len(jpegs) * 1000) for name, values in times.items()]
+
+
+def decoding_seconds(decoder: Callable[[bytes], object], jpegs: list[bytes]) -> Callable[[], float]:
+    """A call that decodes every one of `jpegs` with `decoder` and returns how long that took."""
+    return lambda: seconds_of(lambda: [decoder(jpeg) for jpeg in jpegs])
 
 
 async def publish_frames(settings: Settings, frames: list[Frame]) -> None:
     producer = make_producer(settings)
-    await producer.start()
-    try:
+    async with kafka_clients(producer):
         await send_frames(producer, settings, frames)
-    finally:
-        await producer.stop()
 
 
 async def send_frames(producer: AIOKafkaProducer, settings: Settings, frames: list[Frame]) -> None:
     acks = [await producer.send(settings.kafka.topics.frames, key=f.camera_id.encode(), value=encode(f))
             for f in frames]  # fmt: skip
     await asyncio.gather(*acks)
-
-
-async def wait_verdicts(consumer: AIOKafkaConsumer, count: int, timeout_s: float) -> float:
-    """Read `count` more verdicts; returns the time the last one was read.
-
-    A Kafka consumer sleeps in a long poll until verdicts arrive, where polling the worker's metrics
-    would wake the event loop every few milliseconds and take the GIL from the model's thread (that
-    made the worker's ViLT forward ~4 % slower than the same forward in the raw loop).
-    """
-    deadline = time.perf_counter() + timeout_s
-    while count > 0:
-        if (left_s := deadline - time.perf_counter()) <= 0:
-            raise TimeoutError(f"{count} verdicts still missing after {timeout_s:.0f} s")
-        batches = await consumer.getmany(timeout_ms=int(left_s * 1000))
-        count -= sum(len(records) for records in batches.values())
-    return time.perf_counter()
-
-
-@dataclass(frozen=True)
-class CpuClock:
-    process_s: float  # this process, every thread (the worker's decode threads included)
-    machine_busy_s: float  # every core of the machine, from /proc/stat
-
-
-def cpu_clock() -> CpuClock:
-    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle and iowait
-    return CpuClock(time.process_time(), (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"))
 
 
 def answered(worker: EdgeWorker) -> int:
@@ -258,10 +211,7 @@ class ViltRun:
 
 
 def raw_loop_seconds(model: ViltEdgeModel, inputs: list[dict[str, torch.Tensor]]) -> float:
-    started = time.perf_counter()
-    for batch in inputs:
-        model.infer(batch)
-    return time.perf_counter() - started
+    return seconds_of(lambda: [model.infer(batch) for batch in inputs])
 
 
 async def measure_vilt(
@@ -279,25 +229,23 @@ async def measure_vilt(
     # its last verdict readable in Kafka, without the clients' start-up.
     producer = make_producer(settings)
     verdicts = make_consumer(settings, settings.kafka.topics.verdicts, group_id=None)
-    await producer.start()
-    await verdicts.start()
     try:
-        # warm-up: the group joins and the model runs once, outside the timed rounds
-        await send_frames(producer, settings, frames_of(jpegs, batch_size, 0))
-        await wait_verdicts(verdicts, batch_size, timeout_s=600)
-        await asyncio.to_thread(raw_loop_seconds, model, inputs[:1])
-        seq = batch_size
-        for _ in range(rounds):
-            run.raw_s.append(await asyncio.to_thread(raw_loop_seconds, model, inputs))
-            started = time.perf_counter()
-            await send_frames(producer, settings, frames_of(jpegs, per_round, seq))
-            seq += per_round
-            run.pipeline_s.append(await wait_verdicts(verdicts, per_round, timeout_s=1200) - started)
+        async with kafka_clients(producer, verdicts):
+            # warm-up: the group joins and the model runs once, outside the timed rounds
+            await send_frames(producer, settings, frames_of(jpegs, batch_size, 0))
+            await read_verdicts(verdicts, batch_size, timeout_s=600)
+            await asyncio.to_thread(raw_loop_seconds, model, inputs[:1])
+            seq = batch_size
+            for _ in range(rounds):
+                run.raw_s.append(await asyncio.to_thread(raw_loop_seconds, model, inputs))
+                sent = time.perf_counter()
+                await send_frames(producer, settings, frames_of(jpegs, per_round, seq))
+                seq += per_round
+                await read_verdicts(verdicts, per_round, timeout_s=1200)
+                run.pipeline_s.append(time.perf_counter() - sent)
     finally:
         stop.set()
         await task
-        await producer.stop()
-        await verdicts.stop()
     registry = worker.metrics.registry
     for stage in ("decode", "model", "switcher", "produce"):
         total = registry.get_sample_value("fallwatch_edge_stage_seconds_sum", {"stage": stage}) or 0.0
@@ -332,19 +280,13 @@ def measure_option(
 ) -> OptionRow:
     reference = baseline.infer(inputs)
     batch = len(reference.fall_probability)
-    base_times, option_times = [], []
     output = run_option()  # warm-up (and the answers compared)
-    for _ in range(repeats):
-        started = time.perf_counter()
-        baseline.infer(inputs)
-        base_times.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        run_option()
-        option_times.append(time.perf_counter() - started)
+    times = alternating({"fp32": lambda: seconds_of(lambda: baseline.infer(inputs)),
+                         "option": lambda: seconds_of(run_option)}, repeats)  # fmt: skip
     return OptionRow(
         name,
-        statistics.median(base_times) / batch * 1000,
-        statistics.median(option_times) / batch * 1000,
+        statistics.median(times["fp32"]) / batch * 1000,
+        statistics.median(times["option"]) / batch * 1000,
         float(np.max(np.abs(output.fall_probability - reference.fall_probability))),
         float(np.min(cosine(output.hidden, reference.hidden))),
         note,
@@ -389,9 +331,7 @@ def measure_options(model: ViltEdgeModel, inputs: dict[str, torch.Tensor], compi
     if compile_model:
         compiled_module = torch.compile(copy.deepcopy(model.model))
         compiled = ViltEdgeModel(compiled_module, model.processor, model.question, name=model.name)  # type: ignore[arg-type]
-        started = time.perf_counter()
-        compiled.infer(inputs)
-        compile_s = time.perf_counter() - started
+        compile_s = seconds_of(lambda: compiled.infer(inputs))
         rows.append(measure_option(
             "torch.compile", model, inputs, lambda: compiled.infer(inputs), repeats=2,
             note=f"first call {compile_s:.0f} s (compiles per input shape)",
@@ -406,11 +346,7 @@ class PreprocessRow:
 
 
 def measure_preprocess(model: ViltEdgeModel, images: list[np.ndarray], repeats: int = 3) -> PreprocessRow:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model.preprocess(images)
-        times.append((time.perf_counter() - started) / len(images))
+    times = [seconds_of(lambda: model.preprocess(images)) / len(images) for _ in range(repeats)]
     return PreprocessRow("ViltProcessor (used)", statistics.median(times) * 1000)
 
 
@@ -420,7 +356,7 @@ def bench_settings(
 ) -> Settings:
     edge = settings.edge.model_copy(update={
         "model": model_name, "switcher_registry": registry, "batch_size": batch_size, "batch_wait_ms": batch_wait_ms,
-        "group_id": f"bench-edge-{uuid.uuid4().hex[:8]}", "metrics_port": None, "registry_announce_key": None,
+        "metrics_port": None, "registry_announce_key": None,
     })  # fmt: skip
     return settings.model_copy(update={"edge": edge})
 
@@ -437,10 +373,8 @@ def run_benchmark(
 ) -> None:
     """Measure and print the tables (see the module docstring)."""
     settings = load_settings()
-    console = Console(width=160)
-    images = camera_images()
-    jpegs = [jpeg_of(image) for image in images]
-    console.print(
+    jpegs = camera_jpegs()
+    show(
         f"edge benchmark on {torch.get_num_threads()} CPU threads; {len(jpegs)} distinct "
         f"{CAMERA_SIZE[1]}×{CAMERA_SIZE[0]} JPEGs ({statistics.mean(map(len, jpegs)) / 1000:.0f} kB); "
         "other work on this machine may be running: compare rows of one run only"
@@ -482,23 +416,24 @@ def run_benchmark(
                 jpegs, vilt_frames, rounds,
             ))  # fmt: skip
         preprocess = measure_preprocess(model, [decode_known_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
-        console.print(summary_table(passes, warmup_frames, vilt, batch_size, decode_fps))
-        console.print(stage_table(vilt, decode_rows, preprocess))
+        show(
+            summary_table(passes, warmup_frames, vilt, batch_size, decode_fps),
+            stage_table(vilt, decode_rows, preprocess),
+        )
         if options:
             inputs = model.preprocess([decode_known_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
-            console.print(options_table(measure_options(model, inputs, compile_model), batch_size))
+            show(options_table(measure_options(model, inputs, compile_model), batch_size))
 
 
 def summary_table(
     passes: list[PlumbingRun], warmup_frames: int, vilt: ViltRun, batch_size: int, decode_fps: dict[int, float]
 ) -> Table:
     cores = os.cpu_count() or 1
-    table = Table(
-        title=f"edge worker on real Kafka + Redis ({cores} cores); plumbing: frames in Kafka before the worker "
-        "starts, timed from its first answered batch to the last frame"
+    table = bench_table(
+        f"edge worker on real Kafka + Redis ({cores} cores); plumbing: frames in Kafka before the worker "
+        "starts, timed from its first answered batch to the last frame",
+        ("measurement", "value", "target"),
     )
-    for column in ("measurement", "value", "target"):
-        table.add_column(column, justify="right")
     ratio = vilt.pipeline_fps / vilt.raw_fps
     decode_threads = max(decode_fps)
     passes = sorted(passes, key=lambda run: run.frames_per_s)
@@ -544,9 +479,7 @@ def summary_table(
 
 
 def stage_table(vilt: ViltRun, decode_rows: list[DecodeRow], preprocess: PreprocessRow) -> Table:
-    table = Table(title="where a frame's time goes (ms per frame)")
-    table.add_column("stage")
-    table.add_column("ms / frame", justify="right")
+    table = bench_table("where a frame's time goes (ms per frame)", ("stage", "ms / frame"), labels=1)
     for stage, value in vilt.stage_ms.items():
         label = "model (pre-processing + forward)" if stage == "model" else stage
         table.add_row(f"worker: {label}", f"{value:.3f}")
@@ -557,12 +490,10 @@ def stage_table(vilt: ViltRun, decode_rows: list[DecodeRow], preprocess: Preproc
 
 
 def options_table(rows: list[OptionRow], batch_size: int) -> Table:
-    table = Table(
-        title=f"CPU options of the real-size ViLT forward (batch {batch_size}), each against fp32 measured alternately"
+    table = bench_table(
+        f"CPU options of the real-size ViLT forward (batch {batch_size}), each against fp32 measured alternately",
+        ("option", "fp32 ms/frame", "option ms/frame", "speed-up", "max |ΔP(fall)|", "min hidden cos", "note"),
     )
-    columns = ("option", "fp32 ms/frame", "option ms/frame", "speed-up", "max |ΔP(fall)|", "min hidden cos", "note")
-    for column in columns:
-        table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
             row.option, f"{row.baseline_ms:.0f}", f"{row.option_ms:.0f}", f"{row.baseline_ms / row.option_ms:.2f}×",

@@ -14,11 +14,7 @@ the edge drains its backlog, so each N starts even.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,13 +25,12 @@ from pathlib import Path
 import av
 import numpy as np
 import psutil
-import yaml
-from rich.console import Console
-from rich.table import Table
 
 from core.kafka_io import consumer_group_lag, make_consumer, read_topic_partitions
-from core.settings import CONFIG_ENV, CameraSettings, Settings, load_settings
+from core.settings import CameraSettings, Settings, load_settings
+from fallwatch.benchmarks.kit import bench_table, cpu_seconds, kafka_clients, show
 from fallwatch.benchmarks.soak import soak_settings
+from fallwatch.processes import start_services, stop_services
 from fallwatch.stack import fresh_run, local_stack_settings
 from producers.status import read_statuses
 from producers.video import RateSampler
@@ -45,6 +40,7 @@ SERVICES = ("edge_workers", "cloud_workers", "alerting")
 LAG_SAMPLE_S = 5.0
 DRAIN_TIMEOUT_S = 120.0
 SETTLE_TIMEOUT_S = 60.0  # an edge that has not caught up by then is measured as it is
+STOP_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -100,25 +96,6 @@ def run_facility(
     return rows
 
 
-def start(module: str, settings: Settings, scratch_dir: Path, name: str) -> subprocess.Popen[bytes]:
-    config = scratch_dir / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-    with (scratch_dir / f"{name}.log").open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", module], env={**os.environ, CONFIG_ENV: str(config)}, stdout=log, stderr=log
-        )
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 async def facility(
     settings: Settings,
     scratch_dir: Path,
@@ -128,15 +105,14 @@ async def facility(
     seconds: float,
     warmup_s: float,
 ) -> list[Row]:
-    services = [start(service, settings, scratch_dir, service) for service in SERVICES]
+    services = start_services(settings, scratch_dir / "services.yaml", {service: service for service in SERVICES})
     rows = []
     try:
         for count in counts:
             rows.append(await one_count(settings, scratch_dir, clips, count, fps, seconds, warmup_s))
             print_table(rows, fps, settings.edge.max_offload_ratio or 0.0, seconds)
     finally:
-        for process in services:
-            stop(process)
+        stop_services(services.values(), STOP_TIMEOUT_S)
     return rows
 
 
@@ -158,7 +134,8 @@ async def one_count(
     on_cameras = settings.model_copy(
         update={"producers": settings.producers.model_copy(update={"cameras": cameras, "status_interval_s": 1.0})}
     )
-    producer = start("producers", on_cameras, scratch_dir, f"producers-{count}")
+    name = f"producers-{count}"
+    producer = start_services(on_cameras, scratch_dir / f"{name}.yaml", {name: "producers"})[name]
     try:
         await settle(settings, expected, warmup_s)
         process = psutil.Process(producer.pid)
@@ -178,7 +155,7 @@ async def one_count(
         behind = await behind_total(on_cameras) - behind_start
         window_end = datetime.now().astimezone()
     finally:
-        stop(producer)
+        stop_services([producer], STOP_TIMEOUT_S)
     await drain(settings)  # the window's frames get their final verdicts before they are read
     delays = await final_delays(settings, f"n{count}-", window_start, window_end)
     trend = float(np.polyfit([t for t, _ in lags], [lag for _, lag in lags], 1)[0]) if len(lags) > 1 else 0.0
@@ -207,11 +184,6 @@ async def settle(settings: Settings, expected_fps: float, warmup_s: float) -> No
         await asyncio.sleep(1.0)  # polling the lag
 
 
-def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
 async def behind_total(settings: Settings) -> int:
     statuses = await read_statuses(settings)
     ids = {camera.id for camera in settings.producers.cameras}
@@ -220,20 +192,16 @@ async def behind_total(settings: Settings) -> int:
 
 async def end_offsets(settings: Settings, topic: str) -> int:
     consumer = make_consumer(settings, topic, group_id=None)
-    await consumer.start()
-    try:
+    async with kafka_clients(consumer):
         return sum((await consumer.end_offsets(await read_topic_partitions(settings, topic))).values())
-    finally:
-        await consumer.stop()
 
 
 async def final_delays(settings: Settings, prefix: str, window_start: datetime, window_end: datetime) -> list[float]:
     """Capture → final verdict (its produced_at) of this N's frames captured in the window, read after it."""
     topic = settings.kafka.topics.verdicts
     consumer = make_consumer(settings, topic, group_id=None)
-    await consumer.start()
     delays = []
-    try:
+    async with kafka_clients(consumer):
         partitions = await read_topic_partitions(settings, topic)
         end = await consumer.end_offsets(partitions)
         while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
@@ -243,8 +211,6 @@ async def final_delays(settings: Settings, prefix: str, window_start: datetime, 
                 mine = verdict.final and verdict.camera_id.startswith(prefix)
                 if mine and window_start <= verdict.captured_at <= window_end:
                     delays.append((verdict.produced_at - verdict.captured_at).total_seconds())
-    finally:
-        await consumer.stop()
     return delays
 
 
@@ -260,22 +226,13 @@ async def drain(settings: Settings) -> None:
 
 
 def print_table(rows: list[Row], fps: float, offload: float, seconds: float) -> None:
-    table = Table(
-        title=f"facility: whole pipeline on this machine, file cameras at {fps:g} fps, {offload:.0%} offloaded, "
-        f"motion gate off, {seconds:g} s per N"
-    )
-    for column in (
-        "cameras",
-        "expected frames/s",
-        "published frames/s",
-        "edge lag on frames (start → end, trend/s)",
-        "capture → final verdict p50 / p95",
-        "final verdicts (window)",
-        "behind (slots)",
-        "producer CPU",
-        "meets the goal",
-    ):
-        table.add_column(column, justify="right")
+    table = bench_table(
+        f"facility: whole pipeline on this machine, file cameras at {fps:g} fps, {offload:.0%} offloaded, "
+        f"motion gate off, {seconds:g} s per N",
+        ("cameras", "expected frames/s", "published frames/s", "edge lag on frames (start → end, trend/s)",
+         "capture → final verdict p50 / p95", "final verdicts (window)", "behind (slots)", "producer CPU",
+         "meets the goal"),
+    )  # fmt: skip
     for row in rows:
         table.add_row(
             str(row.cameras),
@@ -288,4 +245,4 @@ def print_table(rows: list[Row], fps: float, offload: float, seconds: float) -> 
             f"{row.producer_cpu:.0%} of a core",
             "yes" if row.meets() else "no",
         )
-    Console(width=200).print(table)
+    show(table, width=200)

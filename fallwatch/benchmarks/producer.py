@@ -11,7 +11,7 @@ threads of its own), so run it on an otherwise idle machine or say what else was
 
 from __future__ import annotations
 
-import resource
+import functools
 import statistics
 import subprocess
 import tempfile
@@ -19,16 +19,11 @@ import threading
 from pathlib import Path
 
 import cv2
-from rich.console import Console
 from rich.table import Table
 
 from core.settings import CameraSettings, ProducerSettings
+from fallwatch.benchmarks.kit import alternating, bench_table, cpu_seconds, show
 from producers.camera import CameraCapture, CameraStats
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def repeated(video: Path, seconds: float, folder: Path) -> Path:
@@ -87,35 +82,23 @@ def producer_loop(video: Path, seconds: float, fps: float, decode: str) -> tuple
 
 
 def run_benchmark(videos: list[Path], seconds: float, fps: float, rounds: int) -> None:
-    table = Table(
-        title=f"producer capture loop, one camera at {fps:g} fps, motion gate off, median of {rounds} × {seconds:g} s"
-    )
-    for column in (
-        "video",
-        "size",
-        "decode path",
-        "CPU (cores)",
-        "vs today",
-        f"cameras per core at {fps:g} fps",
-        "frames decoded / read",
-        "sampled",
-        "behind (slots)",
-    ):
-        table.add_column(column)
+    table = bench_table(
+        f"producer capture loop, one camera at {fps:g} fps, motion gate off, median of {rounds} × {seconds:g} s",
+        ("video", "size", "decode path", "CPU (cores)", "vs today", f"cameras per core at {fps:g} fps",
+         "frames decoded / read", "sampled", "behind (slots)"),
+        labels=3,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         for video in videos:
             add_rows(table, video.name, repeated(video, seconds, Path(folder)), seconds, fps, rounds)
-    Console(width=220).print(table)
+    show(table, width=220)
 
 
 def add_rows(table: Table, name: str, video: Path, seconds: float, fps: float, rounds: int) -> None:
     probe = cv2.VideoCapture(str(video))
     size = f"{int(probe.get(cv2.CAP_PROP_FRAME_WIDTH))}×{int(probe.get(cv2.CAP_PROP_FRAME_HEIGHT))}"
     probe.release()
-    runs: dict[str, list[tuple[float, CameraStats]]] = {mode: [] for mode in MODES}
-    for _ in range(rounds):  # interleaved, so load from other work falls on every path alike
-        for mode in MODES:
-            runs[mode].append(producer_loop(video, seconds, fps, mode))
+    runs = alternating({mode: functools.partial(producer_loop, video, seconds, fps, mode) for mode in MODES}, rounds)
     today_cpu = statistics.median(cpu for cpu, _ in runs["all"])
     for mode in MODES:
         cpu = statistics.median(cpu for cpu, _ in runs[mode])

@@ -10,31 +10,26 @@ keeps growing after the first minutes; a service that cannot keep up as a lag th
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import cv2
-import numpy as np
 import psutil
-import yaml
 from aiokafka.errors import KafkaError
-from rich.console import Console
-from rich.table import Table
 
 from core.kafka_io import consumer_group_lag, make_producer
-from core.settings import CONFIG_ENV, Settings, load_settings
+from core.settings import Settings, load_settings
+from fallwatch.benchmarks.kit import bench_table, camera_frame, kafka_clients, noise_jpegs, show
 from fallwatch.devkit.models import build_tiny_models
+from fallwatch.processes import start_services, stop_services
 from fallwatch.stack import fresh_run, local_stack_settings
-from schemas import Frame, encode, utc_now
+from schemas import encode, utc_now
 
 SERVICES = ("edge_workers", "cloud_workers", "alerting")
+SIZE = (240, 320)  # height, width of the simulated cameras' frames
 
 
 @dataclass(frozen=True)
@@ -77,18 +72,7 @@ def soak_settings(settings: Settings, scratch_dir: Path) -> Settings:
 async def soak(
     settings: Settings, scratch_dir: Path, minutes: float, cameras: int, fps: float, sample_s: float
 ) -> list[Sample]:
-    config = scratch_dir / "soak.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-    env = {**os.environ, CONFIG_ENV: str(config)}
-    processes = {
-        service: subprocess.Popen(
-            [sys.executable, "-m", service],
-            env=env,
-            stdout=(scratch_dir / f"{service}.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        for service in SERVICES
-    }
+    processes = start_services(settings, scratch_dir / "soak.yaml", {service: service for service in SERVICES})
     topics = settings.kafka.topics
     groups = {  # the column name: the topic each service consumes
         "frames": (settings.edge.group_id, topics.frames),
@@ -98,15 +82,12 @@ async def soak(
     samples: list[Sample] = []
     try:
         producer = make_producer(settings)
-        await producer.start()
-        try:
+        async with kafka_clients(producer):
             started = time.monotonic()
             end = started + minutes * 60
             next_sample = started + sample_s  # the first row once the services had time to start
             sent = 0
-            rng = np.random.default_rng(0)
-            jpegs = [cv2.imencode(".jpg", rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))[1].tobytes()]
-            jpegs += [cv2.imencode(".jpg", rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))[1].tobytes()]
+            jpegs = noise_jpegs(2, SIZE)
             while True:
                 now = time.monotonic()
                 if now >= next_sample or now >= end:
@@ -117,30 +98,12 @@ async def soak(
                 captured_at = utc_now()
                 for camera in range(cameras):
                     camera_id = f"soak-cam-{camera}"
-                    frame = Frame(
-                        frame_id=Frame.make_id(camera_id, captured_at, sent),
-                        camera_id=camera_id,
-                        room=f"room-{camera}",
-                        seq=sent,
-                        captured_at=captured_at,
-                        width=320,
-                        height=240,
-                        jpeg=jpegs[sent % len(jpegs)],
-                    )
+                    frame = camera_frame(camera_id, f"room-{camera}", sent, captured_at, jpegs[sent % len(jpegs)], SIZE)
                     await producer.send(settings.kafka.topics.frames, key=camera_id.encode(), value=encode(frame))
                     sent += 1
                 await asyncio.sleep(1 / fps)  # the cameras' frame rate
-        finally:
-            await producer.stop()
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_services(processes.values())
     return samples
 
 
@@ -171,13 +134,11 @@ async def sample(
 def print_table(samples: list[Sample]) -> None:
     if not samples:
         return
-    table = Table(title="soak: resident memory (MB) of each service and lag (records) of each consumer group")
-    table.add_column("elapsed", justify="right")
-    table.add_column("frames sent", justify="right")
-    for service in samples[0].rss_mb:
-        table.add_column(f"{service.removesuffix('_workers')} MB", justify="right")
-    for topic in samples[0].lags:
-        table.add_column(f"lag {topic}", justify="right")
+    table = bench_table(
+        "soak: resident memory (MB) of each service and lag (records) of each consumer group",
+        ("elapsed", "frames sent", *(f"{service.removesuffix('_workers')} MB" for service in samples[0].rss_mb),
+         *(f"lag {topic}" for topic in samples[0].lags)),
+    )  # fmt: skip
     for s in samples:
         memory = [f"{mb:.0f}" if s.alive[service] else "DEAD" for service, mb in s.rss_mb.items()]
         table.add_row(
@@ -186,7 +147,7 @@ def print_table(samples: list[Sample]) -> None:
             *memory,
             *("?" if lag is None else str(lag) for lag in s.lags.values()),
         )
-    Console(width=120).print(table)
+    show(table, width=120)
     # the first sample may catch the services still warming up: growth counts from the second
     warm = samples[1] if len(samples) > 2 else samples[0]
     growth = {service: samples[-1].rss_mb[service] - warm.rss_mb[service] for service in warm.rss_mb}

@@ -17,9 +17,9 @@ from core.kafka_io import make_producer
 from core.redis_io import redis_client
 from core.settings import Settings
 from edge_workers.requests import Offload, cloud_request, store_clip
+from fallwatch.benchmarks.kit import CAMERA_SIZE, camera_frame
 from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, encode, utc_now
 
-CAMERA_SIZE = (480, 640)  # height, width of the frames the benchmark feeds
 FRAME_INTERVAL = timedelta(milliseconds=250)  # between the frames of a clip
 OFFLOAD = Offload(
     edge=EdgeOutput(fall_probability=0.25, decision=False, model="edge-bench"),
@@ -50,12 +50,7 @@ def camera_frames(camera: str, clip: Clip, first_seq: int) -> list[Frame]:
     for index, image in enumerate(clip):
         captured_at = last_at - (len(clip) - 1 - index) * FRAME_INTERVAL
         seq = first_seq + index
-        height, width = image.shape[:2]
-        frame = Frame(
-            frame_id=Frame.make_id(camera, captured_at, seq), camera_id=camera, room=f"room-{camera}", seq=seq,
-            captured_at=captured_at, width=width, height=height, jpeg=encode_jpeg_rgb(image),
-        )  # fmt: skip
-        frames.append(frame)
+        frames.append(camera_frame(camera, f"room-{camera}", seq, captured_at, encode_jpeg_rgb(image), image.shape[:2]))
     return frames
 
 
