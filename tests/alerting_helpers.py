@@ -86,7 +86,6 @@ def alerting_settings(stack_state: StackState, tmp_path: Path, **rules: object) 
         "up_after_s": 0.0,
         "confirm_within_s": 2.0,
         "tick_s": 0.2,
-        "app_id": f"alerting-{uuid.uuid4().hex[:8]}",
         **rules,
     }
     return settings_for(stack_state, tmp_path, alerting=alerting)

@@ -23,18 +23,18 @@ from typing import Protocol, TypeVar
 import cv2
 import numpy as np
 import pytest
-import yaml
 from aiokafka import TopicPartition
 
-from core.kafka_io import consumer_group_lag, create_topics, make_admin, make_consumer, topic_specs
-from core.settings import CONFIG_ENV, Settings
+from core.kafka_io import consumer_group_lag, make_admin, make_consumer, topic_specs
+from core.settings import Settings
 from edge_workers.model import ViltEdgeModel
 from edge_workers.switcher import create_untrained_switcher
 from fallwatch.devkit.models import ModelPaths, build_tiny_models
 from fallwatch.devkit.tiny_cloud import set_fall_bias as set_cloud_fall_bias
 from fallwatch.devkit.tiny_edge import set_fall_bias as set_edge_fall_bias
-from fallwatch.stack import LocalStack, StackState
-from schemas import Message, Topics, decode
+from fallwatch.processes import write_config
+from fallwatch.stack import LocalStack, StackState, fresh_run
+from schemas import Message, decode
 
 M = TypeVar("M", bound=Message)
 
@@ -58,24 +58,18 @@ def stack_state(local_stack: LocalStack) -> StackState:
     return state
 
 
-def settings_for(stack_state: StackState, tmp_path: Path, **sections: object) -> Settings:
-    """Settings pointing at the session's stack with topics unique to one test."""
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    topics = Topics().prefixed(prefix)
+def settings_for(
+    stack_state: StackState, tmp_path: Path, kafka: dict[str, object] | None = None, **sections: object
+) -> Settings:
+    """Settings pointing at a stack (`kafka`: more Kafka settings), a run of one test: its own topics, consumer
+    groups and alerting app (fallwatch.stack.fresh_run, as the benchmarks and the demo scope theirs)."""
     settings = Settings(
         state_dir=tmp_path / "state",
-        kafka={**stack_state.kafka_fields(), "topics": topics.model_dump()},
+        kafka={**stack_state.kafka_fields(), **(kafka or {})},
         redis=stack_state.redis_fields(),
         **sections,
     )
-    asyncio.run(create_topics(settings.kafka, topic_specs(settings), settings.kafka.partitions))
-    return settings
-
-
-def write_config(settings: Settings, path: Path) -> dict[str, str]:
-    """Write settings as a YAML config; returns the environment for a subprocess that reads it."""
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-    return {**os.environ, CONFIG_ENV: str(path), "PYTHONUNBUFFERED": "1"}
+    return fresh_run(settings, "t")
 
 
 @pytest.fixture

@@ -109,7 +109,6 @@ def pipeline(
             tmp_path,
             edge={
                 **sections["edge"],
-                "group_id": f"chaos-edge-{uuid.uuid4().hex[:6]}",
                 "batch_size": 8,
                 "batch_wait_ms": 20,
                 "torch_threads": 1,
@@ -119,7 +118,6 @@ def pipeline(
             },
             cloud={
                 **sections["cloud"],
-                "group_id": f"chaos-cloud-{uuid.uuid4().hex[:6]}",
                 "batch_size": 8,
                 "batch_wait_ms": 20,
                 "torch_threads": 1,
@@ -127,7 +125,6 @@ def pipeline(
                 "decision_threshold": 0.0,
             },
             alerting={
-                "app_id": f"chaos-alerting-{uuid.uuid4().hex[:6]}",
                 "k": 3,
                 "n": 5,
                 "down_for_s": 0.0,  # a camera's 8 frames span 1.75 s: the rule's mechanics, not its defaults

@@ -91,7 +91,6 @@ def worker_settings(stack_state, tmp_path: Path, tiny: ModelPaths, registry: Pat
         switcher_registry=str(registry),
         batch_size=4,
         batch_wait_ms=20,
-        group_id=f"edge-{uuid.uuid4().hex[:8]}",
         registry_announce_key=f"test:{uuid.uuid4().hex}:announced",
     )
     sections["edge"].update(edge)

@@ -105,7 +105,6 @@ def agreement_settings(stack_state, tmp_path: Path, pair: ModelPaths, folder: Pa
         eval={"cache_dir": str(tmp_path / "cache"), "bootstrap": 0},
         **sections,
     )
-    settings.alerting.app_id = f"{settings.kafka.topics.frames}-alerting"
     return settings
 
 

@@ -160,9 +160,6 @@ def _jpeg() -> bytes:
 def test_falls_in_the_verdicts_raise_one_alert(stack_state, tmp_path: Path, tiny_models, clip_path) -> None:
     fall = fall_saying_models(tiny_models, tmp_path / "fall-models")
     settings = pipeline_settings(stack_state, tmp_path, fall, clip_path, fall.switcher_registry)
-    settings = settings.model_copy(
-        update={"alerting": settings.alerting.model_copy(update={"app_id": f"{settings.kafka.topics.frames}-alerts"})}
-    )
 
     async def scenario() -> tuple[int, list[Verdict], list[FallEvent]]:
         published = (await run_producers(settings, asyncio.Event()))["cam-e2e"]

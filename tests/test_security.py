@@ -6,7 +6,6 @@ the faust alerting app, redis-py) works with the secret; a client without it is 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,14 +13,14 @@ import pytest
 from aiokafka.errors import KafkaError
 from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
 
-from core.kafka_io import create_topics, make_consumer, make_producer, start_clients, topic_specs
+from core.kafka_io import make_consumer, make_producer, start_clients
 from core.redis_io import sync_redis_client
 from core.retry import DependencyUnavailable
 from core.settings import Settings
 from fallwatch.stack import LocalStack, StackState
-from schemas import FallEvent, Topics
+from schemas import FallEvent
 from tests.alerting_helpers import alerting_worker, make_verdict, read_until, send_verdicts, unique_camera
-from tests.conftest import REPO
+from tests.conftest import REPO, settings_for
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +33,7 @@ def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackStat
 
 
 def locked_settings(state: StackState, tmp_path: Path, **sections: object) -> Settings:
-    settings = Settings(
-        state_dir=tmp_path / "state",
-        kafka={**state.kafka_fields(), "partitions": 2, "topics": Topics().prefixed(f"s{uuid.uuid4().hex[:6]}")},
-        redis=state.redis_fields(),
-        **sections,
-    )
-    asyncio.run(create_topics(settings.kafka, topic_specs(settings), settings.kafka.partitions))
-    return settings
+    return settings_for(state, tmp_path, kafka={"partitions": 2}, **sections)
 
 
 def without(settings: Settings, **kafka: object) -> Settings:
@@ -108,9 +100,7 @@ def test_redis_needs_the_password_and_speaks_tls_only(secure_stack: StackState, 
 
 
 def test_alerting_runs_on_the_locked_stack_and_never_logs_the_secrets(secure_stack: StackState, tmp_path: Path) -> None:
-    settings = locked_settings(
-        secure_stack, tmp_path, alerting={"k": 3, "n": 5, "tick_s": 0.2, "app_id": f"alerting-{uuid.uuid4().hex[:8]}"}
-    )
+    settings = locked_settings(secure_stack, tmp_path, alerting={"k": 3, "n": 5, "tick_s": 0.2})
     password = secure_stack.security.password() if secure_stack.security else ""
     assert password and password not in repr(settings) and password not in str(settings.model_dump())
     camera = unique_camera("locked")
