@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from edge_workers.service import EdgeWorker
 from edge_workers.switcher import latest_version, load_switcher, save_switcher
 from fallwatch.devkit.models import ModelPaths
 from producers.service import run_producers
-from schemas import CloudRequest, DeadLetter, FallEvent, Frame, Verdict, encode
+from schemas import CloudRequest, DeadLetter, FallEvent, Frame, Verdict, encode, utc_now
 from tests.conftest import (
     consume_until,
     fall_saying_models,
@@ -115,7 +116,7 @@ def test_malformed_frames_are_dead_lettered_and_the_worker_goes_on(
         camera_id="cam-x",
         room="1",
         seq=0,
-        captured_at="2026-11-25T12:00:00Z",
+        captured_at=utc_now() - timedelta(hours=1),  # within the workers' capture-time bounds, whatever the date
         width=64,
         height=48,
         jpeg=_jpeg(),
