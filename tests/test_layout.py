@@ -140,3 +140,22 @@ def test_a_service_entry_loads_only_its_own_code(service: str) -> None:
         or (name.split(".")[0] in PACKAGES and "bench" in name)
     ]
     assert unwanted == []
+
+
+def long_functions(path: Path, most_lines: int) -> list[str]:
+    """The functions and methods of `path` longer than `most_lines`, from their first decorator to their end."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None:
+            first = min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)])
+            if (length := node.end_lineno - first + 1) > most_lines:
+                found.append(f"{path.name}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_in_the_services_is_over_60_lines(tmp_path: Path) -> None:
+    paths = [path for package in SERVICES for path in sorted((REPO / package).rglob("*.py"))]
+    assert paths and [found for path in paths for found in long_functions(path, 60)] == []
+    example = tmp_path / "example.py"
+    example.write_text("@decorated\ndef f():\n" + "    x = 1\n" * 58 + "\n\ndef g():\n" + "    x = 1\n" * 60)
+    assert long_functions(example, 60) == ["example.py:63 g (61 lines)"], "f: 60 lines with its decorator"
