@@ -148,6 +148,19 @@ FAST_RECOVERY = {
 }
 
 
+def live_settings(stack_state: StackState, tmp_path: Path, cameras: list[dict], **producers: object) -> Settings:
+    """A producer run on these cameras that recovers fast, its camera status under this test's own prefix."""
+    return settings_for(
+        stack_state,
+        tmp_path,
+        producers={**FAST_RECOVERY, "status_key_prefix": f"test:{tmp_path.name}", "cameras": cameras, **producers},
+    )
+
+
+def metrics_text(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
 class FrameWatcher:
     """Reads `frames` as the producer writes it; `until` polls a condition with a deadline."""
 
@@ -206,15 +219,11 @@ def test_mjpeg_and_rtsp_streams_arrive_at_the_target_fps_in_order(
     for server in servers:
         server.start()
     metrics_port = free_port()
-    settings = settings_for(
+    settings = live_settings(
         stack_state,
         tmp_path,
-        producers={
-            **FAST_RECOVERY,
-            "metrics_port": metrics_port,
-            "status_key_prefix": f"test:{tmp_path.name}",
-            "cameras": [live_camera("mjpeg", mjpeg.url), live_camera("rtsp", rtsp.url, fps=3.0)],
-        },
+        [live_camera("mjpeg", mjpeg.url), live_camera("rtsp", rtsp.url, fps=3.0)],
+        metrics_port=metrics_port,
     )
 
     async def scenario() -> tuple[FrameWatcher, str, list[dict]]:
@@ -226,9 +235,7 @@ def test_mjpeg_and_rtsp_streams_arrive_at_the_target_fps_in_order(
             await watcher.until(
                 lambda: len(watcher.of("mjpeg")) >= 25 and len(watcher.of("rtsp")) >= 19, "25 + 19 frames"
             )
-            metrics = await asyncio.to_thread(
-                lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-            )
+            metrics = await asyncio.to_thread(metrics_text, metrics_port)
             await status_until(settings, "rtsp", lambda s: s["published"] >= 19, "publishing")
             env = write_config(settings, tmp_path / "config.yaml")
             cli = await asyncio.to_thread(
@@ -276,18 +283,14 @@ def test_a_dropped_or_stalled_stream_reconnects_and_other_cameras_go_on(
     servers.append(flaky)
     flaky.start()
     never_url = f"http://viewer:secret@127.0.0.1:{free_port()}/cam.mjpg"  # nothing listens there
-    settings = settings_for(
+    settings = live_settings(
         stack_state,
         tmp_path,
-        producers={
-            **FAST_RECOVERY,
-            "status_key_prefix": f"test:{tmp_path.name}",
-            "cameras": [
-                live_camera("flaky", flaky.url),
-                live_camera("steady", str(clip_path), loop=True, realtime=True),
-                live_camera("never", never_url),
-            ],
-        },
+        [
+            live_camera("flaky", flaky.url),
+            live_camera("steady", str(clip_path), loop=True, realtime=True),
+            live_camera("never", never_url),
+        ],
     )
 
     async def scenario() -> tuple[FrameWatcher, dict, dict, float, dict[str, int]]:
@@ -509,18 +512,14 @@ def test_a_camera_behind_schedule_shows_within_10_s_and_a_detect_stream_is_sampl
     with socket.create_server(("127.0.0.1", 0)) as main_stream:  # the main stream: must never be opened
         main_url = f"rtsp://viewer:secret@127.0.0.1:{main_stream.getsockname()[1]}/main"
         metrics_port = free_port()
-        settings = settings_for(
+        settings = live_settings(
             stack_state,
             tmp_path,
-            producers={
-                **FAST_RECOVERY,
-                "metrics_port": metrics_port,
-                "status_key_prefix": f"test:{tmp_path.name}",
-                "cameras": [
-                    live_camera("slow", str(slow), fps=20.0, loop=True, realtime=True),
-                    live_camera("nvr", main_url, detect_url=detect.url),
-                ],
-            },
+            [
+                live_camera("slow", str(slow), fps=20.0, loop=True, realtime=True),
+                live_camera("nvr", main_url, detect_url=detect.url),
+            ],
+            metrics_port=metrics_port,
         )
         watcher, behind, metrics = asyncio.run(behind_and_detect_scenario(settings, metrics_port))
         main_stream.setblocking(False)
@@ -551,9 +550,7 @@ async def behind_and_detect_scenario(settings: Settings, metrics_port: int) -> t
         # visible within 10 s of the producer starting, in Redis (cameras status) and in the metrics
         behind = await status_until(settings, "slow", lambda s: s["behind_for_s"] > 0, "behind", timeout_s=10)
         await watcher.until(lambda: len(watcher.of("nvr")) >= 5 and watcher.of("slow"), "frames of both cameras")
-        metrics = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        )
+        metrics = await asyncio.to_thread(metrics_text, metrics_port)
     finally:
         stop.set()
         await watcher.consumer.stop()

@@ -36,16 +36,21 @@ def image(name: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("reference")
+    train_quick_pair(output, seed=7)
+    return output
+
+
+def train_quick_pair(output: Path, seed: int = 0, limit_per_split: int = PER_SPLIT) -> None:
+    """The reference pair of tiny, quickly trained models, on the first `limit_per_split` images of a split."""
     train_reference_pair(
         FALLS_FALLACTION,
         output,
         Settings().edge.question,
-        seed=7,
-        limit_per_split=PER_SPLIT,
+        seed=seed,
+        limit_per_split=limit_per_split,
         edge_config=TINY_EDGE,
         cloud_config=QUICK_CLOUD,
     )
-    return output
 
 
 def test_the_pair_loads_through_the_normal_loading_path(reference_pair: Path) -> None:
@@ -87,15 +92,7 @@ def test_the_test_split_is_never_read(tmp_path: Path) -> None:
 
 def test_same_seed_same_pair(reference_pair: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
-    train_reference_pair(
-        FALLS_FALLACTION,
-        again,
-        Settings().edge.question,
-        seed=7,
-        limit_per_split=PER_SPLIT,
-        edge_config=TINY_EDGE,
-        cloud_config=QUICK_CLOUD,
-    )
+    train_quick_pair(again, seed=7)
     for model in ("edge-vilt", "cloud-pose"):
         first = load_file(str(reference_pair / model / "model.safetensors"))
         second = load_file(str(again / model / "model.safetensors"))
@@ -145,13 +142,6 @@ def test_retraining_removes_the_switchers_and_dmd_data_of_the_previous_pair(tmp_
     output = tmp_path / "pair"
     for stale in ("switchers/20260101T000000Z", "dmd/dataset"):
         (output / stale).mkdir(parents=True)
-    train_reference_pair(
-        FALLS_FALLACTION,
-        output,
-        Settings().edge.question,
-        limit_per_split=4,
-        edge_config=TINY_EDGE,
-        cloud_config=QUICK_CLOUD,
-    )
+    train_quick_pair(output, limit_per_split=4)
     assert not (output / "switchers").exists() and not (output / "dmd").exists()
     assert (output / "edge-vilt" / "config.json").is_file() and (output / "cloud-pose" / "config.json").is_file()
