@@ -28,8 +28,8 @@ from core.images import encode_jpeg
 from core.kafka_io import make_admin, make_consumer, make_producer
 from core.settings import Settings
 from fallwatch.stack import StackState, free_port
-from schemas import FallEvent, Frame, Message, Verdict, VerdictSource, decode, encode, utc_now
-from tests.conftest import REPO, settings_for, write_config
+from schemas import FallEvent, Frame, Message, Verdict, VerdictSource, encode, utc_now
+from tests.conftest import REPO, consume_until, settings_for, write_config
 
 M = TypeVar("M", bound=Message)
 
@@ -143,21 +143,8 @@ def as_records(messages: list[Verdict] | list[FallEvent]) -> list[tuple[str, byt
 async def read_until(
     settings: Settings, topic: str, model: type[M], done: Callable[[list[M]], bool], timeout_s: float = WAIT_S
 ) -> list[M]:
-    """Read `topic` from the start until `done(messages so far)` holds; fails the test at the deadline."""
-    consumer = make_consumer(settings, topic, group_id=None)
-    await consumer.start()
-    messages: list[M] = []
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not done(messages):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"timed out after {timeout_s:.0f} s reading {topic}; got {messages}")
-            batches = await consumer.getmany(timeout_ms=int(min(remaining, 1.0) * 1000))
-            messages += [decode(model, record.value) for records in batches.values() for record in records]
-        return messages
-    finally:
-        await consumer.stop()
+    """`consume_until` with the alerting tests' shorter deadline."""
+    return await consume_until(settings, topic, model, done, timeout_s)
 
 
 def alerts_of(settings: Settings, camera_id: str, count: int = 1, timeout_s: float = WAIT_S) -> list[FallEvent]:

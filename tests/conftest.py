@@ -23,12 +23,12 @@ from typing import Protocol, TypeVar
 import cv2
 import numpy as np
 import pytest
-from aiokafka import TopicPartition
 
 from core.kafka_io import consumer_group_lag, make_admin, make_consumer, topic_specs
 from core.settings import Settings
 from edge_workers.model import ViltEdgeModel
 from edge_workers.switcher import create_untrained_switcher
+from fallwatch.benchmarks.kit import read_all as read_all  # the tests read topics as the benchmarks do
 from fallwatch.devkit.models import ModelPaths, build_tiny_models
 from fallwatch.devkit.tiny_cloud import set_fall_bias as set_cloud_fall_bias
 from fallwatch.devkit.tiny_edge import set_fall_bias as set_edge_fall_bias
@@ -98,22 +98,6 @@ async def consume_until(
     finally:
         await consumer.stop()
     return messages
-
-
-async def read_all(settings: Settings, topic: str, model: type[M]) -> list[M]:
-    """Everything on `topic` up to its end offsets now."""
-    consumer = make_consumer(settings, topic, group_id=None)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
-        end = await consumer.end_offsets(partitions)
-        messages: list[M] = []
-        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
-            batches = await consumer.getmany(timeout_ms=1000)
-            messages += [decode(model, record.value) for records in batches.values() for record in records]
-        return messages
-    finally:
-        await consumer.stop()
 
 
 async def until(condition: Callable[[], object], what: str, timeout_s: float = 60.0) -> None:

@@ -28,13 +28,13 @@ import psutil
 
 from core.kafka_io import consumer_group_lag, make_consumer, read_topic_partitions
 from core.settings import CameraSettings, Settings, load_settings
-from fallwatch.benchmarks.kit import bench_table, cpu_seconds, kafka_clients, show
+from fallwatch.benchmarks.kit import bench_table, cpu_seconds, kafka_clients, read_all, show
 from fallwatch.benchmarks.soak import soak_settings
 from fallwatch.processes import start_services, stop_services
 from fallwatch.stack import fresh_run, local_stack_settings
 from producers.status import read_statuses
 from producers.video import RateSampler
-from schemas import Verdict, decode
+from schemas import Verdict
 
 SERVICES = ("edge_workers", "cloud_workers", "alerting")
 LAG_SAMPLE_S = 5.0
@@ -198,20 +198,11 @@ async def end_offsets(settings: Settings, topic: str) -> int:
 
 async def final_delays(settings: Settings, prefix: str, window_start: datetime, window_end: datetime) -> list[float]:
     """Capture → final verdict (its produced_at) of this N's frames captured in the window, read after it."""
-    topic = settings.kafka.topics.verdicts
-    consumer = make_consumer(settings, topic, group_id=None)
-    delays = []
-    async with kafka_clients(consumer):
-        partitions = await read_topic_partitions(settings, topic)
-        end = await consumer.end_offsets(partitions)
-        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
-            batches = await consumer.getmany(timeout_ms=1000)
-            for record in (record for records in batches.values() for record in records):
-                verdict = decode(Verdict, record.value)
-                mine = verdict.final and verdict.camera_id.startswith(prefix)
-                if mine and window_start <= verdict.captured_at <= window_end:
-                    delays.append((verdict.produced_at - verdict.captured_at).total_seconds())
-    return delays
+    return [
+        (verdict.produced_at - verdict.captured_at).total_seconds()
+        for verdict in await read_all(settings, settings.kafka.topics.verdicts, Verdict)
+        if verdict.final and verdict.camera_id.startswith(prefix) and window_start <= verdict.captured_at <= window_end
+    ]
 
 
 async def drain(settings: Settings) -> None:

@@ -1,4 +1,4 @@
-"""What every `fallwatch bench` measurement builds on: its inputs, its timers, its Kafka clients and its tables."""
+"""What every `fallwatch bench` measurement (and the tests) build on: inputs, timers, Kafka readers and tables."""
 
 from __future__ import annotations
 
@@ -20,9 +20,12 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 
 from core.images import encode_jpeg, encode_jpeg_rgb
-from schemas import Frame, Verdict, decode
+from core.kafka_io import make_consumer, read_topic_partitions
+from core.settings import Settings
+from schemas import Frame, Message, Verdict, decode
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 CAMERA_SIZE = (480, 640)  # height, width of the frames the benchmarks feed
 SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "falls-fallaction" / "images"
@@ -132,6 +135,19 @@ async def read_verdicts(consumer: AIOKafkaConsumer, count: int, timeout_s: float
             verdict = decode(Verdict, record.value)
             verdicts[verdict.frame_id] = verdict
     return list(verdicts.values())
+
+
+async def read_all(settings: Settings, topic: str, model: type[M]) -> list[M]:
+    """Everything on `topic` up to its end offsets now."""
+    consumer = make_consumer(settings, topic, group_id=None)
+    messages: list[M] = []
+    async with kafka_clients(consumer):
+        partitions = await read_topic_partitions(settings, topic)
+        end = await consumer.end_offsets(partitions)
+        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+            batches = await consumer.getmany(timeout_ms=1000)
+            messages += [decode(model, record.value) for records in batches.values() for record in records]
+    return messages
 
 
 # --- tables -----------------------------------------------------------------------------------
