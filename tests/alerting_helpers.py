@@ -227,7 +227,7 @@ def fall_with_frames(settings: Settings, clip_path: Path, name: str) -> FallEven
             captured_at=v.captured_at,
             width=image.shape[1],
             height=image.shape[0],
-            jpeg=jpeg.tobytes(),
+            jpeg=jpeg,
         )
         for seq, v in enumerate(verdicts)
     ]

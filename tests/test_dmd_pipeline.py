@@ -172,7 +172,7 @@ def frame_at(camera: str, start: datetime, seq: int, image_path: Path) -> Frame:
         captured_at=captured_at,
         width=image.shape[1],
         height=image.shape[0],
-        jpeg=jpeg.tobytes(),
+        jpeg=jpeg,
     )
 
 
