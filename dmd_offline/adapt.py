@@ -41,7 +41,7 @@ from transformers import ViltProcessor
 
 from cloud_workers.model import CloudModel
 from core.settings import ConfigError, DmdSettings, Settings
-from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdData, DmdRow, agreement_scores
+from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdData, DmdRow, agreement_scores, with_history
 from dmd_offline.finetune import TrainingImages, finetune, save_edge
 from dmd_offline.metrics import Outcomes, first_m, uncertainty_order
 from dmd_offline.sources import ReplayItem, image_folder_items
@@ -57,7 +57,15 @@ from edge_workers.registry import (
     read_active,
     save_pair,
 )
-from edge_workers.switcher import Switcher, SwitcherMetadata, latest_version, load_switcher, new_version
+from edge_workers.switcher import (
+    Switcher,
+    SwitcherMetadata,
+    history_by_camera,
+    history_length,
+    latest_version,
+    load_switcher,
+    new_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +344,13 @@ def deferral_rightness(
     return float(np.mean(by_switcher == reference)), float(np.mean(by_uncertainty == reference))
 
 
+def scores_of(switcher: Switcher, output: EdgeBatch, frames: list[AdaptFrame]) -> np.ndarray:
+    """The switcher's scores of a camera's frames, its history read in frame order within each camera."""
+    groups, order = [f.group for f in frames], np.array([f.order_key for f in frames])
+    history = history_by_camera(output.fall_probability, groups, order, switcher.history)
+    return switcher.agreement_probability(output.hidden, output.fall_probability, history)
+
+
 def calibration_of(output: EdgeBatch, scores: np.ndarray, threshold: float, edge_threshold: float) -> Calibration:
     return Calibration(
         frames=len(scores),
@@ -397,7 +412,7 @@ class Adaptation:
         started = time.perf_counter()
         images = [f.image_rgb for f in gate_frames]
         candidate_out = predict(edge, images)
-        candidate_scores = switcher.agreement_probability(candidate_out.hidden, candidate_out.fall_probability)
+        candidate_scores = scores_of(switcher, candidate_out, gate_frames)
         running_out = predict(self.base_model(), images)
         result = gate(gate_frames, candidate_out, candidate_scores, choice.threshold, running_out, self.settings)
         calibration = calibration_of(
@@ -431,6 +446,7 @@ class Adaptation:
 
 def switcher_on(rows: DmdData, dmd: DmdSettings) -> tuple[Switcher, TrainingReport, ThresholdChoice]:
     """A switcher trained on out-of-fold rows (a seeded share held out for early stopping) and its threshold."""
+    rows = with_history(rows, history_length(dmd.switcher_inputs, dmd.switcher_history))
     held = np.random.default_rng(dmd.seed).random(len(rows.rows)) < dmd.val_share
     train, val = rows.select(~held), rows.select(held)
     switcher, training = train_switcher(train, val, dmd)
@@ -450,6 +466,7 @@ def publish_candidate(settings: Settings, candidate: Candidate, window: str) -> 
         version=version,
         input_dim=candidate.switcher.input_dim,
         inputs=candidate.switcher.inputs,
+        history=candidate.switcher.history,
         threshold=candidate.choice.threshold,
         edge_model=PAIR_EDGE_DIR,  # bound to the version's own edge model when saved
         created_at=datetime.now(UTC),

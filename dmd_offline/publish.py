@@ -58,6 +58,7 @@ def publish(
         version=new_version(),
         input_dim=switcher.input_dim,
         inputs=switcher.inputs,
+        history=switcher.history,
         threshold=choice.threshold,
         edge_model=manifest.edge_model,
         edge_model_revision=manifest.edge_model_revision,

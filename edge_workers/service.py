@@ -39,6 +39,7 @@ from edge_workers.model import CpuOptionCheck, EdgeModel, load_edge_model, torch
 from edge_workers.registry import ActiveSwitcher, LoadedPair, PairRegistry, SwitcherRegistry
 from edge_workers.requests import Offload, cloud_request, store_clip
 from edge_workers.routing import RouteDecision, Router, RoutingPolicy
+from edge_workers.switcher import CameraHistory
 from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, OffloadReason, Verdict, utc_now
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class EdgeWorker:
         self.registry: SwitcherRegistry | PairRegistry
         self.active: ActiveSwitcher
         self.drift = DriftGuard(edge.drift, None)
+        self.history = CameraHistory()  # the cameras' last edge probabilities, for a history switcher
         if model is None:
             self.registry = pair_registry(settings)
             pair = self.registry.load_active()
@@ -240,6 +242,7 @@ class EdgeWorker:
             self.metrics.camera_drift.clear()  # every camera is judged afresh against the new calibration
             loaded = loaded.switcher
         self.active = loaded
+        self.history.clear()
         if self.settings.edge.switcher_threshold is None:
             self.router.set_threshold(loaded.metadata.threshold)
         self.metrics.use_switcher(loaded.metadata.version)
@@ -260,8 +263,11 @@ class EdgeWorker:
         started = time.perf_counter()
         # One batch is too small to share across threads: on a busy 2-core machine the switcher took
         # 24 ms per 64 frames with torch's 2 threads against 1.8 ms with one.
+        switcher = self.active.switcher
+        cameras = [item.frame.camera_id for item in decoded]
+        history = self.history.rows(cameras, output.fall_probability, switcher.history)
         with torch_threads(1):
-            scores = self.active.switcher.agreement_probability(output.hidden, output.fall_probability)
+            scores = switcher.agreement_probability(output.hidden, output.fall_probability, history)
         switcher_s = (time.perf_counter() - started) / len(decoded)
 
         base_rate = self.router.policy.exploration_rate

@@ -3,7 +3,8 @@
 Version A's edge model says "fall" for every frame while its calibration says a camera sees
 falls on 5 % of frames: the drift guard must flag the camera and raise its cloud share within the
 budget. Version B's says "no fall"; it is activated mid-stream and every frame must be answered
-exactly once, by A's pair before the switch and by B's after it; a rollback brings A back.
+exactly once, by A's pair before the switch and by B's after it; a rollback brings A back. B's
+switcher reads the camera's last edge probabilities, which a new version resets.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from core.kafka_io import consumer_group_lag
 from core.settings import Settings
 from edge_workers.registry import Calibration, PairVersion, activate, announce_switcher, rollback, save_pair
 from edge_workers.service import EdgeWorker
-from edge_workers.switcher import Switcher, SwitcherMetadata
+from edge_workers.switcher import Switcher, SwitcherInputs, SwitcherMetadata, input_size
 from fallwatch.devkit.models import ModelPaths
 from fallwatch.devkit.tiny_edge import set_fall_bias
 from schemas import CloudRequest, Verdict
@@ -36,16 +37,20 @@ MIN_FRAMES = 8
 CALIBRATION = Calibration(frames=100, fall_rate=0.05, offload_share=0.0, score_quantiles=[0.5] * 9)
 
 
-def publish_version(registry: Path, tiny: ModelPaths, scratch: Path, fall: bool, version: str) -> str:
+def publish_version(registry: Path, tiny: ModelPaths, scratch: Path, fall: bool, version: str, history: int = 0) -> str:
+    """A version; with `history`, its switcher reads the camera's last `history` edge probabilities too."""
     edge = scratch / f"edge-{version}"
     shutil.copytree(tiny.edge, edge)
     set_fall_bias(edge, fall=fall)
+    inputs: SwitcherInputs = "hidden+confidence+history" if history else "hidden"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        switcher = Switcher(HIDDEN)
+        switcher = Switcher(input_size(inputs, HIDDEN, history), inputs, history)
     metadata = SwitcherMetadata(
         version=version,
-        input_dim=HIDDEN,
+        input_dim=switcher.input_dim,
+        inputs=inputs,
+        history=history,
         threshold=0.0,  # the switcher never doubts: offloads come from exploration only
         edge_model="edge",
         created_at=datetime.now(UTC),
@@ -99,15 +104,17 @@ def test_hot_reload_of_edge_and_switcher_mid_stream_and_the_drift_guard(
             await publish_frames(settings, before)
             await answered(len(before))
             flagged = worker.metrics.registry.get_sample_value("fallwatch_edge_camera_drift", {"camera": "cam-a"})
-            new = publish_version(registry, tiny_models, tmp_path, fall=False, version="v2")
+            new = publish_version(registry, tiny_models, tmp_path, fall=False, version="v2", history=4)
             announce_switcher(Redis.from_url(settings.redis.url), announce_key, new)
             await until(lambda: worker.model.name == "v2/edge", "the announced version")
             cleared = worker.metrics.registry.get_sample_value("fallwatch_edge_camera_drift", {"camera": "cam-a"})
             await publish_frames(settings, after)
             await answered(len(before) + len(after))
+            assert len(worker.history.recent["cam-a"]) == 4, "v2's switcher reads the camera's last 4 frames"
             assert rollback(registry) == ("v2", "v1")
             announce_switcher(Redis.from_url(settings.redis.url), announce_key, "v1")
             await until(lambda: worker.model.name == "v1/edge", "the rolled-back version")
+            assert not worker.history.recent, "another version's probabilities are not v1's history"
             await publish_frames(settings, back)
             await answered(len(before) + len(after) + len(back))
         return flagged, cleared

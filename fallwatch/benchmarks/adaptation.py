@@ -34,7 +34,7 @@ from dmd_offline.clip_outputs import CLIP_START, ClipOutputs, LazyModels, clip_o
 from dmd_offline.clips import LabelledClip, read_labelled_clips
 from dmd_offline.dataset import DmdData
 from dmd_offline.event_eval import clip_facts, published_switcher
-from dmd_offline.event_replay import CLOUD_ONLY, EDGE_ONLY, Policy, Scores, replay
+from dmd_offline.event_replay import CLOUD_ONLY, EDGE_ONLY, Policy, Scores, clip_scores, replay
 from dmd_offline.finetune import save_edge
 from dmd_offline.scoring import ClipFacts, aggregate
 from edge_workers.model import load_edge_model
@@ -188,9 +188,7 @@ class Study:
                     log.warning("no %s switcher on %.0f%% of fold rows: %s", name, share * 100, exc)
                     continue
                 for clip in after:
-                    self.auroc_inputs[(name, share)].append(
-                        (switcher.agreement_probability(clip.hidden, clip.edge_p), agreement_of(clip))
-                    )
+                    self.auroc_inputs[(name, share)].append((clip_scores(switcher, clip), agreement_of(clip)))
         for clip in after:
             self.auroc_inputs[("uncertainty", 1.0)].append((np.abs(clip.edge_p - 0.5), agreement_of(clip)))
 
@@ -223,9 +221,7 @@ class Study:
         scores = Scores.of(after, candidate.switcher, settings.eval.seed)
         # "DMD" is the candidate's own switcher (dmd.switcher_inputs); both kinds beside it, on the same rows
         for family, switcher in ((PAPER_FAMILY, paper), (CONFIDENCE_FAMILY, confident)):
-            scores.by_family[family] = [
-                switcher.agreement_probability(clip.hidden, clip.edge_p).astype(np.float64) for clip in after
-            ]
+            scores.by_family[family] = [clip_scores(switcher, clip) for clip in after]
         self.evaluate(
             "after", after, scores, candidate.choice.threshold, ["DMD", PAPER_FAMILY, CONFIDENCE_FAMILY, "uncertainty"]
         )
