@@ -31,6 +31,7 @@ from core.clips import ClipBuffers
 from core.consumer import Batch, BatchConsumer
 from core.images import decode_jpeg_rgb, keep_freed_image_memory
 from core.kafka_io import decode_batch, make_producer, send, send_dead_letter, start_clients
+from core.operator_events import send_operator_event
 from core.redis_io import RedisOutage, redis_client
 from core.settings import Settings
 from edge_workers.drift import DriftGuard
@@ -111,7 +112,7 @@ class EdgeWorker:
             self.registry = pair_registry(settings)
             pair = self.registry.load_active()
             self.model, self.active = pair.model, pair.switcher
-            self.drift.use_calibration(pair.version.calibration)
+            self.drift.use_calibration(pair.version.calibration, pair.version.version)
         else:
             self.model = model
             self.registry = SwitcherRegistry(
@@ -165,7 +166,10 @@ class EdgeWorker:
                 await self.decoded(fetched, producer)
                 await self.between_batches(redis)
                 if fetched.batch is not None:
-                    batches.answered(fetched.batch, await self.handle_batch(fetched, producer, redis))
+                    acks = await self.handle_batch(fetched, producer, redis)
+                    batches.answered(fetched.batch, acks + await self.operator_events(producer))
+                else:  # idle: a refused version is still told at once
+                    await asyncio.gather(*await self.operator_events(producer))
                 await batches.commit_acked(wait=batches.in_flight() > MAX_BATCHES_IN_FLIGHT)
                 self.metrics.consumer_lag.set(await batches.lag())
             await batches.drain()
@@ -222,6 +226,13 @@ class EdgeWorker:
             for start in range(0, len(good), share)
         ]  # fmt: skip
 
+    async def operator_events(self, producer: AIOKafkaProducer) -> list[asyncio.Future]:
+        """The drift guard's and the registry's events since the last call, sent to `operator-events`."""
+        events = [*self.drift.events, *self.registry.events]
+        self.drift.events.clear()
+        self.registry.events.clear()
+        return [await send_operator_event(producer, self.settings, event) for event in events]
+
     async def between_batches(self, redis: Redis) -> None:
         """What changes the worker does between two batches, so each frame is answered by one model state."""
         await self.reload_switcher(redis)
@@ -238,7 +249,7 @@ class EdgeWorker:
             return
         if isinstance(loaded, LoadedPair):  # edge model and switcher together, between batches
             self.model = loaded.model
-            self.drift.use_calibration(loaded.version.calibration)
+            self.drift.use_calibration(loaded.version.calibration, loaded.version.version)
             self.metrics.camera_drift.clear()  # every camera is judged afresh against the new calibration
             loaded = loaded.switcher
         self.active = loaded

@@ -21,8 +21,8 @@ from dmd_offline.adapt import predict
 from edge_workers.model import ViltEdgeModel
 from edge_workers.registry import PAIR_EDGE_DIR, read_active, read_pair_version
 from fallwatch.devkit.models import ModelPaths
-from schemas import Frame, Label
-from tests.conftest import settings_for, write_config
+from schemas import Frame, Label, OperatorEvent
+from tests.conftest import consume_until, settings_for, write_config
 from tests.test_adaptation import FRAMES_PER_CAMERA, biased_frames, camera_frames, fall_leaning_copy
 from tests.test_dmd_pipeline import logged_cloud_verdict, publish_traffic, run_cli
 
@@ -201,6 +201,14 @@ def test_adapt_follows_caregivers_over_a_wrong_cloud_and_refuses_a_candidate_los
     assert "of the 10 caregiver-acknowledged fall frames, the running pair on 100.0%" in lines[0], lines[0]
     assert "agrees with the cloud" not in lines[0] and "(held-out slice of 12 frames)" in lines[0]
     assert read_active(registry) == active, "the refused candidate changed nothing"
+
+    events = asyncio.run(consume_until(settings, settings.kafka.topics.operator_events, OperatorEvent,
+                                       lambda m: len(m) >= 2))  # fmt: skip
+    assert [(e.kind, e.service, e.version) for e in events] == [
+        ("version_published", "dmd_offline", active.version),
+        ("candidate_refused", "dmd_offline", active.version),  # the running version it did not replace
+    ]
+    assert events[0].message.startswith(f"published version {active.version}") and events[1].message == lines[0]
 
 
 def predict_held(edge_dir: Path, held) -> np.ndarray:

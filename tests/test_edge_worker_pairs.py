@@ -27,7 +27,7 @@ from edge_workers.service import EdgeWorker
 from edge_workers.switcher import Switcher, SwitcherInputs, SwitcherMetadata, input_size
 from fallwatch.devkit.models import ModelPaths
 from fallwatch.devkit.tiny_edge import set_fall_bias
-from schemas import CloudRequest, Verdict
+from schemas import CloudRequest, OperatorEvent, Verdict
 from tests.conftest import consume_until, running
 from tests.test_edge_worker import make_frames, publish_frames, until, worker_settings
 
@@ -117,6 +117,12 @@ def test_hot_reload_of_edge_and_switcher_mid_stream_and_the_drift_guard(
             assert not worker.history.recent, "another version's probabilities are not v1's history"
             await publish_frames(settings, back)
             await answered(len(before) + len(after) + len(back))
+            # a version whose edge model is not what its record says: refused, v1 stays
+            publish_version(registry, tiny_models, tmp_path, fall=False, version="v3")
+            (registry / "v3" / "edge" / "config.json").write_text("{}")
+            announce_switcher(Redis.from_url(settings.redis.url), announce_key, "v3")
+            await until(lambda: "v3" in worker.registry.refused, "the refusal of v3")
+            assert worker.model.name == "v1/edge"
         return flagged, cleared
 
     with caplog.at_level(logging.WARNING, logger="edge_workers.drift"):
@@ -146,6 +152,17 @@ def test_hot_reload_of_edge_and_switcher_mid_stream_and_the_drift_guard(
     assert {r.reason for r in requests} == {"exploration"}
     assert len(offloaded & {f.frame_id for f in before}) <= BUDGET * len(before), "within the budget"
     assert asyncio.run(consumer_group_lag(settings, settings.edge.group_id, settings.kafka.topics.frames)) == 0
+
+    # the same as operator events, beside the log lines
+    events = asyncio.run(consume_until(settings, settings.kafka.topics.operator_events, OperatorEvent,
+                                       lambda m: any(e.kind == "version_refused" for e in m)))  # fmt: skip
+    camera = [(e.kind, e.version) for e in events if e.camera_id == "cam-a"]
+    assert camera == [("drift_flagged", "v1"), ("learning_started", "v1"), ("learning_ended", "v2"),
+                      ("drift_flagged", "v1"), ("learning_started", "v1")]  # fmt: skip
+    assert [e.message for e in events if e.kind == "drift_flagged"] == [expected, expected]
+    refused = [e for e in events if e.kind == "version_refused"]
+    assert len(refused) == 1 and refused[0].version == "v3" and refused[0].camera_id is None
+    assert refused[0].message.startswith("version v3 refused, keeping v1: the edge model of v3 does not match")
 
 
 def test_start_without_an_active_version_is_one_readable_line(tmp_path: Path) -> None:
