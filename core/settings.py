@@ -573,8 +573,13 @@ class DmdSettings(Section):
         description="split the switcher learns from; val when the model pair learnt from train (val_share of "
         "it is held out for early stopping, the pair's train rows are not used)",
     )
-    switcher_inputs: Literal["hidden", "hidden+confidence"] = Field(
-        "hidden", description="the switcher reads the hidden vector (the paper's) or it and the edge's confidence"
+    switcher_inputs: Literal["hidden", "hidden+confidence", "hidden+confidence+history"] = Field(
+        "hidden",
+        description="the switcher reads the hidden vector (the paper's), or it and the edge's confidence, or also "
+        "the edge's P(fall) on the camera's last `switcher_history` frames",
+    )
+    switcher_history: int = Field(
+        4, ge=1, le=64, description="earlier frames of the camera a hidden+confidence+history switcher reads"
     )
     switcher_target: Literal["agreement", "deferral_helps"] = Field(
         "agreement",

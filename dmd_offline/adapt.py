@@ -12,10 +12,12 @@ From the frames of a window (`dmd.since` / `dmd.until` of the `frames` topic, or
 4. **The candidate**: the running edge fine-tuned on all of them; the switcher trained on the
    out-of-fold rows (`dmd.switcher_inputs`, `dmd.switcher_target`), its threshold deferring
    `target_offload_share` of them.
-5. **The gate**, on the held-out slice: the candidate's edge must agree with the cloud at least as
-   often as the running pair's, must not be less often right on caregiver-labelled frames, and its
-   switcher must not lose to uncertainty deferral at the switcher's own cloud share. Each check may
-   lose by `gate_tolerance` at most. A refusal says which check failed, in one line.
+5. **The gate**, on the held-out slice. Where it has caregiver-labelled frames, those decide: the
+   candidate's edge must be right on them at least as often as the running pair's, and say "fall"
+   on the caregiver-acknowledged fall frames at least as often; on a slice without labels, it must
+   agree with the cloud at least as often instead. Its switcher must not lose to uncertainty
+   deferral at the switcher's own cloud share. Each check may lose by `gate_tolerance` at most. A
+   refusal says which check failed, with its figures, in one line.
 6. **Publish**: edge model and switcher as one version in `edge.model_registry`, with the hashes
    that bind them and the calibration the edge workers' drift guard compares cameras with (the
    candidate on the held-out slice); then ACTIVE points at it and the workers are told.
@@ -39,7 +41,7 @@ from transformers import ViltProcessor
 
 from cloud_workers.model import CloudModel
 from core.settings import ConfigError, DmdSettings, Settings
-from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdData, DmdRow, agreement_scores
+from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdData, DmdRow, agreement_scores, with_history
 from dmd_offline.finetune import TrainingImages, finetune, save_edge
 from dmd_offline.metrics import Outcomes, first_m, uncertainty_order
 from dmd_offline.sources import ReplayItem, image_folder_items
@@ -55,7 +57,15 @@ from edge_workers.registry import (
     read_active,
     save_pair,
 )
-from edge_workers.switcher import Switcher, SwitcherMetadata, latest_version, load_switcher, new_version
+from edge_workers.switcher import (
+    Switcher,
+    SwitcherMetadata,
+    history_by_camera,
+    history_length,
+    latest_version,
+    load_switcher,
+    new_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -227,32 +237,47 @@ class GateCheck:
     passed: bool
 
 
+REFUSALS = {
+    "cloud agreement": "the candidate agrees with the cloud on {c:.1%} of the held-out frames, "
+    "the running pair on {r:.1%}",
+    "caregiver labels": "the candidate is right on {c:.1%} of the {n} caregiver-labelled frames, "
+    "the running pair on {r:.1%}",
+    "caregiver falls": "the candidate says fall on {c:.1%} of the {f} caregiver-acknowledged fall frames, "
+    "the running pair on {r:.1%}",
+    "switcher vs uncertainty": "the candidate's switcher is right on {c:.1%} with {s:.0%} to the cloud, "
+    "uncertainty deferral on {r:.1%}",
+}
+
+
 @dataclass
 class GateResult:
     frames: int
     checks: list[GateCheck]
     cloud_share: float  # the candidate switcher's share of the held-out frames to the cloud
+    labelled: int = 0  # held-out frames with a caregiver's label
+    labelled_falls: int = 0
 
     @property
     def passed(self) -> bool:
         return all(check.passed for check in self.checks)
 
     def refusal(self) -> str:
-        words = {
-            "cloud agreement": "the candidate agrees with the cloud on {c:.1%} of the held-out frames, "
-            "the running pair on {r:.1%}",
-            "caregiver labels": "the candidate is right on {c:.1%} of the caregiver-labelled frames, "
-            "the running pair on {r:.1%}",
-            "switcher vs uncertainty": "the candidate's switcher is right on {c:.1%} with {s:.0%} to the cloud, "
-            "uncertainty deferral on {r:.1%}",
-        }
-        failed = [check for check in self.checks if not check.passed]
-        reasons = [words[check.name].format(c=check.candidate, r=check.running, s=self.cloud_share) for check in failed]
+        reasons = [
+            REFUSALS[check.name].format(
+                c=check.candidate, r=check.running, s=self.cloud_share, n=self.labelled, f=self.labelled_falls
+            )
+            for check in self.checks
+            if not check.passed
+        ]
         return "not published: " + "; ".join(reasons) + f" (held-out slice of {self.frames} frames)"
 
     def as_metrics(self) -> dict[str, float]:
-        metrics = {"gate_frames": float(self.frames), "gate_cloud_share": self.cloud_share}
-        for check in self.checks:  # a check without frames to judge on (no caregiver label) is left out
+        metrics = {
+            "gate_frames": float(self.frames),
+            "gate_cloud_share": self.cloud_share,
+            "gate_labelled_frames": float(self.labelled),
+        }
+        for check in self.checks:  # a check without frames to judge on is left out
             key = check.name.replace(" ", "_")
             if check.candidate is not None and check.running is not None:
                 metrics[f"gate_{key}_candidate"] = check.candidate
@@ -268,13 +293,19 @@ def gate(
     running: EdgeBatch,
     settings: Settings,
 ) -> GateResult:
-    """The three checks of the module docstring on the held-out frames."""
+    """The checks of the module docstring on the held-out frames.
+
+    Caregiver labels, where the slice has any, decide: they say where the cloud itself is wrong (a
+    person lying on a bed is no fall, whatever the cloud answers), so agreement with the cloud is
+    checked only on a slice without them.
+    """
     edge_threshold = settings.edge.decision_threshold
     tolerance = settings.dmd.adapt.gate_tolerance
     cloud_known = np.array([f.cloud_probability is not None for f in frames])
     cloud = np.array([(f.cloud_probability or 0.0) >= settings.cloud.decision_threshold for f in frames])
     labelled = np.array([f.label is not None for f in frames])
     labels = np.array([bool(f.label) for f in frames])
+    falls = labelled & labels
     new = candidate.fall_probability >= edge_threshold
     old = running.fall_probability >= edge_threshold
 
@@ -285,27 +316,39 @@ def gate(
         passed = ours is None or theirs is None or ours >= theirs - tolerance
         return GateCheck(name, ours, theirs, passed)
 
+    if labelled.any():
+        checks = [
+            check("caregiver labels", share(labelled, new == labels), share(labelled, old == labels)),
+            check("caregiver falls", share(falls, new), share(falls, old)),
+        ]
+    else:
+        checks = [check("cloud agreement", share(cloud_known, new == cloud), share(cloud_known, old == cloud))]
     deferred = candidate_scores < threshold
-    checks = [
-        check("cloud agreement", share(cloud_known, new == cloud), share(cloud_known, old == cloud)),
-        check("caregiver labels", share(labelled, new == labels), share(labelled, old == labels)),
-    ]
     if cloud_known.any():
-        # the reference is the caregiver where known, else the cloud; only frames with a cloud answer can defer
+        # right is the caregiver's label where known, else the cloud; only frames with a cloud answer can defer
         known = np.flatnonzero(cloud_known)
         reference = np.where(labelled, labels, cloud)[known]
-        m = int(deferred[known].sum())
-        by_switcher = np.where(deferred[known], cloud[known], new[known])
-        order = uncertainty_order(candidate.fall_probability[known].astype(float))
-        by_uncertainty = np.where(first_m(order, m), cloud[known], new[known])
-        checks.append(
-            check(
-                "switcher vs uncertainty",
-                float(np.mean(by_switcher == reference)),
-                float(np.mean(by_uncertainty == reference)),
-            )
-        )
-    return GateResult(len(frames), checks, float(deferred.mean()) if len(frames) else 0.0)
+        args = candidate.fall_probability[known], new[known], deferred[known], cloud[known], reference
+        checks.append(check("switcher vs uncertainty", *deferral_rightness(*args)))
+    cloud_share = float(deferred.mean()) if len(frames) else 0.0
+    return GateResult(len(frames), checks, cloud_share, int(labelled.sum()), int(falls.sum()))
+
+
+def deferral_rightness(
+    probability: np.ndarray, new: np.ndarray, deferred: np.ndarray, cloud: np.ndarray, reference: np.ndarray
+) -> tuple[float, float]:
+    """How often the switcher's routing, and uncertainty deferral of as many frames, is right (`reference`)."""
+    m = int(deferred.sum())
+    by_switcher = np.where(deferred, cloud, new)
+    by_uncertainty = np.where(first_m(uncertainty_order(probability.astype(float)), m), cloud, new)
+    return float(np.mean(by_switcher == reference)), float(np.mean(by_uncertainty == reference))
+
+
+def scores_of(switcher: Switcher, output: EdgeBatch, frames: list[AdaptFrame]) -> np.ndarray:
+    """The switcher's scores of a camera's frames, its history read in frame order within each camera."""
+    groups, order = [f.group for f in frames], np.array([f.order_key for f in frames])
+    history = history_by_camera(output.fall_probability, groups, order, switcher.history)
+    return switcher.agreement_probability(output.hidden, output.fall_probability, history)
 
 
 def calibration_of(output: EdgeBatch, scores: np.ndarray, threshold: float, edge_threshold: float) -> Calibration:
@@ -369,7 +412,7 @@ class Adaptation:
         started = time.perf_counter()
         images = [f.image_rgb for f in gate_frames]
         candidate_out = predict(edge, images)
-        candidate_scores = switcher.agreement_probability(candidate_out.hidden, candidate_out.fall_probability)
+        candidate_scores = scores_of(switcher, candidate_out, gate_frames)
         running_out = predict(self.base_model(), images)
         result = gate(gate_frames, candidate_out, candidate_scores, choice.threshold, running_out, self.settings)
         calibration = calibration_of(
@@ -403,6 +446,7 @@ class Adaptation:
 
 def switcher_on(rows: DmdData, dmd: DmdSettings) -> tuple[Switcher, TrainingReport, ThresholdChoice]:
     """A switcher trained on out-of-fold rows (a seeded share held out for early stopping) and its threshold."""
+    rows = with_history(rows, history_length(dmd.switcher_inputs, dmd.switcher_history))
     held = np.random.default_rng(dmd.seed).random(len(rows.rows)) < dmd.val_share
     train, val = rows.select(~held), rows.select(held)
     switcher, training = train_switcher(train, val, dmd)
@@ -422,6 +466,7 @@ def publish_candidate(settings: Settings, candidate: Candidate, window: str) -> 
         version=version,
         input_dim=candidate.switcher.input_dim,
         inputs=candidate.switcher.inputs,
+        history=candidate.switcher.history,
         threshold=candidate.choice.threshold,
         edge_model=PAIR_EDGE_DIR,  # bound to the version's own edge model when saved
         created_at=datetime.now(UTC),

@@ -204,7 +204,7 @@ def run_command(
 
 def adapt_step(settings: Settings, publish: bool) -> None:
     from dmd_offline.adapt import Adaptation, publish_candidate, read_window
-    from dmd_offline.publish import announce
+    from dmd_offline.publish import announce, tell_operators
 
     started = time.perf_counter()
     frames, original, source = read_window(settings)
@@ -218,11 +218,14 @@ def adapt_step(settings: Settings, publish: bool) -> None:
     typer.echo("; ".join(f"{step} {seconds:.1f} s" for step, seconds in candidate.seconds.items()))
     if not gate.passed:
         typer.echo(gate.refusal())
+        tell_operators(settings, "candidate_refused", gate.refusal(), candidate.running.version)
         raise typer.Exit(1)
     if publish:
         version = publish_candidate(settings, candidate, source)
         announce(settings, version)
-        typer.echo(f"published version {version} (edge model and switcher) in {settings.edge.model_registry}")
+        line = f"published version {version} (edge model and switcher) in {settings.edge.model_registry}"
+        typer.echo(line)
+        tell_operators(settings, "version_published", line, version)
     timed("adapt", started)
 
 
@@ -253,7 +256,7 @@ def adapt_command(
 @dmd_app.command("rollback")
 def rollback_command() -> None:
     """Make the version that was active before the current one active again (edge model and switcher)."""
-    from dmd_offline.publish import announce
+    from dmd_offline.publish import announce, tell_operators
     from edge_workers.registry import rollback
 
     settings = settings_with_logging()
@@ -262,7 +265,9 @@ def rollback_command() -> None:
         raise ConfigError("edge.model_registry is not set: there is no version to roll back")
     left, back_to = rollback(registry)
     announce(settings, back_to)
-    typer.echo(f"rolled back from {left} to {back_to}")
+    line = f"rolled back from {left} to {back_to}"
+    typer.echo(line)
+    tell_operators(settings, "version_rolled_back", line, back_to)
 
 
 def eval_command(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,13 +72,17 @@ class DmdData:
     manifest: DatasetManifest
     rows: list[DmdRow]
     hidden: np.ndarray  # [N, D] float32
+    # [N, k]: the edge's P(fall) on each row's k previous frames of its group (`with_history`), kept
+    # through selections so that a subset's rows keep the history of the rows left out
+    history: np.ndarray | None = None
 
     def column(self, name: str) -> np.ndarray:
         return np.array([getattr(row, name) for row in self.rows])
 
     def select(self, mask: np.ndarray) -> DmdData:
         indices = np.flatnonzero(mask)
-        return DmdData(self.manifest, [self.rows[i] for i in indices], self.hidden[indices])
+        history = None if self.history is None else self.history[indices]
+        return DmdData(self.manifest, [self.rows[i] for i in indices], self.hidden[indices], history)
 
     def split(self, name: str) -> DmdData:
         return self.select(self.column("split") == name)
@@ -184,7 +188,7 @@ def assign_missing_splits(data: DmdData, val_share: float, test_share: float) ->
         DmdRow(**{**asdict(row), "split": splits[index]}) if index in splits else row
         for index, row in enumerate(data.rows)
     ]
-    return DmdData(data.manifest, rows, data.hidden)
+    return replace(data, rows=rows)
 
 
 def switcher_splits_from_val(data: DmdData, val_share: float, seed: int) -> DmdData:
@@ -207,9 +211,28 @@ def switcher_splits_from_val(data: DmdData, val_share: float, seed: int) -> DmdD
             split = "val"
         rows.append(DmdRow(**{**asdict(row), "split": split}))
         kept.append(index)
-    return DmdData(data.manifest, rows, data.hidden[kept])
+    return DmdData(data.manifest, rows, data.hidden[kept], None if data.history is None else data.history[kept])
+
+
+def edge_history(data: DmdData, k: int) -> np.ndarray | None:
+    """Each row's group's k previous edge probabilities in frame order (`history_by_camera`), None for k = 0:
+    the data's own (`with_history`) where it has k, else from the rows present."""
+    from edge_workers.switcher import history_by_camera
+
+    if k == 0:
+        return None
+    if data.history is not None and data.history.shape[1] == k:
+        return data.history
+    probabilities = data.column("small_fall_probability").astype(np.float32)
+    return history_by_camera(probabilities, data.column("group").tolist(), data.column("order_key"), k)
+
+
+def with_history(data: DmdData, k: int) -> DmdData:
+    """The data with its rows' history computed on all of it, before a split leaves rows out."""
+    return replace(data, history=edge_history(replace(data, history=None), k))
 
 
 def agreement_scores(switcher: Switcher, data: DmdData) -> np.ndarray:
     """The switcher's predicted agreement for every row (with the edge's P(fall) where it reads confidence)."""
-    return switcher.agreement_probability(data.hidden, data.column("small_fall_probability").astype(np.float32))
+    probabilities = data.column("small_fall_probability").astype(np.float32)
+    return switcher.agreement_probability(data.hidden, probabilities, edge_history(data, switcher.history))

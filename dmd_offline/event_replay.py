@@ -25,7 +25,7 @@ from alerting.rules import CameraState
 from core.settings import Settings
 from dmd_offline.clip_outputs import ClipOutputs
 from edge_workers.routing import Router, RoutingPolicy
-from edge_workers.switcher import Switcher
+from edge_workers.switcher import Switcher, history_by_camera
 from schemas import FallEvent, PersonDown, Verdict
 
 EDGE_ONLY, CLOUD_ONLY = "edge-only", "cloud-only"
@@ -53,6 +53,12 @@ class Policy:
         )
 
 
+def clip_scores(switcher: Switcher, clip: ClipOutputs) -> np.ndarray:
+    """The switcher's score of each frame of a clip (one camera, in frame order)."""
+    history = history_by_camera(clip.edge_p, [clip.camera_id] * clip.frames, np.arange(clip.frames), switcher.history)
+    return switcher.agreement_probability(clip.hidden, clip.edge_p, history).astype(np.float64)
+
+
 @dataclass(frozen=True)
 class Scores:
     """Every policy family's score of every frame, per clip (the order of the clips)."""
@@ -67,9 +73,7 @@ class Scores:
                 EDGE_ONLY: [np.ones(clip.frames) for clip in outputs],
                 CLOUD_ONLY: [np.zeros(clip.frames) for clip in outputs],
                 # the switcher's predicted agreement: the edge worker offloads below its threshold
-                "DMD": [
-                    switcher.agreement_probability(clip.hidden, clip.edge_p).astype(np.float64) for clip in outputs
-                ],
+                "DMD": [clip_scores(switcher, clip) for clip in outputs],
                 # Narayan et al. 2022: the edge's confidence |p − 0.5|, least confident first
                 "uncertainty": [2 * np.abs(clip.edge_p.astype(np.float64) - 0.5) for clip in outputs],
                 "random": [rng.random(clip.frames) for clip in outputs],

@@ -27,6 +27,7 @@ from dmd_offline.dataset import (
     export_paper_json,
     load_dataset,
     switcher_splits_from_val,
+    with_history,
 )
 from dmd_offline.evaluate import Evaluation, evaluate
 from dmd_offline.metrics import Outcomes
@@ -45,6 +46,7 @@ from dmd_offline.sources import (
 from dmd_offline.threshold import ThresholdChoice, bucket_threshold, budget_threshold
 from dmd_offline.train import TrainingReport, load_trained, save_trained, train_switcher
 from edge_workers.model import EdgeModel, load_edge_model
+from edge_workers.switcher import history_length
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,9 @@ def read_replay_summary(workdir: Workdir) -> ReplaySummary | None:
 
 def split_dataset(settings: Settings) -> DmdData:
     dmd = settings.dmd
-    data = assign_missing_splits(load_dataset(Workdir(dmd.workdir).dataset), dmd.val_share, dmd.test_share)
+    history = history_length(dmd.switcher_inputs, dmd.switcher_history)
+    data = with_history(load_dataset(Workdir(dmd.workdir).dataset), history)
+    data = assign_missing_splits(data, dmd.val_share, dmd.test_share)
     return switcher_splits_from_val(data, dmd.val_share, dmd.seed) if dmd.switcher_split == "val" else data
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 
+from core.operator_events import publish_operator_events
 from core.redis_io import sync_redis_client
 from core.settings import ConfigError, Settings
 from dmd_offline.dataset import DatasetManifest
@@ -16,6 +17,7 @@ from dmd_offline.threshold import ThresholdChoice
 from dmd_offline.train import TrainingReport
 from edge_workers.registry import announce_switcher
 from edge_workers.switcher import Switcher, SwitcherMetadata, new_version, save_switcher
+from schemas import OperatorEvent, OperatorEventKind
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ def publish(
         version=new_version(),
         input_dim=switcher.input_dim,
         inputs=switcher.inputs,
+        history=switcher.history,
         threshold=choice.threshold,
         edge_model=manifest.edge_model,
         edge_model_revision=manifest.edge_model_revision,
@@ -90,3 +93,9 @@ def announce(settings: Settings, version: str) -> None:
     except RedisError as exc:
         # the edge workers also poll the registry: they pick the version up within edge.registry_poll_s
         log.warning("could not announce version %s through Redis (%s); workers will find it by polling", version, exc)
+
+
+def tell_operators(settings: Settings, kind: OperatorEventKind, line: str, version: str | None) -> None:
+    """The command's line about a version, as an event on `operator-events` too."""
+    event = OperatorEvent(kind=kind, service="dmd_offline", message=line, version=version)
+    publish_operator_events(settings, [event])

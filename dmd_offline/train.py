@@ -8,10 +8,10 @@ Early stopping: the weights of the epoch with the lowest validation loss are kep
 and training stops after `patience` epochs without a better one.
 
 Inputs (`dmd.switcher_inputs`): the hidden vector (the paper's), or with the edge's
-confidence. Target (`dmd.switcher_target`): agreement (the paper's), or *deferral helps*:
-where ground truth is known, a row is a "defer" (0) only when the edge is wrong and the
-cloud right; where both are wrong, deferring buys nothing. Rows without ground truth keep
-the agreement target.
+confidence, or also the edge's P(fall) on the camera's last `dmd.switcher_history` frames.
+Target (`dmd.switcher_target`): agreement (the paper's), or *deferral helps*: where ground
+truth is known, a row is a "defer" (0) only when the edge is wrong and the cloud right; where
+both are wrong, deferring buys nothing. Rows without ground truth keep the agreement target.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.settings import ConfigError, DmdSettings
-from dmd_offline.dataset import UNKNOWN, DmdData, agreement_scores
+from dmd_offline.dataset import UNKNOWN, DmdData, agreement_scores, edge_history
 from edge_workers.model import torch_threads
-from edge_workers.switcher import Switcher, SwitcherInputs, input_size
+from edge_workers.switcher import Switcher, SwitcherInputs, history_length, input_size
 
 WEIGHTS_FILE = "switcher.safetensors"
 TRAINING_FILE = "training.json"
@@ -51,6 +51,7 @@ class TrainingReport:
     val_losses: list[float]
     inputs: SwitcherInputs = "hidden"
     target: str = "agreement"
+    history: int = 0
 
 
 def switcher_targets(data: DmdData, target: str) -> np.ndarray:
@@ -66,7 +67,8 @@ def switcher_targets(data: DmdData, target: str) -> np.ndarray:
 
 
 def switcher_rows(switcher: Switcher, data: DmdData) -> torch.Tensor:
-    features = switcher.features(data.hidden, data.column("small_fall_probability").astype(np.float32))
+    probabilities = data.column("small_fall_probability").astype(np.float32)
+    features = switcher.features(data.hidden, probabilities, edge_history(data, switcher.history))
     return torch.as_tensor(features, dtype=torch.float32)
 
 
@@ -182,7 +184,8 @@ def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple
     with torch_threads(1), torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         inputs = settings.switcher_inputs
-        switcher = Switcher(input_size(inputs, train.hidden.shape[1]), inputs)
+        history = history_length(inputs, settings.switcher_history)
+        switcher = Switcher(input_size(inputs, train.hidden.shape[1], history), inputs, history)
         train_x, val_x = switcher_rows(switcher, train), switcher_rows(switcher, val)
         optimiser = torch.optim.Adam(switcher.parameters(), lr=settings.learning_rate)
         fit = fit_on_tensors(
@@ -212,6 +215,7 @@ def train_switcher(train: DmdData, val: DmdData, settings: DmdSettings) -> tuple
         val_losses=fit.val_losses,
         inputs=inputs,
         target=settings.switcher_target,
+        history=history,
     )
     return switcher, report
 
@@ -228,7 +232,7 @@ def load_trained(directory: Path) -> tuple[Switcher, TrainingReport]:
     if not (directory / WEIGHTS_FILE).is_file():
         raise ConfigError(f"no trained switcher in {directory}: run `fallwatch dmd train` first")
     report = TrainingReport(**json.loads((directory / TRAINING_FILE).read_text()))
-    switcher = Switcher(report.input_dim, report.inputs)
+    switcher = Switcher(report.input_dim, report.inputs, report.history)
     switcher.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     switcher.eval()
     return switcher, report

@@ -10,6 +10,9 @@ below each calibration decile and that decile's share: a Kolmogorov–Smirnov di
 A flagged camera, and a camera in its first `learning_s` seconds, is in *learning mode*: its
 confident frames are explored at `learning_exploration_rate` instead of `edge.exploration_rate`.
 Exploration only spends what the offload budget leaves, so the cloud share stays within it.
+
+A flag, its clearing, and learning mode's start and end are log lines and operator events
+(`events`, which the worker sends to `operator-events`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.operator_events import operator_event
 from core.settings import DriftSettings
 from edge_workers.registry import Calibration
+from schemas import OperatorEvent, OperatorEventKind
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ class CameraWindow:
     scores: deque[float]
     offloaded: deque[bool]
     flagged: bool = False
+    learning: bool = False
 
 
 def score_distance(scores: np.ndarray, quantiles: list[float]) -> float:
@@ -72,15 +78,19 @@ class DriftGuard:
         self.calibration = calibration
         self.clock = clock
         self.cameras: dict[str, CameraWindow] = {}
+        self.events: list[OperatorEvent] = []  # not sent yet
+        self.version: str | None = None  # the version whose calibration is used, for the events
 
-    def use_calibration(self, calibration: Calibration | None) -> None:
+    def use_calibration(self, calibration: Calibration | None, version: str | None = None) -> None:
         """A new pair: its own calibration, and every camera's window starts again."""
         self.calibration = calibration
-        for window in self.cameras.values():
+        self.version = version
+        for camera_id, window in self.cameras.items():
             window.falls.clear()
             window.scores.clear()
             window.offloaded.clear()
             window.flagged = False
+            self.learning(camera_id)
 
     def window(self, camera_id: str) -> CameraWindow:
         if camera_id not in self.cameras:
@@ -92,11 +102,25 @@ class DriftGuard:
 
     def exploration_rate(self, camera_id: str, base: float) -> float:
         """The camera's exploration share now: higher while it is new or flagged."""
+        learning = self.learning(camera_id)
+        return max(base, self.settings.learning_exploration_rate) if learning else base
+
+    def learning(self, camera_id: str) -> bool:
+        """Whether the camera is in learning mode now; its start and end are events."""
         settings = self.settings
         window = self.window(camera_id)
         learning = window.flagged and settings.raise_cloud_share_on_drift
         learning = learning or self.clock() - window.first_seen < settings.learning_s
-        return max(base, settings.learning_exploration_rate) if learning else base
+        if learning != window.learning:
+            window.learning = learning
+            why = "flagged" if window.flagged else "new"
+            words = f"started ({why})" if learning else "ended"
+            kind: OperatorEventKind = "learning_started" if learning else "learning_ended"
+            self.events.append(self.event(logging.INFO, kind, f"camera {camera_id}: learning mode {words}", camera_id))
+        return learning
+
+    def event(self, level: int, kind: OperatorEventKind, message: str, camera_id: str) -> OperatorEvent:
+        return operator_event(log, level, kind, "edge_workers", message, camera_id, self.version)
 
     def observe(self, camera_id: str, fall: bool, score: float, offloaded: bool) -> DriftCheck | None:
         """Record one answered frame; returns the camera's check when its flag changed."""
@@ -109,9 +133,11 @@ class DriftGuard:
             return None
         window.flagged = check.drifted
         if check.drifted:
-            log.warning("%s", check.describe())
+            self.events.append(self.event(logging.WARNING, "drift_flagged", check.describe(), camera_id))
         else:
-            log.info("camera %s is back within the published pair's calibration", camera_id)
+            message = f"camera {camera_id} is back within the published pair's calibration"
+            self.events.append(self.event(logging.INFO, "drift_cleared", message, camera_id))
+        self.learning(camera_id)
         return check
 
     def check(self, camera_id: str) -> DriftCheck | None:

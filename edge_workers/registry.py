@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis as SyncRedis
 
 from core.checkpoints import directory_sha256, local_checkpoint_sha256
+from core.operator_events import operator_event
 from core.settings import ConfigError
 from edge_workers.switcher import (
     VERSION_PATTERN,
@@ -43,6 +44,7 @@ from edge_workers.switcher import (
     load_switcher,
     save_switcher,
 )
+from schemas import OperatorEvent
 
 if TYPE_CHECKING:
     from edge_workers.model import EdgeModel
@@ -75,6 +77,11 @@ class PolledRegistry:
         self.next_poll = clock() + poll_s
         self.last_announced: bytes | None = None
         self.refused: set[str] = set()  # versions that did not fit: not tried again
+        self.events: list[OperatorEvent] = []  # refusals not sent to operator-events yet
+
+    def refuse(self, name: str, message: str) -> None:
+        self.refused.add(name)
+        self.events.append(operator_event(log, logging.ERROR, "version_refused", "edge_workers", message, None, name))
 
     def due(self, announced: bytes | None) -> bool:
         """Time to look: `announced` (the key's value now) changed, or the poll interval is over."""
@@ -127,8 +134,7 @@ class SwitcherRegistry(PolledRegistry):
         try:
             loaded = await asyncio.to_thread(self._load, newest)
         except Exception as exc:  # keep serving with the switcher that works
-            self.refused.add(newest.name)
-            log.error("switcher %s refused, keeping %s: %s", newest.name, current.metadata.version, exc)
+            self.refuse(newest.name, f"switcher {newest.name} refused, keeping {current.metadata.version}: {exc}")
             return None
         log.info(
             "switcher %s loaded (threshold %.3f), replacing %s",
@@ -309,8 +315,7 @@ class PairRegistry(PolledRegistry):
         try:
             loaded = await asyncio.to_thread(self._load, pointer.version)
         except Exception as exc:  # keep serving with the pair that works
-            self.refused.add(pointer.version)
-            log.error("version %s refused, keeping %s: %s", pointer.version, running, exc)
+            self.refuse(pointer.version, f"version {pointer.version} refused, keeping {running}: {exc}")
             return None
         log.info("version %s loaded (edge model and switcher), replacing %s", pointer.version, running)
         return loaded

@@ -31,6 +31,7 @@ from core.clips import ClipBuffers
 from core.consumer import Batch, BatchConsumer
 from core.images import decode_jpeg_rgb, keep_freed_image_memory
 from core.kafka_io import decode_batch, make_producer, send, send_dead_letter, start_clients
+from core.operator_events import send_operator_event
 from core.redis_io import RedisOutage, redis_client
 from core.settings import Settings
 from edge_workers.drift import DriftGuard
@@ -39,6 +40,7 @@ from edge_workers.model import CpuOptionCheck, EdgeModel, load_edge_model, torch
 from edge_workers.registry import ActiveSwitcher, LoadedPair, PairRegistry, SwitcherRegistry
 from edge_workers.requests import Offload, cloud_request, store_clip
 from edge_workers.routing import RouteDecision, Router, RoutingPolicy
+from edge_workers.switcher import CameraHistory
 from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, OffloadReason, Verdict, utc_now
 
 log = logging.getLogger(__name__)
@@ -105,11 +107,12 @@ class EdgeWorker:
         self.registry: SwitcherRegistry | PairRegistry
         self.active: ActiveSwitcher
         self.drift = DriftGuard(edge.drift, None)
+        self.history = CameraHistory()  # the cameras' last edge probabilities, for a history switcher
         if model is None:
             self.registry = pair_registry(settings)
             pair = self.registry.load_active()
             self.model, self.active = pair.model, pair.switcher
-            self.drift.use_calibration(pair.version.calibration)
+            self.drift.use_calibration(pair.version.calibration, pair.version.version)
         else:
             self.model = model
             self.registry = SwitcherRegistry(
@@ -163,7 +166,10 @@ class EdgeWorker:
                 await self.decoded(fetched, producer)
                 await self.between_batches(redis)
                 if fetched.batch is not None:
-                    batches.answered(fetched.batch, await self.handle_batch(fetched, producer, redis))
+                    acks = await self.handle_batch(fetched, producer, redis)
+                    batches.answered(fetched.batch, acks + await self.operator_events(producer))
+                else:  # idle: a refused version is still told at once
+                    await asyncio.gather(*await self.operator_events(producer))
                 await batches.commit_acked(wait=batches.in_flight() > MAX_BATCHES_IN_FLIGHT)
                 self.metrics.consumer_lag.set(await batches.lag())
             await batches.drain()
@@ -220,6 +226,13 @@ class EdgeWorker:
             for start in range(0, len(good), share)
         ]  # fmt: skip
 
+    async def operator_events(self, producer: AIOKafkaProducer) -> list[asyncio.Future]:
+        """The drift guard's and the registry's events since the last call, sent to `operator-events`."""
+        events = [*self.drift.events, *self.registry.events]
+        self.drift.events.clear()
+        self.registry.events.clear()
+        return [await send_operator_event(producer, self.settings, event) for event in events]
+
     async def between_batches(self, redis: Redis) -> None:
         """What changes the worker does between two batches, so each frame is answered by one model state."""
         await self.reload_switcher(redis)
@@ -236,10 +249,11 @@ class EdgeWorker:
             return
         if isinstance(loaded, LoadedPair):  # edge model and switcher together, between batches
             self.model = loaded.model
-            self.drift.use_calibration(loaded.version.calibration)
+            self.drift.use_calibration(loaded.version.calibration, loaded.version.version)
             self.metrics.camera_drift.clear()  # every camera is judged afresh against the new calibration
             loaded = loaded.switcher
         self.active = loaded
+        self.history.clear()
         if self.settings.edge.switcher_threshold is None:
             self.router.set_threshold(loaded.metadata.threshold)
         self.metrics.use_switcher(loaded.metadata.version)
@@ -260,8 +274,11 @@ class EdgeWorker:
         started = time.perf_counter()
         # One batch is too small to share across threads: on a busy 2-core machine the switcher took
         # 24 ms per 64 frames with torch's 2 threads against 1.8 ms with one.
+        switcher = self.active.switcher
+        cameras = [item.frame.camera_id for item in decoded]
+        history = self.history.rows(cameras, output.fall_probability, switcher.history)
         with torch_threads(1):
-            scores = self.active.switcher.agreement_probability(output.hidden, output.fall_probability)
+            scores = switcher.agreement_probability(output.hidden, output.fall_probability, history)
         switcher_s = (time.perf_counter() - started) / len(decoded)
 
         base_rate = self.router.policy.exploration_rate

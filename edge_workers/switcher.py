@@ -4,7 +4,10 @@ The switcher reads the edge model's hidden vector (the paper's `hidden` inputs),
 vector and the edge's own confidence in its answer (`hidden+confidence`: P(fall), its margin
 |2p − 1| and its entropy in bits), and predicts the probability that the large model would
 give the same fall answer. The confidence inputs let a switcher fall back on what uncertainty
-deferral knows where the hidden vector says little (a room the edge never saw). A published switcher is a directory
+deferral knows where the hidden vector says little (a room the edge never saw).
+`hidden+confidence+history` also reads the edge's P(fall) on the camera's last `history` frames
+(`history_by_camera`, the one function the offline rows and the live worker both use): a fall is
+a change, and one frame does not show it. A published switcher is a directory
 `<registry>/<version>/` holding `switcher.safetensors` (weights) and `switcher.json`
 (`SwitcherMetadata`); versions are UTC timestamps, so the newest sorts last.
 """
@@ -15,7 +18,8 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -34,13 +38,45 @@ VERSION_FORMAT = "%Y%m%dT%H%M%S%fZ"
 # A version is a directory name: no separators, no leading dot (those are in-progress writes).
 VERSION_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 DROPOUT = 0.3
-SwitcherInputs = Literal["hidden", "hidden+confidence"]
+SwitcherInputs = Literal["hidden", "hidden+confidence", "hidden+confidence+history"]
 CONFIDENCE_FEATURES = 3  # P(fall), margin, entropy
 
 
-def input_size(inputs: SwitcherInputs, hidden_size: int) -> int:
+def history_length(inputs: SwitcherInputs, history: int) -> int:
+    """How many earlier probabilities the switcher reads: `history` for the history inputs, else none."""
+    return history if inputs == "hidden+confidence+history" else 0
+
+
+def input_size(inputs: SwitcherInputs, hidden_size: int, history: int = 0) -> int:
     """The switcher's input width for an edge model of `hidden_size`."""
-    return hidden_size + (CONFIDENCE_FEATURES if inputs == "hidden+confidence" else 0)
+    confidence = CONFIDENCE_FEATURES if inputs != "hidden" else 0
+    return hidden_size + confidence + history_length(inputs, history)
+
+
+def history_by_camera(
+    probabilities: np.ndarray,
+    cameras: Sequence[str],
+    order: np.ndarray,
+    k: int,
+    earlier: Mapping[str, Sequence[float]] | None = None,
+) -> np.ndarray:
+    """[N] edge P(fall) → [N, k]: for each frame, its camera's k previous probabilities, the latest first.
+
+    Frames are put in `order` (capture time) within each camera; `earlier` holds each camera's
+    probabilities before these (oldest first: the live worker's previous batches). Where fewer than k
+    came before, the frame's own probability fills in, as a camera that did not change.
+    """
+    p = np.asarray(probabilities, dtype=np.float32)
+    rows = np.empty((len(p), k), dtype=np.float32)
+    camera_of = np.asarray(cameras, dtype=object)
+    for camera in dict.fromkeys(cameras):
+        indices = np.flatnonzero(camera_of == camera)
+        indices = indices[np.argsort(np.asarray(order)[indices], kind="stable")]
+        before = np.asarray((earlier or {}).get(camera, ()), dtype=np.float32)
+        sequence = np.concatenate([before, p[indices]])
+        positions = len(before) + np.arange(len(indices))[:, None] - np.arange(1, k + 1)[None, :]
+        rows[indices] = np.where(positions >= 0, sequence[np.maximum(positions, 0)], p[indices][:, None])
+    return rows
 
 
 def confidence_features(fall_probability: np.ndarray) -> np.ndarray:
@@ -50,14 +86,34 @@ def confidence_features(fall_probability: np.ndarray) -> np.ndarray:
     return np.stack([p, np.abs(2 * p - 1), entropy], axis=1).astype(np.float32)
 
 
+class CameraHistory:
+    """The live side of `history_by_camera`: each camera's last edge probabilities, across batches."""
+
+    def __init__(self) -> None:
+        self.recent: dict[str, deque[float]] = {}
+
+    def rows(self, cameras: Sequence[str], probabilities: np.ndarray, k: int) -> np.ndarray:
+        """[B, k] for a batch in arrival order (a camera's frames arrive in order: one partition each)."""
+        rows = history_by_camera(probabilities, cameras, np.arange(len(cameras)), k, self.recent)
+        if k:
+            for camera, probability in zip(cameras, probabilities.tolist(), strict=True):
+                self.recent.setdefault(camera, deque(maxlen=k)).append(probability)
+        return rows
+
+    def clear(self) -> None:
+        """A new version: its edge model's probabilities are not the old one's."""
+        self.recent.clear()
+
+
 class Switcher(nn.Module):
     """MLP inputs → 512 → 128 → 1 with ReLU and dropout 0.3; outputs the agreement logit."""
 
-    def __init__(self, input_dim: int, inputs: SwitcherInputs = "hidden") -> None:
+    def __init__(self, input_dim: int, inputs: SwitcherInputs = "hidden", history: int = 0) -> None:
         super().__init__()
         self.input_dim = input_dim
         self.inputs: SwitcherInputs = inputs
-        self.hidden_size = input_dim - input_size(inputs, 0)
+        self.history = history_length(inputs, history)  # earlier probabilities of the camera it reads
+        self.hidden_size = input_dim - input_size(inputs, 0, history)
         self.layers = nn.Sequential(
             nn.Linear(input_dim, 512),
             nn.ReLU(),
@@ -72,22 +128,36 @@ class Switcher(nn.Module):
         """Logits of agreement, shape [B]."""
         return self.layers(hidden).squeeze(-1)
 
-    def features(self, hidden: np.ndarray, fall_probability: np.ndarray | None) -> np.ndarray:
-        """The switcher's input rows [B, input_dim] from the edge's hidden vectors [B, D] and P(fall) [B]."""
+    def features(
+        self, hidden: np.ndarray, fall_probability: np.ndarray | None, history: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The switcher's input rows [B, input_dim] from the edge's hidden vectors [B, D], P(fall) [B] and
+        the camera's earlier P(fall) [B, history] (`history_by_camera`)."""
         if hidden.ndim != 2 or hidden.shape[1] != self.hidden_size:
             raise ValueError(f"switcher expects hidden vectors of shape [B, {self.hidden_size}], got {hidden.shape}")
         if self.inputs == "hidden":
             return hidden
         if fall_probability is None:
-            raise ValueError("a hidden+confidence switcher needs the edge's fall probabilities too")
-        return np.concatenate([hidden, confidence_features(fall_probability)], axis=1)
+            raise ValueError(f"a {self.inputs} switcher needs the edge's fall probabilities too")
+        parts = [hidden, confidence_features(fall_probability)]
+        if self.history:
+            if history is None or history.shape != (len(hidden), self.history):
+                got = None if history is None else history.shape
+                raise ValueError(
+                    f"switcher expects the camera's last {self.history} probabilities per frame, got {got}"
+                )
+            parts.append(history.astype(np.float32))
+        return np.concatenate(parts, axis=1)
 
-    def agreement_probability(self, hidden: np.ndarray, fall_probability: np.ndarray | None = None) -> np.ndarray:
+    def agreement_probability(
+        self, hidden: np.ndarray, fall_probability: np.ndarray | None = None, history: np.ndarray | None = None
+    ) -> np.ndarray:
         """P(the large model agrees with the edge model) for a batch of hidden vectors [B, D] → [B] float32.
 
-        `fall_probability` ([B], the edge's P(fall)) is needed by a `hidden+confidence` switcher.
+        `fall_probability` ([B], the edge's P(fall)) is needed by a `hidden+confidence` switcher, and
+        `history` ([B, self.history]) by one that reads the camera's history.
         """
-        rows = self.features(hidden, fall_probability)
+        rows = self.features(hidden, fall_probability, history)
         was_training = self.training
         self.eval()  # dropout off
         try:
@@ -106,7 +176,10 @@ class SwitcherMetadata(BaseModel):
 
     version: str = Field(pattern=VERSION_PATTERN)
     input_dim: int = Field(gt=0)
-    inputs: SwitcherInputs = Field("hidden", description="hidden vector only (the paper's) or with confidence")
+    inputs: SwitcherInputs = Field(
+        "hidden", description="hidden vector only (the paper's), with confidence, or also with the camera's history"
+    )
+    history: int = Field(0, ge=0, description="how many of the camera's earlier edge probabilities it reads")
     threshold: float = Field(
         ge=0.0, le=1.0, description="agreement probability at or above which the edge answer is final"
     )
@@ -171,7 +244,7 @@ def save_switcher(registry: Path, switcher: Switcher, metadata: SwitcherMetadata
 def load_switcher(path: Path) -> tuple[Switcher, SwitcherMetadata]:
     """Load a published switcher directory; the switcher is in eval mode."""
     metadata = SwitcherMetadata.model_validate_json((path / METADATA_FILE).read_text())
-    switcher = Switcher(metadata.input_dim, metadata.inputs)
+    switcher = Switcher(metadata.input_dim, metadata.inputs, metadata.history)
     switcher.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
     switcher.eval()
     return switcher, metadata
@@ -198,9 +271,9 @@ def check_compatible(
     another path), else when its name is.
     """
     problems = []
-    expected = input_size(metadata.inputs, hidden_size)
+    expected = input_size(metadata.inputs, hidden_size, metadata.history)
     if metadata.input_dim != expected:
-        what = "hidden vectors" if metadata.inputs == "hidden" else "hidden+confidence inputs"
+        what = "hidden vectors" if metadata.inputs == "hidden" else f"{metadata.inputs} inputs"
         problems.append(f"it reads {metadata.input_dim}-d {what} but the edge model gives {expected}-d")
     if metadata.edge_model_sha256 is not None and edge_model_sha256 is not None:
         if metadata.edge_model_sha256 != edge_model_sha256:

@@ -27,6 +27,7 @@ from fallwatch.benchmarks.adaptation_command import bench_adaptation
 from fallwatch.benchmarks.alerting import bench_alerting
 from fallwatch.benchmarks.capacity_command import bench_capacity
 from fallwatch.benchmarks.cloud_command import bench_cloud
+from fallwatch.benchmarks.drift_command import bench_drift
 from fallwatch.benchmarks.edge_command import bench_edge
 from fallwatch.benchmarks.facility_command import bench_facility
 from fallwatch.benchmarks.producer_command import bench_producer
@@ -50,6 +51,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(topics_app, name="topics")
 app.add_typer(alerts_app, name="alerts")
 bench_app.command("adaptation")(bench_adaptation)
+bench_app.command("drift")(bench_drift)
 bench_app.command("alerting")(bench_alerting)
 bench_app.command("capacity")(bench_capacity)
 bench_app.command("cloud")(bench_cloud)

@@ -212,6 +212,29 @@ class Label(Message):
     labelled_at: AwareDatetime = Field(default_factory=utc_now)
 
 
+OperatorEventKind = Literal[
+    "drift_flagged",  # a camera is off its version's calibration
+    "drift_cleared",
+    "learning_started",  # a camera's exploration is raised (new, or flagged)
+    "learning_ended",
+    "version_published",  # `dmd adapt` made a version ACTIVE
+    "candidate_refused",  # `dmd adapt`'s gate refused its candidate
+    "version_rolled_back",
+    "version_refused",  # an edge worker's hot-reload check refused the ACTIVE version
+]
+
+
+class OperatorEvent(Message):
+    """What an operator should know about the models (topic `operator-events`), beside its log line."""
+
+    kind: OperatorEventKind
+    service: str = Field(min_length=1, description="who saw it: edge_workers, dmd_offline")
+    message: str = Field(min_length=1, description="the log line, one line")
+    camera_id: str | None = None
+    version: str | None = Field(None, description="the model version it concerns")
+    at: AwareDatetime = Field(default_factory=utc_now)
+
+
 class DeadLetter(Message):
     """A record a service could not process (topic `dead-letters`), by reference: never its bytes.
 

@@ -13,6 +13,7 @@ class Topics(BaseModel):
     dead_letters: str = "dead-letters"
     labels: str = "labels"
     person_down: str = "person-down"
+    operator_events: str = "operator-events"
 
     def prefixed(self, prefix: str) -> "Topics":
         """These topics under `prefix.` (a run of the demo, a test, a benchmark keeps its records apart)."""
@@ -27,4 +28,5 @@ class Topics(BaseModel):
             self.dead_letters,
             self.labels,
             self.person_down,
+            self.operator_events,
         ]

@@ -17,8 +17,8 @@ import torch
 from transformers import ViltForQuestionAnswering
 
 from core.settings import ConfigError, Settings
-from dmd_offline.adapt import Adaptation, AdaptFrame, GateRefused, held_out_slice, publish_candidate
-from edge_workers.model import ViltEdgeModel
+from dmd_offline.adapt import Adaptation, AdaptFrame, GateRefused, gate, held_out_slice, publish_candidate
+from edge_workers.model import EdgeBatch, ViltEdgeModel
 from edge_workers.registry import (
     PAIR_EDGE_DIR,
     PairRegistry,
@@ -146,3 +146,34 @@ def test_rollback_returns_to_the_previous_version_and_stops_at_the_first(fall_ed
     assert read_active(registry).version == first
     with pytest.raises(ConfigError, match=f"nothing to roll back to: {first} is the first version"):
         rollback(registry)
+
+
+def test_gate_on_caregiver_labels_checks_the_acknowledged_falls_on_their_own() -> None:
+    # held out: 8 false alarms and 2 acknowledged falls, and 10 frames nobody answered; the cloud says
+    # "fall" on all 20. The candidate is right on 8 of the 10 labelled frames (the running pair on 2)
+    # and disagrees with the cloud everywhere, but it misses both falls the caregivers acknowledged
+    labels = [0] * 8 + [1] * 2 + [None] * 10
+    frames = [AdaptFrame(f"f{i}", "cam-a", float(i), np.zeros((4, 4, 3), np.uint8), 0.9, label)
+              for i, label in enumerate(labels)]  # fmt: skip
+    settings = Settings()
+    hidden = np.zeros((20, 2), dtype=np.float32)
+    candidate, running = EdgeBatch(np.full(20, 0.1), hidden), EdgeBatch(np.full(20, 0.9), hidden)
+    result = gate(frames, candidate, np.ones(20), 0.5, running, settings)
+    assert [(c.name, c.candidate, c.running, c.passed) for c in result.checks[:2]] == [
+        ("caregiver labels", 0.8, 0.2, True),
+        ("caregiver falls", 0.0, 1.0, False),
+    ]
+    assert result.refusal() == (
+        "not published: the candidate says fall on 0.0% of the 2 caregiver-acknowledged fall frames, "
+        "the running pair on 100.0% (held-out slice of 20 frames)"
+    )
+    # the same slice without an answer: agreement with the cloud decides, and refuses too
+    for frame in frames:
+        frame.label = None
+    unlabelled = gate(frames, candidate, np.ones(20), 0.5, running, settings)
+    assert unlabelled.refusal().startswith("not published: the candidate agrees with the cloud on 0.0% of the held")
+    # a candidate that keeps the falls passes on the labels, however much less it agrees with the cloud
+    frames_back = [AdaptFrame(f.input_id, f.group, f.order_key, f.image_rgb, 0.9, label)
+                   for f, label in zip(frames, labels, strict=True)]  # fmt: skip
+    keeps = EdgeBatch(np.array([0.1] * 8 + [0.9] * 2 + [0.1] * 10), hidden)
+    assert gate(frames_back, keeps, np.ones(20), 0.5, running, settings).passed

@@ -12,6 +12,7 @@ import torch
 from core.settings import ConfigError, DmdSettings
 from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdData, DmdRow, agreement_scores
 from dmd_offline.train import load_trained, save_trained, switcher_targets, train_switcher
+from edge_workers.switcher import CameraHistory, history_by_camera
 
 HIDDEN = 24
 
@@ -147,3 +148,56 @@ def test_deferral_helps_target_marks_only_frames_the_cloud_gets_right() -> None:
     labelled = DmdData(data.manifest, rows, data.hidden)
     assert switcher_targets(labelled, "agreement").tolist() == [0, 1, 0, 0]
     assert switcher_targets(labelled, "deferral_helps").tolist() == [0, 1, 1, 0]
+
+
+def history_data(clips: int, seed: int) -> DmdData:
+    """Clips of 8 frames whose rows come shuffled: the cloud disagrees on a frame right after one where the
+    edge said "fall", whatever the edge says now; hidden vectors are noise, the frame's own P(fall) too."""
+    rng = np.random.default_rng(seed)
+    base = agreement_data(clips * 8, seed)
+    rows, previous = [], {}
+    for index in rng.permutation(clips * 8):
+        clip, position = divmod(int(index), 8)
+        rows.append((clip, position, float(rng.choice([0.1, 0.9]))))
+    by_frame = {(clip, position): p for clip, position, p in rows}
+    for (clip, position), p in by_frame.items():
+        previous[(clip, position)] = by_frame.get((clip, position - 1), p)
+    data_rows = [
+        replace(base.rows[i], group=f"clip-{clip}", order_key=float(position), small_fall_probability=p,
+                label=int(previous[(clip, position)] < 0.5))
+        for i, (clip, position, p) in enumerate(rows)
+    ]  # fmt: skip
+    return DmdData(base.manifest, data_rows, rng.normal(0, 1, base.hidden.shape).astype(np.float32))
+
+
+def test_history_inputs_learn_what_a_frame_alone_does_not_say(tmp_path: Path) -> None:
+    train, val = history_data(40, 40), history_data(15, 41)
+    history = SETTINGS.model_copy(update={"switcher_inputs": "hidden+confidence+history", "switcher_history": 3})
+    switcher, report = train_switcher(train, val, history)
+    _, confidence = train_switcher(train, val, SETTINGS.model_copy(update={"switcher_inputs": "hidden+confidence"}))
+    assert switcher.input_dim == HIDDEN + 3 + 3 == report.input_dim and report.history == switcher.history == 3
+    assert report.val_accuracy > 0.85 > confidence.val_accuracy + 0.15, (report.val_accuracy, confidence.val_accuracy)
+    save_trained(tmp_path, switcher, report)
+    loaded, loaded_report = load_trained(tmp_path)
+    assert loaded.history == 3 and loaded_report == report
+    assert np.array_equal(agreement_scores(loaded, val), agreement_scores(switcher, val))
+    with pytest.raises(ValueError, match="last 3 probabilities per frame"):
+        switcher.agreement_probability(val.hidden, val.column("small_fall_probability"))
+
+
+def test_the_live_history_of_a_stream_in_batches_is_the_offline_one() -> None:
+    rng = np.random.default_rng(7)
+    cameras = [str(c) for c in rng.choice(["cam-a", "cam-b", "cam-c"], size=50)]
+    probabilities = rng.random(50).astype(np.float32)
+    offline = history_by_camera(probabilities, cameras, np.arange(50), 4)
+    live = CameraHistory()
+    batches = np.split(np.arange(50), [3, 4, 20, 33])  # batches of any size, a camera's frames across them
+    rows = np.concatenate([live.rows([cameras[i] for i in batch], probabilities[batch], 4) for batch in batches])
+    assert np.array_equal(rows, offline)
+    first_b = cameras.index("cam-b")
+    later_b = [i for i, camera in enumerate(cameras) if camera == "cam-b"][5]
+    assert offline[first_b].tolist() == [probabilities[first_b]] * 4  # nothing before: the frame itself
+    earlier_b = [p for p, camera in zip(probabilities[:later_b], cameras, strict=False) if camera == "cam-b"]
+    assert offline[later_b].tolist() == earlier_b[::-1][:4]  # the camera's last four, the latest first
+    live.clear()
+    assert live.rows(["cam-b"], probabilities[:1], 4).tolist() == [[probabilities[0]] * 4]  # a new version

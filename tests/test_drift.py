@@ -74,6 +74,11 @@ def test_the_return_within_calibration_is_reported_and_learning_mode_ends() -> N
     changes = feed(guard, "cam-b", 100, fall_every=10)
     assert len(changes) == 1 and not changes[0][1].drifted
     assert guard.exploration_rate("cam-b", 0.02) == 0.02
+    assert [(e.kind, e.camera_id) for e in guard.events] == [
+        ("drift_flagged", "cam-b"), ("learning_started", "cam-b"),
+        ("drift_cleared", "cam-b"), ("learning_ended", "cam-b"),
+    ]  # fmt: skip
+    assert guard.events[2].message == "camera cam-b is back within the published pair's calibration"
 
 
 def test_a_new_camera_is_in_learning_mode_for_learning_s() -> None:
@@ -85,6 +90,11 @@ def test_a_new_camera_is_in_learning_mode_for_learning_s() -> None:
     clock.now = 601.0
     assert guard.exploration_rate("cam-new", 0.0) == 0.0
     assert guard.exploration_rate("cam-later", 0.0) == 0.4  # its own first sighting counts
+    assert [(e.kind, e.camera_id, e.message) for e in guard.events] == [
+        ("learning_started", "cam-new", "camera cam-new: learning mode started (new)"),
+        ("learning_ended", "cam-new", "camera cam-new: learning mode ended"),
+        ("learning_started", "cam-later", "camera cam-later: learning mode started (new)"),
+    ]
 
 
 def test_raised_exploration_stays_within_the_offload_budget() -> None:

@@ -3,7 +3,8 @@
 Version A's edge model says "fall" for every frame while its calibration says a camera sees
 falls on 5 % of frames: the drift guard must flag the camera and raise its cloud share within the
 budget. Version B's says "no fall"; it is activated mid-stream and every frame must be answered
-exactly once, by A's pair before the switch and by B's after it; a rollback brings A back.
+exactly once, by A's pair before the switch and by B's after it; a rollback brings A back. B's
+switcher reads the camera's last edge probabilities, which a new version resets.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from core.kafka_io import consumer_group_lag
 from core.settings import Settings
 from edge_workers.registry import Calibration, PairVersion, activate, announce_switcher, rollback, save_pair
 from edge_workers.service import EdgeWorker
-from edge_workers.switcher import Switcher, SwitcherMetadata
+from edge_workers.switcher import Switcher, SwitcherInputs, SwitcherMetadata, input_size
 from fallwatch.devkit.models import ModelPaths
 from fallwatch.devkit.tiny_edge import set_fall_bias
-from schemas import CloudRequest, Verdict
+from schemas import CloudRequest, OperatorEvent, Verdict
 from tests.conftest import consume_until, running
 from tests.test_edge_worker import make_frames, publish_frames, until, worker_settings
 
@@ -36,16 +37,20 @@ MIN_FRAMES = 8
 CALIBRATION = Calibration(frames=100, fall_rate=0.05, offload_share=0.0, score_quantiles=[0.5] * 9)
 
 
-def publish_version(registry: Path, tiny: ModelPaths, scratch: Path, fall: bool, version: str) -> str:
+def publish_version(registry: Path, tiny: ModelPaths, scratch: Path, fall: bool, version: str, history: int = 0) -> str:
+    """A version; with `history`, its switcher reads the camera's last `history` edge probabilities too."""
     edge = scratch / f"edge-{version}"
     shutil.copytree(tiny.edge, edge)
     set_fall_bias(edge, fall=fall)
+    inputs: SwitcherInputs = "hidden+confidence+history" if history else "hidden"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        switcher = Switcher(HIDDEN)
+        switcher = Switcher(input_size(inputs, HIDDEN, history), inputs, history)
     metadata = SwitcherMetadata(
         version=version,
-        input_dim=HIDDEN,
+        input_dim=switcher.input_dim,
+        inputs=inputs,
+        history=history,
         threshold=0.0,  # the switcher never doubts: offloads come from exploration only
         edge_model="edge",
         created_at=datetime.now(UTC),
@@ -99,17 +104,25 @@ def test_hot_reload_of_edge_and_switcher_mid_stream_and_the_drift_guard(
             await publish_frames(settings, before)
             await answered(len(before))
             flagged = worker.metrics.registry.get_sample_value("fallwatch_edge_camera_drift", {"camera": "cam-a"})
-            new = publish_version(registry, tiny_models, tmp_path, fall=False, version="v2")
+            new = publish_version(registry, tiny_models, tmp_path, fall=False, version="v2", history=4)
             announce_switcher(Redis.from_url(settings.redis.url), announce_key, new)
             await until(lambda: worker.model.name == "v2/edge", "the announced version")
             cleared = worker.metrics.registry.get_sample_value("fallwatch_edge_camera_drift", {"camera": "cam-a"})
             await publish_frames(settings, after)
             await answered(len(before) + len(after))
+            assert len(worker.history.recent["cam-a"]) == 4, "v2's switcher reads the camera's last 4 frames"
             assert rollback(registry) == ("v2", "v1")
             announce_switcher(Redis.from_url(settings.redis.url), announce_key, "v1")
             await until(lambda: worker.model.name == "v1/edge", "the rolled-back version")
+            assert not worker.history.recent, "another version's probabilities are not v1's history"
             await publish_frames(settings, back)
             await answered(len(before) + len(after) + len(back))
+            # a version whose edge model is not what its record says: refused, v1 stays
+            publish_version(registry, tiny_models, tmp_path, fall=False, version="v3")
+            (registry / "v3" / "edge" / "config.json").write_text("{}")
+            announce_switcher(Redis.from_url(settings.redis.url), announce_key, "v3")
+            await until(lambda: "v3" in worker.registry.refused, "the refusal of v3")
+            assert worker.model.name == "v1/edge"
         return flagged, cleared
 
     with caplog.at_level(logging.WARNING, logger="edge_workers.drift"):
@@ -139,6 +152,17 @@ def test_hot_reload_of_edge_and_switcher_mid_stream_and_the_drift_guard(
     assert {r.reason for r in requests} == {"exploration"}
     assert len(offloaded & {f.frame_id for f in before}) <= BUDGET * len(before), "within the budget"
     assert asyncio.run(consumer_group_lag(settings, settings.edge.group_id, settings.kafka.topics.frames)) == 0
+
+    # the same as operator events, beside the log lines
+    events = asyncio.run(consume_until(settings, settings.kafka.topics.operator_events, OperatorEvent,
+                                       lambda m: any(e.kind == "version_refused" for e in m)))  # fmt: skip
+    camera = [(e.kind, e.version) for e in events if e.camera_id == "cam-a"]
+    assert camera == [("drift_flagged", "v1"), ("learning_started", "v1"), ("learning_ended", "v2"),
+                      ("drift_flagged", "v1"), ("learning_started", "v1")]  # fmt: skip
+    assert [e.message for e in events if e.kind == "drift_flagged"] == [expected, expected]
+    refused = [e for e in events if e.kind == "version_refused"]
+    assert len(refused) == 1 and refused[0].version == "v3" and refused[0].camera_id is None
+    assert refused[0].message.startswith("version v3 refused, keeping v1: the edge model of v3 does not match")
 
 
 def test_start_without_an_active_version_is_one_readable_line(tmp_path: Path) -> None:

@@ -29,12 +29,12 @@ from alerting.answers import label_for
 from cloud_workers.loading import load_cloud_model
 from core.images import decode_jpeg_rgb
 from core.settings import ConfigError, Settings
-from dmd_offline.adapt import Adaptation, AdaptFrame, original_images, shrunk, switcher_on
+from dmd_offline.adapt import Adaptation, AdaptFrame, Candidate, original_images, shrunk, switcher_on
 from dmd_offline.clip_outputs import CLIP_START, ClipOutputs, LazyModels, clip_outputs, publish_as_camera
 from dmd_offline.clips import LabelledClip, read_labelled_clips
 from dmd_offline.dataset import DmdData
 from dmd_offline.event_eval import clip_facts, published_switcher
-from dmd_offline.event_replay import CLOUD_ONLY, EDGE_ONLY, Policy, Scores, replay
+from dmd_offline.event_replay import CLOUD_ONLY, EDGE_ONLY, Policy, Scores, clip_scores, replay
 from dmd_offline.finetune import save_edge
 from dmd_offline.scoring import ClipFacts, aggregate
 from edge_workers.model import load_edge_model
@@ -188,9 +188,7 @@ class Study:
                     log.warning("no %s switcher on %.0f%% of fold rows: %s", name, share * 100, exc)
                     continue
                 for clip in after:
-                    self.auroc_inputs[(name, share)].append(
-                        (switcher.agreement_probability(clip.hidden, clip.edge_p), agreement_of(clip))
-                    )
+                    self.auroc_inputs[(name, share)].append((clip_scores(switcher, clip), agreement_of(clip)))
         for clip in after:
             self.auroc_inputs[("uncertainty", 1.0)].append((np.abs(clip.edge_p - 0.5), agreement_of(clip)))
 
@@ -199,53 +197,58 @@ class Study:
             runs = replay(outputs, scores, policy, self.settings)
             self.facts[table][policy.name].extend(clip_facts(run) for run in runs)
 
-    def run_fold(self, fold: Fold, index: int, caregiver: bool) -> tuple[dict, dict[str, float]]:
+    def run_fold(self, fold: Fold, index: int, caregiver: bool, gate_only: bool) -> tuple[dict, dict[str, float]]:
         settings = self.settings
         adapt_outputs = self.outputs(settings, fold.adapt_on)
-        held_outputs = self.outputs(settings, fold.held_out)
-        running, running_meta = published_switcher(settings, held_outputs[0].hidden.shape[1])
+        running, running_meta = published_switcher(settings, adapt_outputs[0].hidden.shape[1])
         labels = caregiver_labels(adapt_outputs, running, running_meta.threshold, settings) if caregiver else {}
         shortest = int(load_edge_model(settings).processor.image_processor.size["shortest_edge"])
         frames = adaptation_frames(self.folder, adapt_outputs, labels, settings, shortest)
         original = original_images(settings.dmd.adapt.original_data, shortest)
         started = time.perf_counter()
         candidate = Adaptation(settings, original, f"fold {index}").run(frames)
-        paper, confident = (
-            switcher_on(candidate.rows, settings.dmd.model_copy(update={"switcher_inputs": inputs}))[0]
-            for inputs in ("hidden", "hidden+confidence")
-        )
         seconds = {**candidate.seconds, "total": time.perf_counter() - started}
-        adapted = settings.model_copy(deep=True)
-        adapted.edge.model = str(save_edge(candidate.edge, self.workdir / f"fold-{index}" / "edge"))
-        after = self.outputs(adapted, fold.held_out)
-        self.evaluate("before", held_outputs, Scores.of(held_outputs, running, settings.eval.seed),
-                      running_meta.threshold, ["DMD", "uncertainty"])  # fmt: skip
-        scores = Scores.of(after, candidate.switcher, settings.eval.seed)
-        # "DMD" is the candidate's own switcher (dmd.switcher_inputs); both kinds beside it, on the same rows
-        for family, switcher in ((PAPER_FAMILY, paper), (CONFIDENCE_FAMILY, confident)):
-            scores.by_family[family] = [
-                switcher.agreement_probability(clip.hidden, clip.edge_p).astype(np.float64) for clip in after
-            ]
-        self.evaluate(
-            "after", after, scores, candidate.choice.threshold, ["DMD", PAPER_FAMILY, CONFIDENCE_FAMILY, "uncertainty"]
-        )
-        self.switcher_curve(candidate.rows, after)
         gate = {check.name: [check.candidate, check.running, check.passed] for check in candidate.gate.checks}
         fold_facts = {
             "fold": index,
             "passed": candidate.gate.passed,
             **gate,
             "caregiver_labelled_frames": len(labels),
+            "gate_labelled_frames": candidate.gate.labelled,
             "switcher_rows": len(candidate.rows.rows),
             "threshold": candidate.choice.threshold,
         }
+        if not gate_only:
+            self.evaluate_fold(fold, index, candidate, running, running_meta.threshold)
         return fold_facts, seconds
 
-    def run(self, protocol: str, caregiver: bool) -> StudyResult:
+    def evaluate_fold(self, fold: Fold, index: int, candidate: Candidate, running: Switcher, threshold: float) -> None:
+        """The held-out clips through every policy of the running pair and of the candidate."""
+        settings = self.settings
+        held_outputs = self.outputs(settings, fold.held_out)
+        paper, confident = (
+            switcher_on(candidate.rows, settings.dmd.model_copy(update={"switcher_inputs": inputs}))[0]
+            for inputs in ("hidden", "hidden+confidence")
+        )
+        adapted = settings.model_copy(deep=True)
+        adapted.edge.model = str(save_edge(candidate.edge, self.workdir / f"fold-{index}" / "edge"))
+        after = self.outputs(adapted, fold.held_out)
+        self.evaluate("before", held_outputs, Scores.of(held_outputs, running, settings.eval.seed),
+                      threshold, ["DMD", "uncertainty"])  # fmt: skip
+        scores = Scores.of(after, candidate.switcher, settings.eval.seed)
+        # "DMD" is the candidate's own switcher (dmd.switcher_inputs); both kinds beside it, on the same rows
+        for family, switcher in ((PAPER_FAMILY, paper), (CONFIDENCE_FAMILY, confident)):
+            scores.by_family[family] = [clip_scores(switcher, clip) for clip in after]
+        self.evaluate(
+            "after", after, scores, candidate.choice.threshold, ["DMD", PAPER_FAMILY, CONFIDENCE_FAMILY, "uncertainty"]
+        )
+        self.switcher_curve(candidate.rows, after)
+
+    def run(self, protocol: str, caregiver: bool, gate_only: bool = False) -> StudyResult:
         clips = read_labelled_clips(self.folder)
         result = StudyResult(str(self.folder), protocol, caregiver, 0)
         for index, fold in enumerate(folds_for(clips, protocol)):
-            gate, seconds = self.run_fold(fold, index, caregiver)
+            gate, seconds = self.run_fold(fold, index, caregiver, gate_only)
             result.gates.append(gate)
             result.seconds.append(seconds)
             result.folds += 1

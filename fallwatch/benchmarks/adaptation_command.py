@@ -19,6 +19,7 @@ def bench_adaptation(
     ] = "leave-one-out",
     caregiver: Annotated[bool, typer.Option(help="a simulated caregiver answers the running pair's alerts")] = False,
     report: Annotated[Path, typer.Option(help="where report.json and report.md go")] = Path("adaptation-report"),
+    gate_only: Annotated[bool, typer.Option(help="each fold's gate verdict only: no held-out evaluation")] = False,
 ) -> None:
     """Event tables before and after facility adaptation (pooled held-out clips, intervals by clip)."""
     if not (clips / "clips.csv").is_file():
@@ -27,9 +28,11 @@ def bench_adaptation(
 
     settings = settings_with_logging()
     started = time.perf_counter()
-    result = Study(settings, clips, report / "work").run(protocol, caregiver)
+    result = Study(settings, clips, report / "work").run(protocol, caregiver, gate_only)
     write_study(result, report / "report.json")
     table = markdown_tables(result)
     (report / "report.md").write_text(table)
     typer.echo(table)
+    for gate in result.gates:
+        typer.echo(f"gate: {gate}")
     typer.echo(f"[bench adaptation: {time.perf_counter() - started:.0f} s]")
