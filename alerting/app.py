@@ -189,6 +189,9 @@ class AlertingApp:
             return
         state = self.camera_state(verdict.camera_id, verdict.room)
         state.room, state.partition = verdict.room, message.partition
+        if state.suppresses(verdict):
+            self.metrics.zone_suppressed.labels(verdict.room).inc()
+            log.info("%s: fall verdict %s not counted: person in a no-alert zone", verdict.room, verdict.frame_id)
         outputs = state.observe(verdict, utc_now())
         # faust only writes the changelog on assignment, never for an in-place change
         self.cameras[verdict.camera_id] = state.model_dump(mode="json")

@@ -139,6 +139,14 @@ async def snapshot(alert_id: str, store: Store) -> Response:
     return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
 
+@api.get("/alerts/{alert_id}/evidence/{frame_id}")
+async def evidence_frame(alert_id: str, frame_id: str, store: Store) -> Response:
+    jpeg = await store.evidence_frame(alert_id, frame_id)
+    if jpeg is None:
+        raise HTTPException(404, "no such evidence frame (not fetched yet, or expired)")
+    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+
 @api.post("/alerts/{alert_id}/{action}")
 async def answer(alert_id: str, action: Action, body: Answer, request: Request) -> AnswerResult:
     answers: Answers = request.app.state.answers

@@ -38,6 +38,12 @@ class AlertingMetrics(ServedMetrics):
             ["state"],
             registry=self.registry,
         )
+        self.zone_suppressed = Counter(
+            "fallwatch_alerting_zone_suppressed",
+            "final fall verdicts not counted: the person lay in a no-alert zone, by room",
+            ["room"],
+            registry=self.registry,
+        )
         self.alerts_resolved = Counter(
             "fallwatch_alerts_auto_resolved", "acknowledged alerts resolved by the rule", registry=self.registry
         )

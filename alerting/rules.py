@@ -18,6 +18,11 @@ verdicts in a row (then k of n cannot hold) spanning at least `up_after_s`. A si
 never flips the state either way. Each change is a `PersonDown`
 record (topic `person-down`).
 
+**No-alert zones.** A final fall verdict whose person the edge located inside one of the camera's
+`alerts: false` zones (a bed) is taken as no fall: lying there is not a fall, and the person is not
+down. A fall verdict whose person was not located (no zones, BlazePose found nobody) counts: missing a
+fall costs more than a false alarm.
+
 **Alerts.** A down episode opens one alert (at the verdict that confirmed it, or once a cooldown
 ends while the person is still down); a camera has at most one alert that is not closed. Lifecycle:
 `open` → `acknowledged` → `resolved`, or `false_alarm`. An acknowledged alert resolves once no fall
@@ -161,17 +166,29 @@ class CameraState(BaseModel):
                 PendingFrame(verdict=verdict, fallback_at=now + timedelta(seconds=self.rule.cloud_wait_s)),
             )
             return []
+        in_zone = self.in_no_alert_zone(verdict)
         self.pending.pop(verdict.frame_id, None)
         self.seen_frames[verdict.frame_id] = verdict.captured_at
         entry = WindowEntry(
             frame_id=verdict.frame_id,
             captured_at=verdict.captured_at,
-            fall=verdict.decision,
+            fall=verdict.decision and not in_zone,
             fall_probability=verdict.fall_probability,
             source=verdict.source,
         )
         self.held = sorted([*self.held, entry], key=lambda e: e.captured_at)
         return self._take_in_order(verdict.room, now)
+
+    def in_no_alert_zone(self, verdict: Verdict) -> bool:
+        """The edge located this frame's person inside an `alerts: false` zone (a cloud verdict takes the
+        place from the frame's provisional edge verdict). Unknown place: False, the fall counts."""
+        pending = self.pending.get(verdict.frame_id)
+        return verdict.in_no_alert_zone or (pending is not None and pending.verdict.in_no_alert_zone)
+
+    def suppresses(self, verdict: Verdict) -> bool:
+        """A final fall verdict, not counted yet, that counts as no fall: the person lies in a no-alert zone."""
+        new = verdict.final and verdict.frame_id not in self.seen_frames
+        return new and verdict.decision and self.in_no_alert_zone(verdict)
 
     def apply(self, event: FallEvent) -> None:
         """A state change of this camera's alert from `fall-events` (a caregiver's answer, or our own)."""

@@ -1,15 +1,16 @@
-"""An alert's evidence snapshot: the JPEG of one evidence frame, read back from `frames`.
+"""An alert's evidence frames (its snapshot is the newest), read back from `frames` as JPEGs.
 
 Verdicts carry no pixels, and `frames` is the source of truth, so the frame is
 found there: its camera's partition (the producers' key is the camera id), the
 first offset at or after its capture time (a record's timestamp is when it was
-published, never before the capture), then forward until the frame id shows up.
+published, never before the capture), then forward until every frame id showed up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 
 from aiokafka import TopicPartition
@@ -25,26 +26,29 @@ log = logging.getLogger(__name__)
 SEARCH_SPAN_S = 120.0
 
 
-async def find_frame_jpeg(
-    settings: Settings, camera_id: str, frame_id: str, captured_at: datetime, timeout_s: float = 10.0
-) -> bytes | None:
-    """The JPEG of `frame_id` from `frames`, or None when it is not there (any more) within `timeout_s`."""
+async def find_frame_jpegs(
+    settings: Settings, camera_id: str, frame_ids: Sequence[str], captured_at: datetime, timeout_s: float = 10.0
+) -> dict[str, bytes]:
+    """The JPEGs of those of `frame_ids` (captured at or after `captured_at`) found in `frames` within
+    `timeout_s`, by frame id: one pass over the camera's partition for all of them."""
     topic = settings.kafka.topics.frames
+    wanted = set(frame_ids)
+    found: dict[str, bytes] = {}
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()
     try:
         partitions = await read_topic_partitions(settings, topic)
         if not partitions:
-            return None
+            return found
         key = camera_id.encode()
         numbers = [tp.partition for tp in partitions]
         partition = TopicPartition(topic, DefaultPartitioner()(key, numbers, numbers))
         consumer.assign([partition])
         since_ms = int(captured_at.timestamp() * 1000)
-        found = await consumer.offsets_for_times({partition: since_ms})
-        if found[partition] is None:
-            return None  # nothing published since the capture: the frame is not (or no longer) there
-        consumer.seek(partition, found[partition].offset)
+        start = (await consumer.offsets_for_times({partition: since_ms}))[partition]
+        if start is None:
+            return found  # nothing published since the capture: the frames are not (or no longer) there
+        consumer.seek(partition, start.offset)
         end = (await consumer.end_offsets([partition]))[partition]
         deadline = asyncio.get_running_loop().time() + timeout_s
         while await consumer.position(partition) < end and asyncio.get_running_loop().time() < deadline:
@@ -53,13 +57,15 @@ async def find_frame_jpeg(
                 if record.key != key:
                     continue
                 if record.timestamp > since_ms + SEARCH_SPAN_S * 1000:
-                    return None
+                    return found
                 try:
                     frame = decode(Frame, record.value)
                 except SchemaError:
                     continue  # a bad record in `frames` is the edge workers' dead letter, not ours
-                if frame.frame_id == frame_id:
-                    return frame.jpeg
-        return None
+                if frame.frame_id in wanted:
+                    found[frame.frame_id] = frame.jpeg
+                    if len(found) == len(wanted):
+                        return found
+        return found
     finally:
         await consumer.stop()

@@ -36,6 +36,11 @@ def snapshot_key(alert_id: str) -> str:
     return f"{PREFIX}snapshot:{alert_id}"
 
 
+def evidence_key(alert_id: str) -> str:
+    """A hash: evidence frame id -> its JPEG (the dashboard's strip)."""
+    return f"{PREFIX}evidence:{alert_id}"
+
+
 def escalated_key(alert_id: str) -> str:
     return f"{PREFIX}escalated:{alert_id}"
 
@@ -146,6 +151,15 @@ class AlertStore:
 
     async def save_snapshot(self, alert_id: str, jpeg: bytes, ttl_s: int) -> None:
         await self.redis.set(snapshot_key(alert_id), jpeg, ex=ttl_s)
+
+    async def save_evidence(self, alert_id: str, jpegs: dict[str, bytes], ttl_s: int) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(evidence_key(alert_id), mapping=jpegs)
+            pipe.expire(evidence_key(alert_id), ttl_s)
+            await pipe.execute()
+
+    async def evidence_frame(self, alert_id: str, frame_id: str) -> bytes | None:
+        return await self.redis.hget(evidence_key(alert_id), frame_id)
 
     async def needs_snapshot(self, alert_id: str) -> bool:
         """The alert is still active and has no snapshot yet."""

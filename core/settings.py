@@ -146,6 +146,19 @@ class MotionSettings(Section):
 UnitFloat = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
+Polygon = Annotated[list[tuple[UnitFloat, UnitFloat]], Field(min_length=3)]
+
+
+class ZoneSettings(Section):
+    name: str = Field(min_length=1, description="what the area is, e.g. bed")
+    polygon: Polygon = Field(description="[x, y] points in 0..1 of the frame")
+    alerts: bool = Field(
+        False,
+        description="false: a person located lying inside opens no fall alert (a bed, a sofa); "
+        "true: the zone is only named",
+    )
+
+
 class CameraSettings(Section):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     room: str = Field(min_length=1)
@@ -160,10 +173,14 @@ class CameraSettings(Section):
         "while they come at least as often as fps; all: decode every frame (OpenCV)",
     )
     hardware_decode: bool = Field(False, description="decode on the GPU/VA-API when the machine has one, else CPU")
-    masks: list[Annotated[list[tuple[UnitFloat, UnitFloat]], Field(min_length=3)]] = Field(
+    masks: list[Polygon] = Field(
         default_factory=list,
         description="privacy masks: polygons of [x, y] points in 0..1 of the frame, blacked out before a frame "
         "leaves the producer",
+    )
+    zones: list[ZoneSettings] = Field(
+        default_factory=list,
+        description="named areas of the frame; a person down inside one with alerts: false opens no fall alert",
     )
     resize: tuple[PositiveInt, PositiveInt] | None = Field(
         None, description="[width, height] of the published frames (null: as captured)"

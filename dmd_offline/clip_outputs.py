@@ -219,7 +219,7 @@ def cloud_identity(settings: Settings, hashes: FileHashes) -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),  # device "auto" means the GPU when there is one
         "weights": checkpoint_digest(cloud.model, hashes),
         # either wrapper may answer (BlazePose or LLaVA, by the checkpoint): both are keyed
-        "code": source_digest("cloud_workers.model", "cloud_workers.pose", "core.clips"),
+        "code": source_digest("cloud_workers.model", "cloud_workers.pose", "core.pose", "core.clips"),
         "clip_frames": edge.clip_frames,
         "clip_seconds": edge.clip_seconds,
     }

@@ -48,6 +48,12 @@ class EdgeMetrics(ServedMetrics):
         self.switcher_score = Histogram(
             "fallwatch_edge_switcher_score", "agreement probability", buckets=SCORE_BUCKETS, registry=self.registry
         )
+        self.people_located = Counter(
+            "fallwatch_edge_people_located",
+            "BlazePose runs on zoned cameras' possible falls, by outcome (found, not_found)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.dead_letters = Counter(
             "fallwatch_edge_dead_letters", "records sent to dead-letters", registry=self.registry
         )

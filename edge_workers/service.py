@@ -17,9 +17,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import simplejpeg
@@ -32,8 +32,9 @@ from core.consumer import Batch, BatchConsumer
 from core.images import decode_jpeg_rgb, keep_freed_image_memory
 from core.kafka_io import decode_batch, make_producer, send, send_dead_letter, start_clients
 from core.operator_events import send_operator_event
+from core.pose import Pose, PoseEstimator, inside_any, person_location
 from core.redis_io import RedisOutage, redis_client
-from core.settings import Settings
+from core.settings import ConfigError, Settings
 from edge_workers.drift import DriftGuard
 from edge_workers.metrics import EdgeMetrics
 from edge_workers.model import CpuOptionCheck, EdgeModel, load_edge_model, torch_threads
@@ -97,6 +98,7 @@ class EdgeAnswer:
     decision: bool
     score: float
     route: RouteDecision
+    person_at: tuple[float, float] | None = None  # located on a zoned camera's frames that may be falls
 
 
 class EdgeWorker:
@@ -124,6 +126,7 @@ class EdgeWorker:
             rng=random.Random(edge.exploration_seed),
         )
         self.clips = ClipBuffers(edge.clip_frames, edge.clip_seconds)
+        self.pose: Callable[[np.ndarray], Pose | None] | None = None  # see `estimator`
         self.topics = settings.kafka.topics
         self.known_cameras = frozenset(edge.known_cameras)
         self.metrics = EdgeMetrics()
@@ -287,17 +290,44 @@ class EdgeWorker:
         self.watch_drift(decoded, output.fall_probability, scores, routes)
         self.observe(decode_s, model_s, switcher_s, scores, routes)
         timings_ms = {"decode": decode_s * 1000, "edge_model": model_s * 1000, "switcher": switcher_s * 1000}
+        threshold = self.settings.edge.decision_threshold
+        answers = [
+            EdgeAnswer(item, float(probability), float(probability) >= threshold, float(score), route)
+            for item, probability, score, route in zip(decoded, output.fall_probability, scores, routes, strict=True)
+        ]
+        if any(answer.item.frame.no_alert_zones for answer in answers):
+            answers = await asyncio.to_thread(self.locate_people, answers)
         started = time.perf_counter()
-        for item, probability, score, route in zip(decoded, output.fall_probability, scores, routes, strict=True):
-            self.clips.add(item.frame)
-            probability = float(probability)
-            answer = EdgeAnswer(
-                item, probability, probability >= self.settings.edge.decision_threshold, float(score), route
-            )
+        for answer in answers:
+            self.clips.add(answer.item.frame)
             acks.extend(await self.publish(answer, timings_ms, producer, redis))
         # the worker's own cost of producing (encoding, queueing, clips to Redis); acks are awaited later
         self.metrics.stage_seconds.labels("produce").observe((time.perf_counter() - started) / len(decoded))
         return acks
+
+    def locate_people(self, answers: list[EdgeAnswer]) -> list[EdgeAnswer]:
+        """The person's place on the frames of cameras with no-alert zones that may open an alert: the
+        falls, and the offloaded frames (the cloud may call them falls). Other frames cost nothing."""
+        located = []
+        for answer in answers:
+            if answer.item.frame.no_alert_zones and (answer.decision or answer.route.offload is not None):
+                started = time.perf_counter()
+                pose = self.estimator()(answer.item.image_rgb)
+                answer = replace(answer, person_at=None if pose is None else person_location(pose))
+                self.metrics.stage_seconds.labels("locate").observe(time.perf_counter() - started)
+                self.metrics.people_located.labels("found" if pose is not None else "not_found").inc()
+            located.append(answer)
+        return located
+
+    def estimator(self) -> Callable[[np.ndarray], Pose | None]:
+        """BlazePose, loaded at the first zoned frame; without MediaPipe nobody is located (so alerts open)."""
+        if self.pose is None:
+            try:
+                self.pose = PoseEstimator()
+            except ConfigError as exc:
+                log.error("no-alert zones are ignored: %s", exc)
+                self.pose = lambda _image: None
+        return self.pose
 
     def observe(
         self, decode_s: float, model_s: float, switcher_s: float, scores: np.ndarray, routes: list[RouteDecision]
@@ -366,6 +396,8 @@ class EdgeWorker:
             switcher_version=self.active.metadata.version,
             timings_ms=timings_ms,
             routing=self.router.policy.record(answer.route.over_budget),
+            person_at=answer.person_at,
+            in_no_alert_zone=answer.person_at is not None and inside_any(answer.person_at, frame.no_alert_zones),
         )
         acks = [await send(producer, self.topics.verdicts, frame.camera_id, verdict)]
         if offload is not None:

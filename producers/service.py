@@ -62,6 +62,8 @@ class CameraPublisher:
         # a file read faster than real time waits for room instead of dropping (nothing is lost)
         self.slots = None if live else threading.Semaphore(self.capacity)
         self.next_seq = 0  # touched only by the capture thread
+        # on every frame, so the edge (which reads no camera config) knows where to locate the person
+        self.no_alert_zones = [zone.polygon for zone in camera.zones if not zone.alerts]
 
     # --- capture thread side -----------------------------------------------------------------
     def emit(self, frame: CapturedFrame) -> None:
@@ -115,6 +117,7 @@ class CameraPublisher:
                 width=captured.width,
                 height=captured.height,
                 jpeg=captured.jpeg,
+                no_alert_zones=self.no_alert_zones,
             )
             try:
                 ack = await send(self.producer, topic, self.camera.id, frame)

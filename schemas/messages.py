@@ -39,6 +39,9 @@ class Frame(Message):
     width: int = Field(gt=0)
     height: int = Field(gt=0)
     jpeg: bytes = Field(repr=False)
+    no_alert_zones: list[list[tuple[float, float]]] = Field(
+        default_factory=list, description="the camera's `alerts: false` zones (normalised polygons), for the edge"
+    )
 
     @staticmethod
     def make_id(camera_id: str, captured_at: datetime, seq: int) -> str:
@@ -123,6 +126,10 @@ class Verdict(Message):
     batch_size: int | None = Field(default=None, ge=1, description="frames answered by the same model forward")
     gpu_memory_mb: float | None = Field(default=None, ge=0.0, description="peak GPU memory of that forward")
     routing: Routing | None = Field(default=None, description="the edge's routing policy (edge verdicts)")
+    person_at: tuple[float, float] | None = Field(
+        default=None, description="normalised hip centre of the person, located on a zoned camera's fall frames"
+    )
+    in_no_alert_zone: bool = Field(default=False, description="the person lies inside an `alerts: false` zone")
     produced_at: AwareDatetime = Field(default_factory=utc_now)
 
     @classmethod

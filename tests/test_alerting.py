@@ -71,6 +71,33 @@ def test_k_of_n_falls_open_one_alert_with_evidence() -> None:
     assert alert.alert_id == alert_id_for("cam", verdicts[1].frame_id)
 
 
+def in_bed(verdict: Verdict) -> Verdict:
+    """The verdict as the edge sends it for a person it located inside an `alerts: false` zone."""
+    return verdict.model_copy(update={"person_at": (0.5, 0.5), "in_no_alert_zone": True})
+
+
+def test_falls_in_a_no_alert_zone_open_nothing_and_falls_outside_it_do() -> None:
+    state = new_state()
+    lying_in_bed = [in_bed(make_verdict("cam", seq, fall=True)) for seq in range(5)]
+    assert [state.suppresses(v) for v in lying_in_bed] == [True] * 5
+    assert outputs_of(state, lying_in_bed) == [], "no alert and no person-down for a person lying in bed"
+    # not located (BlazePose found nobody, or no zone): the falls count, missing a fall is worse
+    unknown = [make_verdict("cam", seq, fall=True) for seq in (5, 6, 7)]
+    assert not any(state.suppresses(v) for v in unknown)
+    assert [alert.state for alert in observe_all(state, unknown)] == ["open"]
+
+
+def test_a_cloud_verdict_takes_the_place_of_its_frames_edge_verdict() -> None:
+    state = new_state()
+    for seq in range(5):
+        state.observe(in_bed(make_verdict("cam", seq, fall=True, final=False)), NOW)
+    clouds = [make_verdict("cam", seq, fall=True, source="cloud", fall_probability=0.99) for seq in range(5)]
+    assert [state.suppresses(v) for v in clouds] == [True] * 5
+    assert outputs_of(state, clouds) == []
+    assert [e.fall for e in state.window] == [False] * 5
+    assert not state.suppresses(clouds[0]), "a redelivery is not counted again"
+
+
 def test_alert_id_is_the_same_on_replay() -> None:
     verdicts = [make_verdict("cam", seq, fall=True) for seq in range(3)]
     first, replayed = observe_all(new_state(), verdicts), observe_all(new_state(), verdicts)

@@ -151,6 +151,9 @@ def test_an_alert_appears_live_and_acknowledge_writes_the_state_and_a_label(
         "the snapshot on the page",
     )
     assert dashboard.store.ttl(f"fallwatch:snapshot:{alert.alert_id}") > 0, "snapshots expire"
+    evidence = f"fallwatch:evidence:{alert.alert_id}"
+    assert sorted(k.decode() for k in dashboard.store.hkeys(evidence)) == sorted(alert.evidence_frame_ids)
+    assert dashboard.store.ttl(evidence) > 0, "evidence frames expire"
 
     browser.find_element(By.CSS_SELECTOR, f"{card} button.ack").click()
 
@@ -231,6 +234,17 @@ def test_triage_urgent_first_live_counter_escalation_and_history(
     wait_for(lambda: browser.find_element(By.CSS_SELECTOR, f"{card} .down-for").text != counter, "the counter")
     wait_for(lambda: element(browser, f'{card}[data-escalated="yes"] .badge.escalated'), "the escalated badge")
     assert browser.find_element(By.CSS_SELECTOR, f"{card} .badge.escalated").is_displayed()
+    # the evidence frames, as a strip of thumbnails (fetched with the token) under the alert
+    wait_for(
+        lambda: browser.execute_script(
+            "const imgs = [...document.querySelectorAll(arguments[0])];"
+            "return imgs.length === arguments[1] && imgs.every(img => img.complete && img.naturalWidth > 0);",
+            f"{card} .evidence img",
+            len(newer.evidence_frame_ids),
+        ),
+        "the evidence strip",
+    )
+    assert in_view(browser, f"{card} .evidence")
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     assert in_view(browser, f"{card} button.ack") and in_view(browser, f"{card} button.false-alarm")
     screenshot(browser, tmp_path, f"dashboard-active-{width}.png")
@@ -270,6 +284,15 @@ def test_the_api_needs_the_token_and_refuses_impossible_answers(dashboard: Dashb
         assert alert.alert_id in [a["alert_id"] for a in rooms[alert.room]]
 
         url = f"/api/alerts/{alert.alert_id}"
+        frame_url = f"{url}/evidence/{alert.evidence_frame_ids[0]}"
+        stored = f"fallwatch:evidence:{alert.alert_id}"
+        wait_for(lambda: dashboard.store.exists(stored), "the evidence in Redis")
+        assert client.get(frame_url).status_code == 401
+        frame = client.get(frame_url, headers=auth)
+        assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
+        assert frame.content == dashboard.store.hget(stored, alert.evidence_frame_ids[0])
+        assert frame.content.startswith(b"\xff\xd8")
+        assert client.get(f"{url}/evidence/not-an-evidence-frame", headers=auth).status_code == 404
         assert client.post(f"{url}/resolve", json={"by": "x"}, headers=auth).status_code == 409  # not acknowledged
         assert client.post(f"{url}/acknowledge", json={"by": ""}, headers=auth).status_code == 422  # who answers?
         assert client.post("/api/alerts/no-such-alert/acknowledge", json={"by": "x"}, headers=auth).status_code == 404

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiomqtt
 import pytest
 import typer.main
 import yaml
@@ -22,8 +23,10 @@ from core.kafka_io import topic_configs
 from core.settings import CONFIG_ENV, load_settings
 from edge_workers.main import SECTIONS as EDGE_SECTIONS
 from fallwatch.cli import app
+from fallwatch.stack import free_port, port_accepts
 from producers.main import SECTIONS as PRODUCER_SECTIONS
 from schemas import Topics
+from tests.alerting_helpers import wait_for
 from tests.conftest import REPO, run_fallwatch
 
 FALLWATCH_SERVICES = {"topics", "producers", "edge", "cloud", "alerting", "dashboard"}
@@ -35,6 +38,8 @@ SERVICE_SECTIONS = {
     "dashboard": ALERTING_SECTIONS,
 }
 DEPLOY_CONFIG = REPO / "deploy" / "fallwatch.yaml"
+MOSQUITTO_CONFIG = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
+SECRETS = ("camera_password", "webhook_secret", "dashboard_token", "mqtt_password", "mqtt_passwords")
 
 
 def compose_tool() -> list[str]:
@@ -61,6 +66,11 @@ def compose() -> dict:
     return yaml.safe_load(result.stdout)
 
 
+def secret_names(service: dict) -> list[str]:
+    """The Docker secrets a compose service mounts (`docker-compose config` writes them long or short)."""
+    return [s["source"] if isinstance(s, dict) else s for s in service.get("secrets", [])]
+
+
 def parses_as_cli(args: list[str]) -> None:
     """`args` name a fallwatch command, and its options and arguments parse as the CLI parses them (nothing runs)."""
     command = typer.main.get_command(app)
@@ -79,7 +89,7 @@ def parses_as_cli(args: list[str]) -> None:
 
 def test_compose_validates_as_shipped_with_every_part_an_operator_needs(compose: dict) -> None:
     services = compose["services"]
-    assert set(services) == FALLWATCH_SERVICES | {"kafka", "redis", "prometheus", "grafana"}
+    assert set(services) == FALLWATCH_SERVICES | {"kafka", "redis", "mosquitto", "prometheus", "grafana"}
     kafka = services["kafka"]["environment"]
     assert kafka["KAFKA_PROCESS_ROLES"] == "broker,controller", "KRaft, no ZooKeeper"
     assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false", "topics only from `fallwatch topics create`"
@@ -100,12 +110,18 @@ def test_compose_validates_as_shipped_with_every_part_an_operator_needs(compose:
     assert services["topics"]["command"] == ["topics", "create"]
     assert services["edge"]["deploy"]["replicas"] >= 2
     assert services["cloud"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    secrets = {name: [s["source"] if isinstance(s, dict) else s for s in services[name].get("secrets", [])]
-               for name in FALLWATCH_SERVICES}  # fmt: skip
+    secrets = {name: secret_names(services[name]) for name in FALLWATCH_SERVICES}
     assert secrets["producers"] == ["camera_password"]
-    assert secrets["alerting"] == ["webhook_secret"]
-    assert secrets["dashboard"] == ["dashboard_token"]
-    assert set(compose["secrets"]) == {"camera_password", "webhook_secret", "dashboard_token"}
+    assert secrets["alerting"] == ["webhook_secret", "dashboard_token", "mqtt_password"]
+    assert secrets["dashboard"] == ["dashboard_token", "mqtt_password"]
+    assert set(compose["secrets"]) == set(SECRETS)
+    mosquitto = services["mosquitto"]
+    assert any(
+        str(MOSQUITTO_CONFIG) in str(volume) and "/mosquitto/config/mosquitto.conf" in str(volume)
+        for volume in mosquitto["volumes"]
+    ), "mosquitto mounts deploy/mosquitto/mosquitto.conf"
+    assert secret_names(mosquitto) == ["mqtt_passwords", "mqtt_password"]
+    assert [str(port["target"]) for port in mosquitto["ports"]] == ["1883"], "Home Assistant connects here"
 
 
 def test_every_compose_command_and_healthcheck_is_a_real_cli_command(compose: dict) -> None:
@@ -122,26 +138,34 @@ def test_every_compose_command_and_healthcheck_is_a_real_cli_command(compose: di
         parses_as_cli(["topics", "create", "--partitions", "3"])
 
 
+def mounted_config(folder: Path, secrets: list[str]) -> Path:
+    """deploy/fallwatch.yaml in `folder` with /run/secrets pointing at test files of these secrets only
+    (the secrets exist only in the containers)."""
+    folder.mkdir()
+    for name in secrets:
+        (folder / name).write_text(f"test-{name}\n")
+    config = folder / "fallwatch.yaml"
+    config.write_text(DEPLOY_CONFIG.read_text().replace("/run/secrets/", f"{folder}/"))
+    return config
+
+
 def test_the_mounted_config_is_valid_for_each_service_and_serves_metrics(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    compose: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # the secrets exist only in the containers: the same file with /run/secrets pointing at test files
-    secrets = tmp_path / "secrets"
-    secrets.mkdir()
-    for name in ("camera_password", "webhook_secret", "dashboard_token"):
-        (secrets / name).write_text(f"test-{name}\n")
-    text = DEPLOY_CONFIG.read_text()
-    assert text.count("/run/secrets/") == 3
-    config = tmp_path / "fallwatch.yaml"
-    config.write_text(text.replace("/run/secrets/", f"{secrets}/"))
-    monkeypatch.setenv(CONFIG_ENV, str(config))
+    assert DEPLOY_CONFIG.read_text().count("/run/secrets/") == 4
     ports = {}
     for name, sections in SERVICE_SECTIONS.items():
+        # with only the secrets compose mounts in that service: every secret file its sections name is there
+        monkeypatch.setenv(CONFIG_ENV, str(mounted_config(tmp_path / name, secret_names(compose["services"][name]))))
         settings = load_settings(sections)
         section = getattr(settings, sections[0])
         ports[name] = section.dashboard_port if name == "dashboard" else section.metrics_port
     assert all(ports.values()), f"every service serves /metrics and /healthz: {ports}"
+    monkeypatch.setenv(CONFIG_ENV, str(mounted_config(tmp_path / "every-secret", list(SECRETS))))
     settings = load_settings()
+    mqtt = settings.alerting.mqtt
+    assert (mqtt.host, mqtt.port, mqtt.username) == ("mosquitto", 1883, "fallwatch")
+    assert mqtt.secret() == "test-mqtt_password"
     assert settings.alerting.dashboard_key() == "test-dashboard_token", "read from the secret file, stripped"
     assert settings.producers.cameras[0].source_url == "rtsp://admin:test-camera_password@camera-101.local:554/stream1"
     assert settings.kafka.bootstrap_servers == "kafka:9092" and settings.redis.url == "redis://redis:6379/0"
@@ -233,3 +257,46 @@ def test_topics_create_makes_every_topic_with_the_configured_partitions_and_rete
     assert f"{topics.frames}: exists, 3 partitions retention.ms=7200000; DIFFERS: 3 partitions, configured 5" in (
         differs.stdout
     )
+
+
+def test_the_shipped_broker_config_lets_alerting_in_with_the_secrets_make_secrets_writes(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    made = subprocess.run(
+        ["bash", "scripts/make-secrets.sh"],
+        cwd=REPO,
+        env={**os.environ, "FALLWATCH_SECRETS_DIR": str(secrets), "CAMERA_PASSWORD": "camera"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    port = free_port()
+    # the file as shipped, its port and container paths pointed at this test's (and, as root, kept root:
+    # mosquitto would switch to its own user, who cannot read the test's files)
+    config = tmp_path / "mosquitto.conf"
+    (tmp_path / "data").mkdir()
+    text = MOSQUITTO_CONFIG.read_text().replace("listener 1883", f"listener {port} 127.0.0.1")
+    text = text.replace("/run/secrets/", f"{secrets}/").replace("/mosquitto/data/", f"{tmp_path / 'data'}/")
+    config.write_text(text + ("user root\n" if os.geteuid() == 0 else ""))
+    broker = subprocess.Popen(
+        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: port_accepts(port) or broker.poll() is not None, "the broker's port")
+        assert broker.poll() is None, broker.communicate()[0]
+        password = (secrets / "mqtt_password").read_text()
+
+        async def connect(**credentials: str) -> None:
+            async with aiomqtt.Client("127.0.0.1", port, timeout=10, **credentials) as client:
+                await client.publish("fallwatch/deploy-test", b"ok", qos=1)
+
+        asyncio.run(connect(username="fallwatch", password=password))  # what deploy/fallwatch.yaml names
+        with pytest.raises(aiomqtt.MqttError):
+            asyncio.run(connect())  # anonymous
+        with pytest.raises(aiomqtt.MqttError):
+            asyncio.run(connect(username="fallwatch", password="wrong"))
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)

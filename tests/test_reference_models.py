@@ -17,7 +17,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from cloud_workers.loading import load_cloud_model
-from cloud_workers.pose import LANDMARKS, Pose, PoseFallCloudModel, pose_features
+from cloud_workers.pose import PoseFallCloudModel, pose_features
+from core.pose import LANDMARKS, Pose
 from core.settings import Settings
 from edge_workers.model import ViltEdgeModel, load_edge_model
 from fallwatch.devkit.reference import CloudTrainingConfig, EdgeTrainingConfig, load_splits, train_reference_pair

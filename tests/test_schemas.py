@@ -136,3 +136,12 @@ def test_a_verdict_on_an_offloaded_frame_carries_the_edge_record_of_its_request(
     assert (verdict.cloud_model, verdict.batch_size) == ("llava", 4)
     edge = Verdict.for_frame(frame, source="edge", final=False, fall_probability=0.4, decision=False, edge_model="v")
     assert [getattr(edge, name) for name in identity] == [getattr(frame, name) for name in identity]
+
+
+def test_frames_and_verdicts_written_before_the_no_alert_zones_still_decode() -> None:
+    frame, verdict = (m for m in sample_messages() if isinstance(m, Frame | Verdict))
+    for message, new_fields in ((frame, ("no_alert_zones",)), (verdict, ("person_at", "in_no_alert_zone"))):
+        old = json.loads(encode(message))
+        for name in new_fields:
+            del old[name]
+        assert decode(type(message), json.dumps(old).encode()) == message

@@ -30,7 +30,8 @@ import torchvision.transforms.v2 as transforms
 from torch import nn
 from transformers import ViltConfig, ViltForQuestionAnswering, ViltProcessor
 
-from cloud_workers.pose import Pose, PoseEstimator, PoseFallClassifier, PoseFallConfig, pose_features
+from cloud_workers.pose import PoseFallClassifier, PoseFallConfig, pose_features
+from core.pose import Pose, PoseEstimator
 from core.settings import ConfigError
 from dmd_offline.metrics import classification_scores
 from dmd_offline.sources import ReplayItem, image_folder_items
