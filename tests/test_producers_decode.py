@@ -112,6 +112,26 @@ def test_auto_decodes_straight_to_the_detect_size(clip_path: Path) -> None:
     assert {frame.image_bgr.shape for frame in auto.frames} == {(120, 160, 3)}
 
 
+def test_hardware_decode_falls_back_to_the_cpu_where_no_device_works(
+    clip_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # FFmpeg's build lists devices (CUDA, QSV, …) that a machine without them cannot open: each is tried,
+    # then the CPU decodes, the same frames. The hardware branch itself is unverified (no GPU here).
+    with caplog.at_level(logging.INFO, logger="producers.decoding"):
+        source = PyAVSource(str(clip_path), str(clip_path), "auto", 2.0, None, TIMEOUTS_S, hardware=True)
+    on_hardware = source.stream.codec_context.is_hwaccel
+    hardware = sample(source)
+    cpu = sample(PyAVSource(str(clip_path), str(clip_path), "auto", 2.0, None, TIMEOUTS_S, hardware=False))
+    if not on_hardware:
+        assert caplog.text.count("no hardware decoder works here") == 1
+        assert "decoding on the CPU" in caplog.text
+        assert hardware.decoded == cpu.decoded
+    assert len(hardware.frames) >= 7
+    assert hardware.positions() == pytest.approx(cpu.positions(), abs=1e-3)
+    for ours, theirs in zip(hardware.frames, cpu.frames, strict=True):
+        assert np.abs(ours.image_bgr.astype(int) - theirs.image_bgr.astype(int)).mean() < 2.0
+
+
 def test_keyframes_mode_decodes_only_keyframes_while_they_come_often_enough(tmp_path: Path, clip_path: Path) -> None:
     # 15 fps, a keyframe every second: sampling at 1 fps needs nothing else
     video = h264_video(tmp_path / "gop15.mp4", clip_path, fps=15, keyframe_every=15)

@@ -4,7 +4,7 @@ Each video is played as a live camera (real-time pacing, looped) through the pro
 capture loop (`CameraCapture`: read, decode, sample, resize, JPEG; motion gate off, the worst
 case) for a fixed time, without Kafka, once per decode path: today's (`decode: all`, OpenCV
 decoding every frame) and the new ones (`auto`, `keyframes`), interleaved round by round in the
-same run. Short clips are first repeated into one longer file (ffmpeg, stream copy) so no row
+same run. Short clips are first repeated into one longer file (PyAV, stream copy) so no row
 measures a loop restart. CPU is the process's CPU time over the wall time (FFmpeg decodes on
 threads of its own), so run it on an otherwise idle machine or say what else was running.
 """
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import functools
 import statistics
-import subprocess
 import tempfile
 import threading
 from pathlib import Path
 
+import av
 import cv2
 from rich.table import Table
 
@@ -27,30 +27,21 @@ from producers.camera import CameraCapture, CameraStats
 
 
 def repeated(video: Path, seconds: float, folder: Path) -> Path:
-    """The video repeated (stream copy, no re-encoding) until it lasts longer than `seconds`."""
-    probe = cv2.VideoCapture(str(video))
-    duration_s = probe.get(cv2.CAP_PROP_FRAME_COUNT) / (probe.get(cv2.CAP_PROP_FPS) or 30.0)
-    probe.release()
+    """The video repeated (stream copy through PyAV, no ffmpeg binary needed) until it lasts longer than `seconds`."""
     longer = folder / f"{video.stem}-repeated{video.suffix}"
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-y",
-            "-stream_loop",
-            str(int(seconds / duration_s) + 1),
-            "-i",
-            str(video),
-            "-an",
-            "-c",
-            "copy",
-            str(longer),
-        ],
-        check=True,
-        timeout=300,
-    )
+    with av.open(str(video)) as source, av.open(str(longer), "w") as output:
+        stream = source.streams.video[0]
+        copied = output.add_stream_from_template(stream)
+        packets = [packet for packet in source.demux(stream) if packet.pts is not None and packet.size]
+        times = [(int(packet.pts or 0), packet.dts) for packet in packets]  # each packet's own, before shifting
+        step = max(pts for pts, _ in times) - min(pts for pts, _ in times) + (packets[0].duration or 1)
+        duration_s = float(step * stream.time_base) if stream.time_base else 1.0
+        for loop in range(int(seconds / duration_s) + 2):
+            for packet, (pts, dts) in zip(packets, times, strict=True):
+                packet.stream = copied
+                packet.pts = pts + loop * step
+                packet.dts = None if dts is None else dts + loop * step
+                output.mux(packet)
     return longer
 
 
