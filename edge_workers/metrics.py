@@ -65,10 +65,13 @@ class EdgeMetrics(ServedMetrics):
         self.consumer_lag = Gauge(
             "fallwatch_edge_consumer_lag", "records behind the end of the assigned partitions", registry=self.registry
         )
+        self._declare_model_gauges()
+
+    def _declare_model_gauges(self) -> None:
+        """The gauges that describe what the worker serves: its switcher, drift flags and CPU options."""
         self.switcher_version = Gauge(
             "fallwatch_edge_switcher_info", "the switcher in use (value 1)", ["version"], registry=self.registry
         )
-
         self.camera_drift = Gauge(
             "fallwatch_edge_camera_drift",
             "1 while a camera's live statistics are off the active version's calibration (learning mode)",
