@@ -15,11 +15,10 @@ import cv2
 import numpy as np
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from PIL import Image
 from rich.console import Console, RenderableType
 from rich.table import Table
 
-from core.images import encode_jpeg, encode_jpeg_rgb
+from core.images import decode_known_jpeg_rgb, encode_jpeg, encode_jpeg_rgb
 from core.kafka_io import make_consumer, read_topic_partitions
 from core.settings import Settings
 from schemas import Frame, Message, Verdict, decode
@@ -38,7 +37,7 @@ def camera_images(count: int = 16) -> list[np.ndarray]:
     paths = sorted(SHARED_IMAGES.glob("*.jpg"))[:count] if SHARED_IMAGES.is_dir() else []
     if paths:
         return [
-            cv2.resize(np.asarray(Image.open(path).convert("RGB")), (width, height), interpolation=cv2.INTER_AREA)
+            cv2.resize(decode_known_jpeg_rgb(path.read_bytes()), (width, height), interpolation=cv2.INTER_AREA)
             for path in paths
         ]
     rng = np.random.default_rng(0)
