@@ -7,6 +7,8 @@ models) are imported inside the commands so `fallwatch --help` stays quick.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -56,65 +58,63 @@ def configured(**overrides: Any) -> Settings:
     return settings
 
 
-def timed(step: str, started: float) -> None:
+@contextmanager
+def timed(step: str) -> Iterator[None]:
+    """Print how long the block took, as `[step: N s]`, once it is done."""
+    started = time.perf_counter()
+    yield
     typer.echo(f"[{step}: {time.perf_counter() - started:.1f} s]")
 
 
 def replay_step(settings: Settings) -> None:
     from dmd_offline.pipeline import Workdir, run_replay
 
-    started = time.perf_counter()
-    summary = run_replay(settings)
-    typer.echo(summary.describe())
-    typer.echo(
-        f"data set in {Workdir(settings.dmd.workdir).dataset}, paper JSON in {Workdir(settings.dmd.workdir).paper_json}"
-    )
-    timed("replay", started)
+    with timed("replay"):
+        summary = run_replay(settings)
+        typer.echo(summary.describe())
+        workdir = Workdir(settings.dmd.workdir)
+        typer.echo(f"data set in {workdir.dataset}, paper JSON in {workdir.paper_json}")
 
 
 def train_step(settings: Settings) -> None:
     from dmd_offline.pipeline import run_train
 
-    started = time.perf_counter()
-    report = run_train(settings)
-    typer.echo(
-        f"switcher ({report.input_dim} → 512 → 128 → 1) trained on {report.train_rows} rows: {report.epochs_run} "
-        f"epochs, best {report.best_epoch} (val loss {report.best_val_loss:.4f}, val accuracy "
-        f"{report.val_accuracy:.3f}); agreements {report.agreement_share_train:.1%} of train, "
-        f"positive-class weight {report.positive_class_weight:.3f}"
-    )
-    timed("train", started)
+    with timed("train"):
+        report = run_train(settings)
+        typer.echo(
+            f"switcher ({report.input_dim} → 512 → 128 → 1) trained on {report.train_rows} rows: {report.epochs_run} "
+            f"epochs, best {report.best_epoch} (val loss {report.best_val_loss:.4f}, val accuracy "
+            f"{report.val_accuracy:.3f}); agreements {report.agreement_share_train:.1%} of train, "
+            f"positive-class weight {report.positive_class_weight:.3f}"
+        )
 
 
 def threshold_step(settings: Settings) -> None:
     from dmd_offline.pipeline import run_threshold
 
-    started = time.perf_counter()
-    choice = run_threshold(settings)
-    typer.echo(
-        f"threshold {choice.threshold:.4f} ({choice.method}): defers {choice.deferred_share:.0%} of the "
-        f"train split, expected F1 {choice.f1:.3f}"
-    )
-    timed("threshold", started)
+    with timed("threshold"):
+        choice = run_threshold(settings)
+        typer.echo(
+            f"threshold {choice.threshold:.4f} ({choice.method}): defers {choice.deferred_share:.0%} of the "
+            f"train split, expected F1 {choice.f1:.3f}"
+        )
 
 
 def evaluate_step(settings: Settings) -> None:
     from dmd_offline.pipeline import run_evaluate
 
-    started = time.perf_counter()
-    output = run_evaluate(settings)
-    for result in output.evaluation.results:
-        typer.echo(f"{result.name:>12}: F1 {result.f1:.3f}, {result.share_large:.0%} to the large model")
-    typer.echo(f"report: {output.report_md} (and {output.report_json.name}, {len(output.plots)} plots)")
-    timed("evaluate", started)
+    with timed("evaluate"):
+        output = run_evaluate(settings)
+        for result in output.evaluation.results:
+            typer.echo(f"{result.name:>12}: F1 {result.f1:.3f}, {result.share_large:.0%} to the large model")
+        typer.echo(f"report: {output.report_md} (and {output.report_json.name}, {len(output.plots)} plots)")
 
 
 def publish_step(settings: Settings) -> None:
     from dmd_offline.pipeline import run_publish
 
-    started = time.perf_counter()
-    typer.echo(f"published {run_publish(settings)}")
-    timed("publish", started)
+    with timed("publish"):
+        typer.echo(f"published {run_publish(settings)}")
 
 
 @dmd_app.command("replay")
@@ -192,41 +192,39 @@ def run_command(
         run_cloud_model=False if logged_only else None,
         target_offload_share=target_offload_share,
     )
-    started = time.perf_counter()
-    replay_step(settings)
-    train_step(settings)
-    threshold_step(settings)
-    evaluate_step(settings)
-    if publish:
-        publish_step(settings)
-    timed("dmd run", started)
+    with timed("dmd run"):
+        replay_step(settings)
+        train_step(settings)
+        threshold_step(settings)
+        evaluate_step(settings)
+        if publish:
+            publish_step(settings)
 
 
 def adapt_step(settings: Settings, publish: bool) -> None:
     from dmd_offline.adapt import Adaptation, publish_candidate, read_window
     from dmd_offline.publish import announce, tell_operators
 
-    started = time.perf_counter()
-    frames, original, source = read_window(settings)
-    candidate = Adaptation(settings, original, source).run(frames)
-    gate = candidate.gate
-    typer.echo(
-        f"adapted on {candidate.adaptation_frames} frames ({len(candidate.rows.rows)} out-of-fold switcher rows), "
-        f"held out {gate.frames}: "
-        + ", ".join(f"{check.name} {check.candidate} vs {check.running}" for check in gate.checks)
-    )
-    typer.echo("; ".join(f"{step} {seconds:.1f} s" for step, seconds in candidate.seconds.items()))
-    if not gate.passed:
-        typer.echo(gate.refusal())
-        tell_operators(settings, "candidate_refused", gate.refusal(), candidate.running.version)
-        raise typer.Exit(1)
-    if publish:
-        version = publish_candidate(settings, candidate, source)
-        announce(settings, version)
-        line = f"published version {version} (edge model and switcher) in {settings.edge.model_registry}"
-        typer.echo(line)
-        tell_operators(settings, "version_published", line, version)
-    timed("adapt", started)
+    with timed("adapt"):
+        frames, original, source = read_window(settings)
+        candidate = Adaptation(settings, original, source).run(frames)
+        gate = candidate.gate
+        typer.echo(
+            f"adapted on {candidate.adaptation_frames} frames ({len(candidate.rows.rows)} out-of-fold switcher rows), "
+            f"held out {gate.frames}: "
+            + ", ".join(f"{check.name} {check.candidate} vs {check.running}" for check in gate.checks)
+        )
+        typer.echo("; ".join(f"{step} {seconds:.1f} s" for step, seconds in candidate.seconds.items()))
+        if not gate.passed:
+            typer.echo(gate.refusal())
+            tell_operators(settings, "candidate_refused", gate.refusal(), candidate.running.version)
+            raise typer.Exit(1)
+        if publish:
+            version = publish_candidate(settings, candidate, source)
+            announce(settings, version)
+            line = f"published version {version} (edge model and switcher) in {settings.edge.model_registry}"
+            typer.echo(line)
+            tell_operators(settings, "version_published", line, version)
 
 
 @dmd_app.command("adapt")
@@ -294,28 +292,27 @@ def eval_command(
     from dmd_offline.event_eval import run_event_eval
     from dmd_offline.event_report import print_table, write_event_report
 
-    started = time.perf_counter()
-    settings = settings_with_logging()
-    settings.eval = with_options(
-        settings.eval,
-        {
-            "clips": clips,
-            "report_dir": report_dir,
-            "cache_dir": cache_dir,
-            "fps": fps,
-            "edge_latency_s": edge_latency,
-            "cloud_latency_s": cloud_latency,
-            "cloud_shares": share or None,
-            "bootstrap": bootstrap,
-        },
-    )
-    if settings.eval.clips is None:
-        raise ConfigError("no clips: pass --clips FOLDER (a folder with clips.csv) or set eval.clips")
-    evaluation = run_event_eval(settings, settings.eval.clips)
-    print_table(evaluation, Console(highlight=False, width=200))
-    md_path, json_path, plots = write_event_report(evaluation, settings)
-    typer.echo(f"report: {md_path} (and {json_path.name}, {len(plots)} plot)")
-    timed("eval", started)
+    with timed("eval"):
+        settings = settings_with_logging()
+        settings.eval = with_options(
+            settings.eval,
+            {
+                "clips": clips,
+                "report_dir": report_dir,
+                "cache_dir": cache_dir,
+                "fps": fps,
+                "edge_latency_s": edge_latency,
+                "cloud_latency_s": cloud_latency,
+                "cloud_shares": share or None,
+                "bootstrap": bootstrap,
+            },
+        )
+        if settings.eval.clips is None:
+            raise ConfigError("no clips: pass --clips FOLDER (a folder with clips.csv) or set eval.clips")
+        evaluation = run_event_eval(settings, settings.eval.clips)
+        print_table(evaluation, Console(highlight=False, width=200))
+        md_path, json_path, plots = write_event_report(evaluation, settings)
+        typer.echo(f"report: {md_path} (and {json_path.name}, {len(plots)} plot)")
 
 
 dmd_app.command("eval")(eval_command)

@@ -51,11 +51,10 @@ def as_logged(adapt_frames, start: datetime) -> tuple[list[Frame], list]:
     return frames, verdicts
 
 
-def test_adapt_publishes_from_logged_traffic_refuses_a_worse_window_and_rolls_back(
-    stack_state, tiny_models: ModelPaths, tmp_path: Path
-) -> None:
+def adapt_run(stack_state, tiny_models: ModelPaths, tmp_path: Path) -> tuple[Settings, Path]:
+    """A run whose edge model leans to "fall", with a pair registry, and its config file for the CLI."""
     edge = fall_leaning_copy(tiny_models.edge, tmp_path / "edge-vilt")
-    settings: Settings = settings_for(
+    settings = settings_for(
         stack_state,
         tmp_path,
         edge={
@@ -74,6 +73,13 @@ def test_adapt_publishes_from_logged_traffic_refuses_a_worse_window_and_rolls_ba
     )
     config = tmp_path / "fallwatch.yaml"
     write_config(settings, config)
+    return settings, config
+
+
+def test_adapt_publishes_from_logged_traffic_refuses_a_worse_window_and_rolls_back(
+    stack_state, tiny_models: ModelPaths, tmp_path: Path
+) -> None:
+    settings, config = adapt_run(stack_state, tiny_models, tmp_path)
     frames, verdicts = as_logged(biased_frames(), START)
     # the caregiver answered an alert on cam-b: its evidence frames are no fall, whatever the cloud said
     evidence = [frame.frame_id for frame in frames if frame.camera_id == "cam-b"][:5]
@@ -136,26 +142,7 @@ def alerts_answered(frames: list[Frame], indices: range, verdict: str, name: str
 def test_adapt_follows_caregivers_over_a_wrong_cloud_and_refuses_a_candidate_losing_their_falls(
     stack_state, tiny_models: ModelPaths, tmp_path: Path
 ) -> None:
-    edge = fall_leaning_copy(tiny_models.edge, tmp_path / "edge-vilt")
-    settings: Settings = settings_for(
-        stack_state,
-        tmp_path,
-        edge={
-            "model": str(edge),
-            "switcher_registry": str(tmp_path / "no-switchers"),
-            "model_registry": str(tmp_path / "registry"),
-            "registry_announce_key": f"test:{uuid.uuid4().hex}:announced",
-        },
-        cloud={"model": str(tiny_models.cloud)},
-        dmd={
-            "learning_rate": 3e-3,
-            "max_epochs": 40,
-            "run_cloud_model": False,
-            "adapt": {"learning_rate": 5e-3, "epochs": 8, "batch_size": 8, "gate_tolerance": 0.2},
-        },
-    )
-    config = tmp_path / "fallwatch.yaml"
-    write_config(settings, config)
+    settings, config = adapt_run(stack_state, tiny_models, tmp_path)
     # cam-b is a bed room: the cloud says "fall" on a person lying in bed, and every alert there was a
     # false alarm; on cam-a the cloud is right, and two of its alerts were acknowledged falls
     rng = np.random.default_rng(4)
@@ -183,7 +170,7 @@ def test_adapt_follows_caregivers_over_a_wrong_cloud_and_refuses_a_candidate_los
     held = cam_a[-HELD:] + cam_b[-HELD:]
     cloud = np.array([f.cloud_probability >= 0.5 for f in held])
     published = predict_held(registry / active.version / PAIR_EDGE_DIR, held)
-    running = predict_held(edge, held)
+    running = predict_held(Path(settings.edge.model), held)
     assert np.mean(published == cloud) + 0.2 < np.mean(running == cloud), (published, running, cloud)
     assert not published[HELD:].any() and published[:HELD].mean() >= 0.8
 
