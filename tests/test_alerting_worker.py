@@ -424,7 +424,19 @@ def test_webhook_sender_gives_up_on_a_refusal_at_once_and_on_a_dead_receiver_aft
     assert len(retries) == 2, "three attempts: two retries, then it gives up"
 
 
-def test_bench_alerting_prints_its_table(stack_state: StackState) -> None:
+def table_rows(output: str) -> list[dict[str, list[str]]]:
+    """Each printed table's rows: the first cell (the label) → the other cells."""
+    tables: list[dict[str, list[str]]] = []
+    for line in output.splitlines():
+        if line.startswith("┏"):
+            tables.append({})
+        elif line.startswith("│"):
+            label, *cells = (cell.strip() for cell in line.split("│")[1:-1])
+            tables[-1][label] = cells
+    return tables
+
+
+def test_bench_alerting_prints_its_tables(stack_state: StackState) -> None:
     env = {
         **os.environ,
         "FALLWATCH_KAFKA__BOOTSTRAP_SERVERS": stack_state.bootstrap_servers,
@@ -440,18 +452,19 @@ def test_bench_alerting_prints_its_table(stack_state: StackState) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {
-        line.split("│")[1].strip(): line.split("│")[2:] for line in result.stdout.splitlines() if line.startswith("│")
-    }
+    rows, delivered = table_rows(result.stdout)
     defaults = AlertingSettings()
     down_row = f"{rule_name(defaults)} final edge falls at 2 fps"
     fallback_row = f"offloaded, cloud down: edge-fallback after D = {defaults.cloud_wait_s:g} s"
-    assert list(rows) == [
-        "baseline: one verdict's Kafka round trip",
-        "sure cloud verdicts (p 0.95): the second confirms",
-        down_row,
-        fallback_row,
-    ]
+    paths = ["sure cloud verdicts (p 0.95): the second confirms", down_row, fallback_row]
+    assert list(rows) == ["baseline: one verdict's Kafka round trip", *paths]
+    assert list(delivered) == paths, "the second table follows the same alerts, a row per path"
+    for path, cells in delivered.items():
+        to_event, to_mqtt, to_dashboard, mqtt_after, mqtt_max, dashboard_after, dashboard_max = map(float, cells)
+        assert to_event == float(rows[path][1]), "the baseline column is the first table's median"
+        # MQTT gets what the worker reads back from fall-events; Redis is written before the send (a few ms early)
+        assert to_mqtt >= to_event and 0 <= mqtt_after <= mqtt_max
+        assert to_dashboard > 0 and dashboard_after <= dashboard_max
     # at 2 fps the k-th fall comes (k - 1) / 2 s after the first, and the falls must have lasted down_for_s
     down_wait_s = max((defaults.k - 1) / 2, defaults.down_for_s)
     assert float(rows["sure cloud verdicts (p 0.95): the second confirms"][1]) >= 0.5, "the second frame at 2 fps"
