@@ -37,7 +37,7 @@ from alerting.dashboard import STREAM_BLOCK_MS
 from alerting.rules import rule_name
 from alerting.store import AlertStore
 from core.kafka_io import make_consumer, make_producer
-from core.settings import ConfigError, Settings, load_settings
+from core.settings import AlertRule, ConfigError, Settings, load_settings
 from fallwatch.benchmarks.kit import bench_table, kafka_clients, show
 from fallwatch.processes import start_services, stop_services
 from fallwatch.stack import LocalStack, free_port, fresh_run, stop_pid
@@ -209,6 +209,13 @@ async def measure(settings: Settings, cameras: int, fps: float) -> tuple[list[Ro
         await store.close()
 
 
+def sure_cloud_scenario(rule: AlertRule, fps: float, down_wait_s: float) -> tuple[str, str, VerdictPlan]:
+    """Sure cloud verdicts: with the fast path on the second one confirms; off (the default) they wait like any."""
+    if rule.confirm_within_s > 0:
+        return "sure cloud verdicts (p 0.95): the second confirms", f"{1 / fps:.1f}", sure_cloud_fall
+    return "sure cloud verdicts (p 0.95), fast path off: as k of n", f"{down_wait_s:.1f}", sure_cloud_fall
+
+
 async def play_scenarios(
     settings: Settings,
     producer: AIOKafkaProducer,
@@ -229,7 +236,7 @@ async def play_scenarios(
     # the frame at which k falls have lasted down_for_s, after the first
     down_wait_s = max(rule.k - 1, math.ceil(rule.down_for_s * fps - 1e-9)) / fps
     scenarios: list[tuple[str, str, VerdictPlan]] = [
-        ("sure cloud verdicts (p 0.95): the second confirms", f"{1 / fps:.1f}", sure_cloud_fall),
+        sure_cloud_scenario(rule, fps, down_wait_s),
         (f"{rule_name(rule)} final edge falls at {fps:g} fps", f"{down_wait_s:.1f}", edge_falls),
         (
             f"offloaded, cloud down: edge-fallback after D = {rule.cloud_wait_s:g} s",
