@@ -1,6 +1,6 @@
 """Both models' outputs on a folder of labelled clips, sampled as the cameras sample, cached on disk.
 
-Each clip is sampled as a producer samples a camera: `producers.video.sample_frames` at the
+Each clip is sampled as a producer samples a camera: `producers.decoding.sample_file` at the
 camera fps by the video's own timestamps, `producers.motion.MotionGate` (motion, or a heartbeat),
 the camera's resize and JPEG; the published JPEG is decoded as the edge worker decodes it. The
 edge model answers every published frame; the cloud model answers, for every published frame, the
@@ -37,8 +37,9 @@ from core.clips import ClipBuffers
 from core.images import decode_jpeg_rgb
 from core.settings import ConfigError, Settings
 from dmd_offline.clips import LabelledClip
+from producers.decoding import sample_file
 from producers.motion import MotionGate
-from producers.video import SourceError, encode_jpeg, resize, sample_frames
+from producers.video import SourceError, encode_jpeg
 from schemas import Frame
 
 if TYPE_CHECKING:  # the model wrappers (and transformers) are imported only when a model has to run
@@ -188,7 +189,9 @@ def sampling_identity(settings: Settings) -> dict[str, Any]:
         "motion": ev.motion.model_dump(),
         "resize": ev.resize,
         "jpeg_quality": ev.jpeg_quality,
-        "code": source_digest("producers.video", "producers.motion", "core.images"),
+        "code": source_digest(
+            "producers.decoding", "producers.pictures", "producers.video", "producers.motion", "core.images"
+        ),
     }
 
 
@@ -269,12 +272,12 @@ def publish_as_camera(path: Path, camera_id: str, room: str, settings: Settings)
     heartbeat: list[bool] = []
     last_position_s = 0.0
     try:
-        for sampled in sample_frames(str(path), ev.fps, pace=False):
+        for sampled in sample_file(str(path), ev.fps):
             last_position_s = sampled.position_s
-            trigger = gate.check(sampled.image_bgr, sampled.position_s)
+            trigger = gate.check(sampled.picture, sampled.position_s)
             if trigger is None:
                 continue
-            image = resize(sampled.image_bgr, ev.resize)
+            picture = sampled.picture.resized(ev.resize)
             captured_at = CLIP_START + timedelta(seconds=sampled.position_s)
             seq = len(frames)
             frames.append(
@@ -284,9 +287,9 @@ def publish_as_camera(path: Path, camera_id: str, room: str, settings: Settings)
                     room=room,
                     seq=seq,
                     captured_at=captured_at,
-                    width=image.shape[1],
-                    height=image.shape[0],
-                    jpeg=encode_jpeg(image, ev.jpeg_quality),
+                    width=picture.width,
+                    height=picture.height,
+                    jpeg=encode_jpeg(picture, ev.jpeg_quality),
                 )
             )
             heartbeat.append(trigger == "heartbeat")

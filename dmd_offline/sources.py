@@ -26,7 +26,8 @@ from core.images import decode_jpeg_rgb
 from core.kafka_io import make_consumer, read_topic_partitions
 from core.settings import ConfigError, Settings
 from dmd_offline.clips import LABEL_VALUES, read_csv, read_labelled_clips
-from producers.video import SourceError, encode_jpeg, sample_frames
+from producers.decoding import sample_file
+from producers.video import SourceError, encode_jpeg
 from schemas import Frame, Label, Message, SchemaError, Verdict, decode
 
 log = logging.getLogger(__name__)
@@ -237,11 +238,11 @@ def video_folder_items(folder: Path, fps: float, clip_frames: int, clip_seconds:
         fall_start_s = clip.fall_start_s or 0.0
         recent: deque[tuple[float, np.ndarray]] = deque(maxlen=clip_frames)
         try:
-            sampled = list(sample_frames(str(folder / clip.file), fps, pace=False))
+            sampled = list(sample_file(str(folder / clip.file), fps))
         except SourceError as exc:
             raise ConfigError(f"{folder / 'clips.csv'} row {number + 2}: {exc}") from None
         for index, frame in enumerate(sampled):
-            image = decode_jpeg_rgb(encode_jpeg(frame.image_bgr, VIDEO_JPEG_QUALITY))
+            image = decode_jpeg_rgb(encode_jpeg(frame.picture, VIDEO_JPEG_QUALITY))
             assert image is not None  # we just encoded it
             recent.append((frame.position_s, image))
             frames = [img for t, img in recent if t >= frame.position_s - clip_seconds]

@@ -16,14 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import numpy as np
-
 from core.settings import CameraSettings, ProducerSettings
 from core.urls import redact, source_kind
 from producers.decoding import PyAVSource
 from producers.masks import PrivacyMasks
 from producers.motion import MotionGate, Trigger
-from producers.video import OpenCVSource, SourceError, encode_jpeg, resize
+from producers.pictures import Picture
+from producers.video import OpenCVSource, SourceError, encode_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +211,7 @@ class CameraCapture:
                 else:
                     captured_at = datetime.now(UTC)
                 self.on_sample(schedule)
-                self.publish(frame.image_bgr, frame.position_s, captured_at)
+                self.publish(frame.picture, frame.position_s, captured_at)
         finally:
             source.close()
         if self.kind != "file" and not self.stop.is_set():
@@ -222,19 +221,18 @@ class CameraCapture:
             self.stats.last_error = f"{redact(self.camera.sampled_url)} {'stalled' if stalled else 'ended'}"
         return sampled
 
-    def publish(self, image_bgr: np.ndarray, position_s: float, captured_at: datetime) -> None:
+    def publish(self, picture: Picture, position_s: float, captured_at: datetime) -> None:
         """Mask a sampled frame and gate it on motion; resize, encode and hand over the ones that pass."""
-        image_bgr = self.masks.apply(image_bgr)
-        trigger = self.gate.check(image_bgr, position_s)
+        picture = picture.masked(self.masks)
+        trigger = self.gate.check(picture, position_s)
         if trigger is None:
             self.stats.skipped_motion += 1
             return
         if trigger == "heartbeat":
             self.stats.heartbeats += 1
-        image = resize(image_bgr, self.camera.resize)
-        height, width = image.shape[:2]
-        jpeg = encode_jpeg(image, self.camera.jpeg_quality)
-        self.emit(CapturedFrame(captured_at, width, height, jpeg, trigger))
+        picture = picture.resized(self.camera.resize)
+        jpeg = encode_jpeg(picture, self.camera.jpeg_quality)
+        self.emit(CapturedFrame(captured_at, picture.width, picture.height, jpeg, trigger))
 
     def on_sample(self, schedule: Schedule | None) -> None:
         """Count the sample, and the slots missed before it; warn once a camera stays behind."""

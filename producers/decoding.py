@@ -8,6 +8,10 @@ decoding, whether a sampled frame can be in it:
   (MJPEG) depend on nothing: their other packets are not decoded at all. The sampled frame is
   thus the same one decoding everything would pick. Live streams are timed by arrival, so a live
   stream with B-frames (frames arrive out of order) is decoded in full.
+  A file is also read ahead to its next keyframe (compressed packets, cheap): when the next sample
+  is not due before that keyframe, the rest of the group of pictures is not decoded at all, since
+  nothing after a keyframe depends on it (decoding resumes there, as after a seek). Live streams
+  are not read ahead: waiting for the next keyframe would delay every frame by up to a GOP.
 - `keyframes`: only keyframes reach the decoder; the cheapest, and right while keyframes come at
   least as often as the sampling rate. When they come less often the camera switches to `auto`
   at the next keyframe (one warning line), so its sampling rate is kept.
@@ -18,16 +22,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from typing import Any
 
 import av
 import av.error
-import numpy as np
 from av.codec.hwaccel import HWAccel, hwdevices_available
 
+from core.settings import CameraSettings
 from core.urls import redact, source_kind
+from producers.pictures import BgrPicture, Picture, YuvPicture
 from producers.video import RateSampler, SampledFrame, SourceError
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 # hardware decoders to try, in this order, among those FFmpeg was built with
 HARDWARE_DEVICES = ("cuda", "vaapi", "qsv", "videotoolbox", "d3d11va", "drm")
 KEYFRAME_SLACK = 0.1  # of the sampling interval: a live stream's keyframes are timed by arrival, with jitter
+LOOKAHEAD_PACKETS = 600  # a file's read-ahead bound: a longer GOP is decoded as if its end were unknown
 
 
 def open_container(url: str, options: dict[str, str], timeout: tuple[float, float] | None, hardware: bool) -> Any:
@@ -88,7 +95,8 @@ class PyAVSource:
         self.stream.thread_type = "SLICE"
         self.stream.codec_context.thread_count = 1
         self.intra_only = self.stream.codec_context.codec.intra_only
-        self.time_base = Fraction(self.stream.time_base or Fraction(1, 90_000))
+        # a float: exact enough for any file's length, and a Fraction per packet costs more than the demuxing
+        self.seconds_per_tick = float(self.stream.time_base or Fraction(1, 90_000))
 
     def close(self) -> None:
         self.container.close()
@@ -102,13 +110,18 @@ class PyAVSource:
         context = self.stream.codec_context
         first_s: float | None = None
         last_keyframe_s: float | None = None
-        for packet in self.packets():
+        skipped_gop = False
+        for packet, gop_last_s in self.packets():
             on_grab()
-            t_s = (
-                time.monotonic() if self.live else self.file_time(packet.pts if packet.pts is not None else packet.dts)
-            )
+            t_s = time.monotonic() if self.live else self.file_time(packet_pts(packet))
             if t_s is None:
                 continue
+            if rest_of_gop_unneeded(sampler, gop_last_s):
+                skipped_gop = True
+                continue
+            if skipped_gop:  # at a keyframe: the frames still held are not due, start clean as after a seek
+                context.flush_buffers()
+                skipped_gop = False
             first_s = t_s if first_s is None else first_s
             if self.mode == "keyframes":
                 if not packet.is_keyframe:
@@ -133,7 +146,29 @@ class PyAVSource:
             if frame_s is not None and first_s is not None and sampler.due(frame_s):
                 yield SampledFrame(frame_s - first_s, self.image(frame))
 
-    def packets(self) -> Iterator[av.Packet]:
+    def packets(self) -> Iterator[tuple[av.Packet, float | None]]:
+        """Each packet with the latest file time of the frames left in its GOP, itself included (None: live, or
+        not known yet). A file is read ahead to the next keyframe, at most LOOKAHEAD_PACKETS; a live stream is not.
+        """
+        pending: deque[av.Packet] = deque()
+        for packet in self.demuxed():
+            if self.live:
+                yield packet, None
+                continue
+            if packet.is_keyframe and pending:
+                yield from self.gop(pending)
+            pending.append(packet)
+            if len(pending) > LOOKAHEAD_PACKETS:
+                yield pending.popleft(), None
+        yield from self.gop(pending)  # the file's end ends its last GOP too
+
+    def gop(self, pending: deque[av.Packet]) -> Iterator[tuple[av.Packet, float | None]]:
+        """The packets read ahead to the end of their GOP, each with the GOP's latest frame time."""
+        gop_last_s = max((self.file_time(packet_pts(packet)) or 0.0 for packet in pending), default=None)
+        while pending:
+            yield pending.popleft(), gop_last_s
+
+    def demuxed(self) -> Iterator[av.Packet]:
         """The stream's packets until it ends; a failed or timed-out read ends it too (the caller reconnects)."""
         demuxer = self.container.demux(self.stream)
         while True:
@@ -157,7 +192,7 @@ class PyAVSource:
         return self.live and self.stream.codec_context.has_b_frames > 0
 
     def file_time(self, pts: int | None) -> float | None:
-        return None if pts is None else float(pts * self.time_base)
+        return None if pts is None else pts * self.seconds_per_tick
 
     def keyframes_too_rare(self, last_keyframe_s: float | None, t_s: float) -> bool:
         """Keyframes further apart than the sampling interval (one warning line): time to decode in `auto`."""
@@ -171,8 +206,34 @@ class PyAVSource:
         )
         return True
 
-    def image(self, frame: av.VideoFrame) -> np.ndarray:
+    def image(self, frame: av.VideoFrame) -> Picture:
+        """The frame's own YUV planes where JPEG can take them, else BGR converted at the detect size."""
+        planes = YuvPicture.of_frame(frame)
+        if planes is not None:
+            return planes.resized(self.size)
         if self.size is None:
-            return frame.to_ndarray(format="bgr24")
+            return BgrPicture(frame.to_ndarray(format="bgr24"))
         width, height = self.size
-        return frame.to_ndarray(format="bgr24", width=width, height=height, interpolation="AREA")
+        return BgrPicture(frame.to_ndarray(format="bgr24", width=width, height=height, interpolation="AREA"))
+
+
+def sample_file(path: str, fps: float) -> Iterator[SampledFrame]:
+    """The frames a file camera samples from `path` with the default decode mode, as fast as they decode:
+    offline replays and `eval` see the very pictures the producer would publish."""
+    mode = CameraSettings.model_fields["decode"].default
+    source = PyAVSource(path, path, mode, fps, None, timeouts_s=(0.0, 0.0), hardware=False)  # files: none
+    try:
+        yield from source.frames(lambda: None, lambda: None)
+    finally:
+        source.close()
+
+
+def rest_of_gop_unneeded(sampler: RateSampler, gop_last_s: float | None) -> bool:
+    """Every frame left before the next keyframe comes before the next due time: none of them is needed."""
+    if gop_last_s is None or sampler.next_due_s is None:
+        return False
+    return gop_last_s + sampler.early_s < sampler.next_due_s
+
+
+def packet_pts(packet: av.Packet) -> int | None:
+    return packet.pts if packet.pts is not None else packet.dts

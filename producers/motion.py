@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from core.settings import MotionSettings
+from producers.pictures import Picture
 
 Trigger = Literal["motion", "heartbeat", "always"]
 
@@ -29,25 +30,20 @@ class MotionGate:
         self.previous = None
         self.last_passed_s = None
 
-    def changed_share(self, image_bgr: np.ndarray) -> float | None:
+    def changed_share(self, picture: Picture) -> float | None:
         """Share of pixels that changed since the previous call (None for the first frame)."""
-        height, width = image_bgr.shape[:2]
-        small_width = min(self.settings.width, width)
-        small = cv2.resize(
-            image_bgr, (small_width, max(1, round(height * small_width / width))), interpolation=cv2.INTER_AREA
-        )
-        grey = cv2.GaussianBlur(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY), (5, 5), 0)
+        grey = cv2.GaussianBlur(picture.small_grey(self.settings.width), (5, 5), 0)
         previous, self.previous = self.previous, grey
         if previous is None or previous.shape != grey.shape:
             return None
         changed = cv2.absdiff(grey, previous) > self.settings.threshold
         return float(np.count_nonzero(changed)) / changed.size
 
-    def check(self, image_bgr: np.ndarray, t_s: float) -> Trigger | None:
+    def check(self, picture: Picture, t_s: float) -> Trigger | None:
         """Why the frame sampled at `t_s` should be published, or None to skip it."""
         if not self.settings.enabled:
             return "always"
-        share = self.changed_share(image_bgr)
+        share = self.changed_share(picture)
         if share is not None and share >= self.settings.min_area:
             self.last_passed_s = t_s
             return "motion"

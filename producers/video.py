@@ -8,10 +8,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import cv2
-import numpy as np
 
-from core import images
 from core.urls import redact, source_kind
+from producers.pictures import BgrPicture, Picture
 
 # RTSP over TCP: no lost UDP packets (smeared frames) behind NAT or on a busy Wi-Fi; set before the
 # first capture opens, because OpenCV reads it per open and offers no per-capture option for it
@@ -29,7 +28,7 @@ class SourceError(RuntimeError):
 @dataclass(frozen=True)
 class SampledFrame:
     position_s: float  # the frame's timestamp: within the file, or the monotonic clock for live sources
-    image_bgr: np.ndarray
+    picture: Picture
 
 
 def open_capture(url: str, open_timeout_s: float = 30.0, read_timeout_s: float = 30.0) -> cv2.VideoCapture:
@@ -91,7 +90,7 @@ def sample_capture(
         ok, image = capture.retrieve()
         if not ok:
             raise SourceError(f"cannot decode a frame of {redact(url)}")
-        yield SampledFrame(t_s, image)
+        yield SampledFrame(t_s, BgrPicture(image))
 
 
 class OpenCVSource:
@@ -113,28 +112,9 @@ class OpenCVSource:
         yield from sample_capture(self.capture, self.shown_url, self.fps, on_grab=grabbed)
 
 
-def sample_frames(url: str, fps: float, pace: bool) -> Iterator[SampledFrame]:
-    """Frames of the video file `url` at about `fps`; with `pace`, played back in real time."""
-    capture = open_capture(url)
-    started = time.monotonic()
+def encode_jpeg(picture: Picture, quality: int) -> bytes:
+    """The picture's JPEG, failing as a source does (a camera records the error and reconnects)."""
     try:
-        for sampled in sample_capture(capture, url, fps):
-            if pace:
-                time.sleep(max(0.0, started + sampled.position_s - time.monotonic()))
-            yield sampled
-    finally:
-        capture.release()
-
-
-def resize(image_bgr: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    if size is None or (image_bgr.shape[1], image_bgr.shape[0]) == size:
-        return image_bgr
-    return cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
-
-
-def encode_jpeg(image_bgr: np.ndarray, quality: int) -> bytes:
-    """core.images.encode_jpeg, failing as a source does (a camera records the error and reconnects)."""
-    try:
-        return images.encode_jpeg(image_bgr, quality)
+        return picture.jpeg(quality)
     except ValueError as exc:
         raise SourceError(str(exc)) from None

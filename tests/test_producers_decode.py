@@ -18,9 +18,12 @@ import av
 import numpy as np
 import pytest
 
+from core.images import decode_jpeg_rgb
 from core.settings import CameraSettings, ProducerSettings
 from producers.camera import CameraCapture, CameraStats, CapturedFrame
 from producers.decoding import PyAVSource
+from producers.masks import PrivacyMasks
+from producers.pictures import YuvPicture
 from producers.video import OpenCVSource, RateSampler, SampledFrame
 from tests.conftest import FALL_CLIPS
 
@@ -102,14 +105,14 @@ def test_auto_decodes_less_and_samples_the_frames_decoding_everything_does(clip:
     assert auto.read == everything.read, "every packet is read"
     assert auto.decoded < 0.6 * everything.decoded, "non-reference frames that are not due are never decoded"
     for ours, theirs in zip(auto.frames, everything.frames, strict=True):
-        assert ours.image_bgr.shape == theirs.image_bgr.shape
-        difference = np.abs(ours.image_bgr.astype(int) - theirs.image_bgr.astype(int)).mean()
+        assert ours.picture.bgr().shape == theirs.picture.bgr().shape
+        difference = np.abs(ours.picture.bgr().astype(int) - theirs.picture.bgr().astype(int)).mean()
         assert difference < 2.0, "the same picture (colour conversion aside), not a neighbour or a smeared one"
 
 
 def test_auto_decodes_straight_to_the_detect_size(clip_path: Path) -> None:
     auto = sample(PyAVSource(str(clip_path), str(clip_path), "auto", 2.0, (160, 120), TIMEOUTS_S, hardware=False))
-    assert {frame.image_bgr.shape for frame in auto.frames} == {(120, 160, 3)}
+    assert {frame.picture.bgr().shape for frame in auto.frames} == {(120, 160, 3)}
 
 
 def test_hardware_decode_falls_back_to_the_cpu_where_no_device_works(
@@ -129,7 +132,7 @@ def test_hardware_decode_falls_back_to_the_cpu_where_no_device_works(
     assert len(hardware.frames) >= 7
     assert hardware.positions() == pytest.approx(cpu.positions(), abs=1e-3)
     for ours, theirs in zip(hardware.frames, cpu.frames, strict=True):
-        assert np.abs(ours.image_bgr.astype(int) - theirs.image_bgr.astype(int)).mean() < 2.0
+        assert np.abs(ours.picture.bgr().astype(int) - theirs.picture.bgr().astype(int)).mean() < 2.0
 
 
 def test_keyframes_mode_decodes_only_keyframes_while_they_come_often_enough(tmp_path: Path, clip_path: Path) -> None:
@@ -194,3 +197,76 @@ def test_a_capture_loop_that_keeps_up_is_never_behind(tmp_path: Path, clip_path:
     video = h264_video(tmp_path / "long.mp4", clip_path, fps=15, keyframe_every=15, seconds=12.0)
     stats, emitted = throttled_capture(video, fps=2.0, seconds=4.0, emit_s=0.0)
     assert len(emitted) >= 7 and stats.behind == 0 and stats.behind_for_s() == 0.0
+
+
+def test_a_group_of_pictures_without_a_due_frame_is_not_decoded_at_all(tmp_path: Path, clip_path: Path) -> None:
+    # a keyframe every second, sampled every two: every other GOP holds no due frame, and in the others
+    # nothing after the sampled keyframe is needed
+    video = h264_video(tmp_path / "gop15.mp4", clip_path, fps=15, keyframe_every=15)
+    auto = sample(PyAVSource(str(video), str(video), "auto", 0.5, None, TIMEOUTS_S, hardware=False))
+    everything = sample(OpenCVSource(str(video), str(video), 0.5, TIMEOUTS_S))
+    assert auto.positions() == pytest.approx(everything.positions(), abs=1e-3)
+    assert_on_schedule(auto.positions(), 0.5, frame_times(video))
+    assert len(auto.frames) == 3, "the keyframes at 0, 2 and 4 s"
+    # each sampled keyframe, and the two frames the decoder takes in before it hands a keyframe out (B-frames
+    # reorder); the GOPs at 1, 3 and 5 s not at all
+    assert auto.decoded <= 3 * 3
+    assert auto.read == everything.read == 90, "every packet is still read"
+    for ours, theirs in zip(auto.frames, everything.frames, strict=True):
+        assert np.abs(ours.picture.bgr().astype(int) - theirs.picture.bgr().astype(int)).mean() < 2.0
+
+
+def test_the_rest_of_a_group_of_pictures_after_its_last_due_frame_is_not_decoded(
+    tmp_path: Path, clip_path: Path
+) -> None:
+    # keyframes every 2 s, samples every 0.5 s: the last sample of each GOP is at 1.5 s into it; the 0.5 s after
+    # it (7 frames) holds nothing due, while the next keyframe is
+    video = h264_video(tmp_path / "gop30.mp4", clip_path, fps=15, keyframe_every=30)
+    auto = sample(PyAVSource(str(video), str(video), "auto", 2.0, None, TIMEOUTS_S, hardware=False))
+    everything = sample(OpenCVSource(str(video), str(video), 2.0, TIMEOUTS_S))
+    assert auto.positions() == pytest.approx(everything.positions(), abs=1e-3)
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        tail = [
+            p for p in container.demux(stream) if p.pts is not None and float(p.pts * stream.time_base) % 2.0 > 1.55
+        ]
+    assert len(tail) >= 15, "the clip has such tails"
+    assert auto.decoded <= everything.decoded - len(tail), "no frame of a GOP's tail was decoded"
+
+
+def colour_picture() -> np.ndarray:
+    """A 64×48 BGR picture of smooth colour gradients (JPEG keeps them well)."""
+    rows, columns = np.mgrid[0:48, 0:64]
+    return np.dstack([columns * 4, rows * 5, 255 - columns * 3]).astype(np.uint8)
+
+
+@pytest.mark.parametrize("colour_range", [1, 2], ids=["limited", "full"])
+def test_yuv_planes_go_into_the_jpeg_as_the_colours_they_are(colour_range: int) -> None:
+    image = colour_picture()
+    frame = av.VideoFrame.from_ndarray(image, format="bgr24").reformat(
+        format="yuv420p", dst_colorspace=5, dst_color_range=colour_range
+    )
+    picture = YuvPicture.of_frame(frame)
+    assert picture is not None
+    decoded = decode_jpeg_rgb(picture.jpeg(95))
+    assert decoded is not None and decoded.shape == (48, 64, 3)
+    assert np.abs(decoded[..., ::-1].astype(int) - image.astype(int)).mean() < 3.0, "range and matrix kept"
+    assert np.abs(picture.bgr().astype(int) - image.astype(int)).mean() < 3.0
+
+
+def test_frames_in_another_matrix_or_format_are_left_to_ffmpeg_to_convert() -> None:
+    frame = av.VideoFrame.from_ndarray(colour_picture(), format="bgr24")
+    assert YuvPicture.of_frame(frame.reformat(format="yuv420p", dst_colorspace=1)) is None, "BT.709"
+    assert YuvPicture.of_frame(frame.reformat(format="yuv422p")) is None
+
+
+def test_a_mask_on_yuv_planes_leaves_no_colour_of_what_it_covers() -> None:
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[:] = (0, 0, 255)  # red everywhere
+    picture = YuvPicture.of_frame(av.VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p"))
+    assert picture is not None
+    # the mask's edge at x = 31 splits chroma samples (each covers two columns)
+    masks = PrivacyMasks([[(0.0, 0.0), (31 / 64, 0.0), (31 / 64, 1.0), (0.0, 1.0)]])
+    bgr = picture.masked(masks).bgr()
+    assert bgr[:, :31].max() == 0, "black up to the mask's edge, no red bleeding in from the chroma"
+    assert bgr[:, 33:, 2].min() > 200, "the rest kept"

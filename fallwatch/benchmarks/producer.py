@@ -48,7 +48,7 @@ def repeated(video: Path, seconds: float, folder: Path) -> Path:
 MODES = ("all", "auto", "keyframes")
 MODE_NAMES = {
     "all": "today: decode every frame (OpenCV)",
-    "auto": "auto: skip non-reference frames not due (PyAV)",
+    "auto": "auto: only frames due and those they need (PyAV)",
     "keyframes": "keyframes: only keyframes while often enough (PyAV)",
 }
 
