@@ -8,10 +8,10 @@ decoding, whether a sampled frame can be in it:
   (MJPEG) depend on nothing: their other packets are not decoded at all. The sampled frame is
   thus the same one decoding everything would pick. Live streams are timed by arrival, so a live
   stream with B-frames (frames arrive out of order) is decoded in full.
-  A file is also read ahead to its next keyframe (compressed packets, cheap): when the next sample
-  is not due before that keyframe, the rest of the group of pictures is not decoded at all, since
-  nothing after a keyframe depends on it (decoding resumes there, as after a seek). Live streams
-  are not read ahead: waiting for the next keyframe would delay every frame by up to a GOP.
+  A file is also read ahead to its next keyframe (compressed packets, cheap): when no frame left
+  in the group of pictures is due, the rest of it is not decoded at all, since nothing after the
+  next keyframe depends on it (decoding resumes there, as after a seek). Live streams are not
+  read ahead: waiting for the next keyframe would delay every frame by up to a GOP.
 - `keyframes`: only keyframes reach the decoder; the cheapest, and right while keyframes come at
   least as often as the sampling rate. When they come less often the camera switches to `auto`
   at the next keyframe (one warning line), so its sampling rate is kept.
@@ -229,7 +229,7 @@ def sample_file(path: str, fps: float) -> Iterator[SampledFrame]:
 
 
 def rest_of_gop_unneeded(sampler: RateSampler, gop_last_s: float | None) -> bool:
-    """Every frame left before the next keyframe comes before the next due time: none of them is needed."""
+    """Every frame left in the GOP comes before the next due time: none of them is needed."""
     if gop_last_s is None or sampler.next_due_s is None:
         return False
     return gop_last_s + sampler.early_s < sampler.next_due_s
