@@ -558,6 +558,11 @@ class AdaptSettings(Section):
         0.3, gt=0, lt=1, description="each camera's latest share of frames is held out for the publish gate"
     )
     gate_tolerance: float = Field(0.0, ge=0, le=1, description="how much worse than the running pair still passes")
+    confidence_fallback: bool = Field(
+        True,
+        description="a learned switcher that routes worse than uncertainty deferral on the held-out slice is "
+        "replaced by one without weights that routes by the edge's confidence; off: the candidate is refused",
+    )
     target_offload_share: float = Field(
         0.3, gt=0, lt=1, description="the switcher's threshold defers this share of the out-of-fold frames"
     )

@@ -12,12 +12,19 @@ From the frames of a window (`dmd.since` / `dmd.until` of the `frames` topic, or
 4. **The candidate**: the running edge fine-tuned on all of them; the switcher trained on the
    out-of-fold rows (`dmd.switcher_inputs`, `dmd.switcher_target`), its threshold deferring
    `target_offload_share` of them.
-5. **The gate**, on the held-out slice. Where it has caregiver-labelled frames, those decide: the
-   candidate's edge must be right on them at least as often as the running pair's, and say "fall"
-   on the caregiver-acknowledged fall frames at least as often; on a slice without labels, it must
-   agree with the cloud at least as often instead. Its switcher must not lose to uncertainty
-   deferral at the switcher's own cloud share. Each check may lose by `gate_tolerance` at most. A
-   refusal says which check failed, with its figures, in one line.
+5. **The gate**, on the held-out slice. Where it has caregiver-labelled frames, those decide: what
+   the candidate pair serves (its edge's answer, or the cloud's where its switcher defers) must be
+   right on them at least as often as what the running pair serves, and say "fall" on the
+   caregiver-acknowledged fall frames at least as often; its switcher's routing must be right on
+   them at least as often as uncertainty deferral of as many frames. On a slice without labels,
+   the candidate's edge must agree with the cloud at least as often as the running edge, and its F1
+   on the cloud's fall answers must be as high (where falls are rare, saying "no fall" more agrees
+   more and is no gain), and its switcher's routing must agree with the cloud at least as often as
+   uncertainty deferral. Each check may lose by `gate_tolerance` at most. A learned switcher that
+   loses its check is not published: with `confidence_fallback` the version routes by the edge's
+   own confidence instead (a switcher without weights, its threshold deferring the same share), and
+   the other checks are judged again with it. A refusal says which check failed, with its figures,
+   in one line.
 6. **Publish**: edge model and switcher as one version in `edge.model_registry`, with the hashes
    that bind them and the calibration the edge workers' drift guard compares cameras with (the
    candidate on the held-out slice); then ACTIVE points at it and the workers are told.
@@ -30,7 +37,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -70,6 +77,7 @@ from edge_workers.switcher import (
 log = logging.getLogger(__name__)
 
 PREDICT_BATCH = 16
+ROUTING_CHECK = "switcher vs uncertainty"
 DECILES = [q / 10 for q in range(1, 10)]
 
 
@@ -240,11 +248,12 @@ class GateCheck:
 REFUSALS = {
     "cloud agreement": "the candidate agrees with the cloud on {c:.1%} of the held-out frames, "
     "the running pair on {r:.1%}",
-    "caregiver labels": "the candidate is right on {c:.1%} of the {n} caregiver-labelled frames, "
+    "cloud falls F1": "the candidate's F1 on the cloud's fall answers is {c:.1%}, the running pair's {r:.1%}",
+    "caregiver labels": "the candidate pair is right on {c:.1%} of the {n} caregiver-labelled frames, "
     "the running pair on {r:.1%}",
-    "caregiver falls": "the candidate says fall on {c:.1%} of the {f} caregiver-acknowledged fall frames, "
+    "caregiver falls": "the candidate pair says fall on {c:.1%} of the {f} caregiver-acknowledged fall frames, "
     "the running pair on {r:.1%}",
-    "switcher vs uncertainty": "the candidate's switcher is right on {c:.1%} with {s:.0%} to the cloud, "
+    ROUTING_CHECK: "the candidate's switcher is right on {c:.1%} with {s:.0%} to the cloud, "
     "uncertainty deferral on {r:.1%}",
 }
 
@@ -256,6 +265,7 @@ class GateResult:
     cloud_share: float  # the candidate switcher's share of the held-out frames to the cloud
     labelled: int = 0  # held-out frames with a caregiver's label
     labelled_falls: int = 0
+    passed_over: GateCheck | None = None  # the learned switcher's lost routing check, where it was replaced
 
     @property
     def passed(self) -> bool:
@@ -264,12 +274,22 @@ class GateResult:
     def refusal(self) -> str:
         reasons = [
             REFUSALS[check.name].format(
-                c=check.candidate, r=check.running, s=self.cloud_share, n=self.labelled, f=self.labelled_falls
+                c=check.candidate,
+                r=check.running,
+                s=self.cloud_share,
+                n=self.labelled,
+                f=self.labelled_falls,
             )
             for check in self.checks
             if not check.passed
         ]
         return "not published: " + "; ".join(reasons) + f" (held-out slice of {self.frames} frames)"
+
+    def reported_checks(self) -> list[GateCheck]:
+        """The checks, and the learned switcher's lost one where the confidence router replaced it."""
+        if self.passed_over is None:
+            return list(self.checks)
+        return [*self.checks, replace(self.passed_over, name=f"learned {ROUTING_CHECK}")]
 
     def as_metrics(self) -> dict[str, float]:
         metrics = {
@@ -277,7 +297,7 @@ class GateResult:
             "gate_cloud_share": self.cloud_share,
             "gate_labelled_frames": float(self.labelled),
         }
-        for check in self.checks:  # a check without frames to judge on is left out
+        for check in self.reported_checks():  # a check without frames to judge on is left out
             key = check.name.replace(" ", "_")
             if check.candidate is not None and check.running is not None:
                 metrics[f"gate_{key}_candidate"] = check.candidate
@@ -288,16 +308,18 @@ class GateResult:
 def gate(
     frames: list[AdaptFrame],
     candidate: EdgeBatch,
-    candidate_scores: np.ndarray,
-    threshold: float,
+    candidate_deferred: np.ndarray,
     running: EdgeBatch,
+    running_deferred: np.ndarray,
     settings: Settings,
 ) -> GateResult:
-    """The checks of the module docstring on the held-out frames.
+    """The checks of the module docstring on the held-out frames; `*_deferred`: each pair's switcher sends
+    the frame to the cloud (all False for a running edge model without a switcher).
 
     Caregiver labels, where the slice has any, decide: they say where the cloud itself is wrong (a
     person lying on a bed is no fall, whatever the cloud answers), so agreement with the cloud is
-    checked only on a slice without them.
+    checked only on a slice without them. On labelled frames each pair is judged on what it serves,
+    as the caregivers get it: the cloud's answer where its switcher defers, the edge's elsewhere.
     """
     edge_threshold = settings.edge.decision_threshold
     tolerance = settings.dmd.adapt.gate_tolerance
@@ -316,22 +338,37 @@ def gate(
         passed = ours is None or theirs is None or ours >= theirs - tolerance
         return GateCheck(name, ours, theirs, passed)
 
+    # a frame can only be answered by the cloud where the cloud's answer is known
+    deferred, running_deferred = candidate_deferred & cloud_known, running_deferred & cloud_known
     if labelled.any():
+        new_served, old_served = np.where(deferred, cloud, new), np.where(running_deferred, cloud, old)
         checks = [
-            check("caregiver labels", share(labelled, new == labels), share(labelled, old == labels)),
-            check("caregiver falls", share(falls, new), share(falls, old)),
+            check("caregiver labels", share(labelled, new_served == labels), share(labelled, old_served == labels)),
+            check("caregiver falls", share(falls, new_served), share(falls, old_served)),
         ]
+        judged, reference = labelled & cloud_known, labels
     else:
-        checks = [check("cloud agreement", share(cloud_known, new == cloud), share(cloud_known, old == cloud))]
-    deferred = candidate_scores < threshold
-    if cloud_known.any():
-        # right is the caregiver's label where known, else the cloud; only frames with a cloud answer can defer
-        known = np.flatnonzero(cloud_known)
-        reference = np.where(labelled, labels, cloud)[known]
-        args = candidate.fall_probability[known], new[known], deferred[known], cloud[known], reference
-        checks.append(check("switcher vs uncertainty", *deferral_rightness(*args)))
-    cloud_share = float(deferred.mean()) if len(frames) else 0.0
+        # agreeing more by saying "no fall" more is no gain where falls are rare: F1 on the cloud's falls too
+        checks = [
+            check("cloud agreement", share(cloud_known, new == cloud), share(cloud_known, old == cloud)),
+            check("cloud falls F1", fall_f1(new[cloud_known], cloud[cloud_known]),
+                  fall_f1(old[cloud_known], cloud[cloud_known])),
+        ]  # fmt: skip
+        judged, reference = cloud_known, cloud
+    if judged.any():
+        # the caregivers' labels where the slice has any, else the cloud: how often the routed answer is right
+        known = np.flatnonzero(judged)
+        args = candidate.fall_probability[known], new[known], deferred[known], cloud[known], reference[known]
+        checks.append(check(ROUTING_CHECK, *deferral_rightness(*args)))
+    cloud_share = float(candidate_deferred.mean()) if len(frames) else 0.0
     return GateResult(len(frames), checks, cloud_share, int(labelled.sum()), int(falls.sum()))
+
+
+def fall_f1(says_fall: np.ndarray, reference: np.ndarray) -> float | None:
+    """F1 of the fall answers against `reference`; None where neither says fall anywhere."""
+    true = int(np.sum(says_fall & reference))
+    wrong = int(np.sum(says_fall != reference))
+    return None if true + wrong == 0 else 2 * true / (2 * true + wrong)
 
 
 def deferral_rightness(
@@ -363,11 +400,11 @@ def calibration_of(output: EdgeBatch, scores: np.ndarray, threshold: float, edge
 @dataclass
 class Candidate:
     edge: ViltEdgeModel
-    switcher: Switcher
-    training: TrainingReport
+    switcher: Switcher  # the learned one, or the confidence router where that one lost (`GateResult.passed_over`)
     choice: ThresholdChoice
     gate: GateResult
     calibration: Calibration
+    training: TrainingReport  # of the learned switcher
     running: RunningPair
     adaptation_frames: int
     rows: DmdData  # the switcher's out-of-fold rows
@@ -410,18 +447,24 @@ class Adaptation:
         switcher, training, choice = self.switcher_on(oof)
         self.seconds["switcher"] = time.perf_counter() - started
         started = time.perf_counter()
-        images = [f.image_rgb for f in gate_frames]
-        candidate_out = predict(edge, images)
-        candidate_scores = scores_of(switcher, candidate_out, gate_frames)
-        running_out = predict(self.base_model(), images)
-        result = gate(gate_frames, candidate_out, candidate_scores, choice.threshold, running_out, self.settings)
-        calibration = calibration_of(
-            candidate_out, candidate_scores, choice.threshold, self.settings.edge.decision_threshold
-        )
+        judged = self.judge(edge, gate_frames, oof, switcher, choice)
         self.seconds["gate"] = time.perf_counter() - started
-        return Candidate(
-            edge, switcher, training, choice, result, calibration, self.running, len(learn), oof, self.seconds
-        )
+        return Candidate(edge, *judged, training, self.running, len(learn), oof, self.seconds)
+
+    def judge(
+        self, edge: ViltEdgeModel, frames: list[AdaptFrame], oof: DmdData, switcher: Switcher, choice: ThresholdChoice
+    ) -> tuple[Switcher, ThresholdChoice, GateResult, Calibration]:
+        """The gate on the held-out frames, both pairs answering them (`routed_gate`)."""
+        images = [f.image_rgb for f in frames]
+        candidate_out, running_out = predict(edge, images), predict(self.base_model(), images)
+        running_deferred = self.running_deferred(running_out, frames)
+        return routed_gate(frames, oof, switcher, choice, candidate_out, running_out, running_deferred, self.settings)
+
+    def running_deferred(self, output: EdgeBatch, frames: list[AdaptFrame]) -> np.ndarray:
+        """The frames the running pair's switcher sends to the cloud (none without a switcher)."""
+        if self.running.switcher is None or self.running.threshold is None:
+            return np.zeros(len(frames), dtype=bool)
+        return scores_of(self.running.switcher, output, frames) < self.running.threshold
 
     def out_of_fold(self, learn: list[AdaptFrame], folds: np.ndarray) -> DmdData:
         """Each fold answered by an edge model adapted on the other folds."""
@@ -442,6 +485,48 @@ class Adaptation:
 
     def switcher_on(self, rows: DmdData) -> tuple[Switcher, TrainingReport, ThresholdChoice]:
         return switcher_on(rows, self.settings.dmd)
+
+
+def routed_gate(
+    frames: list[AdaptFrame],
+    oof: DmdData,
+    switcher: Switcher,
+    choice: ThresholdChoice,
+    candidate_out: EdgeBatch,
+    running_out: EdgeBatch,
+    running_deferred: np.ndarray,
+    settings: Settings,
+) -> tuple[Switcher, ThresholdChoice, GateResult, Calibration]:
+    """The gate with the learned switcher; where it routes worse than the edge's own confidence would, with
+    the confidence router in its place (`dmd.adapt.confidence_fallback`). Returns the router the version
+    would serve, its threshold, the gate's result and the calibration."""
+
+    def gated(router: Switcher, threshold: float) -> tuple[np.ndarray, GateResult]:
+        scores = scores_of(router, candidate_out, frames)
+        return scores, gate(frames, candidate_out, scores < threshold, running_out, running_deferred, settings)
+
+    scores, result = gated(switcher, choice.threshold)
+    lost = next((c for c in result.checks if c.name == ROUTING_CHECK and not c.passed), None)
+    if lost is not None and settings.dmd.adapt.confidence_fallback:
+        log.warning(
+            "the learned switcher is right on %.1f%% of the held-out frames it routes, uncertainty deferral on "
+            "%.1f%%: the version routes by the edge's confidence instead",
+            100 * (lost.candidate or 0), 100 * (lost.running or 0),
+        )  # fmt: skip
+        switcher, choice = confidence_router(oof, settings.dmd.adapt.target_offload_share)
+        scores, result = gated(switcher, choice.threshold)
+        # the router now is uncertainty deferral: the check would compare it with itself
+        result.checks = [c for c in result.checks if c.name != ROUTING_CHECK]
+        result.passed_over = lost
+    calibration = calibration_of(candidate_out, scores, choice.threshold, settings.edge.decision_threshold)
+    return switcher, choice, result, calibration
+
+
+def confidence_router(rows: DmdData, share: float) -> tuple[Switcher, ThresholdChoice]:
+    """The switcher without weights that routes by the edge's confidence, its threshold deferring `share` of the
+    out-of-fold rows as a learned one's does."""
+    router = Switcher(rows.hidden.shape[1], "confidence")
+    return router, budget_threshold(agreement_scores(router, rows), Outcomes.of(rows), share)
 
 
 def switcher_on(rows: DmdData, dmd: DmdSettings) -> tuple[Switcher, TrainingReport, ThresholdChoice]:

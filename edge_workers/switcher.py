@@ -38,7 +38,7 @@ VERSION_FORMAT = "%Y%m%dT%H%M%S%fZ"
 # A version is a directory name: no separators, no leading dot (those are in-progress writes).
 VERSION_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 DROPOUT = 0.3
-SwitcherInputs = Literal["hidden", "hidden+confidence", "hidden+confidence+history"]
+SwitcherInputs = Literal["hidden", "hidden+confidence", "hidden+confidence+history", "confidence"]
 CONFIDENCE_FEATURES = 3  # P(fall), margin, entropy
 
 
@@ -48,8 +48,9 @@ def history_length(inputs: SwitcherInputs, history: int) -> int:
 
 
 def input_size(inputs: SwitcherInputs, hidden_size: int, history: int = 0) -> int:
-    """The switcher's input width for an edge model of `hidden_size`."""
-    confidence = CONFIDENCE_FEATURES if inputs != "hidden" else 0
+    """The switcher's input width for an edge model of `hidden_size` (`confidence` checks the hidden vector's
+    width and reads only P(fall))."""
+    confidence = CONFIDENCE_FEATURES if inputs in ("hidden+confidence", "hidden+confidence+history") else 0
     return hidden_size + confidence + history_length(inputs, history)
 
 
@@ -106,7 +107,8 @@ class CameraHistory:
 
 
 class Switcher(nn.Module):
-    """MLP inputs → 512 → 128 → 1 with ReLU and dropout 0.3; outputs the agreement logit."""
+    """MLP inputs → 512 → 128 → 1 with ReLU and dropout 0.3; outputs the agreement logit (no layers for
+    `confidence`)."""
 
     def __init__(self, input_dim: int, inputs: SwitcherInputs = "hidden", history: int = 0) -> None:
         super().__init__()
@@ -114,6 +116,9 @@ class Switcher(nn.Module):
         self.inputs: SwitcherInputs = inputs
         self.history = history_length(inputs, history)  # earlier probabilities of the camera it reads
         self.hidden_size = input_dim - input_size(inputs, 0, history)
+        if inputs == "confidence":
+            self.layers = nn.Sequential()
+            return
         self.layers = nn.Sequential(
             nn.Linear(input_dim, 512),
             nn.ReLU(),
@@ -128,13 +133,16 @@ class Switcher(nn.Module):
         """Logits of agreement, shape [B]."""
         return self.layers(hidden).squeeze(-1)
 
+    def check_hidden(self, hidden: np.ndarray) -> None:
+        if hidden.ndim != 2 or hidden.shape[1] != self.hidden_size:
+            raise ValueError(f"switcher expects hidden vectors of shape [B, {self.hidden_size}], got {hidden.shape}")
+
     def features(
         self, hidden: np.ndarray, fall_probability: np.ndarray | None, history: np.ndarray | None = None
     ) -> np.ndarray:
         """The switcher's input rows [B, input_dim] from the edge's hidden vectors [B, D], P(fall) [B] and
         the camera's earlier P(fall) [B, history] (`history_by_camera`)."""
-        if hidden.ndim != 2 or hidden.shape[1] != self.hidden_size:
-            raise ValueError(f"switcher expects hidden vectors of shape [B, {self.hidden_size}], got {hidden.shape}")
+        self.check_hidden(hidden)
         if self.inputs == "hidden":
             return hidden
         if fall_probability is None:
@@ -157,6 +165,11 @@ class Switcher(nn.Module):
         `fall_probability` ([B], the edge's P(fall)) is needed by a `hidden+confidence` switcher, and
         `history` ([B, self.history]) by one that reads the camera's history.
         """
+        if self.inputs == "confidence":
+            self.check_hidden(hidden)
+            if fall_probability is None:
+                raise ValueError("a confidence switcher needs the edge's fall probabilities")
+            return confidence_features(fall_probability)[:, 1]  # the margin |2p − 1|
         rows = self.features(hidden, fall_probability, history)
         was_training = self.training
         self.eval()  # dropout off

@@ -9,6 +9,7 @@ cloud model is sometimes wrong, so the switcher's out-of-fold rows hold disagree
 from __future__ import annotations
 
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,31 @@ import torch
 from transformers import ViltForQuestionAnswering
 
 from core.settings import ConfigError, Settings
-from dmd_offline.adapt import Adaptation, AdaptFrame, GateRefused, gate, held_out_slice, publish_candidate
+from dmd_offline.adapt import (
+    Adaptation,
+    AdaptFrame,
+    GateCheck,
+    GateRefused,
+    dmd_rows,
+    gate,
+    held_out_slice,
+    publish_candidate,
+    routed_gate,
+)
+from dmd_offline.threshold import ThresholdChoice
 from edge_workers.model import EdgeBatch, ViltEdgeModel
 from edge_workers.registry import (
     PAIR_EDGE_DIR,
+    Calibration,
     PairRegistry,
+    PairVersion,
+    activate,
     read_active,
     read_pair_version,
     rollback,
+    save_pair,
 )
+from edge_workers.switcher import Switcher, SwitcherMetadata
 from fallwatch.devkit.models import ModelPaths
 
 FRAMES_PER_CAMERA = 40
@@ -158,22 +175,167 @@ def test_gate_on_caregiver_labels_checks_the_acknowledged_falls_on_their_own() -
     settings = Settings()
     hidden = np.zeros((20, 2), dtype=np.float32)
     candidate, running = EdgeBatch(np.full(20, 0.1), hidden), EdgeBatch(np.full(20, 0.9), hidden)
-    result = gate(frames, candidate, np.ones(20), 0.5, running, settings)
+    none = np.zeros(20, dtype=bool)  # neither switcher defers a frame
+    result = gate(frames, candidate, none, running, none, settings)
     assert [(c.name, c.candidate, c.running, c.passed) for c in result.checks[:2]] == [
         ("caregiver labels", 0.8, 0.2, True),
         ("caregiver falls", 0.0, 1.0, False),
     ]
     assert result.refusal() == (
-        "not published: the candidate says fall on 0.0% of the 2 caregiver-acknowledged fall frames, "
+        "not published: the candidate pair says fall on 0.0% of the 2 caregiver-acknowledged fall frames, "
         "the running pair on 100.0% (held-out slice of 20 frames)"
     )
     # the same slice without an answer: agreement with the cloud decides, and refuses too
     for frame in frames:
         frame.label = None
-    unlabelled = gate(frames, candidate, np.ones(20), 0.5, running, settings)
+    unlabelled = gate(frames, candidate, none, running, none, settings)
     assert unlabelled.refusal().startswith("not published: the candidate agrees with the cloud on 0.0% of the held")
     # a candidate that keeps the falls passes on the labels, however much less it agrees with the cloud
     frames_back = [AdaptFrame(f.input_id, f.group, f.order_key, f.image_rgb, 0.9, label)
                    for f, label in zip(frames, labels, strict=True)]  # fmt: skip
     keeps = EdgeBatch(np.array([0.1] * 8 + [0.9] * 2 + [0.1] * 10), hidden)
-    assert gate(frames_back, keeps, np.ones(20), 0.5, running, settings).passed
+    assert gate(frames_back, keeps, none, running, none, settings).passed
+
+
+def test_without_labels_a_candidate_agreeing_more_by_dropping_the_falls_is_refused() -> None:
+    # the cloud calls 4 of 20 held-out frames a fall; the running edge says "fall" on all of them
+    frames = [AdaptFrame(f"f{i}", "cam-a", float(i), np.zeros((4, 4, 3), np.uint8), 0.9 if i < 4 else 0.1, None)
+              for i in range(20)]  # fmt: skip
+    hidden, none = np.zeros((20, 2), dtype=np.float32), np.zeros(20, dtype=bool)
+    running = EdgeBatch(np.full(20, 0.9), hidden)
+    silent = gate(frames, EdgeBatch(np.full(20, 0.1), hidden), none, running, none, Settings())
+    assert [(c.name, c.candidate, c.running, c.passed) for c in silent.checks[:2]] == [
+        ("cloud agreement", 0.8, 0.2, True),
+        ("cloud falls F1", 0.0, pytest.approx(1 / 3), False),
+    ]
+    assert silent.refusal() == (
+        "not published: the candidate's F1 on the cloud's fall answers is 0.0%, the running pair's 33.3% "
+        "(held-out slice of 20 frames)"
+    )
+    # one that learnt the room keeps the cloud's falls and passes
+    learnt = EdgeBatch(np.array([0.9] * 4 + [0.1] * 16), hidden)
+    assert gate(frames, learnt, none, running, none, Settings()).passed
+
+
+def test_gate_on_caregiver_labels_judges_what_each_pair_serves() -> None:
+    # held out: 4 false alarms (a person lying on a bed, the cloud says "fall"), then 2 acknowledged
+    # falls (the cloud says "fall" too); the candidate's edge says "no fall" on all six
+    frames = [AdaptFrame(f"f{i}", "cam-a", float(i), np.zeros((4, 4, 3), np.uint8), 0.9, label)
+              for i, label in enumerate([0, 0, 0, 0, 1, 1])]  # fmt: skip
+    settings = Settings()
+    hidden = np.zeros((6, 2), dtype=np.float32)
+    candidate = EdgeBatch(np.array([0.1, 0.1, 0.2, 0.2, 0.4, 0.4]), hidden)  # least sure on the falls
+    running, never = EdgeBatch(np.full(6, 0.9), hidden), np.zeros(6, dtype=bool)
+
+    # its switcher sends the two falls to the cloud: the pair serves "fall" there and passes
+    to_cloud = np.array([False] * 4 + [True] * 2)
+    served = gate(frames, candidate, to_cloud, running, never, settings)
+    assert [(c.name, c.candidate, c.running) for c in served.checks] == [
+        ("caregiver labels", 1.0, 2 / 6),
+        ("caregiver falls", 1.0, 1.0),
+        ("switcher vs uncertainty", 1.0, 1.0),  # uncertainty defers the same two frames
+    ]
+    assert served.passed and served.cloud_share == pytest.approx(1 / 3)
+    # the running pair's switcher deferring the false alarms changes nothing: the cloud says "fall" there too
+    assert gate(frames, candidate, to_cloud, running, ~to_cloud, settings).checks[0].running == 2 / 6
+
+    # a switcher that sends two of the false alarms instead: the cloud answers "fall" on them and the pair
+    # misses both falls (right on 2 of 6, as the running pair); uncertainty deferral of two frames would
+    # have been right on all six
+    wrong = np.array([True, True] + [False] * 4)
+    refused = gate(frames, candidate, wrong, running, never, settings)
+    assert [c.name for c in refused.checks if not c.passed] == ["caregiver falls", "switcher vs uncertainty"]
+    assert "the candidate's switcher is right on 33.3% with 33% to the cloud, uncertainty deferral on 100.0%" in (
+        refused.refusal()
+    )
+    # a frame without a cloud answer cannot be answered by the cloud, whatever the switcher says
+    frames[4].cloud_probability = frames[5].cloud_probability = None
+    unanswered = gate(frames, candidate, to_cloud, running, never, settings)
+    assert unanswered.checks[1] == GateCheck("caregiver falls", 0.0, 1.0, False)
+
+
+def first_coordinate_switcher(hidden_size: int) -> Switcher:
+    """A learned switcher by its weights: its score is sigmoid(hidden[0]) for hidden[0] ≥ 0."""
+    switcher = Switcher(hidden_size)
+    with torch.no_grad():
+        for layer in (m for m in switcher.layers if isinstance(m, torch.nn.Linear)):
+            layer.weight.zero_()
+            layer.bias.zero_()
+            layer.weight[0, 0] = 1.0
+    return switcher.eval()
+
+
+def bed_room_slice() -> tuple[list[AdaptFrame], EdgeBatch, EdgeBatch]:
+    """Six caregiver false alarms (a person lying on a bed) and four acknowledged falls, the cloud saying
+    "fall" on all ten. The candidate's edge is sure of the false alarms and unsure of the falls; the
+    hidden vector's first coordinate is 0 on the false alarms and 5 on the falls."""
+    labels = [0] * 6 + [1] * 4
+    frames = [AdaptFrame(f"f{i}", "cam-a", float(i), np.zeros((4, 4, 3), np.uint8), 0.9, label)
+              for i, label in enumerate(labels)]  # fmt: skip
+    hidden = np.zeros((10, 4), dtype=np.float32)
+    hidden[6:, 0] = 5.0
+    candidate = EdgeBatch(np.array([0.05] * 6 + [0.45, 0.44, 0.43, 0.42]), hidden)
+    return frames, candidate, EdgeBatch(np.full(10, 0.9), hidden)
+
+
+def test_a_learned_switcher_routing_worse_than_the_edges_confidence_gives_way_to_it() -> None:
+    frames, candidate, running = bed_room_slice()
+    oof = dmd_rows(frames, candidate, 0.5, 0.5, "synthetic")  # the switcher's rows: the same frames, say
+    learned = first_coordinate_switcher(4)
+    choice = ThresholdChoice(
+        "budget", threshold=0.6, deferred_share=0.6, f1=0.0, target_share=0.6
+    )  # it defers the six false alarms to the cloud
+    settings = Settings(dmd={"adapt": {"target_offload_share": 0.4}})
+    never = np.zeros(10, dtype=bool)
+
+    router, routed_choice, result, calibration = routed_gate(
+        frames, oof, learned, choice, candidate, running, never, settings
+    )
+    # served by the learned switcher: the cloud's "fall" on the false alarms, the edge's "no fall" on the
+    # falls (right on none); uncertainty deferral of six frames: the four falls and two false alarms
+    assert result.passed_over == GateCheck("switcher vs uncertainty", 0.0, 0.8, False)
+    assert router.inputs == "confidence" and not list(router.parameters())
+    # the confidence router defers the 40 % least sure rows, the four falls, where the cloud is right
+    assert result.cloud_share == pytest.approx(0.4) and calibration.offload_share == pytest.approx(0.4)
+    assert [(c.name, c.candidate, c.passed) for c in result.checks] == [
+        ("caregiver labels", 1.0, True),
+        ("caregiver falls", 1.0, True),
+    ]
+    assert result.passed and routed_choice.target_share == 0.4
+    metrics = result.as_metrics()
+    assert metrics["gate_learned_switcher_vs_uncertainty_candidate"] == 0.0
+    assert metrics["gate_learned_switcher_vs_uncertainty_running"] == pytest.approx(0.8)
+
+    # without the fallback the candidate is refused, for its switcher and for the falls it would miss
+    settings.dmd.adapt.confidence_fallback = False
+    kept, _, refused, _ = routed_gate(frames, oof, learned, choice, candidate, running, never, settings)
+    assert kept is learned and not refused.passed and refused.passed_over is None
+    assert "the candidate's switcher is right on 0.0% with 60% to the cloud, uncertainty deferral on 80.0%" in (
+        refused.refusal()
+    )
+
+
+def test_the_confidence_router_is_published_and_served_as_a_switcher(tiny_models: ModelPaths, tmp_path: Path) -> None:
+    edge = ViltEdgeModel.from_pretrained(str(tiny_models.edge), Settings().edge.question)
+    router = Switcher(edge.hidden_size, "confidence")
+    registry = tmp_path / "reg"
+    metadata = SwitcherMetadata(
+        version="v1", input_dim=router.input_dim, inputs="confidence", threshold=0.3, edge_model=PAIR_EDGE_DIR,
+        created_at=datetime.now(UTC), trained=False,
+    )  # fmt: skip
+    calibration = Calibration(frames=3, fall_rate=0.0, offload_share=0.3, score_quantiles=[])
+    pair = PairVersion(version="v1", created_at=metadata.created_at, parent=None, edge_base=str(tiny_models.edge),
+                       edge_sha256="", switcher_sha256="", training_window="test", calibration=calibration)  # fmt: skip
+    save_pair(registry, pair, tiny_models.edge, router, metadata)
+    activate(registry, "v1")
+    loaded = PairRegistry(registry, lambda d: ViltEdgeModel.from_pretrained(str(d), Settings().edge.question),
+                          3600, None).load_active()  # fmt: skip
+    output = loaded.model.predict([np.full((64, 64, 3), value, np.uint8) for value in (0, 120, 255)])
+    served = loaded.switcher.switcher
+    assert loaded.switcher.metadata.inputs == "confidence"
+    scores = served.agreement_probability(output.hidden, output.fall_probability, None)
+    np.testing.assert_allclose(scores, np.abs(2 * output.fall_probability - 1), rtol=1e-6)
+    with pytest.raises(ValueError, match="needs the edge's fall probabilities"):
+        served.agreement_probability(output.hidden)
+    with pytest.raises(ValueError, match="hidden vectors of shape"):
+        served.agreement_probability(output.hidden[:, :2], output.fall_probability)

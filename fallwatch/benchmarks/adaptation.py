@@ -6,12 +6,14 @@ the other. Per fold, the adaptation clips are the facility's logged traffic: eve
 with the running cloud model's answer (a camera's learning period with every frame explored), and
 with `--caregiver` a simulated caregiver answering every alert the running pair raised on them
 from the clip's annotation (`alerting.answers.label_for`, the dashboard's own label, on the
-alert's evidence frames). `dmd_offline.adapt.Adaptation` makes the candidate (its gate result is
-reported, the candidate is evaluated either way); the held-out clips are then replayed through
-every policy of the running pair and of the candidate. Facts of all folds' held-out clips are
-pooled into one table per policy, with bootstrap intervals by clip. Nothing here is chosen on the
-held-out clips: the adaptation settings are `dmd.adapt`'s, the switcher's threshold comes from
-its out-of-fold rows.
+alert's evidence frames). `dmd_offline.adapt.Adaptation` makes the candidate; the held-out clips
+are then replayed through every policy of the running pair and of the candidate, with every kind
+of switcher (`SWITCHER_KINDS`) trained on the candidate's out-of-fold rows beside its own router.
+Facts of all folds' held-out clips are pooled into one table per policy, with bootstrap intervals
+by clip: before adaptation, after it (every candidate, whatever its gate said), and after the gate
+(the candidate pair where its fold's gate passed it, the running pair elsewhere). Nothing here is
+chosen on the held-out clips: the adaptation settings are `dmd.adapt`'s, the switcher's threshold
+comes from its out-of-fold rows.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ import numpy as np
 from alerting.answers import label_for
 from cloud_workers.loading import load_cloud_model
 from core.images import decode_jpeg_rgb
-from core.settings import ConfigError, Settings
+from core.settings import ConfigError, DmdSettings, Settings
 from dmd_offline.adapt import Adaptation, AdaptFrame, Candidate, original_images, shrunk, switcher_on
 from dmd_offline.clip_outputs import CLIP_START, ClipOutputs, LazyModels, clip_outputs, publish_as_camera
 from dmd_offline.clips import LabelledClip, read_labelled_clips
-from dmd_offline.dataset import DmdData
+from dmd_offline.dataset import UNKNOWN, DmdData
 from dmd_offline.event_eval import clip_facts, published_switcher
 from dmd_offline.event_replay import CLOUD_ONLY, EDGE_ONLY, Policy, Scores, clip_scores, replay
 from dmd_offline.finetune import save_edge
@@ -43,9 +45,37 @@ from edge_workers.switcher import Switcher
 log = logging.getLogger(__name__)
 
 SHARES = (0.1, 0.2, 0.3, 0.5)
+SERVED = "DMD at its threshold"  # the pair as it is served: its router at its own threshold
 ROW_SHARES = (0.25, 0.5, 1.0)
 PAPER_FAMILY = "DMD (paper: hidden only)"
-CONFIDENCE_FAMILY = "DMD (hidden+confidence)"
+
+
+@dataclass(frozen=True)
+class SwitcherKind:
+    """A switcher trained beside the candidate's own, on the same out-of-fold rows."""
+
+    name: str  # in the AUROC table
+    family: str  # in the event tables
+    inputs: str
+    target: str = "agreement"
+
+
+SWITCHER_KINDS = (
+    SwitcherKind("paper", PAPER_FAMILY, "hidden"),
+    SwitcherKind("confidence", "DMD (hidden+confidence)", "hidden+confidence"),
+    SwitcherKind("history", "DMD (hidden+confidence+history)", "hidden+confidence+history"),
+    # only where caregivers answered: without ground truth its rows keep the agreement target
+    SwitcherKind("deferral helps", "DMD (hidden+confidence, deferral helps)", "hidden+confidence", "deferral_helps"),
+)
+
+
+def kinds_for(rows: DmdData) -> list[SwitcherKind]:
+    labelled = bool((rows.column("ground_truth").astype(int) != UNKNOWN).any())
+    return [kind for kind in SWITCHER_KINDS if labelled or kind.target == "agreement"]
+
+
+def kind_switcher(rows: DmdData, dmd: DmdSettings, kind: SwitcherKind) -> Switcher:
+    return switcher_on(rows, dmd.model_copy(update={"switcher_inputs": kind.inputs, "switcher_target": kind.target}))[0]
 
 
 @dataclass(frozen=True)
@@ -105,7 +135,7 @@ def policies_of(scores: Scores, own_threshold: float, families: list[str]) -> li
     result = [
         Policy(EDGE_ONLY, EDGE_ONLY, 0.0, None, budget=False),
         Policy(CLOUD_ONLY, CLOUD_ONLY, 1.0, None, budget=False),
-        Policy("DMD at its threshold", "DMD", own_threshold, None, budget=True),
+        Policy(SERVED, "DMD", own_threshold, None, budget=True),
     ]
     for share in SHARES:
         for family in families:
@@ -154,7 +184,8 @@ class StudyResult:
     protocol: str
     caregiver: bool
     folds: int
-    tables: dict[str, dict[str, dict]] = field(default_factory=dict)  # before / after → policy → scores
+    # before / after → policy → scores; published → the pair each fold's gate leaves serving
+    tables: dict[str, dict[str, dict]] = field(default_factory=dict)
     gates: list[dict] = field(default_factory=list)
     auroc: dict[str, list] = field(default_factory=dict)  # switcher → [(rows, auroc on held-out frames)]
     seconds: list[dict[str, float]] = field(default_factory=list)
@@ -166,7 +197,9 @@ class Study:
         self.folder = folder
         self.workdir = workdir
         self.cloud = LazyModels(lambda: load_edge_model(settings), lambda: load_cloud_model(settings))
-        self.facts: dict[str, dict[str, list[ClipFacts]]] = {"before": defaultdict(list), "after": defaultdict(list)}
+        self.facts: dict[str, dict[str, list[ClipFacts]]] = {
+            table: defaultdict(list) for table in ("before", "after", "published")
+        }
         # (switcher, share of the out-of-fold rows it learnt from) → per held-out clip: scores, agreement
         self.auroc_inputs: dict[tuple[str, float], list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
 
@@ -176,26 +209,31 @@ class Study:
         return clip_outputs(settings, self.folder, clips, models)[0]
 
     def switcher_curve(self, rows: DmdData, after: list[ClipOutputs]) -> None:
-        """Both switchers trained on a growing share of the out-of-fold rows, scored on the held-out clips."""
+        """Each kind of switcher trained on a growing share of the out-of-fold rows, scored on the held-out clips."""
         dmd = self.settings.dmd
         order = np.random.default_rng(dmd.seed).permutation(len(rows.rows))
         for share in ROW_SHARES:
             subset = rows.select(np.isin(np.arange(len(rows.rows)), order[: round(share * len(order))]))
-            for name, inputs in (("confidence", "hidden+confidence"), ("paper", "hidden")):
+            for kind in kinds_for(rows):
                 try:
-                    switcher = switcher_on(subset, dmd.model_copy(update={"switcher_inputs": inputs}))[0]
+                    switcher = kind_switcher(subset, dmd, kind)
                 except ConfigError as exc:  # too few rows of one kind in a small share: no point on the curve
-                    log.warning("no %s switcher on %.0f%% of fold rows: %s", name, share * 100, exc)
+                    log.warning("no %s switcher on %.0f%% of fold rows: %s", kind.name, share * 100, exc)
                     continue
                 for clip in after:
-                    self.auroc_inputs[(name, share)].append((clip_scores(switcher, clip), agreement_of(clip)))
+                    self.auroc_inputs[(kind.name, share)].append((clip_scores(switcher, clip), agreement_of(clip)))
         for clip in after:
             self.auroc_inputs[("uncertainty", 1.0)].append((np.abs(clip.edge_p - 0.5), agreement_of(clip)))
 
-    def evaluate(self, table: str, outputs: list[ClipOutputs], scores: Scores, threshold: float, families) -> None:
+    def evaluate(
+        self, table: str, outputs: list[ClipOutputs], scores: Scores, threshold: float, families
+    ) -> dict[str, list[ClipFacts]]:
+        """Every policy on the clips, added to `table`; returns this fold's facts by policy."""
+        fold: dict[str, list[ClipFacts]] = {}
         for policy in policies_of(scores, threshold, families):
-            runs = replay(outputs, scores, policy, self.settings)
-            self.facts[table][policy.name].extend(clip_facts(run) for run in runs)
+            fold[policy.name] = [clip_facts(run) for run in replay(outputs, scores, policy, self.settings)]
+            self.facts[table][policy.name].extend(fold[policy.name])
+        return fold
 
     def run_fold(self, fold: Fold, index: int, caregiver: bool, gate_only: bool) -> tuple[dict, dict[str, float]]:
         settings = self.settings
@@ -208,7 +246,7 @@ class Study:
         started = time.perf_counter()
         candidate = Adaptation(settings, original, f"fold {index}").run(frames)
         seconds = {**candidate.seconds, "total": time.perf_counter() - started}
-        gate = {check.name: [check.candidate, check.running, check.passed] for check in candidate.gate.checks}
+        gate = {c.name: [c.candidate, c.running, c.passed] for c in candidate.gate.reported_checks()}
         fold_facts = {
             "fold": index,
             "passed": candidate.gate.passed,
@@ -216,6 +254,7 @@ class Study:
             "caregiver_labelled_frames": len(labels),
             "gate_labelled_frames": candidate.gate.labelled,
             "switcher_rows": len(candidate.rows.rows),
+            "router": candidate.switcher.inputs,  # confidence: the learned switcher lost its gate check
             "threshold": candidate.choice.threshold,
         }
         if not gate_only:
@@ -226,22 +265,24 @@ class Study:
         """The held-out clips through every policy of the running pair and of the candidate."""
         settings = self.settings
         held_outputs = self.outputs(settings, fold.held_out)
-        paper, confident = (
-            switcher_on(candidate.rows, settings.dmd.model_copy(update={"switcher_inputs": inputs}))[0]
-            for inputs in ("hidden", "hidden+confidence")
-        )
+        kinds = kinds_for(candidate.rows)
+        switchers = {kind.family: kind_switcher(candidate.rows, settings.dmd, kind) for kind in kinds}
         adapted = settings.model_copy(deep=True)
         adapted.edge.model = str(save_edge(candidate.edge, self.workdir / f"fold-{index}" / "edge"))
         after = self.outputs(adapted, fold.held_out)
-        self.evaluate("before", held_outputs, Scores.of(held_outputs, running, settings.eval.seed),
-                      threshold, ["DMD", "uncertainty"])  # fmt: skip
+        before = self.evaluate("before", held_outputs, Scores.of(held_outputs, running, settings.eval.seed),
+                               threshold, ["DMD", "uncertainty"])  # fmt: skip
         scores = Scores.of(after, candidate.switcher, settings.eval.seed)
-        # "DMD" is the candidate's own switcher (dmd.switcher_inputs); both kinds beside it, on the same rows
-        for family, switcher in ((PAPER_FAMILY, paper), (CONFIDENCE_FAMILY, confident)):
+        # "DMD" is the candidate's own router (dmd.switcher_inputs, or the gate's confidence router); every
+        # kind beside it, on the same rows
+        for family, switcher in switchers.items():
             scores.by_family[family] = [clip_scores(switcher, clip) for clip in after]
-        self.evaluate(
-            "after", after, scores, candidate.choice.threshold, ["DMD", PAPER_FAMILY, CONFIDENCE_FAMILY, "uncertainty"]
+        adapted_facts = self.evaluate(
+            "after", after, scores, candidate.choice.threshold, ["DMD", *switchers, "uncertainty"]
         )
+        # what the facility runs after the gate: the candidate pair where it passed, the running pair elsewhere
+        served = adapted_facts if candidate.gate.passed else before
+        self.facts["published"][SERVED].extend(served[SERVED])
         self.switcher_curve(candidate.rows, after)
 
     def run(self, protocol: str, caregiver: bool, gate_only: bool = False) -> StudyResult:
@@ -279,12 +320,20 @@ def interval_text(interval: dict, percent: bool = True) -> str:
     return f"{value * scale:.0f}{unit}{bounds}"
 
 
+TABLE_TITLES = {
+    "before": "before adaptation",
+    "after": "after adaptation (every candidate, whatever its gate said)",
+    "published": "after the gate (the candidate where it passed, the running pair elsewhere)",
+}
+
+
 def markdown_tables(result: StudyResult) -> str:
     """One table per before / after: events with their intervals by clip, cloud share, frame F1."""
     lines = []
     for table, by_policy in result.tables.items():
         lines += [
-            f"**{table} adaptation** ({result.protocol}, {result.folds} folds, caregiver labels: {result.caregiver})",
+            f"**{TABLE_TITLES[table]}** "
+            f"({result.protocol}, {result.folds} folds, caregiver labels: {result.caregiver})",
             "",
             "| policy | falls alerted after onset | false alarms (clips) | median time to alert | cloud | frame F1 |",
             "|---|---|---|---|---|---|",
