@@ -285,6 +285,15 @@ class GateResult:
         ]
         return "not published: " + "; ".join(reasons) + f" (held-out slice of {self.frames} frames)"
 
+    def fallback_line(self) -> str:
+        """Why the version routes by the edge's confidence (only where the learned switcher was replaced)."""
+        assert self.passed_over is not None
+        lost = self.passed_over
+        return (
+            f"the learned switcher is right on {lost.candidate or 0:.1%} of the held-out frames it routes, "
+            f"uncertainty deferral on {lost.running or 0:.1%}: the version routes by the edge's confidence instead"
+        )
+
     def reported_checks(self) -> list[GateCheck]:
         """The checks, and the learned switcher's lost one where the confidence router replaced it."""
         if self.passed_over is None:
@@ -508,16 +517,12 @@ def routed_gate(
     scores, result = gated(switcher, choice.threshold)
     lost = next((c for c in result.checks if c.name == ROUTING_CHECK and not c.passed), None)
     if lost is not None and settings.dmd.adapt.confidence_fallback:
-        log.warning(
-            "the learned switcher is right on %.1f%% of the held-out frames it routes, uncertainty deferral on "
-            "%.1f%%: the version routes by the edge's confidence instead",
-            100 * (lost.candidate or 0), 100 * (lost.running or 0),
-        )  # fmt: skip
         switcher, choice = confidence_router(oof, settings.dmd.adapt.target_offload_share)
         scores, result = gated(switcher, choice.threshold)
         # the router now is uncertainty deferral: the check would compare it with itself
         result.checks = [c for c in result.checks if c.name != ROUTING_CHECK]
         result.passed_over = lost
+        log.warning("%s", result.fallback_line())
     calibration = calibration_of(candidate_out, scores, choice.threshold, settings.edge.decision_threshold)
     return switcher, choice, result, calibration
 

@@ -215,10 +215,7 @@ def adapt_step(settings: Settings, publish: bool) -> None:
             + ", ".join(f"{check.name} {check.candidate} vs {check.running}" for check in gate.checks)
         )
         if gate.passed_over is not None:
-            typer.echo(
-                f"the learned switcher is right on {gate.passed_over.candidate:.1%} of the held-out frames, "
-                f"uncertainty deferral on {gate.passed_over.running:.1%}: the version routes by the edge's confidence"
-            )
+            typer.echo(gate.fallback_line())
         typer.echo("; ".join(f"{step} {seconds:.1f} s" for step, seconds in candidate.seconds.items()))
         if not gate.passed:
             typer.echo(gate.refusal())

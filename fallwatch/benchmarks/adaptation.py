@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from dmd_offline.event_replay import CLOUD_ONLY, EDGE_ONLY, Policy, Scores, clip
 from dmd_offline.finetune import save_edge
 from dmd_offline.scoring import ClipFacts, aggregate
 from edge_workers.model import load_edge_model
-from edge_workers.switcher import Switcher
+from edge_workers.switcher import Switcher, SwitcherInputs
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class SwitcherKind:
 
     name: str  # in the AUROC table
     family: str  # in the event tables
-    inputs: str
-    target: str = "agreement"
+    inputs: SwitcherInputs
+    target: Literal["agreement", "deferral_helps"] = "agreement"
 
 
 SWITCHER_KINDS = (
@@ -208,15 +209,16 @@ class Study:
         models = LazyModels(lambda: load_edge_model(settings), lambda: self.cloud.cloud[0])
         return clip_outputs(settings, self.folder, clips, models)[0]
 
-    def switcher_curve(self, rows: DmdData, after: list[ClipOutputs]) -> None:
-        """Each kind of switcher trained on a growing share of the out-of-fold rows, scored on the held-out clips."""
+    def switcher_curve(self, rows: DmdData, after: list[ClipOutputs], whole: dict[SwitcherKind, Switcher]) -> None:
+        """Each kind of switcher trained on a growing share of the out-of-fold rows, scored on the held-out clips
+        (`whole`: those already trained on all of them)."""
         dmd = self.settings.dmd
         order = np.random.default_rng(dmd.seed).permutation(len(rows.rows))
         for share in ROW_SHARES:
             subset = rows.select(np.isin(np.arange(len(rows.rows)), order[: round(share * len(order))]))
-            for kind in kinds_for(rows):
+            for kind in whole:
                 try:
-                    switcher = kind_switcher(subset, dmd, kind)
+                    switcher = whole[kind] if share == 1.0 else kind_switcher(subset, dmd, kind)
                 except ConfigError as exc:  # too few rows of one kind in a small share: no point on the curve
                     log.warning("no %s switcher on %.0f%% of fold rows: %s", kind.name, share * 100, exc)
                     continue
@@ -265,8 +267,7 @@ class Study:
         """The held-out clips through every policy of the running pair and of the candidate."""
         settings = self.settings
         held_outputs = self.outputs(settings, fold.held_out)
-        kinds = kinds_for(candidate.rows)
-        switchers = {kind.family: kind_switcher(candidate.rows, settings.dmd, kind) for kind in kinds}
+        trained = {kind: kind_switcher(candidate.rows, settings.dmd, kind) for kind in kinds_for(candidate.rows)}
         adapted = settings.model_copy(deep=True)
         adapted.edge.model = str(save_edge(candidate.edge, self.workdir / f"fold-{index}" / "edge"))
         after = self.outputs(adapted, fold.held_out)
@@ -275,15 +276,14 @@ class Study:
         scores = Scores.of(after, candidate.switcher, settings.eval.seed)
         # "DMD" is the candidate's own router (dmd.switcher_inputs, or the gate's confidence router); every
         # kind beside it, on the same rows
-        for family, switcher in switchers.items():
-            scores.by_family[family] = [clip_scores(switcher, clip) for clip in after]
-        adapted_facts = self.evaluate(
-            "after", after, scores, candidate.choice.threshold, ["DMD", *switchers, "uncertainty"]
-        )
+        for kind, switcher in trained.items():
+            scores.by_family[kind.family] = [clip_scores(switcher, clip) for clip in after]
+        families = ["DMD", *(kind.family for kind in trained), "uncertainty"]
+        adapted_facts = self.evaluate("after", after, scores, candidate.choice.threshold, families)
         # what the facility runs after the gate: the candidate pair where it passed, the running pair elsewhere
         served = adapted_facts if candidate.gate.passed else before
         self.facts["published"][SERVED].extend(served[SERVED])
-        self.switcher_curve(candidate.rows, after)
+        self.switcher_curve(candidate.rows, after, trained)
 
     def run(self, protocol: str, caregiver: bool, gate_only: bool = False) -> StudyResult:
         clips = read_labelled_clips(self.folder)
@@ -328,7 +328,8 @@ TABLE_TITLES = {
 
 
 def markdown_tables(result: StudyResult) -> str:
-    """One table per before / after: events with their intervals by clip, cloud share, frame F1."""
+    """One table per before / after / after the gate: events with their intervals by clip, cloud share, frame
+    F1; then the switchers' AUROC curve."""
     lines = []
     for table, by_policy in result.tables.items():
         lines += [
