@@ -18,8 +18,15 @@ from typing import Protocol, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import CommitFailedError, KafkaConnectionError
+from aiokafka.errors import (
+    CommitFailedError,
+    CoordinatorLoadInProgressError,
+    GroupCoordinatorNotAvailableError,
+    KafkaConnectionError,
+    NotCoordinatorError,
+)
 from aiokafka.helpers import create_ssl_context
+from aiokafka.structs import OffsetAndMetadata
 
 from core.retry import retry_until_up
 from core.settings import ConfigError, KafkaSettings, Settings
@@ -34,6 +41,8 @@ MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 MAX_REASON_CHARS = 2000
 # A record's key is kept in its dead letter (and keys it) only when it is a plausible camera id.
 MAX_DEAD_LETTER_KEY_BYTES = 256
+# What a broker answers while a group's coordinator is being created, loaded or moved: retried
+COORDINATOR_ERRORS = (GroupCoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError)
 
 
 def hours_ms(hours: float) -> str:
@@ -339,7 +348,16 @@ class GroupLag:
         admin, consumer = self.clients
         partitions = await topic_partitions(admin, topic)
         end_offsets = await consumer.end_offsets(partitions)
-        committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
+
+        async def offsets() -> dict[TopicPartition, OffsetAndMetadata]:
+            return await admin.list_consumer_group_offsets(group_id, partitions=partitions)
+
+        committed = await retry_until_up(
+            offsets,
+            f"the coordinator of consumer group {group_id}",
+            self.settings.kafka.connect_timeout_s,
+            COORDINATOR_ERRORS,
+        )
         return sum(
             end_offsets[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
             for tp in partitions

@@ -112,9 +112,13 @@ def evaluate_step(settings: Settings) -> None:
 
 def publish_step(settings: Settings) -> None:
     from dmd_offline.pipeline import run_publish
+    from dmd_offline.publish import tell_operators
 
     with timed("publish"):
-        typer.echo(f"published {run_publish(settings)}")
+        path = run_publish(settings)
+        line = f"published switcher version {path.name} in {settings.edge.switcher_registry}"
+        typer.echo(line)
+        tell_operators(settings, "version_published", line, path.name)
 
 
 @dmd_app.command("replay")

@@ -31,8 +31,8 @@ from edge_workers.model import ViltEdgeModel, load_edge_model
 from edge_workers.registry import SwitcherRegistry
 from edge_workers.switcher import latest_version, load_switcher
 from fallwatch.devkit.models import ModelPaths
-from schemas import Frame, Label, Verdict
-from tests.conftest import SHARED_DATASETS, run_fallwatch, settings_for, write_config
+from schemas import Frame, Label, OperatorEvent, Verdict
+from tests.conftest import SHARED_DATASETS, consume_until, run_fallwatch, settings_for, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 FALLS_FALLACTION = SHARED_DATASETS / "falls-fallaction"
@@ -308,6 +308,7 @@ def test_dmd_run_replays_trains_evaluates_and_publishes(
     settings.edge.switcher_registry = registry
     settings.edge.registry_announce_key = f"test:{uuid.uuid4().hex}:announced"
     settings.redis.url = stack_state.redis_url
+    settings.kafka = settings_for(stack_state, tmp_path).kafka  # this test's own operator-events topic
     config = tmp_path / "fallwatch.yaml"
     write_config(settings, config)
     workdir = tmp_path / "work"
@@ -355,10 +356,22 @@ def test_dmd_run_replays_trains_evaluates_and_publishes(
     result = run_cli("dmd", "threshold", "--target-offload-share", "0.3", config=config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((workdir / "threshold.json").read_text())["deferred_share"] == pytest.approx(0.3)
-    assert run_cli("dmd", "publish", config=config).returncode == 0
+    published = run_cli("dmd", "publish", config=config)
+    assert published.returncode == 0, published.stderr[-3000:]
     newest_again = latest_version(registry)
     assert newest_again is not None and newest_again != newest
     assert load_switcher(newest_again)[1].offload_policy["method"] == "budget"
+    line = f"published switcher version {newest_again.name} in {registry}"
+    assert line in published.stdout.splitlines()
+
+    # each publish is an operator event too, with the command's line
+    events = asyncio.run(consume_until(settings, settings.kafka.topics.operator_events, OperatorEvent,
+                                       lambda m: len(m) >= 2))  # fmt: skip
+    assert [(e.kind, e.service, e.version) for e in events] == [
+        ("version_published", "dmd_offline", newest.name),
+        ("version_published", "dmd_offline", newest_again.name),
+    ]
+    assert events[1].message == line
 
 
 @pytest.mark.parametrize(

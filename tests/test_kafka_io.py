@@ -1,14 +1,26 @@
-"""Kafka plumbing (`core.kafka_io`) on the real broker: topic partitions from public metadata."""
+"""Kafka plumbing (`core.kafka_io`) on the real broker: topic partitions from public metadata, group lag."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
+from pathlib import Path
 
+import pytest
 from aiokafka import TopicPartition
 
-from core.kafka_io import make_admin, read_topic_partitions
+from core.kafka_io import (
+    consumer_group_lag,
+    make_admin,
+    make_producer,
+    read_topic_partitions,
+    start_clients,
+    topic_specs,
+)
 from core.settings import Settings
+from fallwatch.stack import LocalStack
+from tests.conftest import REPO
 
 
 def test_a_topics_partitions_are_read_and_an_absent_topic_is_not_created(settings: Settings) -> None:
@@ -28,3 +40,36 @@ def test_a_topics_partitions_are_read_and_an_absent_topic_is_not_created(setting
     partitions, missing, topics = asyncio.run(scenario())
     assert partitions == [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
     assert missing == [] and absent not in topics
+
+
+def test_a_groups_lag_on_a_new_broker_waits_for_the_group_coordinator(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a broker of its own, without `__consumer_offsets` yet: it creates that topic on the first
+    # FindCoordinator and answers COORDINATOR_NOT_AVAILABLE until the coordinator is loaded
+    stack = LocalStack(tmp_path / "stack", cache_dir=REPO / ".cache", partitions=1)
+    settings = Settings(state_dir=tmp_path / "state")
+    state = stack.up(topic_specs(settings))
+    try:
+        settings = settings.model_copy(
+            update={"kafka": settings.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers})}
+        )
+        topic = settings.kafka.topics.frames
+
+        async def scenario() -> int:
+            producer = make_producer(settings)
+            await start_clients(settings, producer)
+            try:
+                await asyncio.gather(*[await producer.send(topic, b"{}") for _ in range(3)])
+            finally:
+                await producer.stop()
+            return await consumer_group_lag(settings, "never-committed", topic)
+
+        with caplog.at_level(logging.WARNING, logger="core.retry"):
+            lag = asyncio.run(scenario())
+    finally:
+        stack.down()
+    assert lag == 3, "a group that never committed has every record still to read"
+    assert any(
+        "the coordinator of consumer group never-committed not reachable" in r.getMessage() for r in caplog.records
+    )

@@ -310,10 +310,13 @@ def test_a_dropped_or_stalled_stream_reconnects_and_other_cameras_go_on(
             await watcher.until(lambda: len(watcher.of("flaky", after=restarted_at)) >= 5, "flaky frames again")
             reconnect_s = (watcher.of("flaky", after=restarted_at)[0].captured_at - restarted_at).total_seconds()
             never = await status_until(settings, "never", lambda s: s["reconnects"] >= 3, "retrying")
+            stop.set()
+            published = await producing
+            await watcher.read_to_end()  # the frames the producer sent after the last check
         finally:
             stop.set()
             await watcher.consumer.stop()
-        return watcher, stalled, never, reconnect_s, await producing
+        return watcher, stalled, never, reconnect_s, published
 
     watcher, stalled, never, reconnect_s, published = asyncio.run(scenario())
     # detected after stall_timeout_s without a frame, and retried
