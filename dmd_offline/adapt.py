@@ -11,7 +11,7 @@ From the frames of a window (`dmd.since` / `dmd.until` of the `frames` topic, or
    rows: the switcher learns how the adapted edge errs on frames it did not learn from.
 4. **The candidate**: the running edge fine-tuned on all of them; the switcher trained on the
    out-of-fold rows (`dmd.switcher_inputs`, `dmd.switcher_target`), its threshold deferring
-   `target_offload_share` of them.
+   `target_offload_share` of the candidate's own scores of the held-out slice (scores only).
 5. **The gate**, on the held-out slice. Where it has caregiver-labelled frames, those decide: what
    the candidate pair serves (its edge's answer, or the cloud's where its switcher defers) must be
    right on them at least as often as what the running pair serves, and say "fall" on the
@@ -22,7 +22,7 @@ From the frames of a window (`dmd.since` / `dmd.until` of the `frames` topic, or
    more and is no gain), and its switcher's routing must agree with the cloud at least as often as
    uncertainty deferral. Each check may lose by `gate_tolerance` at most. A learned switcher that
    loses its check is not published: with `confidence_fallback` the version routes by the edge's
-   own confidence instead (a switcher without weights, its threshold deferring the same share), and
+   own confidence instead (a switcher without weights, its threshold set the same way), and
    the other checks are judged again with it. A refusal says which check failed, with its figures,
    in one line.
 6. **Publish**: edge model and switcher as one version in `edge.model_registry`, with the hashes
@@ -52,7 +52,7 @@ from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdData, DmdRow, agree
 from dmd_offline.finetune import TrainingImages, finetune, save_edge
 from dmd_offline.metrics import Outcomes, first_m, uncertainty_order
 from dmd_offline.sources import ReplayItem, image_folder_items
-from dmd_offline.threshold import ThresholdChoice, budget_threshold
+from dmd_offline.threshold import ThresholdChoice, budget_threshold, share_threshold
 from dmd_offline.train import TrainingReport, train_switcher
 from edge_workers.model import EdgeBatch, ViltEdgeModel
 from edge_workers.registry import (
@@ -508,17 +508,25 @@ def routed_gate(
 ) -> tuple[Switcher, ThresholdChoice, GateResult, Calibration]:
     """The gate with the learned switcher; where it routes worse than the edge's own confidence would, with
     the confidence router in its place (`dmd.adapt.confidence_fallback`). Returns the router the version
-    would serve, its threshold, the gate's result and the calibration."""
+    would serve, its threshold, the gate's result and the calibration.
 
-    def gated(router: Switcher, threshold: float) -> tuple[np.ndarray, GateResult]:
+    A router's threshold defers `target_offload_share` of the candidate's own scores of the held-out
+    frames (scores only: no label or cloud answer). The out-of-fold rows it was trained on were answered
+    by fold models that learnt from less, so a threshold set on them gives another share on the final edge."""
+    share = settings.dmd.adapt.target_offload_share
+
+    def gated(router: Switcher, fitted: ThresholdChoice) -> tuple[np.ndarray, ThresholdChoice, GateResult]:
         scores = scores_of(router, candidate_out, frames)
-        return scores, gate(frames, candidate_out, scores < threshold, running_out, running_deferred, settings)
+        threshold, deferred = share_threshold(scores, share)
+        on_slice = replace(fitted, threshold=threshold, deferred_share=deferred / len(scores))
+        result = gate(frames, candidate_out, scores < threshold, running_out, running_deferred, settings)
+        return scores, on_slice, result
 
-    scores, result = gated(switcher, choice.threshold)
+    scores, choice, result = gated(switcher, choice)
     lost = next((c for c in result.checks if c.name == ROUTING_CHECK and not c.passed), None)
     if lost is not None and settings.dmd.adapt.confidence_fallback:
-        switcher, choice = confidence_router(oof, settings.dmd.adapt.target_offload_share)
-        scores, result = gated(switcher, choice.threshold)
+        switcher, fitted = confidence_router(oof, share)
+        scores, choice, result = gated(switcher, fitted)
         # the router now is uncertainty deferral: the check would compare it with itself
         result.checks = [c for c in result.checks if c.name != ROUTING_CHECK]
         result.passed_over = lost
@@ -528,14 +536,15 @@ def routed_gate(
 
 
 def confidence_router(rows: DmdData, share: float) -> tuple[Switcher, ThresholdChoice]:
-    """The switcher without weights that routes by the edge's confidence, its threshold deferring `share` of the
-    out-of-fold rows as a learned one's does."""
+    """The switcher without weights that routes by the edge's confidence, and what deferring `share` of the
+    out-of-fold rows gives there, as for a learned one."""
     router = Switcher(rows.hidden.shape[1], "confidence")
     return router, budget_threshold(agreement_scores(router, rows), Outcomes.of(rows), share)
 
 
 def switcher_on(rows: DmdData, dmd: DmdSettings) -> tuple[Switcher, TrainingReport, ThresholdChoice]:
-    """A switcher trained on out-of-fold rows (a seeded share held out for early stopping) and its threshold."""
+    """A switcher trained on out-of-fold rows (a seeded share held out for early stopping), and what deferring
+    `target_offload_share` of them gives (its published threshold is set on the held-out slice: `routed_gate`)."""
     rows = with_history(rows, history_length(dmd.switcher_inputs, dmd.switcher_history))
     held = np.random.default_rng(dmd.seed).random(len(rows.rows)) < dmd.val_share
     train, val = rows.select(~held), rows.select(held)

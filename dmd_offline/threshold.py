@@ -56,13 +56,19 @@ def bucket_threshold(agreement_scores: np.ndarray, outcomes: Outcomes, buckets: 
     )
 
 
+def share_threshold(agreement_scores: np.ndarray, share: float) -> tuple[float, int]:
+    """The agreement threshold deferring `share` of these scores (the lowest first), and how many it defers."""
+    m = round(share * len(agreement_scores))
+    return threshold_deferring(agreement_scores[dmd_order(agreement_scores)], m), m
+
+
 def budget_threshold(agreement_scores: np.ndarray, outcomes: Outcomes, target_share: float) -> ThresholdChoice:
     order = dmd_order(agreement_scores)
     n = len(order)
-    m = round(target_share * n)
+    threshold, m = share_threshold(agreement_scores, target_share)
     return ThresholdChoice(
         method="budget",
-        threshold=threshold_deferring(agreement_scores[order], m),
+        threshold=threshold,
         deferred_share=m / n if n else 0.0,
         f1=outcomes.scores(first_m(order, m)).f1,
         target_share=target_share,

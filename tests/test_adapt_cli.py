@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pytest
 from redis import Redis
 
 from core.images import encode_jpeg_rgb
@@ -163,7 +164,10 @@ def test_adapt_follows_caregivers_over_a_wrong_cloud_and_refuses_a_candidate_los
     assert active is not None and f"published version {active.version}" in result.stdout
     gate = read_pair_version(registry, active.version).gate
     assert gate["gate_labelled_frames"] == 12 + 5  # cam-b's held-out frames and one cam-a alert's
-    assert gate["gate_caregiver_labels_candidate"] >= 0.8 > gate["gate_caregiver_labels_running"]
+    # judged on what each pair serves: the candidate's edge follows the caregivers, and its router sends
+    # its share of the held-out frames (30 %) to the cloud, wrong wherever it says "fall" in the bed room
+    assert gate["gate_caregiver_labels_candidate"] >= gate["gate_caregiver_labels_running"] + 0.25
+    assert gate["gate_cloud_share"] == pytest.approx(0.3, abs=0.05)
     assert gate["gate_caregiver_falls_candidate"] >= 0.8 and "gate_cloud_agreement_candidate" not in gate
     # the published edge disagrees with the cloud on the held-out slice more than the running edge: the
     # cloud-agreement check alone would have refused it

@@ -28,6 +28,7 @@ from dmd_offline.adapt import (
     held_out_slice,
     publish_candidate,
     routed_gate,
+    scores_of,
 )
 from dmd_offline.threshold import ThresholdChoice
 from edge_workers.model import EdgeBatch, ViltEdgeModel
@@ -268,11 +269,12 @@ def first_coordinate_switcher(hidden_size: int) -> Switcher:
 def bed_room_slice() -> tuple[list[AdaptFrame], EdgeBatch, EdgeBatch]:
     """Six caregiver false alarms (a person lying on a bed) and four acknowledged falls, the cloud saying
     "fall" on all ten. The candidate's edge is sure of the false alarms and unsure of the falls; the
-    hidden vector's first coordinate is 0 on the false alarms and 5 on the falls."""
+    hidden vector's first coordinate is 0–0.5 on the false alarms and 5 on the falls."""
     labels = [0] * 6 + [1] * 4
     frames = [AdaptFrame(f"f{i}", "cam-a", float(i), np.zeros((4, 4, 3), np.uint8), 0.9, label)
               for i, label in enumerate(labels)]  # fmt: skip
     hidden = np.zeros((10, 4), dtype=np.float32)
+    hidden[:6, 0] = np.arange(6) / 10
     hidden[6:, 0] = 5.0
     candidate = EdgeBatch(np.array([0.05] * 6 + [0.45, 0.44, 0.43, 0.42]), hidden)
     return frames, candidate, EdgeBatch(np.full(10, 0.9), hidden)
@@ -282,35 +284,37 @@ def test_a_learned_switcher_routing_worse_than_the_edges_confidence_gives_way_to
     frames, candidate, running = bed_room_slice()
     oof = dmd_rows(frames, candidate, 0.5, 0.5, "synthetic")  # the switcher's rows: the same frames, say
     learned = first_coordinate_switcher(4)
-    choice = ThresholdChoice(
-        "budget", threshold=0.6, deferred_share=0.6, f1=0.0, target_share=0.6
-    )  # it defers the six false alarms to the cloud
+    # set on the out-of-fold rows, a threshold deferring every held-out frame: each router's own
+    # threshold defers the target share of the candidate's scores of the held-out frames instead
+    choice = ThresholdChoice("budget", threshold=0.999, deferred_share=0.4, f1=0.0, target_share=0.4)
     settings = Settings(dmd={"adapt": {"target_offload_share": 0.4}})
     never = np.zeros(10, dtype=bool)
 
     router, routed_choice, result, calibration = routed_gate(
         frames, oof, learned, choice, candidate, running, never, settings
     )
-    # served by the learned switcher: the cloud's "fall" on the false alarms, the edge's "no fall" on the
-    # falls (right on none); uncertainty deferral of six frames: the four falls and two false alarms
-    assert result.passed_over == GateCheck("switcher vs uncertainty", 0.0, 0.8, False)
+    # served by the learned switcher: the cloud's "fall" on the four least-scored false alarms, the edge's
+    # "no fall" on the falls (right on two of ten); uncertainty deferral of four frames: the four falls
+    assert result.passed_over == GateCheck("switcher vs uncertainty", pytest.approx(0.2), 1.0, False)
     assert router.inputs == "confidence" and not list(router.parameters())
-    # the confidence router defers the 40 % least sure rows, the four falls, where the cloud is right
+    # the confidence router defers the 40 % least sure, the four falls, where the cloud is right
     assert result.cloud_share == pytest.approx(0.4) and calibration.offload_share == pytest.approx(0.4)
+    assert routed_choice.deferred_share == pytest.approx(0.4) and routed_choice.threshold < choice.threshold
     assert [(c.name, c.candidate, c.passed) for c in result.checks] == [
         ("caregiver labels", 1.0, True),
         ("caregiver falls", 1.0, True),
     ]
     assert result.passed and routed_choice.target_share == 0.4
     metrics = result.as_metrics()
-    assert metrics["gate_learned_switcher_vs_uncertainty_candidate"] == 0.0
-    assert metrics["gate_learned_switcher_vs_uncertainty_running"] == pytest.approx(0.8)
+    assert metrics["gate_learned_switcher_vs_uncertainty_candidate"] == pytest.approx(0.2)
+    assert metrics["gate_learned_switcher_vs_uncertainty_running"] == 1.0
 
     # without the fallback the candidate is refused, for its switcher and for the falls it would miss
     settings.dmd.adapt.confidence_fallback = False
-    kept, _, refused, _ = routed_gate(frames, oof, learned, choice, candidate, running, never, settings)
+    kept, kept_choice, refused, _ = routed_gate(frames, oof, learned, choice, candidate, running, never, settings)
     assert kept is learned and not refused.passed and refused.passed_over is None
-    assert "the candidate's switcher is right on 0.0% with 60% to the cloud, uncertainty deferral on 80.0%" in (
+    assert scores_of(learned, candidate, frames)[3] < kept_choice.threshold < scores_of(learned, candidate, frames)[4]
+    assert "the candidate's switcher is right on 20.0% with 40% to the cloud, uncertainty deferral on 100.0%" in (
         refused.refusal()
     )
 
