@@ -555,7 +555,12 @@ class AdaptSettings(Section):
         "learn), or of time blocks within each camera; camera needs at least `folds` cameras, else time is used",
     )
     gate_share: float = Field(
-        0.3, gt=0, lt=1, description="each camera's latest share of frames is held out for the publish gate"
+        0.3, gt=0, lt=1, description="share held out for the publish gate: of each camera's frames, or of the cameras"
+    )
+    gate_slice: Literal["time", "camera"] = Field(
+        "time",
+        description="the gate's held-out frames: each camera's latest (time), or every frame of a seeded share of "
+        "the cameras (camera: how the version does on cameras it did not learn); camera needs two, else time is used",
     )
     gate_tolerance: float = Field(0.0, ge=0, le=1, description="how much worse than the running pair still passes")
     confidence_fallback: bool = Field(
@@ -564,7 +569,10 @@ class AdaptSettings(Section):
         "replaced by one without weights that routes by the edge's confidence; off: the candidate is refused",
     )
     target_offload_share: float = Field(
-        0.3, gt=0, lt=1, description="the switcher's threshold defers this share of the out-of-fold frames"
+        0.3,
+        gt=0,
+        lt=1,
+        description="the router's threshold defers this share of the candidate's held-out frames (by their scores)",
     )
     seed: int = 0
 

@@ -4,7 +4,8 @@ From the frames of a window (`dmd.since` / `dmd.until` of the `frames` topic, or
 
 1. **Targets**: a caregiver's label where an answered alert covered the frame, else the cloud's
    answer (the logged cloud verdict, or the cloud model's when `dmd.run_cloud_model`).
-2. **Held-out slice**: each camera's latest `gate_share` of frames; nothing below learns from it.
+2. **Held-out slice**: each camera's latest `gate_share` of frames, or (`gate_slice: camera`) every
+   frame of a seeded `gate_share` of the cameras; nothing below learns from it.
 3. **Cross-fitting**: the other frames are split in `folds` of whole cameras (`cross_fit`), or of
    time blocks within each camera; for each fold, a copy of the running edge model is fine-tuned on the other folds
    (`dmd_offline.finetune`) and answers the fold. Those out-of-fold answers are the switcher's DMD
@@ -127,10 +128,17 @@ def answer_in_cloud(pending: list[tuple[AdaptFrame, ReplayItem]], cloud_model: C
     pending.clear()
 
 
-def held_out_slice(frames: list[AdaptFrame], share: float) -> np.ndarray:
-    """True for each camera's latest `share` of frames (at least one, when the camera has two or more)."""
+def held_out_slice(frames: list[AdaptFrame], share: float, by: str = "time", seed: int = 0) -> np.ndarray:
+    """True for the frames the gate judges: each camera's latest `share` of frames (at least one, when the
+    camera has two or more), or, `by` camera, every frame of a seeded `share` of the cameras (at least one
+    held out and one left; with a single camera, its latest frames)."""
+    groups = sorted({frame.group for frame in frames})
+    if by == "camera" and len(groups) >= 2:
+        count = min(len(groups) - 1, max(1, round(share * len(groups))))
+        chosen = set(np.random.default_rng(seed).choice(groups, size=count, replace=False).tolist())
+        return np.array([frame.group in chosen for frame in frames])
     held = np.zeros(len(frames), dtype=bool)
-    for group in {frame.group for frame in frames}:
+    for group in groups:
         indices = sorted((i for i, f in enumerate(frames) if f.group == group), key=lambda i: frames[i].order_key)
         count = min(len(indices) - 1, max(1, round(share * len(indices)))) if len(indices) > 1 else 0
         held[indices[len(indices) - count :]] = True
@@ -440,7 +448,7 @@ class Adaptation:
     def run(self, frames: list[AdaptFrame]) -> Candidate:
         adapt = self.settings.dmd.adapt
         started = time.perf_counter()
-        held = held_out_slice(frames, adapt.gate_share)
+        held = held_out_slice(frames, adapt.gate_share, adapt.gate_slice, adapt.seed)
         learn = [f for f, h in zip(frames, held, strict=True) if not h]
         gate_frames = [f for f, h in zip(frames, held, strict=True) if h]
         if not gate_frames or not learn:

@@ -198,6 +198,31 @@ def test_gate_on_caregiver_labels_checks_the_acknowledged_falls_on_their_own() -
     assert gate(frames_back, keeps, none, running, none, settings).passed
 
 
+def test_the_gate_holds_out_each_cameras_latest_frames_or_whole_cameras() -> None:
+    frames = [AdaptFrame(f"{camera}#{i}", camera, float(3 - i), np.zeros((4, 4, 3), np.uint8), 0.1, None)
+              for camera in ("c1", "c2", "c3", "c4", "c5") for i in range(4)]  # fmt: skip  # newest first
+    by_time = held_out_slice(frames, 0.3)
+    assert [f.input_id for f, held in zip(frames, by_time, strict=True) if held] == [f"c{n}#0" for n in range(1, 6)]
+
+    by_camera = held_out_slice(frames, 0.3, "camera", seed=0)
+    cameras = {f.group for f, held in zip(frames, by_camera, strict=True) if held}
+    assert len(cameras) == 2, "round(0.3 × 5) cameras"
+    assert by_camera.tolist() == [f.group in cameras for f in frames], "every frame of those, none of the others"
+    assert held_out_slice(frames, 0.3, "camera", seed=0).tolist() == by_camera.tolist(), "seeded"
+    two = [f for f in frames if f.group in {"c1", "c2"}]
+    assert held_out_slice(two, 0.9, "camera").sum() == 4, "one camera is left to learn from"
+    one = [f for f in frames if f.group == "c1"]
+    assert held_out_slice(one, 0.3, "camera").tolist() == held_out_slice(one, 0.3).tolist(), "one camera: by time"
+
+
+def test_adaptation_gated_on_a_camera_it_did_not_learn(fall_edge: Path, tmp_path: Path) -> None:
+    settings = adapt_settings(fall_edge, tmp_path, gate_slice="camera", epochs=2)
+    candidate = Adaptation(settings, None, "synthetic").run(biased_frames())
+    # one of the two cameras is held out whole; the other one's frames are all there is to learn from
+    assert candidate.gate.frames == candidate.adaptation_frames == FRAMES_PER_CAMERA
+    assert len({row.group for row in candidate.rows.rows}) == 1
+
+
 def test_without_labels_a_candidate_agreeing_more_by_dropping_the_falls_is_refused() -> None:
     # the cloud calls 4 of 20 held-out frames a fall; the running edge says "fall" on all of them
     frames = [AdaptFrame(f"f{i}", "cam-a", float(i), np.zeros((4, 4, 3), np.uint8), 0.9 if i < 4 else 0.1, None)
