@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -128,7 +129,9 @@ def answer_in_cloud(pending: list[tuple[AdaptFrame, ReplayItem]], cloud_model: C
     pending.clear()
 
 
-def held_out_slice(frames: list[AdaptFrame], share: float, by: str = "time", seed: int = 0) -> np.ndarray:
+def held_out_slice(
+    frames: list[AdaptFrame], share: float, by: Literal["time", "camera"] = "time", seed: int = 0
+) -> np.ndarray:
     """True for the frames the gate judges: each camera's latest `share` of frames (at least one, when the
     camera has two or more), or, `by` camera, every frame of a seeded `share` of the cameras (at least one
     held out and one left; with a single camera, its latest frames)."""

@@ -199,8 +199,9 @@ def test_gate_on_caregiver_labels_checks_the_acknowledged_falls_on_their_own() -
 
 
 def test_the_gate_holds_out_each_cameras_latest_frames_or_whole_cameras() -> None:
+    # four frames of each of five cameras, the newest first
     frames = [AdaptFrame(f"{camera}#{i}", camera, float(3 - i), np.zeros((4, 4, 3), np.uint8), 0.1, None)
-              for camera in ("c1", "c2", "c3", "c4", "c5") for i in range(4)]  # fmt: skip  # newest first
+              for camera in ("c1", "c2", "c3", "c4", "c5") for i in range(4)]  # fmt: skip
     by_time = held_out_slice(frames, 0.3)
     assert [f.input_id for f, held in zip(frames, by_time, strict=True) if held] == [f"c{n}#0" for n in range(1, 6)]
 
