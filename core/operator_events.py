@@ -12,8 +12,7 @@ import logging
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from core.kafka_io import make_producer, send, start_clients
-from core.retry import DependencyUnavailable
+from core.kafka_io import make_producer, send
 from core.settings import Settings
 from schemas import OperatorEvent, OperatorEventKind
 
@@ -39,19 +38,21 @@ async def send_operator_event(producer: AIOKafkaProducer, settings: Settings, ev
 
 
 def publish_operator_events(settings: Settings, events: list[OperatorEvent]) -> None:
-    """For a command: send the events and wait for their acks. Kafka down is one warning: the log line stays."""
+    """For a command: send the events and wait for their acks. Kafka down is one warning: the log line stays.
+
+    One attempt to connect, not a service's retries: the command's work is done, and its line is logged."""
 
     async def publish() -> None:
         producer = make_producer(settings)
         try:
-            await start_clients(settings, producer)
+            await producer.start()
             await asyncio.gather(*[await send_operator_event(producer, settings, event) for event in events])
         finally:
             await producer.stop()
 
     try:
         asyncio.run(publish())
-    except (KafkaError, DependencyUnavailable, OSError) as exc:
+    except (KafkaError, OSError) as exc:
         log.warning(
             "could not send %d operator event(s) to %s: %s", len(events), settings.kafka.topics.operator_events, exc
         )

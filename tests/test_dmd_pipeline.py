@@ -31,6 +31,7 @@ from edge_workers.model import ViltEdgeModel, load_edge_model
 from edge_workers.registry import SwitcherRegistry
 from edge_workers.switcher import latest_version, load_switcher
 from fallwatch.devkit.models import ModelPaths
+from fallwatch.stack import free_port
 from schemas import Frame, Label, OperatorEvent, Verdict
 from tests.conftest import SHARED_DATASETS, consume_until, run_fallwatch, settings_for, write_config
 
@@ -372,6 +373,18 @@ def test_dmd_run_replays_trains_evaluates_and_publishes(
         ("version_published", "dmd_offline", newest_again.name),
     ]
     assert events[1].message == line
+
+    # with Kafka and Redis gone, the version is still published; telling the operators is one attempt
+    # and one warning, not a service's minute of retries
+    settings.kafka.bootstrap_servers = f"localhost:{free_port()}"
+    settings.redis.url = f"redis://localhost:{free_port()}/0"
+    write_config(settings, config)
+    offline = run_cli("dmd", "publish", config=config)
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    newest_offline = latest_version(registry)
+    assert newest_offline is not None and newest_offline.name not in (newest.name, newest_again.name)
+    assert f"published switcher version {newest_offline.name} in {registry}" in offline.stdout.splitlines()
+    assert "could not send 1 operator event(s)" in offline.stderr and "retry" not in offline.stderr
 
 
 @pytest.mark.parametrize(
