@@ -20,7 +20,7 @@ from torch import nn
 from transformers import ViltForQuestionAnswering
 
 from core.settings import AdaptSettings, ConfigError
-from edge_workers.model import ViltEdgeModel
+from edge_workers.model import ViltEdgeModel, size_groups
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,11 @@ def finetune(
                 picks = order[start : start + settings.batch_size]
                 images = [flip_at_random(sources[kind].images[i], rng) for kind, i in picks]
                 answers = torch.tensor([0 if sources[kind].targets[i] == 1 else 1 for kind, i in picks])
-                logits = model(**edge.preprocess(images)).logits[:, yes_no]
-                loss = nn.functional.cross_entropy(logits, answers, weight=class_weights)
+                # one forward per image size, as `predict` serves them: resized to one, some would be squashed
+                groups = size_groups(images)
+                logits = torch.cat([model(**edge.preprocess([images[i] for i in group])).logits for group in groups])
+                grouped = torch.tensor([i for group in groups for i in group])
+                loss = nn.functional.cross_entropy(logits[:, yes_no], answers[grouped], weight=class_weights)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()

@@ -134,24 +134,16 @@ class DatasetWriter:
             self.flush()
 
     def edge_answers(self, batch: list[ReplayItem]) -> tuple[np.ndarray, np.ndarray, float, float]:
-        """Edge model per group of same-sized images (a batch of mixed sizes would be resized to one);
-        P(fall), hidden vectors, time and energy per frame (NaN when not measurable)."""
-        probabilities = np.zeros(len(batch), np.float32)
-        hidden = np.zeros((len(batch), self.edge_model.hidden_size), np.float32)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for index, item in enumerate(batch):
-            by_shape.setdefault(item.image_rgb.shape, []).append(index)
+        """The edge model's P(fall), hidden vectors, time and energy per frame (NaN when not measurable)."""
         started = time.perf_counter()
         self.edge_costs.start()
-        for indices in by_shape.values():
-            # ViLT samples image patches at random: seed so a replay (and a resumed one) is reproducible
-            torch.manual_seed(self.settings.dmd.seed)
-            output = self.edge_model.predict([batch[i].image_rgb for i in indices])
-            probabilities[indices] = output.fall_probability
-            hidden[indices] = output.hidden
+        # ViLT samples image patches at random: seed so a replay (and a resumed one) is reproducible
+        torch.manual_seed(self.settings.dmd.seed)
+        output = self.edge_model.predict([item.image_rgb for item in batch])
         per_frame_ms = (time.perf_counter() - started) * 1000 / len(batch)
         energy_j = self.edge_costs.stop().energy_j
-        return probabilities, hidden, per_frame_ms, np.nan if energy_j is None else energy_j / len(batch)
+        energy = np.nan if energy_j is None else energy_j / len(batch)
+        return output.fall_probability, output.hidden, per_frame_ms, energy
 
     def large_answers(self, batch: list[ReplayItem]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The large model's P(fall), time and energy per frame: logged where logged, else computed (or NaN)."""

@@ -148,7 +148,8 @@ class ViltEdgeModel:
         self._captured_hidden = args[0]
 
     def preprocess(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        """Model inputs for a batch of HxWx3 uint8 RGB frames, all resized to the first frame's size."""
+        """Model inputs for a batch of HxWx3 uint8 RGB frames of one size (`predict` groups a batch by size);
+        other sizes are resized to the first frame's, which squashes them (for timing and calibration)."""
         if not images:
             raise ValueError("preprocess needs at least one image")
         height, width = images[0].shape[:2]
@@ -174,9 +175,17 @@ class ViltEdgeModel:
         return {key: value.to(self.device) for key, value in encoding.items()}
 
     def predict(self, images: list[np.ndarray]) -> EdgeBatch:
-        """One batched forward pass: P(fall) and the hidden vector of each frame."""
-        inputs = self.preprocess(images)
-        return self.infer(inputs)
+        """P(fall) and the hidden vector of each frame: one batched forward pass per frame size, so a frame's
+        answer is the one it gets alone, whatever the size of the other cameras' frames in its batch."""
+        groups = size_groups(images)
+        if len(groups) == 1:
+            return self.infer(self.preprocess(images))
+        fall_probability = np.zeros(len(images), np.float32)
+        hidden = np.zeros((len(images), self.hidden_size), np.float32)
+        for indices in groups:
+            output = self.infer(self.preprocess([images[i] for i in indices]))
+            fall_probability[indices], hidden[indices] = output.fall_probability, output.hidden
+        return EdgeBatch(fall_probability=fall_probability, hidden=hidden)
 
     def infer(self, inputs: dict[str, Any]) -> EdgeBatch:
         """Run the model on already preprocessed inputs."""
@@ -190,6 +199,14 @@ class ViltEdgeModel:
         hidden = self._captured_hidden.float().cpu().numpy().astype(np.float32)
         self._captured_hidden = None
         return EdgeBatch(fall_probability=fall_probability, hidden=hidden)
+
+
+def size_groups(images: list[np.ndarray]) -> list[list[int]]:
+    """The images' indices grouped by height and width, in order of first appearance."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault((image.shape[0], image.shape[1]), []).append(index)
+    return list(groups.values())
 
 
 @contextmanager

@@ -156,11 +156,13 @@ def clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def write_video(path: Path, frames: int, draw: Callable[[np.ndarray, int], None], fps: float = 10.0) -> None:
-    """A 320×240 mp4 whose frame `index` is drawn by `draw(image, index)` on a grey background."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (320, 240))
+def write_video(
+    path: Path, frames: int, draw: Callable[[np.ndarray, int], None], fps: float = 10.0, width: int = 320
+) -> None:
+    """A `width`×240 mp4 whose frame `index` is drawn by `draw(image, index)` on a grey background."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, 240))
     for index in range(frames):
-        image = np.full((240, 320, 3), 50, np.uint8)
+        image = np.full((240, width, 3), 50, np.uint8)
         draw(image, index)
         writer.write(image)
     writer.release()

@@ -131,20 +131,26 @@ def test_set_fall_bias_makes_the_answer_deterministic(tmp_path: Path, frames: li
         assert np.all(probabilities < 0.01), probabilities
 
 
-def test_mixed_frame_sizes_are_resized_to_the_first(edge: ViltEdgeModel, frames: list[np.ndarray]):
+def test_a_frame_in_a_batch_of_mixed_sizes_gets_the_answer_it_gets_alone(edge: ViltEdgeModel, frames: list[np.ndarray]):
     portrait = np.ascontiguousarray(frames[1].transpose(1, 0, 2))  # 640 high, 480 wide
     small = cv2.resize(frames[2], (200, 150))
-    mixed = [frames[0], portrait, small]
+    mixed = [frames[0], portrait, small, frames[1]]
 
-    inputs = edge.preprocess(mixed)
-    single_inputs = edge.preprocess([frames[0]])
     batch = predict_seeded(edge, mixed)
 
-    # Same pixel grid as the first frame alone and no padding: ViLT would fill padding with random patches.
-    assert inputs["pixel_values"].shape[1:] == single_inputs["pixel_values"].shape[1:]
+    assert batch.hidden.shape == (4, edge.hidden_size)
+    for index, frame in enumerate(mixed):
+        alone = predict_seeded(edge, [frame])
+        np.testing.assert_allclose(batch.hidden[index], alone.hidden[0], atol=1e-4)
+        np.testing.assert_allclose(batch.fall_probability[index], alone.fall_probability[0], atol=1e-5)
+    # `preprocess` alone brings them to the first frame's grid without padding (ViLT would fill padding
+    # with random patches), and that squashes the portrait frame into another picture
+    inputs = edge.preprocess(mixed)
+    assert inputs["pixel_values"].shape[1:] == edge.preprocess([frames[0]])["pixel_values"].shape[1:]
     assert bool(inputs["pixel_mask"].all())
-    assert batch.hidden.shape == (3, edge.hidden_size)
-    np.testing.assert_allclose(batch.hidden[0], predict_seeded(edge, [frames[0]]).hidden[0], atol=1e-4)
+    torch.manual_seed(0)
+    squashed = edge.infer(inputs)
+    assert not np.allclose(squashed.hidden[1], batch.hidden[1], atol=1e-3)
 
 
 def test_grouped_preprocessing_equals_the_processors_default_bit_for_bit(edge: ViltEdgeModel, frames: list[np.ndarray]):

@@ -7,6 +7,7 @@ are scaled up and centred on these clips, so answers vary from frame to frame by
 decision threshold sits in a wide gap between the answers, where float noise cannot move a frame across.
 The policy is the switcher at its threshold, so some frames are answered at the edge and others by the
 cloud. `eval` replays the same policy; every frame, verdict, alert and person-down change must match.
+One camera is 16:9 beside 4:3 ones, so the edge worker's batches mix frame sizes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from transformers import ViltForQuestionAnswering
@@ -34,7 +36,7 @@ from fallwatch.devkit.models import ModelPaths
 from producers.service import run_producers
 from schemas import FallEvent, Frame, PersonDown, Verdict
 from tests.alerting_helpers import wait_until_consumed
-from tests.conftest import consume_until, read_all, running, service_process, settings_for
+from tests.conftest import consume_until, read_all, running, service_process, settings_for, write_video
 
 SPREAD = 3.0  # the scaled logits' standard deviation over the clips' frames
 MIN_GAP = 1e-2  # a threshold this far from every answer cannot be crossed by float noise
@@ -123,13 +125,29 @@ async def stream_live(settings: Settings) -> tuple[list[Frame], list[Verdict]]:
     return frames, verdicts
 
 
+def with_a_wide_camera(drawn_clips: Path, folder: Path) -> Path:
+    """The drawn clips and a 16:9 one beside their 4:3 ones, as a facility's cameras differ: the edge
+    worker's batches mix the two sizes, and each frame must get the answer eval gives its clip alone."""
+    shutil.copytree(drawn_clips, folder)
+
+    def bending(image: np.ndarray, index: int) -> None:
+        top = 60 if index < 15 else 110
+        cv2.rectangle(image, (200 + 2 * index, top), (240 + 2 * index, 200), (170, 190, 200), -1)
+
+    write_video(folder / "bends-wide.mp4", 40, bending, width=426)
+    with (folder / "clips.csv").open("a") as clips:
+        clips.write("bends-wide.mp4,no_fall,\n")
+    return folder
+
+
 def test_eval_gives_the_per_clip_outcome_of_the_live_services(
     stack_state, tmp_path: Path, tiny_models: ModelPaths, drawn_clips: Path
 ) -> None:
-    probe = agreement_settings(stack_state, tmp_path / "probe", tiny_models, drawn_clips)
-    pair = decisive_pair(tiny_models, tmp_path / "pair", offline_outputs(probe, drawn_clips))
-    settings = agreement_settings(stack_state, tmp_path, pair, drawn_clips)
-    outputs = offline_outputs(settings, drawn_clips)
+    clips = with_a_wide_camera(drawn_clips, tmp_path / "clips")
+    probe = agreement_settings(stack_state, tmp_path / "probe", tiny_models, clips)
+    pair = decisive_pair(tiny_models, tmp_path / "pair", offline_outputs(probe, clips))
+    settings = agreement_settings(stack_state, tmp_path, pair, clips)
+    outputs = offline_outputs(settings, clips)
     newest = latest_version(pair.switcher_registry)
     assert newest is not None
     switcher: Switcher = load_switcher(newest)[0]
