@@ -565,8 +565,16 @@ class AdaptSettings(Section):
     gate_tolerance: float = Field(0.0, ge=0, le=1, description="how much worse than the running pair still passes")
     confidence_fallback: bool = Field(
         True,
-        description="a learned switcher that routes worse than uncertainty deferral on the held-out slice is "
-        "replaced by one without weights that routes by the edge's confidence; off: the candidate is refused",
+        description="a learned switcher that does not earn its place (switcher_evidence) is replaced by one "
+        "without weights that routes by the edge's confidence; off: it is published unless it routes worse than "
+        "uncertainty deferral on the held-out slice, and then the candidate is refused",
+    )
+    switcher_evidence: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="with confidence_fallback, a learned switcher is published only where it routes better than "
+        "uncertainty deferral on the held-out slice with a one-sided sign test's p-value at most this",
     )
     target_offload_share: float = Field(
         0.3,

@@ -22,8 +22,10 @@ From the frames of a window (`dmd.since` / `dmd.until` of the `frames` topic, or
    on the cloud's fall answers must be as high (where falls are rare, saying "no fall" more agrees
    more and is no gain), and its switcher's routing must agree with the cloud at least as often as
    uncertainty deferral. Each check may lose by `gate_tolerance` at most. A learned switcher that
-   loses its check is not published: with `confidence_fallback` the version routes by the edge's
-   own confidence instead (a switcher without weights, its threshold set the same way), and
+   loses its check is not published; with `confidence_fallback` one must also earn its place, by
+   routing better than uncertainty deferral on the frames where the two differ by more than chance
+   would (a one-sided sign test, `switcher_evidence`). Where it does not, the version routes by the
+   edge's own confidence instead (a switcher without weights, its threshold set the same way), and
    the other checks are judged again with it. A refusal says which check failed, with its figures,
    in one line.
 6. **Publish**: edge model and switcher as one version in `edge.model_registry`, with the hashes
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Iterable
@@ -254,6 +257,8 @@ class GateCheck:
     candidate: float | None
     running: float | None  # for the deferral check: uncertainty deferral at the candidate's share
     passed: bool
+    # the routing check's one-sided sign test: the chance of winning by at least as much with routing no better
+    by_chance: float | None = None
 
 
 REFUSALS = {
@@ -276,7 +281,7 @@ class GateResult:
     cloud_share: float  # the candidate switcher's share of the held-out frames to the cloud
     labelled: int = 0  # held-out frames with a caregiver's label
     labelled_falls: int = 0
-    passed_over: GateCheck | None = None  # the learned switcher's lost routing check, where it was replaced
+    passed_over: GateCheck | None = None  # the learned switcher's routing check, where the confidence router won
 
     @property
     def passed(self) -> bool:
@@ -296,14 +301,20 @@ class GateResult:
         ]
         return "not published: " + "; ".join(reasons) + f" (held-out slice of {self.frames} frames)"
 
-    def fallback_line(self) -> str:
+    def fallback_line(self, evidence: float) -> str:
         """Why the version routes by the edge's confidence (only where the learned switcher was replaced)."""
-        assert self.passed_over is not None
-        lost = self.passed_over
-        return (
-            f"the learned switcher is right on {lost.candidate or 0:.1%} of the held-out frames it routes, "
-            f"uncertainty deferral on {lost.running or 0:.1%}: the version routes by the edge's confidence instead"
+        routing = self.passed_over
+        assert routing is not None
+        instead = ": the version routes by the edge's confidence instead"
+        if routing.candidate is None or routing.running is None:
+            return "no held-out frame has a cloud answer or a caregiver label to judge the learned switcher" + instead
+        line = (
+            f"the learned switcher is right on {routing.candidate:.1%} of the held-out frames it routes, "
+            f"uncertainty deferral on {routing.running:.1%}"
         )
+        if routing.passed and routing.by_chance is not None:
+            line += f": no evidence it routes better (sign test p = {routing.by_chance:.2f}, at most {evidence} needed)"
+        return line + instead
 
     def reported_checks(self) -> list[GateCheck]:
         """The checks, and the learned switcher's lost one where the confidence router replaced it."""
@@ -322,6 +333,8 @@ class GateResult:
             if check.candidate is not None and check.running is not None:
                 metrics[f"gate_{key}_candidate"] = check.candidate
                 metrics[f"gate_{key}_running"] = check.running
+            if check.by_chance is not None:
+                metrics[f"gate_{key}_by_chance"] = check.by_chance
         return metrics
 
 
@@ -379,7 +392,8 @@ def gate(
         # the caregivers' labels where the slice has any, else the cloud: how often the routed answer is right
         known = np.flatnonzero(judged)
         args = candidate.fall_probability[known], new[known], deferred[known], cloud[known], reference[known]
-        checks.append(check(ROUTING_CHECK, *deferral_rightness(*args)))
+        by_switcher, by_uncertainty, by_chance = deferral_rightness(*args)
+        checks.append(replace(check(ROUTING_CHECK, by_switcher, by_uncertainty), by_chance=by_chance))
     cloud_share = float(candidate_deferred.mean()) if len(frames) else 0.0
     return GateResult(len(frames), checks, cloud_share, int(labelled.sum()), int(falls.sum()))
 
@@ -393,12 +407,21 @@ def fall_f1(says_fall: np.ndarray, reference: np.ndarray) -> float | None:
 
 def deferral_rightness(
     probability: np.ndarray, new: np.ndarray, deferred: np.ndarray, cloud: np.ndarray, reference: np.ndarray
-) -> tuple[float, float]:
-    """How often the switcher's routing, and uncertainty deferral of as many frames, is right (`reference`)."""
+) -> tuple[float, float, float]:
+    """How often the switcher's routing, and uncertainty deferral of as many frames, is right (`reference`),
+    and the one-sided sign test of the switcher's win (`sign_test`)."""
     m = int(deferred.sum())
-    by_switcher = np.where(deferred, cloud, new)
-    by_uncertainty = np.where(first_m(uncertainty_order(probability.astype(float)), m), cloud, new)
-    return float(np.mean(by_switcher == reference)), float(np.mean(by_uncertainty == reference))
+    by_switcher = np.where(deferred, cloud, new) == reference
+    by_uncertainty = np.where(first_m(uncertainty_order(probability.astype(float)), m), cloud, new) == reference
+    wins, losses = int(np.sum(by_switcher & ~by_uncertainty)), int(np.sum(by_uncertainty & ~by_switcher))
+    return float(np.mean(by_switcher)), float(np.mean(by_uncertainty)), sign_test(wins, losses)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """P(at least `wins` of the `wins + losses` frames where two routings differ go one way, were each
+    a coin toss): how likely a win this large is from a routing no better than the other."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
 
 
 def scores_of(switcher: Switcher, output: EdgeBatch, frames: list[AdaptFrame]) -> np.ndarray:
@@ -420,7 +443,7 @@ def calibration_of(output: EdgeBatch, scores: np.ndarray, threshold: float, edge
 @dataclass
 class Candidate:
     edge: ViltEdgeModel
-    switcher: Switcher  # the learned one, or the confidence router where that one lost (`GateResult.passed_over`)
+    switcher: Switcher  # the learned one, or the confidence router in its place (`GateResult.passed_over`)
     choice: ThresholdChoice
     gate: GateResult
     calibration: Calibration
@@ -517,9 +540,9 @@ def routed_gate(
     running_deferred: np.ndarray,
     settings: Settings,
 ) -> tuple[Switcher, ThresholdChoice, GateResult, Calibration]:
-    """The gate with the learned switcher; where it routes worse than the edge's own confidence would, with
-    the confidence router in its place (`dmd.adapt.confidence_fallback`). Returns the router the version
-    would serve, its threshold, the gate's result and the calibration.
+    """The gate with the learned switcher; where it does not earn its place against the edge's own
+    confidence (`earns_its_place`), with the confidence router in its place (`dmd.adapt.confidence_fallback`).
+    Returns the router the version would serve, its threshold, the gate's result and the calibration.
 
     A router's threshold defers `target_offload_share` of the candidate's own scores of the held-out
     frames (scores only: no label or cloud answer). The out-of-fold rows it was trained on were answered
@@ -534,16 +557,22 @@ def routed_gate(
         return scores, on_slice, result
 
     scores, choice, result = gated(switcher, choice)
-    lost = next((c for c in result.checks if c.name == ROUTING_CHECK and not c.passed), None)
-    if lost is not None and settings.dmd.adapt.confidence_fallback:
+    routing = next((c for c in result.checks if c.name == ROUTING_CHECK), GateCheck(ROUTING_CHECK, None, None, True))
+    if settings.dmd.adapt.confidence_fallback and not earns_its_place(routing, settings.dmd.adapt.switcher_evidence):
         switcher, fitted = confidence_router(oof, share)
         scores, choice, result = gated(switcher, fitted)
         # the router now is uncertainty deferral: the check would compare it with itself
         result.checks = [c for c in result.checks if c.name != ROUTING_CHECK]
-        result.passed_over = lost
-        log.warning("%s", result.fallback_line())
+        result.passed_over = routing
+        log.warning("%s", result.fallback_line(settings.dmd.adapt.switcher_evidence))
     calibration = calibration_of(candidate_out, scores, choice.threshold, settings.edge.decision_threshold)
     return switcher, choice, result, calibration
+
+
+def earns_its_place(routing: GateCheck, evidence: float) -> bool:
+    """A learned switcher is served only where its routing beats the edge's own confidence by more than
+    chance would (`dmd.adapt.switcher_evidence`): the router without weights needs no such proof."""
+    return routing.passed and routing.by_chance is not None and routing.by_chance <= evidence
 
 
 def confidence_router(rows: DmdData, share: float) -> tuple[Switcher, ThresholdChoice]:

@@ -219,7 +219,7 @@ def adapt_step(settings: Settings, publish: bool) -> None:
             + ", ".join(f"{check.name} {check.candidate} vs {check.running}" for check in gate.checks)
         )
         if gate.passed_over is not None:
-            typer.echo(gate.fallback_line())
+            typer.echo(gate.fallback_line(settings.dmd.adapt.switcher_evidence))
         typer.echo("; ".join(f"{step} {seconds:.1f} s" for step, seconds in candidate.seconds.items()))
         if not gate.passed:
             typer.echo(gate.refusal())

@@ -23,6 +23,7 @@ from dmd_offline.adapt import (
     AdaptFrame,
     GateCheck,
     GateRefused,
+    GateResult,
     dmd_rows,
     gate,
     held_out_slice,
@@ -30,6 +31,7 @@ from dmd_offline.adapt import (
     routed_gate,
     scores_of,
 )
+from dmd_offline.finetune import TrainingImages, finetune
 from dmd_offline.threshold import ThresholdChoice
 from edge_workers.model import EdgeBatch, ViltEdgeModel
 from edge_workers.registry import (
@@ -126,10 +128,30 @@ def test_adaptation_fixes_the_biased_camera_on_held_out_frames_and_publishes_one
     loaded = PairRegistry(registry, lambda d: ViltEdgeModel.from_pretrained(str(d), "is someone lying on the floor"),
                           3600, None).load_active()  # fmt: skip
     assert loaded.model.name == f"{version}/{PAIR_EDGE_DIR}" == loaded.switcher.metadata.edge_model
-    assert loaded.switcher.metadata.inputs == "hidden+confidence"
+    # a switcher cannot predict the cloud's random flips: the learned one wins nothing over uncertainty
+    # deferral, so the version routes by the edge's confidence, bound to its edge model all the same
+    assert candidate.gate.passed_over is not None and candidate.gate.passed_over.by_chance == 1.0
+    assert loaded.switcher.metadata.inputs == "confidence"
     recorded = read_pair_version(registry, version)
     assert recorded.calibration == candidate.calibration and recorded.parent is None
     assert loaded.switcher.metadata.edge_model_revision == recorded.edge_sha256
+
+
+def test_the_edge_learns_frames_of_mixed_sizes_as_it_is_served_them(fall_edge: Path, tmp_path: Path) -> None:
+    # two cameras of other resolutions (4:3 and 16:9) and an original image folder of a third size,
+    # in the same epochs and batches; every frame is "no fall" for an edge model that says "fall"
+    rng = np.random.default_rng(2)
+    sizes = [(96, 128), (72, 128), (128, 96)]
+    images = [rng.integers(0, 255, size=(*sizes[i % 3], 3), dtype=np.uint8) for i in range(24)]
+    settings = adapt_settings(fall_edge, tmp_path)
+    edge = ViltEdgeModel.from_pretrained(str(fall_edge), settings.edge.question)
+    assert (edge.predict(images).fall_probability > 0.5).all()
+
+    facility = TrainingImages(images[:16], np.zeros(16, dtype=np.int64))
+    original = TrainingImages(images[16:], np.zeros(8, dtype=np.int64))
+    adapted = finetune(edge, facility, original, settings.dmd.adapt, seed=0)
+
+    assert (adapted.predict(images).fall_probability < 0.5).all(), adapted.predict(images).fall_probability
 
 
 def test_gate_refuses_a_worse_candidate_and_says_why(fall_edge: Path, tmp_path: Path) -> None:
@@ -321,7 +343,8 @@ def test_a_learned_switcher_routing_worse_than_the_edges_confidence_gives_way_to
     )
     # served by the learned switcher: the cloud's "fall" on the four least-scored false alarms, the edge's
     # "no fall" on the falls (right on two of ten); uncertainty deferral of four frames: the four falls
-    assert result.passed_over == GateCheck("switcher vs uncertainty", pytest.approx(0.2), 1.0, False)
+    # it wins on none of the frames where the two routings differ: p = 1
+    assert result.passed_over == GateCheck("switcher vs uncertainty", pytest.approx(0.2), 1.0, False, 1.0)
     assert router.inputs == "confidence" and not list(router.parameters())
     # the confidence router defers the 40 % least sure, the four falls, where the cloud is right
     assert result.cloud_share == pytest.approx(0.4) and calibration.offload_share == pytest.approx(0.4)
@@ -334,6 +357,7 @@ def test_a_learned_switcher_routing_worse_than_the_edges_confidence_gives_way_to
     metrics = result.as_metrics()
     assert metrics["gate_learned_switcher_vs_uncertainty_candidate"] == pytest.approx(0.2)
     assert metrics["gate_learned_switcher_vs_uncertainty_running"] == 1.0
+    assert metrics["gate_learned_switcher_vs_uncertainty_by_chance"] == 1.0
 
     # without the fallback the candidate is refused, for its switcher and for the falls it would miss
     settings.dmd.adapt.confidence_fallback = False
@@ -343,6 +367,42 @@ def test_a_learned_switcher_routing_worse_than_the_edges_confidence_gives_way_to
     assert "the candidate's switcher is right on 20.0% with 40% to the cloud, uncertainty deferral on 100.0%" in (
         refused.refusal()
     )
+
+
+def test_a_learned_switcher_is_served_only_where_its_win_over_the_edges_confidence_is_more_than_chance() -> None:
+    # six false alarms, four acknowledged falls, the cloud saying "fall" on all ten. The candidate's edge says
+    # "no fall" everywhere: least sure on four of the false alarms, sure of the falls. The learned switcher
+    # scores the falls lowest (hidden[0] 0–0.3 against 5), so it defers them; uncertainty defers false alarms.
+    labels = [0] * 6 + [1] * 4
+    frames = [AdaptFrame(f"f{i}", "cam-a", float(i), np.zeros((4, 4, 3), np.uint8), 0.9, label)
+              for i, label in enumerate(labels)]  # fmt: skip
+    hidden = np.zeros((10, 4), dtype=np.float32)
+    hidden[:6, 0], hidden[6:, 0] = 5.0, np.arange(4) / 10
+    candidate = EdgeBatch(np.array([0.45, 0.44, 0.43, 0.42, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05]), hidden)
+    running, never = EdgeBatch(np.full(10, 0.9), hidden), np.zeros(10, dtype=bool)
+    oof = dmd_rows(frames, candidate, 0.5, 0.5, "synthetic")
+    learned = first_coordinate_switcher(4)
+    choice = ThresholdChoice("budget", threshold=0.5, deferred_share=0.2, f1=0.0, target_share=0.2)
+
+    def routed(share: float) -> tuple[Switcher, GateResult]:
+        settings = Settings(dmd={"adapt": {"target_offload_share": share}})
+        router, _, result, _ = routed_gate(frames, oof, learned, choice, candidate, running, never, settings)
+        return router, result
+
+    # two frames each: the switcher is right on 8 of 10, uncertainty on 4; they differ on four frames and
+    # the switcher is right on all four, which a routing no better does with p = 1/16: not evidence
+    router, result = routed(0.2)
+    assert router is not learned and router.inputs == "confidence"
+    assert result.passed_over == GateCheck("switcher vs uncertainty", 0.8, 0.4, True, 1 / 16)
+    assert result.fallback_line(0.05) == (
+        "the learned switcher is right on 80.0% of the held-out frames it routes, uncertainty deferral on 40.0%: "
+        "no evidence it routes better (sign test p = 0.06, at most 0.05 needed): "
+        "the version routes by the edge's confidence instead"
+    )
+    # four frames each: right on all ten against two, winning on all eight frames they differ on (p = 1/256)
+    router, result = routed(0.4)
+    assert router is learned and result.passed_over is None and result.passed
+    assert result.checks[-1] == GateCheck("switcher vs uncertainty", 1.0, 0.2, True, 1 / 256)
 
 
 def test_the_confidence_router_is_published_and_served_as_a_switcher(tiny_models: ModelPaths, tmp_path: Path) -> None:
