@@ -13,7 +13,8 @@
 4. CPU options of the ViLT forward (threads, channels-last, bf16, dynamic int8, torch.compile):
    speed against fp32 measured alternately on the same batch, and how far the answers move.
 
-Also: JPEG decode with simplejpeg (used) vs OpenCV vs PIL, and the processor's pre-processing cost per frame.
+Also: JPEG decode with simplejpeg (used) vs OpenCV vs PIL, the processor's pre-processing cost per frame,
+and what a batch of two frame sizes costs against one size (one forward per size).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from schemas import Frame, encode, utc_now
 CAMERAS = 4  # one per partition of the default topics
 START = utc_now().replace(microsecond=0) - timedelta(hours=1)  # within the capture-time bounds
 VILT_BATCH_WAIT_MS = 500
+MIXED_SIZE_ROUNDS = 3  # each round is three real-size batches: seconds each
 
 
 class NullEdgeModel:
@@ -350,6 +352,54 @@ def measure_preprocess(model: ViltEdgeModel, images: list[np.ndarray], repeats: 
     return PreprocessRow("ViltProcessor (used)", statistics.median(times) * 1000)
 
 
+WIDE_SIZE = (480, 854)  # a 16:9 camera's frames beside the 4:3 ones (height, width)
+
+
+@dataclass(frozen=True)
+class MixedSizesRun:
+    """`predict`'s ms per frame on a batch of one size and on one of two sizes; and, on the mixed batch,
+    one forward with every frame resized to the first one's (how batches were answered before 2026-12-07)."""
+
+    one_size_ms: float
+    mixed_ms: float
+    squashed_ms: float
+    batch_size: int
+
+
+def measure_mixed_sizes(model: ViltEdgeModel, images: list[np.ndarray], rounds: int) -> MixedSizesRun:
+    """Alternating rounds on the same frames, the second half of the mixed batch widened to WIDE_SIZE."""
+    half = len(images) // 2
+    wide = [cv2.resize(image, WIDE_SIZE[::-1], interpolation=cv2.INTER_AREA) for image in images[half:]]
+    mixed = images[:half] + wide
+    times = alternating(
+        {
+            "one size": lambda: seconds_of(lambda: model.predict(images)),
+            "mixed": lambda: seconds_of(lambda: model.predict(mixed)),
+            "squashed": lambda: seconds_of(lambda: model.infer(model.preprocess(mixed))),
+        },
+        rounds,
+        warm_up=True,
+    )
+    per_frame = {name: statistics.median(seconds) * 1000 / len(images) for name, seconds in times.items()}
+    return MixedSizesRun(per_frame["one size"], per_frame["mixed"], per_frame["squashed"], len(images))
+
+
+def mixed_sizes_table(run: MixedSizesRun) -> Table:
+    height, width = CAMERA_SIZE
+    table = bench_table(
+        f"a batch of {run.batch_size} frames of two sizes (half {width}×{height}, half {WIDE_SIZE[1]}×{WIDE_SIZE[0]}): "
+        "one forward per size, so no frame is squashed; ms per frame, alternating rounds",
+        ("batch", "ms / frame", "against one size"),
+    )
+    for label, value in (
+        (f"one size ({width}×{height})", run.one_size_ms),
+        ("two sizes, one forward each (served)", run.mixed_ms),
+        ("two sizes in one forward, resized to the first frame's (squashed; before 2026-12-07)", run.squashed_ms),
+    ):
+        table.add_row(label, f"{value:.0f}", f"{value / run.one_size_ms:.2f}×")
+    return table
+
+
 # --- the command ------------------------------------------------------------------------------
 def bench_settings(
     settings: Settings, registry: Path, model_name: str, batch_size: int, batch_wait_ms: int
@@ -415,10 +465,13 @@ def run_benchmark(
                 bench_settings(stack_settings, vilt_registry, model.name, batch_size, VILT_BATCH_WAIT_MS), model,
                 jpegs, vilt_frames, rounds,
             ))  # fmt: skip
-        preprocess = measure_preprocess(model, [decode_known_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
+        batch = [decode_known_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]]
+        preprocess = measure_preprocess(model, batch)
+        mixed_sizes = measure_mixed_sizes(model, batch, MIXED_SIZE_ROUNDS)
         show(
             summary_table(passes, warmup_frames, vilt, batch_size, decode_fps),
             stage_table(vilt, decode_rows, preprocess),
+            mixed_sizes_table(mixed_sizes),
         )
         if options:
             inputs = model.preprocess([decode_known_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
