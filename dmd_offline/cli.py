@@ -205,6 +205,11 @@ def run_command(
             publish_step(settings)
 
 
+def share(value: float | None) -> str:
+    """A gate check's figure as the refusal lines write it; a check without frames to judge on is "–"."""
+    return "–" if value is None else f"{value:.1%}"
+
+
 def adapt_step(settings: Settings, publish: bool) -> None:
     from dmd_offline.adapt import Adaptation, publish_candidate, read_window
     from dmd_offline.publish import announce, tell_operators
@@ -216,7 +221,7 @@ def adapt_step(settings: Settings, publish: bool) -> None:
         typer.echo(
             f"adapted on {candidate.adaptation_frames} frames ({len(candidate.rows.rows)} out-of-fold switcher rows), "
             f"held out {gate.frames}: "
-            + ", ".join(f"{check.name} {check.candidate} vs {check.running}" for check in gate.checks)
+            + ", ".join(f"{check.name} {share(check.candidate)} vs {share(check.running)}" for check in gate.checks)
         )
         if gate.passed_over is not None:
             typer.echo(gate.fallback_line(settings.dmd.adapt.switcher_evidence))

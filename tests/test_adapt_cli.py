@@ -8,6 +8,7 @@ changed its answers after the learning part, gives a candidate that the gate ref
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -98,6 +99,7 @@ def test_adapt_publishes_from_logged_traffic_refuses_a_worse_window_and_rolls_ba
     active = read_active(registry)
     assert active is not None and f"published version {active.version}" in result.stdout
     assert "adapted on 56 frames" in result.stdout
+    assert re.search(r"held out 24: cloud agreement \d+\.\d% vs \d+\.\d%, cloud falls F1 ", result.stdout)
     version = read_pair_version(registry, active.version)
     assert version.gate["gate_cloud_agreement_candidate"] >= 0.7 > version.gate["gate_cloud_agreement_running"]
     with Redis.from_url(stack_state.redis_url) as redis:
