@@ -405,6 +405,26 @@ def test_a_learned_switcher_is_served_only_where_its_win_over_the_edges_confiden
     assert result.checks[-1] == GateCheck("switcher vs uncertainty", 1.0, 0.2, True, 1 / 256)
 
 
+def test_a_learned_switcher_nothing_can_judge_gives_way_to_the_confidence_router() -> None:
+    # no held-out frame has a cloud answer or a caregiver's label: the switcher's routing cannot be judged
+    frames, candidate, running = bed_room_slice()
+    oof = dmd_rows(frames, candidate, 0.5, 0.5, "synthetic")
+    for frame in frames:
+        frame.cloud_probability, frame.label = None, None
+    choice = ThresholdChoice("budget", threshold=0.5, deferred_share=0.4, f1=0.0, target_share=0.4)
+    never = np.zeros(10, dtype=bool)
+    learned = first_coordinate_switcher(4)
+
+    router, _, result, _ = routed_gate(frames, oof, learned, choice, candidate, running, never, Settings())
+
+    assert router is not learned and router.inputs == "confidence"
+    assert result.passed_over == GateCheck("switcher vs uncertainty", None, None, True)
+    assert result.fallback_line(0.05) == (
+        "no held-out frame has a cloud answer or a caregiver label to judge the learned switcher: "
+        "the version routes by the edge's confidence instead"
+    )
+
+
 def test_the_confidence_router_is_published_and_served_as_a_switcher(tiny_models: ModelPaths, tmp_path: Path) -> None:
     edge = ViltEdgeModel.from_pretrained(str(tiny_models.edge), Settings().edge.question)
     router = Switcher(edge.hidden_size, "confidence")
