@@ -66,6 +66,7 @@ CAMERAS = 4  # one per partition of the default topics
 START = utc_now().replace(microsecond=0) - timedelta(hours=1)  # within the capture-time bounds
 VILT_BATCH_WAIT_MS = 500
 MIXED_SIZE_ROUNDS = 3  # each round is three real-size batches: seconds each
+WIDE_SIZE = (480, 854)  # a 16:9 camera's frames beside the 4:3 ones (height, width)
 
 
 class NullEdgeModel:
@@ -352,9 +353,6 @@ def measure_preprocess(model: ViltEdgeModel, images: list[np.ndarray], repeats: 
     return PreprocessRow("ViltProcessor (used)", statistics.median(times) * 1000)
 
 
-WIDE_SIZE = (480, 854)  # a 16:9 camera's frames beside the 4:3 ones (height, width)
-
-
 @dataclass(frozen=True)
 class MixedSizesRun:
     """`predict`'s ms per frame on a batch of one size and on one of two sizes; and, on the mixed batch,
@@ -474,7 +472,7 @@ def run_benchmark(
             mixed_sizes_table(mixed_sizes),
         )
         if options:
-            inputs = model.preprocess([decode_known_jpeg_rgb(jpeg) for jpeg in jpegs[:batch_size]])
+            inputs = model.preprocess(batch)
             show(options_table(measure_options(model, inputs, compile_model), batch_size))
 
 
