@@ -286,6 +286,15 @@ class DriftSettings(Section):
         0.3, ge=0, le=1, description="exploration share in learning mode (within the offload budget)"
     )
 
+    @model_validator(mode="after")
+    def window_holds_the_minimum(self) -> DriftSettings:
+        if self.drift_min_frames > self.drift_window:
+            raise ValueError(
+                f"drift_min_frames ({self.drift_min_frames}) must not exceed drift_window ({self.drift_window}): "
+                "no camera would ever be judged"
+            )
+        return self
+
 
 class EdgeSettings(Section):
     model: str = Field("dandelin/vilt-b32-finetuned-vqa", description="hub id or local directory")

@@ -7,6 +7,10 @@ least `drift_min_frames` of them, the fall rate or the offload share is off by m
 tolerance, or the scores' distribution is (the largest gap between the live share of scores
 below each calibration decile and that decile's share: a Kolmogorov–Smirnov distance).
 
+The offload share is the switcher's, as the calibration counts it: the frames scored below the
+threshold. Exploration and the budget are left out, or a camera's own learning mode would keep it
+flagged, and a tight budget would flag every camera.
+
 A flagged camera, and a camera in its first `learning_s` seconds, is in *learning mode*: its
 confident frames are explored at `learning_exploration_rate` instead of `edge.exploration_rate`.
 Exploration only spends what the offload budget leaves, so the cloud share stays within it.
@@ -58,16 +62,23 @@ class CameraWindow:
     first_seen: float
     falls: deque[bool]  # each the camera's last `drift_window` frames
     scores: deque[float]
-    offloaded: deque[bool]
+    doubted: deque[bool]  # scored below the switcher's threshold
     flagged: bool = False
     learning: bool = False
 
 
 def score_distance(scores: np.ndarray, quantiles: list[float]) -> float:
-    """Largest |live share of scores below the k-th calibration decile − k/10|."""
+    """Largest distance of k/10 from the live share of scores below the k-th calibration decile.
+
+    Where scores tie at a decile (a saturated sigmoid, the confidence router's clip), any share from
+    those below it to those at or below it is the decile's own, so only a gap outside that counts.
+    """
+    if not len(quantiles):
+        return 0.0
     expected = np.arange(1, len(quantiles) + 1) / (len(quantiles) + 1)
-    live = np.array([np.mean(scores < q) for q in quantiles])
-    return float(np.max(np.abs(live - expected))) if len(quantiles) else 0.0
+    below = np.array([np.mean(scores < q) for q in quantiles])
+    at_or_below = np.array([np.mean(scores <= q) for q in quantiles])
+    return float(np.max(np.maximum.reduce([below - expected, expected - at_or_below, np.zeros_like(expected)])))
 
 
 class DriftGuard:
@@ -88,7 +99,7 @@ class DriftGuard:
         for camera_id, window in self.cameras.items():
             window.falls.clear()
             window.scores.clear()
-            window.offloaded.clear()
+            window.doubted.clear()
             window.flagged = False
             self.learning(camera_id)
 
@@ -122,12 +133,13 @@ class DriftGuard:
     def event(self, level: int, kind: OperatorEventKind, message: str, camera_id: str) -> OperatorEvent:
         return operator_event(log, level, kind, "edge_workers", message, camera_id, self.version)
 
-    def observe(self, camera_id: str, fall: bool, score: float, offloaded: bool) -> DriftCheck | None:
-        """Record one answered frame; returns the camera's check when its flag changed."""
+    def observe(self, camera_id: str, fall: bool, score: float, threshold: float) -> DriftCheck | None:
+        """Record one answered frame with the switcher's threshold; returns the camera's check when its flag
+        changed."""
         window = self.window(camera_id)
         window.falls.append(fall)
         window.scores.append(score)
-        window.offloaded.append(offloaded)
+        window.doubted.append(score < threshold)
         check = self.check(camera_id)
         if check is None or check.drifted == window.flagged:
             return None
@@ -147,7 +159,7 @@ class DriftGuard:
         if calibration is None or len(window.falls) < settings.drift_min_frames:
             return None
         fall_rate = float(np.mean(window.falls))
-        offload_share = float(np.mean(window.offloaded))
+        offload_share = float(np.mean(window.doubted))
         distance = score_distance(np.array(window.scores), calibration.score_quantiles)
         reasons = []
         if abs(fall_rate - calibration.fall_rate) > settings.fall_rate_tolerance:

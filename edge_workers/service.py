@@ -287,7 +287,7 @@ class EdgeWorker:
         base_rate = self.router.policy.exploration_rate
         rates = [self.drift.exploration_rate(item.frame.camera_id, base_rate) for item in decoded]
         routes = self.router.route(scores.tolist(), rates)
-        self.watch_drift(decoded, output.fall_probability, scores, routes)
+        self.watch_drift(decoded, output.fall_probability, scores)
         self.observe(decode_s, model_s, switcher_s, scores, routes)
         timings_ms = {"decode": decode_s * 1000, "edge_model": model_s * 1000, "switcher": switcher_s * 1000}
         threshold = self.settings.edge.decision_threshold
@@ -345,13 +345,11 @@ class EdgeWorker:
                 metrics.over_budget.inc()
         metrics.offload_ratio.set(self.router.budget.offload_ratio())
 
-    def watch_drift(
-        self, decoded: list[DecodedFrame], probabilities: np.ndarray, scores: np.ndarray, routes: list[RouteDecision]
-    ) -> None:
-        threshold = self.settings.edge.decision_threshold
-        for item, probability, score, route in zip(decoded, probabilities, scores, routes, strict=True):
+    def watch_drift(self, decoded: list[DecodedFrame], probabilities: np.ndarray, scores: np.ndarray) -> None:
+        fall_threshold, switcher_threshold = self.settings.edge.decision_threshold, self.router.policy.threshold
+        for item, probability, score in zip(decoded, probabilities, scores, strict=True):
             camera = item.frame.camera_id
-            check = self.drift.observe(camera, bool(probability >= threshold), float(score), route.offload is not None)
+            check = self.drift.observe(camera, bool(probability >= fall_threshold), float(score), switcher_threshold)
             if check is not None:
                 self.metrics.camera_drift.labels(camera).set(1 if check.drifted else 0)
 

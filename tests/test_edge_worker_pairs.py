@@ -104,6 +104,10 @@ def test_hot_reload_of_edge_and_switcher_mid_stream_and_the_drift_guard(
             await publish_frames(settings, before)
             await answered(len(before))
             flagged = worker.metrics.registry.get_sample_value("fallwatch_edge_camera_drift", {"camera": "cam-a"})
+            # its learning mode explores every frame the budget allows; the switcher itself doubts none
+            check = worker.drift.check("cam-a")
+            assert check is not None and check.offload_share == 0.0
+            assert check.reasons == ["edge fall rate 100% against 5%"], "exploration is not the switcher's share"
             new = publish_version(registry, tiny_models, tmp_path, fall=False, version="v2", history=4)
             announce_switcher(Redis.from_url(settings.redis.url), announce_key, new)
             await until(lambda: worker.model.name == "v2/edge", "the announced version")
