@@ -62,13 +62,14 @@ from dmd_offline.train import TrainingReport, train_switcher
 from edge_workers.model import EdgeBatch, ViltEdgeModel
 from edge_workers.registry import (
     PAIR_EDGE_DIR,
-    PAIR_SWITCHER_DIR,
     Calibration,
     PairVersion,
     activate,
+    active_pair_files,
     read_active,
     save_pair,
 )
+from edge_workers.routing import served_threshold
 from edge_workers.switcher import (
     Switcher,
     SwitcherMetadata,
@@ -196,13 +197,11 @@ class RunningPair:
 
 def running_pair(settings: Settings) -> RunningPair:
     registry = settings.edge.model_registry
-    pointer = read_active(registry) if registry is not None else None
-    if registry is not None and pointer is not None:
-        switcher_dir = latest_version(registry / pointer.version / PAIR_SWITCHER_DIR)
-        if switcher_dir is None:
-            raise ConfigError(f"version {pointer.version} in {registry} has no switcher")
-        switcher, metadata = load_switcher(switcher_dir)
-        return RunningPair(registry / pointer.version / PAIR_EDGE_DIR, pointer.version, switcher, metadata.threshold)
+    if registry is not None and read_active(registry) is not None:
+        files = active_pair_files(registry)
+        switcher, metadata = load_switcher(files.switcher_dir)
+        threshold = served_threshold(settings.edge, metadata.threshold)
+        return RunningPair(files.edge_dir, files.version.version, switcher, threshold)
     edge_dir = Path(settings.edge.model)
     if not edge_dir.is_dir():
         raise ConfigError(f"edge.model {settings.edge.model!r} is not a local directory: adaptation needs the weights")
@@ -210,13 +209,22 @@ def running_pair(settings: Settings) -> RunningPair:
     if newest is None:
         return RunningPair(edge_dir, None, None, None)
     switcher, metadata = load_switcher(newest)
-    return RunningPair(edge_dir, None, switcher, metadata.threshold)
+    return RunningPair(edge_dir, None, switcher, served_threshold(settings.edge, metadata.threshold))
 
 
 def dmd_rows(
-    frames: list[AdaptFrame], output: EdgeBatch, cloud_threshold: float, edge_threshold: float, source: str
+    frames: list[AdaptFrame],
+    output: EdgeBatch,
+    cloud_threshold: float,
+    edge_threshold: float,
+    source: str,
+    history: int,
 ) -> DmdData:
-    """The switcher's rows: frames with a cloud answer, labelled by the edge's agreement with it."""
+    """The switcher's rows: frames with a cloud answer, labelled by the edge's agreement with it. Each row's
+    last `history` edge probabilities are read from all frames of its camera, as a live worker reads them,
+    not only from the frames the cloud answered."""
+    groups, order = [f.group for f in frames], np.array([f.order_key for f in frames])
+    previous = history_by_camera(output.fall_probability, groups, order, history) if history else None
     rows, kept = [], []
     for index, frame in enumerate(frames):
         if frame.cloud_probability is None:
@@ -248,7 +256,7 @@ def dmd_rows(
     manifest = DatasetManifest(
         source=source, edge_model="adapted", cloud_model="logged", hidden_size=output.hidden.shape[1]
     )
-    return DmdData(manifest, rows, output.hidden[kept])
+    return DmdData(manifest, rows, output.hidden[kept], None if previous is None else previous[kept])
 
 
 @dataclass(frozen=True)
@@ -523,7 +531,12 @@ class Adaptation:
         frames = [learn[i] for i in order]
         settings = self.settings
         return dmd_rows(
-            frames, output, settings.cloud.decision_threshold, settings.edge.decision_threshold, self.source
+            frames,
+            output,
+            settings.cloud.decision_threshold,
+            settings.edge.decision_threshold,
+            self.source,
+            settings.dmd.switcher_history,
         )
 
     def switcher_on(self, rows: DmdData) -> tuple[Switcher, TrainingReport, ThresholdChoice]:

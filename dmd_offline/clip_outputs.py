@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -415,6 +416,12 @@ def clip_outputs(
     missing = [path for path in (folder / clip.file for clip in clips) if not path.is_file()]
     if missing:
         raise ConfigError(f"clips.csv lists files that are not in {folder}: {', '.join(p.name for p in missing)}")
+    files_of_camera: dict[str, list[str]] = defaultdict(list)
+    for clip in clips:
+        files_of_camera[camera_id_for(clip.file)].append(clip.file)
+    shared = next((files for files in files_of_camera.values() if len(files) > 1), None)
+    if shared is not None:  # one camera's frames and verdicts would mix two clips
+        raise ConfigError(f"clips.csv: {' and '.join(shared)} would be one camera ({camera_id_for(shared[0])!r})")
     with tqdm(total=len(clips), unit="clip", desc="eval: models", disable=None) as progress:
         for clip in clips:
             path = folder / clip.file

@@ -228,8 +228,9 @@ def edge_history(data: DmdData, k: int) -> np.ndarray | None:
 
 
 def with_history(data: DmdData, k: int) -> DmdData:
-    """The data with its rows' history computed on all of it, before a split leaves rows out."""
-    return replace(data, history=edge_history(replace(data, history=None), k))
+    """The data with its rows' history: the one it holds (read where rows were left out) where it has k,
+    else computed on all of it, before a split leaves rows out."""
+    return replace(data, history=edge_history(data, k))
 
 
 def agreement_scores(switcher: Switcher, data: DmdData) -> np.ndarray:

@@ -24,7 +24,8 @@ from dmd_offline.clip_outputs import CLIP_START, CacheStats, ClipOutputs, LazyMo
 from dmd_offline.clips import LabelledClip, read_labelled_clips
 from dmd_offline.event_replay import ClipRun, Policy, Scores, policies, replay
 from dmd_offline.scoring import ClipFacts, ClipScore, PolicyScores, aggregate, score_clip
-from edge_workers.routing import RoutingPolicy
+from edge_workers.registry import active_pair_files
+from edge_workers.routing import served_threshold
 from edge_workers.switcher import SwitcherMetadata, check_compatible, latest_version, load_switcher
 
 
@@ -71,6 +72,16 @@ def clip_facts(run: ClipRun) -> ClipFacts:
     )
 
 
+def served_settings(settings: Settings) -> Settings:
+    """The settings naming the pair an edge worker serves: with `edge.model_registry`, its ACTIVE version's edge
+    model and switcher (checked as the worker checks them), else `edge.model` and `edge.switcher_registry`."""
+    if settings.edge.model_registry is None:
+        return settings
+    files = active_pair_files(settings.edge.model_registry)
+    served = {"model": str(files.edge_dir), "revision": None, "switcher_registry": files.switcher_dir.parent}
+    return settings.model_copy(update={"edge": settings.edge.model_copy(update=served)})
+
+
 def published_switcher(settings: Settings, hidden_size: int) -> tuple[Any, SwitcherMetadata]:
     registry = settings.edge.switcher_registry
     newest = latest_version(registry)
@@ -109,7 +120,9 @@ def cloud_model(settings: Settings) -> CloudModel:
 
 
 def run_event_eval(settings: Settings, folder: Path, models: LazyModels | None = None) -> EventEvaluation:
-    """Models on every clip (or the cache), then every policy through the router and the alert rule."""
+    """Models on every clip (or the cache), then every policy through the router and the alert rule; the pair is
+    the one the edge worker serves (`served_settings`)."""
+    settings = served_settings(settings)
     clips = read_labelled_clips(folder)
     if not clips:
         raise ConfigError(f"{folder / 'clips.csv'} lists no clip")
@@ -119,8 +132,7 @@ def run_event_eval(settings: Settings, folder: Path, models: LazyModels | None =
     outputs, cache = clip_outputs(settings, folder, clips, models)
     started = time.perf_counter()
     switcher, metadata = published_switcher(settings, outputs[0].hidden.shape[1])
-    # the switcher's own threshold unless the settings override it, as the edge worker takes it
-    threshold = RoutingPolicy.from_settings(settings.edge, metadata.threshold).threshold
+    threshold = served_threshold(settings.edge, metadata.threshold)
     evaluation = EventEvaluation(
         folder=folder,
         clips=clips,

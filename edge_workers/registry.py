@@ -273,6 +273,38 @@ def read_pair_version(registry: Path, version: str) -> PairVersion:
 
 
 @dataclass(frozen=True)
+class PairFiles:
+    version: PairVersion
+    edge_dir: Path
+    switcher_dir: Path
+
+
+def pair_files(registry: Path, name: str) -> PairFiles:
+    """A version's edge model and switcher, checked against the hashes its record holds."""
+    version = read_pair_version(registry, name)
+    edge_dir = registry / name / PAIR_EDGE_DIR
+    if directory_sha256(edge_dir) != version.edge_sha256:
+        raise SwitcherMismatch(f"the edge model of {name} does not match its recorded hash")
+    switcher_dir = latest_version(registry / name / PAIR_SWITCHER_DIR)
+    if switcher_dir is None or directory_sha256(switcher_dir) != version.switcher_sha256:
+        raise SwitcherMismatch(f"the switcher of {name} is missing or does not match its recorded hash")
+    return PairFiles(version, edge_dir, switcher_dir)
+
+
+def active_pair_files(registry: Path) -> PairFiles:
+    """The files of the version ACTIVE names, as a worker would serve them; one readable line otherwise."""
+    pointer = read_active(registry)
+    if pointer is None:
+        raise ConfigError(f"no active version in {registry} (edge.model_registry): run `fallwatch dmd adapt`")
+    try:
+        return pair_files(registry, pointer.version)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a mismatch or an unreadable record
+        raise ConfigError(f"cannot use version {pointer.version}: {exc}") from None
+
+
+@dataclass(frozen=True)
 class LoadedPair:
     version: PairVersion
     model: EdgeModel
@@ -294,15 +326,13 @@ class PairRegistry(PolledRegistry):
         self.load_model = load_model
 
     def load_active(self) -> LoadedPair:
-        pointer = read_active(self.directory)
-        if pointer is None:
-            raise ConfigError(f"no active version in {self.directory} (edge.model_registry): run `fallwatch dmd adapt`")
+        files = active_pair_files(self.directory)
         try:
-            return self._load(pointer.version)
+            return self._load(files)
         except ConfigError:
             raise
-        except Exception as exc:  # a mismatch or an unreadable artifact: one line, not a traceback
-            raise ConfigError(f"cannot use version {pointer.version}: {exc}") from None
+        except Exception as exc:  # an unreadable artifact: one line, not a traceback
+            raise ConfigError(f"cannot use version {files.version.version}: {exc}") from None
 
     async def refresh(self, current: ActiveSwitcher, announced: bytes | None) -> LoadedPair | None:
         """The active pair when ACTIVE names another version than `current`'s, else None."""
@@ -313,25 +343,19 @@ class PairRegistry(PolledRegistry):
         if pointer is None or pointer.version == running or pointer.version in self.refused:
             return None
         try:
-            loaded = await asyncio.to_thread(self._load, pointer.version)
+            loaded = await asyncio.to_thread(lambda: self._load(pair_files(self.directory, pointer.version)))
         except Exception as exc:  # keep serving with the pair that works
             self.refuse(pointer.version, f"version {pointer.version} refused, keeping {running}: {exc}")
             return None
         log.info("version %s loaded (edge model and switcher), replacing %s", pointer.version, running)
         return loaded
 
-    def _load(self, name: str) -> LoadedPair:
-        version = read_pair_version(self.directory, name)
-        edge_dir = self.directory / name / PAIR_EDGE_DIR
-        if directory_sha256(edge_dir) != version.edge_sha256:
-            raise SwitcherMismatch(f"the edge model of {name} does not match its recorded hash")
-        switcher_dir = latest_version(self.directory / name / PAIR_SWITCHER_DIR)
-        if switcher_dir is None or directory_sha256(switcher_dir) != version.switcher_sha256:
-            raise SwitcherMismatch(f"the switcher of {name} is missing or does not match its recorded hash")
-        model = self.load_model(edge_dir)
+    def _load(self, files: PairFiles) -> LoadedPair:
+        name = files.version.version
+        model = self.load_model(files.edge_dir)
         model.name = pair_edge_name(name)
-        switcher, metadata = load_switcher(switcher_dir)
+        switcher, metadata = load_switcher(files.switcher_dir)
         check_compatible(metadata, model.name, model.hidden_size)
-        if metadata.edge_model_revision != version.edge_sha256:
+        if metadata.edge_model_revision != files.version.edge_sha256:
             raise SwitcherMismatch(f"the switcher of {name} was made for another edge model")
-        return LoadedPair(version, model, ActiveSwitcher(switcher, metadata, switcher_dir))
+        return LoadedPair(files.version, model, ActiveSwitcher(switcher, metadata, files.switcher_dir))

@@ -30,6 +30,11 @@ from schemas import OffloadReason, Routing
 EPSILON = 1e-9
 
 
+def served_threshold(edge: EdgeSettings, switcher_threshold: float) -> float:
+    """The threshold a worker routes by: the switcher's own unless the settings override it."""
+    return switcher_threshold if edge.switcher_threshold is None else edge.switcher_threshold
+
+
 @dataclass(frozen=True)
 class RoutingPolicy:
     threshold: float
@@ -42,7 +47,7 @@ class RoutingPolicy:
     def from_settings(cls, edge: EdgeSettings, switcher_threshold: float) -> RoutingPolicy:
         """The configured policy; the threshold is the switcher's own unless the settings override it."""
         return cls(
-            threshold=switcher_threshold if edge.switcher_threshold is None else edge.switcher_threshold,
+            threshold=served_threshold(edge, switcher_threshold),
             max_offload_ratio=edge.max_offload_ratio,
             max_offload_fps=edge.max_offload_fps,
             window_s=edge.offload_window_s,

@@ -29,8 +29,10 @@ from dmd_offline.adapt import (
     held_out_slice,
     publish_candidate,
     routed_gate,
+    running_pair,
     scores_of,
 )
+from dmd_offline.dataset import with_history
 from dmd_offline.finetune import TrainingImages, finetune
 from dmd_offline.threshold import ThresholdChoice
 from edge_workers.model import EdgeBatch, ViltEdgeModel
@@ -47,6 +49,7 @@ from edge_workers.registry import (
 )
 from edge_workers.switcher import Switcher, SwitcherMetadata
 from fallwatch.devkit.models import ModelPaths
+from tests.test_edge_worker_pairs import publish_version
 
 FRAMES_PER_CAMERA = 40
 FLIPPED = 0.2
@@ -330,7 +333,7 @@ def bed_room_slice() -> tuple[list[AdaptFrame], EdgeBatch, EdgeBatch]:
 
 def test_a_learned_switcher_routing_worse_than_the_edges_confidence_gives_way_to_it() -> None:
     frames, candidate, running = bed_room_slice()
-    oof = dmd_rows(frames, candidate, 0.5, 0.5, "synthetic")  # the switcher's rows: the same frames, say
+    oof = dmd_rows(frames, candidate, 0.5, 0.5, "synthetic", 0)  # the switcher's rows: the same frames, say
     learned = first_coordinate_switcher(4)
     # set on the out-of-fold rows, a threshold deferring every held-out frame: each router's own
     # threshold defers the target share of the candidate's scores of the held-out frames instead
@@ -380,7 +383,7 @@ def test_a_learned_switcher_is_served_only_where_its_win_over_the_edges_confiden
     hidden[:6, 0], hidden[6:, 0] = 5.0, np.arange(4) / 10
     candidate = EdgeBatch(np.array([0.45, 0.44, 0.43, 0.42, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05]), hidden)
     running, never = EdgeBatch(np.full(10, 0.9), hidden), np.zeros(10, dtype=bool)
-    oof = dmd_rows(frames, candidate, 0.5, 0.5, "synthetic")
+    oof = dmd_rows(frames, candidate, 0.5, 0.5, "synthetic", 0)
     learned = first_coordinate_switcher(4)
     choice = ThresholdChoice("budget", threshold=0.5, deferred_share=0.2, f1=0.0, target_share=0.2)
 
@@ -408,7 +411,7 @@ def test_a_learned_switcher_is_served_only_where_its_win_over_the_edges_confiden
 def test_a_learned_switcher_nothing_can_judge_gives_way_to_the_confidence_router() -> None:
     # no held-out frame has a cloud answer or a caregiver's label: the switcher's routing cannot be judged
     frames, candidate, running = bed_room_slice()
-    oof = dmd_rows(frames, candidate, 0.5, 0.5, "synthetic")
+    oof = dmd_rows(frames, candidate, 0.5, 0.5, "synthetic", 0)
     for frame in frames:
         frame.cloud_probability, frame.label = None, None
     choice = ThresholdChoice("budget", threshold=0.5, deferred_share=0.4, f1=0.0, target_share=0.4)
@@ -449,3 +452,32 @@ def test_the_confidence_router_is_published_and_served_as_a_switcher(tiny_models
         served.agreement_probability(output.hidden)
     with pytest.raises(ValueError, match="hidden vectors of shape"):
         served.agreement_probability(output.hidden[:, :2], output.fall_probability)
+
+
+def test_adaptation_starts_from_the_served_pair_at_the_served_threshold(
+    tiny_models: ModelPaths, tmp_path: Path
+) -> None:
+    registry = tmp_path / "registry"
+    settings = Settings(edge={**tiny_models.settings_sections()["edge"], "model_registry": registry})
+    first = running_pair(settings)  # nothing published yet: edge.model with the newest switcher
+    assert (first.edge_dir, first.version) == (tiny_models.edge, None)
+
+    publish_version(registry, tiny_models, tmp_path, fall=True, version="v1")
+    running = running_pair(settings)
+    assert (running.edge_dir, running.version, running.threshold) == (registry / "v1" / PAIR_EDGE_DIR, "v1", 0.0)
+    settings.edge.switcher_threshold = 0.4  # the gate compares with what the workers route by
+    assert running_pair(settings).threshold == 0.4
+
+
+def test_the_switchers_history_is_read_from_every_frame_not_only_those_the_cloud_answered() -> None:
+    # a camera's frames, the cloud answering every other one, as logged traffic does
+    frames = [AdaptFrame(f"f{i}", "cam-a", float(i), np.zeros((4, 4, 3), np.uint8), 0.9 if i % 2 else None, None)
+              for i in range(40)]  # fmt: skip
+    probabilities = np.arange(40, dtype=np.float32) / 40
+    hidden = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    rows = dmd_rows(frames, EdgeBatch(probabilities, hidden), 0.5, 0.5, "synthetic", 2)
+    assert [row.input_id for row in rows.rows[:2]] == ["f1", "f3"]
+    assert rows.history is not None
+    np.testing.assert_allclose(rows.history[1], probabilities[[2, 1]])  # f3's last two: f2 (unanswered), f1
+    # the switcher is trained on the history the rows came with (`switcher_on` reads it through this)
+    np.testing.assert_array_equal(with_history(rows, 2).history, rows.history)

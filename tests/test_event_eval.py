@@ -6,6 +6,7 @@ The agreement of `eval` with the live services is in test_eval_live_agreement.py
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,14 +14,16 @@ from pathlib import Path
 import pytest
 
 from cloud_workers.loading import load_cloud_model
-from core.settings import Settings
+from core.settings import ConfigError, Settings
 from dmd_offline.clip_outputs import LazyModels
 from dmd_offline.event_eval import EventEvaluation, run_event_eval
 from dmd_offline.scoring import score_clip
 from edge_workers.model import load_edge_model
+from edge_workers.registry import PAIR_EDGE_DIR
 from fallwatch.devkit.models import ModelPaths
 from schemas import FallEvent
 from tests.conftest import run_fallwatch, write_config
+from tests.test_edge_worker_pairs import publish_version
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -159,3 +162,35 @@ def test_eval_mistakes_get_one_readable_line(
     result = run_fallwatch("eval", "--clips", str(folder), env=env)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_scores_the_pair_the_registry_serves_and_its_threshold_override(
+    tiny_models: ModelPaths, drawn_clips: Path, tmp_path: Path
+) -> None:
+    registry = tmp_path / "registry"
+    publish_version(registry, tiny_models, tmp_path, fall=True, version="v1")  # an edge that says "fall" everywhere
+    settings = eval_settings(tiny_models, tmp_path)
+    settings.edge.model_registry = registry  # edge.model still names the tiny edge, which the workers do not serve
+    served = run_event_eval(settings, drawn_clips)
+    assert served.switcher.version == "v1" and served.switcher_threshold == 0.0
+    assert all(bool((outputs.edge_p > 0.99).all()) for outputs in served.outputs)
+    edge_only = served.result("edge-only").scores  # as the served edge would: every clip alerts from its start
+    assert (edge_only.false_alarms, edge_only.early_alarms, edge_only.detected) == (3, 1, 0)
+
+    settings.edge.switcher_threshold = 0.4  # the workers' override is the replay's too
+    assert run_event_eval(settings, drawn_clips).switcher_threshold == 0.4
+
+    (registry / "v1" / PAIR_EDGE_DIR / "config.json").write_text("{}")  # not what v1 recorded
+    with pytest.raises(ConfigError, match="cannot use version v1: the edge model of v1 does not match"):
+        run_event_eval(settings, drawn_clips)
+
+
+def test_two_clips_that_would_be_one_camera_are_refused(tiny_models: ModelPaths, drawn_clips: Path, tmp_path: Path):
+    folder = tmp_path / "clips"
+    shutil.copytree(drawn_clips, folder)
+    shutil.copy(folder / "walks.mp4", folder / "walks.avi")
+    (folder / "clips.csv").write_text(
+        "file,label,fall_start_s\ntips-over.mp4,fall,2\nwalks.mp4,no_fall,\nwalks.avi,no_fall,\n"
+    )
+    with pytest.raises(ConfigError, match=r"walks.mp4 and walks.avi would be one camera \('walks'\)"):
+        run_event_eval(eval_settings(tiny_models, tmp_path), folder)

@@ -11,9 +11,11 @@ are then replayed through every policy of the running pair and of the candidate,
 of switcher (`SWITCHER_KINDS`) trained on the candidate's out-of-fold rows beside its own router.
 Facts of all folds' held-out clips are pooled into one table per policy, with bootstrap intervals
 by clip: before adaptation, after it (every candidate, whatever its gate said), and after the gate
-(the candidate pair where its fold's gate passed it, the running pair elsewhere). Nothing here is
-chosen on the held-out clips: the adaptation settings are `dmd.adapt`'s, the switcher's threshold
-comes from its out-of-fold rows.
+(the candidate pair where its fold's gate passed it, the running pair elsewhere). No label of the
+held-out clips chooses anything: the adaptation settings are `dmd.adapt`'s; a router "at its
+threshold" defers `dmd.adapt.target_offload_share` of its scores on the gate's slice of the
+adaptation clips (`routed_gate`); a row at a fixed share defers that share of the fold's held-out
+frames by their scores alone, as a budget does live.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from dmd_offline.adapt import Adaptation, AdaptFrame, Candidate, original_images
 from dmd_offline.clip_outputs import CLIP_START, ClipOutputs, LazyModels, clip_outputs, publish_as_camera
 from dmd_offline.clips import LabelledClip, read_labelled_clips
 from dmd_offline.dataset import UNKNOWN, DmdData
-from dmd_offline.event_eval import clip_facts, published_switcher
+from dmd_offline.event_eval import clip_facts, published_switcher, served_settings
 from dmd_offline.event_replay import CLOUD_ONLY, EDGE_ONLY, Policy, Scores, clip_scores, replay
 from dmd_offline.finetune import save_edge
 from dmd_offline.scoring import ClipFacts, aggregate
 from edge_workers.model import load_edge_model
+from edge_workers.routing import served_threshold
 from edge_workers.switcher import Switcher, SwitcherInputs
 
 log = logging.getLogger(__name__)
@@ -155,8 +158,9 @@ def agreement_auroc(scores: np.ndarray, agree: np.ndarray) -> float | None:
     return float(greater / (len(positives) * len(negatives)))
 
 
-def agreement_of(clip: ClipOutputs) -> np.ndarray:
-    return (clip.edge_p >= 0.5) == (clip.cloud_p >= 0.5)
+def agreement_of(clip: ClipOutputs, settings: Settings) -> np.ndarray:
+    """The DMD label of each frame: the two models' decisions, each at its own threshold, agree."""
+    return (clip.edge_p >= settings.edge.decision_threshold) == (clip.cloud_p >= settings.cloud.decision_threshold)
 
 
 def auroc_interval(
@@ -194,7 +198,7 @@ class StudyResult:
 
 class Study:
     def __init__(self, settings: Settings, folder: Path, workdir: Path) -> None:
-        self.settings = settings
+        self.settings = settings = served_settings(settings)  # the running pair is the one the workers serve
         self.folder = folder
         self.workdir = workdir
         self.cloud = LazyModels(lambda: load_edge_model(settings), lambda: load_cloud_model(settings))
@@ -223,9 +227,13 @@ class Study:
                     log.warning("no %s switcher on %.0f%% of fold rows: %s", kind.name, share * 100, exc)
                     continue
                 for clip in after:
-                    self.auroc_inputs[(kind.name, share)].append((clip_scores(switcher, clip), agreement_of(clip)))
+                    self.auroc_inputs[(kind.name, share)].append(
+                        (clip_scores(switcher, clip), agreement_of(clip, self.settings))
+                    )
         for clip in after:
-            self.auroc_inputs[("uncertainty", 1.0)].append((np.abs(clip.edge_p - 0.5), agreement_of(clip)))
+            self.auroc_inputs[("uncertainty", 1.0)].append(
+                (np.abs(clip.edge_p - 0.5), agreement_of(clip, self.settings))
+            )
 
     def evaluate(
         self, table: str, outputs: list[ClipOutputs], scores: Scores, threshold: float, families
@@ -241,7 +249,8 @@ class Study:
         settings = self.settings
         adapt_outputs = self.outputs(settings, fold.adapt_on)
         running, running_meta = published_switcher(settings, adapt_outputs[0].hidden.shape[1])
-        labels = caregiver_labels(adapt_outputs, running, running_meta.threshold, settings) if caregiver else {}
+        threshold = served_threshold(settings.edge, running_meta.threshold)
+        labels = caregiver_labels(adapt_outputs, running, threshold, settings) if caregiver else {}
         shortest = int(load_edge_model(settings).processor.image_processor.size["shortest_edge"])
         frames = adaptation_frames(self.folder, adapt_outputs, labels, settings, shortest)
         original = original_images(settings.dmd.adapt.original_data, shortest)
@@ -260,7 +269,7 @@ class Study:
             "threshold": candidate.choice.threshold,
         }
         if not gate_only:
-            self.evaluate_fold(fold, index, candidate, running, running_meta.threshold)
+            self.evaluate_fold(fold, index, candidate, running, threshold)
         return fold_facts, seconds
 
     def evaluate_fold(self, fold: Fold, index: int, candidate: Candidate, running: Switcher, threshold: float) -> None:
@@ -279,7 +288,9 @@ class Study:
         for kind, switcher in trained.items():
             scores.by_family[kind.family] = [clip_scores(switcher, clip) for clip in after]
         families = ["DMD", *(kind.family for kind in trained), "uncertainty"]
-        adapted_facts = self.evaluate("after", after, scores, candidate.choice.threshold, families)
+        adapted_facts = self.evaluate(
+            "after", after, scores, served_threshold(settings.edge, candidate.choice.threshold), families
+        )
         # what the facility runs after the gate: the candidate pair where it passed, the running pair elsewhere
         served = adapted_facts if candidate.gate.passed else before
         self.facts["published"][SERVED].extend(served[SERVED])
