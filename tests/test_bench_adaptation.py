@@ -15,7 +15,7 @@ from core.settings import Settings
 from dmd_offline.clips import read_labelled_clips
 from edge_workers.model import ViltEdgeModel
 from edge_workers.switcher import create_untrained_switcher
-from fallwatch.benchmarks.adaptation import PAPER_FAMILY, SERVED, SWITCHER_KINDS, Study, folds_for
+from fallwatch.benchmarks.adaptation import PAPER_FAMILY, SERVED, SWITCHER_KINDS, Study, folds_for, with_seed
 from fallwatch.devkit.models import ModelPaths
 from tests.conftest import run_fallwatch, write_config
 from tests.test_adaptation import fall_leaning_copy
@@ -110,3 +110,36 @@ def test_a_folder_without_clips_csv_is_one_line(tmp_path: Path) -> None:
     result = run_fallwatch("bench", "adaptation", "--clips", str(tmp_path))
     assert result.returncode != 0
     assert "clips.csv not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_seeds_run_the_study_once_per_training_seed_and_tabulate_the_spread(
+    tiny_models: ModelPaths, drawn_clips: Path, tmp_path: Path
+) -> None:
+    settings = study_settings(tiny_models, tmp_path)
+    seeded = with_seed(settings, 2)
+    assert (seeded.dmd.adapt.seed, seeded.dmd.seed) == (settings.dmd.adapt.seed + 2, settings.dmd.seed + 2)
+    assert seeded.dmd.adapt.model_dump(exclude={"seed"}) == settings.dmd.adapt.model_dump(exclude={"seed"})
+    assert seeded.eval == settings.eval, "the bootstrap and the random policy keep their seed"
+
+    report = tmp_path / "report"
+    result = run_fallwatch(
+        "bench", "adaptation", "--clips", str(drawn_clips), "--protocol", "halves", "--seeds", "2",
+        "--report", str(report), env=write_config(settings, tmp_path / "config.yaml"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tables = {seed: json.loads((report / f"seed-{seed}" / "report.json").read_text()) for seed in (0, 1)}
+    assert all(payload["folds"] == 2 for payload in tables.values())
+    spread = (report / "spread.md").read_text()
+    assert "| policy | seed 0 | seed 1 |" in spread and spread in result.stdout
+    for name in tables[0]["tables"]["after"]:
+        cells = [tables[seed]["tables"]["after"][name] for seed in (0, 1)]
+        row = " | ".join(
+            f"{s['detected']}/{s['fall_clips']}, {s['false_alarms']} FA, {s['cloud_share']:.0%}" for s in cells
+        )
+        assert f"| {name} | {row} |" in spread
+
+
+def test_seeds_with_gate_only_is_one_line(drawn_clips: Path) -> None:
+    result = run_fallwatch("bench", "adaptation", "--clips", str(drawn_clips), "--gate-only", "--seeds", "2")
+    assert result.returncode != 0
+    assert "--gate-only" in result.stderr and "Traceback" not in result.stderr

@@ -366,3 +366,33 @@ def markdown_tables(result: StudyResult) -> str:
             bounds = "" if low is None else f" [{low:.2f}–{high:.2f}]"
             lines.append(f"| {name} | {share:.0%} | {'–' if value is None else f'{value:.2f}'}{bounds} |")
     return "\n".join(lines) + "\n"
+
+
+def with_seed(settings: Settings, offset: int) -> Settings:
+    """The settings with the adaptation's and the switchers' seeds moved by `offset`: another draw of the
+    training's randomness (initialisation, shuffling, folds' order), nothing else."""
+    dmd = settings.dmd
+    adapt = dmd.adapt.model_copy(update={"seed": dmd.adapt.seed + offset})
+    return settings.model_copy(update={"dmd": dmd.model_copy(update={"seed": dmd.seed + offset, "adapt": adapt})})
+
+
+def seed_spread(results: dict[int, StudyResult]) -> str:
+    """Per policy after adaptation, each seed's falls alerted after onset, false alarms and cloud share: how much
+    of a difference between two settings the training's randomness alone makes (the intervals by clip in each
+    seed's table do not hold it)."""
+    seeds = list(results)
+    rows = {**next(iter(results.values())).tables["after"]}
+    lines = [
+        "**spread over adaptation seeds** (after adaptation: falls alerted after onset, false alarms, cloud)",
+        "",
+        "| policy | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+    for name in rows:
+        cells = []
+        for seed in seeds:
+            s = results[seed].tables["after"].get(name)
+            cells.append("–" if s is None else f"{s['detected']}/{s['fall_clips']}, {s['false_alarms']} FA, "
+                         f"{s['cloud_share']:.0%}")  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
