@@ -566,7 +566,9 @@ def routed_gate(
         scores = scores_of(router, candidate_out, frames)
         threshold, deferred = share_threshold(scores, share)
         on_slice = replace(fitted, threshold=threshold, deferred_share=deferred / len(scores))
-        result = gate(frames, candidate_out, scores < threshold, running_out, running_deferred, settings)
+        # judged as the workers will route it: at `edge.switcher_threshold` where that overrides its own
+        served = scores < served_threshold(settings.edge, threshold)
+        result = gate(frames, candidate_out, served, running_out, running_deferred, settings)
         return scores, on_slice, result
 
     scores, choice, result = gated(switcher, choice)
@@ -578,7 +580,8 @@ def routed_gate(
         result.checks = [c for c in result.checks if c.name != ROUTING_CHECK]
         result.passed_over = routing
         log.warning("%s", result.fallback_line(settings.dmd.adapt.switcher_evidence))
-    calibration = calibration_of(candidate_out, scores, choice.threshold, settings.edge.decision_threshold)
+    served = served_threshold(settings.edge, choice.threshold)
+    calibration = calibration_of(candidate_out, scores, served, settings.edge.decision_threshold)
     return switcher, choice, result, calibration
 
 

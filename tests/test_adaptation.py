@@ -481,3 +481,17 @@ def test_the_switchers_history_is_read_from_every_frame_not_only_those_the_cloud
     np.testing.assert_allclose(rows.history[1], probabilities[[2, 1]])  # f3's last two: f2 (unanswered), f1
     # the switcher is trained on the history the rows came with (`switcher_on` reads it through this)
     np.testing.assert_array_equal(with_history(rows, 2).history, rows.history)
+
+
+def test_the_gate_and_the_calibration_judge_the_threshold_the_workers_route_by() -> None:
+    frames, candidate, running = bed_room_slice()
+    oof = dmd_rows(frames, candidate, 0.5, 0.5, "synthetic", 0)
+    choice = ThresholdChoice("budget", threshold=0.5, deferred_share=0.4, f1=0.0, target_share=0.4)
+    never = np.zeros(10, dtype=bool)
+    # an operator pins the threshold at 0: the workers send nothing the switcher doubts to the cloud
+    settings = Settings(edge={"switcher_threshold": 0.0}, dmd={"adapt": {"target_offload_share": 0.4}})
+    _, routed_choice, result, calibration = routed_gate(
+        frames, oof, first_coordinate_switcher(4), choice, candidate, running, never, settings
+    )
+    assert result.cloud_share == 0.0 and calibration.offload_share == 0.0
+    assert routed_choice.threshold > 0, "the version keeps its own threshold, for when the override goes"

@@ -69,6 +69,10 @@ def test_bench_drift_flags_the_camera_and_reports_when(
     calibration, test_rows = reference_calibration(settings)
     assert test_rows == 10 and calibration.frames == 10, "the test split only"
     assert calibration.fall_rate == 0.0
+    for pinned in (0.0, 1.0):  # the offload share at the threshold the worker routes by, an override's too
+        settings.edge.switcher_threshold = pinned
+        assert reference_calibration(settings)[0].offload_share == pinned
+    settings.edge.switcher_threshold = None
 
     result = run_fallwatch(
         "bench", "drift", "--clips", str(drawn_clips), "--seconds", str(SECONDS),

@@ -33,6 +33,7 @@ from dmd_offline.dataset import agreement_scores, assign_missing_splits, load_da
 from dmd_offline.pipeline import Workdir
 from edge_workers.model import EdgeBatch
 from edge_workers.registry import Calibration, PairVersion, activate, save_pair
+from edge_workers.routing import served_threshold
 from edge_workers.service import EdgeWorker
 from edge_workers.switcher import latest_version, load_switcher, new_version
 from fallwatch.stack import fresh_run, local_stack_settings
@@ -60,7 +61,8 @@ def reference_calibration(settings: Settings) -> tuple[Calibration, int]:
     probabilities = test.column("small_fall_probability").astype(np.float32)
     scores = agreement_scores(switcher, test)
     output = EdgeBatch(probabilities, test.hidden)
-    return calibration_of(output, scores, metadata.threshold, settings.edge.decision_threshold), len(test.rows)
+    threshold = served_threshold(settings.edge, metadata.threshold)  # what the worker will route by
+    return calibration_of(output, scores, threshold, settings.edge.decision_threshold), len(test.rows)
 
 
 def publish_reference_pair(settings: Settings, registry: Path, calibration: Calibration) -> str:
