@@ -223,8 +223,7 @@ def dmd_rows(
     """The switcher's rows: frames with a cloud answer, labelled by the edge's agreement with it. Each row's
     last `history` edge probabilities are read from all frames of its camera, as a live worker reads them,
     not only from the frames the cloud answered."""
-    groups, order = [f.group for f in frames], np.array([f.order_key for f in frames])
-    previous = history_by_camera(output.fall_probability, groups, order, history) if history else None
+    previous = frames_history(frames, output.fall_probability, history) if history else None
     rows, kept = [], []
     for index, frame in enumerate(frames):
         if frame.cloud_probability is None:
@@ -434,9 +433,14 @@ def sign_test(wins: int, losses: int) -> float:
 
 def scores_of(switcher: Switcher, output: EdgeBatch, frames: list[AdaptFrame]) -> np.ndarray:
     """The switcher's scores of a camera's frames, its history read in frame order within each camera."""
-    groups, order = [f.group for f in frames], np.array([f.order_key for f in frames])
-    history = history_by_camera(output.fall_probability, groups, order, switcher.history)
+    history = frames_history(frames, output.fall_probability, switcher.history)
     return switcher.agreement_probability(output.hidden, output.fall_probability, history)
+
+
+def frames_history(frames: list[AdaptFrame], probabilities: np.ndarray, k: int) -> np.ndarray:
+    """Each frame's camera's k previous edge probabilities, in frame order within each camera."""
+    order = np.array([f.order_key for f in frames])
+    return history_by_camera(probabilities, [f.group for f in frames], order, k)
 
 
 def calibration_of(output: EdgeBatch, scores: np.ndarray, threshold: float, edge_threshold: float) -> Calibration:

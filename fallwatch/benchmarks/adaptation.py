@@ -376,23 +376,24 @@ def with_seed(settings: Settings, offset: int) -> Settings:
     return settings.model_copy(update={"dmd": dmd.model_copy(update={"seed": dmd.seed + offset, "adapt": adapt})})
 
 
+def spread_cell(scores: dict | None) -> str:
+    if scores is None:
+        return "–"
+    return f"{scores['detected']}/{scores['fall_clips']}, {scores['false_alarms']} FA, {scores['cloud_share']:.0%}"
+
+
 def seed_spread(results: dict[int, StudyResult]) -> str:
     """Per policy after adaptation, each seed's falls alerted after onset, false alarms and cloud share: how much
     of a difference between two settings the training's randomness alone makes (the intervals by clip in each
     seed's table do not hold it)."""
     seeds = list(results)
-    rows = {**next(iter(results.values())).tables["after"]}
     lines = [
         "**spread over adaptation seeds** (after adaptation: falls alerted after onset, false alarms, cloud)",
         "",
         "| policy | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
         "|---|" + "---|" * len(seeds),
     ]
-    for name in rows:
-        cells = []
-        for seed in seeds:
-            s = results[seed].tables["after"].get(name)
-            cells.append("–" if s is None else f"{s['detected']}/{s['fall_clips']}, {s['false_alarms']} FA, "
-                         f"{s['cloud_share']:.0%}")  # fmt: skip
+    for name in results[seeds[0]].tables["after"]:
+        cells = [spread_cell(results[seed].tables["after"].get(name)) for seed in seeds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
