@@ -76,7 +76,8 @@ class RedisOutage:
             result = await call()
         except REDIS_ERRORS as exc:
             self.on_failure()
-            self.next_try = now + RETRY_AFTER_S
+            # from when the call failed, not when it started: a call that timed out took longer than the pause
+            self.next_try = self.clock() + RETRY_AFTER_S
             if self.down_since is None:
                 self.down_since = now
                 log.error("%s: Redis unavailable (%s: %s); %s", self.service, type(exc).__name__, exc, what)

@@ -37,7 +37,7 @@ from core.redis_io import RedisOutage, redis_client
 from core.settings import ConfigError, Settings
 from edge_workers.drift import DriftGuard
 from edge_workers.metrics import EdgeMetrics
-from edge_workers.model import CpuOptionCheck, EdgeModel, load_edge_model, torch_threads
+from edge_workers.model import CpuOptionCheck, EdgeBatch, EdgeModel, load_edge_model, torch_threads
 from edge_workers.registry import ActiveSwitcher, LoadedPair, PairRegistry, SwitcherRegistry
 from edge_workers.requests import Offload, cloud_request, store_clip
 from edge_workers.routing import RouteDecision, Router, RoutingPolicy
@@ -271,7 +271,13 @@ class EdgeWorker:
         decode_s = batch.decode_s / len(decoded)
 
         started = time.perf_counter()
-        output = await asyncio.to_thread(self.model.predict, [item.image_rgb for item in decoded])
+        try:
+            output = await asyncio.to_thread(self.model.predict, [item.image_rgb for item in decoded])
+        except (ValueError, RuntimeError):
+            answered = await self.without_unanswerable(batch, producer)
+            if answered is None:
+                return acks
+            decoded, output = batch.decoded, answered
         model_s = (time.perf_counter() - started) / len(decoded)
 
         started = time.perf_counter()
@@ -304,6 +310,27 @@ class EdgeWorker:
         # the worker's own cost of producing (encoding, queueing, clips to Redis); acks are awaited later
         self.metrics.stage_seconds.labels("produce").observe((time.perf_counter() - started) / len(decoded))
         return acks
+
+    async def without_unanswerable(self, batch: FetchedBatch, producer: AIOKafkaProducer) -> EdgeBatch | None:
+        """After the model refused the batch: each frame is tried alone, one it refuses (a shape its
+        pre-processing cannot take) goes to `dead-letters` with the reason, and the others are answered
+        (None: none left). Otherwise that frame would fail its batch again on every restart."""
+        answerable = []
+        for item in batch.decoded:
+            try:
+                await asyncio.to_thread(self.model.predict, [item.image_rgb])
+            except (ValueError, RuntimeError) as exc:
+                height, width = item.image_rgb.shape[:2]
+                reason = f"the edge model cannot answer a frame of {width}×{height} pixels ({exc})"
+                log.warning("camera %s: %s", item.frame.camera_id, reason)
+                batch.acks.append(await send_dead_letter(producer, self.settings, SERVICE, item.record, reason))
+                self.metrics.dead_letters.inc()
+            else:
+                answerable.append(item)
+        batch.decoded = answerable
+        if not answerable:
+            return None
+        return await asyncio.to_thread(self.model.predict, [item.image_rgb for item in answerable])
 
     def locate_people(self, answers: list[EdgeAnswer]) -> list[EdgeAnswer]:
         """The person's place on the frames of cameras with no-alert zones that may open an alert: the
@@ -371,11 +398,15 @@ class EdgeWorker:
             return "empty JPEG"
         if len(frame.jpeg) > edge.max_frame_bytes:
             return f"frame of {len(frame.jpeg)} bytes exceeds {edge.max_frame_bytes}"
-        size_problem = jpeg_size_problem(frame.jpeg, edge.min_frame_side, edge.max_frame_pixels)
-        if size_problem is not None:
-            return size_problem
+        header_problem = jpeg_size_problem(frame.jpeg, edge.min_frame_side, edge.max_frame_pixels)
+        if header_problem is not None:
+            return header_problem
         image = decode_jpeg_rgb(frame.jpeg)
-        return "JPEG could not be decoded" if image is None else image
+        if image is None:
+            return "JPEG could not be decoded"
+        # what the header check could not read (another image format) is judged by what was decoded
+        height, width = image.shape[:2]
+        return size_problem(width, height, edge.min_frame_side, edge.max_frame_pixels) or image
 
     async def publish(
         self, answer: EdgeAnswer, timings_ms: dict[str, float], producer: AIOKafkaProducer, redis: Redis
@@ -433,6 +464,10 @@ def jpeg_size_problem(jpeg: bytes, min_side: int, max_pixels: int) -> str | None
         height, width, _colorspace, _subsampling = simplejpeg.decode_jpeg_header(jpeg)
     except ValueError:
         return None
+    return size_problem(width, height, min_side, max_pixels)
+
+
+def size_problem(width: int, height: int, min_side: int, max_pixels: int) -> str | None:
     if min(width, height) < min_side:
         return f"frame of {width}×{height} pixels is smaller than {min_side} pixels a side"
     if width * height > max_pixels:

@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 from datetime import timedelta
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from redis import Redis
@@ -302,6 +303,13 @@ def test_each_kind_of_malformed_frame_is_dead_lettered_and_counted(
         ("cam-f", encode(good.model_copy(update={"jpeg": b""}))),
         ("cam-f", encode(good.model_copy(update={"jpeg": b"\xff" * 200_000}))),
         ("cam-x", encode(good.model_copy(update={"camera_id": "cam-x"}))),
+        # a valid JPEG the model's pre-processing cannot resize (its short side would become 0 pixels)
+        ("cam-f", encode(good.model_copy(update={"jpeg": encode_jpeg(np.zeros((16, 600, 3), np.uint8))}))),
+        # not a JPEG: its size is judged once decoded
+        (
+            "cam-f",
+            encode(good.model_copy(update={"jpeg": cv2.imencode(".png", np.zeros((8, 64, 3), np.uint8))[1].tobytes()})),
+        ),
     ]
 
     async def scenario() -> tuple[list[DeadLetter], dict[str, float]]:
@@ -330,6 +338,8 @@ def test_each_kind_of_malformed_frame_is_dead_lettered_and_counted(
     assert sum("invalid Frame" in reason for reason in reasons) == 2  # not JSON, schema version 2
     assert {"JPEG could not be decoded", "empty JPEG", "unknown camera 'cam-x'"} <= set(reasons)
     assert any(re.fullmatch(r"frame of \d+ bytes exceeds 100000", reason) for reason in reasons)
+    assert any(reason.startswith("the edge model cannot answer a frame of 600×16 pixels") for reason in reasons)
+    assert "frame of 64×8 pixels is smaller than 16 pixels a side" in reasons
     assert all(d.service == "edge_workers" for d in dead)
     assert {v.frame_id for v in verdicts_for(settings, 1)} == {after.frame_id}, "the batch went on"
     assert samples["fallwatch_edge_dead_letters_total"] == len(bad)
