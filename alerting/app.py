@@ -45,6 +45,7 @@ from alerting.metrics import AlertingMetrics
 from alerting.rules import CameraState
 from core.kafka_io import MAX_MESSAGE_BYTES, GroupLag, dead_letter_for, log_dead_letter, ssl_context, wait_for_kafka
 from core.logs import configure_logging
+from core.retry import retry_until_done
 from core.settings import KafkaSettings, Settings
 from schemas import FallEvent, PersonDown, SchemaError, Verdict, decode, encode, utc_now
 
@@ -108,8 +109,6 @@ class AlertingApp:
         raw_topic: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "value_serializer": "raw"}
         self.verdicts = app.topic(topics.verdicts, **raw_topic)
         self.fall_events = app.topic(topics.fall_events, **raw_topic)
-        self.person_down = app.topic(topics.person_down, **raw_topic)
-        self.dead_letters = app.topic(topics.dead_letters, **raw_topic)
         self.cameras = app.Table(
             CAMERA_TABLE,
             partitions=settings.kafka.partitions,
@@ -134,10 +133,26 @@ class AlertingApp:
         async def close_delivery(sender: faust.App, **kwargs: Any) -> None:
             await self.close()
 
-    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
-        """A record from outside the streams (an answer over MQTT), back once the broker has it."""
-        sent = await self.app.topic(topic, **self.raw_topic).send(key=key, value=value)
-        await sent
+    async def publish(self, topic: str, key: bytes | None, value: bytes) -> None:
+        """A record, back once the broker has it (an answer over MQTT, an output the table must not outrun)."""
+        # the producer itself, not Topic.send: its FutureMessage would log a refused record as never retrieved
+        producer = await self.app.maybe_start_producer()
+        await producer.send_and_wait(topic, key, value, partition=None, timestamp=None, headers=None)
+
+    async def send_until_taken(self, topic: str, key: bytes | None, value: bytes) -> None:
+        """An output of a stream, sent again until the broker has it, before the stream moves on.
+
+        faust acks a record whose agent raised, so an output that failed would be lost with its
+        record: the stream waits instead, and a broker refusing writes delays alerts, loses none.
+        """
+
+        async def send() -> None:
+            await self.publish(topic, key, value)
+
+        def say_retry(exc: BaseException) -> None:
+            log.warning("Kafka did not take a record for %s (%s); sending it again", topic, exc)
+
+        await retry_until_done(send, (KafkaError,), say_retry)
 
     def camera_state(self, camera_id: str, room: str) -> CameraState:
         stored = self.cameras.get(camera_id)
@@ -151,7 +166,7 @@ class AlertingApp:
         letter = dead_letter_for(SERVICE, message, reason)
         log_dead_letter(letter)
         self.metrics.dead_letters.inc()
-        await self.dead_letters.send(key=letter.key, value=encode(letter))
+        await self.send_until_taken(self.topic_names.dead_letters, letter.key, encode(letter))
 
     def verdict_or_reason(self, raw: bytes | None) -> Verdict | str:
         size = len(raw or b"")
@@ -193,16 +208,18 @@ class AlertingApp:
             self.metrics.zone_suppressed.labels(verdict.room).inc()
             log.info("%s: fall verdict %s not counted: person in a no-alert zone", verdict.room, verdict.frame_id)
         outputs = state.observe(verdict, utc_now())
-        # faust only writes the changelog on assignment, never for an in-place change
-        self.cameras[verdict.camera_id] = state.model_dump(mode="json")
         for output in outputs:
             if isinstance(output, PersonDown):
                 await self.publish_person_down(output)
             else:
                 await self.publish_alert(output)
+        # Only once the broker has the outputs: a state saved first would, after a crash in between, dedupe
+        # the redelivered verdict and its alert would never be sent. (faust only writes the changelog on
+        # assignment, never for an in-place change.)
+        self.cameras[verdict.camera_id] = state.model_dump(mode="json")
 
     async def publish_person_down(self, change: PersonDown) -> None:
-        await self.person_down.send(key=change.camera_id.encode(), value=encode(change))
+        await self.send_until_taken(self.topic_names.person_down, change.camera_id.encode(), encode(change))
         self.metrics.person_down_changes.labels(state="down" if change.down else "up").inc()
         log.info(
             "camera %s, room %s: person %s (%s)",
@@ -215,7 +232,7 @@ class AlertingApp:
 
     async def publish_alert(self, alert: FallEvent) -> None:
         await self.dispatcher.before_publish(alert)
-        await self.fall_events.send(key=alert.camera_id.encode(), value=encode(alert))
+        await self.send_until_taken(self.topic_names.fall_events, alert.camera_id.encode(), encode(alert))
         if alert.state != "open":
             self.metrics.alerts_resolved.inc()
             log.info("alert %s resolved: camera %s shows no fall any more", alert.alert_id, alert.camera_id)

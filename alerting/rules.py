@@ -26,9 +26,11 @@ fall costs more than a false alarm.
 **Alerts.** A down episode opens one alert (at the verdict that confirmed it, or once a cooldown
 ends while the person is still down); a camera has at most one alert that is not closed. Lifecycle:
 `open` → `acknowledged` → `resolved`, or `false_alarm`. An acknowledged alert resolves once no fall
-was seen for `resolve_after_s` (a person still lying keeps it open); no new alert opens within
-`cooldown_s` of the last one closing; an alert nobody acknowledged within `escalate_after_s` is due
-for escalation.
+was seen for `resolve_after_s` (a person still lying keeps it open), or at once when the person, seen
+up since, is down again: that new episode opens a new alert (a caregiver who answered the first fall
+may have left). An episode that starts while an alert still waits for its answer is covered by it. No
+new alert opens within `cooldown_s` of the last one closing; an alert nobody acknowledged within
+`escalate_after_s` is due for escalation.
 
 Rule times are capture times, so replaying the same verdicts reproduces the same alerts with the
 same ids; only the two deadlines (cloud wait and escalation) are wall-clock times, passed in as `now`.
@@ -101,7 +103,9 @@ class DownEpisode(BaseModel):
     down_since: datetime | None = Field(None, description="capture time at which the person counted as down")
     rule: str = ""
     evidence: list[WindowEntry] = Field(default_factory=list, description="the falls that made the person down")
-    alerted: bool = Field(False, description="this episode opened its alert (one per episode)")
+    alerted: bool = Field(
+        False, description="caregivers were alerted to it: it opened its alert, or an unanswered one covered it"
+    )
     non_falls: list[WindowEntry] = Field(default_factory=list, description="the non-fall verdicts in a row since")
 
     @property
@@ -248,11 +252,21 @@ class CameraState(BaseModel):
         change = self._person_down_change(entry, room, now)
         if change is not None:
             outputs.append(change)
-        if self.open_alert is not None:
+        episode = self.episode
+        new_episode_down = episode is not None and episode.down and not episode.alerted
+        if self.open_alert is not None and new_episode_down and self.open_alert.state == "open":
+            assert episode is not None
+            episode.alerted = True  # the alert still waiting for an answer covers this fall too
+        elif self.open_alert is not None and new_episode_down:
+            # A caregiver acknowledged an earlier fall, the person was seen up since, and is down again: a
+            # new fall, alerted at once (no cooldown), or it would hide behind the acknowledged alert.
+            outputs.append(self._resolve(now))
+            outputs.append(self._open_alert(entry, room, now))
+        elif self.open_alert is not None:
             resolved = self._resolve_if_up(entry, now)
             if resolved is not None:
                 outputs.append(resolved)
-        elif self.episode is not None and self.episode.down and not self.episode.alerted and not self._cooling_down():
+        elif new_episode_down and not self._cooling_down():
             outputs.append(self._open_alert(entry, room, now))
         return outputs
 
@@ -333,6 +347,10 @@ class CameraState(BaseModel):
             return None
         if self.taken_at - self.last_fall_at < timedelta(seconds=self.rule.resolve_after_s):
             return None
+        return self._resolve(now)
+
+    def _resolve(self, now: datetime) -> FallEvent:
+        assert self.open_alert is not None
         resolved = self.open_alert.model_copy(update={"state": "resolved", "updated_at": now})
         self._close()
         return resolved

@@ -321,6 +321,44 @@ def test_an_acknowledged_alert_stays_open_while_the_person_lies_then_resolves() 
     assert state.open_alert is None
 
 
+def test_a_second_fall_after_an_acknowledged_one_opens_a_new_alert_at_once() -> None:
+    state = new_state()
+    first = open_alert(state)  # falls at 0, 1, 2 s
+    state.apply(first.model_copy(update={"state": "acknowledged"}))
+    # helped up (three non-falls: up again), then down again 20 s later, well within resolve_after_s and
+    # what would be the cooldown: the caregiver who answered the first fall may have left the room
+    up = [make_verdict("cam", seq, fall=False) for seq in range(3, 6)]
+    assert [change.down for change in person_down_changes(state, up)] == [False]
+    again = [make_verdict("cam", seq, fall=True) for seq in range(25, 28)]
+    outputs = outputs_of(state, again)
+    events = [output for output in outputs if isinstance(output, FallEvent)]
+    assert [(event.alert_id, event.state) for event in events] == [
+        (first.alert_id, "resolved"),
+        (alert_id_for("cam", again[0].frame_id), "open"),
+    ]
+    assert events[1].evidence_frame_ids == [verdict.frame_id for verdict in again]
+    assert state.open_alert == events[1]
+    # the new alert is the one that escalates
+    assert state.escalation_due(NOW + timedelta(seconds=RULE.escalate_after_s)) == events[1]
+
+
+def test_a_fall_while_an_alert_waits_for_its_answer_is_covered_by_it() -> None:
+    state = new_state()
+    first = open_alert(state)
+    up = [make_verdict("cam", seq, fall=False) for seq in range(3, 6)]
+    again = [make_verdict("cam", seq, fall=True) for seq in range(10, 13)]
+    assert observe_all(state, [*up, *again]) == [], "the unanswered alert still rings for the camera"
+    assert state.person_down
+    # the caregiver answers while the person lies: that answer covers this fall, nothing new opens
+    state.apply(first.model_copy(update={"state": "acknowledged"}))
+    assert observe_all(state, [make_verdict("cam", seq, fall=True) for seq in range(13, 40)]) == []
+    # up, and down once more: a fall nobody was alerted to
+    assert observe_all(state, [make_verdict("cam", seq, fall=False) for seq in range(40, 43)]) == []
+    resolved, second = observe_all(state, [make_verdict("cam", seq, fall=True) for seq in range(50, 53)])
+    assert (resolved.alert_id, resolved.state) == (first.alert_id, "resolved")
+    assert second.state == "open" and second.alert_id == alert_id_for("cam", make_verdict("cam", 50, True).frame_id)
+
+
 def test_an_unacknowledged_alert_does_not_resolve_by_itself() -> None:
     state = new_state()
     alert = open_alert(state)

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from alerting.notifications import link_is_valid, readable_duration
 from alerting.rules import alert_id_for, rule_name
 from alerting.store import ALERT_STREAM_KEY, alert_key, open_alert_key
 from alerting.webhooks import WebhookSender, signature_is_valid
+from core.kafka_io import MAX_MESSAGE_BYTES, make_admin
 from core.settings import CONFIG_ENV, AlertingSettings, RedisSettings, Settings
 from fallwatch.stack import LocalStack, StackState, free_port, stop_pid
 from schemas import DeadLetter, FallEvent, PersonDown, Verdict, decode, encode, utc_now
@@ -498,3 +500,30 @@ def test_a_replayed_open_of_an_answered_alert_pages_nobody(
     asyncio.run(wait_until_consumed(settings, settings.kafka.topics.fall_events))
     assert len(receiver.received("/alerts", alert.alert_id)) == 2
     assert decode(FallEvent, store.get(alert_key(alert.alert_id))).state == "false_alarm", "never goes back"
+
+
+async def set_topic_configs(settings: Settings, topic: str, configs: dict[str, str]) -> None:
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
+    finally:
+        await admin.close()
+
+
+def test_an_alert_the_broker_refuses_is_sent_again_until_it_takes_it(stack_state: StackState, tmp_path: Path) -> None:
+    settings = alerting_settings(stack_state, tmp_path)
+    camera = unique_camera("refused")
+    fall_events = settings.kafka.topics.fall_events
+    # every alert is larger than this: the broker refuses it, as it refuses writes while it is unwell
+    asyncio.run(set_topic_configs(settings, fall_events, {"max.message.bytes": "100"}))
+    burst = [make_verdict(camera, seq, fall=True) for seq in range(3)]
+    with alerting_worker(settings, tmp_path) as log_path:
+        send_verdicts(settings, burst)
+        wait_for(lambda: f"Kafka did not take a record for {fall_events}" in log_path.read_text(), "a retry")
+        asyncio.run(set_topic_configs(settings, fall_events, {"max.message.bytes": str(MAX_MESSAGE_BYTES)}))
+        (alert,) = alerts_of(settings, camera)
+        send_verdicts(settings, [make_verdict(camera, 3, fall=True)])
+        asyncio.run(wait_until_consumed(settings))
+    assert alert.state == "open" and alert.evidence_frame_ids == [verdict.frame_id for verdict in burst]
+    assert len(alerts_for(asyncio.run(read_all(settings, fall_events, FallEvent)), camera)) == 1
