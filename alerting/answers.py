@@ -1,8 +1,8 @@
 """A caregiver's answer on an alert, whichever way it comes (the dashboard's buttons, an MQTT button).
 
 An answer is a state change and, except for resolving, a label: both go to
-Kafka first (`fall-events`, where the alerting service learns of it, and
-`labels`, for dmd_offline), then to Redis, so every page updates at once; the
+Kafka first (`labels`, for dmd_offline, then `fall-events`, where the alerting
+service learns of it), then to Redis, so every page updates at once; the
 alerting service writing the same change again is a no-op. Errors of Redis
 reading the alert reach the caller.
 """
@@ -102,9 +102,11 @@ class Answers:
         label = label_for(changed, transition.label, by) if transition.label is not None and not alert.drill else None
         key = alert.camera_id.encode()
         try:
-            await self.publish(self.topics.fall_events, key, encode(changed))
+            # the label first: once the change is on fall-events the alert is answered, and an answer
+            # repeated after a failure here would be refused, its label lost (a repeated label is deduped)
             if label is not None:
                 await self.publish(self.topics.labels, key, encode(label))
+            await self.publish(self.topics.fall_events, key, encode(changed))
         except KafkaError as exc:
             raise NotPublished(f"could not publish the answer: {exc}") from None
         try:

@@ -23,6 +23,7 @@ from typing import TypeVar
 import cv2
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from core.images import encode_jpeg
 from core.kafka_io import make_admin, make_consumer, make_producer
@@ -125,6 +126,16 @@ async def produce(settings: Settings, topic: str, records: list[tuple[str, bytes
             await producer.send_and_wait(topic, key=key.encode(), value=value)
     finally:
         await producer.stop()
+
+
+async def set_topic_configs(settings: Settings, topic: str, configs: dict[str, str]) -> None:
+    """Change configs of a topic (e.g. `max.message.bytes`, to make the broker refuse records)."""
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
+    finally:
+        await admin.close()
 
 
 def send_verdicts(settings: Settings, verdicts: list[Verdict]) -> None:

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from alerting.notifications import link_is_valid, readable_duration
 from alerting.rules import alert_id_for, rule_name
 from alerting.store import ALERT_STREAM_KEY, alert_key, open_alert_key
 from alerting.webhooks import WebhookSender, signature_is_valid
-from core.kafka_io import MAX_MESSAGE_BYTES, make_admin
+from core.kafka_io import MAX_MESSAGE_BYTES
 from core.settings import CONFIG_ENV, AlertingSettings, RedisSettings, Settings
 from fallwatch.stack import LocalStack, StackState, free_port, stop_pid
 from schemas import DeadLetter, FallEvent, PersonDown, Verdict, decode, encode, utc_now
@@ -46,6 +45,7 @@ from tests.alerting_helpers import (
     read_until,
     send_events,
     send_verdicts,
+    set_topic_configs,
     unique_camera,
     wait_for,
     wait_until_consumed,
@@ -500,15 +500,6 @@ def test_a_replayed_open_of_an_answered_alert_pages_nobody(
     asyncio.run(wait_until_consumed(settings, settings.kafka.topics.fall_events))
     assert len(receiver.received("/alerts", alert.alert_id)) == 2
     assert decode(FallEvent, store.get(alert_key(alert.alert_id))).state == "false_alarm", "never goes back"
-
-
-async def set_topic_configs(settings: Settings, topic: str, configs: dict[str, str]) -> None:
-    admin = make_admin(settings)
-    await admin.start()
-    try:
-        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
-    finally:
-        await admin.close()
 
 
 def test_an_alert_the_broker_refuses_is_sent_again_until_it_takes_it(stack_state: StackState, tmp_path: Path) -> None:

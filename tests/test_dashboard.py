@@ -27,9 +27,10 @@ from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from alerting.answers import label_id_for
+from alerting.answers import Answers, NotPublished, label_id_for
 from alerting.notifications import Notifier, link_signature
-from alerting.store import alert_key, frame_label_key
+from alerting.store import AlertStore, alert_key, frame_label_key
+from core.kafka_io import MAX_MESSAGE_BYTES, make_producer
 from core.settings import Settings
 from fallwatch.stack import StackState, free_port, port_accepts
 from schemas import FallEvent, Label, decode
@@ -38,10 +39,13 @@ from tests.alerting_helpers import (
     alerting_worker,
     alerts_of,
     fall_with_frames,
+    make_verdict,
     read_until,
+    set_topic_configs,
+    unique_camera,
     wait_for,
 )
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, read_all, write_config
 
 TOKEN = "test-dashboard-token"
 ESCALATE_AFTER_S = 5.0
@@ -333,4 +337,57 @@ def test_the_dashboard_refuses_to_start_without_a_token() -> None:
     assert result.stderr.strip().splitlines() == [
         "error: the dashboard needs a bearer token: set alerting.dashboard_token "
         "(e.g. FALLWATCH_ALERTING__DASHBOARD_TOKEN) or alerting.dashboard_token_file"
+    ]
+
+
+async def answer_while_labels_are_refused(settings: Settings, alert: FallEvent) -> None:
+    """Acknowledge `alert` while the broker refuses `labels` (refused, nothing sent), then once it takes them."""
+    store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
+    notifier = Notifier(settings.alerting)
+    producer = make_producer(settings)
+    await producer.start()
+
+    async def publish(topic: str, key: bytes, value: bytes) -> None:
+        await producer.send_and_wait(topic, key=key, value=value)
+
+    answers = Answers(settings.kafka.topics, store, notifier, publish)
+    try:
+        await store.apply(alert, notifier.notification(alert))
+        with pytest.raises(NotPublished, match="could not publish the answer"):
+            await answers.answer(alert.alert_id, "acknowledge", "nurse")
+        assert await read_all(settings, settings.kafka.topics.fall_events, FallEvent) == [], "not answered yet"
+        assert (await store.alert(alert.alert_id)) == alert
+        await set_topic_configs(settings, settings.kafka.topics.labels, {"max.message.bytes": str(MAX_MESSAGE_BYTES)})
+        answered = await answers.answer(alert.alert_id, "acknowledge", "nurse")  # the caregiver tries again
+        assert answered.label is not None
+    finally:
+        await producer.stop()
+        await store.close()
+
+
+def test_an_answer_whose_label_kafka_refused_can_be_given_again_and_keeps_its_label(
+    stack_state: StackState, tmp_path: Path
+) -> None:
+    settings = alerting_settings(stack_state, tmp_path)
+    camera = unique_camera("refused-label")
+    verdict = make_verdict(camera, 0, fall=True)
+    alert = FallEvent(
+        alert_id=f"alert-of-{camera}",
+        camera_id=camera,
+        room=verdict.room,
+        state="open",
+        opened_at=verdict.captured_at,
+        first_fall_at=verdict.captured_at,
+        confidence=0.9,
+        evidence_frame_ids=[verdict.frame_id],
+        rule="3 of 5",
+    )
+    # every label is larger than this: the broker refuses it, as it refuses writes while it is unwell
+    asyncio.run(set_topic_configs(settings, settings.kafka.topics.labels, {"max.message.bytes": "100"}))
+    asyncio.run(answer_while_labels_are_refused(settings, alert))
+    events = asyncio.run(read_all(settings, settings.kafka.topics.fall_events, FallEvent))
+    labels = asyncio.run(read_all(settings, settings.kafka.topics.labels, Label))
+    assert [(event.alert_id, event.state) for event in events] == [(alert.alert_id, "acknowledged")]
+    assert [(label.alert_id, label.verdict, label.frame_ids) for label in labels] == [
+        (alert.alert_id, "true_fall", [verdict.frame_id])
     ]
