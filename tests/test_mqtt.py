@@ -251,6 +251,28 @@ def test_an_alert_lives_on_the_topics_and_the_button_acknowledges_it(worker: Mqt
     assert [e.state for e in alerts_of(settings, camera, count=3)] == ["open", "acknowledged", "resolved"]
 
 
+def test_a_room_with_two_cameras_shows_the_alert_still_open_when_the_other_closes(worker: MqttWorker) -> None:
+    settings = worker.settings
+    room = f"shared {uuid.uuid4().hex[:4]}"
+    alert_topic = worker.topics.room(room, "alert")
+
+    def fall_seen_by(camera: str) -> FallEvent:
+        falls = [make_verdict(camera, seq, fall=True, start=utc_now()) for seq in range(3)]
+        send_verdicts(settings, [verdict.model_copy(update={"room": room}) for verdict in falls])
+        (alert,) = alerts_of(settings, camera)
+        return alert
+
+    bedside = fall_seen_by(unique_camera("bedside"))
+    door = fall_seen_by(unique_camera("door"))
+    wait_retained(worker.port, alert_topic, json_state("open", door.alert_id))  # the newest open alert
+    # the button answers the alert the topic shows: the door camera's, which was someone lying on purpose
+    press(worker.port, worker.topics.room(room, "false_alarm"))
+    assert [event.state for event in alerts_of(settings, door.camera_id, count=2)] == ["open", "false_alarm"]
+    asyncio.run(wait_until_consumed(settings, settings.kafka.topics.fall_events))  # delivered on every channel
+    shown = json.loads(wait_retained(worker.port, alert_topic, lambda payload: True))
+    assert (shown["alert_id"], shown["state"]) == (bedside.alert_id, "open"), "the bedside fall is still open"
+
+
 def test_the_fire_drill_reports_every_channel_and_is_never_a_label(
     worker: MqttWorker, receiver: WebhookReceiver, tmp_path: Path
 ) -> None:

@@ -6,13 +6,15 @@ restart) reads the current state at once:
 
 - `<prefix>/availability`: `online` once connected; the broker publishes the will `offline` when the
   worker is gone;
-- `<prefix>/rooms/<room>/alert`: the room's latest alert as JSON (`Notifier.body`: state, id, confidence,
-  time since the fall, snapshot link, message);
+- `<prefix>/rooms/<room>/alert`: the room's alert as JSON (`Notifier.body`: state, id, confidence,
+  time since the fall, snapshot link, message): its newest open alert, else its newest acknowledged
+  one, else the last that changed (a room has several cameras);
 - `<prefix>/rooms/<room>/person_down`: `ON` while a camera of the room sees a person down, else `OFF`;
 - `<prefix>/rooms/<room>/snapshot`: the signed snapshot link of the room's latest alert, once the
   snapshot is stored;
 - `<prefix>/rooms/<room>/acknowledge`, `.../false_alarm`: commands (the Home Assistant buttons press
-  `PRESS`); they answer the room's active alert the way the dashboard's buttons do (`alerting.answers`).
+  `PRESS`); they answer the alert the room's alert topic shows, the way the dashboard's buttons do
+  (`alerting.answers`).
 
 Discovery configs (`discovery_configs`) go to `<discovery prefix>/<component>/fallwatch_<room>/<entity>/config`,
 retained, when a room is first seen. The connection is kept by reconnecting with backoff; what was
@@ -172,8 +174,15 @@ class MqttChannel(Channel):
 
     async def _alert_state(self, alert: FallEvent, escalated: bool) -> None:
         await self._room_seen(alert.room)
-        body = self.notifier.body(alert, escalated)
-        await self.publish(self.topics.room(alert.room, "alert"), body)
+        shown = alert
+        try:
+            active = await self._room_alert(room_slug(alert.room))
+            if active is not None and active.alert_id != alert.alert_id:
+                # a room has several cameras: one camera's alert closing must not hide another's still open
+                shown, escalated = active, bool(await self.store.escalated([active.alert_id]))
+        except (RedisError, OSError) as exc:
+            log.warning("MQTT shows alert %s of room %s without Redis (%s)", alert.alert_id, alert.room, exc)
+        await self.publish(self.topics.room(alert.room, "alert"), self.notifier.body(shown, escalated))
 
     async def snapshot_ready(self, alert: FallEvent) -> None:
         # only now: Home Assistant fetches the image as soon as the link arrives
@@ -273,11 +282,17 @@ class MqttChannel(Channel):
         log.info("alert %s %s over MQTT", answered.alert_id, answered.state)
 
     async def _active_alert(self, slug: str, action: Action) -> FallEvent | None:
-        """The room's newest alert a press of `action` can answer."""
-        answerable = ("open",) if action == "acknowledge" else ("open", "acknowledged")
-        alerts = [
-            alert
-            for alert in await self.store.active_alerts()
-            if room_slug(alert.room) == slug and alert.state in answerable
-        ]
-        return alerts[-1] if alerts else None
+        """The alert a press of `action` answers: the one the room's alert topic shows."""
+        alert = await self._room_alert(slug)
+        if alert is None or (action == "acknowledge" and alert.state != "open"):
+            return None
+        return alert
+
+    async def _room_alert(self, slug: str) -> FallEvent | None:
+        """The room's alert on its topic: its newest open alert, else its newest acknowledged one (Redis)."""
+        active = [alert for alert in await self.store.active_alerts() if room_slug(alert.room) == slug]
+        for state in ("open", "acknowledged"):
+            in_state = [alert for alert in active if alert.state == state]
+            if in_state:
+                return in_state[-1]
+        return None
