@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import Redis as SyncRedis
 
 from core.checkpoints import directory_sha256, local_checkpoint_sha256
@@ -44,7 +44,7 @@ from edge_workers.switcher import (
     load_switcher,
     save_switcher,
 )
-from schemas import OperatorEvent
+from schemas import OperatorEvent, validation_problems
 
 if TYPE_CHECKING:
     from edge_workers.model import EdgeModel
@@ -199,8 +199,16 @@ class ActivePointer(BaseModel):
 
 
 def read_active(registry: Path) -> ActivePointer | None:
+    """The pointer, None when there is none; a ConfigError naming the file when it cannot be read."""
     path = registry / ACTIVE_FILE
-    return ActivePointer.model_validate_json(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return ActivePointer.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        raise ConfigError(f"{path} is not a pointer to a version: {validation_problems(exc)}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read: {exc}") from None
 
 
 def write_active(registry: Path, pointer: ActivePointer) -> None:
@@ -324,6 +332,7 @@ class PairRegistry(PolledRegistry):
     ) -> None:
         super().__init__(directory, poll_s, announce_key, clock)
         self.load_model = load_model
+        self.pointer_problem: str | None = None  # the last unreadable ACTIVE, reported once
 
     def load_active(self) -> LoadedPair:
         files = active_pair_files(self.directory)
@@ -338,8 +347,16 @@ class PairRegistry(PolledRegistry):
         """The active pair when ACTIVE names another version than `current`'s, else None."""
         if not self.due(announced):
             return None
-        pointer = await asyncio.to_thread(read_active, self.directory)
         running = current.metadata.edge_model.split("/")[0]
+        try:
+            pointer = await asyncio.to_thread(read_active, self.directory)
+        except ConfigError as exc:  # edited by hand, half copied: keep serving the pair that works
+            problem = f"{exc}; keeping {running}"
+            if problem != self.pointer_problem:
+                self.pointer_problem = problem
+                self.events.append(operator_event(log, logging.ERROR, "version_refused", "edge_workers", problem))
+            return None
+        self.pointer_problem = None
         if pointer is None or pointer.version == running or pointer.version in self.refused:
             return None
         try:

@@ -1,6 +1,6 @@
 """Contracts between fallwatch services: topic value models and their codec."""
 
-from schemas.codec import SchemaError, decode, encode
+from schemas.codec import SchemaError, decode, encode, validation_problems
 from schemas.messages import (
     SCHEMA_VERSION,
     AlertState,
@@ -48,4 +48,5 @@ __all__ = [
     "decode",
     "encode",
     "utc_now",
+    "validation_problems",
 ]

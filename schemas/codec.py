@@ -25,7 +25,9 @@ def decode(model: type[M], raw: bytes | None) -> M:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<record>'}: {err['msg']}" for err in exc.errors()[:5]
-        )
-        raise SchemaError(f"invalid {model.__name__}: {problems}") from None
+        raise SchemaError(f"invalid {model.__name__}: {validation_problems(exc)}") from None
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """pydantic's errors on one line: where, and what (the first five)."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<record>'}: {err['msg']}" for err in exc.errors()[:5])

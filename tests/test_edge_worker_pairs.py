@@ -21,8 +21,18 @@ import torch
 from redis import Redis
 
 from core.kafka_io import consumer_group_lag
-from core.settings import Settings
-from edge_workers.registry import Calibration, PairVersion, activate, announce_switcher, rollback, save_pair
+from core.settings import ConfigError, Settings
+from edge_workers.model import load_edge_model
+from edge_workers.registry import (
+    ACTIVE_FILE,
+    Calibration,
+    PairRegistry,
+    PairVersion,
+    activate,
+    announce_switcher,
+    rollback,
+    save_pair,
+)
 from edge_workers.service import EdgeWorker
 from edge_workers.switcher import Switcher, SwitcherInputs, SwitcherMetadata, input_size
 from fallwatch.devkit.models import ModelPaths
@@ -170,8 +180,35 @@ def test_hot_reload_of_edge_and_switcher_mid_stream_and_the_drift_guard(
 
 
 def test_start_without_an_active_version_is_one_readable_line(tmp_path: Path) -> None:
-    from core.settings import ConfigError
-
     settings = Settings(edge={"model_registry": str(tmp_path / "empty")})
     with pytest.raises(ConfigError, match=r"no active version in .*empty.*run `fallwatch dmd adapt`"):
+        EdgeWorker(settings, None)
+
+
+def test_an_unreadable_active_pointer_keeps_the_pair_that_works_and_is_reported_once(
+    tmp_path: Path, tiny_models: ModelPaths
+) -> None:
+    registry_dir = tmp_path / "registry"
+    publish_version(registry_dir, tiny_models, tmp_path, fall=True, version="v1")
+    settings = Settings(edge={"model_registry": str(registry_dir)})
+    registry = PairRegistry(registry_dir, lambda directory: load_edge_model(settings, directory), 0.0, None)
+    serving = registry.load_active().switcher
+    publish_version(registry_dir, tiny_models, tmp_path, fall=False, version="v2")
+    pointer = (registry_dir / ACTIVE_FILE).read_text()
+    (registry_dir / ACTIVE_FILE).write_text(pointer[: len(pointer) // 2])  # copied by hand, half of it
+
+    async def polls() -> list[str | None]:
+        found = [await registry.refresh(serving, None) for _ in range(3)]
+        (registry_dir / ACTIVE_FILE).write_text(pointer)
+        found.append(await registry.refresh(serving, None))
+        return [None if loaded is None else loaded.version.version for loaded in found]
+
+    assert asyncio.run(polls()) == [None, None, None, "v2"], "v1 served until the pointer reads again"
+    (event,) = registry.events
+    assert event.kind == "version_refused" and event.version is None
+    assert event.message.startswith(f"{registry_dir / ACTIVE_FILE} is not a pointer to a version: ")
+    assert event.message.endswith("; keeping v1") and "\n" not in event.message
+    # at the start, the same file is one readable line, not a traceback
+    (registry_dir / ACTIVE_FILE).write_text("{}")
+    with pytest.raises(ConfigError, match="is not a pointer to a version: version: Field required"):
         EdgeWorker(settings, None)
