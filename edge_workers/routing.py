@@ -133,13 +133,11 @@ class Router:
         switcher = set(doubtful[:slots])
         over_budget = set(doubtful[slots:])
         slots -= len(switcher)
-        explore: set[int] = set()
-        for index, score in enumerate(scores):
-            # One draw per confident frame whether or not a slot is left, so the share explored does
-            # not depend on the budget's state.
-            if score >= self.policy.threshold and self.rng.random() < rates[index] and slots > 0:
-                explore.add(index)
-                slots -= 1
+        # One draw per confident frame whether or not a slot is left, so the share explored does not
+        # depend on the budget's state; too few slots go to drawn frames picked at random, not to the
+        # cameras that come first in a batch.
+        drawn = [i for i, s in enumerate(scores) if s >= self.policy.threshold and self.rng.random() < rates[i]]
+        explore = set(drawn if len(drawn) <= slots else self.rng.sample(drawn, max(0, slots)))
         self.budget.spend(len(scores), len(switcher) + len(explore))
         decisions = []
         for index in range(len(scores)):
