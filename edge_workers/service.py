@@ -56,6 +56,8 @@ MAX_BATCHES_IN_FLIGHT = 4
 # broker returns an oversized record whole when its partition comes first in a fetch, and an empty answer
 # (never a truncated one) otherwise.
 FRAMES_FETCH_BYTES = 1024 * 1024
+# A frame refused by the model is dead-lettered only while the model still answers a plain frame this size.
+PLAIN_FRAME_SIDE = 384
 
 
 @dataclass(frozen=True)
@@ -314,12 +316,20 @@ class EdgeWorker:
     async def without_unanswerable(self, batch: FetchedBatch, producer: AIOKafkaProducer) -> EdgeBatch | None:
         """After the model refused the batch: each frame is tried alone, one it refuses (a shape its
         pre-processing cannot take) goes to `dead-letters` with the reason, and the others are answered
-        (None: none left). Otherwise that frame would fail its batch again on every restart."""
+        (None: none left). Otherwise that frame would fail its batch again on every restart. A model that
+        refuses a plain frame too is broken (weights, memory, the machine): that error is raised."""
         answerable = []
+        model_works: bool | None = None
         for item in batch.decoded:
             try:
                 await asyncio.to_thread(self.model.predict, [item.image_rgb])
             except (ValueError, RuntimeError) as exc:
+                if model_works is None:
+                    model_works = await self.answers_a_plain_frame()
+                if not model_works:
+                    # the model or the machine, not this frame: nothing is dead-lettered, nothing committed,
+                    # and the batch is answered again after the restart
+                    raise
                 height, width = item.image_rgb.shape[:2]
                 reason = f"the edge model cannot answer a frame of {width}×{height} pixels ({exc})"
                 log.warning("camera %s: %s", item.frame.camera_id, reason)
@@ -331,6 +341,16 @@ class EdgeWorker:
         if not answerable:
             return None
         return await asyncio.to_thread(self.model.predict, [item.image_rgb for item in answerable])
+
+    async def answers_a_plain_frame(self) -> bool:
+        """Whether the model still answers a frame any camera could send (a grey one of PLAIN_FRAME_SIDE)."""
+        plain = np.full((PLAIN_FRAME_SIDE, PLAIN_FRAME_SIDE, 3), 128, np.uint8)
+        try:
+            await asyncio.to_thread(self.model.predict, [plain])
+        except (ValueError, RuntimeError) as exc:
+            log.error("the edge model cannot answer a plain %d-pixel frame either: %s", PLAIN_FRAME_SIDE, exc)
+            return False
+        return True
 
     def locate_people(self, answers: list[EdgeAnswer]) -> list[EdgeAnswer]:
         """The person's place on the frames of cameras with no-alert zones that may open an alert: the

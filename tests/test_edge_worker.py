@@ -22,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from redis import Redis
 
 from core.images import decode_jpeg_rgb, encode_jpeg
@@ -36,6 +37,7 @@ from fallwatch.stack import free_port
 from schemas import CloudRequest, DeadLetter, Frame, Verdict, encode, utc_now
 from tests.conftest import (
     consume_until,
+    read_all,
     running,
     service_process,
     settings_for,
@@ -347,6 +349,32 @@ def test_each_kind_of_malformed_frame_is_dead_lettered_and_counted(
     assert samples['fallwatch_edge_stage_seconds_count{stage="produce"}'] >= 1
     assert samples["fallwatch_edge_switcher_score_count"] == 1
     assert any(name.startswith("fallwatch_edge_switcher_info{") for name in samples)
+
+
+def test_a_model_that_answers_no_frame_stops_the_worker_and_dead_letters_nothing(
+    stack_state, tmp_path: Path, tiny_models: ModelPaths, edge_model: EdgeModel
+) -> None:
+    registry = tmp_path / "switchers"
+    registry_with_untrained(tiny_models, registry, threshold=0.0)
+    settings = worker_settings(stack_state, tmp_path, tiny_models, registry)
+    frames = make_frames("cam-m", 4)
+    broken = load_edge_model(Settings(edge=tiny_models.settings_sections()["edge"]))
+    # weights corrupted (as by a fault of the machine): every frame fails, none is to blame
+    head = [module for module in broken.model.modules() if isinstance(module, torch.nn.Linear)][-1]
+    head.weight = torch.nn.Parameter(torch.zeros(head.out_features, head.in_features + 1))
+
+    async def scenario() -> list[Verdict]:
+        await publish_frames(settings, frames)
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(EdgeWorker(settings, broken).run(asyncio.Event()), timeout=120)
+        assert await read_all(settings, settings.kafka.topics.dead_letters, DeadLetter) == []
+        lag = await consumer_group_lag(settings, settings.edge.group_id, settings.kafka.topics.frames)
+        assert lag == len(frames), "nothing committed: the frames wait for a worker that works"
+        async with running(EdgeWorker(settings, edge_model)):
+            return await until_verdicts(settings, len(frames))
+
+    verdicts = asyncio.run(scenario())
+    assert {verdict.frame_id for verdict in verdicts} == {frame.frame_id for frame in frames}
 
 
 def test_frames_larger_than_a_fetch_are_answered_amid_other_cameras(
