@@ -49,6 +49,11 @@ def frame_label_key(frame_id: str) -> str:
     return f"{PREFIX}label:{frame_id}"
 
 
+def room_down_key(room: str) -> str:
+    """A set: the cameras of the room that see a person down now (whichever worker owns each)."""
+    return f"{PREFIX}room-down:{room}"
+
+
 # KEYS: alert, camera's open-alert pointer, active set, stream; ARGV: event JSON, stream cap, notification JSON
 APPLY_STATE = """
 local new = cjson.decode(ARGV[1])
@@ -212,6 +217,17 @@ class AlertStore:
             maxlen=self.stream_maxlen,
             approximate=True,
         )
+
+    async def camera_down(self, room: str, camera_id: str, down: bool) -> int:
+        """Record a camera's person-down state; returns how many cameras of the room see a person down."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if down:
+                pipe.sadd(room_down_key(room), camera_id)
+            else:
+                pipe.srem(room_down_key(room), camera_id)
+            pipe.scard(room_down_key(room))
+            _, count = await pipe.execute()
+        return int(count)
 
     async def save_label(self, label: Label) -> None:
         """The label under each of its frame ids (a later answer on the same frames replaces it)."""

@@ -27,9 +27,9 @@ import redis
 from alerting.channels.mqtt import MqttChannel, MqttTopics, room_slug
 from alerting.notifications import Notifier
 from alerting.store import AlertStore, alert_key
-from core.settings import Settings
+from core.settings import RedisSettings, Settings
 from fallwatch.stack import LocalStack, StackSecurity, StackState, free_port, stop_pid
-from schemas import FallEvent, Label, decode, utc_now
+from schemas import FallEvent, Label, PersonDown, decode, utc_now
 from tests.alerting_helpers import (
     WAIT_S,
     WEBHOOK_SECRET,
@@ -45,7 +45,7 @@ from tests.alerting_helpers import (
     wait_for,
     wait_until_consumed,
 )
-from tests.conftest import REPO, read_all, write_config
+from tests.conftest import REPO, read_all, until, write_config
 
 TOKEN = "test-dashboard-token"
 
@@ -403,6 +403,40 @@ def test_the_channel_reconnects_and_publishes_its_state_again(tmp_path: Path) ->
         asyncio.run(scenario())
     finally:
         stop_pid(broker.pid)
+
+
+def test_a_room_stays_down_while_a_camera_of_another_worker_sees_the_person_down(stack_state: StackState) -> None:
+    assert stack_state.mqtt is not None
+    port = stack_state.mqtt.port
+    settings = channel_settings(port).model_copy(update={"redis": RedisSettings(**stack_state.redis_fields())})
+    topics = MqttTopics(settings.alerting.mqtt.topic_prefix, settings.alerting.mqtt.discovery_prefix)
+    room = f"two-workers {uuid.uuid4().hex[:4]}"
+    person_down = topics.room(room, "person_down")
+
+    def change(camera_id: str, down: bool) -> PersonDown:
+        now = utc_now()
+        return PersonDown(
+            camera_id=camera_id, room=room, down=down, since=now, changed_at=now, episode_id=f"e-{camera_id}",
+            rule="3 of 5", confidence=0.9, evidence_frame_ids=["f"],
+        )  # fmt: skip
+
+    async def scenario() -> list[bytes]:
+        # two alerting workers, each owning one camera of the room (their partitions)
+        bedside, door = await channel_running(settings), await channel_running(settings)
+        shown = []
+        try:
+            await until(lambda: bedside.connected and door.connected, "both workers connected")
+            for channel, camera_id, down in ((bedside, "bedside", True), (door, "door", True), (door, "door", False)):
+                await channel.person_down(change(camera_id, down))
+            shown.append((await read_retained(port, person_down, lambda got: person_down in got))[person_down])
+            await bedside.person_down(change("bedside", False))
+            shown.append((await read_retained(port, person_down, lambda got: person_down in got))[person_down])
+        finally:
+            await bedside.close()
+            await door.close()
+        return shown
+
+    assert asyncio.run(scenario()) == [b"ON", b"OFF"], "down while the bedside camera sees it, then up"
 
 
 def test_tls_and_a_password_are_required_and_used(tmp_path: Path) -> None:

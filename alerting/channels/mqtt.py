@@ -9,7 +9,8 @@ restart) reads the current state at once:
 - `<prefix>/rooms/<room>/alert`: the room's alert as JSON (`Notifier.body`: state, id, confidence,
   time since the fall, snapshot link, message): its newest open alert, else its newest acknowledged
   one, else the last that changed (a room has several cameras);
-- `<prefix>/rooms/<room>/person_down`: `ON` while a camera of the room sees a person down, else `OFF`;
+- `<prefix>/rooms/<room>/person_down`: `ON` while a camera of the room sees a person down, else `OFF`
+  (the room's cameras may be on several workers: Redis keeps which are down);
 - `<prefix>/rooms/<room>/snapshot`: the signed snapshot link of the room's latest alert, once the
   snapshot is stored;
 - `<prefix>/rooms/<room>/acknowledge`, `.../false_alarm`: commands (the Home Assistant buttons press
@@ -152,6 +153,10 @@ class MqttChannel(Channel):
         for room in settings.alerting.rooms:
             self._discover(room)
 
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
     async def start(self) -> None:
         self.spawn(self._stay_connected())
 
@@ -170,7 +175,15 @@ class MqttChannel(Channel):
         cameras = self.down_cameras.setdefault(change.room, set())
         (cameras.add if change.down else cameras.discard)(change.camera_id)
         await self._room_seen(change.room)
-        await self.publish(self.topics.room(change.room, "person_down"), b"ON" if cameras else b"OFF")
+        try:
+            # the room's cameras may belong to other workers: the room is down while any of them is
+            down = await self.store.camera_down(change.room, change.camera_id, change.down) > 0
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "room %s: person down from this worker's cameras only, Redis unavailable (%s)", change.room, exc
+            )
+            down = bool(cameras)
+        await self.publish(self.topics.room(change.room, "person_down"), b"ON" if down else b"OFF")
 
     async def _alert_state(self, alert: FallEvent, escalated: bool) -> None:
         await self._room_seen(alert.room)
