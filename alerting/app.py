@@ -45,7 +45,7 @@ from alerting.metrics import AlertingMetrics
 from alerting.rules import CameraState
 from core.kafka_io import MAX_MESSAGE_BYTES, GroupLag, dead_letter_for, log_dead_letter, ssl_context, wait_for_kafka
 from core.logs import configure_logging
-from core.retry import retry_until_done
+from core.retry import DependencyUnavailable, retry_until_done
 from core.settings import KafkaSettings, Settings
 from schemas import FallEvent, PersonDown, SchemaError, Verdict, decode, encode, utc_now
 
@@ -302,7 +302,7 @@ class AlertingApp:
             for topic in (self.topic_names.verdicts, self.topic_names.fall_events):
                 lag = await self.group_lag.lag(self.rule.app_id, topic)
                 self.metrics.consumer_lag.labels(topic=topic).set(lag)
-        except (KafkaError, OSError) as exc:
+        except (KafkaError, OSError, DependencyUnavailable) as exc:
             # a gauge must never stop alerting (an error in a faust timer crashes the app): measure next time
             log.warning("consumer lag not measured (%s); next try in %.0f s", exc, LAG_INTERVAL_S)
             await self.group_lag.stop()
