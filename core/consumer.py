@@ -93,6 +93,8 @@ class BatchConsumer:
         self.answered_batches: deque[AnsweredBatch] = deque()  # oldest first, not committed yet
         self.acked_offsets: dict[TopicPartition, int] = {}  # acked, not yet sent in a commit
         self.committing: asyncio.Task[None] | None = None
+        # told the member's whole assignment after each rebalance (state kept per partition's keys)
+        self.on_assigned: Callable[[set[TopicPartition]], None] | None = None
 
     async def start(self) -> None:
         """Start the client, retried while Kafka is unreachable (`kafka.connect_timeout_s` at most)."""
@@ -224,4 +226,6 @@ class RevokeListener(ConsumerRebalanceListener):
             self.batches.on_revoke(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Nothing to do: the group's committed offsets say where to start."""
+        """The group's committed offsets say where to start; the owner learns what it holds now."""
+        if self.batches.on_assigned is not None:
+            self.batches.on_assigned(set(assigned))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +102,11 @@ class DriftGuard:
             window.doubted.clear()
             window.flagged = False
             self.learning(camera_id)
+
+    def forget(self, camera_ids: Iterable[str]) -> None:
+        """Cameras another worker answers now (a rebalance): it judges them, this one no longer does."""
+        for camera_id in camera_ids:
+            self.cameras.pop(camera_id, None)
 
     def window(self, camera_id: str) -> CameraWindow:
         if camera_id not in self.cameras:

@@ -13,6 +13,7 @@ batches (`between_batches`, `edge_workers.registry`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import simplejpeg
 import torch
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
 from core.clips import ClipBuffers
@@ -112,6 +113,9 @@ class EdgeWorker:
         self.active: ActiveSwitcher
         self.drift = DriftGuard(edge.drift, None)
         self.history = CameraHistory()  # the cameras' last edge probabilities, for a history switcher
+        # each camera's `frames` partition, and the partitions this worker holds (None: all, before a rebalance)
+        self.camera_partitions: dict[str, int] = {}
+        self.held_partitions: set[int] | None = None
         if model is None:
             self.registry = pair_registry(settings)
             pair = self.registry.load_active()
@@ -153,6 +157,7 @@ class EdgeWorker:
         batches = BatchConsumer(
             self.settings, self.topics.frames, self.settings.edge.group_id, max_partition_fetch_bytes=FRAMES_FETCH_BYTES
         )
+        batches.on_assigned = self.keep_cameras_of
         producer = make_producer(self.settings)
         redis = redis_client(self.settings.redis)
         fetching: asyncio.Task[FetchedBatch] | None = None
@@ -392,10 +397,25 @@ class EdgeWorker:
                 metrics.over_budget.inc()
         metrics.offload_ratio.set(self.router.budget.offload_ratio())
 
+    def keep_cameras_of(self, assigned: set[TopicPartition]) -> None:
+        """After a rebalance: the cameras of partitions gone to another worker leave this one's drift
+        guard, gauge and history, or the gauge would keep a stale flag beside the new owner's."""
+        self.held_partitions = {tp.partition for tp in assigned if tp.topic == self.topics.frames}
+        gone = [camera for camera, partition in self.camera_partitions.items() if partition not in self.held_partitions]
+        self.drift.forget(gone)
+        for camera in gone:
+            del self.camera_partitions[camera]
+            self.history.recent.pop(camera, None)
+            with contextlib.suppress(KeyError):  # never flagged or cleared here: no gauge
+                self.metrics.camera_drift.remove(camera)
+
     def watch_drift(self, decoded: list[DecodedFrame], probabilities: np.ndarray, scores: np.ndarray) -> None:
         fall_threshold, switcher_threshold = self.settings.edge.decision_threshold, self.router.policy.threshold
         for item, probability, score in zip(decoded, probabilities, scores, strict=True):
+            if self.held_partitions is not None and item.record.partition not in self.held_partitions:
+                continue  # answered while its partition went: the new owner watches the camera
             camera = item.frame.camera_id
+            self.camera_partitions[camera] = item.record.partition
             check = self.drift.observe(camera, bool(probability >= fall_threshold), float(score), switcher_threshold)
             if check is not None:
                 self.metrics.camera_drift.labels(camera).set(1 if check.drifted else 0)

@@ -38,7 +38,7 @@ from edge_workers.switcher import Switcher, SwitcherInputs, SwitcherMetadata, in
 from fallwatch.devkit.models import ModelPaths
 from fallwatch.devkit.tiny_edge import set_fall_bias
 from schemas import CloudRequest, OperatorEvent, Verdict
-from tests.conftest import consume_until, running
+from tests.conftest import consume_until, running, until_group_stable_with
 from tests.test_edge_worker import make_frames, publish_frames, until, worker_settings
 
 HIDDEN = 64  # the tiny ViLT head's hidden layer (2 × its hidden size)
@@ -212,3 +212,49 @@ def test_an_unreadable_active_pointer_keeps_the_pair_that_works_and_is_reported_
     (registry_dir / ACTIVE_FILE).write_text("{}")
     with pytest.raises(ConfigError, match="is not a pointer to a version: version: Field required"):
         EdgeWorker(settings, None)
+
+
+def test_after_a_rebalance_each_camera_s_drift_is_reported_by_the_worker_that_answers_it(
+    stack_state, tmp_path: Path, tiny_models: ModelPaths
+) -> None:
+    registry = tmp_path / "registry"
+    publish_version(registry, tiny_models, tmp_path, fall=True, version="v1")  # every camera drifts from 5 %
+    settings = worker_settings(
+        stack_state,
+        tmp_path,
+        tiny_models,
+        tmp_path / "unused",
+        model_registry=str(registry),
+        drift={"drift_window": 40, "drift_min_frames": MIN_FRAMES, "score_distance_tolerance": 1.0},
+    )
+    cameras = {f"cam-{i}" for i in range(6)}  # over the topic's 4 partitions
+
+    def frames(first_seq: int) -> list:
+        return [frame for camera in sorted(cameras) for frame in make_frames(camera, MIN_FRAMES, first_seq)]
+
+    def flagged(worker: EdgeWorker) -> set[str]:
+        return {
+            sample.labels["camera"]
+            for metric in worker.metrics.registry.collect()
+            if metric.name == "fallwatch_edge_camera_drift"
+            for sample in metric.samples
+            if sample.value == 1.0
+        }
+
+    async def scenario() -> tuple[set[str], set[str]]:
+        async with running(EdgeWorker(settings, None)) as first:
+            await publish_frames(settings, frames(0))
+            await until(lambda: flagged(first) == cameras, "every camera flagged by the only worker")
+            async with running(EdgeWorker(settings, None)) as second:
+                await until_group_stable_with(settings, settings.edge.group_id, 2)
+                await publish_frames(settings, frames(MIN_FRAMES))
+
+                def reported_once() -> bool:
+                    both = flagged(first), flagged(second)
+                    return both[0] | both[1] == cameras and bool(both[1]) and not both[0] & both[1]
+
+                await until(reported_once, "each camera flagged by one worker, the one that answers it")
+                return flagged(first), flagged(second)
+
+    by_first, by_second = asyncio.run(scenario())
+    assert by_first, "the first worker kept the cameras of its partitions"
