@@ -26,7 +26,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from core.images import encode_jpeg
-from core.kafka_io import make_admin, make_consumer, make_producer
+from core.kafka_io import make_admin, make_consumer, make_producer, topic_configs
 from core.settings import Settings
 from fallwatch.stack import StackState, free_port
 from schemas import FallEvent, Frame, Message, Verdict, VerdictSource, encode, utc_now
@@ -129,11 +129,17 @@ async def produce(settings: Settings, topic: str, records: list[tuple[str, bytes
 
 
 async def set_topic_configs(settings: Settings, topic: str, configs: dict[str, str]) -> None:
-    """Change configs of a topic (e.g. `max.message.bytes`, to make the broker refuse records)."""
+    """Change configs of a topic (e.g. `max.message.bytes`, to make the broker refuse records); returns once
+    the broker says they are in effect (it applies a change after acknowledging it)."""
     admin = make_admin(settings)
     await admin.start()
+    deadline = time.monotonic() + WAIT_S
     try:
         await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
+        while {key: (await topic_configs(admin, [topic]))[topic].get(key) for key in configs} != configs:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the configs {configs} of {topic} never took effect")
+            await asyncio.sleep(0.05)  # polling the broker's view of the topic
     finally:
         await admin.close()
 
