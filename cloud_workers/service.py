@@ -30,6 +30,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
 from cloud_workers.energy import BatchCost, CostMeter, open_energy_meter
@@ -41,7 +42,7 @@ from core.images import decode_jpeg_rgb
 from core.kafka_io import decode_batch, make_consumer, make_producer, send, start_clients
 from core.redis_io import RedisOutage, redis_client
 from core.settings import Settings
-from schemas import CloudRequest, Frame, SchemaError, Verdict, decode, utc_now
+from schemas import CloudRequest, Frame, Verdict, decode, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,12 @@ class FrameFetcher:
         """The request's own frame, or None when `frames` no longer holds it (retention) or it is unreadable."""
         position = request.frame_position
         partition = TopicPartition(position.topic, position.partition)
-        self.consumer.assign([partition])
-        self.consumer.seek(partition, position.offset)
         try:
+            self.consumer.assign([partition])
+            self.consumer.seek(partition, position.offset)
             record = await asyncio.wait_for(self.consumer.getone(partition), timeout=self.timeout_s)
             frame = decode(Frame, record.value)
-        except (TimeoutError, SchemaError) as exc:
+        except (TimeoutError, ValueError, KafkaError) as exc:  # SchemaError is a ValueError
             log.warning("frame of %s unreadable at %s: %s", request.frame_id, position, exc)
             return None
         # An offset already deleted by retention silently resets to the earliest record.

@@ -48,12 +48,16 @@ class Frame(Message):
         return f"{camera_id}-{int(captured_at.timestamp() * 1000)}-{seq}"
 
 
+# Kafka offsets are signed 64-bit; a position outside what a consumer can seek to is refused on decoding
+MAX_KAFKA_OFFSET = 2**63 - 1
+
+
 class KafkaPosition(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    topic: str
-    partition: int
-    offset: int
+    topic: str = Field(min_length=1)
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0, le=MAX_KAFKA_OFFSET)
 
 
 class EdgeOutput(BaseModel):

@@ -185,12 +185,16 @@ def test_deadlines_expired_clips_and_malformed_requests(stack_state, tmp_path: P
         await producer.start()
         await producer.send_and_wait(topic, key=b"cam-a", value=encode(lost))
         await producer.send_and_wait(topic, key=b"cam-a", value=b'{"not": "a request"}')
+        # a position no consumer can seek to (no clip either): refused, not a crash on every restart
+        nowhere = encode(lost).replace(f'"offset":{lost.frame_position.offset}'.encode(), b'"offset":-1')
+        assert nowhere != encode(lost)
+        await producer.send_and_wait(topic, key=b"cam-a", value=nowhere)
         await producer.stop()
         groups["lost"] = [lost]
         frame_ids = {r.frame_id for requests in groups.values() for r in requests}
         async with running(CloudWorker(settings, cloud_model)) as worker:
             verdicts = await wait_for_finals(settings, frame_ids)
-            dead = await consume_until(settings, settings.kafka.topics.dead_letters, DeadLetter, lambda m: len(m) >= 1)
+            dead = await consume_until(settings, settings.kafka.topics.dead_letters, DeadLetter, lambda m: len(m) >= 2)
         return groups, verdicts, dead, worker
 
     groups, verdicts, dead, worker = asyncio.run(scenario())
@@ -210,10 +214,11 @@ def test_deadlines_expired_clips_and_malformed_requests(stack_state, tmp_path: P
     assert metrics.value("fallwatch_cloud_requests_total", outcome="deadline") == 3
     assert metrics.value("fallwatch_cloud_requests_total", outcome="no_clip") == 1
     assert metrics.value("fallwatch_cloud_requests_total", outcome="cloud") == 4
-    assert metrics.value("fallwatch_cloud_requests_total", outcome="dead_letter") == 1
+    assert metrics.value("fallwatch_cloud_requests_total", outcome="dead_letter") == 2
     assert metrics.value("fallwatch_cloud_clip_fallbacks_total") == 3
-    assert len(dead) == 1 and dead[0].service == "cloud_workers" and dead[0].size == len(b'{"not": "a request"}')
-    assert "invalid CloudRequest" in dead[0].reason
+    assert len(dead) == 2 and {letter.service for letter in dead} == {"cloud_workers"}
+    assert dead[0].size == len(b'{"not": "a request"}') and "invalid CloudRequest" in dead[0].reason
+    assert "frame_position.offset: Input should be greater than or equal to 0" in dead[1].reason
 
 
 def test_a_stopped_worker_answers_every_live_request_after_restart(stack_state, tmp_path: Path, tiny_models) -> None:
