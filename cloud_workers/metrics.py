@@ -15,7 +15,7 @@ from core.metrics import ServedMetrics
 # "cloud": answered by the model; "deadline": past its deadline, the edge answer is final;
 # "no_clip": neither the clip nor the frame could be read, the edge answer is final;
 # "dead_letter": the record was malformed.
-Outcome = Literal["cloud", "deadline", "no_clip", "dead_letter"]
+Outcome = Literal["cloud", "deadline", "no_clip", "dead_letter", "no_answer"]
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # From a tiny model's forward on a CPU (ms) to a 7B forward on a busy GPU (s).

@@ -254,6 +254,13 @@ class CloudWorker:
             request = job.request
             worker_s = time.monotonic() - job.arrival.at
             self.metrics.request_seconds.observe(worker_s)
+            if not np.isfinite(probability):  # an overflow in the model: no answer, not a crash on every restart
+                log.error(
+                    "the cloud model gave P(fall) = %s for %s; the edge answer is final", probability, request.frame_id
+                )
+                self.metrics.count("no_answer")
+                acks.append(await send(producer, self.topics.verdicts, request.camera_id, fallback(request)))
+                continue
             self.metrics.count("cloud")
             verdict = Verdict.for_request(
                 request,

@@ -41,6 +41,7 @@ from tests.conftest import (
     read_all,
     running,
     settings_for,
+    until_caught_up,
     until_group_stable_with,
     write_config,
 )
@@ -219,6 +220,28 @@ def test_deadlines_expired_clips_and_malformed_requests(stack_state, tmp_path: P
     assert len(dead) == 2 and {letter.service for letter in dead} == {"cloud_workers"}
     assert dead[0].size == len(b'{"not": "a request"}') and "invalid CloudRequest" in dead[0].reason
     assert "frame_position.offset: Input should be greater than or equal to 0" in dead[1].reason
+
+
+def test_a_model_that_answers_nan_leaves_the_edge_answers_final(stack_state, tmp_path: Path, tiny_models) -> None:
+    settings = worker_settings(stack_state, tmp_path, tiny_models, batch_size=4, batch_wait_ms=100)
+    model = load_tiny_cloud_model(tiny_models)
+    with torch.no_grad():  # an overflow somewhere in the model: every logit NaN
+        model.model.get_output_embeddings().weight.fill_(float("nan"))
+
+    async def scenario() -> tuple[list[CloudRequest], list[Verdict], CloudWorker]:
+        requests = await publish_requests(settings, [small_clip(seed) for seed in (1, 2, 3)])
+        async with running(CloudWorker(settings, model)) as worker:
+            verdicts = await wait_for_finals(settings, {request.frame_id for request in requests})
+            await until_caught_up(settings, settings.cloud.group_id, settings.kafka.topics.cloud_requests)
+        return requests, verdicts, worker
+
+    requests, verdicts, worker = asyncio.run(scenario())
+    by_frame = {verdict.frame_id: verdict for verdict in verdicts}
+    assert len(verdicts) == len(by_frame) == len(requests)
+    for request in requests:
+        verdict = by_frame[request.frame_id]
+        assert (verdict.source, verdict.fall_probability) == ("edge-fallback", request.edge.fall_probability)
+    assert worker.metrics.value("fallwatch_cloud_requests_total", outcome="no_answer") == len(requests)
 
 
 def test_a_stopped_worker_answers_every_live_request_after_restart(stack_state, tmp_path: Path, tiny_models) -> None:
