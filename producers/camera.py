@@ -152,28 +152,33 @@ class CameraCapture:
         self.masks = PrivacyMasks(camera.masks)
         self.warned_behind = False
         self.last_missed_at = 0.0
+        self.sampled = 0  # frames sampled on the current connection, also known after it failed
 
     def run(self) -> None:
         """Read until the file ends (not looping) or `stop`; a live source is reconnected forever."""
         failures = 0
         while not self.stop.is_set():
             self.stats.state = "connecting"
+            self.sampled = 0
             try:
-                frames = self.stream_once()
+                self.stream_once()
             except SourceError as exc:
-                frames = 0
                 self.stats.last_error = str(exc)
             except Exception as exc:  # a bug or an OpenCV surprise must not end this camera, nor others
-                frames = 0
                 self.stats.last_error = f"{type(exc).__name__}: {redact(str(exc))}"
                 # no traceback: OpenCV's messages may quote the URL, credentials and all
                 log.error("camera %s: capture failed: %s", self.camera.id, self.stats.last_error)
+            frames = self.sampled
             if self.stop.is_set():
                 break
+            if self.kind == "file" and frames > 0 and not self.camera.loop:
+                # failed part-way, it ends there: read again from the start, its frames would come again as
+                # new frames (new capture times, new ids), and every fall in it twice
+                if self.stats.last_error is not None:
+                    log.warning("camera %s: %s; the file ends there", self.camera.id, self.stats.last_error)
+                self.stats.state = "ended"
+                return
             if self.kind == "file" and frames > 0 and self.stats.last_error is None:
-                if not self.camera.loop:
-                    self.stats.state = "ended"
-                    return
                 continue
             failures = 0 if frames > 0 else failures + 1
             delay = backoff_delay(failures, self.settings.reconnect_initial_s, self.settings.reconnect_max_s)
@@ -188,8 +193,8 @@ class CameraCapture:
             self.stop.wait(delay)
         self.stats.state = "stopped"
 
-    def stream_once(self) -> int:
-        """One connection: frames until the source ends, stalls or fails; returns how many were sampled."""
+    def stream_once(self) -> None:
+        """One connection: frames until the source ends, stalls or fails (`sampled` counts them)."""
         source = open_source(self.camera, self.settings)
         self.stats.last_error = None
         self.stats.state = "streaming"
@@ -198,12 +203,11 @@ class CameraCapture:
         schedule = Schedule(self.camera.fps) if self.kind != "file" or self.camera.realtime else None
         pace_from = time.monotonic()
         wall_start = datetime.now(UTC)
-        sampled = 0
         try:
             for frame in source.frames(self.on_grab, self.on_decode):
                 if self.stop.is_set():
                     break
-                sampled += 1
+                self.sampled += 1
                 if self.kind == "file":
                     if self.camera.realtime and self.stop.wait(pace_from + frame.position_s - time.monotonic()):
                         break
@@ -219,7 +223,6 @@ class CameraCapture:
             stalled = age is not None and age >= 0.9 * self.settings.stall_timeout_s
             self.stats.stalls += stalled
             self.stats.last_error = f"{redact(self.camera.sampled_url)} {'stalled' if stalled else 'ended'}"
-        return sampled
 
     def publish(self, picture: Picture, position_s: float, captured_at: datetime) -> None:
         """Mask a sampled frame and gate it on motion; resize, encode and hand over the ones that pass."""

@@ -178,6 +178,30 @@ def throttled_capture(video: Path, fps: float, seconds: float, emit_s: float) ->
     return stats, emitted
 
 
+def test_a_file_camera_that_fails_part_way_ends_there_instead_of_starting_over(tmp_path: Path, clip_path: Path) -> None:
+    video = h264_video(tmp_path / "short.mp4", clip_path, fps=15, keyframe_every=15, seconds=2.0)
+    camera = CameraSettings(
+        id="flaky", room="1", url=str(video), fps=4.0, loop=False, realtime=False, motion={"enabled": False}
+    )
+    stats, stop, emitted = CameraStats(), threading.Event(), []
+
+    def fails_at_the_third(frame: CapturedFrame) -> None:
+        emitted.append(frame.captured_at)
+        if len(emitted) == 3:
+            raise RuntimeError("the hand-over failed")
+
+    settings = ProducerSettings(reconnect_initial_s=0.01, reconnect_max_s=0.05)
+    thread = threading.Thread(target=CameraCapture(camera, settings, stats, fails_at_the_third, stop).run)
+    thread.start()
+    thread.join(timeout=60)
+    still_reading = thread.is_alive()
+    stop.set()
+    thread.join(timeout=30)
+    assert not still_reading, "the file ended"
+    assert len(emitted) == 3, "no frame of the file published twice"
+    assert stats.state == "ended" and stats.last_error == "RuntimeError: the hand-over failed"
+
+
 def test_a_throttled_capture_loop_counts_the_slots_it_could_not_sample(
     tmp_path: Path, clip_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
