@@ -81,17 +81,21 @@ def publish_version(registry: Path, tiny: ModelPaths, scratch: Path, fall: bool,
     return version
 
 
+def pair_worker_settings(stack_state, tmp_path: Path, tiny: ModelPaths, registry: Path, **edge: object) -> Settings:
+    """An edge worker serving the ACTIVE version of `registry` (edge model and switcher together)."""
+    return worker_settings(stack_state, tmp_path, tiny, tmp_path / "unused", model_registry=str(registry), **edge)
+
+
 def test_hot_reload_of_edge_and_switcher_mid_stream_and_the_drift_guard(
     stack_state, tmp_path: Path, tiny_models: ModelPaths, caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = tmp_path / "registry"
     old = publish_version(registry, tiny_models, tmp_path, fall=True, version="v1")
-    settings = worker_settings(
+    settings = pair_worker_settings(
         stack_state,
         tmp_path,
         tiny_models,
-        tmp_path / "unused",
-        model_registry=str(registry),
+        registry,
         registry_poll_s=3600,  # only the announcement can trigger the reload quickly
         max_offload_ratio=BUDGET,
         # judged on the fall rate alone: the untrained switcher's scores are whatever they are
@@ -219,14 +223,8 @@ def test_after_a_rebalance_each_camera_s_drift_is_reported_by_the_worker_that_an
 ) -> None:
     registry = tmp_path / "registry"
     publish_version(registry, tiny_models, tmp_path, fall=True, version="v1")  # every camera drifts from 5 %
-    settings = worker_settings(
-        stack_state,
-        tmp_path,
-        tiny_models,
-        tmp_path / "unused",
-        model_registry=str(registry),
-        drift={"drift_window": 40, "drift_min_frames": MIN_FRAMES, "score_distance_tolerance": 1.0},
-    )
+    drift = {"drift_window": 40, "drift_min_frames": MIN_FRAMES, "score_distance_tolerance": 1.0}
+    settings = pair_worker_settings(stack_state, tmp_path, tiny_models, registry, drift=drift)
     cameras = {f"cam-{i}" for i in range(6)}  # over the topic's 4 partitions
 
     def frames(first_seq: int) -> list:
