@@ -148,7 +148,12 @@ class CloudWorker:
                 self.metrics.consumer_lag.set(await batches.lag())
                 if batch is None:
                     continue
-                prepared = await self.prepare(batch, producer, fetcher, redis)
+                # reading clips back from `frames` can take a while (frame_fetch_timeout_s each): polled
+                # meanwhile, partitions paused, or the group would take them away mid-prepare
+                preparing = asyncio.create_task(self.prepare(batch, producer, fetcher, redis))
+                prepared = await batches.while_paused(
+                    preparing, self.cloud.keepalive_s, time.monotonic() + self.cloud.stuck_batch_s
+                )
                 if answering is not None:
                     await batches.while_paused(answering, self.cloud.keepalive_s, stuck_at)
                 answering = asyncio.create_task(self.answer_and_commit(prepared, batches, producer))

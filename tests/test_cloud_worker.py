@@ -10,6 +10,7 @@ in this process (the model loads once) except in the restart test, which runs
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import signal
 import subprocess
@@ -316,6 +317,44 @@ def test_a_batch_slower_than_the_poll_interval_keeps_the_partitions(stack_state,
     assert {v.source for v in verdicts} == {"cloud"}
     assert min(v.timings_ms["model"] for v in verdicts) >= 2000, "every batch outlasted the poll interval"
     assert lag == 0, "every batch committed: the group never took the partitions away"
+
+
+def test_a_batch_whose_frames_are_slow_to_read_back_keeps_the_partitions(
+    stack_state, tmp_path: Path, tiny_models, cloud_model, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No clip in Redis, and each frame's position on a partition `frames` does not have: every read back
+    # waits frame_fetch_timeout_s, so a batch of 4 takes 2.4 s to prepare, past the 1 s poll interval.
+    # Evicted, the worker would lose its partitions mid-batch (a second worker would answer it again).
+    settings = worker_settings(
+        stack_state, tmp_path, tiny_models, batch_size=4, batch_wait_ms=100,
+        keepalive_s=0.2, max_poll_interval_ms=1000, frame_fetch_timeout_s=0.6,
+    )  # fmt: skip
+    topic = settings.kafka.topics.cloud_requests
+
+    async def scenario() -> tuple[list[CloudRequest], list[Verdict], int]:
+        clips = [small_clip(seed) for seed in range(12)]
+        made = await publish_requests(settings, clips, store_clips=False, send_requests=False)
+        requests = [
+            r.model_copy(update={"frame_position": r.frame_position.model_copy(update={"partition": 999})})
+            for r in made
+        ]
+        producer: AIOKafkaProducer = make_producer(settings)
+        await producer.start()
+        for request in requests:
+            await producer.send_and_wait(topic, key=request.camera_id.encode(), value=encode(request))
+        await producer.stop()
+        async with running(CloudWorker(settings, cloud_model)):
+            await wait_for_finals(settings, {r.frame_id for r in requests})
+        verdicts = await read_all(settings, settings.kafka.topics.verdicts, Verdict)
+        lag = await consumer_group_lag(settings, settings.cloud.group_id, topic)
+        return requests, verdicts, lag
+
+    with caplog.at_level(logging.INFO, logger="core.consumer"):
+        requests, verdicts, lag = asyncio.run(scenario())
+    assert sorted(v.frame_id for v in verdicts) == sorted(r.frame_id for r in requests), "each answered once"
+    assert {v.source for v in verdicts} == {"edge-fallback"}, "no frame to show the model"
+    assert lag == 0, "every batch committed"
+    assert "revoked" not in caplog.text, "the group never took the partitions away"
 
 
 def test_a_stuck_batch_hands_its_partitions_to_another_worker(
