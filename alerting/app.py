@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import faust
@@ -107,7 +108,6 @@ class AlertingApp:
         self.app = app = faust_app(settings)
         # every topic value is JSON made by schemas.encode; faust only moves the bytes
         raw_topic: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "value_serializer": "raw"}
-        self.verdicts = app.topic(topics.verdicts, **raw_topic)
         self.fall_events = app.topic(topics.fall_events, **raw_topic)
         self.cameras = app.Table(
             CAMERA_TABLE,
@@ -288,13 +288,37 @@ class AlertingApp:
             if fallback.frame_id in self.fallbacks_sent:
                 continue
             self.fallbacks_sent.add(fallback.frame_id)
-            self.metrics.edge_fallbacks.inc()
             log.info("no cloud verdict for frame %s in time: deciding on the edge's", fallback.frame_id)
-            await self.verdicts.send(key=camera_id.encode(), value=encode(fallback))
+            # sent without waiting for the broker (escalations must not wait behind it); one it refuses is
+            # sent again at a later check, or the frame would hold back its camera's verdicts for good
+            try:
+                producer = await self.app.maybe_start_producer()
+                sent = await producer.send(
+                    self.topic_names.verdicts,
+                    camera_id.encode(),
+                    encode(fallback),
+                    partition=None,
+                    timestamp=None,
+                    headers=None,
+                )
+            except KafkaError as exc:
+                self.fallback_not_sent(fallback.frame_id, exc)
+                continue
+            sent.add_done_callback(partial(self.fallback_done, fallback.frame_id))
         overdue = state.escalation_due(now)
         if overdue is not None and overdue.alert_id not in self.escalated:
             self.escalated.add(overdue.alert_id)
             await self.dispatcher.escalate(overdue)
+
+    def fallback_done(self, frame_id: str, sent: asyncio.Future[Any]) -> None:
+        if sent.cancelled() or sent.exception() is not None:
+            self.fallback_not_sent(frame_id, sent.exception() if not sent.cancelled() else None)
+        else:
+            self.metrics.edge_fallbacks.inc()
+
+    def fallback_not_sent(self, frame_id: str, exc: BaseException | None) -> None:
+        self.fallbacks_sent.discard(frame_id)
+        log.warning("edge fallback of frame %s not sent (%s); sent again at the next check", frame_id, exc)
 
     async def measure_lag(self) -> None:
         # the group's committed lag: what alerting still has to read, whichever worker holds the partitions

@@ -518,3 +518,23 @@ def test_an_alert_the_broker_refuses_is_sent_again_until_it_takes_it(stack_state
         asyncio.run(wait_until_consumed(settings))
     assert alert.state == "open" and alert.evidence_frame_ids == [verdict.frame_id for verdict in burst]
     assert len(alerts_for(asyncio.run(read_all(settings, fall_events, FallEvent)), camera)) == 1
+
+
+def test_an_edge_fallback_the_broker_refuses_is_sent_again(stack_state: StackState, tmp_path: Path) -> None:
+    # the cloud never answers these offloaded frames; when their cloud wait ends, the broker refuses writes
+    settings = alerting_settings(stack_state, tmp_path, cloud_wait_s=6.0)
+    camera = unique_camera("fallback-refused")
+    verdicts_topic = settings.kafka.topics.verdicts
+    provisional = [make_verdict(camera, seq, fall=True, final=False) for seq in range(3)]
+    with alerting_worker(settings, tmp_path) as log_path:
+        send_verdicts(settings, provisional)
+        # in effect well within the cloud wait (a config change takes milliseconds)
+        asyncio.run(set_topic_configs(settings, verdicts_topic, {"max.message.bytes": "100"}))
+        wait_for(lambda: "not sent" in log_path.read_text(), "a refused edge fallback")
+        asyncio.run(set_topic_configs(settings, verdicts_topic, {"max.message.bytes": str(MAX_MESSAGE_BYTES)}))
+        (alert,) = alerts_of(settings, camera)
+        asyncio.run(wait_until_consumed(settings))
+    assert alert.rule == "3 of 5 (edge-fallback)"
+    assert alert.evidence_frame_ids == [verdict.frame_id for verdict in provisional]
+    fallbacks = [v for v in asyncio.run(read_all(settings, verdicts_topic, Verdict)) if v.source == "edge-fallback"]
+    assert sorted(v.frame_id for v in fallbacks) == [verdict.frame_id for verdict in provisional], "each sent once"
