@@ -306,9 +306,8 @@ class AlertingApp:
                 continue
             sent.add_done_callback(partial(self.fallback_done, fallback.frame_id))
         overdue = state.escalation_due(now)
-        if overdue is not None and overdue.alert_id not in self.escalated:
+        if overdue is not None and overdue.alert_id not in self.escalated and await self.dispatcher.escalate(overdue):
             self.escalated.add(overdue.alert_id)
-            await self.dispatcher.escalate(overdue)
 
     def fallback_done(self, frame_id: str, sent: asyncio.Future[Any]) -> None:
         if sent.cancelled() or sent.exception() is not None:

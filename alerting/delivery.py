@@ -77,11 +77,12 @@ class Dispatcher:
         for channel in self.channels:
             await channel.snapshot_ready(alert)
 
-    async def escalate(self, alert: FallEvent) -> None:
-        """Once per alert (also across workers when Redis is up), through every channel."""
+    async def escalate(self, alert: FallEvent) -> bool:
+        """Once per alert (also across workers when Redis is up), through every channel. False while another
+        worker holds the claim and has not sent it yet: ask again later (it may have died meanwhile)."""
         try:
             if not await self.store.claim_escalation(alert.alert_id):
-                return
+                return await self.store.escalation_is_sent(alert.alert_id)
         except (RedisError, OSError) as exc:
             log.error("escalating alert %s without Redis: %s", alert.alert_id, exc)
         self.metrics.escalations.inc()
@@ -94,6 +95,11 @@ class Dispatcher:
         )
         for channel in self.channels:
             await channel.escalated(alert)
+        try:
+            await self.store.escalation_sent(alert.alert_id)
+        except (RedisError, OSError) as exc:
+            log.error("escalation of alert %s sent, not marked in Redis: %s", alert.alert_id, exc)
+        return True
 
     async def tick(self) -> None:
         for channel in self.channels:

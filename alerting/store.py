@@ -21,6 +21,9 @@ PREFIX = "fallwatch:"
 ACTIVE_ALERTS_KEY = f"{PREFIX}active-alerts"
 ALERT_STREAM_KEY = f"{PREFIX}alert-events"
 ESCALATION_MARK_TTL_S = 7 * 24 * 3600
+# how long a worker that claimed an escalation has to hand it to the channels before another may
+ESCALATION_LEASE_S = 60
+LEASED, ESCALATED = b"leased", b"1"
 DELIVERED_MARK_TTL_S = 7 * 24 * 3600
 
 
@@ -177,9 +180,18 @@ class AlertStore:
     async def snapshot(self, alert_id: str) -> bytes | None:
         return await self.redis.get(snapshot_key(alert_id))
 
-    async def claim_escalation(self, alert_id: str) -> bool:
-        """True for the one worker that escalates this alert (workers swap cameras on a rebalance)."""
-        return bool(await self.redis.set(escalated_key(alert_id), b"1", nx=True, ex=ESCALATION_MARK_TTL_S))
+    async def claim_escalation(self, alert_id: str, lease_s: int = ESCALATION_LEASE_S) -> bool:
+        """True for the one worker that escalates this alert now (workers swap cameras on a rebalance).
+
+        A lease until `escalation_sent`: a worker that dies in between leaves it to another once it ends.
+        """
+        return bool(await self.redis.set(escalated_key(alert_id), LEASED, nx=True, ex=lease_s))
+
+    async def escalation_sent(self, alert_id: str) -> None:
+        await self.redis.set(escalated_key(alert_id), ESCALATED, ex=ESCALATION_MARK_TTL_S)
+
+    async def escalation_is_sent(self, alert_id: str) -> bool:
+        return await self.redis.get(escalated_key(alert_id)) == ESCALATED
 
     async def escalated(self, alert_ids: list[str]) -> set[str]:
         """Which of these alerts were escalated."""

@@ -24,9 +24,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from alerting.delivery import Dispatcher
+from alerting.metrics import AlertingMetrics
 from alerting.notifications import link_is_valid, readable_duration
 from alerting.rules import alert_id_for, rule_name
-from alerting.store import ALERT_STREAM_KEY, alert_key, open_alert_key
+from alerting.store import ALERT_STREAM_KEY, AlertStore, alert_key, escalated_key, open_alert_key
 from alerting.webhooks import WebhookSender, signature_is_valid
 from core.kafka_io import MAX_MESSAGE_BYTES
 from core.settings import CONFIG_ENV, AlertingSettings, RedisSettings, Settings
@@ -50,7 +52,7 @@ from tests.alerting_helpers import (
     wait_for,
     wait_until_consumed,
 )
-from tests.conftest import REPO, read_all
+from tests.conftest import REPO, read_all, until
 
 CLOUD_WAIT_S = 2.0
 DASHBOARD_TOKEN = "test-dashboard-token"
@@ -538,3 +540,50 @@ def test_an_edge_fallback_the_broker_refuses_is_sent_again(stack_state: StackSta
     assert alert.evidence_frame_ids == [verdict.frame_id for verdict in provisional]
     fallbacks = [v for v in asyncio.run(read_all(settings, verdicts_topic, Verdict)) if v.source == "edge-fallback"]
     assert sorted(v.frame_id for v in fallbacks) == [verdict.frame_id for verdict in provisional], "each sent once"
+
+
+def test_an_escalation_claimed_by_a_worker_that_died_is_sent_once_its_lease_ends(
+    stack_state: StackState, tmp_path: Path
+) -> None:
+    settings = alerting_settings(stack_state, tmp_path)
+    verdict = make_verdict(unique_camera("escalated"), 0, fall=True)
+    alert = FallEvent(
+        alert_id=f"alert-of-{verdict.camera_id}",
+        camera_id=verdict.camera_id,
+        room=verdict.room,
+        state="open",
+        opened_at=verdict.captured_at,
+        first_fall_at=verdict.captured_at,
+        confidence=0.9,
+        evidence_frame_ids=[verdict.frame_id],
+        rule="3 of 5",
+    )
+
+    async def no_answers(topic: str, key: bytes, value: bytes) -> None:
+        raise AssertionError("nobody answers here")
+
+    async def scenario() -> tuple[list[bool], list[str]]:
+        store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
+        dispatcher = Dispatcher.for_settings(settings, AlertingMetrics(), no_answers)
+
+        async def lease_ended() -> bool:
+            return not await store.redis.exists(escalated_key(alert.alert_id))
+
+        try:
+            # another worker claimed the escalation and was killed before it sent anything
+            assert await store.claim_escalation(alert.alert_id, lease_s=1)
+            attempts = [await dispatcher.escalate(alert)]
+            await until(lease_ended, "the dead worker's lease to end")
+            attempts += [await dispatcher.escalate(alert), await dispatcher.escalate(alert)]
+            entries = await store.redis.xrange(ALERT_STREAM_KEY)
+            kinds = [
+                fields[b"kind"].decode() for _, fields in entries if fields[b"alert_id"] == alert.alert_id.encode()
+            ]
+            return attempts, kinds
+        finally:
+            await dispatcher.close()
+            await store.close()
+
+    attempts, kinds = asyncio.run(scenario())
+    assert attempts == [False, True, True], "not while the lease lasts; then escalated, and known as escalated"
+    assert kinds == ["escalation"], "escalated once"
