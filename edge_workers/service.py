@@ -191,6 +191,9 @@ class EdgeWorker:
             await redis.aclose()
             self.metrics.close()
             self.decode_pool.shutdown()
+            if isinstance(self.pose, PoseEstimator):  # MediaPipe's graph holds its threads and memory
+                self.pose.close()
+            self.pose = None
 
     async def fetch_batch(self, batches: BatchConsumer, producer: AIOKafkaProducer) -> FetchedBatch:
         """Up to `batch_size` records, waiting at most `batch_wait_ms` after the first one for the batch to fill.
@@ -405,7 +408,7 @@ class EdgeWorker:
         self.drift.forget(gone)
         for camera in gone:
             del self.camera_partitions[camera]
-            self.history.recent.pop(camera, None)
+            self.history.forget(camera)
             with contextlib.suppress(KeyError):  # never flagged or cleared here: no gauge
                 self.metrics.camera_drift.remove(camera)
 

@@ -105,6 +105,10 @@ class CameraHistory:
         """A new version: its edge model's probabilities are not the old one's."""
         self.recent.clear()
 
+    def forget(self, camera_id: str) -> None:
+        """A camera another worker answers now."""
+        self.recent.pop(camera_id, None)
+
 
 class Switcher(nn.Module):
     """MLP inputs → 512 → 128 → 1 with ReLU and dropout 0.3; outputs the agreement logit (no layers for

@@ -110,13 +110,15 @@ def test_a_person_lying_in_a_no_alert_zone_opens_no_alert(stack_state, tmp_path:
     async def scenario() -> tuple[dict[str, int], list[Verdict], list[FallEvent]]:
         published = await run_producers(settings, asyncio.Event())
         async with (
-            running(EdgeWorker(settings, load_edge_model(settings))),
+            running(EdgeWorker(settings, load_edge_model(settings))) as edge,
             running(CloudWorker(settings, load_cloud_model(settings))),
         ):
             frames = sum(published.values())
             verdicts = await consume_until(
                 settings, topics.verdicts, Verdict, lambda m: len({v.frame_id for v in m if v.final}) >= frames
             )
+            assert isinstance(edge.pose, PoseEstimator), "BlazePose located the zoned camera's person"
+        assert edge.pose is None, "BlazePose closed with the worker"
         await until_caught_up(settings, settings.alerting.app_id, topics.verdicts)
         return published, verdicts, await read_all(settings, topics.fall_events, FallEvent)
 
