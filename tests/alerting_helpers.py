@@ -67,6 +67,23 @@ def make_verdict(
     )
 
 
+def an_open_alert(name: str) -> tuple[FallEvent, Verdict]:
+    """An open alert of a new camera, as the rule opens it on one fall verdict (whose frame is its evidence)."""
+    verdict = make_verdict(unique_camera(name), 0, fall=True)
+    alert = FallEvent(
+        alert_id=f"alert-of-{verdict.camera_id}",
+        camera_id=verdict.camera_id,
+        room=verdict.room,
+        state="open",
+        opened_at=verdict.captured_at,
+        first_fall_at=verdict.captured_at,
+        confidence=0.9,
+        evidence_frame_ids=[verdict.frame_id],
+        rule="3 of 5",
+    )
+    return alert, verdict
+
+
 def unique_camera(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:6]}"
 

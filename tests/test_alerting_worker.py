@@ -41,6 +41,7 @@ from tests.alerting_helpers import (
     alerting_worker,
     alerts_for,
     alerts_of,
+    an_open_alert,
     body_alert_id,
     make_verdict,
     produce,
@@ -546,18 +547,7 @@ def test_an_escalation_claimed_by_a_worker_that_died_is_sent_once_its_lease_ends
     stack_state: StackState, tmp_path: Path
 ) -> None:
     settings = alerting_settings(stack_state, tmp_path)
-    verdict = make_verdict(unique_camera("escalated"), 0, fall=True)
-    alert = FallEvent(
-        alert_id=f"alert-of-{verdict.camera_id}",
-        camera_id=verdict.camera_id,
-        room=verdict.room,
-        state="open",
-        opened_at=verdict.captured_at,
-        first_fall_at=verdict.captured_at,
-        confidence=0.9,
-        evidence_frame_ids=[verdict.frame_id],
-        rule="3 of 5",
-    )
+    alert, _ = an_open_alert("escalated")
 
     async def no_answers(topic: str, key: bytes, value: bytes) -> None:
         raise AssertionError("nobody answers here")

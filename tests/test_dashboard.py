@@ -38,11 +38,10 @@ from tests.alerting_helpers import (
     alerting_settings,
     alerting_worker,
     alerts_of,
+    an_open_alert,
     fall_with_frames,
-    make_verdict,
     read_until,
     set_topic_configs,
-    unique_camera,
     wait_for,
 )
 from tests.conftest import REPO, read_all, write_config
@@ -369,19 +368,7 @@ def test_an_answer_whose_label_kafka_refused_can_be_given_again_and_keeps_its_la
     stack_state: StackState, tmp_path: Path
 ) -> None:
     settings = alerting_settings(stack_state, tmp_path)
-    camera = unique_camera("refused-label")
-    verdict = make_verdict(camera, 0, fall=True)
-    alert = FallEvent(
-        alert_id=f"alert-of-{camera}",
-        camera_id=camera,
-        room=verdict.room,
-        state="open",
-        opened_at=verdict.captured_at,
-        first_fall_at=verdict.captured_at,
-        confidence=0.9,
-        evidence_frame_ids=[verdict.frame_id],
-        rule="3 of 5",
-    )
+    alert, verdict = an_open_alert("refused-label")
     # every label is larger than this: the broker refuses it, as it refuses writes while it is unwell
     asyncio.run(set_topic_configs(settings, settings.kafka.topics.labels, {"max.message.bytes": "100"}))
     asyncio.run(answer_while_labels_are_refused(settings, alert))
