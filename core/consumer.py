@@ -14,7 +14,8 @@ worker does not idle for a round trip per batch. Only partitions still held are 
 A rebalance (`RevokeListener`): before the partitions go, the answered batches are committed
 (their acks come in milliseconds), and the records taken but not in a batch are dropped: the
 partitions' next owner reads them again from the committed offsets. A batch fetched before the
-rebalance is still answered; its commit then leaves out the partitions this member no longer holds.
+rebalance is still answered; its commit then leaves out the partitions this member no longer holds,
+and those it lost and got back since it was fetched: their other owner may have committed past it.
 
 Slow is not stuck (`while_paused`): while a worker waits for its model, its partitions are paused
 and the consumer polled every `keepalive_s`, so a batch slower than `max_poll_interval_ms` does not
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 class Arrival:
     record: ConsumerRecord
     at: float  # time.monotonic() when the record was taken into its batch (the worker's queue starts there)
+    revocation: int  # the consumer's revocations before the record was fetched
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,11 @@ class BatchConsumer:
         self.consumer = make_consumer(settings, group_id=group_id, **overrides)
         self.consumer.subscribe([topic], listener=RevokeListener(self))
         self.revocations = 0  # rebalances that took this member's partitions
-        self.taken: deque[ConsumerRecord] = deque()  # taken from the client, not in a batch yet
+        # per held partition, the revocation count when it came to this member; one it kept through a
+        # rebalance keeps its count
+        self.held_since: dict[TopicPartition, int] = {}
+        # taken from the client, not in a batch yet, with the revocations before their fetch
+        self.taken: deque[tuple[ConsumerRecord, int]] = deque()
         self.answered_batches: deque[AnsweredBatch] = deque()  # oldest first, not committed yet
         self.acked_offsets: dict[TopicPartition, int] = {}  # acked, not yet sent in a commit
         self.committing: asyncio.Task[None] | None = None
@@ -131,9 +137,11 @@ class BatchConsumer:
         """Up to `limit` records, oldest first: those already taken from the client, else a new fetch's worth."""
         if not self.taken:
             fetched = await self.consumer.getmany(timeout_ms=max(0, round(wait_s * 1000)))
-            self.taken.extend(record for records in fetched.values() for record in records)
+            # the client drops what it fetched for an assignment a rebalance replaced: these are the current one's
+            self.taken.extend((record, self.revocations) for records in fetched.values() for record in records)
         now = time.monotonic()
-        return [Arrival(self.taken.popleft(), now) for _ in range(min(limit, len(self.taken)))]
+        taken = [self.taken.popleft() for _ in range(min(limit, len(self.taken)))]
+        return [Arrival(record, now, revocation) for record, revocation in taken]
 
     def answered(self, batch: Batch, acks: list[asyncio.Future]) -> None:
         """Hand back an answered batch with the ack futures of its outputs; it is committed once they are acked."""
@@ -153,7 +161,7 @@ class BatchConsumer:
                 # A failed send raises here, and its batch stays at the head: nothing is committed past it,
                 # however often this is called again (by the worker, or the revoke listener before it).
                 ack.result()
-            self.acked_offsets.update(self.answered_batches.popleft().batch.next_offsets())
+            self.acked_offsets.update(self.committable_offsets(self.answered_batches.popleft().batch))
         if self.committing is not None:
             if not self.committing.done():
                 return
@@ -161,6 +169,23 @@ class BatchConsumer:
         if self.acked_offsets:
             self.committing = asyncio.create_task(commit_held_offsets(self.consumer, self.acked_offsets))
             self.acked_offsets = {}
+
+    def committable_offsets(self, batch: Batch) -> dict[TopicPartition, int]:
+        """The batch's offsets, less those of partitions this member lost and got back since their records
+        were fetched: another owner answered them meanwhile and may have committed past this batch."""
+        offsets = batch.next_offsets()
+        stale = {
+            TopicPartition(arrival.record.topic, arrival.record.partition)
+            for arrival in batch.arrivals
+            if self.held_since.get(TopicPartition(arrival.record.topic, arrival.record.partition), 0)
+            > arrival.revocation
+        }
+        if stale:
+            log.info(
+                "offsets of %d partition(s) another member held since their batch was fetched are not committed",
+                len(stale),
+            )
+        return {partition: offset for partition, offset in offsets.items() if partition not in stale}
 
     async def drain(self) -> None:
         """Wait until every answered batch is acked and its offsets are committed."""
@@ -178,6 +203,13 @@ class BatchConsumer:
         self.revocations += 1
         log.info("%d partition(s) revoked; %d record(s) taken ahead are dropped", len(revoked), len(self.taken))
         self.taken.clear()
+
+    def on_assign(self, assigned: set[TopicPartition]) -> None:
+        """The new assignment (the client reports each one, even empty): a partition held before this
+        rebalance and assigned back was never another member's, so it keeps its count."""
+        self.held_since = {partition: self.held_since.get(partition, self.revocations) for partition in assigned}
+        if self.on_assigned is not None:
+            self.on_assigned(assigned)
 
     async def lag(self) -> int:
         """Records behind the end of the held partitions, counting those taken but not in a batch yet."""
@@ -227,5 +259,4 @@ class RevokeListener(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         """The group's committed offsets say where to start; the owner learns what it holds now."""
-        if self.batches.on_assigned is not None:
-            self.batches.on_assigned(set(assigned))
+        self.batches.on_assign(set(assigned))

@@ -166,7 +166,7 @@ def test_offsets_of_partitions_revoked_mid_batch_are_skipped_not_fatal(settings:
             kept = TopicPartition(settings.kafka.topics.frames, 0)
             assert kept in batches.consumer.assignment()
             stray = dataclasses.replace(batch.arrivals[0].record, topic=settings.kafka.topics.verdicts)  # not held
-            held_and_not = Batch([*batch.arrivals, Arrival(stray, 0.0)], 0.0, 0.0)
+            held_and_not = Batch([*batch.arrivals, Arrival(stray, 0.0, 0)], 0.0, 0.0)
             acked: asyncio.Future = asyncio.get_running_loop().create_future()
             acked.set_result(None)
             batches.answered(held_and_not, [acked])
@@ -277,6 +277,74 @@ def test_a_rebalance_mid_batch_loses_nothing_and_the_old_owner_commits_no_revoke
     assert all(outputs[p] == 2 for p in published if p[0] in holds["second"]), "moved: answered again, once"
     assert all(outputs[p] in (1, 2) for p in published if p[0] in holds["first"])
     assert done["second"], "the new owner answered its partitions"
+
+
+def test_a_batch_answered_after_its_partitions_went_and_came_back_does_not_move_their_commit_back(
+    settings: Settings,
+) -> None:
+    """The first member holds a batch when a second joins, takes some partitions, answers past the batch
+    and leaves; the first answers its old batch holding every partition again: the partitions the second
+    committed keep the second's offsets, the ones the first kept get the batch's."""
+    group_id = group()
+    topic = settings.kafka.topics.frames
+
+    async def scenario() -> tuple[Batch, set[int], dict[TopicPartition, int], dict[TopicPartition, int]]:
+        await publish(settings, 40)
+        first, second = BatchConsumer(settings, topic, group_id), BatchConsumer(settings, topic, group_id)
+        producer = make_producer(settings)
+        await first.start()
+        await producer.start()
+        try:
+            held = await first.collect(40, max_wait_s=10, idle_wait_s=30)
+            assert held is not None
+            await second.start()
+            await until_group_stable_with(settings, group_id, 2)
+            await until(lambda: first.revocations >= 1 and first.consumer.assignment(), "the first's new assignment")
+            await until(lambda: second.consumer.assignment(), "the second's assignment")
+            moved = {tp.partition for tp in second.consumer.assignment()}
+            await publish(settings, 40)  # the second answers these too: its commits pass the held batch
+            stop = asyncio.Event()
+            answered: list[Batch] = []
+            worker = asyncio.create_task(answer_until_stopped(second, settings, stop, answered))
+            try:
+                ends = await end_offsets(settings)
+
+                async def second_caught_up() -> bool:
+                    committed = await committed_offsets(settings, group_id)
+                    return all(committed.get(tp) == ends[tp] for tp in ends if tp.partition in moved)
+
+                await until(second_caught_up, "the second to commit its partitions to their end")
+            finally:
+                stop.set()
+                await worker
+            await second.stop()
+            by_second = await committed_offsets(settings, group_id)
+            await until(lambda: len(first.consumer.assignment()) == len(ends), "every partition back with the first")
+            first.answered(held, await answer(producer, settings, held))
+            await first.drain()
+            return held, moved, by_second, await committed_offsets(settings, group_id)
+        finally:
+            await producer.stop()
+            await first.stop()
+            await second.stop()
+
+    held, moved, by_second, committed = asyncio.run(scenario())
+    assert moved and len(moved) < settings.kafka.partitions, "the partitions were shared"
+    for partition, offset in held.next_offsets().items():
+        if partition.partition in moved:
+            assert committed[partition] == by_second[partition] > offset, "the second's commit stands"
+        else:
+            assert committed[partition] == offset, "a partition the first kept commits its batch"
+
+
+async def end_offsets(settings: Settings) -> dict[TopicPartition, int]:
+    consumer = make_consumer(settings, group_id=None)
+    await consumer.start()
+    try:
+        topic = settings.kafka.topics.frames
+        return await consumer.end_offsets([TopicPartition(topic, p) for p in range(settings.kafka.partitions)])
+    finally:
+        await consumer.stop()
 
 
 @pytest.mark.parametrize("keepalive", [True, False], ids=["paused-polls", "no-polls"])
