@@ -15,7 +15,7 @@ from typing import Any
 from alerting.notifications import Notification
 from core.redis_io import redis_client
 from core.settings import RedisSettings
-from schemas import FallEvent, Label, decode, encode
+from schemas import FallEvent, Label, PersonDown, decode, encode
 
 PREFIX = "fallwatch:"
 ACTIVE_ALERTS_KEY = f"{PREFIX}active-alerts"
@@ -53,8 +53,27 @@ def frame_label_key(frame_id: str) -> str:
 
 
 def room_down_key(room: str) -> str:
-    """A set: the cameras of the room that see a person down now (whichever worker owns each)."""
-    return f"{PREFIX}room-down:{room}"
+    """A hash: each camera of the room (whichever worker owns it) to its latest person-down change,
+    `"<changed_at ms> <1 down | 0 up>"`."""
+    return f"{PREFIX}room-cameras-down:{room}"
+
+
+# KEYS: the room's hash; ARGV: camera, changed_at (ms), 1 down / 0 up. Only forwards in capture time, so
+# a change replayed from `person-down` after Redis restarted empty never undoes a newer one; returns how
+# many of the room's cameras see a person down.
+CAMERA_DOWN = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old or tonumber(string.match(old, '^%d+')) <= tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+end
+local down = 0
+for _, value in ipairs(redis.call('HVALS', KEYS[1])) do
+  if string.sub(value, -1) == '1' then
+    down = down + 1
+  end
+end
+return down
+"""
 
 
 # KEYS: alert, camera's open-alert pointer, active set, stream; ARGV: event JSON, stream cap, notification JSON
@@ -139,6 +158,7 @@ class AlertStore:
         self._apply_state = self.redis.register_script(APPLY_STATE)
         self._enqueue = self.redis.register_script(ENQUEUE_DELIVERY)
         self._claim = self.redis.register_script(CLAIM_DELIVERIES)
+        self._camera_down = self.redis.register_script(CAMERA_DOWN)
 
     async def apply(self, event: FallEvent, notification: Notification) -> bool:
         """Store a state change of an alert; False when Redis already has this state or a later one."""
@@ -230,16 +250,12 @@ class AlertStore:
             approximate=True,
         )
 
-    async def camera_down(self, room: str, camera_id: str, down: bool) -> int:
-        """Record a camera's person-down state; returns how many cameras of the room see a person down."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if down:
-                pipe.sadd(room_down_key(room), camera_id)
-            else:
-                pipe.srem(room_down_key(room), camera_id)
-            pipe.scard(room_down_key(room))
-            _, count = await pipe.execute()
-        return int(count)
+    async def camera_down(self, change: PersonDown) -> int:
+        """Record a camera's person-down change unless a newer one is in; returns how many cameras of the
+        room see a person down."""
+        changed_at_ms = round(change.changed_at.timestamp() * 1000)
+        args = [change.camera_id, changed_at_ms, int(change.down)]
+        return int(await self._camera_down(keys=[room_down_key(change.room)], args=args))
 
     async def save_label(self, label: Label) -> None:
         """The label under each of its frame ids (a later answer on the same frames replaces it)."""

@@ -24,13 +24,14 @@ from pathlib import Path
 import pytest
 import redis
 
+from alerting.channels.redis_state import RedisChannel
 from alerting.delivery import Dispatcher
 from alerting.metrics import AlertingMetrics
-from alerting.notifications import link_is_valid, readable_duration
+from alerting.notifications import Notifier, link_is_valid, readable_duration
 from alerting.rules import alert_id_for, rule_name
-from alerting.store import ALERT_STREAM_KEY, AlertStore, alert_key, escalated_key, open_alert_key
+from alerting.store import ALERT_STREAM_KEY, AlertStore, alert_key, escalated_key, open_alert_key, room_down_key
 from alerting.webhooks import WebhookSender, signature_is_valid
-from core.kafka_io import MAX_MESSAGE_BYTES
+from core.kafka_io import MAX_MESSAGE_BYTES, create_topics, make_producer, topic_specs
 from core.settings import CONFIG_ENV, AlertingSettings, RedisSettings, Settings
 from fallwatch.stack import LocalStack, StackState, free_port, stop_pid
 from schemas import DeadLetter, FallEvent, PersonDown, Verdict, decode, encode, utc_now
@@ -577,3 +578,53 @@ def test_an_escalation_claimed_by_a_worker_that_died_is_sent_once_its_lease_ends
     attempts, kinds = asyncio.run(scenario())
     assert attempts == [False, True, True], "not while the lease lasts; then escalated, and known as escalated"
     assert kinds == ["escalation"], "escalated once"
+
+
+def test_after_redis_restarted_empty_a_room_s_down_cameras_come_back_from_person_down(
+    stack_state: StackState, tmp_path: Path
+) -> None:
+    """Two cameras of a room: the bedside one down, the door one down and up again. Redis loses the room's
+    state; the rebuild reads `person-down` back, and a later change counts the bedside camera still down;
+    a replayed change older than the door's last one does not undo it."""
+    settings = alerting_settings(stack_state, tmp_path)
+    room = f"rebuilt {uuid.uuid4().hex[:4]}"
+    start = utc_now()
+
+    def change(camera_id: str, down: bool, after_s: float) -> PersonDown:
+        at = start + timedelta(seconds=after_s)
+        return PersonDown(
+            camera_id=camera_id, room=room, down=down, since=at, changed_at=at, episode_id=f"e-{camera_id}",
+            rule="3 of 5", confidence=0.9, evidence_frame_ids=["f"],
+        )  # fmt: skip
+
+    async def scenario() -> list[int]:
+        await create_topics(settings.kafka, topic_specs(settings), settings.kafka.partitions)
+        changes = [change("bedside", True, 0), change("door", True, 1), change("door", False, 2)]
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            for record in changes:
+                await producer.send_and_wait(settings.kafka.topics.person_down, encode(record), key=record.camera_id.encode())
+        finally:
+            await producer.stop()
+        store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
+        channel = RedisChannel(settings, store, AlertingMetrics(), Notifier(settings.alerting), on_rebuilt=no_requeue)
+        try:
+            for record in changes:  # the live path, before the loss
+                await store.camera_down(record)
+            await store.redis.delete(room_down_key(room))  # Redis restarted empty
+            await channel.tick()
+            await until(lambda: store.is_built(settings.kafka.topics.fall_events), "the rebuild")
+            return [
+                await store.camera_down(change("door", True, 1)),  # replayed late: older than the door's up
+                await store.camera_down(change("bedside", False, 3)),
+            ]
+        finally:
+            await channel.close()
+            await store.close()
+
+    assert asyncio.run(scenario()) == [1, 0], "the bedside camera down after the rebuild, then up"
+
+
+async def no_requeue() -> int:
+    return 0

@@ -177,7 +177,7 @@ class MqttChannel(Channel):
         await self._room_seen(change.room)
         try:
             # the room's cameras may belong to other workers: the room is down while any of them is
-            down = await self.store.camera_down(change.room, change.camera_id, change.down) > 0
+            down = await self.store.camera_down(change) > 0
         except (RedisError, OSError) as exc:
             log.warning(
                 "room %s: person down from this worker's cameras only, Redis unavailable (%s)", change.room, exc

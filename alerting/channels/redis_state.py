@@ -3,7 +3,8 @@
 A new alert is written before it is published, so a reader of `fall-events`
 finds it in Redis; every record of `fall-events` is written until Redis takes
 it (it is the durable record, so waiting loses nothing). When Redis restarted
-empty, one worker replays `fall-events` into it.
+empty, one worker replays `fall-events` into it, and `person-down` (which of a
+room's cameras see a person down, whichever worker owns them).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiokafka import TopicPartition
 from redis.exceptions import RedisError
@@ -22,13 +24,15 @@ from alerting.store import AlertStore
 from core.kafka_io import make_consumer, read_topic_partitions
 from core.retry import retry_until_done
 from core.settings import Settings
-from schemas import FallEvent, SchemaError, decode
+from schemas import FallEvent, Message, PersonDown, SchemaError, decode
 
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (RedisError, OSError)
 REDIS_RETRY_MAX_S = 5.0
 REBUILD_LEASE_S = 120
+
+M = TypeVar("M", bound=Message)
 
 
 class RedisChannel(Channel):
@@ -92,10 +96,13 @@ class RedisChannel(Channel):
     async def _rebuild(self) -> None:
         started = time.monotonic()
         try:
-            events = await read_topic(self.settings, self.topic)
+            events = await read_topic(self.settings, self.topic, FallEvent)
             changed = 0
             for event in events:
                 changed += await self.store.apply(event, self.notifier.notification(event))
+            person_down = await read_topic(self.settings, self.settings.kafka.topics.person_down, PersonDown)
+            for change in person_down:
+                await self.store.camera_down(change)
             # the other channels' Redis state went with the rest: what they had not finished goes back in
             requeued = await self._on_rebuilt()
             await self.store.mark_built(self.topic)
@@ -108,19 +115,21 @@ class RedisChannel(Channel):
             self._rebuilding = False
         self.metrics.state_rebuilds.inc()
         log.warning(
-            "Redis had no alert state: rebuilt from %d records of %s (%d changes, %d active alerts), "
+            "Redis had no alert state: rebuilt from %d records of %s (%d changes, %d active alerts) and %d of %s, "
             "%d deliveries back in the outbox, in %.1f s",
             len(events),
             self.topic,
             changed,
             active,
+            len(person_down),
+            self.settings.kafka.topics.person_down,
             requeued,
             time.monotonic() - started,
         )
 
 
-async def read_topic(settings: Settings, topic: str) -> list[FallEvent]:
-    """Every readable alert event on `topic` from the start up to its end now (unreadable ones skipped)."""
+async def read_topic(settings: Settings, topic: str, model: type[M]) -> list[M]:
+    """Every readable `model` record on `topic` from the start up to its end now (unreadable ones skipped)."""
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()
     try:
@@ -130,14 +139,14 @@ async def read_topic(settings: Settings, topic: str) -> list[FallEvent]:
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
-        events: list[FallEvent] = []
+        events: list[M] = []
         while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
             for records in (await consumer.getmany(*partitions, timeout_ms=1000)).values():
                 for record in records:
                     try:
-                        events.append(decode(FallEvent, record.value))
+                        events.append(decode(model, record.value))
                     except SchemaError:
-                        continue  # dead-lettered by deliver-alerts when it met it
+                        continue  # dead-lettered by the agent that met it
         return events
     finally:
         await consumer.stop()
