@@ -11,7 +11,8 @@ import dataclasses
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -221,6 +222,32 @@ def test_every_record_is_answered_and_committed_end_to_end(settings: Settings) -
     assert lag == 0, "every answered record committed"
 
 
+@asynccontextmanager
+async def a_batch_held_when_a_second_member_joins(
+    settings: Settings, group_id: str, count: int
+) -> AsyncIterator[tuple[BatchConsumer, BatchConsumer, AIOKafkaProducer, set[Position], Batch]]:
+    """`count` records published (their positions) and held in one batch of the first member when a second
+    joins; the second's join, done by the clients in the background, shares the partitions between the two."""
+    topic = settings.kafka.topics.frames
+    published = await publish(settings, count)
+    first, second = BatchConsumer(settings, topic, group_id), BatchConsumer(settings, topic, group_id)
+    producer = make_producer(settings)
+    await first.start()
+    await producer.start()
+    try:
+        held = await first.collect(count, max_wait_s=10, idle_wait_s=30)
+        assert held is not None
+        await second.start()
+        await until_group_stable_with(settings, group_id, 2)
+        await until(lambda: first.revocations >= 1 and first.consumer.assignment(), "the first's new assignment")
+        await until(lambda: second.consumer.assignment(), "the second's assignment")
+        yield first, second, producer, published, held
+    finally:
+        await producer.stop()
+        await first.stop()
+        await second.stop()
+
+
 def test_a_rebalance_mid_batch_loses_nothing_and_the_old_owner_commits_no_revoked_partition(
     settings: Settings,
 ) -> None:
@@ -228,22 +255,10 @@ def test_a_rebalance_mid_batch_loses_nothing_and_the_old_owner_commits_no_revoke
     answered after the rebalance and committed for the partitions the first still holds only; both members
     then answer everything, and the group commits it all."""
     group_id = group()
-    topic = settings.kafka.topics.frames
 
     async def scenario() -> tuple[set[Position], Counter[Position], Batch, dict[str, set[int]], dict, dict]:
-        published = await publish(settings, 80)
-        first, second = BatchConsumer(settings, topic, group_id), BatchConsumer(settings, topic, group_id)
-        producer = make_producer(settings)
-        await first.start()
-        await producer.start()
-        try:
-            held = await first.collect(80, max_wait_s=10, idle_wait_s=30)
-            assert held is not None
-            await second.start()
-            # the second member's join, done by the clients in the background, revokes the first's partitions
-            await until_group_stable_with(settings, group_id, 2)
-            await until(lambda: first.revocations >= 1 and first.consumer.assignment(), "the first's new assignment")
-            await until(lambda: second.consumer.assignment(), "the second's assignment")
+        joined = a_batch_held_when_a_second_member_joins(settings, group_id, 80)
+        async with joined as (first, second, producer, published, held):
             holds = {
                 name: {tp.partition for tp in member.consumer.assignment()}
                 for name, member in (("first", first), ("second", second))
@@ -262,10 +277,6 @@ def test_a_rebalance_mid_batch_loses_nothing_and_the_old_owner_commits_no_revoke
             finally:
                 stop.set()
                 await asyncio.gather(*workers)
-        finally:
-            await producer.stop()
-            await first.stop()
-            await second.stop()
         return published, await answered_positions(settings), held, holds, committed_by_old_owner, done
 
     published, outputs, held, holds, committed_by_old_owner, done = asyncio.run(scenario())
@@ -286,21 +297,10 @@ def test_a_batch_answered_after_its_partitions_went_and_came_back_does_not_move_
     and leaves; the first answers its old batch holding every partition again: the partitions the second
     committed keep the second's offsets, the ones the first kept get the batch's."""
     group_id = group()
-    topic = settings.kafka.topics.frames
 
     async def scenario() -> tuple[Batch, set[int], dict[TopicPartition, int], dict[TopicPartition, int]]:
-        await publish(settings, 40)
-        first, second = BatchConsumer(settings, topic, group_id), BatchConsumer(settings, topic, group_id)
-        producer = make_producer(settings)
-        await first.start()
-        await producer.start()
-        try:
-            held = await first.collect(40, max_wait_s=10, idle_wait_s=30)
-            assert held is not None
-            await second.start()
-            await until_group_stable_with(settings, group_id, 2)
-            await until(lambda: first.revocations >= 1 and first.consumer.assignment(), "the first's new assignment")
-            await until(lambda: second.consumer.assignment(), "the second's assignment")
+        joined = a_batch_held_when_a_second_member_joins(settings, group_id, 40)
+        async with joined as (first, second, producer, _published, held):
             moved = {tp.partition for tp in second.consumer.assignment()}
             await publish(settings, 40)  # the second answers these too: its commits pass the held batch
             stop = asyncio.Event()
@@ -323,10 +323,6 @@ def test_a_batch_answered_after_its_partitions_went_and_came_back_does_not_move_
             first.answered(held, await answer(producer, settings, held))
             await first.drain()
             return held, moved, by_second, await committed_offsets(settings, group_id)
-        finally:
-            await producer.stop()
-            await first.stop()
-            await second.stop()
 
     held, moved, by_second, committed = asyncio.run(scenario())
     assert moved and len(moved) < settings.kafka.partitions, "the partitions were shared"
