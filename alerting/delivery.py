@@ -78,9 +78,15 @@ class Dispatcher:
             await channel.snapshot_ready(alert)
 
     async def escalate(self, alert: FallEvent) -> bool:
-        """Once per alert (also across workers when Redis is up), through every channel. False while another
-        worker holds the claim and has not sent it yet: ask again later (it may have died meanwhile)."""
+        """Once per alert (also across workers when Redis is up), through every channel, unless Redis knows
+        it was answered; True when that is done. False while another worker holds the claim and has not
+        sent it yet: ask again later (it may have died meanwhile)."""
         try:
+            stored = await self.store.alert(alert.alert_id)
+            if stored is not None and stored.state != "open":
+                # answered through the dashboard or MQTT, and not read back from fall-events yet
+                log.info("alert %s was %s before its escalation: not escalated", alert.alert_id, stored.state)
+                return True
             if not await self.store.claim_escalation(alert.alert_id):
                 return await self.store.escalation_is_sent(alert.alert_id)
         except (RedisError, OSError) as exc:

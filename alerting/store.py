@@ -15,7 +15,7 @@ from typing import Any
 from alerting.notifications import Notification
 from core.redis_io import redis_client
 from core.settings import RedisSettings
-from schemas import FallEvent, Label, PersonDown, decode, encode
+from schemas import AlertState, FallEvent, Label, PersonDown, decode, encode
 
 PREFIX = "fallwatch:"
 ACTIVE_ALERTS_KEY = f"{PREFIX}active-alerts"
@@ -76,16 +76,26 @@ return down
 """
 
 
-# KEYS: alert, camera's open-alert pointer, active set, stream; ARGV: event JSON, stream cap, notification JSON
-APPLY_STATE = """
+# an alert's states only move forwards: a state never replaces one of the same or a higher rank
+STATE_RANK: dict[AlertState, int] = {"open": 0, "acknowledged": 1, "resolved": 2, "false_alarm": 2}
+ACTIVE_STATES: frozenset[AlertState] = frozenset({"open", "acknowledged"})
+
+# KEYS: alert, camera's open-alert pointer, active set, stream; ARGV: event JSON, stream cap, notification JSON,
+# 1 to add the change to the stream / 0 not
+APPLY_STATE = (
+    """
 local new = cjson.decode(ARGV[1])
-local rank = {open = 0, acknowledged = 1, resolved = 2, false_alarm = 2}
+local rank = """
+    + "{"
+    + ", ".join(f"{state} = {rank}" for state, rank in STATE_RANK.items())
+    + "}"
+    + """
 local old = redis.call('GET', KEYS[1])
 if old and rank[cjson.decode(old)['state']] >= rank[new['state']] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1])
-if new['state'] == 'open' or new['state'] == 'acknowledged' then
+if new['state'] == 'open' or new['state'] == 'acknowledged' then  -- ACTIVE_STATES
   redis.call('SADD', KEYS[3], new['alert_id'])
   redis.call('SET', KEYS[2], new['alert_id'])
 else
@@ -94,8 +104,23 @@ else
     redis.call('DEL', KEYS[2])
   end
 end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*',
-  'kind', 'state', 'alert_id', new['alert_id'], 'state', new['state'], 'event', ARGV[1], 'notification', ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*',
+    'kind', 'state', 'alert_id', new['alert_id'], 'state', new['state'], 'event', ARGV[1], 'notification', ARGV[3])
+end
+return 1
+"""
+)
+
+# KEYS: alert, stream; ARGV: alert id, event JSON, stream cap, notification JSON. Only while the alert is
+# still open in Redis: an answer that came in meanwhile must not be shown as "not acknowledged" again.
+ADD_ESCALATION = """
+local stored = redis.call('GET', KEYS[1])
+if stored and cjson.decode(stored)['state'] ~= 'open' then
+  return 0
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',
+  'kind', 'escalation', 'alert_id', ARGV[1], 'state', 'open', 'event', ARGV[2], 'notification', ARGV[4])
 return 1
 """
 
@@ -159,11 +184,18 @@ class AlertStore:
         self._enqueue = self.redis.register_script(ENQUEUE_DELIVERY)
         self._claim = self.redis.register_script(CLAIM_DELIVERIES)
         self._camera_down = self.redis.register_script(CAMERA_DOWN)
+        self._add_escalation = self.redis.register_script(ADD_ESCALATION)
 
-    async def apply(self, event: FallEvent, notification: Notification) -> bool:
-        """Store a state change of an alert; False when Redis already has this state or a later one."""
+    async def apply(self, event: FallEvent, notification: Notification, to_stream: bool = True) -> bool:
+        """Store a state change of an alert, and add it to the stream unless `to_stream` is False; False when
+        Redis already has this state or a later one."""
         keys = [alert_key(event.alert_id), open_alert_key(event.camera_id), ACTIVE_ALERTS_KEY, ALERT_STREAM_KEY]
-        args: list[bytes | int | str] = [encode(event), self.stream_maxlen, notification.model_dump_json()]
+        args: list[bytes | int | str] = [
+            encode(event),
+            self.stream_maxlen,
+            notification.model_dump_json(),
+            int(to_stream),
+        ]
         return bool(await self._apply_state(keys=keys, args=args))
 
     async def alert(self, alert_id: str) -> FallEvent | None:
@@ -235,20 +267,11 @@ class AlertStore:
                     break
         return list(closed.values())
 
-    async def add_escalation(self, alert: FallEvent, notification: Notification) -> None:
-        fields: dict[str | bytes, str | bytes] = {
-            "kind": "escalation",
-            "alert_id": alert.alert_id,
-            "state": alert.state,
-            "event": encode(alert),
-            "notification": notification.model_dump_json(),
-        }
-        await self.redis.xadd(
-            ALERT_STREAM_KEY,
-            fields,
-            maxlen=self.stream_maxlen,
-            approximate=True,
-        )
+    async def add_escalation(self, alert: FallEvent, notification: Notification) -> bool:
+        """The escalation on the stream; False when Redis knows the alert is no longer open (not added)."""
+        keys = [alert_key(alert.alert_id), ALERT_STREAM_KEY]
+        args = [alert.alert_id, encode(alert), self.stream_maxlen, notification.model_dump_json()]
+        return bool(await self._add_escalation(keys=keys, args=args))
 
     async def camera_down(self, change: PersonDown) -> int:
         """Record a camera's person-down change unless a newer one is in; returns how many cameras of the

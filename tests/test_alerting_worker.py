@@ -598,33 +598,108 @@ def test_after_redis_restarted_empty_a_room_s_down_cameras_come_back_from_person
         )  # fmt: skip
 
     async def scenario() -> list[int]:
-        await create_topics(settings.kafka, topic_specs(settings), settings.kafka.partitions)
         changes = [change("bedside", True, 0), change("door", True, 1), change("door", False, 2)]
-        producer = make_producer(settings)
-        await producer.start()
-        try:
-            for record in changes:
-                await producer.send_and_wait(settings.kafka.topics.person_down, encode(record), key=record.camera_id.encode())
-        finally:
-            await producer.stop()
+        await logged(settings, settings.kafka.topics.person_down, changes)
         store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
-        channel = RedisChannel(settings, store, AlertingMetrics(), Notifier(settings.alerting), on_rebuilt=no_requeue)
         try:
             for record in changes:  # the live path, before the loss
                 await store.camera_down(record)
             await store.redis.delete(room_down_key(room))  # Redis restarted empty
-            await channel.tick()
-            await until(lambda: store.is_built(settings.kafka.topics.fall_events), "the rebuild")
+            await rebuilt(settings, store)
             return [
                 await store.camera_down(change("door", True, 1)),  # replayed late: older than the door's up
                 await store.camera_down(change("bedside", False, 3)),
             ]
         finally:
-            await channel.close()
             await store.close()
 
     assert asyncio.run(scenario()) == [1, 0], "the bedside camera down after the rebuild, then up"
 
 
-async def no_requeue() -> int:
-    return 0
+def test_a_rebuild_tells_the_caregivers_stream_only_of_the_alerts_still_active(
+    stack_state: StackState, tmp_path: Path
+) -> None:
+    """`fall-events` holds an alert opened and resolved, and one opened (while Redis was away, say): after
+    the rebuild, the stream has the open one only; a page replaying the closed one's `open` would page a
+    caregiver for it."""
+    settings = alerting_settings(stack_state, tmp_path)
+    closed, _ = an_open_alert("closed")
+    still_open, _ = an_open_alert("still-open")
+
+    async def scenario() -> tuple[list[tuple[str, str]], FallEvent | None, list[FallEvent]]:
+        resolved = closed.model_copy(update={"state": "resolved"})
+        await logged(settings, settings.kafka.topics.fall_events, [closed, resolved, still_open])
+        store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
+        try:
+            after = await store.last_event_id()
+            await rebuilt(settings, store)
+            entries = await store.read_events(after, block_ms=1)
+            streamed = [(fields["alert_id"], fields["state"]) for _, fields in entries]
+            return streamed, await store.alert(closed.alert_id), await store.active_alerts()
+        finally:
+            await store.close()
+
+    streamed, stored_closed, active = asyncio.run(scenario())
+    assert streamed == [(still_open.alert_id, "open")]
+    assert stored_closed is not None and stored_closed.state == "resolved", "the closed alert is in Redis all the same"
+    assert still_open.alert_id in {alert.alert_id for alert in active}
+
+
+def test_an_alert_answered_before_its_escalation_is_not_escalated(stack_state: StackState, tmp_path: Path) -> None:
+    """The dashboard stored an acknowledgement the worker's camera state has not read back from `fall-events`
+    yet: the escalation of the `open` it still holds is not sent, and the stream keeps the alert acknowledged."""
+    settings = alerting_settings(stack_state, tmp_path)
+    alert, _ = an_open_alert("answered")
+
+    async def no_answers(topic: str, key: bytes, value: bytes) -> None:
+        raise AssertionError("nobody answers here")
+
+    async def scenario() -> tuple[bool, bool, list[str]]:
+        store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
+        dispatcher = Dispatcher.for_settings(settings, AlertingMetrics(), no_answers)
+        notifier = Notifier(settings.alerting)
+        try:
+            acknowledged = alert.model_copy(update={"state": "acknowledged"})
+            for event in (alert, acknowledged):
+                await store.apply(event, notifier.notification(event))
+            done = await dispatcher.escalate(alert)
+            added = await store.add_escalation(alert, notifier.notification(alert, escalated=True))
+            entries = await store.redis.xrange(ALERT_STREAM_KEY)
+            kinds = [
+                fields[b"kind"].decode() for _, fields in entries if fields[b"alert_id"] == alert.alert_id.encode()
+            ]
+            return done, added, kinds
+        finally:
+            await dispatcher.close()
+            await store.close()
+
+    done, added, kinds = asyncio.run(scenario())
+    assert done, "nothing left to do for it: not asked again"
+    assert not added, "the stream refuses an escalation of an answered alert too"
+    assert kinds == ["state", "state"], "open, acknowledged: no escalation"
+
+
+async def logged(settings: Settings, topic: str, records: list[PersonDown] | list[FallEvent]) -> None:
+    """`records` on `topic`, keyed by camera as alerting sends them."""
+    await create_topics(settings.kafka, topic_specs(settings), settings.kafka.partitions)
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for record in records:
+            await producer.send_and_wait(topic, encode(record), key=record.camera_id.encode())
+    finally:
+        await producer.stop()
+
+
+async def rebuilt(settings: Settings, store: AlertStore) -> None:
+    """Redis as the Redis channel rebuilds it on this test's topics (never built before)."""
+
+    async def no_requeue() -> int:
+        return 0
+
+    channel = RedisChannel(settings, store, AlertingMetrics(), Notifier(settings.alerting), on_rebuilt=no_requeue)
+    try:
+        await channel.tick()
+        await until(lambda: store.is_built(settings.kafka.topics.fall_events), "the rebuild")
+    finally:
+        await channel.close()

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from alerting.channels.base import Channel
 from alerting.metrics import AlertingMetrics
 from alerting.notifications import Notifier
-from alerting.store import AlertStore
+from alerting.store import ACTIVE_STATES, STATE_RANK, AlertStore
 from core.kafka_io import make_consumer, read_topic_partitions
 from core.retry import retry_until_done
 from core.settings import Settings
@@ -98,8 +98,11 @@ class RedisChannel(Channel):
         try:
             events = await read_topic(self.settings, self.topic, FallEvent)
             changed = 0
-            for event in events:
-                changed += await self.store.apply(event, self.notifier.notification(event))
+            for event in latest_states(events):
+                # only alerts still active go to the stream: a caregiver's page must not be told of closed ones
+                # as news, and one that opened while Redis was away is news
+                notification = self.notifier.notification(event)
+                changed += await self.store.apply(event, notification, to_stream=event.state in ACTIVE_STATES)
             person_down = await read_topic(self.settings, self.settings.kafka.topics.person_down, PersonDown)
             for change in person_down:
                 await self.store.camera_down(change)
@@ -126,6 +129,16 @@ class RedisChannel(Channel):
             requeued,
             time.monotonic() - started,
         )
+
+
+def latest_states(events: list[FallEvent]) -> list[FallEvent]:
+    """Each alert's furthest state (the one the store keeps of all of them), in the order first seen."""
+    latest: dict[str, FallEvent] = {}
+    for event in events:
+        known = latest.get(event.alert_id)
+        if known is None or STATE_RANK[event.state] > STATE_RANK[known.state]:
+            latest[event.alert_id] = event
+    return list(latest.values())
 
 
 async def read_topic(settings: Settings, topic: str, model: type[M]) -> list[M]:
