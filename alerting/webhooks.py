@@ -7,9 +7,12 @@ Each POST carries the alert (a `FallEvent` as JSON, with the notification's fiel
 - `X-Fallwatch-Signature`: `sha256=` + hex HMAC-SHA256 with the shared secret over
   `timestamp + "." + body` (reject a request whose timestamp is too old: replays);
 - `X-Fallwatch-Event`: `alert.opened` or `alert.escalated`;
-- `Idempotency-Key`: the alert id; a retried or redelivered notification repeats it.
+- `Idempotency-Key`: the alert id and the event (`<alert id>:alert.opened`); a retried or
+  redelivered notification repeats it, the escalation of the same alert has its own.
 
-Connection errors, timeouts, 429 and 5xx are retried; any other 4xx is final.
+Connection errors, timeouts, 429 and 5xx are retried; any other 4xx is final. A redirect is not
+followed (a POST redirected becomes a GET without the alert, and the signed headers would go to
+another host): it is final, and the log names where it points.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ def signature_is_valid(
     return fresh and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
+def idempotency_key(alert_id: str, event_name: str) -> str:
+    return f"{alert_id}:{event_name}"
+
+
 def retryable(status: int) -> bool:
     return status == 429 or status >= 500
 
@@ -82,13 +89,15 @@ class WebhookSender:
             TIMESTAMP_HEADER: timestamp,
             SIGNATURE_HEADER: sign(self.settings.webhook_key(), timestamp, body),
             EVENT_HEADER: event_name,
-            IDEMPOTENCY_HEADER: alert_id,
+            IDEMPOTENCY_HEADER: idempotency_key(alert_id, event_name),
         }
         try:
-            async with self._client().post(url, data=body, headers=headers) as response:
+            async with self._client().post(url, data=body, headers=headers, allow_redirects=False) as response:
                 if response.status < 300:
                     return Attempt(accepted=True, final=True, problem="")
                 problem = f"HTTP {response.status}"
+                if 300 <= response.status < 400:
+                    problem += f", a redirect to {response.headers.get('Location', '?')} (not followed: set that URL)"
                 if not retryable(response.status):
                     log.error("webhook %s refused %s for alert %s: %s", url, event_name, alert_id, problem)
                     return Attempt(accepted=False, final=True, problem=problem)

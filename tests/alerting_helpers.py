@@ -283,6 +283,11 @@ class Delivery:
     status: int
     body: bytes
 
+    @property
+    def alert_id(self) -> str:
+        """The alert the idempotency key names (`<alert id>:<event>`)."""
+        return self.idempotency_key.rpartition(":")[0]
+
 
 @dataclass
 class WebhookReceiver:
@@ -299,7 +304,7 @@ class WebhookReceiver:
 
     def received(self, path: str, alert_id: str) -> list[Delivery]:
         with self.lock:
-            return [d for d in self.deliveries if d.path == path and d.idempotency_key == alert_id]
+            return [d for d in self.deliveries if d.path == path and d.alert_id == alert_id]
 
     def handle(self, path: str, headers: dict[str, str], body: bytes) -> int:
         timestamp = headers.get("X-Fallwatch-Timestamp", "")

@@ -13,12 +13,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -261,6 +263,9 @@ def test_signed_webhook_is_retried_and_an_unacknowledged_alert_escalates(
         timeout_s=30,
     )
     assert all(d.signature_valid and d.event == "alert.escalated" for d in escalations)
+    # its own idempotency key: a receiver deduping by it must not drop the escalation as a repeat
+    assert {d.idempotency_key for d in tries} == {f"{alert.alert_id}:alert.opened"}
+    assert {d.idempotency_key for d in escalations} == {f"{alert.alert_id}:alert.escalated"}
     escalated = json.loads(escalations[-1].body)
     assert escalated["escalated"] and "nobody has acknowledged it" in escalated["message"]
     stream = store.xrange(ALERT_STREAM_KEY)
@@ -428,6 +433,54 @@ def test_webhook_sender_gives_up_on_a_refusal_at_once_and_on_a_dead_receiver_aft
     assert (refusal.status, refusal.signature_valid) == (401, False)
     retries = [r for r in caplog.records if f":{dead_port}/" in r.getMessage() and "retrying" in r.getMessage()]
     assert len(retries) == 2, "three attempts: two retries, then it gives up"
+
+
+def test_a_webhook_that_redirects_is_not_followed_and_not_counted_as_delivered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A POST redirected (an http URL behind a redirect to https, say) would arrive as a GET without the alert,
+    and a 2xx there would count as delivered."""
+    requests: list[tuple[str, str]] = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            requests.append(("POST", self.path))
+            self.send_response(302)
+            self.send_header("Location", "/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            requests.append(("GET", self.path))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Redirecting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    alert, _ = an_open_alert("redirected")
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+
+    async def send() -> bool:
+        sender = WebhookSender(AlertingSettings(webhook_urls=[url], webhook_secret="s", webhook_attempts=3))
+        try:
+            return await sender.deliver(url, "alert.opened", alert.alert_id, encode(alert))
+        finally:
+            await sender.close()
+
+    try:
+        delivered = asyncio.run(send())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not delivered
+    assert requests == [("POST", "/hook")], "one try, the redirect not followed, nothing retried"
+    refused = [r.getMessage() for r in caplog.records if "refused alert.opened" in r.getMessage()]
+    assert len(refused) == 1 and "HTTP 302, a redirect to /elsewhere (not followed: set that URL)" in refused[0]
 
 
 def table_rows(output: str) -> list[dict[str, list[str]]]:

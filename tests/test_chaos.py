@@ -240,9 +240,9 @@ def finish(pipeline: Pipeline, name: str, frames: list[Frame], dead_letters: int
 
     def delivered() -> Counter[str]:
         return Counter(
-            delivery.idempotency_key
+            delivery.alert_id
             for delivery in pipeline.receiver.deliveries
-            if delivery.status == 200 and delivery.idempotency_key in alert_ids
+            if delivery.status == 200 and delivery.alert_id in alert_ids
         )
 
     wait_for(lambda: set(delivered()) == alert_ids, f"the webhook of every alert of {name}", WAIT_S)
