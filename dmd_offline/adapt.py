@@ -17,7 +17,11 @@ From the frames of a window (`dmd.since` / `dmd.until` of the `frames` topic, or
    the candidate pair serves (its edge's answer, or the cloud's where its switcher defers) must be
    right on them at least as often as what the running pair serves, and say "fall" on the
    caregiver-acknowledged fall frames at least as often; its switcher's routing must be right on
-   them at least as often as uncertainty deferral of as many frames. On a slice without labels,
+   them at least as often as uncertainty deferral of as many frames. Where the labels hold no
+   acknowledged fall (false alarms only, the usual case), the falls are judged on the held-out
+   splits of `original_data` instead: the candidate edge must say "fall" on its fall images at
+   least as often as the running edge, or a model that never says "fall" would pass on the
+   false alarms alone. On a slice without labels,
    the candidate's edge must agree with the cloud at least as often as the running edge, and its F1
    on the cloud's fall answers must be as high (where falls are rare, saying "no fall" more agrees
    more and is no gain), and its switcher's routing must agree with the cloud at least as often as
@@ -38,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable
@@ -83,6 +88,7 @@ from edge_workers.switcher import (
 log = logging.getLogger(__name__)
 
 PREDICT_BATCH = 16
+HELD_OUT_SPLITS = ("val", "test")  # of original_data: what the edge model did not learn from
 ROUTING_CHECK = "switcher vs uncertainty"
 DECILES = [q / 10 for q in range(1, 10)]
 
@@ -129,7 +135,8 @@ def answer_in_cloud(pending: list[tuple[AdaptFrame, ReplayItem]], cloud_model: C
     assert cloud_model is not None
     probabilities = cloud_model.predict([item.clip() for _, item in pending])
     for (frame, _), probability in zip(pending, probabilities, strict=True):
-        frame.cloud_probability = float(probability)
+        # a cloud model that answers NaN has not answered: the frame is no "no fall" target
+        frame.cloud_probability = float(probability) if math.isfinite(probability) else None
     pending.clear()
 
 
@@ -276,9 +283,19 @@ REFUSALS = {
     "the running pair on {r:.1%}",
     "caregiver falls": "the candidate pair says fall on {c:.1%} of the {f} caregiver-acknowledged fall frames, "
     "the running pair on {r:.1%}",
+    "original falls": "no caregiver acknowledged a fall on the held-out slice, and the candidate says fall on "
+    "{c:.1%} of the {o} fall images of original_data's held-out splits, the running edge on {r:.1%}",
     ROUTING_CHECK: "the candidate's switcher is right on {c:.1%} with {s:.0%} to the cloud, "
     "uncertainty deferral on {r:.1%}",
 }
+
+
+@dataclass(frozen=True)
+class KnownFalls:
+    """Which fall images of `original_data`'s held-out splits each edge model calls a fall."""
+
+    candidate: np.ndarray
+    running: np.ndarray
 
 
 @dataclass
@@ -288,6 +305,7 @@ class GateResult:
     cloud_share: float  # the candidate switcher's share of the held-out frames to the cloud
     labelled: int = 0  # held-out frames with a caregiver's label
     labelled_falls: int = 0
+    original_falls: int = 0  # fall images of original_data that judged the falls instead (none acknowledged)
     passed_over: GateCheck | None = None  # the learned switcher's routing check, where the confidence router won
 
     @property
@@ -302,6 +320,7 @@ class GateResult:
                 s=self.cloud_share,
                 n=self.labelled,
                 f=self.labelled_falls,
+                o=self.original_falls,
             )
             for check in self.checks
             if not check.passed
@@ -352,9 +371,11 @@ def gate(
     running: EdgeBatch,
     running_deferred: np.ndarray,
     settings: Settings,
+    known_falls: KnownFalls | None = None,
 ) -> GateResult:
     """The checks of the module docstring on the held-out frames; `*_deferred`: each pair's switcher sends
-    the frame to the cloud (all False for a running edge model without a switcher).
+    the frame to the cloud (all False for a running edge model without a switcher); `known_falls` judges
+    the falls where the labels acknowledge none.
 
     Caregiver labels, where the slice has any, decide: they say where the cloud itself is wrong (a
     person lying on a bed is no fall, whatever the cloud answers), so agreement with the cloud is
@@ -378,6 +399,7 @@ def gate(
         passed = ours is None or theirs is None or ours >= theirs - tolerance
         return GateCheck(name, ours, theirs, passed)
 
+    original_falls = 0
     # a frame can only be answered by the cloud where the cloud's answer is known
     deferred, running_deferred = candidate_deferred & cloud_known, running_deferred & cloud_known
     if labelled.any():
@@ -386,6 +408,9 @@ def gate(
             check("caregiver labels", share(labelled, new_served == labels), share(labelled, old_served == labels)),
             check("caregiver falls", share(falls, new_served), share(falls, old_served)),
         ]
+        if not falls.any() and known_falls is not None:
+            checks.append(check("original falls", known_falls.candidate.mean(), known_falls.running.mean()))
+            original_falls = len(known_falls.candidate)
         judged, reference = labelled & cloud_known, labels
     else:
         # agreeing more by saying "no fall" more is no gain where falls are rare: F1 on the cloud's falls too
@@ -402,7 +427,7 @@ def gate(
         by_switcher, by_uncertainty, by_chance = deferral_rightness(*args)
         checks.append(replace(check(ROUTING_CHECK, by_switcher, by_uncertainty), by_chance=by_chance))
     cloud_share = float(candidate_deferred.mean()) if len(frames) else 0.0
-    return GateResult(len(frames), checks, cloud_share, int(labelled.sum()), int(falls.sum()))
+    return GateResult(len(frames), checks, cloud_share, int(labelled.sum()), int(falls.sum()), original_falls)
 
 
 def fall_f1(says_fall: np.ndarray, reference: np.ndarray) -> float | None:
@@ -511,9 +536,29 @@ class Adaptation:
     ) -> tuple[Switcher, ThresholdChoice, GateResult, Calibration]:
         """The gate on the held-out frames, both pairs answering them (`routed_gate`)."""
         images = [f.image_rgb for f in frames]
-        candidate_out, running_out = predict(edge, images), predict(self.base_model(), images)
+        base = self.base_model()
+        candidate_out, running_out = predict(edge, images), predict(base, images)
         running_deferred = self.running_deferred(running_out, frames)
-        return routed_gate(frames, oof, switcher, choice, candidate_out, running_out, running_deferred, self.settings)
+        labelled = [f.label for f in frames if f.label is not None]
+        known_falls = self.known_falls(edge, base) if labelled and not any(labelled) else None
+        return routed_gate(
+            frames, oof, switcher, choice, candidate_out, running_out, running_deferred, self.settings, known_falls
+        )
+
+    def known_falls(self, candidate: ViltEdgeModel, running: ViltEdgeModel) -> KnownFalls | None:
+        """Both edges on the fall images of `original_data`'s held-out splits (None where it is not set)."""
+        shortest = int(running.processor.image_processor.size["shortest_edge"])
+        held = original_images(self.settings.dmd.adapt.original_data, shortest, HELD_OUT_SPLITS)
+        if held is None:
+            return None
+        falls = [image for image, target in zip(held.images, held.targets, strict=True) if target == 1]
+        if not falls:
+            return None
+        threshold = self.settings.edge.decision_threshold
+        return KnownFalls(
+            predict(candidate, falls).fall_probability >= threshold,
+            predict(running, falls).fall_probability >= threshold,
+        )
 
     def running_deferred(self, output: EdgeBatch, frames: list[AdaptFrame]) -> np.ndarray:
         """The frames the running pair's switcher sends to the cloud (none without a switcher)."""
@@ -556,6 +601,7 @@ def routed_gate(
     running_out: EdgeBatch,
     running_deferred: np.ndarray,
     settings: Settings,
+    known_falls: KnownFalls | None = None,
 ) -> tuple[Switcher, ThresholdChoice, GateResult, Calibration]:
     """The gate with the learned switcher; where it does not earn its place against the edge's own
     confidence (`earns_its_place`), with the confidence router in its place (`dmd.adapt.confidence_fallback`).
@@ -572,7 +618,7 @@ def routed_gate(
         on_slice = replace(fitted, threshold=threshold, deferred_share=deferred / len(scores))
         # judged as the workers will route it: at `edge.switcher_threshold` where that overrides its own
         served = scores < served_threshold(settings.edge, threshold)
-        result = gate(frames, candidate_out, served, running_out, running_deferred, settings)
+        result = gate(frames, candidate_out, served, running_out, running_deferred, settings, known_falls)
         return scores, on_slice, result
 
     scores, choice, result = gated(switcher, choice)
@@ -647,8 +693,12 @@ def publish_candidate(settings: Settings, candidate: Candidate, window: str) -> 
     )
     with tempfile.TemporaryDirectory(prefix="fallwatch-adapt-") as scratch:
         edge_dir = save_edge(candidate.edge, Path(scratch) / "edge")
-        save_pair(registry, pair, edge_dir, candidate.switcher, metadata)
-    activate(registry, version)
+        written = save_pair(registry, pair, edge_dir, candidate.switcher, metadata)
+    try:
+        activate(registry, version, replacing=candidate.running.version)
+    except ConfigError:
+        shutil.rmtree(written)  # judged against a version no longer active: nothing names it
+        raise
     return version
 
 
@@ -662,13 +712,15 @@ def shrunk(image: np.ndarray, shortest_edge: int) -> np.ndarray:
     return cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
 
 
-def original_images(folder: Path | None, shortest_edge: int) -> TrainingImages | None:
-    """The train split of the image folder the edge model learnt from (`dmd.adapt.original_data`)."""
+def original_images(
+    folder: Path | None, shortest_edge: int, splits: tuple[str, ...] = ("train",)
+) -> TrainingImages | None:
+    """The images of `splits` of the image folder the edge model learnt from (`dmd.adapt.original_data`)."""
     if folder is None:
         return None
-    items = [item for item in image_folder_items(folder) if item.split == "train"]
+    items = [item for item in image_folder_items(folder) if item.split in splits]
     if not items:
-        raise ConfigError(f"dmd.adapt.original_data: {folder}/labels.csv has no train split")
+        raise ConfigError(f"dmd.adapt.original_data: {folder}/labels.csv has no {' or '.join(splits)} split")
     return TrainingImages(
         [shrunk(item.image_rgb, shortest_edge) for item in items],
         np.array([item.ground_truth for item in items], dtype=np.int64),

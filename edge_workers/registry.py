@@ -17,12 +17,14 @@ With `edge.model_registry` the worker serves an edge model and its switcher publ
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -162,6 +164,7 @@ class SwitcherRegistry(PolledRegistry):
 
 ACTIVE_FILE = "ACTIVE"
 VERSION_FILE = "version.json"
+LOCK_FILE = ".lock"  # held while ACTIVE is read and replaced (`registry_lock`)
 PAIR_EDGE_DIR = "edge"
 PAIR_SWITCHER_DIR = "switcher"
 
@@ -207,34 +210,77 @@ def read_active(registry: Path) -> ActivePointer | None:
         return ActivePointer.model_validate_json(path.read_text())
     except ValidationError as exc:
         raise ConfigError(f"{path} is not a pointer to a version: {validation_problems(exc)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a pointer to a version: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"{path} cannot be read: {exc}") from None
+
+
+def active_version(registry: Path) -> str | None:
+    pointer = read_active(registry)
+    return None if pointer is None else pointer.version
 
 
 def write_active(registry: Path, pointer: ActivePointer) -> None:
     """Replace ACTIVE atomically: a worker reads the old pointer or the new one, never half of one."""
     staging = registry / f".{ACTIVE_FILE}.{uuid.uuid4().hex}.tmp"
     staging.write_text(pointer.model_dump_json(indent=2))
-    with staging.open("rb") as handle:
-        os.fsync(handle.fileno())
+    fsync_file(staging)
     os.replace(staging, registry / ACTIVE_FILE)
+    fsync_file(registry)
 
 
-def activate(registry: Path, version: str) -> None:
-    current = read_active(registry)
-    previous = [] if current is None else [*current.previous, current.version]
-    write_active(registry, ActivePointer(version=version, previous=previous))
+def fsync_file(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def registry_lock(registry: Path) -> Iterator[None]:
+    """Held while ACTIVE is read and replaced: two commands (a publish and a rollback) never interleave."""
+    registry.mkdir(parents=True, exist_ok=True)
+    with (registry / LOCK_FILE).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def activate(registry: Path, version: str, replacing: str | None) -> None:
+    """Make `version` active, if ACTIVE still names `replacing` (the version it was judged against; None:
+    no version was active): a rollback or another publish meanwhile leaves ACTIVE as it is."""
+    with registry_lock(registry):
+        current = read_active(registry)
+        if active_version(registry) != replacing:
+            now = "no version" if current is None else current.version
+            raise ConfigError(
+                f"not published: ACTIVE moved from {replacing or 'no version'} to {now} while {version} was made "
+                "(a rollback or another publish); ACTIVE unchanged, adapt again to judge against it"
+            )
+        previous = [] if current is None else [*current.previous, current.version]
+        write_active(registry, ActivePointer(version=version, previous=previous))
 
 
 def rollback(registry: Path) -> tuple[str, str]:
-    """Point ACTIVE back at the version active before; returns (from, to)."""
-    current = read_active(registry)
-    if current is None:
-        raise ConfigError(f"nothing to roll back: no version is active in {registry}")
-    if not current.previous:
-        raise ConfigError(f"nothing to roll back to: {current.version} is the first version in {registry}")
-    write_active(registry, ActivePointer(version=current.previous[-1], previous=current.previous[:-1]))
-    return current.version, current.previous[-1]
+    """Point ACTIVE back at the version active before, if that version still loads; returns (from, to)."""
+    with registry_lock(registry):
+        current = read_active(registry)
+        if current is None:
+            raise ConfigError(f"nothing to roll back: no version is active in {registry}")
+        if not current.previous:
+            raise ConfigError(f"nothing to roll back to: {current.version} is the first version in {registry}")
+        back_to = current.previous[-1]
+        try:
+            pair_files(registry, back_to)
+        except (ConfigError, OSError, ValueError, SwitcherMismatch) as exc:
+            raise ConfigError(f"cannot roll back to {back_to}: {exc}; ACTIVE still names {current.version}") from None
+        write_active(registry, ActivePointer(version=back_to, previous=current.previous[:-1]))
+    return current.version, back_to
 
 
 def pair_edge_name(version: str) -> str:
@@ -266,7 +312,12 @@ def save_pair(
             update={"edge_sha256": edge_sha256, "switcher_sha256": directory_sha256(switcher_dir)}
         )
         (staging / VERSION_FILE).write_text(written.model_dump_json(indent=2))
+        # on disk before ACTIVE can name it: after a power cut, a version ACTIVE names is whole
+        for path in sorted(staging.rglob("*"), reverse=True):
+            fsync_file(path)
+        fsync_file(staging)
         staging.rename(final)
+        fsync_file(registry)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

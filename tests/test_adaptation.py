@@ -12,6 +12,7 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -24,20 +25,25 @@ from dmd_offline.adapt import (
     GateCheck,
     GateRefused,
     GateResult,
+    KnownFalls,
     dmd_rows,
+    frames_of,
     gate,
     held_out_slice,
     publish_candidate,
     routed_gate,
     running_pair,
     scores_of,
+    targets,
 )
 from dmd_offline.dataset import with_history
 from dmd_offline.finetune import TrainingImages, finetune
+from dmd_offline.sources import ReplayItem
 from dmd_offline.threshold import ThresholdChoice
 from edge_workers.model import EdgeBatch, ViltEdgeModel
 from edge_workers.registry import (
     PAIR_EDGE_DIR,
+    ActivePointer,
     Calibration,
     PairRegistry,
     PairVersion,
@@ -49,6 +55,7 @@ from edge_workers.registry import (
 )
 from edge_workers.switcher import Switcher, SwitcherMetadata
 from fallwatch.devkit.models import ModelPaths
+from tests.test_cloud_worker import load_tiny_cloud_model, small_clip
 from tests.test_edge_worker_pairs import publish_version
 
 FRAMES_PER_CAMERA = 40
@@ -191,6 +198,45 @@ def test_rollback_returns_to_the_previous_version_and_stops_at_the_first(fall_ed
         rollback(registry)
 
 
+def test_a_publish_judged_against_a_version_rolled_back_meanwhile_is_refused_and_a_rollback_needs_a_whole_version(
+    fall_edge: Path, tmp_path: Path
+) -> None:
+    settings = adapt_settings(fall_edge, tmp_path, gate_tolerance=1.0, epochs=1)
+    registry = tmp_path / "reg"
+    first = publish_candidate(settings, Adaptation(settings, None, "synthetic").run(biased_frames(2)), "window 1")
+    second = publish_candidate(settings, Adaptation(settings, None, "synthetic").run(biased_frames(3)), "window 2")
+    late = Adaptation(settings, None, "synthetic").run(biased_frames(4))  # judged against the second
+    assert rollback(registry) == (second, first)  # an operator's rollback while it was made
+    versions = sorted(path.name for path in registry.iterdir())
+    with pytest.raises(ConfigError, match=f"not published: ACTIVE moved from {second} to {first} while"):
+        publish_candidate(settings, late, "window 3")
+    assert read_active(registry) == ActivePointer(version=first, previous=[]), "ACTIVE unchanged"
+    assert sorted(path.name for path in registry.iterdir()) == versions, "the refused version is not left behind"
+
+    third = publish_candidate(settings, Adaptation(settings, None, "synthetic").run(biased_frames(5)), "window 4")
+    shutil.rmtree(registry / first)  # deleted to free the disk, say
+    with pytest.raises(ConfigError, match=f"cannot roll back to {first}: version {first} is not in"):
+        rollback(registry)
+    assert read_active(registry) == ActivePointer(version=third, previous=[first]), "ACTIVE unchanged"
+
+
+def test_an_active_pointer_that_is_not_utf8_is_one_readable_error(tmp_path: Path) -> None:
+    (tmp_path / "ACTIVE").write_text('{"version": "v1"}', encoding="utf-16")
+    with pytest.raises(ConfigError, match="ACTIVE is not a pointer to a version: not UTF-8 text"):
+        read_active(tmp_path)
+
+
+def test_a_cloud_answer_of_nan_is_no_answer_and_no_target(tiny_models: ModelPaths) -> None:
+    model = load_tiny_cloud_model(tiny_models)
+    with torch.no_grad():  # an overflow somewhere in the model: every logit NaN
+        model.model.get_output_embeddings().weight.fill_(float("nan"))
+    image = np.full((64, 64, 3), 120, np.uint8)
+    item = ReplayItem("f1", "f1.jpg", "cam-a", "", 0.0, image, lambda: small_clip(1), None)
+    frames = frames_of([item], model, 8, labels_are_caregivers=True)
+    assert frames[0].cloud_probability is None
+    assert targets(frames, 0.5).tolist() == [-1], "neither a label nor a cloud answer: not learnt from"
+
+
 def test_gate_on_caregiver_labels_checks_the_acknowledged_falls_on_their_own() -> None:
     # held out: 8 false alarms and 2 acknowledged falls, and 10 frames nobody answered; the cloud says
     # "fall" on all 20. The candidate is right on 8 of the 10 labelled frames (the running pair on 2)
@@ -267,6 +313,59 @@ def test_without_labels_a_candidate_agreeing_more_by_dropping_the_falls_is_refus
     # one that learnt the room keeps the cloud's falls and passes
     learnt = EdgeBatch(np.array([0.9] * 4 + [0.1] * 16), hidden)
     assert gate(frames, learnt, none, running, none, Settings()).passed
+
+
+def test_with_false_alarms_only_the_falls_are_judged_on_the_original_data() -> None:
+    # the slice's only label is a false alarm (alerts come where the running pair said "fall"): a
+    # candidate that never says "fall" is right on it, and the falls it lost show only elsewhere
+    frames = [AdaptFrame(f"f{i}", "cam-a", float(i), np.zeros((4, 4, 3), np.uint8), 0.9 if i < 4 else 0.1, None)
+              for i in range(20)]  # fmt: skip
+    frames[10].label = 0
+    hidden, none = np.zeros((20, 2), dtype=np.float32), np.zeros(20, dtype=bool)
+    silent, running = EdgeBatch(np.full(20, 0.1), hidden), EdgeBatch(np.full(20, 0.9), hidden)
+    blind = KnownFalls(candidate=np.zeros(5, dtype=bool), running=np.ones(5, dtype=bool))
+    refused = gate(frames, silent, none, running, none, Settings(), blind)
+    assert [(c.name, c.passed) for c in refused.checks] == [
+        ("caregiver labels", True),
+        ("caregiver falls", True),  # nothing acknowledged to judge
+        ("original falls", False),
+        ("switcher vs uncertainty", True),
+    ]
+    assert refused.refusal() == (
+        "not published: no caregiver acknowledged a fall on the held-out slice, and the candidate says fall on "
+        "0.0% of the 5 fall images of original_data's held-out splits, the running edge on 100.0% "
+        "(held-out slice of 20 frames)"
+    )
+    keeps = KnownFalls(candidate=np.ones(5, dtype=bool), running=np.ones(5, dtype=bool))
+    assert gate(frames, silent, none, running, none, Settings(), keeps).passed
+    # with an acknowledged fall on the slice, that decides, not the original data
+    frames[0].label = 1
+    assert [c.name for c in gate(frames, silent, none, running, none, Settings(), blind).checks] == [
+        "caregiver labels",
+        "caregiver falls",
+        "switcher vs uncertainty",
+    ]
+
+
+def test_an_adaptation_with_false_alarms_only_reads_the_original_falls(fall_edge: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "original"
+    (folder / "images").mkdir(parents=True)
+    rows = ["image,label,split"]
+    rng = np.random.default_rng(1)
+    for index, (label, split) in enumerate([("fall", "train"), ("fall", "val"), ("no_fall", "val"),
+                                            ("fall", "val"), ("fall", "test"), ("no_fall", "test")]):  # fmt: skip
+        cv2.imwrite(str(folder / "images" / f"{index}.png"), rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))
+        rows.append(f"images/{index}.png,{label},{split}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    settings = adapt_settings(fall_edge, tmp_path, gate_tolerance=1.0, original_data=str(folder))
+    frames = biased_frames()
+    for frame in frames[FRAMES_PER_CAMERA:]:
+        frame.label = 0  # every alert of cam-b answered "false alarm"
+    candidate = Adaptation(settings, None, "synthetic").run(frames)
+    check = next(c for c in candidate.gate.checks if c.name == "original falls")
+    assert candidate.gate.original_falls == 3, "the fall images of the val and test splits"
+    assert check.running == 1.0, "the fall-leaning running edge calls each of them a fall"
+    assert check.candidate is not None and 0.0 <= check.candidate <= 1.0
 
 
 def test_gate_on_caregiver_labels_judges_what_each_pair_serves() -> None:
@@ -440,7 +539,7 @@ def test_the_confidence_router_is_published_and_served_as_a_switcher(tiny_models
     pair = PairVersion(version="v1", created_at=metadata.created_at, parent=None, edge_base=str(tiny_models.edge),
                        edge_sha256="", switcher_sha256="", training_window="test", calibration=calibration)  # fmt: skip
     save_pair(registry, pair, tiny_models.edge, router, metadata)
-    activate(registry, "v1")
+    activate(registry, "v1", replacing=None)
     loaded = PairRegistry(registry, lambda d: ViltEdgeModel.from_pretrained(str(d), Settings().edge.question),
                           3600, None).load_active()  # fmt: skip
     output = loaded.model.predict([np.full((64, 64, 3), value, np.uint8) for value in (0, 120, 255)])

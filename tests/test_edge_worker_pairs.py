@@ -29,6 +29,7 @@ from edge_workers.registry import (
     PairRegistry,
     PairVersion,
     activate,
+    active_version,
     announce_switcher,
     rollback,
     save_pair,
@@ -77,7 +78,7 @@ def publish_version(registry: Path, tiny: ModelPaths, scratch: Path, fall: bool,
         training_window="test",
     )
     save_pair(registry, pair, edge, switcher, metadata)
-    activate(registry, version)
+    activate(registry, version, replacing=active_version(registry))
     return version
 
 

@@ -81,7 +81,7 @@ def publish_reference_pair(settings: Settings, registry: Path, calibration: Cali
         training_window="bench drift: the reference pair",
     )
     save_pair(registry, pair, Path(settings.edge.model), switcher, metadata.model_copy(update={"version": version}))
-    activate(registry, version)
+    activate(registry, version, replacing=None)  # the scratch registry's first version
     return version
 
 
