@@ -86,9 +86,22 @@ def dashboard(stack_state: StackState, tmp_path_factory: pytest.TempPathFactory)
             yield Dashboard(settings, f"http://127.0.0.1:{port}", store)
         finally:
             store.close()
-            process.send_signal(signal.SIGTERM)
-            returncode = process.wait(timeout=15)
+            returncode = stopped_while_a_page_streams(process, f"http://127.0.0.1:{port}")
     assert returncode == 0, log_path.read_text()[-3000:]
+
+
+def stopped_while_a_page_streams(process: subprocess.Popen, url: str) -> int | None:
+    """SIGTERM while a caregiver's page holds the event stream open; the exit status (None: it did not stop)."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=url, timeout=30, headers=auth) as client, client.stream("GET", "/api/events") as page:
+        next(page.iter_lines())  # the snapshot's first line: the stream is open
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            return None
 
 
 def chromium(tmp_path: Path) -> webdriver.Chrome:
