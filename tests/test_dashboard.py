@@ -194,6 +194,35 @@ def test_an_alert_appears_live_and_acknowledge_writes_the_state_and_a_label(
     assert [e.state for e in events] == ["open", "acknowledged"]
 
 
+def test_an_alert_that_opened_while_the_page_reconnected_is_announced(
+    dashboard: Dashboard, browser: webdriver.Chrome, clip_path: Path
+) -> None:
+    browser.get(dashboard.url + "/")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "user").send_keys("nurse Ana")
+    browser.find_element(By.ID, "connect").click()
+    wait_for(lambda: browser.find_element(By.ID, "status").text == "live", "the page to go live")
+    alert = fall_with_frames(dashboard.settings, clip_path, "missed")
+    wait_for(lambda: element(browser, f'.alert[data-alert-id="{alert.alert_id}"]'), "the alert on the page")
+    # the page as it is after missing the alert's state event (its stream broke); the reconnection's
+    # snapshot, as the server sends it, holds the alert: the caregiver hears of it then
+    announced = browser.execute_async_script(
+        """
+        const [alertId, token, done] = arguments;
+        const heard = [];
+        announce = (a) => heard.push(a.alert_id);
+        alerts.delete(alertId);
+        const snapshot = await (await fetch("/api/alerts", { headers: { Authorization: `Bearer ${token}` } })).text();
+        handle("snapshot", snapshot);
+        handle("snapshot", snapshot);  // one more reconnection: nothing new
+        done(heard);
+        """,
+        alert.alert_id,
+        TOKEN,
+    )
+    assert announced == [alert.alert_id]
+
+
 def in_view(driver: webdriver.Chrome, css: str) -> bool:
     """The element is on screen, whole, after scrolling to it (no horizontal scroll needed)."""
     return bool(
