@@ -39,6 +39,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
@@ -101,6 +102,15 @@ class KafkaSettings(Section):
     ssl_keyfile: Path | None = Field(None, description="its private key")
     ssl_check_hostname: bool = Field(True, description="the broker's certificate must name the host connected to")
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def host_and_port_each(cls, servers: str) -> str:
+        for server in servers.split(","):
+            host, colon, port = server.strip().rpartition(":")
+            if not colon or not host or "/" in server or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server.strip()!r} is not host:port (a comma-separated list, no scheme)")
+        return servers
+
     @model_validator(mode="after")
     def sasl_complete(self) -> KafkaSettings:
         if self.security_protocol.startswith("SASL"):
@@ -125,6 +135,13 @@ class RedisSettings(Section):
     password_file: Path | None = Field(None, description="a file holding the password (a mounted secret)")
     ssl_ca_certs: Path | None = Field(None, description="rediss://: CA certificate(s) of the server (null: system)")
     ssl_check_hostname: bool = Field(True, description="rediss://: the certificate must name the host")
+
+    @field_validator("url")
+    @classmethod
+    def redis_scheme(cls, url: str) -> str:
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):  # the URL is not echoed: it may hold a password
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        return url
 
     @model_validator(mode="after")
     def readable_password(self) -> RedisSettings:
@@ -797,9 +814,18 @@ def load_settings(sections: Iterable[str] | None = None, **overrides: Any) -> Se
     unused = frozenset() if sections is None else SECTIONS - SHARED_SECTIONS - set(sections)
     token = UNUSED_SECTIONS.set(unused)
     try:
+        if config:
+            top = yaml.safe_load(Path(config).read_text())
+            if top is not None and not isinstance(top, dict):
+                kind = type(top).__name__
+                raise ConfigError(f"config file {config}: its top level must be sections (kafka:, …), not a {kind}")
         return Settings(**overrides)
     except yaml.YAMLError as exc:
         raise ConfigError(yaml_problem(config or "", exc)) from None
+    except SettingsError as exc:  # an environment variable that is not the JSON its section needs
+        raise ConfigError(f"invalid settings: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {config} cannot be read: {exc}") from None
     except ValidationError as exc:
         problems = [f"{'.'.join(str(p) for p in err['loc'])}: {readable(err)}" for err in exc.errors()]
         if len(problems) == 1:

@@ -56,6 +56,35 @@ def test_a_yaml_syntax_error_names_the_file_and_the_line(broken_yaml: Path) -> N
 
 
 @pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FALLWATCH_KAFKA": "localhost:9092"},
+         'error: invalid settings: error parsing value for field "kafka" from source "EnvSettingsSource"'),
+        ({"FALLWATCH_KAFKA__BOOTSTRAP_SERVERS": "localhost:abc"}, "error: invalid settings: "
+         "kafka.bootstrap_servers: 'localhost:abc' is not host:port (a comma-separated list, no scheme)"),
+        ({"FALLWATCH_KAFKA__BOOTSTRAP_SERVERS": "kafka:9092,kafka://b:9092"}, "error: invalid settings: "
+         "kafka.bootstrap_servers: 'kafka://b:9092' is not host:port (a comma-separated list, no scheme)"),
+        ({"FALLWATCH_REDIS__URL": "secret@localhost:6379"},
+         "error: invalid settings: redis.url: must start with redis://, rediss:// (TLS) or unix://"),
+    ],
+    ids=["section-not-json", "port-not-a-number", "a-scheme", "redis-without-scheme"],
+)  # fmt: skip
+def test_a_mistaken_address_or_environment_variable_is_one_line(env: dict[str, str], message: str) -> None:
+    result = python_m("fallwatch", "config", "check", env=env)
+    assert error_lines(result) == [message]
+    assert "secret" not in result.stderr, "a URL may hold a password: it is not echoed"
+
+
+def test_a_config_file_that_is_not_sections_is_one_line(tmp_path: Path) -> None:
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- kafka\n- redis\n")
+    result = run_fallwatch("--config", str(listed), "config", "check")
+    assert error_lines(result) == [
+        f"error: config file {listed}: its top level must be sections (kafka:, …), not a list"
+    ]
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (("edge", "--bogus"), "error: No such option: --bogus (see fallwatch edge --help)"),
