@@ -798,6 +798,27 @@ class LocalStackSource(PydanticBaseSettingsSource):
         return found
 
 
+def settings_data(settings: BaseModel) -> dict[str, Any]:
+    """The settings as a config file holds them (JSON types), secrets in clear: the file another process
+    reads them from must carry the password itself, not pydantic's mask of it."""
+    data = settings.model_dump(mode="json")
+    reveal_secrets(settings, data)
+    return data
+
+
+def reveal_secrets(model: BaseModel, data: dict[str, Any]) -> None:
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr):
+            data[name] = value.get_secret_value()
+        elif isinstance(value, BaseModel):
+            reveal_secrets(value, data[name])
+        elif isinstance(value, list):
+            for item, dumped in zip(value, data[name], strict=True):
+                if isinstance(item, BaseModel):
+                    reveal_secrets(item, dumped)
+
+
 def local_stack_state_file() -> Path:
     return Path(os.environ.get(STATE_DIR_ENV, ".fallwatch")) / "stack.json"
 

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.kafka_io import consumer_group_lag, make_consumer
-from core.settings import CameraSettings, ConfigError, Settings, load_settings
+from core.settings import CameraSettings, ConfigError, Settings, load_settings, settings_data
 from dmd_offline.clips import CLIPS_CSV, LabelledClip, read_labelled_clips
 from dmd_offline.scoring import score_clip
 from fallwatch.devkit.models import REFERENCE_MODELS, ModelPaths, build_tiny_models, reference_models
@@ -87,7 +87,7 @@ def find_videos(clips_dir: Path) -> list[Path]:
 
 def demo_settings(base: Settings, models: dict[str, dict[str, str]], videos: list[Path], fps: float) -> Settings:
     """The base settings with the demo's models, one camera per video, and this run's own topics and groups."""
-    data = base.model_dump(mode="json")
+    data = settings_data(base)
     for section, values in models.items():
         data[section].update(values)
     data["producers"]["cameras"] = [

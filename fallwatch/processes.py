@@ -10,12 +10,15 @@ from pathlib import Path
 
 import yaml
 
-from core.settings import CONFIG_ENV, Settings
+from core.settings import CONFIG_ENV, Settings, settings_data
 
 
 def write_config(settings: Settings, path: Path) -> dict[str, str]:
-    """Write settings as a YAML config; returns the environment for a subprocess that reads it."""
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    """Write settings as a YAML config, readable by its owner only (it holds the secrets); returns the
+    environment for a subprocess that reads it."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(yaml.safe_dump(settings_data(settings)))
     return {**os.environ, CONFIG_ENV: str(path), "PYTHONUNBUFFERED": "1"}
 
 

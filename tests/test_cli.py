@@ -17,11 +17,12 @@ import pytest
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
-from core.settings import CONFIG_ENV, load_settings
+from core.settings import CONFIG_ENV, Settings, load_settings
 from dmd_offline.clips import LabelledClip
 from fallwatch.cli import app
-from fallwatch.demo import clip_outcome
+from fallwatch.demo import clip_outcome, demo_settings
 from fallwatch.devkit.models import ModelPaths
+from fallwatch.processes import write_config
 from fallwatch.stack import LocalStack, free_port, pid_alive, stop_pid
 from schemas import FallEvent, Topics
 from tests.conftest import run_fallwatch
@@ -97,6 +98,25 @@ async def partition_counts(bootstrap_servers: str) -> dict[str, int]:
         return {topic["topic"]: len(topic["partitions"]) for topic in await admin.describe_topics(Topics().all())}
     finally:
         await admin.close()
+
+
+def test_the_config_a_service_is_started_with_keeps_the_secrets_given_inline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stack_state
+) -> None:
+    """The demo's and the benchmarks' services read their settings from a file written for them: a password
+    given inline must reach them, not pydantic's mask of it."""
+    base = Settings(
+        kafka={**stack_state.kafka_fields(), "sasl_password": "kafka-secret"},
+        redis={**stack_state.redis_fields(), "password": "redis-secret"},
+        alerting={"mqtt": {"password": "mqtt-secret"}},
+    )
+    config = tmp_path / "service.yaml"
+    env = write_config(demo_settings(base, {}, [tmp_path / "clip.mp4"], 2.0), config)
+    assert config.stat().st_mode & 0o777 == 0o600, "it holds the secrets: readable by its owner only"
+    monkeypatch.setenv(CONFIG_ENV, env[CONFIG_ENV])
+    loaded = load_settings()
+    secrets = (loaded.kafka.sasl_password, loaded.redis.password, loaded.alerting.mqtt.password)
+    assert [s.get_secret_value() if s else None for s in secrets] == ["kafka-secret", "redis-secret", "mqtt-secret"]
 
 
 def test_stack_up_status_down_uses_free_ports(tmp_path: Path, stack_state) -> None:
