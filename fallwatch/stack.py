@@ -53,6 +53,13 @@ class ServiceState:
     pid: int
     port: int
     log: str
+    # when the process started (`process_start_time`): after a reboot or the server's exit its pid may be
+    # another process's, which must never be stopped as the stack's; None in a state written before this
+    started: int | None = None
+
+    def running(self) -> bool:
+        """The server this state names runs (its pid, and the same start)."""
+        return pid_alive(self.pid) and (self.started is None or process_start_time(self.pid) == self.started)
 
 
 SCRAM_MECHANISM = "SCRAM-SHA-512"
@@ -165,6 +172,16 @@ def port_accepts(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def process_start_time(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (Linux's /proc); None where that is unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the fields after the command name (which may hold spaces, in parentheses): starttime is the 20th
+    return int(stat.rpartition(")")[2].split()[19])
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -272,6 +289,11 @@ class LocalStack:
             log.info("local stack already running (kafka %s, redis %s)", state.bootstrap_servers, state.redis_url)
             self.create_topics(state, topics)
             return state
+        if state is not None:
+            # part of it runs (Kafka died, say): those servers would be left running, unknown to the new state
+            log.warning("the local stack in %s is not whole: stopping what is left of it, starting it again",
+                        self.state_dir)  # fmt: skip
+            self.stop_servers(state)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         libs = kafka_libs(self.cache_dir)
         security = self.make_security() if self.secure else None
@@ -302,15 +324,22 @@ class LocalStack:
         state = self.read_state()
         if state is None:
             return False
-        for service in state.services():
-            stop_pid(service.pid)
+        self.stop_servers(state)
         self.state_file.unlink(missing_ok=True)
         return True
+
+    def stop_servers(self, state: StackState) -> None:
+        """Stop the servers of `state` that still run; a pid now another process's is left alone."""
+        for service in state.services():
+            if service.running():
+                stop_pid(service.pid)
+            elif pid_alive(service.pid):
+                log.warning("pid %d (%s) is no longer the stack's server: left alone", service.pid, service.log)
 
     def healthy(self, state: StackState) -> bool:
         # a stack from before the broker was part of it is restarted, so alerting finds one
         return state.mqtt is not None and all(
-            pid_alive(service.pid) and port_accepts(service.port) for service in state.services()
+            service.running() and port_accepts(service.port) for service in state.services()
         )
 
     def make_security(self) -> StackSecurity:
@@ -363,7 +392,7 @@ class LocalStack:
                 [binary, *options], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
             )
         wait_for_port(process, port, "redis-server", log_path)
-        return ServiceState(pid=process.pid, port=port, log=str(log_path))
+        return ServiceState(process.pid, port, str(log_path), process_start_time(process.pid))
 
     def stop_redis(self) -> None:
         stop_pid(self._require_state().redis.pid)
@@ -402,7 +431,7 @@ class LocalStack:
                 [binary, "-c", str(config_path)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
             )
         wait_for_port(process, port, "mosquitto", log_path)
-        return ServiceState(pid=process.pid, port=port, log=str(log_path))
+        return ServiceState(process.pid, port, str(log_path), process_start_time(process.pid))
 
     # --- kafka -----------------------------------------------------------------------------
     def start_kafka(
@@ -435,7 +464,7 @@ class LocalStack:
                 start_new_session=True,
             )
         wait_for_port(process, port, "Kafka", log_path)
-        return ServiceState(pid=process.pid, port=port, log=str(log_path))
+        return ServiceState(process.pid, port, str(log_path), process_start_time(process.pid))
 
     def stop_kafka(self) -> None:
         stop_pid(self._require_state().kafka.pid)

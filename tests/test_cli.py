@@ -23,7 +23,15 @@ from fallwatch.cli import app
 from fallwatch.demo import clip_outcome, demo_settings
 from fallwatch.devkit.models import ModelPaths
 from fallwatch.processes import write_config
-from fallwatch.stack import LocalStack, free_port, pid_alive, stop_pid
+from fallwatch.stack import (
+    LocalStack,
+    ServiceState,
+    StackState,
+    free_port,
+    pid_alive,
+    process_start_time,
+    stop_pid,
+)
 from schemas import FallEvent, Topics
 from tests.conftest import run_fallwatch
 
@@ -136,12 +144,47 @@ def test_stack_up_status_down_uses_free_ports(tmp_path: Path, stack_state) -> No
         status = run_fallwatch("stack", "status", env=env)
         assert status.returncode == 0
         assert "kafka: up" in status.stdout and "redis: up" in status.stdout and "mqtt: up" in status.stdout
+        # Kafka dies (out of memory, say); `stack up` again stops what is left of the stack before it
+        # starts a whole one, or redis-server and mosquitto would run on unknown to any state
+        os.kill(state["kafka"]["pid"], signal.SIGKILL)
+        again = run_fallwatch("stack", "up", env=env)
+        assert again.returncode == 0, again.stderr
+        assert not pid_alive(state["redis"]["pid"]) and not pid_alive(state["mqtt"]["pid"])
+        state = json.loads((tmp_path / "state" / "stack.json").read_text())
+        assert all(pid_alive(state[name]["pid"]) for name in ("kafka", "redis", "mqtt"))
     finally:
         down = run_fallwatch("stack", "down", env=env)
     assert down.returncode == 0 and "stopped" in down.stdout
     assert not pid_alive(state["mqtt"]["pid"]), "mosquitto stops with the stack"
     after = run_fallwatch("stack", "status", env=env)
     assert after.returncode == 1 and "no local stack" in after.stdout
+
+
+def test_stack_down_leaves_alone_a_process_that_took_a_server_s_pid(tmp_path: Path) -> None:
+    """After a reboot, or once its servers exited, a stack's recorded pids may be other processes'."""
+    other = subprocess.Popen(["sleep", "600"])
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    try:
+        stack = LocalStack(tmp_path / "state", REPO / ".cache")
+        stack.state_dir.mkdir(parents=True)
+        started = process_start_time(other.pid)
+        assert started is not None
+
+        def recorded(redis_started: int) -> StackState:
+            gone = ServiceState(ended.pid, free_port(), "gone.log", None)
+            redis = ServiceState(other.pid, free_port(), "redis.log", redis_started)
+            return StackState(kafka=gone, kafka_controller_port=free_port(), redis=redis, security=None, mqtt=gone)
+
+        stack.write_state(recorded(started + 1))  # the server that had this pid started at another time
+        assert stack.down()
+        assert other.poll() is None, "the process now holding the pid keeps running"
+        stack.write_state(recorded(started))  # the stack's own server: stopped
+        assert stack.down()
+        assert not pid_alive(other.pid), "stopped (and reaped)"
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_sigterm_stops_a_benchmarks_temporary_stack_and_removes_its_files(tmp_path: Path) -> None:
