@@ -2,8 +2,11 @@
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def exit_on_sigterm() -> None:
@@ -20,14 +23,31 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, exit_with_status)
 
 
+@contextmanager
+def signals_set(stop: asyncio.Event) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM set `stop`; afterwards their handlers are the ones before.
+
+    asyncio alone puts back the defaults when its loop closes: SIGTERM would then kill a command on the
+    spot while it cleans up after the loop (a demo stopping its services and temporary stack).
+    """
+    loop = asyncio.get_running_loop()
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+
+
 def run_until_signalled(service: Callable[[asyncio.Event], Awaitable[object]]) -> None:
     """Run `service(stop)`; SIGINT or SIGTERM sets `stop` so the service drains and exits cleanly."""
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await service(stop)
+        with signals_set(stop):
+            await service(stop)
 
     asyncio.run(main())

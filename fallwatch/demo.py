@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import subprocess
 import time
 from collections import Counter, defaultdict
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.kafka_io import consumer_group_lag, make_consumer
+from core.runtime import signals_set
 from core.settings import CameraSettings, ConfigError, Settings, load_settings, settings_data
 from dmd_offline.clips import CLIPS_CSV, LabelledClip, read_labelled_clips
 from dmd_offline.scoring import score_clip
@@ -159,20 +159,18 @@ async def watch(
 async def stream_and_watch(settings: Settings, processes: dict[str, subprocess.Popen], run_dir: Path) -> DemoTally:
     """Stream the cameras and print what comes back until every frame has its final verdict, or Ctrl-C."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    tally = DemoTally()
-    watcher = asyncio.create_task(watch(settings, tally, processes, run_dir, stop))
-    tally.published = await run_producers(settings, stop)
-    if not stop.is_set():
-        console.print(f"[bold]all cameras done: {sum(tally.published.values())} frames published[/]")
-    try:
-        await asyncio.wait_for(watcher, FINISH_TIMEOUT_S)
-    except TimeoutError:
-        raise ConfigError(
-            f"not every frame had a final verdict after {FINISH_TIMEOUT_S:.0f} s; see the logs in {run_dir}"
-        ) from None
+    with signals_set(stop):
+        tally = DemoTally()
+        watcher = asyncio.create_task(watch(settings, tally, processes, run_dir, stop))
+        tally.published = await run_producers(settings, stop)
+        if not stop.is_set():
+            console.print(f"[bold]all cameras done: {sum(tally.published.values())} frames published[/]")
+        try:
+            await asyncio.wait_for(watcher, FINISH_TIMEOUT_S)
+        except TimeoutError:
+            raise ConfigError(
+                f"not every frame had a final verdict after {FINISH_TIMEOUT_S:.0f} s; see the logs in {run_dir}"
+            ) from None
     if stop.is_set():
         tally.interrupted = True
         console.print("[bold]interrupted: stopping the services[/]")

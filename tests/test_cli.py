@@ -17,6 +17,7 @@ import pytest
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
+from core.runtime import exit_on_sigterm, signals_set
 from core.settings import CONFIG_ENV, Settings, load_settings
 from dmd_offline.clips import LabelledClip
 from fallwatch.cli import app
@@ -185,6 +186,27 @@ def test_stack_down_leaves_alone_a_process_that_took_a_server_s_pid(tmp_path: Pa
     finally:
         other.kill()
         other.wait()
+
+
+def test_sigterm_still_unwinds_a_command_after_its_event_loop_ends() -> None:
+    """Inside the loop SIGTERM sets the stop event; after it (a demo stopping its services and its
+    temporary stack), SIGTERM unwinds the command again instead of killing it on the spot."""
+    original = signal.getsignal(signal.SIGTERM)
+    try:
+        exit_on_sigterm()
+        unwinding = signal.getsignal(signal.SIGTERM)
+
+        async def loop() -> bool:
+            stop = asyncio.Event()
+            with signals_set(stop):
+                os.kill(os.getpid(), signal.SIGTERM)
+                await asyncio.wait_for(stop.wait(), 10)
+            return stop.is_set()
+
+        assert asyncio.run(loop()), "the loop's SIGTERM set the stop event"
+        assert signal.getsignal(signal.SIGTERM) is unwinding
+    finally:
+        signal.signal(signal.SIGTERM, original)
 
 
 def test_sigterm_stops_a_benchmarks_temporary_stack_and_removes_its_files(tmp_path: Path) -> None:
