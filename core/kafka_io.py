@@ -13,7 +13,7 @@ import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -24,6 +24,8 @@ from aiokafka.errors import (
     GroupCoordinatorNotAvailableError,
     KafkaConnectionError,
     NotCoordinatorError,
+    TopicAlreadyExistsError,
+    for_code,
 )
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import OffsetAndMetadata
@@ -147,7 +149,7 @@ async def create_topics(kafka: KafkaSettings, topics: dict[str, dict[str, str]],
             if name not in existing
         ]
         if missing:
-            await admin.create_topics(missing)
+            refused(await admin.create_topics(missing))
         deadline = time.monotonic() + TOPICS_LED_TIMEOUT_S
         while not all_partitions_led(descriptions := await admin.describe_topics(list(topics))):
             if time.monotonic() > deadline:
@@ -170,6 +172,19 @@ async def create_topics(kafka: KafkaSettings, topics: dict[str, dict[str, str]],
             ]
         reports.append(TopicReport(name, counts[name], configs, name not in existing, differences))
     return reports
+
+
+def refused(response: Any) -> None:
+    """A ConfigError naming each topic the brokers refused to create (aiokafka returns their errors): the
+    topic must not be left to a client's auto-creation, with the broker's defaults instead of its configs."""
+    problems = []
+    for topic, code, *message in response.topic_errors:
+        if code not in (0, TopicAlreadyExistsError.errno):  # created meanwhile by another command: reported
+            reason = message[0] if message and message[0] else for_code(code).__name__
+            problems.append(f"{topic}: {reason}")
+    if problems:
+        raise ConfigError("Kafka refused to create topics (kafka.replication_factor, partitions, configs?): "
+                          + "; ".join(problems))  # fmt: skip
 
 
 async def topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:

@@ -12,13 +12,14 @@ from aiokafka import TopicPartition
 
 from core.kafka_io import (
     consumer_group_lag,
+    create_topics,
     make_admin,
     make_producer,
     read_topic_partitions,
     start_clients,
     topic_specs,
 )
-from core.settings import Settings
+from core.settings import ConfigError, Settings
 from fallwatch.stack import LocalStack
 from tests.conftest import REPO
 
@@ -40,6 +41,28 @@ def test_a_topics_partitions_are_read_and_an_absent_topic_is_not_created(setting
     partitions, missing, topics = asyncio.run(scenario())
     assert partitions == [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
     assert missing == [] and absent not in topics
+
+
+def test_a_topic_the_broker_refuses_to_create_is_one_error_and_is_not_auto_created(settings: Settings) -> None:
+    """Two copies asked of a one-broker cluster: the broker refuses; the topic must not then appear with the
+    broker's defaults (a week's retention for residents' frames, say) through a client's auto-creation."""
+    name = f"refused-{uuid.uuid4().hex[:8]}"
+    two_copies = settings.kafka.model_copy(update={"replication_factor": 2})
+
+    async def scenario() -> list[str]:
+        with pytest.raises(ConfigError) as refusal:
+            await create_topics(two_copies, {name: {"retention.ms": "3600000"}}, 2)
+        assert str(refusal.value).startswith(f"Kafka refused to create topics (kafka.replication_factor, partitions, "
+                                             f"configs?): {name}: ")  # fmt: skip
+        assert "replication factor" in str(refusal.value).lower(), refusal.value
+        admin = make_admin(settings)
+        await admin.start()
+        try:
+            return await admin.list_topics()
+        finally:
+            await admin.close()
+
+    assert name not in asyncio.run(scenario())
 
 
 def test_a_groups_lag_on_a_new_broker_waits_for_the_group_coordinator(
