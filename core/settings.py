@@ -820,7 +820,24 @@ def reveal_secrets(model: BaseModel, data: dict[str, Any]) -> None:
 
 
 def local_stack_state_file() -> Path:
-    return Path(os.environ.get(STATE_DIR_ENV, ".fallwatch")) / "stack.json"
+    """Where `fallwatch stack up` keeps the running stack's addresses: `state_dir` of the environment, else
+    of the config file (as the stack commands read it), else the default."""
+    state_dir = (
+        os.environ.get(STATE_DIR_ENV) or config_file_state_dir() or str(Settings.model_fields["state_dir"].default)
+    )
+    return Path(state_dir) / "stack.json"
+
+
+def config_file_state_dir() -> str | None:
+    config = os.environ.get(CONFIG_ENV)
+    if not config:
+        return None
+    try:
+        top = yaml.safe_load(Path(config).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # load_settings says what is wrong with the file
+    state_dir = top.get("state_dir") if isinstance(top, dict) else None
+    return str(state_dir) if state_dir else None
 
 
 def load_settings(sections: Iterable[str] | None = None, **overrides: Any) -> Settings:

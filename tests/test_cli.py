@@ -161,6 +161,24 @@ def test_stack_up_status_down_uses_free_ports(tmp_path: Path, stack_state) -> No
     assert after.returncode == 1 and "no local stack" in after.stdout
 
 
+def test_services_find_the_stack_of_the_state_dir_their_config_file_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stack up` with `state_dir` in the config file writes its addresses there: the services must read them
+    from there too (they read `.fallwatch/` only), or they connect to another stack or none."""
+    stack = LocalStack(tmp_path / "state", REPO / ".cache")
+    stack.state_dir.mkdir(parents=True)
+    kafka, redis = ServiceState(1, free_port(), "kafka.log"), ServiceState(1, free_port(), "redis.log")
+    stack.write_state(StackState(kafka=kafka, kafka_controller_port=free_port(), redis=redis, security=None, mqtt=None))
+    config = tmp_path / "fallwatch.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(stack.state_dir)}))
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    monkeypatch.delenv("FALLWATCH_STATE_DIR", raising=False)
+    settings = load_settings()
+    assert settings.kafka.bootstrap_servers == f"127.0.0.1:{kafka.port}"
+    assert settings.redis.url == f"redis://127.0.0.1:{redis.port}/0"
+
+
 def test_stack_down_leaves_alone_a_process_that_took_a_server_s_pid(tmp_path: Path) -> None:
     """After a reboot, or once its servers exited, a stack's recorded pids may be other processes'."""
     other = subprocess.Popen(["sleep", "600"])
