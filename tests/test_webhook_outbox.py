@@ -3,25 +3,33 @@ once: the outbox in Redis holds it, not the dead process's memory."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from fallwatch.stack import StackState
+from alerting.channels.webhook import WebhookChannel
+from alerting.metrics import AlertingMetrics
+from alerting.notifications import Notifier
+from alerting.store import AlertStore
+from fallwatch.stack import StackState, free_port
 from tests.alerting_helpers import (
     WEBHOOK_SECRET,
     WebhookReceiver,
     alerting_settings,
     alerting_worker,
     alerts_of,
+    an_open_alert,
     make_verdict,
     send_verdicts,
     unique_camera,
     wait_for,
 )
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, until, write_config
 
 
 def test_a_pending_webhook_survives_kill_9_and_is_delivered_once(stack_state: StackState, tmp_path: Path) -> None:
@@ -58,3 +66,60 @@ def test_a_pending_webhook_survives_kill_9_and_is_delivered_once(stack_state: St
             statuses = [d.status for d in receiver.received("/alerts", alert.alert_id)]
         assert statuses.count(200) == 1, f"delivered once: {statuses}"
         assert all(d.signature_valid for d in receiver.received("/alerts", alert.alert_id))
+
+
+def test_a_receiver_that_hangs_does_not_hold_up_the_next_alert_to_another(
+    stack_state: StackState, tmp_path: Path
+) -> None:
+    """One receiver holds a delivery open; an escalation due meanwhile goes to the other receiver at once, not
+    after the first pass over the outbox ends."""
+    release = threading.Event()
+    received: list[str] = []
+
+    class Receivers(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.append(self.path)
+            if self.path == "/hangs":
+                release.wait(120)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Receivers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    settings = alerting_settings(
+        stack_state,
+        tmp_path,
+        webhook_urls=[f"{url}/hangs"],
+        escalation_webhook_urls=[f"{url}/answers"],
+        webhook_secret=WEBHOOK_SECRET,
+        webhook_timeout_s=120.0,  # the hanging delivery outlasts the test unless released
+    )
+    hanging, _ = an_open_alert("hanging")
+    escalated, _ = an_open_alert("escalated")
+
+    async def scenario() -> list[str]:
+        store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
+        channel = WebhookChannel(settings, store, AlertingMetrics(), Notifier(settings.alerting))
+        try:
+            await channel.alert_changed(hanging)
+            await until(lambda: "/hangs" in received, "the delivery the receiver holds open")
+            await channel.escalated(escalated)
+            await until(lambda: "/answers" in received, "the escalation while the other delivery hangs", 20)
+            return list(received)
+        finally:
+            release.set()
+            await channel.close()
+            await store.close()
+
+    try:
+        assert asyncio.run(scenario()) == ["/hangs", "/answers"]
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()

@@ -3,7 +3,9 @@
 Each (receiver, event, alert) goes into the outbox and is sent at once from
 there; a failed try is rescheduled with backoff, so a delivery survives the
 worker's death (another worker takes a claimed delivery over when its lease
-ends). An alert Redis knows to be answered already is not notified (a replay of
+ends). Passes over the outbox run side by side (each claims what is due, so
+none sends what another holds): a slow receiver never holds up the next alert's
+delivery to the others. An alert Redis knows to be answered already is not notified (a replay of
 `fall-events`). Without Redis, every attempt is made right here.
 """
 
@@ -52,7 +54,6 @@ class WebhookChannel(Channel):
         self.metrics = metrics
         self.sender = WebhookSender(settings.alerting)
         self.topic = settings.kafka.topics.fall_events
-        self._outbox_pass = asyncio.Lock()
         # Deliveries this worker put into the outbox or took from it, until done: put back if Redis loses them.
         self._unfinished: dict[str, bytes] = {}
 
@@ -65,7 +66,7 @@ class WebhookChannel(Channel):
         await self._notify(self.rule.escalation_webhook_urls, ESCALATED_EVENT, alert, body)
 
     async def tick(self) -> None:
-        await self.deliver_due()
+        self.spawn(self.deliver_due())
 
     async def store_rebuilt(self) -> int:
         for member, payload in list(self._unfinished.items()):
@@ -119,28 +120,25 @@ class WebhookChannel(Channel):
 
     async def deliver_due(self) -> None:
         """One pass over the outbox: every due delivery is tried once, then done, or rescheduled with backoff."""
-        if self._outbox_pass.locked():
-            return  # the running pass takes what is due
-        async with self._outbox_pass:
-            lease_s = self.rule.webhook_timeout_s + OUTBOX_LEASE_MARGIN_S
-            try:
-                claimed = await self.store.claim_deliveries(self.topic, time.time(), lease_s, OUTBOX_BATCH)
-            except (RedisError, OSError):
-                return  # the outbox waits in Redis; the next pass after Redis is back sends it
-            self._unfinished.update(claimed)
-            await asyncio.gather(*(self._deliver_one(member, payload) for member, payload in claimed))
+        lease_s = self.rule.webhook_timeout_s + OUTBOX_LEASE_MARGIN_S
+        try:
+            claimed = await self.store.claim_deliveries(self.topic, time.time(), lease_s, OUTBOX_BATCH)
+        except (RedisError, OSError):
+            return  # the outbox waits in Redis; the next pass after Redis is back sends it
+        self._unfinished.update(claimed)
+        await asyncio.gather(*(self._deliver_one(member, payload) for member, payload in claimed))
 
     async def _deliver_one(self, member: str, payload: bytes) -> None:
         try:
             entry = json.loads(payload)
             event_name, url, alert_id, body = entry["event"], entry["url"], entry["alert_id"], entry["body"].encode()
-        except (ValueError, KeyError, AttributeError) as exc:  # not ours to send: an entry of another version
+            attempt = int(entry["attempt"]) + 1
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:  # not ours to send: another version's
             self._unfinished.pop(member, None)
             log.error("webhook outbox entry %s unreadable, dropped: %r", member, exc)
             await self._redis_quietly(self.store.delivery_done(self.topic, member, delivered=False))
             return
         result = await self.sender.attempt(url, event_name, alert_id, body)
-        attempt = entry["attempt"] + 1
         if result.final or attempt >= self.rule.webhook_attempts:
             if not result.final:
                 self.sender.say_gave_up(url, event_name, alert_id, result.problem)
