@@ -112,8 +112,9 @@ def evaluate_step(settings: Settings) -> None:
 
 def publish_step(settings: Settings) -> None:
     from dmd_offline.pipeline import run_publish
-    from dmd_offline.publish import tell_operators
+    from dmd_offline.publish import served_elsewhere, tell_operators
 
+    served_elsewhere(settings)
     with timed("publish"):
         path = run_publish(settings)
         line = f"published switcher version {path.name} in {settings.edge.switcher_registry}"
@@ -196,6 +197,10 @@ def run_command(
         run_cloud_model=False if logged_only else None,
         target_offload_share=target_offload_share,
     )
+    if publish:
+        from dmd_offline.publish import served_elsewhere
+
+        served_elsewhere(settings)  # before the replay: not after an hour of it
     with timed("dmd run"):
         replay_step(settings)
         train_step(settings)

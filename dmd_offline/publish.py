@@ -39,6 +39,17 @@ def publish_metrics(choice: ThresholdChoice, training: TrainingReport, evaluatio
     return metrics
 
 
+def served_elsewhere(settings: Settings) -> None:
+    """A ConfigError where `edge.model_registry` is set: the workers serve its versions (edge model and switcher
+    together) and never read `edge.switcher_registry`, so a switcher published there would not be served."""
+    if settings.edge.model_registry is not None:
+        raise ConfigError(
+            f"edge.model_registry is set ({settings.edge.model_registry}): the edge workers serve its versions and "
+            "never read edge.switcher_registry; publish edge model and switcher together with `fallwatch dmd "
+            "adapt` (`dmd run --no-publish` evaluates without publishing)"
+        )
+
+
 def publish(
     settings: Settings,
     manifest: DatasetManifest,

@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 from redis import Redis
 
 from cloud_workers.model import Clip, LlavaVideoCloudModel
@@ -402,6 +403,23 @@ def test_dmd_mistakes_get_one_readable_line(tmp_path: Path, args: tuple[str, ...
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_a_switcher_no_worker_would_serve_is_not_published(tmp_path: Path) -> None:
+    """With `edge.model_registry` set the workers serve its versions and never read `edge.switcher_registry`:
+    `dmd run` and `dmd publish` refuse in one line, `dmd run` before it replays anything."""
+    config = tmp_path / "pairs.yaml"
+    workdir = tmp_path / "dmd"
+    config.write_text(yaml.safe_dump({"edge": {"model_registry": str(tmp_path / "registry")},
+                                      "dmd": {"workdir": str(workdir)}}))  # fmt: skip
+    for args in (("dmd", "run"), ("dmd", "publish")):
+        result = run_cli(*args, config=config)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            f"error: edge.model_registry is set ({tmp_path / 'registry'}): the edge workers serve its versions"
+        ), result.stderr
+    assert not workdir.exists(), "nothing replayed"
 
 
 def test_python_dash_m_dmd_offline_is_the_same_command() -> None:
