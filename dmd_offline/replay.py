@@ -23,12 +23,15 @@ from tqdm import tqdm
 
 from cloud_workers.energy import CostMeter, open_energy_meter
 from cloud_workers.model import CloudModel
-from core.settings import Settings
+from core.locks import Held, file_lock
+from core.settings import ConfigError, Settings
 from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdRow, done_input_ids, write_manifest, write_shard
 from dmd_offline.sources import ReplayItem
 from edge_workers.model import EdgeModel
 
 log = logging.getLogger(__name__)
+
+REPLAY_LOCK = ".replay.lock"  # in the data set's directory, held while a replay writes to it
 
 
 @dataclass
@@ -184,7 +187,27 @@ async def replay(
     source: str,
     total: int | None = None,
 ) -> ReplaySummary:
-    """Append one DMD row per input not yet in `directory`; `cloud_model=None` uses logged answers only."""
+    """Append one DMD row per input not yet in `directory`; `cloud_model=None` uses logged answers only.
+
+    One replay at a time per data set: two would pick the same shard names and replay the same inputs."""
+    try:
+        with file_lock(directory / REPLAY_LOCK, wait=False):
+            return await replay_into(items, settings, edge_model, cloud_model, directory, source, total)
+    except Held:
+        raise ConfigError(
+            f"another `dmd replay` is writing to {directory}: wait for it to end, or give this one another --workdir"
+        ) from None
+
+
+async def replay_into(
+    items: AsyncIterable[ReplayItem],
+    settings: Settings,
+    edge_model: EdgeModel,
+    cloud_model: CloudModel | None,
+    directory: Path,
+    source: str,
+    total: int | None,
+) -> ReplaySummary:
     write_manifest(
         directory,
         DatasetManifest(

@@ -17,14 +17,12 @@ With `edge.model_registry` the worker serves an edge model and its switcher publ
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import Redis as SyncRedis
 
 from core.checkpoints import directory_sha256, local_checkpoint_sha256
+from core.locks import file_lock
 from core.operator_events import operator_event
 from core.settings import ConfigError
 from edge_workers.switcher import (
@@ -164,7 +163,7 @@ class SwitcherRegistry(PolledRegistry):
 
 ACTIVE_FILE = "ACTIVE"
 VERSION_FILE = "version.json"
-LOCK_FILE = ".lock"  # held while ACTIVE is read and replaced (`registry_lock`)
+LOCK_FILE = ".lock"  # held while ACTIVE is read and replaced
 PAIR_EDGE_DIR = "edge"
 PAIR_SWITCHER_DIR = "switcher"
 
@@ -239,22 +238,10 @@ def fsync_file(path: Path) -> None:
         os.close(descriptor)
 
 
-@contextmanager
-def registry_lock(registry: Path) -> Iterator[None]:
-    """Held while ACTIVE is read and replaced: two commands (a publish and a rollback) never interleave."""
-    registry.mkdir(parents=True, exist_ok=True)
-    with (registry / LOCK_FILE).open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def activate(registry: Path, version: str, replacing: str | None) -> None:
     """Make `version` active, if ACTIVE still names `replacing` (the version it was judged against; None:
     no version was active): a rollback or another publish meanwhile leaves ACTIVE as it is."""
-    with registry_lock(registry):
+    with file_lock(registry / LOCK_FILE):  # a publish and a rollback never interleave
         current = read_active(registry)
         if active_version(registry) != replacing:
             now = "no version" if current is None else current.version
@@ -268,7 +255,7 @@ def activate(registry: Path, version: str, replacing: str | None) -> None:
 
 def rollback(registry: Path) -> tuple[str, str]:
     """Point ACTIVE back at the version active before, if that version still loads; returns (from, to)."""
-    with registry_lock(registry):
+    with file_lock(registry / LOCK_FILE):  # a publish and a rollback never interleave
         current = read_active(registry)
         if current is None:
             raise ConfigError(f"nothing to roll back: no version is active in {registry}")

@@ -23,10 +23,11 @@ from redis import Redis
 from cloud_workers.model import Clip, LlavaVideoCloudModel
 from core.images import encode_jpeg
 from core.kafka_io import make_producer, send
-from core.settings import Settings
+from core.locks import file_lock
+from core.settings import ConfigError, Settings
 from dmd_offline.dataset import load_dataset, shard_paths
 from dmd_offline.pipeline import as_async
-from dmd_offline.replay import replay
+from dmd_offline.replay import REPLAY_LOCK, replay
 from dmd_offline.sources import ReplayItem, image_folder_items, video_folder_items
 from edge_workers.model import ViltEdgeModel, load_edge_model
 from edge_workers.registry import SwitcherRegistry
@@ -206,6 +207,22 @@ async def publish_traffic(settings: Settings, frames: list[Frame], verdicts: lis
         await asyncio.gather(*acks)
     finally:
         await producer.stop()
+
+
+def test_a_second_replay_into_the_data_set_one_is_writing_is_refused(
+    tiny_models, labelled_folder: Path, tmp_path: Path
+) -> None:
+    """Two replays into one data set would pick the same shard names and replay the same inputs twice."""
+    settings = tiny_settings(tiny_models, tmp_path)
+    edge, cloud = load_edge_model(settings), cloud_model(settings)
+    directory = tmp_path / "busy"
+    items = as_async(image_folder_items(labelled_folder))
+    with file_lock(directory / REPLAY_LOCK), pytest.raises(ConfigError) as refusal:  # the first one, running
+        asyncio.run(replay(items, settings, edge, cloud, directory, "folder"))
+    assert str(refusal.value) == (
+        f"another `dmd replay` is writing to {directory}: wait for it to end, or give this one another --workdir"
+    )
+    assert shard_paths(directory) == [] and cloud.clip_lengths == [], "nothing replayed, no cloud answer paid for"
 
 
 def test_kafka_replay_reuses_logged_cloud_verdicts_and_reads_labels(
