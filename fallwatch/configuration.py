@@ -130,7 +130,7 @@ def shown_value(key: str, value: Any, secrets: set[str]) -> str:
     name = key.rsplit(".", 1)[-1]
     if name in secrets:
         return REDACTED if value else "(not set)"
-    if name == "url" and isinstance(value, str):
+    if (name == "url" or name.endswith("_url")) and isinstance(value, str):  # a camera's detect_url too
         return redact(value)
     if name in URL_LIST_KEYS and isinstance(value, list):
         # a webhook's path or query often is its credential (chat services' incoming webhooks)

@@ -174,7 +174,8 @@ def test_config_show_tells_where_each_value_came_from_and_never_shows_a_secret(t
     secret.write_text("from-a-file\n")
     config = tmp_path / "fallwatch.yaml"
     config.write_text(yaml.safe_dump({
-        "producers": {"cameras": [{"id": "cam-1", "room": "1", "url": "rtsp://admin:hunter2@10.0.0.5/stream"}]},
+        "producers": {"cameras": [{"id": "cam-1", "room": "1", "url": "rtsp://admin:hunter2@10.0.0.5/stream",
+                                   "detect_url": "rtsp://admin:hunter4@10.0.0.5/sub"}]},
         "alerting": {"dashboard_token": "hunter3", "webhook_secret_file": str(secret),
                      "webhook_urls": ["https://hooks.example/T000/B000/abcdef"]},
     }))  # fmt: skip
@@ -187,8 +188,9 @@ def test_config_show_tells_where_each_value_came_from_and_never_shows_a_secret(t
     assert shown["alerting.webhook_secret"].split() == ["(not", "set)", "#", "default"]
     assert shown["alerting.webhook_secret_file"].split()[0] == str(secret)
     assert shown["producers.cameras.0.url"].split()[0] == "rtsp://***@10.0.0.5/stream"
+    assert shown["producers.cameras.0.detect_url"].split()[0] == "rtsp://***@10.0.0.5/sub"
     assert shown["alerting.webhook_urls"].split()[0] == '["https://hooks.example/***"]'
-    for secret_text in ("hunter2", "hunter3", "from-a-file", "abcdef"):
+    for secret_text in ("hunter2", "hunter3", "hunter4", "from-a-file", "abcdef"):
         assert secret_text not in result.stdout + result.stderr
 
 
