@@ -454,7 +454,13 @@ class LocalStack:
                 # KRaft keeps SCRAM credentials in its metadata log: the user exists before the first start
                 scram = f"{SCRAM_MECHANISM}=[name={security.username},password={security.password()}]"
                 format_command += ["--add-scram", scram]
-            subprocess.run(format_command, check=True, capture_output=True)
+            formatted = subprocess.run(format_command, capture_output=True, text=True)
+            if formatted.returncode != 0:
+                output = (formatted.stderr or formatted.stdout).strip().splitlines()
+                last = output[-1] if output else f"exit status {formatted.returncode}"
+                if security is not None:
+                    last = last.replace(security.password(), "***")
+                raise StackError(f"Kafka's storage could not be formatted (java 17 or newer is needed): {last}")
         log_path = self.state_dir / "kafka.log"
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(

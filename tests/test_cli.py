@@ -179,6 +179,50 @@ def test_services_find_the_stack_of_the_state_dir_their_config_file_names(
     assert settings.redis.url == f"redis://127.0.0.1:{redis.port}/0"
 
 
+def test_a_java_too_old_for_kafka_is_one_line_and_nothing_is_left_running(tmp_path: Path, stack_state) -> None:
+    """Java 11 cannot load Kafka 4's classes; this machine has 17, so a `java` that answers as an old one
+    does (the one thing faked: a JVM this machine does not have)."""
+    old_java = tmp_path / "bin" / "java"
+    old_java.parent.mkdir()
+    old_java.write_text(
+        "#!/bin/sh\n"
+        "echo 'Error: LinkageError occurred while loading main class kafka.tools.StorageTool' >&2\n"
+        "echo 'java.lang.UnsupportedClassVersionError: kafka/tools/StorageTool has been compiled by a more "
+        "recent version of the Java Runtime (class file version 61.0)' >&2\n"
+        "exit 1\n"
+    )
+    old_java.chmod(0o755)
+    state_dir = tmp_path / "state"
+    env = {"FALLWATCH_STATE_DIR": str(state_dir), "FALLWATCH_CACHE_DIR": str(REPO / ".cache"),
+           "PATH": f"{old_java.parent}:{os.environ['PATH']}"}  # fmt: skip
+    result = run_fallwatch("stack", "up", env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: Kafka's storage could not be formatted (java 17 or newer is needed): "
+        "java.lang.UnsupportedClassVersionError: kafka/tools/StorageTool has been compiled by a more recent "
+        "version of the Java Runtime (class file version 61.0)"
+    )
+    assert not (state_dir / "stack.json").exists()
+    assert processes_in(state_dir) == [], "redis-server and mosquitto, started before Kafka, are stopped"
+
+
+def processes_in(directory: Path) -> list[int]:
+    """Processes whose command line or working directory names `directory` (redis-server rewrites its
+    command line, and works in its data directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if str(directory) in cmdline or cwd.startswith(str(directory)):
+            found.append(int(proc.name))
+    return found
+
+
 def test_stack_down_leaves_alone_a_process_that_took_a_server_s_pid(tmp_path: Path) -> None:
     """After a reboot, or once its servers exited, a stack's recorded pids may be other processes'."""
     other = subprocess.Popen(["sleep", "600"])
