@@ -38,6 +38,8 @@ class DatasetManifest(BaseModel):
     source: str  # e.g. "kafka frames topic …" or "image folder /path"
     edge_model: str
     edge_model_revision: str | None = None
+    # what the edge model's local directory held at the replay (None: a hub id, or a set made before this)
+    edge_model_sha256: str | None = None
     cloud_model: str
     hidden_size: int
 
@@ -94,10 +96,13 @@ def write_manifest(directory: Path, manifest: DatasetManifest) -> None:
     path = directory / MANIFEST_FILE
     if path.is_file():
         existing = DatasetManifest.model_validate_json(path.read_text())
+        if existing.edge_model_sha256 is None:  # a set from before the hash was kept: its names decide
+            existing = existing.model_copy(update={"edge_model_sha256": manifest.edge_model_sha256})
         if existing != manifest:
+            changed = " (the edge model's files changed since)" if existing.edge_model == manifest.edge_model else ""
             raise ConfigError(
                 f"{directory} holds a DMD data set made from other inputs or models ({existing.source}, "
-                f"{existing.edge_model} / {existing.cloud_model}); choose another directory or delete it"
+                f"{existing.edge_model} / {existing.cloud_model}){changed}; choose another directory or delete it"
             )
         return
     path.write_text(manifest.model_dump_json(indent=2))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 
+from core.checkpoints import local_checkpoint_sha256
 from core.operator_events import publish_operator_events
 from core.redis_io import sync_redis_client
 from core.settings import ConfigError, Settings
@@ -66,6 +67,14 @@ def publish(
         raise ConfigError(
             f"the switcher was trained on hidden vectors of edge model {manifest.edge_model!r} but the edge "
             f"workers run {settings.edge.model!r}: they would refuse it; replay with the edge model they run"
+        )
+    if manifest.edge_model_sha256 is not None and local_checkpoint_sha256(settings.edge.model) != (
+        manifest.edge_model_sha256
+    ):
+        # it would be bound to the files there now, and the workers would serve it on another model's vectors
+        raise ConfigError(
+            f"the files of edge model {settings.edge.model} changed since the replay: the switcher learnt the "
+            "hidden vectors of the model before; replay again (another --workdir)"
         )
     metadata = SwitcherMetadata(
         version=new_version(),

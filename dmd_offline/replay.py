@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cloud_workers.energy import CostMeter, open_energy_meter
 from cloud_workers.model import CloudModel
+from core.checkpoints import local_checkpoint_sha256
 from core.locks import Held, file_lock
 from core.settings import ConfigError, Settings
 from dmd_offline.dataset import UNKNOWN, DatasetManifest, DmdRow, done_input_ids, write_manifest, write_shard
@@ -214,6 +215,7 @@ async def replay_into(
             source=source,
             edge_model=edge_model.name,
             edge_model_revision=settings.edge.revision,
+            edge_model_sha256=local_checkpoint_sha256(edge_model.name),
             cloud_model=cloud_model.name if cloud_model is not None else settings.cloud.model,
             hidden_size=edge_model.hidden_size,
         ),

@@ -26,7 +26,7 @@ from core.kafka_io import make_producer, send
 from core.locks import file_lock
 from core.settings import ConfigError, Settings
 from dmd_offline.dataset import load_dataset, shard_paths
-from dmd_offline.pipeline import as_async
+from dmd_offline.pipeline import as_async, run_evaluate, run_publish, run_replay, run_threshold, run_train
 from dmd_offline.replay import REPLAY_LOCK, replay
 from dmd_offline.sources import ReplayItem, image_folder_items, video_folder_items
 from edge_workers.model import ViltEdgeModel, load_edge_model
@@ -223,6 +223,30 @@ def test_a_second_replay_into_the_data_set_one_is_writing_is_refused(
         f"another `dmd replay` is writing to {directory}: wait for it to end, or give this one another --workdir"
     )
     assert shard_paths(directory) == [] and cloud.clip_lengths == [], "nothing replayed, no cloud answer paid for"
+
+
+def test_an_edge_model_changed_in_place_since_the_replay_is_not_resumed_nor_published(
+    tiny_models, labelled_folder: Path, tmp_path: Path
+) -> None:
+    """The switcher learns the edge model's hidden vectors; published after its files changed, it would be bound
+    to the new files and served on vectors it never saw."""
+    edge = tmp_path / "edge-vilt"
+    shutil.copytree(tiny_models.edge, edge)
+    settings = tiny_settings(tiny_models, tmp_path, source="images", folder=str(labelled_folder))
+    settings.edge.model = str(edge)
+    settings.edge.switcher_registry = tmp_path / "registry"
+    settings.edge.registry_announce_key = ""
+    run_replay(settings)
+    run_train(settings)
+    run_threshold(settings)
+    run_evaluate(settings)
+    config = edge / "config.json"
+    config.write_text(config.read_text().replace("{", '{"retrained": true,', 1))  # trained again, in place
+    with pytest.raises(ConfigError, match=f"the files of edge model {edge} changed since the replay"):
+        run_publish(settings)
+    assert not (tmp_path / "registry").exists(), "nothing published"
+    with pytest.raises(ConfigError, match=r"\(the edge model's files changed since\)"):
+        run_replay(settings)
 
 
 def test_kafka_replay_reuses_logged_cloud_verdicts_and_reads_labels(
