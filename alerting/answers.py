@@ -3,8 +3,10 @@
 An answer is a state change and, except for resolving, a label: both go to
 Kafka first (`labels`, for dmd_offline, then `fall-events`, where the alerting
 service learns of it), then to Redis, so every page updates at once; the
-alerting service writing the same change again is a no-op. Errors of Redis
-reading the alert reach the caller.
+alerting service writing the same change again is a no-op. One answer at a time
+per alert, on the state it was decided on (a claim in Redis): two caregivers
+answering at once give one answer and one label. Errors of Redis reading the
+alert reach the caller.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Literal
 
@@ -100,7 +103,19 @@ class Answers:
         changed = alert.model_copy(update={"state": transition.to, "updated_at": utc_now(), "answered_by": by})
         # a fire drill tests the delivery, never the model: its answer is no label
         label = label_for(changed, transition.label, by) if transition.label is not None and not alert.drill else None
-        key = alert.camera_id.encode()
+        if not await self.store.claim_answer(alert_id, alert.state):
+            # another caregiver's answer came first: two would publish two labels, one of them contradicted
+            raise AnswerRefused(f"alert {alert_id} was answered by someone else meanwhile; cannot {action} it")
+        try:
+            await self._publish(changed, label)
+        finally:
+            with suppress(RedisError, OSError):  # else the claim ends with its TTL
+                await self.store.answer_given(alert_id)
+        log.info("alert %s %s by %s", alert_id, transition.to, by)
+        return Answered(alert, changed, label)
+
+    async def _publish(self, changed: FallEvent, label: Label | None) -> None:
+        key = changed.camera_id.encode()
         try:
             # the label first: once the change is on fall-events the alert is answered, and an answer
             # repeated after a failure here would be refused, its label lost (a repeated label is deduped)
@@ -115,6 +130,4 @@ class Answers:
                 await self.store.save_label(label)
         except (RedisError, OSError) as exc:
             # it is on Kafka: the alerting service writes it to Redis when Redis is back
-            log.error("answer on alert %s published but not stored in Redis: %s", alert_id, exc)
-        log.info("alert %s %s by %s", alert_id, transition.to, by)
-        return Answered(alert, changed, label)
+            log.error("answer on alert %s published but not stored in Redis: %s", changed.alert_id, exc)

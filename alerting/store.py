@@ -25,6 +25,7 @@ ESCALATION_MARK_TTL_S = 7 * 24 * 3600
 ESCALATION_LEASE_S = 60
 LEASED, ESCALATED = b"leased", b"1"
 DELIVERED_MARK_TTL_S = 7 * 24 * 3600
+ANSWER_CLAIM_TTL_S = 30  # longer than publishing an answer takes (the dashboard's Kafka send)
 
 
 def alert_key(alert_id: str) -> str:
@@ -50,6 +51,25 @@ def escalated_key(alert_id: str) -> str:
 
 def frame_label_key(frame_id: str) -> str:
     return f"{PREFIX}label:{frame_id}"
+
+
+def answering_key(alert_id: str) -> str:
+    """Held while one answer on the alert is being given (`claim_answer`)."""
+    return f"{PREFIX}answering:{alert_id}"
+
+
+# KEYS: alert, its answering mark; ARGV: the state the answer was decided on, the mark's TTL. Only one answer at
+# a time, and only on the state it was decided on: two caregivers answering at once give one answer, one label.
+CLAIM_ANSWER = """
+local stored = redis.call('GET', KEYS[1])
+if not stored or cjson.decode(stored)['state'] ~= ARGV[1] then
+  return 0
+end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[2])) then
+  return 0
+end
+return 1
+"""
 
 
 def room_down_key(room: str) -> str:
@@ -185,6 +205,7 @@ class AlertStore:
         self._claim = self.redis.register_script(CLAIM_DELIVERIES)
         self._camera_down = self.redis.register_script(CAMERA_DOWN)
         self._add_escalation = self.redis.register_script(ADD_ESCALATION)
+        self._claim_answer = self.redis.register_script(CLAIM_ANSWER)
 
     async def apply(self, event: FallEvent, notification: Notification, to_stream: bool = True) -> bool:
         """Store a state change of an alert, and add it to the stream unless `to_stream` is False; False when
@@ -279,6 +300,15 @@ class AlertStore:
         changed_at_ms = round(change.changed_at.timestamp() * 1000)
         args = [change.camera_id, changed_at_ms, int(change.down)]
         return int(await self._camera_down(keys=[room_down_key(change.room)], args=args))
+
+    async def claim_answer(self, alert_id: str, state: AlertState, ttl_s: int = ANSWER_CLAIM_TTL_S) -> bool:
+        """True when the alert is still `state` and no other answer on it is being given; then this one is,
+        until `answer_given` (or `ttl_s`, if its process dies first)."""
+        keys = [alert_key(alert_id), answering_key(alert_id)]
+        return bool(await self._claim_answer(keys=keys, args=[state, ttl_s]))
+
+    async def answer_given(self, alert_id: str) -> None:
+        await self.redis.delete(answering_key(alert_id))
 
     async def save_label(self, label: Label) -> None:
         """The label under each of its frame ids (a later answer on the same frames replaces it)."""

@@ -27,7 +27,7 @@ from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from alerting.answers import Answers, NotPublished, label_id_for
+from alerting.answers import Answered, AnswerRefused, Answers, NotPublished, label_id_for
 from alerting.notifications import Notifier, link_signature
 from alerting.store import AlertStore, alert_key, frame_label_key
 from core.kafka_io import MAX_MESSAGE_BYTES, make_producer
@@ -420,3 +420,43 @@ def test_an_answer_whose_label_kafka_refused_can_be_given_again_and_keeps_its_la
     assert [(label.alert_id, label.verdict, label.frame_ids) for label in labels] == [
         (alert.alert_id, "true_fall", [verdict.frame_id])
     ]
+
+
+def test_two_caregivers_answering_at_once_give_one_answer_and_one_label(
+    stack_state: StackState, tmp_path: Path
+) -> None:
+    """One presses Acknowledge, another False alarm on the same alert at the same moment: one answer is taken,
+    the other refused; the labels would otherwise contradict each other on the same frames."""
+    settings = alerting_settings(stack_state, tmp_path)
+    alert, _ = an_open_alert("answered-twice")
+
+    async def scenario() -> list[Answered | BaseException]:
+        store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
+        notifier = Notifier(settings.alerting)
+        producer = make_producer(settings)
+        await producer.start()
+
+        async def publish(topic: str, key: bytes, value: bytes) -> None:
+            await producer.send_and_wait(topic, key=key, value=value)
+
+        answers = Answers(settings.kafka.topics, store, notifier, publish)
+        try:
+            await store.apply(alert, notifier.notification(alert))
+            return await asyncio.gather(
+                answers.answer(alert.alert_id, "acknowledge", "nurse Ana"),
+                answers.answer(alert.alert_id, "false-alarm", "nurse Ben"),
+                return_exceptions=True,
+            )
+        finally:
+            await producer.stop()
+            await store.close()
+
+    results = asyncio.run(scenario())
+    answered = [result for result in results if isinstance(result, Answered)]
+    refused = [result for result in results if isinstance(result, AnswerRefused)]
+    assert len(answered) == 1 and len(refused) == 1, results
+    assert "was answered by someone else meanwhile" in str(refused[0])
+    labels = asyncio.run(read_all(settings, settings.kafka.topics.labels, Label))
+    events = asyncio.run(read_all(settings, settings.kafka.topics.fall_events, FallEvent))
+    assert [label.verdict for label in labels] == [answered[0].label.verdict if answered[0].label else None]
+    assert [event.state for event in events] == [answered[0].alert.state]
