@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,59 +189,52 @@ async def replay(
     source: str,
     total: int | None = None,
 ) -> ReplaySummary:
-    """Append one DMD row per input not yet in `directory`; `cloud_model=None` uses logged answers only.
+    """Append one DMD row per input not yet in `directory`; `cloud_model=None` uses logged answers only."""
+    with only_replay_into(directory):
+        write_manifest(
+            directory,
+            DatasetManifest(
+                source=source,
+                edge_model=edge_model.name,
+                edge_model_revision=settings.edge.revision,
+                edge_model_sha256=local_checkpoint_sha256(edge_model.name),
+                cloud_model=cloud_model.name if cloud_model is not None else settings.cloud.model,
+                hidden_size=edge_model.hidden_size,
+            ),
+        )
+        done = done_input_ids(directory)
+        summary = ReplaySummary()
+        writer = DatasetWriter(settings, edge_model, cloud_model, directory, summary)
+        batch: list[ReplayItem] = []
+        with tqdm(total=total, unit="input", desc="replay", disable=None) as progress:
+            async for item in items:
+                progress.update(1)
+                if item.input_id in done:
+                    summary.resumed += 1
+                    continue
+                batch.append(item)
+                if len(batch) >= settings.dmd.batch_size:
+                    writer.run_batch(batch)
+                    batch.clear()
+            if batch:
+                writer.run_batch(batch)
+            writer.flush()
+        summary.warnings.extend(bias_warnings(summary, cloud_model is None))
+        for warning in summary.warnings:
+            log.warning("%s", warning)
+        return summary
 
-    One replay at a time per data set: two would pick the same shard names and replay the same inputs."""
+
+@contextmanager
+def only_replay_into(directory: Path) -> Iterator[None]:
+    """One replay at a time per data set: two would pick the same shard names and replay the same inputs."""
     try:
         with file_lock(directory / REPLAY_LOCK, wait=False):
-            return await replay_into(items, settings, edge_model, cloud_model, directory, source, total)
+            yield
     except Held:
         raise ConfigError(
             f"another `dmd replay` is writing to {directory}: wait for it to end, or give this one another --workdir"
         ) from None
-
-
-async def replay_into(
-    items: AsyncIterable[ReplayItem],
-    settings: Settings,
-    edge_model: EdgeModel,
-    cloud_model: CloudModel | None,
-    directory: Path,
-    source: str,
-    total: int | None,
-) -> ReplaySummary:
-    write_manifest(
-        directory,
-        DatasetManifest(
-            source=source,
-            edge_model=edge_model.name,
-            edge_model_revision=settings.edge.revision,
-            edge_model_sha256=local_checkpoint_sha256(edge_model.name),
-            cloud_model=cloud_model.name if cloud_model is not None else settings.cloud.model,
-            hidden_size=edge_model.hidden_size,
-        ),
-    )
-    done = done_input_ids(directory)
-    summary = ReplaySummary()
-    writer = DatasetWriter(settings, edge_model, cloud_model, directory, summary)
-    batch: list[ReplayItem] = []
-    with tqdm(total=total, unit="input", desc="replay", disable=None) as progress:
-        async for item in items:
-            progress.update(1)
-            if item.input_id in done:
-                summary.resumed += 1
-                continue
-            batch.append(item)
-            if len(batch) >= settings.dmd.batch_size:
-                writer.run_batch(batch)
-                batch.clear()
-        if batch:
-            writer.run_batch(batch)
-        writer.flush()
-    summary.warnings.extend(bias_warnings(summary, cloud_model is None))
-    for warning in summary.warnings:
-        log.warning("%s", warning)
-    return summary
 
 
 def bias_warnings(summary: ReplaySummary, logged_only: bool) -> list[str]:

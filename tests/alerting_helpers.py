@@ -325,25 +325,40 @@ class WebhookReceiver:
     def running(self) -> Iterator[WebhookReceiver]:
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status = receiver.handle(self.path, dict(self.headers.items()), body)
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self.reply(receiver.handle(self.path, dict(self.headers.items()), body))
 
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # the test reports what matters
-
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with http_server(Handler, self.port):
             yield self
-        finally:
-            server.shutdown()
-            server.server_close()
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A test receiver's request handler: empty replies, no log lines (the test reports what matters)."""
+
+    def reply(self, status: int, **headers: str) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler], port: int | None = None) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 in a thread; its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", port or free_port()), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def body_alert_id(delivery: Delivery) -> str:

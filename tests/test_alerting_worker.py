@@ -13,14 +13,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -39,6 +37,7 @@ from fallwatch.stack import LocalStack, StackState, free_port, stop_pid
 from schemas import DeadLetter, FallEvent, PersonDown, Verdict, decode, encode, utc_now
 from tests.alerting_helpers import (
     WEBHOOK_SECRET,
+    QuietHandler,
     WebhookReceiver,
     alerting_settings,
     alerting_worker,
@@ -46,6 +45,7 @@ from tests.alerting_helpers import (
     alerts_of,
     an_open_alert,
     body_alert_id,
+    http_server,
     make_verdict,
     produce,
     read_until,
@@ -442,41 +442,26 @@ def test_a_webhook_that_redirects_is_not_followed_and_not_counted_as_delivered(
     and a 2xx there would count as delivered."""
     requests: list[tuple[str, str]] = []
 
-    class Redirecting(BaseHTTPRequestHandler):
+    class Redirecting(QuietHandler):
         def do_POST(self) -> None:
             requests.append(("POST", self.path))
-            self.send_response(302)
-            self.send_header("Location", "/elsewhere")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self.reply(302, Location="/elsewhere")
 
         def do_GET(self) -> None:
             requests.append(("GET", self.path))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self.reply(200)
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Redirecting)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     alert, _ = an_open_alert("redirected")
-    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
 
-    async def send() -> bool:
+    async def send(url: str) -> bool:
         sender = WebhookSender(AlertingSettings(webhook_urls=[url], webhook_secret="s", webhook_attempts=3))
         try:
             return await sender.deliver(url, "alert.opened", alert.alert_id, encode(alert))
         finally:
             await sender.close()
 
-    try:
-        delivered = asyncio.run(send())
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(Redirecting) as url:
+        delivered = asyncio.run(send(f"{url}/hook"))
     assert not delivered
     assert requests == [("POST", "/hook")], "one try, the redirect not followed, nothing retried"
     refused = [r.getMessage() for r in caplog.records if "refused alert.opened" in r.getMessage()]

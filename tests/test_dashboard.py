@@ -15,7 +15,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,15 +145,20 @@ def element(driver: webdriver.Chrome, css: str) -> object:
     return found[0] if found else None
 
 
-def test_an_alert_appears_live_and_acknowledge_writes_the_state_and_a_label(
-    dashboard: Dashboard, browser: webdriver.Chrome, clip_path: Path
-) -> None:
-    settings = dashboard.settings
+def logged_in(browser: webdriver.Chrome, dashboard: Dashboard) -> None:
+    """The page opened, the token and a name given, live."""
     browser.get(dashboard.url + "/")
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "user").send_keys("nurse Ana")
     browser.find_element(By.ID, "connect").click()
     wait_for(lambda: browser.find_element(By.ID, "status").text == "live", "the page to go live")
+
+
+def test_an_alert_appears_live_and_acknowledge_writes_the_state_and_a_label(
+    dashboard: Dashboard, browser: webdriver.Chrome, clip_path: Path
+) -> None:
+    settings = dashboard.settings
+    logged_in(browser, dashboard)
 
     # the alert opens after the page connected: it must arrive by the event stream
     alert = fall_with_frames(dashboard.settings, clip_path, "browser")
@@ -197,11 +203,7 @@ def test_an_alert_appears_live_and_acknowledge_writes_the_state_and_a_label(
 def test_an_alert_that_opened_while_the_page_reconnected_is_announced(
     dashboard: Dashboard, browser: webdriver.Chrome, clip_path: Path
 ) -> None:
-    browser.get(dashboard.url + "/")
-    browser.find_element(By.ID, "token").send_keys(TOKEN)
-    browser.find_element(By.ID, "user").send_keys("nurse Ana")
-    browser.find_element(By.ID, "connect").click()
-    wait_for(lambda: browser.find_element(By.ID, "status").text == "live", "the page to go live")
+    logged_in(browser, dashboard)
     alert = fall_with_frames(dashboard.settings, clip_path, "missed")
     wait_for(lambda: element(browser, f'.alert[data-alert-id="{alert.alert_id}"]'), "the alert on the page")
     # the page as it is after missing the alert's state event (its stream broke); the reconnection's
@@ -253,11 +255,7 @@ def test_triage_urgent_first_live_counter_escalation_and_history(
         "Emulation.setDeviceMetricsOverride",
         {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
     )
-    browser.get(dashboard.url + "/")
-    browser.find_element(By.ID, "token").send_keys(TOKEN)
-    browser.find_element(By.ID, "user").send_keys("nurse Ana")
-    browser.find_element(By.ID, "connect").click()
-    wait_for(lambda: browser.find_element(By.ID, "status").text == "live", "the page to go live")
+    logged_in(browser, dashboard)
     assert not browser.find_element(By.ID, "login").is_displayed(), "the login form goes once connected"
     auth = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -381,8 +379,9 @@ def test_the_dashboard_refuses_to_start_without_a_token() -> None:
     ]
 
 
-async def answer_while_labels_are_refused(settings: Settings, alert: FallEvent) -> None:
-    """Acknowledge `alert` while the broker refuses `labels` (refused, nothing sent), then once it takes them."""
+@asynccontextmanager
+async def answers_on(settings: Settings, alert: FallEvent) -> AsyncIterator[tuple[Answers, AlertStore]]:
+    """The answers path the dashboard takes, on the real broker and Redis, with `alert` open in Redis."""
     store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
     notifier = Notifier(settings.alerting)
     producer = make_producer(settings)
@@ -391,9 +390,17 @@ async def answer_while_labels_are_refused(settings: Settings, alert: FallEvent) 
     async def publish(topic: str, key: bytes, value: bytes) -> None:
         await producer.send_and_wait(topic, key=key, value=value)
 
-    answers = Answers(settings.kafka.topics, store, notifier, publish)
     try:
         await store.apply(alert, notifier.notification(alert))
+        yield Answers(settings.kafka.topics, store, notifier, publish), store
+    finally:
+        await producer.stop()
+        await store.close()
+
+
+async def answer_while_labels_are_refused(settings: Settings, alert: FallEvent) -> None:
+    """Acknowledge `alert` while the broker refuses `labels` (refused, nothing sent), then once it takes them."""
+    async with answers_on(settings, alert) as (answers, store):
         with pytest.raises(NotPublished, match="could not publish the answer"):
             await answers.answer(alert.alert_id, "acknowledge", "nurse")
         assert await read_all(settings, settings.kafka.topics.fall_events, FallEvent) == [], "not answered yet"
@@ -401,9 +408,6 @@ async def answer_while_labels_are_refused(settings: Settings, alert: FallEvent) 
         await set_topic_configs(settings, settings.kafka.topics.labels, {"max.message.bytes": str(MAX_MESSAGE_BYTES)})
         answered = await answers.answer(alert.alert_id, "acknowledge", "nurse")  # the caregiver tries again
         assert answered.label is not None
-    finally:
-        await producer.stop()
-        await store.close()
 
 
 def test_an_answer_whose_label_kafka_refused_can_be_given_again_and_keeps_its_label(
@@ -431,25 +435,12 @@ def test_two_caregivers_answering_at_once_give_one_answer_and_one_label(
     alert, _ = an_open_alert("answered-twice")
 
     async def scenario() -> list[Answered | BaseException]:
-        store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
-        notifier = Notifier(settings.alerting)
-        producer = make_producer(settings)
-        await producer.start()
-
-        async def publish(topic: str, key: bytes, value: bytes) -> None:
-            await producer.send_and_wait(topic, key=key, value=value)
-
-        answers = Answers(settings.kafka.topics, store, notifier, publish)
-        try:
-            await store.apply(alert, notifier.notification(alert))
+        async with answers_on(settings, alert) as (answers, _store):
             return await asyncio.gather(
                 answers.answer(alert.alert_id, "acknowledge", "nurse Ana"),
                 answers.answer(alert.alert_id, "false-alarm", "nurse Ben"),
                 return_exceptions=True,
             )
-        finally:
-            await producer.stop()
-            await store.close()
 
     results = asyncio.run(scenario())
     answered = [result for result in results if isinstance(result, Answered)]

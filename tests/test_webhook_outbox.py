@@ -9,21 +9,23 @@ import subprocess
 import sys
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from alerting.channels.webhook import WebhookChannel
 from alerting.metrics import AlertingMetrics
 from alerting.notifications import Notifier
 from alerting.store import AlertStore
-from fallwatch.stack import StackState, free_port
+from core.settings import Settings
+from fallwatch.stack import StackState
 from tests.alerting_helpers import (
     WEBHOOK_SECRET,
+    QuietHandler,
     WebhookReceiver,
     alerting_settings,
     alerting_worker,
     alerts_of,
     an_open_alert,
+    http_server,
     make_verdict,
     send_verdicts,
     unique_camera,
@@ -76,34 +78,18 @@ def test_a_receiver_that_hangs_does_not_hold_up_the_next_alert_to_another(
     release = threading.Event()
     received: list[str] = []
 
-    class Receivers(BaseHTTPRequestHandler):
+    class Receivers(QuietHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             received.append(self.path)
             if self.path == "/hangs":
                 release.wait(120)
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self.reply(200)
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Receivers)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    settings = alerting_settings(
-        stack_state,
-        tmp_path,
-        webhook_urls=[f"{url}/hangs"],
-        escalation_webhook_urls=[f"{url}/answers"],
-        webhook_secret=WEBHOOK_SECRET,
-        webhook_timeout_s=120.0,  # the hanging delivery outlasts the test unless released
-    )
     hanging, _ = an_open_alert("hanging")
     escalated, _ = an_open_alert("escalated")
 
-    async def scenario() -> list[str]:
+    async def scenario(settings: Settings) -> list[str]:
         store = AlertStore(settings.redis, settings.alerting.stream_maxlen)
         channel = WebhookChannel(settings, store, AlertingMetrics(), Notifier(settings.alerting))
         try:
@@ -117,9 +103,16 @@ def test_a_receiver_that_hangs_does_not_hold_up_the_next_alert_to_another(
             await channel.close()
             await store.close()
 
-    try:
-        assert asyncio.run(scenario()) == ["/hangs", "/answers"]
-    finally:
-        release.set()
-        server.shutdown()
-        server.server_close()
+    with http_server(Receivers) as url:
+        settings = alerting_settings(
+            stack_state,
+            tmp_path,
+            webhook_urls=[f"{url}/hangs"],
+            escalation_webhook_urls=[f"{url}/answers"],
+            webhook_secret=WEBHOOK_SECRET,
+            webhook_timeout_s=120.0,  # the hanging delivery outlasts the test unless released
+        )
+        try:
+            assert asyncio.run(scenario(settings)) == ["/hangs", "/answers"]
+        finally:
+            release.set()  # before the server stops: it waits for its request threads
