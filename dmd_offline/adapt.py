@@ -409,7 +409,8 @@ def gate(
             check("caregiver falls", share(falls, new_served), share(falls, old_served)),
         ]
         if not falls.any() and known_falls is not None:
-            checks.append(check("original falls", known_falls.candidate.mean(), known_falls.running.mean()))
+            ours, theirs = float(known_falls.candidate.mean()), float(known_falls.running.mean())
+            checks.append(check("original falls", ours, theirs))
             original_falls = len(known_falls.candidate)
         judged, reference = labelled & cloud_known, labels
     else:

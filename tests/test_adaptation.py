@@ -366,6 +366,7 @@ def test_an_adaptation_with_false_alarms_only_reads_the_original_falls(fall_edge
     assert candidate.gate.original_falls == 3, "the fall images of the val and test splits"
     assert check.running == 1.0, "the fall-leaning running edge calls each of them a fall"
     assert check.candidate is not None and 0.0 <= check.candidate <= 1.0
+    assert type(check.candidate) is float and type(check.passed) is bool, "plain values: reports write them as JSON"
 
 
 def test_gate_on_caregiver_labels_judges_what_each_pair_serves() -> None:
