@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,3 +38,12 @@ def local_checkpoint_sha256(model_id: str) -> str | None:
     """`directory_sha256` of a checkpoint in a local directory; None for a hub id."""
     path = Path(model_id).expanduser()
     return directory_sha256(path) if path.is_dir() else None
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk (before it is renamed into view, or after)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

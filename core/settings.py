@@ -833,11 +833,19 @@ def config_file_state_dir() -> str | None:
     if not config:
         return None
     try:
-        top = yaml.safe_load(Path(config).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        state_dir = config_file_sections(config).get("state_dir")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
         return None  # load_settings says what is wrong with the file
-    state_dir = top.get("state_dir") if isinstance(top, dict) else None
     return str(state_dir) if state_dir else None
+
+
+def config_file_sections(config: str) -> dict[str, Any]:
+    """The config file's top level; a ConfigError where it is not a mapping of sections."""
+    top = yaml.safe_load(Path(config).read_text())
+    if top is not None and not isinstance(top, dict):
+        kind = type(top).__name__
+        raise ConfigError(f"config file {config}: its top level must be sections (kafka:, …), not a {kind}")
+    return top or {}
 
 
 def load_settings(sections: Iterable[str] | None = None, **overrides: Any) -> Settings:
@@ -853,10 +861,7 @@ def load_settings(sections: Iterable[str] | None = None, **overrides: Any) -> Se
     token = UNUSED_SECTIONS.set(unused)
     try:
         if config:
-            top = yaml.safe_load(Path(config).read_text())
-            if top is not None and not isinstance(top, dict):
-                kind = type(top).__name__
-                raise ConfigError(f"config file {config}: its top level must be sections (kafka:, …), not a {kind}")
+            config_file_sections(config)
         return Settings(**overrides)
     except yaml.YAMLError as exc:
         raise ConfigError(yaml_problem(config or "", exc)) from None

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import Redis as SyncRedis
 
-from core.checkpoints import directory_sha256, local_checkpoint_sha256
+from core.checkpoints import directory_sha256, fsync_path, local_checkpoint_sha256
 from core.locks import file_lock
 from core.operator_events import operator_event
 from core.settings import ConfigError
@@ -224,18 +224,9 @@ def write_active(registry: Path, pointer: ActivePointer) -> None:
     """Replace ACTIVE atomically: a worker reads the old pointer or the new one, never half of one."""
     staging = registry / f".{ACTIVE_FILE}.{uuid.uuid4().hex}.tmp"
     staging.write_text(pointer.model_dump_json(indent=2))
-    fsync_file(staging)
+    fsync_path(staging)
     os.replace(staging, registry / ACTIVE_FILE)
-    fsync_file(registry)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file, or a directory's entries, to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_path(registry)
 
 
 def activate(registry: Path, version: str, replacing: str | None) -> None:
@@ -301,10 +292,10 @@ def save_pair(
         (staging / VERSION_FILE).write_text(written.model_dump_json(indent=2))
         # on disk before ACTIVE can name it: after a power cut, a version ACTIVE names is whole
         for path in sorted(staging.rglob("*"), reverse=True):
-            fsync_file(path)
-        fsync_file(staging)
+            fsync_path(path)
+        fsync_path(staging)
         staging.rename(final)
-        fsync_file(registry)
+        fsync_path(registry)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -14,7 +14,6 @@ a change, and one frame does not show it. A published switcher is a directory
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import uuid
@@ -30,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.checkpoints import local_checkpoint_sha256
+from core.checkpoints import fsync_path, local_checkpoint_sha256
 
 WEIGHTS_FILE = "switcher.safetensors"
 METADATA_FILE = "switcher.json"
@@ -224,8 +223,7 @@ def new_version() -> str:
 def _write_durably(path: Path, write: Callable[[Path], object]) -> None:
     """Write a file and flush it to disk before it is renamed into view."""
     write(path)
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
+    fsync_path(path)
 
 
 def save_switcher(registry: Path, switcher: Switcher, metadata: SwitcherMetadata) -> Path:
