@@ -45,7 +45,7 @@ class Dispatcher:
         dispatcher = cls(settings, store, metrics, [])
         dispatcher.channels = [
             WebhookChannel(settings, store, metrics, notifier),
-            RedisChannel(settings, store, metrics, notifier, on_rebuilt=dispatcher.store_rebuilt),
+            RedisChannel(settings, store, metrics, notifier),
             SnapshotChannel(settings, store, on_saved=dispatcher.snapshot_ready),
         ]
         if settings.alerting.mqtt.enabled:
@@ -110,9 +110,6 @@ class Dispatcher:
     async def tick(self) -> None:
         for channel in self.channels:
             await channel.tick()
-
-    async def store_rebuilt(self) -> int:
-        return sum([await channel.store_rebuilt() for channel in self.channels])
 
     async def close(self) -> None:
         for channel in self.channels:

@@ -25,6 +25,8 @@ ESCALATION_MARK_TTL_S = 7 * 24 * 3600
 ESCALATION_LEASE_S = 60
 LEASED, ESCALATED = b"leased", b"1"
 DELIVERED_MARK_TTL_S = 7 * 24 * 3600
+# a worker that has not checked the outbox for this long is taken to be gone (its id leaves the keepers' set)
+OUTBOX_KEEPERS_TTL_S = 24 * 3600
 ANSWER_CLAIM_TTL_S = 30  # longer than publishing an answer takes (the dashboard's Kafka send)
 
 
@@ -167,6 +169,11 @@ def delivered_key(member: str) -> str:
     return f"{PREFIX}webhook-delivered:{member}"
 
 
+def outbox_keepers_key(fall_events_topic: str) -> str:
+    """The workers that checked the outbox since Redis last lost it: a worker not in it puts its deliveries back."""
+    return f"{PREFIX}webhook-outbox-keepers:{fall_events_topic}"
+
+
 # KEYS: outbox, payloads, delivered mark; ARGV: member, payload, due time
 ENQUEUE_DELIVERY = """
 if redis.call('EXISTS', KEYS[3]) == 1 then
@@ -193,6 +200,32 @@ return claimed
 """
 
 
+# KEYS: keepers, outbox, payloads, then each delivery's delivered mark; ARGV: worker, keepers' TTL, now, then
+# each delivery's member and payload, in the marks' order. A worker new to the keepers (Redis lost the outbox,
+# or the worker just started) puts back its deliveries not delivered and not queued, due now. Returns
+# {new, how many were put back, the members no longer queued (done by another worker: to forget)}.
+KEEP_OUTBOX = """
+local new = redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+local restored = 0
+local gone = {}
+for j = 1, #KEYS - 3 do
+  local member, payload = ARGV[2 + 2 * j], ARGV[3 + 2 * j]
+  if redis.call('EXISTS', KEYS[3 + j]) == 1 then
+    table.insert(gone, member)
+  elseif new == 1 then
+    if redis.call('ZADD', KEYS[2], 'NX', ARGV[3], member) == 1 then
+      redis.call('HSET', KEYS[3], member, payload)
+      restored = restored + 1
+    end
+  elseif not redis.call('ZSCORE', KEYS[2], member) then
+    table.insert(gone, member)
+  end
+end
+return {new, restored, gone}
+"""
+
+
 class AlertStore:
     """Redis access of alerting and the dashboard; RedisError / OSError reach the caller."""
 
@@ -203,6 +236,7 @@ class AlertStore:
         self._apply_state = self.redis.register_script(APPLY_STATE)
         self._enqueue = self.redis.register_script(ENQUEUE_DELIVERY)
         self._claim = self.redis.register_script(CLAIM_DELIVERIES)
+        self._keep_outbox = self.redis.register_script(KEEP_OUTBOX)
         self._camera_down = self.redis.register_script(CAMERA_DOWN)
         self._add_escalation = self.redis.register_script(ADD_ESCALATION)
         self._claim_answer = self.redis.register_script(CLAIM_ANSWER)
@@ -357,6 +391,20 @@ class AlertStore:
         keys = [outbox_key(fall_events_topic), outbox_payload_key(fall_events_topic)]
         flat = await self._claim(keys=keys, args=[now_s, now_s + lease_s, limit])
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    async def keep_outbox(
+        self, fall_events_topic: str, worker: str, unfinished: dict[str, bytes], now_s: float
+    ) -> tuple[int, list[str]]:
+        """Check a worker's unfinished deliveries against the outbox (`KEEP_OUTBOX`): how many it put back because
+        Redis had lost them, and which are done and to be forgotten."""
+        members = list(unfinished)
+        keys = [outbox_keepers_key(fall_events_topic), outbox_key(fall_events_topic)]
+        keys += [outbox_payload_key(fall_events_topic), *(delivered_key(member) for member in members)]
+        args: list[str | bytes | float] = [worker, OUTBOX_KEEPERS_TTL_S, now_s]
+        for member in members:
+            args += [member, unfinished[member]]
+        _, restored, gone = await self._keep_outbox(keys=keys, args=args)
+        return int(restored), [member.decode() for member in gone]
 
     async def delivery_done(self, fall_events_topic: str, member: str, delivered: bool) -> None:
         """Out of the outbox; a delivery the receiver accepted is marked so it is never queued again."""

@@ -731,11 +731,7 @@ async def logged(settings: Settings, topic: str, records: list[PersonDown] | lis
 
 async def rebuilt(settings: Settings, store: AlertStore) -> None:
     """Redis as the Redis channel rebuilds it on this test's topics (never built before)."""
-
-    async def no_requeue() -> int:
-        return 0
-
-    channel = RedisChannel(settings, store, AlertingMetrics(), Notifier(settings.alerting), on_rebuilt=no_requeue)
+    channel = RedisChannel(settings, store, AlertingMetrics(), Notifier(settings.alerting))
     try:
         await channel.tick()
         await until(lambda: store.is_built(settings.kafka.topics.fall_events), "the rebuild")

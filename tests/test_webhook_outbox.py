@@ -8,15 +8,17 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
-from alerting.channels.webhook import WebhookChannel
+from alerting.channels.webhook import OPENED_EVENT, WebhookChannel, delivery_member
 from alerting.metrics import AlertingMetrics
 from alerting.notifications import Notifier
-from alerting.store import AlertStore
+from alerting.store import AlertStore, delivered_key, outbox_keepers_key, outbox_key, outbox_payload_key
 from core.settings import Settings
 from fallwatch.stack import StackState
+from schemas import FallEvent
 from tests.alerting_helpers import (
     WEBHOOK_SECRET,
     QuietHandler,
@@ -116,3 +118,83 @@ def test_a_receiver_that_hangs_does_not_hold_up_the_next_alert_to_another(
             assert asyncio.run(scenario(settings)) == ["/hangs", "/answers"]
         finally:
             release.set()  # before the server stops: it waits for its request threads
+
+
+def test_after_redis_lost_the_outbox_every_worker_puts_back_its_own_retries_and_none_it_saw_finished(
+    stack_state: StackState, tmp_path: Path
+) -> None:
+    """Two workers each retrying a delivery, and one delivery a worker queued but the other finished; Redis
+    loses the outbox (restarted empty: the delivered marks go too). Each worker's next pass puts back its
+    own retry, without any rebuild of the alert state, and the finished delivery is not sent again."""
+    accepting: set[str] = set()
+    statuses: list[tuple[str, int]] = []
+
+    class Receiver(QuietHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            alert_id = self.headers.get("Idempotency-Key", "").rpartition(":")[0]
+            status = 200 if alert_id in accepting else 503
+            statuses.append((alert_id, status))
+            self.reply(status)
+
+    by_a, _ = an_open_alert("kept-by-a")
+    by_b, _ = an_open_alert("kept-by-b")
+    finished_by_b, _ = an_open_alert("finished-by-b")
+
+    def received(alert: FallEvent) -> list[int]:
+        return [status for alert_id, status in statuses if alert_id == alert.alert_id]
+
+    async def scenario(settings: Settings) -> None:
+        topic = settings.kafka.topics.fall_events
+        store_a = AlertStore(settings.redis, settings.alerting.stream_maxlen)
+        store_b = AlertStore(settings.redis, settings.alerting.stream_maxlen)
+        a = WebhookChannel(settings, store_a, AlertingMetrics(), Notifier(settings.alerting))
+        b = WebhookChannel(settings, store_b, AlertingMetrics(), Notifier(settings.alerting))
+        members = {
+            alert.alert_id: delivery_member(OPENED_EVENT, alert.alert_id, settings.alerting.webhook_urls[0])
+            for alert in (by_a, by_b, finished_by_b)
+        }
+
+        async def retried_later(alert: FallEvent) -> bool:
+            due = await store_a.redis.zscore(outbox_key(topic), members[alert.alert_id])
+            return due is not None and due > time.time() + 10
+
+        try:
+            await a.alert_changed(by_a)
+            await a.alert_changed(finished_by_b)
+            await b.alert_changed(by_b)
+            for alert in (by_a, by_b, finished_by_b):
+                await until(lambda alert=alert: retried_later(alert), f"the first try of {alert.alert_id} refused")
+            # the retry of a delivery A queued comes due, and B's pass finishes it
+            accepting.add(finished_by_b.alert_id)
+            payload = await store_a.redis.hget(outbox_payload_key(topic), members[finished_by_b.alert_id])
+            await store_a.retry_delivery(topic, members[finished_by_b.alert_id], payload, time.time())
+            await b.outbox_pass()
+            assert received(finished_by_b) == [503, 200]
+            await a.outbox_pass()
+            await b.outbox_pass()
+            # Redis restarted empty: the outbox, its payloads, its keepers and the delivered marks are gone
+            wiped = [outbox_key(topic), outbox_payload_key(topic), outbox_keepers_key(topic)]
+            await store_a.redis.delete(*wiped, *(delivered_key(member) for member in members.values()))
+            accepting.update({by_a.alert_id, by_b.alert_id})
+            await a.outbox_pass()
+            await b.outbox_pass()
+            assert received(by_a) == [503, 200], "A's retry, put back by A"
+            assert received(by_b) == [503, 200], "B's retry, put back by B"
+            assert received(finished_by_b) == [503, 200], "finished before the loss: not sent again"
+            assert await store_a.redis.zcard(outbox_key(topic)) == 0
+        finally:
+            for channel, store in ((a, store_a), (b, store_b)):
+                await channel.close()
+                await store.close()
+
+    with http_server(Receiver) as url:
+        settings = alerting_settings(
+            stack_state,
+            tmp_path,
+            webhook_urls=[f"{url}/alerts"],
+            webhook_secret=WEBHOOK_SECRET,
+            webhook_backoff_s=60.0,  # no retry comes due by itself during the test
+            webhook_attempts=5,
+        )
+        asyncio.run(scenario(settings))

@@ -48,10 +48,6 @@ class Channel:
     async def tick(self) -> None:
         """Periodic work: retries that are due, state to rebuild."""
 
-    async def store_rebuilt(self) -> int:
-        """Redis lost its state and was rebuilt: put back what this channel keeps there; returns how many."""
-        return 0
-
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()

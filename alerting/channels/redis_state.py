@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiokafka import TopicPartition
@@ -44,7 +43,6 @@ class RedisChannel(Channel):
         store: AlertStore,
         metrics: AlertingMetrics,
         notifier: Notifier,
-        on_rebuilt: Callable[[], Awaitable[int]],
     ) -> None:
         super().__init__()
         self.notifier = notifier
@@ -52,7 +50,6 @@ class RedisChannel(Channel):
         self.store = store
         self.metrics = metrics
         self.topic = settings.kafka.topics.fall_events
-        self._on_rebuilt = on_rebuilt
         self._rebuilding = False
 
     async def before_publish(self, alert: FallEvent) -> None:
@@ -106,8 +103,6 @@ class RedisChannel(Channel):
             person_down = await read_topic(self.settings, self.settings.kafka.topics.person_down, PersonDown)
             for change in person_down:
                 await self.store.camera_down(change)
-            # the other channels' Redis state went with the rest: what they had not finished goes back in
-            requeued = await self._on_rebuilt()
             await self.store.mark_built(self.topic)
             active = len(await self.store.active_alerts())
         except REDIS_ERRORS as exc:
@@ -118,15 +113,14 @@ class RedisChannel(Channel):
             self._rebuilding = False
         self.metrics.state_rebuilds.inc()
         log.warning(
-            "Redis had no alert state: rebuilt from %d records of %s (%d changes, %d active alerts) and %d of %s, "
-            "%d deliveries back in the outbox, in %.1f s",
+            "Redis had no alert state: rebuilt from %d records of %s (%d changes, %d active alerts) and %d of %s "
+            "in %.1f s",
             len(events),
             self.topic,
             changed,
             active,
             len(person_down),
             self.settings.kafka.topics.person_down,
-            requeued,
             time.monotonic() - started,
         )
 

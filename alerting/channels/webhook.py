@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Coroutine
 from typing import Any
 
@@ -56,6 +57,7 @@ class WebhookChannel(Channel):
         self.topic = settings.kafka.topics.fall_events
         # Deliveries this worker put into the outbox or took from it, until done: put back if Redis loses them.
         self._unfinished: dict[str, bytes] = {}
+        self.worker_id = uuid.uuid4().hex
 
     async def alert_changed(self, alert: FallEvent) -> None:
         if alert.state == "open" and await self._nobody_answered(alert):
@@ -66,12 +68,27 @@ class WebhookChannel(Channel):
         await self._notify(self.rule.escalation_webhook_urls, ESCALATED_EVENT, alert, body)
 
     async def tick(self) -> None:
-        self.spawn(self.deliver_due())
+        self.spawn(self.outbox_pass())
 
-    async def store_rebuilt(self) -> int:
-        for member, payload in list(self._unfinished.items()):
-            await self.store.enqueue_delivery(self.topic, member, payload, time.time())
-        return len(self._unfinished)
+    async def outbox_pass(self) -> None:
+        """Keep this worker's unfinished deliveries in the outbox, then send what is due."""
+        await self.keep_unfinished()
+        await self.deliver_due()
+
+    async def keep_unfinished(self) -> None:
+        """Every worker puts back its own deliveries once Redis lost the outbox (restarted empty): whichever
+        worker rebuilds the alert state, none of them knows the others' retries. Deliveries another worker
+        finished are forgotten here, so they are never put back."""
+        unfinished = dict(self._unfinished)
+        try:
+            restored, gone = await self.store.keep_outbox(self.topic, self.worker_id, unfinished, time.time())
+        except (RedisError, OSError):
+            return  # checked again on the next tick
+        for member in gone:
+            if self._unfinished.get(member) is unfinished[member]:  # not queued again meanwhile
+                del self._unfinished[member]
+        if restored:
+            log.warning("the webhook outbox had lost %d of this worker's unfinished deliveries: queued again", restored)
 
     async def close(self) -> None:
         await super().close()
