@@ -95,7 +95,7 @@ def stack_down() -> None:
 @stack_app.command("status")
 def stack_status() -> None:
     """Show whether the local stack runs, and where."""
-    from fallwatch.stack import LocalStack, port_accepts
+    from fallwatch.stack import LocalStack, listens_on
 
     stack = LocalStack.from_settings(settings_with_logging())
     state = stack.read_state()
@@ -106,7 +106,7 @@ def stack_status() -> None:
         if service is None:
             typer.echo(f"{name}: not part of this stack (started before it had one)")
             continue
-        alive = service.running() and port_accepts(service.port)
+        alive = service.running() and listens_on(service.pid, service.port)
         typer.echo(f"{name}: {'up' if alive else 'DOWN'} port {service.port} pid {service.pid} log {service.log}")
     if not stack.healthy(state):
         raise typer.Exit(1)

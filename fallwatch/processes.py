@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -11,6 +12,16 @@ from pathlib import Path
 import yaml
 
 from core.settings import CONFIG_ENV, Settings, settings_data
+
+
+def tied_to_this_process(command: list[str]) -> list[str]:
+    """`command`, run so that it gets SIGTERM when this process dies, by kill -9 too (Linux's parent-death
+    signal, set by util-linux's `setpriv` before it execs the command); unchanged where there is no setpriv.
+
+    The signal follows the thread that starts the command: start it from one that lives as long as it must.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
 
 
 def write_config(settings: Settings, path: Path) -> dict[str, str]:
@@ -24,13 +35,13 @@ def write_config(settings: Settings, path: Path) -> dict[str, str]:
 
 def start_services(settings: Settings, config: Path, packages: Mapping[str, str]) -> dict[str, subprocess.Popen]:
     """`python -m <package>` per name, all on these settings (written to `config`), each logging to
-    `<name>.log` beside the config."""
+    `<name>.log` beside the config; each stops when this process dies."""
     env = write_config(settings, config)
     processes = {}
     for name, package in packages.items():
         with (config.parent / f"{name}.log").open("wb") as log:
             processes[name] = subprocess.Popen(
-                [sys.executable, "-m", package], env=env, stdout=log, stderr=subprocess.STDOUT
+                tied_to_this_process([sys.executable, "-m", package]), env=env, stdout=log, stderr=subprocess.STDOUT
             )
     return processes
 

@@ -26,10 +26,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from core.kafka_io import create_topics, topic_specs
 from core.settings import ConfigError, KafkaSettings, RedisSettings, Settings
+from fallwatch.processes import tied_to_this_process
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,33 @@ def port_accepts(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` itself listens on TCP `port` on this host (Linux's /proc): another process's
+    listener there is not the server just started. Where /proc cannot tell, whether anything accepts there."""
+    tables = [table for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")) if table.is_file()]
+    if not tables:
+        return port_accepts(port)
+    sockets = set()
+    for table in tables:
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()  # sl, local address:port (hex), remote, state (0A: LISTEN), ..., inode
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                sockets.add(f"socket:[{fields[9]}]")
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except PermissionError:  # another user's process
+        return port_accepts(port)
+    except OSError:  # gone
+        return False
+    for descriptor in descriptors:
+        try:
+            if os.readlink(descriptor) in sockets:
+                return True
+        except OSError:
+            continue  # closed meanwhile
+    return False
+
+
 def process_start_time(pid: int) -> int | None:
     """When the process started, in clock ticks since boot (Linux's /proc); None where that is unknown."""
     try:
@@ -244,23 +272,42 @@ def kafka_libs(cache_dir: Path) -> Path:
 class LocalStack:
     """Starts, stops and reports on the local Kafka + Redis + mosquitto of one state directory.
 
-    `default_ports`: take 9092, 6379 and 1883 when free (what a developer expects); a test session
-    takes any free ports, so sessions running side by side on one machine do not race for them.
+    `default_ports`: take 9092, 6379 and 1883 when free (what a developer expects); a temporary stack
+    (a test session, the demo, a benchmark) takes any free ports, so stacks running side by side on one
+    machine do not race for them. `outlives_caller`: the servers run on after this process exits
+    (`fallwatch stack up`); otherwise they stop when it dies, however it dies.
     """
 
     def __init__(
-        self, state_dir: Path, cache_dir: Path, partitions: int = 4, secure: bool = False, default_ports: bool = True
+        self,
+        state_dir: Path,
+        cache_dir: Path,
+        partitions: int = 4,
+        secure: bool = False,
+        default_ports: bool = True,
+        outlives_caller: bool = False,
     ) -> None:
         self.state_dir = state_dir.resolve()
         self.cache_dir = cache_dir.resolve()
         self.partitions = partitions
         self.secure = secure
         self.default_ports = default_ports
+        self.outlives_caller = outlives_caller
         self.state_file = self.state_dir / "stack.json"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalStack:
-        return cls(settings.state_dir, settings.cache_dir, settings.kafka.partitions)
+        """The stack of the settings' state directory, the one `fallwatch stack up` starts and leaves running."""
+        return cls(settings.state_dir, settings.cache_dir, settings.kafka.partitions, outlives_caller=True)
+
+    def server(self, command: list[str], log_file: IO[bytes]) -> subprocess.Popen[bytes]:
+        """Start one server, in its own session (Ctrl-C in a terminal must not stop `fallwatch stack up`'s)."""
+        return subprocess.Popen(
+            command if self.outlives_caller else tied_to_this_process(command),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     # --- state -----------------------------------------------------------------------------
     def read_state(self) -> StackState | None:
@@ -339,7 +386,7 @@ class LocalStack:
     def healthy(self, state: StackState) -> bool:
         # a stack from before the broker was part of it is restarted, so alerting finds one
         return state.mqtt is not None and all(
-            service.running() and port_accepts(service.port) for service in state.services()
+            service.running() and listens_on(service.pid, service.port) for service in state.services()
         )
 
     def make_security(self) -> StackSecurity:
@@ -388,9 +435,7 @@ class LocalStack:
                 "--user", security.username, "on", f">{password}", "~*", "&*", "+@all",
             ]  # fmt: skip
         with log_path.open("ab") as log_file:
-            process = subprocess.Popen(
-                [binary, *options], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            process = self.server([binary, *options], log_file)
         wait_for_port(process, port, "redis-server", log_path)
         return ServiceState(process.pid, port, str(log_path), process_start_time(process.pid))
 
@@ -427,9 +472,7 @@ class LocalStack:
         config_path.write_text("\n".join(lines) + "\n")
         log_path = self.state_dir / "mosquitto.log"
         with log_path.open("ab") as log_file:
-            process = subprocess.Popen(
-                [binary, "-c", str(config_path)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            process = self.server([binary, "-c", str(config_path)], log_file)
         wait_for_port(process, port, "mosquitto", log_path)
         return ServiceState(process.pid, port, str(log_path), process_start_time(process.pid))
 
@@ -463,12 +506,8 @@ class LocalStack:
                 raise StackError(f"Kafka's storage could not be formatted (java 17 or newer is needed): {last}")
         log_path = self.state_dir / "kafka.log"
         with log_path.open("ab") as log_file:
-            process = subprocess.Popen(
-                ["java", "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-cp", classpath, KAFKA_MAIN, str(config)],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            command = ["java", "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-cp", classpath, KAFKA_MAIN, str(config)]
+            process = self.server(command, log_file)
         wait_for_port(process, port, "Kafka", log_path)
         return ServiceState(process.pid, port, str(log_path), process_start_time(process.pid))
 
@@ -524,6 +563,9 @@ def kafka_properties(port: int, controller_port: int, data: Path, security: Stac
             *locked,
             f"log.dirs={data}",
             "num.partitions=4",
+            # as in production (docker-compose.yml): a topic `topics create` does not make is an error, not a
+            # topic with the broker's defaults
+            "auto.create.topics.enable=false",
             "offsets.topic.replication.factor=1",
             # a single local broker: fewer offsets partitions make the first consumer group start fast
             "offsets.topic.num.partitions=4",
@@ -547,13 +589,14 @@ def mosquitto_password_hash(password: str) -> str:
 
 
 def wait_for_port(process: subprocess.Popen[bytes], port: int, name: str, log_path: Path) -> None:
-    """Wait until the server just started listens on `port`; stop it if it exits or the wait is cut short.
+    """Wait until the server just started listens on `port` itself (a listener of another process that took
+    the port meanwhile is not it); stop it if it exits or the wait is cut short.
 
     The servers run in their own sessions (Ctrl-C in a terminal must not stop `fallwatch stack up`'s),
     so one whose start is interrupted (a timeout, SIGTERM) would otherwise run on with nobody knowing it.
     """
     try:
-        wait_until(lambda: port_accepts(port) or process.poll() is not None, f"{name} on port {port}")
+        wait_until(lambda: listens_on(process.pid, port) or process.poll() is not None, f"{name} on port {port}")
         if process.poll() is not None:
             raise StackError(f"{name} exited with {process.returncode}; see {log_path}")
     except BaseException:
@@ -584,7 +627,7 @@ def local_stack_settings(settings: Settings, state_dir: Path) -> Iterator[Settin
     state = stack.read_state()
     temporary = state is None or not stack.healthy(state)
     if temporary:
-        stack = LocalStack(state_dir, settings.cache_dir, settings.kafka.partitions)
+        stack = LocalStack(state_dir, settings.cache_dir, settings.kafka.partitions, default_ports=False)
     try:
         if temporary:
             state = stack.up({})  # inside the `try`: a stack interrupted while it starts is stopped too

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from fallwatch.processes import write_config
 from fallwatch.stack import (
     LocalStack,
     ServiceState,
+    StackError,
     StackState,
     free_port,
     pid_alive,
@@ -316,6 +318,56 @@ def test_sigterm_stops_a_benchmarks_temporary_stack_and_removes_its_files(tmp_pa
     assert status == 128 + signal.SIGTERM, log_path.read_text()[-3000:]
     assert still_running == [], "the broker, redis-server and mosquitto were stopped"
     assert left_behind == [], "the scratch directory was removed"
+
+
+OWNS_A_TEMPORARY_STACK = """
+import sys, threading
+from pathlib import Path
+from fallwatch.stack import LocalStack
+stack = LocalStack(Path(sys.argv[1]), Path(sys.argv[2]), partitions=1, default_ports=False)
+state = stack.up({})
+print(" ".join(str(service.pid) for service in state.services()), flush=True)
+threading.Event().wait()
+"""
+
+
+def test_kill_9_of_the_process_that_started_a_temporary_stack_stops_its_servers(tmp_path: Path) -> None:
+    """A demo, a benchmark or a test session killed with -9 runs no `finally`: its broker, redis-server and
+    mosquitto must not run on (holding ports and a Kafka log) with nobody to stop them."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNS_A_TEMPORARY_STACK, str(tmp_path / "stack"), str(REPO / ".cache")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    servers: list[int] = []
+    try:
+        assert owner.stdout is not None
+        servers = [int(pid) for pid in owner.stdout.readline().split()]
+        assert len(servers) == 3 and all(pid_alive(pid) for pid in servers), "broker, redis-server, mosquitto"
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 60
+        while (running := [pid for pid in servers if pid_alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling for the servers' exit
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        for pid in servers:  # whatever the outcome, leave no server running
+            stop_pid(pid)
+    assert running == [], "every server of the stack stopped when its owner was killed"
+
+
+def test_a_server_whose_port_another_process_took_is_not_taken_for_started(tmp_path: Path) -> None:
+    """Between choosing a free port and the server binding it, another process may take it: the stack must
+    not take that process's listener for its server (which then exits, unable to bind)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stack = LocalStack(tmp_path / "state", REPO / ".cache")
+        stack.state_dir.mkdir(parents=True)
+        with pytest.raises(StackError, match="redis-server exited"):
+            stack.start_redis(port)
+    assert processes_in(tmp_path / "state") == []
 
 
 def test_models_tiny_writes_loadable_untrained_models(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import UnknownTopicOrPartitionError
 
 from core.kafka_io import (
     consumer_group_lag,
@@ -55,6 +56,29 @@ def test_a_topic_the_broker_refuses_to_create_is_one_error_and_is_not_auto_creat
         assert str(refusal.value).startswith(f"Kafka refused to create topics (kafka.replication_factor, partitions, "
                                              f"configs?): {name}: ")  # fmt: skip
         assert "replication factor" in str(refusal.value).lower(), refusal.value
+        admin = make_admin(settings)
+        await admin.start()
+        try:
+            return await admin.list_topics()
+        finally:
+            await admin.close()
+
+    assert name not in asyncio.run(scenario())
+
+
+def test_the_local_broker_makes_no_topic_nobody_created(settings: Settings) -> None:
+    """As the production broker (docker-compose.yml): a record for a topic `topics create` did not make is an
+    error to its producer, never a topic with the broker's defaults, so the tests catch a topic left out."""
+    name = f"never-created-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> list[str]:
+        producer = make_producer(settings, request_timeout_ms=3000)
+        await start_clients(settings, producer)
+        try:
+            with pytest.raises(UnknownTopicOrPartitionError):
+                await producer.send_and_wait(name, b"a record for no topic")
+        finally:
+            await producer.stop()
         admin = make_admin(settings)
         await admin.start()
         try:
