@@ -870,11 +870,7 @@ def load_settings(sections: Iterable[str] | None = None, **overrides: Any) -> Se
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {config} cannot be read: {exc}") from None
     except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in err['loc'])}: {readable(err)}" for err in exc.errors()]
-        if len(problems) == 1:
-            raise ConfigError(f"invalid settings: {problems[0]}") from None
-        # one line per problem: a camera list with several mistakes reads as a list
-        raise ConfigError(f"invalid settings ({len(problems)} problems):\n  " + "\n  ".join(problems)) from None
+        raise settings_problem(exc) from None
     finally:
         UNUSED_SECTIONS.reset(token)
 
@@ -886,6 +882,18 @@ def yaml_problem(path: str, error: yaml.YAMLError) -> str:
     problem = getattr(error, "problem", None) or str(error)
     context = getattr(error, "context", None)
     return f"config file {path}{where}: {problem}" + (f" ({context})" if context else "")
+
+
+def settings_problem(exc: ValidationError, where: str = "") -> ConfigError:
+    """A validation error as the ConfigError a person reads: one line per problem, each naming its setting
+    (under `where`, e.g. the command-line option that gave the values)."""
+    problems = [
+        f"{'.'.join([where, *(str(p) for p in err['loc'])]).strip('.')}: {readable(err)}" for err in exc.errors()
+    ]
+    if len(problems) == 1:
+        return ConfigError(f"invalid settings: {problems[0]}")
+    # one line per problem: a camera list with several mistakes reads as a list
+    return ConfigError(f"invalid settings ({len(problems)} problems):\n  " + "\n  ".join(problems))
 
 
 def readable(error: Any) -> str:

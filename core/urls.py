@@ -14,7 +14,7 @@ STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https")
 
 
 def source_kind(url: str) -> SourceKind:
-    if url.startswith("/dev/video"):
+    if url.startswith("/dev/"):  # /dev/videoN, and the stable names under /dev/v4l/by-id and by-path
         return "device"
     return "stream" if "://" in url and not url.startswith("file://") else "file"
 

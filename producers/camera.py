@@ -127,7 +127,8 @@ class CapturedFrame:
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float) -> float:
     """Exponential backoff with jitter: cameras that dropped together do not all retry in step."""
-    ceiling = min(max_s, initial_s * 2**attempt)
+    # the exponent capped: 2.0 ** 1024 overflows, after a camera failed that often (a weekend offline)
+    ceiling = min(max_s, initial_s * 2.0 ** min(attempt, 64))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from core.entry import run_command, settings_with_logging
 from core.runtime import run_until_signalled
-from core.settings import CameraSettings, ConfigError
+from core.settings import CameraSettings, ConfigError, settings_problem
 
 # the settings sections this service reads besides kafka and redis; the others are not validated
 SECTIONS = ("producers",)
@@ -26,20 +27,23 @@ def producer(
 
     settings = settings_with_logging(SECTIONS)
     if video:
-        settings.producers.cameras.extend(video_cameras(video, fps))
+        taken = {camera.id for camera in settings.producers.cameras}
+        settings.producers.cameras.extend(video_cameras(video, fps, taken))
     if not settings.producers.cameras:
         raise ConfigError("no cameras: list them under producers.cameras in the config, or pass --video FILE")
     run_until_signalled(lambda stop: run_producers(settings, stop))
 
 
-def video_cameras(videos: list[Path], fps: float) -> list[CameraSettings]:
+def video_cameras(videos: list[Path], fps: float, taken: set[str]) -> list[CameraSettings]:
+    """A camera per video file, named `cam-N` with an N no configured camera's id has."""
     missing = [str(path) for path in videos if not path.is_file()]
     if missing:
         raise ConfigError(f"video file not found: {', '.join(missing)}")
-    return [
-        CameraSettings(id=f"cam-{index}", room=path.stem, url=str(path), fps=fps)
-        for index, path in enumerate(videos, start=1)
-    ]
+    ids = (f"cam-{n}" for n in range(1, len(videos) + len(taken) + 1) if f"cam-{n}" not in taken)
+    try:
+        return [CameraSettings(id=next(ids), room=path.stem, url=str(path), fps=fps) for path in videos]
+    except ValidationError as exc:
+        raise settings_problem(exc, "--video camera") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from core.kafka_io import make_producer, send, start_clients
+from core.kafka_io import make_producer, read_topic_partitions, send, start_clients
 from core.retry import DependencyUnavailable
 from core.settings import CameraSettings, ConfigError, ProducerSettings, Settings
 from core.urls import redact, source_kind
@@ -64,6 +64,9 @@ class CameraPublisher:
         self.next_seq = 0  # touched only by the capture thread
         # on every frame, so the edge (which reads no camera config) knows where to locate the person
         self.no_alert_zones = [zone.polygon for zone in camera.zones if not zone.alerts]
+        # the outage and the dropping spell in progress: each is logged when it begins and when it ends
+        self.failed_in_outage = 0
+        self.dropped_in_spell = 0
 
     # --- capture thread side -----------------------------------------------------------------
     def emit(self, frame: CapturedFrame) -> None:
@@ -93,6 +96,12 @@ class CameraPublisher:
         if self.slots is None and self.queue.qsize() >= self.capacity:
             self.queue.get_nowait()
             self.stats.dropped += 1
+            self.dropped_in_spell += 1
+            if self.dropped_in_spell == 1:
+                log.warning(
+                    "camera %s: %d frames queued for Kafka, the most kept: dropping the oldest", self.camera.id,
+                    self.capacity,
+                )  # fmt: skip
         self.queue.put_nowait(item)
         self.stats.queued = self.queue.qsize()
 
@@ -107,6 +116,10 @@ class CameraPublisher:
             if self.slots is not None:
                 self.slots.release()
             self.stats.queued = self.queue.qsize()
+            if self.dropped_in_spell and self.queue.empty():
+                log.warning("camera %s: the queue for Kafka drained, %d frames dropped", self.camera.id,
+                            self.dropped_in_spell)  # fmt: skip
+                self.dropped_in_spell = 0
             seq, captured = item
             frame = Frame(
                 frame_id=Frame.make_id(self.camera.id, captured.captured_at, seq),
@@ -136,15 +149,21 @@ class CameraPublisher:
             self.on_failure(seq, ack.exception() or asyncio.CancelledError())
             return
         self.stats.published += 1
+        if self.failed_in_outage:
+            log.warning("camera %s: Kafka accepts frames again, %d not accepted", self.camera.id, self.failed_in_outage)
+            self.failed_in_outage = 0
         self.stats.fps_out.mark()
         self.stats.send_delay_s.mark((datetime.now(UTC) - captured_at).total_seconds())
 
     def on_failure(self, seq: int, exc: BaseException) -> None:
         self.stats.failed += 1
-        if self.stats.failed == 1 or self.stats.failed % 100 == 0:
+        self.failed_in_outage += 1
+        # the first of an outage, then every 100th: an outage long ago does not quieten this one
+        if self.failed_in_outage == 1 or self.failed_in_outage % 100 == 0:
             log.warning(
-                "camera %s: Kafka did not accept frame %d (%d so far): %s", self.camera.id, seq, self.stats.failed, exc
-            )
+                "camera %s: Kafka did not accept frame %d (%d in this outage): %s",
+                self.camera.id, seq, self.failed_in_outage, exc,
+            )  # fmt: skip
 
 
 def check_cameras(settings: ProducerSettings) -> list[CameraSettings]:
@@ -211,11 +230,17 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
         raise
     try:
         await start_clients(settings, producer)  # retried while the brokers are unreachable
+        if not await read_topic_partitions(settings, settings.kafka.topics.frames):
+            # every frame would fail, one by one, while the producer looks healthy
+            raise ConfigError(
+                f"the topic {settings.kafka.topics.frames!r} does not exist on Kafka at "
+                f"{settings.kafka.bootstrap_servers} (create it: fallwatch topics create)"
+            )
     except KafkaError as exc:  # refused credentials, a broker too old
         await producer.stop()
         metrics.close()
         raise ConfigError(f"cannot use Kafka at {settings.kafka.bootstrap_servers}: {exc}") from None
-    except DependencyUnavailable:
+    except (DependencyUnavailable, ConfigError):
         await producer.stop()
         metrics.close()
         raise

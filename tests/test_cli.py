@@ -57,6 +57,7 @@ def test_every_service_has_a_subcommand() -> None:
     [
         (("--config", "/nonexistent.yaml", "edge"), {}, "config file /nonexistent.yaml does not exist"),
         (("producer", "--video", "/nonexistent.mp4"), {}, "video file not found: /nonexistent.mp4"),
+        (("producer", "--video", str(REPO / "README.md"), "--fps", "0"), {}, "fps: Input should be greater than 0"),
         (("edge",), {"FALLWATCH_EDGE__BATCH_SIZE": "zero"}, "edge.batch_size"),
         (("demo", "--clips", "/nonexistent-folder"), {}, "point the demo at a folder of your own videos"),
         (("edge",), {"FALLWATCH_EDGE__BATCH_WAIT_MS": "0"}, "edge.batch_wait_ms"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import subprocess
 import sys
 import threading
@@ -17,11 +18,13 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from aiokafka.errors import KafkaConnectionError
 
 from core.images import decode_jpeg_rgb
 from core.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
-from core.urls import redact
+from core.urls import redact, source_kind
 from producers.camera import CapturedFrame, backoff_delay
+from producers.main import video_cameras
 from producers.service import CameraPublisher, check_cameras, run_producers
 from schemas import Frame
 from tests.conftest import consume_until, settings_for
@@ -131,6 +134,54 @@ def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:
         delays = [backoff_delay(attempt, 1.0, 30.0) for _ in range(200)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert max(delays) - min(delays) > ceiling / 10, "jittered, not in lock step"
+
+
+def test_a_camera_failing_for_days_is_still_retried_at_the_cap() -> None:
+    """Failures count up while a camera stays offline (a weekend, say); the 1024th must not overflow the
+    backoff and end the camera's capture thread for good."""
+    assert all(15.0 <= backoff_delay(attempt, 1.0, 30.0) <= 30.0 for attempt in (1023, 1024, 10**6))
+
+
+def test_a_stable_device_name_is_a_device_not_a_missing_file() -> None:
+    """Sites with several USB cameras name them by /dev/v4l/by-id (the /dev/videoN numbers move at reboot)."""
+    for url in ("/dev/video0", "/dev/v4l/by-id/usb-Logitech_C920-video-index0", "/dev/v4l/by-path/pci-0:1-video"):
+        assert source_kind(url) == "device"
+    settings = Settings(producers={"cameras": [{"id": "a", "room": "1", "url": "/dev/v4l/by-id/usb-cam-video-index0"}]})
+    assert [camera.id for camera in check_cameras(settings.producers)] == ["a"], "not refused as a missing file"
+
+
+def test_video_cameras_take_ids_no_configured_camera_has(tmp_path: Path) -> None:
+    video = tmp_path / "ward.mp4"
+    video.write_bytes(b"")
+    assert [camera.id for camera in video_cameras([video, video], 2.0, {"cam-1", "cam-3"})] == ["cam-2", "cam-4"]
+    with pytest.raises(ConfigError, match="fps: Input should be greater than 0"):
+        video_cameras([video], 0.0, set())
+
+
+def test_kafka_failures_are_logged_per_outage_and_its_end_too(caplog: pytest.LogCaptureFixture) -> None:
+    """The first failure of each outage is logged, however many an earlier outage had, and so is its end."""
+    camera = CameraSettings(id="cam-k", room="1", url="http://127.0.0.1:1/stream")
+
+    async def scenario() -> None:
+        publisher = CameraPublisher(camera, Settings(), None, asyncio.get_running_loop(), threading.Event())  # type: ignore[arg-type]
+        refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        refused.set_exception(KafkaConnectionError("broker down"))
+        accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        accepted.set_result(None)
+        for seq in range(150):  # an outage long ago
+            publisher.on_ack(seq, datetime.now(UTC), refused)
+        publisher.on_ack(150, datetime.now(UTC), accepted)
+        publisher.on_ack(151, datetime.now(UTC), refused)  # a new outage
+
+    with caplog.at_level(logging.WARNING, logger="producers.service"):
+        asyncio.run(scenario())
+    lines = [record.getMessage() for record in caplog.records if record.name == "producers.service"]
+    assert [line.split(" (")[1].split(")")[0] for line in lines if "did not accept" in line] == [
+        "1 in this outage",
+        "100 in this outage",
+        "1 in this outage",
+    ]
+    assert "camera cam-k: Kafka accepts frames again, 150 not accepted" in lines
 
 
 def test_full_queue_drops_the_oldest_frames_and_counts_them(tmp_path: Path) -> None:
@@ -270,3 +321,17 @@ def test_a_mask_point_outside_the_frame_is_a_config_mistake() -> None:
         CameraSettings(id="c", room="1", url="/v.mp4", masks=[[(0.0, 0.0), (1.5, 0.0), (1.0, 1.0)]])
     with pytest.raises(ValueError, match="at least 3 items"):
         CameraSettings(id="c", room="1", url="/v.mp4", masks=[[(0.0, 0.0), (1.0, 0.0)]])
+
+
+def test_a_frames_topic_nobody_created_is_one_error_at_start_up(stack_state, tmp_path: Path, clip_path: Path) -> None:
+    """With the broker's auto-creation off (as in production), every frame would fail one by one while the
+    producer looked healthy; it says so once, before any camera starts."""
+    settings = settings_for(stack_state, tmp_path, producers={"cameras": [file_camera("cam", clip_path, fps=2)]})
+    uncreated = settings.kafka.model_copy(update={"topics": settings.kafka.topics.prefixed("never-created")})
+    settings = settings.model_copy(update={"kafka": uncreated})
+    with pytest.raises(ConfigError) as caught:
+        asyncio.run(run_producers(settings, asyncio.Event()))
+    assert str(caught.value) == (
+        f"the topic {settings.kafka.topics.frames!r} does not exist on Kafka at {settings.kafka.bootstrap_servers} "
+        "(create it: fallwatch topics create)"
+    )
