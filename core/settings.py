@@ -254,6 +254,11 @@ class ProducerSettings(Section):
     cameras: list[CameraSettings] = Field(default_factory=list)
     max_cameras: int = Field(64, ge=1, description="cameras one producer process serves (a capture thread each)")
     queue_size: int = Field(8, ge=1, description="frames per camera waiting for Kafka; when full the oldest is dropped")
+    drain_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="on stop, how long Kafka gets to acknowledge what is queued (a broker that is down: lost)",
+    )
     open_timeout_s: float = Field(10.0, gt=0, description="connecting to a stream gives up after this long")
     stall_timeout_s: float = Field(10.0, gt=0, description="a stream that delivers no frame this long is reconnected")
     reconnect_initial_s: float = Field(1.0, gt=0, description="first reconnect delay; doubles per failure, jittered")

@@ -67,6 +67,8 @@ class CameraPublisher:
         # the outage and the dropping spell in progress: each is logged when it begins and when it ends
         self.failed_in_outage = 0
         self.dropped_in_spell = 0
+        self.in_flight: set[asyncio.Future] = set()  # sent, not acknowledged yet
+        self.closed = False
 
     # --- capture thread side -----------------------------------------------------------------
     def emit(self, frame: CapturedFrame) -> None:
@@ -106,12 +108,12 @@ class CameraPublisher:
         self.stats.queued = self.queue.qsize()
 
     def close(self) -> None:
+        self.closed = True
         self.queue.put_nowait(None)
 
     async def publish(self) -> None:
         """Send queued frames until the queue is closed; every ack or failure is counted."""
         topic = self.settings.kafka.topics.frames
-        in_flight: set[asyncio.Future] = set()
         while (item := await self.queue.get()) is not None:
             if self.slots is not None:
                 self.slots.release()
@@ -138,11 +140,16 @@ class CameraPublisher:
                 self.on_failure(seq, exc)
                 continue
             ack.add_done_callback(functools.partial(self.on_ack, seq, captured.captured_at))
-            in_flight.add(ack)
-            if len(in_flight) >= ACK_WINDOW:
-                _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-        if in_flight:
-            await asyncio.wait(in_flight)
+            self.in_flight.add(ack)
+            if len(self.in_flight) >= ACK_WINDOW:
+                _, self.in_flight = await asyncio.wait(self.in_flight, return_when=asyncio.FIRST_COMPLETED)
+        if self.in_flight:
+            await asyncio.wait(self.in_flight)
+
+    def unsent(self) -> int:
+        """Frames queued or sent and not acknowledged."""
+        queued = max(0, self.queue.qsize() - self.closed)  # the end-of-queue mark is no frame
+        return queued + sum(1 for ack in self.in_flight if not ack.done())
 
     def on_ack(self, seq: int, captured_at: datetime, ack: asyncio.Future) -> None:
         if ack.cancelled() or ack.exception() is not None:
@@ -211,6 +218,23 @@ def join_captures(threads: list[threading.Thread], settings: ProducerSettings) -
         log.warning("capture threads still running at shutdown: %s", ", ".join(stuck))
 
 
+async def drain(publishing: asyncio.Future[Any], publishers: list[CameraPublisher], timeout_s: float) -> bool:
+    """After a stop, wait `timeout_s` for Kafka to acknowledge what is queued; what it has not by then is lost,
+    and each camera says how much (a broker that is down would otherwise hold the stop for as long). False
+    when the publishers were cut short."""
+    done, _ = await asyncio.wait({publishing}, timeout=timeout_s)
+    if done:
+        return True
+    for publisher in publishers:
+        if unsent := publisher.unsent():
+            log.warning("camera %s: %d frames not acknowledged by Kafka within %g s of the stop: lost",
+                        publisher.camera.id, unsent, timeout_s)  # fmt: skip
+    publishing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await publishing
+    return False
+
+
 async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, int]:
     """Stream every enabled camera until `stop` (or until every camera is a file that ended).
 
@@ -252,11 +276,14 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
     try:
         waiting: set[asyncio.Future[Any]] = {publishing, stopping}
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        drained = True
         if stop.is_set():
             thread_stop.set()
             for publisher in publishers:
-                publisher.close()  # what is queued still goes out
-        await publishing
+                publisher.close()  # what is queued still goes out, if Kafka takes it in time
+            drained = await drain(publishing, publishers, settings.producers.drain_timeout_s)
+        if drained:
+            await publishing  # a publisher's error, if any, is raised here
     finally:
         thread_stop.set()
         stopping.cancel()
@@ -265,7 +292,9 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
         status_done.set()
         await status_writer
         metrics.close()
-        await producer.stop()
+        # a broker that is down would hold the stop as long as it stays down
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(producer.stop(), settings.producers.drain_timeout_s)
     for publisher in publishers:
         log.info(
             "camera %s (%s): %d frames published, %d dropped, %d skipped by motion, %d reconnects",

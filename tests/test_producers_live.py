@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import signal
 import socket
@@ -559,3 +560,46 @@ async def behind_and_detect_scenario(settings: Settings, metrics_port: int) -> t
         await watcher.consumer.stop()
     await producing
     return watcher, behind, metrics
+
+
+def test_a_stop_during_a_kafka_outage_ends_and_says_what_was_not_sent(
+    tmp_path: Path, clip_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`docker compose stop` while the broker is down: the frames still queued or unacknowledged cannot go
+    out; the producer gives Kafka `drain_timeout_s`, then exits and says how many were lost."""
+    stack = LocalStack(tmp_path / "stack", cache_dir=REPO / ".cache", partitions=1)  # its broker is stopped
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        producers={
+            "status_key_prefix": f"test:{tmp_path.name}",
+            "drain_timeout_s": 2.0,
+            "cameras": [live_camera("file", str(clip_path), loop=True, realtime=True)],
+        },
+    )
+    state = stack.up(topic_specs(settings))
+    try:
+        settings = settings.model_copy(
+            update={
+                "kafka": settings.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers}),
+                "redis": settings.redis.model_copy(update={"url": state.redis_url}),
+            }
+        )
+
+        async def scenario() -> dict[str, int]:
+            stop = asyncio.Event()
+            producing = asyncio.create_task(run_producers(settings, stop))
+            await status_until(settings, "file", lambda s: s["published"] >= 3, "frames published")
+            await asyncio.to_thread(stack.stop_kafka)
+            before = await status_until(settings, "file", lambda s: True, "reporting")
+            await status_until(settings, "file", lambda s: s["frames_in"] >= before["frames_in"] + 4, "captures")
+            stop.set()
+            return await asyncio.wait_for(producing, 120)  # before the fix it waited for the broker forever
+
+        with caplog.at_level(logging.WARNING, logger="producers.service"):
+            published = asyncio.run(scenario())
+    finally:
+        stack.down()
+    lines = [record.getMessage() for record in caplog.records if record.name == "producers.service"]
+    lost = [line for line in lines if "not acknowledged by Kafka within 2 s of the stop" in line]
+    assert len(lost) == 1 and lost[0].startswith("camera file: "), lines
+    assert published["file"] >= 3
