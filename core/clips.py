@@ -28,6 +28,10 @@ class ClipBuffers:
         buffer = self.by_camera.setdefault(frame.camera_id, deque(maxlen=self.clip_frames))
         buffer.append(BufferedFrame(frame.frame_id, frame.captured_at, frame.jpeg))
 
+    def forget(self, camera_id: str) -> None:
+        """A camera another worker answers now: its frames would stay here for good."""
+        self.by_camera.pop(camera_id, None)
+
     def clip_ending_at(self, frame: Frame) -> list[BufferedFrame]:
         """The buffered frames of the camera up to and including `frame`, within the clip span."""
         clip: list[BufferedFrame] = []

@@ -301,7 +301,10 @@ class EdgeWorker:
         switcher_s = (time.perf_counter() - started) / len(decoded)
 
         base_rate = self.router.policy.exploration_rate
-        rates = [self.drift.exploration_rate(item.frame.camera_id, base_rate) for item in decoded]
+        rates = [
+            self.drift.exploration_rate(item.frame.camera_id, base_rate) if self.answers(item) else base_rate
+            for item in decoded
+        ]
         routes = self.router.route(scores.tolist(), rates)
         self.watch_drift(decoded, output.fall_probability, scores)
         self.observe(decode_s, model_s, switcher_s, scores, routes)
@@ -315,7 +318,8 @@ class EdgeWorker:
             answers = await asyncio.to_thread(self.locate_people, answers)
         started = time.perf_counter()
         for answer in answers:
-            self.clips.add(answer.item.frame)
+            if self.answers(answer.item):
+                self.clips.add(answer.item.frame)
             acks.extend(await self.publish(answer, timings_ms, producer, redis))
         # the worker's own cost of producing (encoding, queueing, clips to Redis); acks are awaited later
         self.metrics.stage_seconds.labels("produce").observe((time.perf_counter() - started) / len(decoded))
@@ -400,22 +404,29 @@ class EdgeWorker:
                 metrics.over_budget.inc()
         metrics.offload_ratio.set(self.router.budget.offload_ratio())
 
+    def answers(self, item: DecodedFrame) -> bool:
+        """Whether this worker still holds the frame's partition (one fetched before a rebalance may be answered
+        after it): the camera's state belongs to the worker that answers it now."""
+        return self.held_partitions is None or item.record.partition in self.held_partitions
+
     def keep_cameras_of(self, assigned: set[TopicPartition]) -> None:
         """After a rebalance: the cameras of partitions gone to another worker leave this one's drift
-        guard, gauge and history, or the gauge would keep a stale flag beside the new owner's."""
+        guard, gauge, history and clip buffers, or the gauge would keep a stale flag beside the new owner's,
+        and every camera ever answered would keep its frames here."""
         self.held_partitions = {tp.partition for tp in assigned if tp.topic == self.topics.frames}
         gone = [camera for camera, partition in self.camera_partitions.items() if partition not in self.held_partitions]
         self.drift.forget(gone)
         for camera in gone:
             del self.camera_partitions[camera]
             self.history.forget(camera)
+            self.clips.forget(camera)
             with contextlib.suppress(KeyError):  # never flagged or cleared here: no gauge
                 self.metrics.camera_drift.remove(camera)
 
     def watch_drift(self, decoded: list[DecodedFrame], probabilities: np.ndarray, scores: np.ndarray) -> None:
         fall_threshold, switcher_threshold = self.settings.edge.decision_threshold, self.router.policy.threshold
         for item, probability, score in zip(decoded, probabilities, scores, strict=True):
-            if self.held_partitions is not None and item.record.partition not in self.held_partitions:
+            if not self.answers(item):
                 continue  # answered while its partition went: the new owner watches the camera
             camera = item.frame.camera_id
             self.camera_partitions[camera] = item.record.partition

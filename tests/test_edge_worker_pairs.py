@@ -253,6 +253,7 @@ def test_after_a_rebalance_each_camera_s_drift_is_reported_by_the_worker_that_an
                     return both[0] | both[1] == cameras and bool(both[1]) and not both[0] & both[1]
 
                 await until(reported_once, "each camera flagged by one worker, the one that answers it")
+                assert set(first.clips.by_camera).isdisjoint(flagged(second)), "no frames of the cameras it lost"
                 return flagged(first)
 
     assert asyncio.run(scenario()), "the first worker kept the cameras of its partitions"
