@@ -272,9 +272,9 @@ def kafka_libs(cache_dir: Path) -> Path:
 class LocalStack:
     """Starts, stops and reports on the local Kafka + Redis + mosquitto of one state directory.
 
-    `default_ports`: take 9092, 6379 and 1883 when free (what a developer expects); a temporary stack
-    (a test session, the demo, a benchmark) takes any free ports, so stacks running side by side on one
-    machine do not race for them. `outlives_caller`: the servers run on after this process exits
+    `default_ports`: take 9092, 6379 and 1883 when free (`fallwatch stack up`: what a developer expects);
+    otherwise any free ports (a temporary stack: a test session, the demo, a benchmark), so stacks running
+    side by side on one machine do not race for them. `outlives_caller`: the servers run on after this process exits
     (`fallwatch stack up`); otherwise they stop when it dies, however it dies.
     """
 
@@ -284,7 +284,7 @@ class LocalStack:
         cache_dir: Path,
         partitions: int = 4,
         secure: bool = False,
-        default_ports: bool = True,
+        default_ports: bool = False,
         outlives_caller: bool = False,
     ) -> None:
         self.state_dir = state_dir.resolve()
@@ -298,7 +298,9 @@ class LocalStack:
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalStack:
         """The stack of the settings' state directory, the one `fallwatch stack up` starts and leaves running."""
-        return cls(settings.state_dir, settings.cache_dir, settings.kafka.partitions, outlives_caller=True)
+        return cls(
+            settings.state_dir, settings.cache_dir, settings.kafka.partitions, default_ports=True, outlives_caller=True
+        )
 
     def server(self, command: list[str], log_file: IO[bytes]) -> subprocess.Popen[bytes]:
         """Start one server, in its own session (Ctrl-C in a terminal must not stop `fallwatch stack up`'s)."""
@@ -627,7 +629,7 @@ def local_stack_settings(settings: Settings, state_dir: Path) -> Iterator[Settin
     state = stack.read_state()
     temporary = state is None or not stack.healthy(state)
     if temporary:
-        stack = LocalStack(state_dir, settings.cache_dir, settings.kafka.partitions, default_ports=False)
+        stack = LocalStack(state_dir, settings.cache_dir, settings.kafka.partitions)
     try:
         if temporary:
             state = stack.up({})  # inside the `try`: a stack interrupted while it starts is stopped too

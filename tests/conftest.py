@@ -45,7 +45,7 @@ FALL_CLIPS = SHARED_DATASETS / "fall-clips"
 
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    stack = LocalStack(tmp_path_factory.mktemp("stack"), cache_dir=REPO / ".cache", partitions=4, default_ports=False)
+    stack = LocalStack(tmp_path_factory.mktemp("stack"), cache_dir=REPO / ".cache", partitions=4)
     stack.up(topic_specs(Settings()))
     yield stack
     stack.down()

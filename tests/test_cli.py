@@ -325,7 +325,7 @@ OWNS_A_TEMPORARY_STACK = """
 import sys, threading
 from pathlib import Path
 from fallwatch.stack import LocalStack
-stack = LocalStack(Path(sys.argv[1]), Path(sys.argv[2]), partitions=1, default_ports=False)
+stack = LocalStack(Path(sys.argv[1]), Path(sys.argv[2]), partitions=1)
 state = stack.up({})
 print(" ".join(str(service.pid) for service in state.services()), flush=True)
 threading.Event().wait()
