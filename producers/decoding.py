@@ -80,6 +80,9 @@ class PyAVSource:
         self.interval_s = 1.0 / fps
         self.size = size
         self.live = source_kind(shown_url) != "file"
+        # packets that keep arriving but never decode (a firmware glitch) must end the connection like a stall
+        # (an intra-only stream decodes only the frames due: a slow camera's interval counts too)
+        self.undecodable_after_s = max(timeouts_s[1], 2 * self.interval_s)
         options = {"rtsp_transport": "tcp"} if url.startswith("rtsp") else {}
         try:
             self.container = open_container(
@@ -111,8 +114,13 @@ class PyAVSource:
         first_s: float | None = None
         last_keyframe_s: float | None = None
         skipped_gop = False
+        decoded_at = time.monotonic()
         for packet, gop_last_s in self.packets():
             on_grab()
+            if self.live and time.monotonic() - decoded_at > self.undecodable_after_s:
+                raise SourceError(
+                    f"{self.shown_url}: no frame decoded for {self.undecodable_after_s:g} s, though packets arrive"
+                )
             t_s = time.monotonic() if self.live else self.file_time(packet_pts(packet))
             if t_s is None:
                 continue
@@ -135,6 +143,7 @@ class PyAVSource:
             context.skip_frame = "DEFAULT" if due or self.mode == "keyframes" else "NONREF"
             for frame in self.decoded(packet):
                 on_decode()
+                decoded_at = time.monotonic()
                 # live: the clock when the packet that completed the frame arrived, as OpenCV's grab()
                 frame_s = t_s if self.live else self.file_time(frame.pts)
                 if frame_s is not None and sampler.due(frame_s):

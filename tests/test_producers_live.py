@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from core.kafka_io import make_consumer, topic_specs
@@ -32,6 +34,7 @@ from producers.service import run_producers
 from producers.status import read_statuses
 from producers.video import RateSampler, SourceError
 from schemas import Frame, decode
+from tests.alerting_helpers import QuietHandler, http_server
 from tests.conftest import FALL_CLIPS, REPO, settings_for, write_config, write_video
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -603,3 +606,48 @@ def test_a_stop_during_a_kafka_outage_ends_and_says_what_was_not_sent(
     lost = [line for line in lines if "not acknowledged by Kafka within 2 s of the stop" in line]
     assert len(lost) == 1 and lost[0].startswith("camera file: "), lines
     assert published["file"] >= 3
+
+
+def test_a_stream_whose_packets_stop_decoding_is_reconnected(stack_state, tmp_path: Path) -> None:
+    """Packets keep arriving but none decodes (a camera's firmware glitch): before, the camera looked like it
+    was streaming while it published nothing, not even heartbeats; now the connection ends as a stall does."""
+    stop_serving = threading.Event()
+    picture = cv2.imencode(".jpg", np.full((240, 320, 3), 120, np.uint8))[1].tobytes()
+    garbage = np.random.default_rng(0).bytes(len(picture))
+
+    class GlitchingCamera(QuietHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace;boundary=frame")
+            self.end_headers()
+            parts = 0
+            while not stop_serving.is_set():
+                body = picture if parts < 12 else garbage  # 3 s of pictures, then bytes that do not decode
+                head = f"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                try:
+                    self.wfile.write(head + body + b"\r\n")
+                except OSError:
+                    return  # the producer hung up
+                parts += 1
+                stop_serving.wait(1 / STREAM_FPS)  # the camera's pace
+
+    with http_server(GlitchingCamera) as url:
+        settings = live_settings(stack_state, tmp_path, [live_camera("glitching", f"{url}/cam.mjpg")])
+
+        async def scenario() -> dict:
+            stop = asyncio.Event()
+            producing = asyncio.create_task(run_producers(settings, stop))
+            try:
+                await status_until(settings, "glitching", lambda s: s["published"] >= 2, "publishing")
+                return await status_until(
+                    settings, "glitching", lambda s: s["reconnects"] >= 1, "reconnected after the glitch"
+                )
+            finally:
+                stop.set()
+                await producing
+
+        try:
+            status = asyncio.run(scenario())
+        finally:
+            stop_serving.set()
+    assert "no frame decoded for 2 s, though packets arrive" in (status["last_error"] or ""), status
