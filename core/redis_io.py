@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REDIS_TIMEOUT_S = 2.0
-# After a failure, calls are skipped this long before Redis is tried again.
+# After a failure, calls are skipped this long before Redis is tried again; the pause doubles with each
+# failure in a row, up to RETRY_MAX_S: a Redis that hangs (each try waits for the socket timeout) must not
+# cost a worker seconds in every few.
 RETRY_AFTER_S = 1.0
+RETRY_MAX_S = 30.0
 REDIS_ERRORS = (RedisError, OSError)
 
 
@@ -62,13 +65,14 @@ class RedisOutage:
         self.clock = clock
         self.down_since: float | None = None
         self.next_try = 0.0
+        self.pause_s = RETRY_AFTER_S
 
     @property
     def down(self) -> bool:
         return self.down_since is not None
 
     async def call(self, what: str, call: Callable[[], Awaitable[T]], default: T) -> T:
-        """`await call()`, or `default` when Redis fails (or failed less than RETRY_AFTER_S ago)."""
+        """`await call()`, or `default` when Redis fails (or failed less than the pause ago)."""
         now = self.clock()
         if self.down_since is not None and now < self.next_try:
             return default
@@ -76,11 +80,14 @@ class RedisOutage:
             result = await call()
         except REDIS_ERRORS as exc:
             self.on_failure()
-            # from when the call failed, not when it started: a call that timed out took longer than the pause
-            self.next_try = self.clock() + RETRY_AFTER_S
             if self.down_since is None:
                 self.down_since = now
+                self.pause_s = RETRY_AFTER_S
                 log.error("%s: Redis unavailable (%s: %s); %s", self.service, type(exc).__name__, exc, what)
+            else:
+                self.pause_s = min(2 * self.pause_s, RETRY_MAX_S)
+            # from when the call failed, not when it started: a call that timed out took longer than the pause
+            self.next_try = self.clock() + self.pause_s
             return default
         if self.down_since is not None:
             log.warning("%s: Redis is back after %.0f s", self.service, now - self.down_since)
