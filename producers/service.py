@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, ProducerFenced
 
 from core.kafka_io import make_producer, read_topic_partitions, send, start_clients
 from core.retry import DependencyUnavailable
@@ -39,6 +39,50 @@ SLOT_POLL_S = 0.5  # how often a capture thread waiting for queue room checks fo
 JOIN_MARGIN_S = 5.0  # beyond a capture's own timeouts, for its last frame and closing the source
 
 
+# errors after which aiokafka's producer fails every later send too (its sender task has ended)
+FATAL_PRODUCER_ERRORS = (OutOfOrderSequenceNumber, ProducerFenced)
+
+
+class KafkaOutput:
+    """The process's one Kafka producer, made anew when it broke for good: aiokafka's idempotent producer
+    ends its sender on an OutOfOrderSequenceNumber (a batch of a partition without a leader expired), and
+    then fails every send of every camera."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.producer = make_producer(settings)
+        self.renewing: asyncio.Task[None] | None = None
+        self.renewals = 0
+
+    def renew(self, cause: BaseException) -> None:
+        """Replace the producer in the background (once, however many cameras saw it fail)."""
+        if self.renewing is not None and not self.renewing.done():
+            return
+        log.error("the Kafka producer broke for good (%s: %s): starting a new one", type(cause).__name__, cause)
+        self.renewing = asyncio.get_running_loop().create_task(self._renew(self.producer))
+
+    async def _renew(self, broken: AIOKafkaProducer) -> None:
+        fresh = make_producer(self.settings)
+        try:
+            await start_clients(self.settings, fresh)
+        except (KafkaError, DependencyUnavailable) as exc:
+            log.error("a new Kafka producer could not start (%s); tried again at the next failure", exc)
+            with contextlib.suppress(Exception):
+                await fresh.stop()
+            return
+        self.producer = fresh
+        self.renewals += 1
+        with contextlib.suppress(Exception):  # it has nothing left to send (TimeoutError included)
+            await asyncio.wait_for(broken.stop(), self.settings.producers.drain_timeout_s)
+
+    async def stop(self) -> None:
+        if self.renewing is not None:
+            await self.renewing
+        # a broker that is down would hold the stop as long as it stays down
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.producer.stop(), self.settings.producers.drain_timeout_s)
+
+
 class CameraPublisher:
     """The queue between one camera's capture thread and Kafka, and the task that drains it."""
 
@@ -46,13 +90,13 @@ class CameraPublisher:
         self,
         camera: CameraSettings,
         settings: Settings,
-        producer: AIOKafkaProducer,
+        output: KafkaOutput,
         loop: asyncio.AbstractEventLoop,
         thread_stop: threading.Event,
     ) -> None:
         self.camera = camera
         self.settings = settings
-        self.producer = producer
+        self.output = output
         self.loop = loop
         self.thread_stop = thread_stop
         self.stats = CameraStats()
@@ -135,7 +179,7 @@ class CameraPublisher:
                 no_alert_zones=self.no_alert_zones,
             )
             try:
-                ack = await send(self.producer, topic, self.camera.id, frame)
+                ack = await send(self.output.producer, topic, self.camera.id, frame)
             except Exception as exc:  # KafkaError, or a bug: one frame is lost, the camera goes on
                 self.on_failure(seq, exc)
                 continue
@@ -165,6 +209,8 @@ class CameraPublisher:
     def on_failure(self, seq: int, exc: BaseException) -> None:
         self.stats.failed += 1
         self.failed_in_outage += 1
+        if isinstance(exc, FATAL_PRODUCER_ERRORS):
+            self.output.renew(exc)
         # the first of an outage, then every 100th: an outage long ago does not quieten this one
         if self.failed_in_outage == 1 or self.failed_in_outage % 100 == 0:
             log.warning(
@@ -241,10 +287,11 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
     Returns the frames Kafka acked per camera id.
     """
     cameras = check_cameras(settings.producers)
-    producer = make_producer(settings)
+    output = KafkaOutput(settings)
+    producer = output.producer  # the first one, started here
     loop = asyncio.get_running_loop()
     thread_stop = threading.Event()
-    publishers = [CameraPublisher(camera, settings, producer, loop, thread_stop) for camera in cameras]
+    publishers = [CameraPublisher(camera, settings, output, loop, thread_stop) for camera in cameras]
     stats = {p.camera.id: p.stats for p in publishers}
     try:
         # before Kafka: a port in use is one line naming the setting, with nothing started yet
@@ -292,9 +339,7 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
         status_done.set()
         await status_writer
         metrics.close()
-        # a broker that is down would hold the stop as long as it stays down
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(producer.stop(), settings.producers.drain_timeout_s)
+        await output.stop()
     for publisher in publishers:
         log.info(
             "camera %s (%s): %d frames published, %d dropped, %d skipped by motion, %d reconnects",

@@ -18,14 +18,15 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, OutOfOrderSequenceNumber
 
 from core.images import decode_jpeg_rgb
+from core.kafka_io import send, start_clients
 from core.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
 from core.urls import redact, source_kind
 from producers.camera import CapturedFrame, backoff_delay
 from producers.main import video_cameras
-from producers.service import CameraPublisher, check_cameras, run_producers
+from producers.service import CameraPublisher, KafkaOutput, check_cameras, run_producers
 from schemas import Frame
 from tests.conftest import consume_until, settings_for
 
@@ -335,3 +336,35 @@ def test_a_frames_topic_nobody_created_is_one_error_at_start_up(stack_state, tmp
         f"the topic {settings.kafka.topics.frames!r} does not exist on Kafka at {settings.kafka.bootstrap_servers} "
         "(create it: fallwatch topics create)"
     )
+
+
+def test_a_producer_broken_for_good_is_replaced_and_the_cameras_publish_again(stack_state, tmp_path: Path) -> None:
+    """aiokafka's idempotent producer ends its sender on an OutOfOrderSequenceNumber (a batch of a leaderless
+    partition expired) and fails every later send: before, every camera of the process stayed silent. The
+    error is raised here as the sender raises it (a leaderless partition cannot be made to order here)."""
+    settings = settings_for(stack_state, tmp_path)
+    camera = CameraSettings(id="cam-renewed", room="1", url="http://127.0.0.1:1/stream")
+
+    async def scenario() -> tuple[bool, int, list[Frame]]:
+        output = KafkaOutput(settings)
+        await start_clients(settings, output.producer)
+        broken = output.producer
+        publisher = CameraPublisher(camera, settings, output, asyncio.get_running_loop(), threading.Event())
+        try:
+            publisher.on_failure(0, OutOfOrderSequenceNumber("the broker received an out of order sequence"))
+            publisher.on_failure(1, OutOfOrderSequenceNumber("the broker received an out of order sequence"))
+            assert output.renewing is not None
+            await output.renewing
+            frame = Frame(
+                frame_id="renewed-1", camera_id=camera.id, room="1", seq=2, captured_at=datetime.now(UTC),
+                width=8, height=8, jpeg=b"jpeg",
+            )  # fmt: skip
+            await (await send(output.producer, settings.kafka.topics.frames, camera.id, frame))
+        finally:
+            await output.stop()
+        frames = await consume_until(settings, settings.kafka.topics.frames, Frame, lambda m: len(m) >= 1)
+        return output.producer is not broken, output.renewals, frames
+
+    replaced, renewals, frames = asyncio.run(scenario())
+    assert replaced and renewals == 1, "one new producer, however many cameras saw the failure"
+    assert [frame.frame_id for frame in frames] == ["renewed-1"], "the new producer delivers"
