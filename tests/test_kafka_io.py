@@ -25,6 +25,15 @@ from fallwatch.stack import LocalStack
 from tests.conftest import REPO
 
 
+async def topic_names(settings: Settings) -> list[str]:
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        return await admin.list_topics()
+    finally:
+        await admin.close()
+
+
 def test_a_topics_partitions_are_read_and_an_absent_topic_is_not_created(settings: Settings) -> None:
     topic = settings.kafka.topics.frames
     absent = f"absent-{uuid.uuid4().hex[:8]}"
@@ -32,12 +41,7 @@ def test_a_topics_partitions_are_read_and_an_absent_topic_is_not_created(setting
     async def scenario() -> tuple[list[TopicPartition], list[TopicPartition], list[str]]:
         partitions = await read_topic_partitions(settings, topic)
         missing = await read_topic_partitions(settings, absent)
-        admin = make_admin(settings)
-        await admin.start()
-        try:
-            return partitions, missing, await admin.list_topics()
-        finally:
-            await admin.close()
+        return partitions, missing, await topic_names(settings)
 
     partitions, missing, topics = asyncio.run(scenario())
     assert partitions == [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
@@ -56,12 +60,7 @@ def test_a_topic_the_broker_refuses_to_create_is_one_error_and_is_not_auto_creat
         assert str(refusal.value).startswith(f"Kafka refused to create topics (kafka.replication_factor, partitions, "
                                              f"configs?): {name}: ")  # fmt: skip
         assert "replication factor" in str(refusal.value).lower(), refusal.value
-        admin = make_admin(settings)
-        await admin.start()
-        try:
-            return await admin.list_topics()
-        finally:
-            await admin.close()
+        return await topic_names(settings)
 
     assert name not in asyncio.run(scenario())
 
@@ -79,12 +78,7 @@ def test_the_local_broker_makes_no_topic_nobody_created(settings: Settings) -> N
                 await producer.send_and_wait(name, b"a record for no topic")
         finally:
             await producer.stop()
-        admin = make_admin(settings)
-        await admin.start()
-        try:
-            return await admin.list_topics()
-        finally:
-            await admin.close()
+        return await topic_names(settings)
 
     assert name not in asyncio.run(scenario())
 

@@ -28,7 +28,7 @@ import pytest
 
 from core.kafka_io import make_consumer, topic_specs
 from core.settings import CameraSettings, Settings
-from fallwatch.stack import LocalStack, StackState, free_port, pid_alive
+from fallwatch.stack import LocalStack, StackState, free_port, on_stack, pid_alive
 from producers.decoding import KEYFRAME_SLACK, PyAVSource
 from producers.service import run_producers
 from producers.status import read_statuses
@@ -354,12 +354,7 @@ def test_broker_restart_mid_stream_loses_no_acked_frame(
     )
     state = stack.up(topic_specs(settings))
     try:
-        settings = settings.model_copy(
-            update={
-                "kafka": settings.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers}),
-                "redis": settings.redis.model_copy(update={"url": state.redis_url}),
-            }
-        )
+        settings = on_stack(settings, state)
         published, frames, stopped_at, restarted_at = asyncio.run(restart_scenario(settings, stack, state))
     finally:
         stack.down()
@@ -581,12 +576,7 @@ def test_a_stop_during_a_kafka_outage_ends_and_says_what_was_not_sent(
     )
     state = stack.up(topic_specs(settings))
     try:
-        settings = settings.model_copy(
-            update={
-                "kafka": settings.kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers}),
-                "redis": settings.redis.model_copy(update={"url": state.redis_url}),
-            }
-        )
+        settings = on_stack(settings, state)
 
         async def scenario() -> dict[str, int]:
             stop = asyncio.Event()
