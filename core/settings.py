@@ -337,7 +337,12 @@ class EdgeSettings(Section):
     clip_frames: int = Field(8, ge=1, description="frames in the clip sent with an offloaded frame")
     clip_seconds: float = Field(4.0, gt=0, description="the clip covers at most this much recent time")
     clip_ttl_s: int = Field(300, ge=1, description="TTL of clip JPEGs in Redis (claim check)")
-    cloud_deadline_s: float = Field(15.0, gt=0, description="after this a cloud answer is no longer useful")
+    cloud_deadline_s: float = Field(
+        10.0,
+        gt=0,
+        description="after this a cloud answer is no longer useful; at most alerting.cloud_wait_s, which stops "
+        "waiting for it then (a later answer costs the GPU and is a second final verdict of the frame)",
+    )
     max_frame_bytes: int = Field(4_000_000, ge=1)
     min_frame_side: int = Field(16, ge=1, description="a frame narrower or lower than this many pixels is refused")
     max_frame_pixels: int = Field(

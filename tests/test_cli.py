@@ -101,6 +101,11 @@ def test_example_config_is_valid_and_complete(monkeypatch: pytest.MonkeyPatch) -
     for section in ("kafka", "edge", "cloud", "alerting", "eval"):
         assert set(documented[section]) == set(type(getattr(settings, section)).model_fields), section
     assert settings.producers.cameras[0].id == "cam-101"
+    for shipped in (settings, Settings()):  # the example's and the defaults
+        # a cloud answer alerting no longer waits for costs the GPU and is a second final verdict of its frame
+        rooms = [shipped.alerting.rule_for(room) for room in shipped.alerting.rooms]
+        waits = [shipped.alerting.cloud_wait_s, *(rule.cloud_wait_s for rule in rooms)]
+        assert shipped.edge.cloud_deadline_s <= min(waits)
 
 
 async def partition_counts(bootstrap_servers: str) -> dict[str, int]:
