@@ -18,13 +18,18 @@ from typing import Any, Protocol, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.conn import create_conn
 from aiokafka.errors import (
+    AuthenticationFailedError,
     CommitFailedError,
     CoordinatorLoadInProgressError,
     GroupCoordinatorNotAvailableError,
     KafkaConnectionError,
+    KafkaError,
     NotCoordinatorError,
+    SaslAuthenticationFailed,
     TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
     for_code,
 )
 from aiokafka.helpers import create_ssl_context
@@ -104,13 +109,42 @@ async def start_clients(
 
 
 async def start_client(kafka: KafkaSettings, client: AIOKafkaProducer | AIOKafkaConsumer | AIOKafkaAdminClient) -> None:
-    """Start one client with `start_clients`' bounded retry (for callers holding only the Kafka settings)."""
+    """Start one client with `start_clients`' bounded retry (for callers holding only the Kafka settings).
+
+    A broker that refuses the credentials or the certificate is one ConfigError at once: retrying cannot mend
+    it, and aiokafka's start reports it as any other failure to connect."""
+
+    async def attempt() -> None:
+        try:
+            await client.start()
+        except KafkaConnectionError:
+            refusal = await credentials_refused(kafka)
+            if refusal is not None:
+                raise ConfigError(f"Kafka at {kafka.bootstrap_servers}: {refusal}") from None
+            raise
+
     await retry_until_up(
-        client.start,
+        attempt,
         f"Kafka at {kafka.bootstrap_servers} (kafka.bootstrap_servers)",
         kafka.connect_timeout_s,
         (KafkaConnectionError, OSError),
     )
+
+
+async def credentials_refused(kafka: KafkaSettings) -> str | None:
+    """What the first broker refused of this client's authentication, if that is why it cannot connect."""
+    host, _, port = kafka.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    options = {name: value for name, value in client_options(kafka).items() if name != "bootstrap_servers"}
+    try:
+        connection = await create_conn(host, int(port), request_timeout_ms=10_000, **options)  # type: ignore[arg-type]
+    except (SaslAuthenticationFailed, AuthenticationFailedError, UnsupportedSaslMechanismError) as exc:
+        return f"the broker refused the credentials (kafka.sasl_username, kafka.sasl_password): {exc}"
+    except ssl.SSLCertVerificationError as exc:
+        return f"the broker's certificate does not verify with kafka.ssl_cafile ({exc.verify_message})"
+    except (TimeoutError, OSError, KafkaError, ValueError):
+        return None  # unreachable, or another failure: retried
+    connection.close()
+    return None
 
 
 async def wait_for_kafka(settings: Settings) -> None:

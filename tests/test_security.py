@@ -16,7 +16,7 @@ from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
 from core.kafka_io import make_consumer, make_producer, start_clients
 from core.redis_io import sync_redis_client
 from core.retry import DependencyUnavailable
-from core.settings import Settings
+from core.settings import ConfigError, Settings
 from fallwatch.stack import LocalStack, StackState
 from schemas import FallEvent
 from tests.alerting_helpers import alerting_worker, make_verdict, read_until, send_verdicts, unique_camera
@@ -64,19 +64,25 @@ def test_kafka_clients_need_the_scram_secret_and_the_certificate(secure_stack: S
         producer = make_producer(client_settings)
         try:
             await start_clients(client_settings, producer)
-        except (KafkaError, DependencyUnavailable) as exc:
+        except (KafkaError, DependencyUnavailable, ConfigError) as exc:
             return exc
         finally:
             await producer.stop()
         pytest.fail("a client without the secret was let in")
 
     short = {"connect_timeout_s": 3.0}
-    asyncio.run(refused(without(settings, sasl_password_file=wrong_password, **short)))
+    # a refusal retrying cannot mend is one line naming the settings at once, not "unreachable" after retries
+    wrong = asyncio.run(refused(without(settings, sasl_password_file=wrong_password, connect_timeout_s=600.0)))
+    assert isinstance(wrong, ConfigError), wrong
+    assert str(wrong).startswith(
+        f"Kafka at {settings.kafka.bootstrap_servers}: the broker refused the credentials (kafka.sasl_username, "
+        "kafka.sasl_password): "
+    ), wrong
     asyncio.run(refused(without(settings, security_protocol="SSL", **short)))  # TLS without SASL
     asyncio.run(refused(without(settings, security_protocol="PLAINTEXT", **short)))
     # another CA than the broker's: the certificate is checked
-    other = without(settings, ssl_cafile=None, **short)
-    asyncio.run(refused(other))
+    untrusted = asyncio.run(refused(without(settings, ssl_cafile=None, connect_timeout_s=600.0)))
+    assert isinstance(untrusted, ConfigError) and "certificate does not verify with kafka.ssl_cafile" in str(untrusted)
 
 
 def test_redis_needs_the_password_and_speaks_tls_only(secure_stack: StackState, tmp_path: Path) -> None:
