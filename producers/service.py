@@ -54,6 +54,25 @@ class KafkaOutput:
         self.renewing: asyncio.Task[None] | None = None
         self.renewals = 0
 
+    async def start(self) -> None:
+        """Start the first producer (retried while the brokers are unreachable) on a topic that exists; a
+        refusal is one ConfigError, with the producer stopped."""
+        settings = self.settings
+        try:
+            await start_clients(settings, self.producer)
+            if not await read_topic_partitions(settings, settings.kafka.topics.frames):
+                # every frame would fail, one by one, while the producer looks healthy
+                raise ConfigError(
+                    f"the topic {settings.kafka.topics.frames!r} does not exist on Kafka at "
+                    f"{settings.kafka.bootstrap_servers} (create it: fallwatch topics create)"
+                )
+        except KafkaError as exc:  # a broker too old, say
+            await self.producer.stop()
+            raise ConfigError(f"cannot use Kafka at {settings.kafka.bootstrap_servers}: {exc}") from None
+        except (DependencyUnavailable, ConfigError):
+            await self.producer.stop()
+            raise
+
     def renew(self, cause: BaseException) -> None:
         """Replace the producer in the background (once, however many cameras saw it fail)."""
         if self.renewing is not None and not self.renewing.done():
@@ -288,7 +307,6 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
     """
     cameras = check_cameras(settings.producers)
     output = KafkaOutput(settings)
-    producer = output.producer  # the first one, started here
     loop = asyncio.get_running_loop()
     thread_stop = threading.Event()
     publishers = [CameraPublisher(camera, settings, output, loop, thread_stop) for camera in cameras]
@@ -297,22 +315,11 @@ async def run_producers(settings: Settings, stop: asyncio.Event) -> dict[str, in
         # before Kafka: a port in use is one line naming the setting, with nothing started yet
         metrics = serve_metrics(settings.producers, cameras, stats)
     except ConfigError:
-        await producer.stop()
+        await output.producer.stop()
         raise
     try:
-        await start_clients(settings, producer)  # retried while the brokers are unreachable
-        if not await read_topic_partitions(settings, settings.kafka.topics.frames):
-            # every frame would fail, one by one, while the producer looks healthy
-            raise ConfigError(
-                f"the topic {settings.kafka.topics.frames!r} does not exist on Kafka at "
-                f"{settings.kafka.bootstrap_servers} (create it: fallwatch topics create)"
-            )
-    except KafkaError as exc:  # refused credentials, a broker too old
-        await producer.stop()
-        metrics.close()
-        raise ConfigError(f"cannot use Kafka at {settings.kafka.bootstrap_servers}: {exc}") from None
+        await output.start()
     except (DependencyUnavailable, ConfigError):
-        await producer.stop()
         metrics.close()
         raise
     status_done = asyncio.Event()
