@@ -84,10 +84,12 @@ class KafkaOutput:
         fresh = make_producer(self.settings)
         try:
             await start_clients(self.settings, fresh)
-        except (KafkaError, DependencyUnavailable) as exc:
-            log.error("a new Kafka producer could not start (%s); tried again at the next failure", exc)
+        except (KafkaError, DependencyUnavailable, asyncio.CancelledError) as exc:
             with contextlib.suppress(Exception):
                 await fresh.stop()
+            if isinstance(exc, asyncio.CancelledError):
+                raise  # the service stops
+            log.error("a new Kafka producer could not start (%s); tried again at the next failure", exc)
             return
         self.producer = fresh
         self.renewals += 1
@@ -95,8 +97,10 @@ class KafkaOutput:
             await asyncio.wait_for(broken.stop(), self.settings.producers.drain_timeout_s)
 
     async def stop(self) -> None:
-        if self.renewing is not None:
-            await self.renewing
+        if self.renewing is not None:  # a renewal may be retrying a broker that is down
+            self.renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.renewing
         # a broker that is down would hold the stop as long as it stays down
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.producer.stop(), self.settings.producers.drain_timeout_s)

@@ -24,6 +24,7 @@ from core.images import decode_jpeg_rgb
 from core.kafka_io import send, start_clients
 from core.settings import CONFIG_ENV, CameraSettings, ConfigError, Settings, load_settings
 from core.urls import redact, source_kind
+from fallwatch.stack import free_port
 from producers.camera import CapturedFrame, backoff_delay
 from producers.main import video_cameras
 from producers.service import CameraPublisher, KafkaOutput, check_cameras, run_producers
@@ -265,7 +266,6 @@ def test_motion_gating_static_video_yields_only_heartbeats_and_resize(
 
 
 def test_cameras_status_without_a_producer_and_without_redis(stack_state, tmp_path: Path) -> None:
-    from fallwatch.stack import free_port
 
     cameras = [
         {"id": "cam-7", "room": "7", "url": "rtsp://viewer:secret@127.0.0.1:8554/cam"},
@@ -368,3 +368,19 @@ def test_a_producer_broken_for_good_is_replaced_and_the_cameras_publish_again(st
     replaced, renewals, frames = asyncio.run(scenario())
     assert replaced and renewals == 1, "one new producer, however many cameras saw the failure"
     assert [frame.frame_id for frame in frames] == ["renewed-1"], "the new producer delivers"
+
+
+def test_a_stop_while_the_new_producer_waits_for_a_broker_that_is_down_is_not_held_up() -> None:
+    """The renewal retries a broker that is down for `kafka.connect_timeout_s`: a SIGTERM meanwhile must not
+    wait for it (compose kills a container 10 s after its stop)."""
+    settings = Settings(kafka={"bootstrap_servers": f"127.0.0.1:{free_port()}", "connect_timeout_s": 600.0})
+
+    async def scenario() -> bool:
+        output = KafkaOutput(settings)
+        output.renew(OutOfOrderSequenceNumber("the broker received an out of order sequence"))
+        assert output.renewing is not None
+        renewing = output.renewing
+        await asyncio.wait_for(output.stop(), 30)  # before, it waited out the 600 s of retries
+        return renewing.cancelled()
+
+    assert asyncio.run(scenario()), "the renewal was given up"
