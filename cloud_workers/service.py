@@ -1,9 +1,10 @@
 """The cloud worker: a consumer group on `cloud-requests` running the large video model.
 
 Per batch (up to `cloud.batch_size` requests, or `cloud.batch_wait_ms` after the first
-arrived; see `core.consumer`): requests past their deadline get the edge's answer as the
-final verdict (`edge-fallback`: the alerting service has used it already, and the log
-still holds one final verdict per frame); the others' clips are fetched from Redis
+arrived; see `core.consumer`): requests past their deadline (when read, when their turn in
+the model comes, when answered) get the edge's answer as the final verdict (`edge-fallback`:
+the alerting service has used it already, and the log still holds one final verdict per
+frame); the others' clips are fetched from Redis
 (claim check) — a clip that expired falls back to the frame itself, read back from
 `frames` — and answered by one model forward for the whole batch. Each verdict carries
 the batch size, the wall times of the batch's stages and of the request, its share of
@@ -184,9 +185,7 @@ class CloudWorker:
         live: list[tuple[Arrival, CloudRequest]] = []
         for record, request in good:
             if request.deadline <= now:
-                log.info("request for %s missed its deadline; the edge answer is final", request.frame_id)
-                self.metrics.count("deadline")
-                acks.append(await send(producer, self.topics.verdicts, request.camera_id, fallback(request)))
+                acks.append(await self.past_deadline(request, producer))
             else:
                 live.append((arrival_of[(record.partition, record.offset)], request))
         fetch_started = time.monotonic()
@@ -248,8 +247,18 @@ class CloudWorker:
                     jpegs.append(frame.jpeg)
         return await asyncio.to_thread(decode_clips, clips_jpegs, self.decode_pool)
 
+    async def past_deadline(self, request: CloudRequest, producer: AIOKafkaProducer) -> asyncio.Future:
+        """Send the edge's answer as final: alerting has used it already, and a cloud verdict now would be
+        a second final verdict of the frame."""
+        log.info("request for %s missed its deadline; the edge answer is final", request.frame_id)
+        self.metrics.count("deadline")
+        return await send(producer, self.topics.verdicts, request.camera_id, fallback(request))
+
     async def answer(self, prepared: PreparedBatch, producer: AIOKafkaProducer) -> list[asyncio.Future]:
         jobs, batch = prepared.jobs, prepared.batch
+        # The batch waited for the one before it in the model: its requests may have expired meanwhile.
+        if all(job.request.deadline <= utc_now() for job in jobs):
+            return [await self.past_deadline(job.request, producer) for job in jobs]
         model_started = time.monotonic()
         probabilities, cost = await asyncio.to_thread(self.predict_measured, prepared.inputs)
         model_s = time.monotonic() - model_started
@@ -265,6 +274,9 @@ class CloudWorker:
                 )
                 self.metrics.count("no_answer")
                 acks.append(await send(producer, self.topics.verdicts, request.camera_id, fallback(request)))
+                continue
+            if request.deadline <= utc_now():  # expired in the model
+                acks.append(await self.past_deadline(request, producer))
                 continue
             self.metrics.count("cloud")
             verdict = Verdict.for_request(

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from core.settings import Settings
 from fallwatch.cli import main
 from fallwatch.devkit.cloud_requests import publish_requests, synthetic_clip
 from fallwatch.devkit.models import ModelPaths
-from schemas import CloudRequest, DeadLetter, KafkaPosition, Verdict, encode
+from schemas import CloudRequest, DeadLetter, KafkaPosition, Verdict, encode, utc_now
 from tests.conftest import (
     REPO,
     consume_until,
@@ -454,6 +455,54 @@ def test_the_next_batch_is_pre_processed_while_one_is_in_the_model(stack_state, 
     assert overlapped, "the second batch was pre-processed while the first was held in the model"
     assert sum(prepared_batches) == 8 and {v.frame_id for v in verdicts} == {r.frame_id for r in requests}
     assert all(v.timings_ms["preprocess"] > 0 for v in verdicts)
+
+
+def test_requests_that_expire_waiting_for_the_model_or_in_it_get_the_edge_answer(
+    stack_state, tmp_path: Path, tiny_models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A forward slower than the deadlines (a hung GPU): the batch in the model and the one prepared
+    # behind it both expire. Alerting stopped waiting for them, so neither may get a cloud verdict.
+    settings = worker_settings(stack_state, tmp_path, tiny_models, batch_size=4, batch_wait_ms=100)
+    model = load_tiny_cloud_model(tiny_models)
+    held = HeldForward(model)
+    forwards: list[int] = []
+    model.model.register_forward_pre_hook(lambda module, args: forwards.append(len(forwards)))
+    second_prepared = threading.Event()
+    prepare = model.prepare
+
+    def recording_prepare(clips: list[list[np.ndarray]]) -> dict[str, torch.Tensor]:
+        inputs = prepare(clips)
+        if held.entered.is_set():
+            second_prepared.set()
+        return inputs
+
+    model.prepare = recording_prepare  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[list[CloudRequest], list[Verdict], CloudWorker]:
+        requests = await publish_requests(settings, [small_clip(seed) for seed in range(8)])
+        try:
+            async with running(CloudWorker(settings, model)) as worker:
+                await held.until_entered()
+                assert await asyncio.to_thread(second_prepared.wait, 120), "no batch was prepared behind the held one"
+                # the worker's clock, past every deadline
+                monkeypatch.setattr("cloud_workers.service.utc_now", lambda: utc_now() + timedelta(hours=1))
+                held.release.set()
+                await wait_for_finals(settings, {r.frame_id for r in requests})
+                await until_caught_up(settings, settings.cloud.group_id, settings.kafka.topics.cloud_requests)
+        finally:
+            held.release.set()
+        return requests, await read_all(settings, settings.kafka.topics.verdicts, Verdict), worker
+
+    requests, verdicts, worker = asyncio.run(scenario())
+    assert sorted(v.frame_id for v in verdicts) == sorted(r.frame_id for r in requests), "one verdict per request"
+    by_frame = {verdict.frame_id: verdict for verdict in verdicts}
+    for request in requests:
+        verdict = by_frame[request.frame_id]
+        assert (verdict.source, verdict.final) == ("edge-fallback", True)
+        assert verdict.fall_probability == request.edge.fall_probability
+    assert len(forwards) == 1, "the batch whose requests expired waiting for the model skipped the forward"
+    assert worker.metrics.value("fallwatch_cloud_requests_total", outcome="deadline") == len(requests)
+    assert worker.metrics.value("fallwatch_cloud_requests_total", outcome="cloud") == 0
 
 
 def test_clips_decode_in_order_without_their_undecodable_frames() -> None:
