@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -189,16 +190,23 @@ class ViltEdgeModel:
 
     def infer(self, inputs: dict[str, Any]) -> EdgeBatch:
         """Run the model on already preprocessed inputs."""
-        self._captured_hidden = None
-        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16_autocast):
-            logits = self.model(**inputs).logits
-        if self._captured_hidden is None:
+        with GLOBAL_GENERATOR:
+            self._captured_hidden = None
+            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16_autocast):
+                logits = self.model(**inputs).logits
+            captured, self._captured_hidden = self._captured_hidden, None
+        if captured is None:
             raise RuntimeError("the hidden-layer hook did not fire; was the classifier head replaced?")
         yes_no = logits[:, self.yes_no_ids].float().softmax(dim=-1)
         fall_probability = yes_no[:, 0].cpu().numpy().astype(np.float32)
-        hidden = self._captured_hidden.float().cpu().numpy().astype(np.float32)
-        self._captured_hidden = None
+        hidden = captured.float().cpu().numpy().astype(np.float32)
         return EdgeBatch(fall_probability=fall_probability, hidden=hidden)
+
+
+# ViLT draws the patches of a frame larger than `max_image_length` patches from torch's global
+# generator. A seeded forward (the `auto` checks, run while a new version loads beside the live
+# batches) holds this around its seed and forward so no other forward moves the draws in between.
+GLOBAL_GENERATOR = threading.RLock()
 
 
 def size_groups(images: list[np.ndarray]) -> list[list[int]]:
@@ -301,7 +309,7 @@ def calibrate(model: ViltEdgeModel, edge: EdgeSettings) -> ViltEdgeModel:
 
 def seeded_fall_probability(model: ViltEdgeModel, inputs: dict[str, torch.Tensor]) -> np.ndarray:
     """P(fall) with the same random patch sampling every time, so only the option differs between runs."""
-    with torch.random.fork_rng(devices=[]):
+    with GLOBAL_GENERATOR, torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return model.infer(inputs).fall_probability
 

@@ -4,8 +4,9 @@ The registry is a directory of versions written by `edge_workers.switcher.save_s
 (atomically, so a half-written version is never seen). A worker checks it every
 `registry_poll_s`; a publisher can also announce a new version by setting a Redis key
 (`announce_switcher`), which the worker reads every batch, so a new switcher is picked up
-within one batch instead of one poll period. The worker swaps switchers between batches, so
-every frame is answered by exactly one switcher and offsets stay committed after acks.
+within one batch instead of one poll period. A new version loads in the background while the
+worker goes on answering; the worker swaps it in between batches, so every frame is answered by
+exactly one switcher and offsets stay committed after acks.
 
 A version made for another edge model or hidden size is refused with one log line and the
 running switcher stays; the refused version is not retried (publish a new version instead).
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import Redis as SyncRedis
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LoadedT = TypeVar("LoadedT")  # what a registry loads: a switcher, or an edge model with its switcher
+
 
 @dataclass(frozen=True)
 class ActiveSwitcher:
@@ -65,8 +68,12 @@ def announce_switcher(redis: SyncRedis, key: str, version: str) -> None:
     redis.set(key, version)
 
 
-class PolledRegistry:
-    """A registry directory the worker looks at again when the announcement changes, or every `poll_s`."""
+class PolledRegistry(Generic[LoadedT]):
+    """A registry directory the worker looks at again when the announcement changes, or every `poll_s`.
+
+    A new version loads in the background (`look`, which subclasses implement) while the worker
+    answers with the one it serves; `refresh` hands it over once loaded, between two batches.
+    """
 
     def __init__(
         self, directory: Path, poll_s: float, announce_key: str | None, clock: Callable[[], float] = time.monotonic
@@ -79,6 +86,7 @@ class PolledRegistry:
         self.last_announced: bytes | None = None
         self.refused: set[str] = set()  # versions that did not fit: not tried again
         self.events: list[OperatorEvent] = []  # refusals not sent to operator-events yet
+        self.loading: asyncio.Task[LoadedT | None] | None = None
 
     def refuse(self, name: str, message: str) -> None:
         self.refused.add(name)
@@ -93,8 +101,35 @@ class PolledRegistry:
         self.next_poll = now + self.poll_s
         return True
 
+    async def refresh(self, current: ActiveSwitcher, announced: bytes | None) -> LoadedT | None:
+        """A new version whose background load has finished since the last call, else None.
 
-class SwitcherRegistry(PolledRegistry):
+        `announced` is the announcement key's value now (the last one seen while Redis is down). A
+        due look starts the load; a load can take seconds (a real edge model's `from_pretrained` and
+        its CPU-option check), and the worker's cameras are answered meanwhile.
+        """
+        if self.loading is None:
+            if self.due(announced):
+                self.loading = asyncio.create_task(self.look(current))
+            return None
+        if not self.loading.done():
+            return None
+        loaded, self.loading = self.loading, None
+        return loaded.result()
+
+    async def look(self, current: ActiveSwitcher) -> LoadedT | None:
+        """The version to serve instead of `current`'s, loaded; None when there is none or it is refused."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Give up a load in progress (its thread ends on its own)."""
+        if self.loading is not None:
+            self.loading.cancel()
+            await asyncio.gather(self.loading, return_exceptions=True)
+            self.loading = None
+
+
+class SwitcherRegistry(PolledRegistry[ActiveSwitcher]):
     def __init__(
         self,
         directory: Path,
@@ -122,13 +157,8 @@ class SwitcherRegistry(PolledRegistry):
         except Exception as exc:  # a mismatch or an unreadable artifact: one line, not a traceback
             raise ConfigError(f"cannot use switcher {newest}: {exc}") from None
 
-    async def refresh(self, current: ActiveSwitcher, announced: bytes | None) -> ActiveSwitcher | None:
-        """A newer fitting switcher when one was published since `current`, else None.
-
-        `announced` is the announcement key's value now (the last one seen while Redis is down).
-        """
-        if not self.due(announced):
-            return None
+    async def look(self, current: ActiveSwitcher) -> ActiveSwitcher | None:
+        """A newer fitting switcher when one was published since `current`, else None."""
         newest = await asyncio.to_thread(latest_version, self.directory)
         if newest is None or newest.name <= current.metadata.version or newest.name in self.refused:
             return None
@@ -348,7 +378,7 @@ class LoadedPair:
     switcher: ActiveSwitcher
 
 
-class PairRegistry(PolledRegistry):
+class PairRegistry(PolledRegistry[LoadedPair]):
     """The edge worker's view of `edge.model_registry`: the active pair, and the next one when ACTIVE moves."""
 
     def __init__(
@@ -372,10 +402,8 @@ class PairRegistry(PolledRegistry):
         except Exception as exc:  # an unreadable artifact: one line, not a traceback
             raise ConfigError(f"cannot use version {files.version.version}: {exc}") from None
 
-    async def refresh(self, current: ActiveSwitcher, announced: bytes | None) -> LoadedPair | None:
+    async def look(self, current: ActiveSwitcher) -> LoadedPair | None:
         """The active pair when ACTIVE names another version than `current`'s, else None."""
-        if not self.due(announced):
-            return None
         running = current.metadata.edge_model.split("/")[0]
         try:
             pointer = await asyncio.to_thread(read_active, self.directory)

@@ -186,6 +186,7 @@ class EdgeWorker:
         finally:
             if fetching is not None:  # an error answering a batch: the next one is not answered either
                 fetching.cancel()
+            await self.registry.stop()
             await batches.stop()
             await producer.stop()
             await redis.aclose()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import threading
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,10 +23,11 @@ from redis import Redis
 
 from core.kafka_io import consumer_group_lag
 from core.settings import ConfigError, Settings
-from edge_workers.model import load_edge_model
+from edge_workers.model import EdgeModel, load_edge_model
 from edge_workers.registry import (
     ACTIVE_FILE,
     Calibration,
+    LoadedPair,
     PairRegistry,
     PairVersion,
     activate,
@@ -39,7 +41,7 @@ from edge_workers.switcher import Switcher, SwitcherInputs, SwitcherMetadata, in
 from fallwatch.devkit.models import ModelPaths
 from fallwatch.devkit.tiny_edge import set_fall_bias
 from schemas import CloudRequest, OperatorEvent, Verdict
-from tests.conftest import consume_until, running, until_group_stable_with
+from tests.conftest import consume_until, read_all, running, until_group_stable_with
 from tests.test_edge_worker import make_frames, publish_frames, until, worker_settings
 
 HIDDEN = 64  # the tiny ViLT head's hidden layer (2 × its hidden size)
@@ -184,6 +186,58 @@ def test_hot_reload_of_edge_and_switcher_mid_stream_and_the_drift_guard(
     assert refused[0].message.startswith("version v3 refused, keeping v1: the edge model of v3 does not match")
 
 
+def test_the_cameras_are_answered_while_a_new_version_loads(stack_state, tmp_path: Path, tiny_models) -> None:
+    # A real edge model's from_pretrained and CPU-option check take seconds; here the load of v2
+    # is held until the test releases it, and the frames meanwhile must be answered by v1.
+    registry = tmp_path / "registry"
+    publish_version(registry, tiny_models, tmp_path, fall=True, version="v1")
+    settings = pair_worker_settings(stack_state, tmp_path, tiny_models, registry, registry_poll_s=3600)
+    announce_key = settings.edge.registry_announce_key
+    assert announce_key is not None
+    during, after = make_frames("cam-a", 16), make_frames("cam-a", 8, 16)
+    loading, release = threading.Event(), threading.Event()
+
+    async def answered(count: int, timeout_s: float = 120.0) -> list[Verdict]:
+        return await consume_until(
+            settings, settings.kafka.topics.verdicts, Verdict, lambda m: len(m) >= count, timeout_s=timeout_s
+        )
+
+    async def scenario() -> list[Verdict]:
+        async with running(EdgeWorker(settings, None)) as worker:
+            registry_of_worker = worker.registry
+            assert isinstance(registry_of_worker, PairRegistry)
+            load = registry_of_worker.load_model
+
+            def held_load(directory: Path) -> EdgeModel:
+                loading.set()
+                release.wait(120)
+                return load(directory)
+
+            registry_of_worker.load_model = held_load
+            announce_switcher(Redis.from_url(settings.redis.url), announce_key, publish_version(
+                registry, tiny_models, tmp_path, fall=False, version="v2"
+            ))  # fmt: skip
+            try:
+                assert await asyncio.to_thread(loading.wait, 120), "the worker never began to load v2"
+                await publish_frames(settings, during)
+                await answered(len(during), timeout_s=60)
+                assert worker.model.name == "v1/edge"
+            finally:
+                release.set()
+            await until(lambda: worker.model.name == "v2/edge", "v2, once loaded")
+            await publish_frames(settings, after)
+            await answered(len(during) + len(after))
+        return await read_all(settings, settings.kafka.topics.verdicts, Verdict)
+
+    verdicts = asyncio.run(scenario())
+    assert sorted(v.frame_id for v in verdicts) == sorted(f.frame_id for f in during + after), "each answered once"
+    by_id = {v.frame_id: v for v in verdicts}
+    for frames, version in ((during, "v1"), (after, "v2")):
+        assert {(by_id[f.frame_id].edge_model, by_id[f.frame_id].switcher_version) for f in frames} == {
+            (f"{version}/edge", version)
+        }
+
+
 def test_start_without_an_active_version_is_one_readable_line(tmp_path: Path) -> None:
     settings = Settings(edge={"model_registry": str(tmp_path / "empty")})
     with pytest.raises(ConfigError, match=r"no active version in .*empty.*run `fallwatch dmd adapt`"):
@@ -202,10 +256,16 @@ def test_an_unreadable_active_pointer_keeps_the_pair_that_works_and_is_reported_
     pointer = (registry_dir / ACTIVE_FILE).read_text()
     (registry_dir / ACTIVE_FILE).write_text(pointer[: len(pointer) // 2])  # copied by hand, half of it
 
+    async def look() -> LoadedPair | None:
+        """One look at the registry: the first refresh starts it, the one after its end hands over."""
+        assert await registry.refresh(serving, None) is None and registry.loading is not None
+        await asyncio.wait({registry.loading})
+        return await registry.refresh(serving, None)
+
     async def polls() -> list[str | None]:
-        found = [await registry.refresh(serving, None) for _ in range(3)]
+        found = [await look() for _ in range(3)]
         (registry_dir / ACTIVE_FILE).write_text(pointer)
-        found.append(await registry.refresh(serving, None))
+        found.append(await look())
         return [None if loaded is None else loaded.version.version for loaded in found]
 
     assert asyncio.run(polls()) == [None, None, None, "v2"], "v1 served until the pointer reads again"
