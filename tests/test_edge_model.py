@@ -6,9 +6,11 @@ Runs on tiny random checkpoints of the real ViLT classes, saved and loaded back 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +25,14 @@ from transformers import ViltForQuestionAnswering
 from core.images import decode_jpeg_rgb, encode_jpeg, encode_jpeg_rgb
 from core.settings import DEFAULT_QUESTION, ConfigError, Settings
 from edge_workers.metrics import EdgeMetrics
-from edge_workers.model import SHIPPED_CALIBRATION_FRAMES, EdgeBatch, EdgeModel, ViltEdgeModel, load_edge_model
+from edge_workers.model import (
+    SHIPPED_CALIBRATION_FRAMES,
+    EdgeBatch,
+    EdgeModel,
+    ViltEdgeModel,
+    load_edge_model,
+    seeded_fall_probability,
+)
 from edge_workers.registry import SwitcherRegistry
 from edge_workers.switcher import (
     Switcher,
@@ -427,3 +436,33 @@ def test_auto_bf16_checks_the_facilitys_own_frames(tiny_dir: Path, tmp_path: Pat
 def test_calibration_frames_without_frames_are_one_line(tiny_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^edge.calibration_frames: .* holds no JPEG or PNG frames$"):
         load_edge_model(auto_settings(tiny_dir, calibration_frames=str(tmp_path)))
+
+
+def test_a_seeded_check_beside_live_forwards_draws_the_same_patches(tmp_path: Path, frames: list[np.ndarray]):
+    # ViLT samples the patches of a frame over `max_image_length` from torch's global generator. The
+    # `auto` checks run while a new version loads beside the live batches (the edge worker's hot
+    # reload): a live forward between their seed and their forward would change what they compare.
+    directory = build_tiny_edge_model(tmp_path / "tiny")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "max_image_length": 4}))
+    candidate = ViltEdgeModel.from_pretrained(str(directory), DEFAULT_QUESTION)
+    serving = ViltEdgeModel.from_pretrained(str(directory), DEFAULT_QUESTION)
+    inputs = candidate.preprocess(frames)
+    alone = seeded_fall_probability(candidate, inputs)
+    unseeded = [candidate.infer(inputs).fall_probability for _ in range(2)]
+    assert not np.array_equal(*unseeded), "the frames' patches are sampled"
+    stop = threading.Event()
+
+    def live_batches() -> None:
+        while not stop.is_set():
+            serving.predict(frames)
+
+    thread = threading.Thread(target=live_batches)
+    thread.start()
+    try:
+        beside = [seeded_fall_probability(candidate, inputs) for _ in range(30)]
+    finally:
+        stop.set()
+        thread.join()
+    for answers in beside:
+        np.testing.assert_array_equal(answers, alone)
