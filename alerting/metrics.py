@@ -57,6 +57,11 @@ class AlertingMetrics(ServedMetrics):
         self.webhook_failures = Counter(
             "fallwatch_webhook_failures", "webhooks given up on, by event", ["event"], registry=self.registry
         )
+        self.webhook_leases_lost = Counter(
+            "fallwatch_webhook_leases_lost",
+            "webhook tries that ended after another claim took their delivery over (not rescheduled)",
+            registry=self.registry,
+        )
         self.redis_failures = Counter(
             "fallwatch_alerting_redis_failures", "failed Redis writes (retried)", registry=self.registry
         )

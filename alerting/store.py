@@ -165,6 +165,11 @@ def outbox_payload_key(fall_events_topic: str) -> str:
     return f"{PREFIX}webhook-outbox-payload:{fall_events_topic}"
 
 
+def outbox_lease_key(fall_events_topic: str) -> str:
+    """Who holds each claimed delivery: the token of the claim whose try may finish or reschedule it."""
+    return f"{PREFIX}webhook-outbox-lease:{fall_events_topic}"
+
+
 def delivered_key(member: str) -> str:
     return f"{PREFIX}webhook-delivered:{member}"
 
@@ -186,19 +191,47 @@ end
 return 0
 """
 
-# KEYS: outbox, payloads; ARGV: now, lease end, limit. Due deliveries, each leased to the caller until the lease
-# ends (another worker takes it over if this one dies first).
+# KEYS: outbox, payloads, leases; ARGV: now, lease end, limit, claim token. Due deliveries, each leased to the
+# caller until the lease ends (another worker takes it over if this one dies first, or its try outlives the lease).
 CLAIM_DELIVERIES = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local claimed = {}
 for _, member in ipairs(due) do
   redis.call('ZADD', KEYS[1], ARGV[2], member)
+  redis.call('HSET', KEYS[3], member, ARGV[4])
   table.insert(claimed, member)
   table.insert(claimed, redis.call('HGET', KEYS[2], member) or '')
 end
 return claimed
 """
 
+
+# KEYS: outbox, payloads, leases; ARGV: member, claim token, payload, due time. Only the claim still holding the
+# lease reschedules: a try that outlived it must not queue again what a later claim finished or holds.
+RETRY_DELIVERY = """
+if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: outbox, payloads, leases, delivered mark; ARGV: member, claim token, delivered (1/0), mark TTL. Out of the
+# outbox; a delivery the receiver accepted is marked (whoever holds the lease), so it is never queued again. One
+# given up on is dropped only by the claim holding the lease: a later claim may still be trying it.
+FINISH_DELIVERY = """
+if ARGV[3] == '1' then
+  redis.call('SET', KEYS[4], '1', 'EX', tonumber(ARGV[4]))
+elseif redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"""
 
 # KEYS: keepers, outbox, payloads, then each delivery's delivered mark; ARGV: worker, keepers' TTL, now, then
 # each delivery's member and payload, in the marks' order. A worker new to the keepers (Redis lost the outbox,
@@ -236,6 +269,8 @@ class AlertStore:
         self._apply_state = self.redis.register_script(APPLY_STATE)
         self._enqueue = self.redis.register_script(ENQUEUE_DELIVERY)
         self._claim = self.redis.register_script(CLAIM_DELIVERIES)
+        self._retry = self.redis.register_script(RETRY_DELIVERY)
+        self._finish = self.redis.register_script(FINISH_DELIVERY)
         self._keep_outbox = self.redis.register_script(KEEP_OUTBOX)
         self._camera_down = self.redis.register_script(CAMERA_DOWN)
         self._add_escalation = self.redis.register_script(ADD_ESCALATION)
@@ -385,11 +420,18 @@ class AlertStore:
         keys = [outbox_key(fall_events_topic), outbox_payload_key(fall_events_topic), delivered_key(member)]
         return bool(await self._enqueue(keys=keys, args=[member, payload, due_s]))
 
+    def _outbox_keys(self, fall_events_topic: str) -> list[str]:
+        return [
+            outbox_key(fall_events_topic),
+            outbox_payload_key(fall_events_topic),
+            outbox_lease_key(fall_events_topic),
+        ]
+
     async def claim_deliveries(
-        self, fall_events_topic: str, now_s: float, lease_s: float, limit: int
+        self, fall_events_topic: str, now_s: float, lease_s: float, limit: int, token: str
     ) -> list[tuple[str, bytes]]:
-        keys = [outbox_key(fall_events_topic), outbox_payload_key(fall_events_topic)]
-        flat = await self._claim(keys=keys, args=[now_s, now_s + lease_s, limit])
+        """Due deliveries, leased to the claim `token` names (`CLAIM_DELIVERIES`)."""
+        flat = await self._claim(keys=self._outbox_keys(fall_events_topic), args=[now_s, now_s + lease_s, limit, token])
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
     async def keep_outbox(
@@ -406,20 +448,17 @@ class AlertStore:
         _, restored, gone = await self._keep_outbox(keys=keys, args=args)
         return int(restored), [member.decode() for member in gone]
 
-    async def delivery_done(self, fall_events_topic: str, member: str, delivered: bool) -> None:
-        """Out of the outbox; a delivery the receiver accepted is marked so it is never queued again."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if delivered:
-                pipe.set(delivered_key(member), b"1", ex=DELIVERED_MARK_TTL_S)
-            pipe.zrem(outbox_key(fall_events_topic), member)
-            pipe.hdel(outbox_payload_key(fall_events_topic), member)
-            await pipe.execute()
+    async def delivery_done(self, fall_events_topic: str, member: str, token: str, delivered: bool) -> bool:
+        """Out of the outbox (`FINISH_DELIVERY`); False: a failed delivery another claim holds now, left to it."""
+        keys = [*self._outbox_keys(fall_events_topic), delivered_key(member)]
+        return bool(await self._finish(keys=keys, args=[member, token, int(delivered), DELIVERED_MARK_TTL_S]))
 
-    async def retry_delivery(self, fall_events_topic: str, member: str, payload: bytes, due_s: float) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(outbox_payload_key(fall_events_topic), member, payload)
-            pipe.zadd(outbox_key(fall_events_topic), {member: due_s})
-            await pipe.execute()
+    async def retry_delivery(
+        self, fall_events_topic: str, member: str, token: str, payload: bytes, due_s: float
+    ) -> bool:
+        """Rescheduled (`RETRY_DELIVERY`); False: the lease of claim `token` ran out, the delivery is not its own."""
+        keys = self._outbox_keys(fall_events_topic)
+        return bool(await self._retry(keys=keys, args=[member, token, payload, due_s]))
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -11,12 +11,21 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from alerting.channels.webhook import OPENED_EVENT, WebhookChannel, delivery_member
 from alerting.metrics import AlertingMetrics
 from alerting.notifications import Notifier
-from alerting.store import AlertStore, delivered_key, outbox_keepers_key, outbox_key, outbox_payload_key
+from alerting.store import (
+    AlertStore,
+    delivered_key,
+    outbox_keepers_key,
+    outbox_key,
+    outbox_lease_key,
+    outbox_payload_key,
+)
 from core.settings import Settings
 from fallwatch.stack import StackState
 from schemas import FallEvent
@@ -35,6 +44,32 @@ from tests.alerting_helpers import (
     wait_for,
 )
 from tests.conftest import REPO, until, write_config
+
+
+def two_workers_settings(stack_state: StackState, tmp_path: Path, url: str, **overrides: object) -> Settings:
+    """One receiver at `url`; no retry comes due by itself during a test (the test makes it due)."""
+    return alerting_settings(
+        stack_state,
+        tmp_path,
+        webhook_urls=[f"{url}/alerts"],
+        webhook_secret=WEBHOOK_SECRET,
+        webhook_backoff_s=60.0,
+        webhook_attempts=5,
+        **overrides,
+    )
+
+
+@asynccontextmanager
+async def two_webhook_workers(settings: Settings) -> AsyncIterator[tuple[WebhookChannel, WebhookChannel]]:
+    """The webhook channels of two alerting workers on the same Redis, each with its own store and metrics."""
+    stores = [AlertStore(settings.redis, settings.alerting.stream_maxlen) for _ in range(2)]
+    a, b = (WebhookChannel(settings, store, AlertingMetrics(), Notifier(settings.alerting)) for store in stores)
+    try:
+        yield a, b
+    finally:
+        for channel in (a, b):
+            await channel.close()
+            await channel.store.close()
 
 
 def test_a_pending_webhook_survives_kill_9_and_is_delivered_once(stack_state: StackState, tmp_path: Path) -> None:
@@ -147,23 +182,19 @@ def test_after_redis_lost_the_outbox_every_worker_puts_back_its_own_retries_and_
 
     async def scenario(settings: Settings) -> None:
         topic = settings.kafka.topics.fall_events
-        store_a = AlertStore(settings.redis, settings.alerting.stream_maxlen)
-        store_b = AlertStore(settings.redis, settings.alerting.stream_maxlen)
-        a = WebhookChannel(settings, store_a, AlertingMetrics(), Notifier(settings.alerting))
-        b = WebhookChannel(settings, store_b, AlertingMetrics(), Notifier(settings.alerting))
-        members = {
-            alert.alert_id: delivery_member(OPENED_EVENT, alert.alert_id, settings.alerting.webhook_urls[0])
-            for alert in (by_a, by_b, finished_by_b)
-        }
+        async with two_webhook_workers(settings) as (a, b):
+            members = {
+                alert.alert_id: delivery_member(OPENED_EVENT, alert.alert_id, settings.alerting.webhook_urls[0])
+                for alert in (by_a, by_b, finished_by_b)
+            }
 
-        async def retried_later(alert: FallEvent) -> bool:
-            # the payload names its attempt only once the first try is over: a claim's lease moves
-            # `due` as far, while that try is still in flight
-            payload = await store_a.redis.hget(outbox_payload_key(topic), members[alert.alert_id])
-            due = await store_a.redis.zscore(outbox_key(topic), members[alert.alert_id])
-            return payload is not None and json.loads(payload)["attempt"] == 1 and due is not None
+            async def retried_later(alert: FallEvent) -> bool:
+                # the payload names its attempt only once the first try is over: a claim's lease moves
+                # `due` as far, while that try is still in flight
+                payload = await a.store.redis.hget(outbox_payload_key(topic), members[alert.alert_id])
+                due = await a.store.redis.zscore(outbox_key(topic), members[alert.alert_id])
+                return payload is not None and json.loads(payload)["attempt"] == 1 and due is not None
 
-        try:
             await a.alert_changed(by_a)
             await a.alert_changed(finished_by_b)
             await b.alert_changed(by_b)
@@ -171,34 +202,70 @@ def test_after_redis_lost_the_outbox_every_worker_puts_back_its_own_retries_and_
                 await until(lambda alert=alert: retried_later(alert), f"the first try of {alert.alert_id} refused")
             # the retry of a delivery A queued comes due, and B's pass finishes it
             accepting.add(finished_by_b.alert_id)
-            payload = await store_a.redis.hget(outbox_payload_key(topic), members[finished_by_b.alert_id])
-            await store_a.retry_delivery(topic, members[finished_by_b.alert_id], payload, time.time())
+            await a.store.redis.zadd(outbox_key(topic), {members[finished_by_b.alert_id]: time.time()})
             await b.outbox_pass()
             assert received(finished_by_b) == [503, 200]
             await a.outbox_pass()
             await b.outbox_pass()
             # Redis restarted empty: the outbox, its payloads, its keepers and the delivered marks are gone
-            wiped = [outbox_key(topic), outbox_payload_key(topic), outbox_keepers_key(topic)]
-            await store_a.redis.delete(*wiped, *(delivered_key(member) for member in members.values()))
+            wiped = [outbox_key(topic), outbox_payload_key(topic), outbox_lease_key(topic), outbox_keepers_key(topic)]
+            await a.store.redis.delete(*wiped, *(delivered_key(member) for member in members.values()))
             accepting.update({by_a.alert_id, by_b.alert_id})
             await a.outbox_pass()
             await b.outbox_pass()
             assert received(by_a) == [503, 200], "A's retry, put back by A"
             assert received(by_b) == [503, 200], "B's retry, put back by B"
             assert received(finished_by_b) == [503, 200], "finished before the loss: not sent again"
-            assert await store_a.redis.zcard(outbox_key(topic)) == 0
-        finally:
-            for channel, store in ((a, store_a), (b, store_b)):
-                await channel.close()
-                await store.close()
+            assert await a.store.redis.zcard(outbox_key(topic)) == 0
 
     with http_server(Receiver) as url:
-        settings = alerting_settings(
-            stack_state,
-            tmp_path,
-            webhook_urls=[f"{url}/alerts"],
-            webhook_secret=WEBHOOK_SECRET,
-            webhook_backoff_s=60.0,  # no retry comes due by itself during the test
-            webhook_attempts=5,
-        )
-        asyncio.run(scenario(settings))
+        asyncio.run(scenario(two_workers_settings(stack_state, tmp_path, url)))
+
+
+def test_a_try_that_outlives_its_lease_leaves_the_delivery_to_the_worker_that_took_it_over(
+    stack_state: StackState, tmp_path: Path
+) -> None:
+    """A's first try hangs past its lease (a stalled worker, or a clock behind B's); B claims the delivery and the
+    receiver accepts it. A's try then ends refused: it must not reschedule what B finished, nor drop what B holds."""
+    release = threading.Event()
+    arrived: list[str] = []
+    replied: list[int] = []
+
+    class Receiver(QuietHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            first = not arrived
+            arrived.append(self.path)
+            if first:
+                release.wait(120)
+            replied.append(503 if first else 200)
+            self.reply(replied[-1])
+
+    alert, _ = an_open_alert("outlived-lease")
+
+    def leases_lost(metrics: AlertingMetrics) -> float | None:
+        return metrics.registry.get_sample_value("fallwatch_webhook_leases_lost_total")
+
+    async def scenario(settings: Settings) -> None:
+        topic = settings.kafka.topics.fall_events
+        member = delivery_member(OPENED_EVENT, alert.alert_id, settings.alerting.webhook_urls[0])
+        async with two_webhook_workers(settings) as (a, b):
+            await a.alert_changed(alert)
+            await until(lambda: len(arrived) == 1, "A's first try, held open by the receiver")
+            await a.store.redis.zadd(outbox_key(topic), {member: time.time()})  # A's lease ran out
+            await b.deliver_due()
+            assert replied == [200], "B took the delivery over and the receiver accepted it"
+            release.set()
+            await until(lambda: leases_lost(a.metrics) == 1, "A's try refused, after its lease")
+            assert replied == [200, 503]
+            assert await a.store.redis.zscore(outbox_key(topic), member) is None, "not queued again by A"
+            assert await a.store.redis.exists(delivered_key(member)) == 1
+            assert await a.store.redis.hlen(outbox_lease_key(topic)) == 0
+
+    with http_server(Receiver) as url:
+        # A's held try ends only when the test releases it
+        settings = two_workers_settings(stack_state, tmp_path, url, webhook_timeout_s=120.0)
+        try:
+            asyncio.run(scenario(settings))
+        finally:
+            release.set()  # before the server stops: it waits for its request threads

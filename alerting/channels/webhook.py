@@ -138,14 +138,15 @@ class WebhookChannel(Channel):
     async def deliver_due(self) -> None:
         """One pass over the outbox: every due delivery is tried once, then done, or rescheduled with backoff."""
         lease_s = self.rule.webhook_timeout_s + OUTBOX_LEASE_MARGIN_S
+        token = uuid.uuid4().hex
         try:
-            claimed = await self.store.claim_deliveries(self.topic, time.time(), lease_s, OUTBOX_BATCH)
+            claimed = await self.store.claim_deliveries(self.topic, time.time(), lease_s, OUTBOX_BATCH, token)
         except (RedisError, OSError):
             return  # the outbox waits in Redis; the next pass after Redis is back sends it
         self._unfinished.update(claimed)
-        await asyncio.gather(*(self._deliver_one(member, payload) for member, payload in claimed))
+        await asyncio.gather(*(self._deliver_one(member, payload, token) for member, payload in claimed))
 
-    async def _deliver_one(self, member: str, payload: bytes) -> None:
+    async def _deliver_one(self, member: str, payload: bytes, token: str) -> None:
         try:
             entry = json.loads(payload)
             event_name, url, alert_id, body = entry["event"], entry["url"], entry["alert_id"], entry["body"].encode()
@@ -153,7 +154,7 @@ class WebhookChannel(Channel):
         except (ValueError, KeyError, AttributeError, TypeError) as exc:  # not ours to send: another version's
             self._unfinished.pop(member, None)
             log.error("webhook outbox entry %s unreadable, dropped: %r", member, exc)
-            await self._redis_quietly(self.store.delivery_done(self.topic, member, delivered=False))
+            await self._redis_quietly(self.store.delivery_done(self.topic, member, token, delivered=False), member)
             return
         result = await self.sender.attempt(url, event_name, alert_id, body)
         if result.final or attempt >= self.rule.webhook_attempts:
@@ -161,18 +162,30 @@ class WebhookChannel(Channel):
                 self.sender.say_gave_up(url, event_name, alert_id, result.problem)
             self._count(event_name, result.accepted)
             self._unfinished.pop(member, None)
-            await self._redis_quietly(self.store.delivery_done(self.topic, member, delivered=result.accepted))
+            await self._redis_quietly(
+                self.store.delivery_done(self.topic, member, token, delivered=result.accepted), member
+            )
             return
         self.sender.say_retry(url, event_name, alert_id, attempt, result.problem)
         due = time.time() + self.sender.retry_delay_s(attempt)
         entry["attempt"] = attempt
+        # kept until the outbox says another worker finished it: put back from here should Redis lose it
         self._unfinished[member] = json.dumps(entry).encode()
-        await self._redis_quietly(self.store.retry_delivery(self.topic, member, self._unfinished[member], due))
+        await self._redis_quietly(
+            self.store.retry_delivery(self.topic, member, token, self._unfinished[member], due), member
+        )
 
-    async def _redis_quietly(self, call: Coroutine[Any, Any, None]) -> None:
-        """An outbox update; if Redis fails now the lease runs out and the delivery is tried again."""
+    async def _redis_quietly(self, call: Coroutine[Any, Any, bool], member: str) -> None:
+        """An outbox update; if Redis fails now the lease runs out and the delivery is tried again. Refused: this
+        try outlived its lease and a later claim finished the delivery or holds it (left to that claim)."""
         try:
-            await call
+            applied = await call
         except (RedisError, OSError) as exc:
             self.metrics.redis_failures.inc()
             log.error("webhook outbox not updated (%s); the delivery is retried after its lease", exc)
+            return
+        if not applied:
+            self.metrics.webhook_leases_lost.inc()
+            log.warning(
+                "webhook delivery %s: this try outlived its lease; left to the worker that took it over", member
+            )
