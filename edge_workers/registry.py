@@ -421,8 +421,19 @@ class PairRegistry(PolledRegistry[LoadedPair]):
         except Exception as exc:  # keep serving with the pair that works
             self.refuse(pointer.version, f"version {pointer.version} refused, keeping {running}: {exc}")
             return None
+        now_active = await asyncio.to_thread(self._active_or_none)
+        if now_active != pointer.version:  # a rollback or a publish during the load: follow ACTIVE, not the load
+            log.info("version %s loaded, but ACTIVE names %s now: not served", pointer.version, now_active)
+            self.next_poll = self.clock()  # look again at the next batch
+            return None
         log.info("version %s loaded (edge model and switcher), replacing %s", pointer.version, running)
         return loaded
+
+    def _active_or_none(self) -> str | None:
+        try:
+            return active_version(self.directory)
+        except ConfigError:  # unreadable now: reported by the next look
+            return None
 
     def _load(self, files: PairFiles) -> LoadedPair:
         name = files.version.version

@@ -26,6 +26,7 @@ from core.settings import ConfigError, Settings
 from edge_workers.model import EdgeModel, load_edge_model
 from edge_workers.registry import (
     ACTIVE_FILE,
+    ActiveSwitcher,
     Calibration,
     LoadedPair,
     PairRegistry,
@@ -82,6 +83,15 @@ def publish_version(registry: Path, tiny: ModelPaths, scratch: Path, fall: bool,
     save_pair(registry, pair, edge, switcher, metadata)
     activate(registry, version, replacing=active_version(registry))
     return version
+
+
+async def one_look(
+    registry: PairRegistry, serving: ActiveSwitcher, announced: bytes | None = None
+) -> LoadedPair | None:
+    """One look at the registry, due now: the first refresh starts it, the one after its end hands over."""
+    assert await registry.refresh(serving, announced) is None and registry.loading is not None, "a look is due"
+    await asyncio.wait({registry.loading})
+    return await registry.refresh(serving, announced)
 
 
 def pair_worker_settings(stack_state, tmp_path: Path, tiny: ModelPaths, registry: Path, **edge: object) -> Settings:
@@ -256,16 +266,10 @@ def test_an_unreadable_active_pointer_keeps_the_pair_that_works_and_is_reported_
     pointer = (registry_dir / ACTIVE_FILE).read_text()
     (registry_dir / ACTIVE_FILE).write_text(pointer[: len(pointer) // 2])  # copied by hand, half of it
 
-    async def look() -> LoadedPair | None:
-        """One look at the registry: the first refresh starts it, the one after its end hands over."""
-        assert await registry.refresh(serving, None) is None and registry.loading is not None
-        await asyncio.wait({registry.loading})
-        return await registry.refresh(serving, None)
-
     async def polls() -> list[str | None]:
-        found = [await look() for _ in range(3)]
+        found = [await one_look(registry, serving) for _ in range(3)]
         (registry_dir / ACTIVE_FILE).write_text(pointer)
-        found.append(await look())
+        found.append(await one_look(registry, serving))
         return [None if loaded is None else loaded.version.version for loaded in found]
 
     assert asyncio.run(polls()) == [None, None, None, "v2"], "v1 served until the pointer reads again"
@@ -277,6 +281,40 @@ def test_an_unreadable_active_pointer_keeps_the_pair_that_works_and_is_reported_
     (registry_dir / ACTIVE_FILE).write_text("{}")
     with pytest.raises(ConfigError, match="is not a pointer to a version: version: Field required"):
         EdgeWorker(settings, None)
+
+
+def test_a_version_rolled_back_while_it_loads_is_not_served(tmp_path: Path, tiny_models: ModelPaths) -> None:
+    """ACTIVE moves from v2 back to v1 (a rollback) while the worker loads v2: v2 is not swapped in, and the
+    worker looks again at once (not a poll period later), so a new publish of v2 is served at the next look."""
+    registry_dir = tmp_path / "registry"
+    publish_version(registry_dir, tiny_models, tmp_path, fall=True, version="v1")
+    settings = Settings(edge={"model_registry": str(registry_dir)})
+    publish_version(registry_dir, tiny_models, tmp_path, fall=False, version="v2")
+    rolled_back: list[tuple[str, str]] = []
+
+    def load_rolled_back_meanwhile(directory: Path) -> EdgeModel:
+        if directory.parent.name == "v2" and not rolled_back:
+            rolled_back.append(rollback(registry_dir))
+        return load_edge_model(settings, directory)
+
+    # poll_s of an hour: a look is due when the announcement changes, or when the registry asks for one
+    registry = PairRegistry(registry_dir, load_rolled_back_meanwhile, 3600.0, None)
+    activate(registry_dir, "v1", replacing="v2")  # v1 served at the start
+    serving = registry.load_active().switcher
+    activate(registry_dir, "v2", replacing="v1")
+
+    async def looks() -> list[str | None]:
+        found = [await one_look(registry, serving, b"v2")]
+        assert rolled_back == [("v2", "v1")], "ACTIVE moved back to v1 during the load"
+        assert found == [None], "v2 not served: ACTIVE named v1 again once it had loaded"
+        # nothing announced since: due at once all the same; v1 is served, nothing to load
+        found.append(await one_look(registry, serving, b"v2"))
+        activate(registry_dir, "v2", replacing="v1")
+        found.append(await one_look(registry, serving, b"v2 again"))
+        return [None if loaded is None else loaded.version.version for loaded in found]
+
+    assert asyncio.run(looks()) == [None, None, "v2"]
+    assert not registry.refused, "a version rolled back during its load is not refused"
 
 
 def test_after_a_rebalance_each_camera_s_drift_is_reported_by_the_worker_that_answers_it(
