@@ -52,7 +52,9 @@ def open_container(url: str, options: dict[str, str], timeout: tuple[float, floa
             container = av.open(
                 url, options=options, timeout=timeout, hwaccel=HWAccel(device_type=device, allow_software_fallback=True)
             )
-        except av.error.FFmpegError:
+        except av.error.FFmpegError as exc:
+            if exc.filename is not None:  # the source failed (refused, not found, timed out), not the device
+                raise
             continue  # listed by the build but absent on this machine
         if container.streams.video and container.streams.video[0].codec_context.is_hwaccel:
             return container

@@ -17,14 +17,16 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from av.codec.hwaccel import hwdevices_available
 
 from core.images import decode_jpeg_rgb
 from core.settings import CameraSettings, ProducerSettings
 from producers.camera import CameraCapture, CameraStats, CapturedFrame
-from producers.decoding import PyAVSource
+from producers.decoding import HARDWARE_DEVICES, PyAVSource
 from producers.masks import PrivacyMasks
 from producers.pictures import YuvPicture
-from producers.video import OpenCVSource, RateSampler, SampledFrame
+from producers.video import OpenCVSource, RateSampler, SampledFrame, SourceError
+from tests.alerting_helpers import QuietHandler, http_server
 from tests.conftest import FALL_CLIPS
 
 # the shared clips: 640×480 and 1280×720 H.264 at 30 fps, with non-reference B-frames
@@ -133,6 +135,29 @@ def test_hardware_decode_falls_back_to_the_cpu_where_no_device_works(
     assert hardware.positions() == pytest.approx(cpu.positions(), abs=1e-3)
     for ours, theirs in zip(hardware.frames, cpu.frames, strict=True):
         assert np.abs(ours.picture.bgr().astype(int) - theirs.picture.bgr().astype(int)).mean() < 2.0
+
+
+def test_a_source_that_cannot_be_opened_is_opened_once_not_once_per_hardware_device(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An offline camera is the source's fault: trying it again for each hardware device costs an open
+    # timeout per device on every reconnect, and the log would blame the decoders.
+    assert [device for device in HARDWARE_DEVICES if device in hwdevices_available()], "devices to try"
+    requests: list[str] = []
+
+    class OfflineCamera(QuietHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.reply(404)
+
+    with (
+        http_server(OfflineCamera) as url,
+        caplog.at_level(logging.INFO, logger="producers.decoding"),
+        pytest.raises(SourceError, match="cannot open video source"),
+    ):
+        PyAVSource(f"{url}/camera.mp4", f"{url}/camera.mp4", "auto", 2.0, None, TIMEOUTS_S, hardware=True)
+    assert requests == ["/camera.mp4"]
+    assert "no hardware decoder works here" not in caplog.text
 
 
 def test_keyframes_mode_decodes_only_keyframes_while_they_come_often_enough(tmp_path: Path, clip_path: Path) -> None:
