@@ -361,6 +361,12 @@ class EdgeSettings(Section):
         None, ge=0, description="offload budget: at most this many frames/s to the cloud, averaged over the window"
     )
     offload_window_s: float = Field(60.0, gt=0, description="sliding window of the offload budget")
+    offload_budget_key: str | None = Field(
+        None,
+        min_length=1,
+        description="Redis key the offload budget is counted under, with every edge worker naming it (a facility's "
+        "cloud capacity); null: each worker counts its own. Without Redis each worker keeps its own",
+    )
     exploration_rate: float = Field(
         0.0, ge=0, le=1, description="share of confident frames also sent to the cloud, marked `exploration`"
     )

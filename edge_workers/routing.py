@@ -121,14 +121,22 @@ class Router:
         self.policy = replace(self.policy, threshold=threshold)
         self.budget.policy = self.policy
 
-    def route(self, scores: Sequence[float], exploration_rates: Sequence[float] | None = None) -> list[RouteDecision]:
+    def route(
+        self,
+        scores: Sequence[float],
+        exploration_rates: Sequence[float] | None = None,
+        shared_slots: int | None = None,
+    ) -> list[RouteDecision]:
         """Decide every frame of a batch from its agreement probability.
 
         `exploration_rates` (one per frame) replaces the policy's exploration rate, e.g. for a camera
-        in learning mode; the budget still caps what goes to the cloud.
+        in learning mode; the budget still caps what goes to the cloud. `shared_slots`: what a budget
+        shared with other workers (`edge_workers.shared_budget`) leaves this batch, as a further cap.
         """
         rates = exploration_rates if exploration_rates is not None else [self.policy.exploration_rate] * len(scores)
         slots = self.budget.slots(len(scores))
+        if shared_slots is not None:
+            slots = min(slots, shared_slots)
         doubtful = sorted((i for i, s in enumerate(scores) if s < self.policy.threshold), key=lambda i: scores[i])
         switcher = set(doubtful[:slots])
         over_budget = set(doubtful[slots:])

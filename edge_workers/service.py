@@ -42,6 +42,7 @@ from edge_workers.model import CpuOptionCheck, EdgeBatch, EdgeModel, load_edge_m
 from edge_workers.registry import ActiveSwitcher, LoadedPair, PairRegistry, SwitcherRegistry
 from edge_workers.requests import Offload, cloud_request, store_clip
 from edge_workers.routing import RouteDecision, Router, RoutingPolicy
+from edge_workers.shared_budget import SharedOffloadBudget
 from edge_workers.switcher import CameraHistory
 from schemas import CloudRequest, EdgeOutput, Frame, KafkaPosition, OffloadReason, Verdict, utc_now
 
@@ -131,6 +132,7 @@ class EdgeWorker:
             RoutingPolicy.from_settings(edge, self.active.metadata.threshold),
             rng=random.Random(edge.exploration_seed),
         )
+        self.shared_budget: SharedOffloadBudget | None = None  # with `edge.offload_budget_key`, once Redis is made
         self.clips = ClipBuffers(edge.clip_frames, edge.clip_seconds)
         self.pose: Callable[[np.ndarray], Pose | None] | None = None  # see `estimator`
         self.topics = settings.kafka.topics
@@ -160,6 +162,8 @@ class EdgeWorker:
         batches.on_assigned = self.keep_cameras_of
         producer = make_producer(self.settings)
         redis = redis_client(self.settings.redis)
+        if self.settings.edge.offload_budget_key is not None:
+            self.shared_budget = SharedOffloadBudget(redis, self.settings.edge.offload_budget_key)
         fetching: asyncio.Task[FetchedBatch] | None = None
         try:
             # first: a port in use is one line naming the setting, and the clients below are closed
@@ -301,12 +305,7 @@ class EdgeWorker:
             scores = switcher.agreement_probability(output.hidden, output.fall_probability, history)
         switcher_s = (time.perf_counter() - started) / len(decoded)
 
-        base_rate = self.router.policy.exploration_rate
-        rates = [
-            self.drift.exploration_rate(item.frame.camera_id, base_rate) if self.answers(item) else base_rate
-            for item in decoded
-        ]
-        routes = self.router.route(scores.tolist(), rates)
+        routes = await self.route(decoded, scores.tolist())
         self.watch_drift(decoded, output.fall_probability, scores)
         self.observe(decode_s, model_s, switcher_s, scores, routes)
         timings_ms = {"decode": decode_s * 1000, "edge_model": model_s * 1000, "switcher": switcher_s * 1000}
@@ -325,6 +324,29 @@ class EdgeWorker:
         # the worker's own cost of producing (encoding, queueing, clips to Redis); acks are awaited later
         self.metrics.stage_seconds.labels("produce").observe((time.perf_counter() - started) / len(decoded))
         return acks
+
+    async def route(self, decoded: Sequence[DecodedFrame], scores: list[float]) -> list[RouteDecision]:
+        """The batch's routes: learning mode's exploration, within this worker's budget and the shared one."""
+        base_rate = self.router.policy.exploration_rate
+        rates = [
+            self.drift.exploration_rate(item.frame.camera_id, base_rate) if self.answers(item) else base_rate
+            for item in decoded
+        ]
+        policy, shared = self.router.policy, self.shared_budget
+        if shared is None or (policy.max_offload_ratio is None and policy.max_offload_fps is None):
+            return self.router.route(scores, rates)
+        reservation = await self.redis_outage.call(
+            "each worker keeps its own offload budget until it is back",
+            lambda: shared.reserve(policy, len(scores)),
+            None,
+        )
+        routes = self.router.route(scores, rates, None if reservation is None else reservation.slots)
+        if reservation is not None:
+            used = sum(route.offload is not None for route in routes)
+            await self.redis_outage.call(
+                "slots not handed back expire with the window", lambda: shared.release(reservation, used), None
+            )
+        return routes
 
     async def without_unanswerable(self, batch: FetchedBatch, producer: AIOKafkaProducer) -> EdgeBatch | None:
         """After the model refused the batch: each frame is tried alone, one it refuses (a shape its

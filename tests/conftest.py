@@ -23,6 +23,7 @@ from typing import Protocol, TypeVar
 import cv2
 import numpy as np
 import pytest
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from core.kafka_io import consumer_group_lag, make_admin, make_consumer, topic_specs
 from core.settings import Settings
@@ -129,10 +130,14 @@ async def until_group_stable_with(settings: Settings, group_id: str, members: in
     deadline = asyncio.get_running_loop().time() + timeout_s
     try:
         while True:
-            [response] = await admin.describe_consumer_groups([group_id])
-            _error, _group, state, _protocol_type, _protocol, group_members, *_ = response.groups[0]
-            if state == "Stable" and len(group_members) == members:
-                return
+            try:
+                [response] = await admin.describe_consumer_groups([group_id])
+            except GroupCoordinatorNotAvailableError:  # a new broker loads `__consumer_offsets` first
+                state, group_members = "no coordinator yet", []
+            else:
+                _error, _group, state, _protocol_type, _protocol, group_members, *_ = response.groups[0]
+                if state == "Stable" and len(group_members) == members:
+                    return
             if asyncio.get_running_loop().time() > deadline:
                 pytest.fail(f"group {group_id} never settled with {members} members ({state}, {len(group_members)})")
             await asyncio.sleep(0.2)  # polling the group's state

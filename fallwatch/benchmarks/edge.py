@@ -63,7 +63,8 @@ from fallwatch.stack import fresh_run, local_stack_settings
 from schemas import Frame, encode, utc_now
 
 CAMERAS = 4  # one per partition of the default topics
-START = utc_now().replace(microsecond=0) - timedelta(hours=1)  # within the capture-time bounds
+# frames 0.5 s apart from a day ago: a day of them stays within the capture-time bounds
+START = utc_now().replace(microsecond=0) - timedelta(hours=24)
 VILT_BATCH_WAIT_MS = 500
 MIXED_SIZE_ROUNDS = 3  # each round is three real-size batches: seconds each
 WIDE_SIZE = (480, 854)  # a 16:9 camera's frames beside the 4:3 ones (height, width)
@@ -409,6 +410,43 @@ def bench_settings(
     return settings.model_copy(update={"edge": edge})
 
 
+def measure_budgets(
+    on_stack: Settings,
+    registry: Path,
+    batch_size: int,
+    batch_wait_ms: int,
+    jpegs: list[bytes],
+    frames: int,
+    passes: int,
+) -> dict[str, list[PlumbingRun]]:
+    """Plumbing passes with an offload budget of 0 frames/s (checked for every batch, nothing sent), the
+    worker's own against one shared in Redis, alternately so that the machine's drift hits both alike."""
+    runs: dict[str, list[PlumbingRun]] = {"own": [], "shared": []}
+    for index in range(passes):
+        for kind, key in (("own", None), ("shared", f"fallwatch:offload-budget:bench-{index}")):
+            run = fresh_run(on_stack, f"budget-{kind}-{index}")
+            settings = bench_settings(run, registry, "null", batch_size, batch_wait_ms)
+            edge = settings.edge.model_copy(update={"max_offload_fps": 0.0, "offload_budget_key": key})
+            runs[kind].append(asyncio.run(measure_plumbing(settings.model_copy(update={"edge": edge}), jpegs, frames)))
+    return runs
+
+
+def budget_table(runs: dict[str, list[PlumbingRun]]) -> Table:
+    table = bench_table(
+        "offload budget: the worker's own against one shared in Redis (`edge.offload_budget_key`: two Redis "
+        "calls a batch); null model, 0 frames/s allowed, alternating passes",
+        ("budget", "frames/s (median)", "min–max", "worker CPU ms / frame", "mean batch"),
+    )
+    for kind, passes in runs.items():
+        ordered = sorted(passes, key=lambda run: run.frames_per_s)
+        median = ordered[len(ordered) // 2]
+        table.add_row(
+            kind, f"{median.frames_per_s:,.0f}", f"{ordered[0].frames_per_s:,.0f}–{ordered[-1].frames_per_s:,.0f}",
+            f"{median.worker_cpu_ms:.3f}", f"{median.mean_batch:.0f}",
+        )  # fmt: skip
+    return table
+
+
 def run_benchmark(
     plumbing_frames: int,
     plumbing_passes: int,
@@ -451,6 +489,10 @@ def run_benchmark(
                 for index, frames in enumerate([warmup_frames, *[plumbing_frames] * plumbing_passes])
                 if frames > 0
             ][-plumbing_passes:]  # fmt: skip
+            budget_passes = measure_budgets(
+                on_stack, null_registry, max(batch_size, 64), settings.edge.batch_wait_ms, jpegs, plumbing_frames,
+                plumbing_passes,
+            )  # fmt: skip
 
         directory = build_real_size_edge_model(scratch / "vilt-b32-random")
         model = ViltEdgeModel.from_pretrained(str(directory), settings.edge.question)
@@ -468,6 +510,7 @@ def run_benchmark(
         mixed_sizes = measure_mixed_sizes(model, batch, MIXED_SIZE_ROUNDS)
         show(
             summary_table(passes, warmup_frames, vilt, batch_size, decode_fps),
+            budget_table(budget_passes),
             stage_table(vilt, decode_rows, preprocess),
             mixed_sizes_table(mixed_sizes),
         )
