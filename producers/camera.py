@@ -204,6 +204,10 @@ class CameraCapture:
         schedule = Schedule(self.camera.fps) if self.kind != "file" or self.camera.realtime else None
         pace_from = time.monotonic()
         wall_start = datetime.now(UTC)
+        if self.kind == "file" and not self.camera.realtime:
+            # read faster than it plays: its frames end about now, not up to its length ahead of the clock
+            # (frames captured in the future are refused downstream)
+            wall_start -= timedelta(seconds=source.end_s() or 0.0)
         try:
             for frame in source.frames(self.on_grab, self.on_decode):
                 if self.stop.is_set():

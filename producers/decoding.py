@@ -106,6 +106,14 @@ class PyAVSource:
     def close(self) -> None:
         self.container.close()
 
+    def end_s(self) -> float | None:
+        """Where the file's video ends, in the frames' positions; None when unknown (a live stream)."""
+        if self.stream.duration is not None and self.stream.time_base is not None:
+            return float((self.stream.duration + (self.stream.start_time or 0)) * self.stream.time_base)
+        if self.container.duration is not None:
+            return self.container.duration / av.time_base
+        return None
+
     def frames(self, on_grab: Callable[[], None], on_decode: Callable[[], None]) -> Iterator[SampledFrame]:
         """The sampled frames, until the source ends or a read fails (or times out)."""
         # keyframes arrive a GOP apart: one a little early must not cost a whole GOP

@@ -104,6 +104,11 @@ class OpenCVSource:
     def close(self) -> None:
         self.capture.release()
 
+    def end_s(self) -> float | None:
+        """Where the file's video ends; None when unknown (a live stream or a device)."""
+        frames, fps = self.capture.get(cv2.CAP_PROP_FRAME_COUNT), self.capture.get(cv2.CAP_PROP_FPS)
+        return frames / fps if frames > 0 and fps > 0 else None
+
     def frames(self, on_grab: Callable[[], None], on_decode: Callable[[], None]) -> Iterator[SampledFrame]:
         def grabbed() -> None:  # OpenCV's grab() decodes the frame; retrieve() only converts it
             on_grab()

@@ -11,7 +11,9 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from fractions import Fraction
+from itertools import pairwise
 from pathlib import Path
 
 import av
@@ -225,6 +227,35 @@ def test_a_file_camera_that_fails_part_way_ends_there_instead_of_starting_over(t
     assert not still_reading, "the file ended"
     assert len(emitted) == 3, "no frame of the file published twice"
     assert stats.state == "ended" and stats.last_error == "RuntimeError: the hand-over failed"
+
+
+@pytest.mark.parametrize("decode", ["auto", "all"])
+def test_a_long_file_read_faster_than_it_plays_has_no_frame_captured_in_the_future(tmp_path: Path, decode: str) -> None:
+    # Capture times keep the file's spacing; anchored at the start of reading, a file of 400 s read in
+    # seconds would reach 400 s ahead, and every frame past `capture_time.max_ahead_s` (300) be refused.
+    video = tmp_path / "long.mp4"
+    subprocess.run(
+        [
+            *("ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=2"),
+            *("-t", "400", "-c:v", "libx264", "-preset", "veryfast", "-g", "20", str(video)),
+        ],
+        check=True,
+    )
+    camera = CameraSettings(
+        id="replay", room="1", url=str(video), fps=0.5, realtime=False, decode=decode, motion={"enabled": False}
+    )
+    stats, stop, emitted = CameraStats(), threading.Event(), []
+    thread = threading.Thread(target=CameraCapture(camera, ProducerSettings(), stats, emitted.append, stop).run)
+    thread.start()
+    thread.join(timeout=120)
+    done_at = datetime.now(UTC)
+    stop.set()
+    thread.join(timeout=30)
+    times = [frame.captured_at for frame in emitted]
+    assert len(times) == 200 and stats.state == "ended"
+    assert max(times) <= done_at, "no frame of the file captured after it was read"
+    assert (times[-1] - times[0]).total_seconds() == pytest.approx(398.0, abs=1.0), "the file's own spacing"
+    assert all((later - earlier).total_seconds() == pytest.approx(2.0, abs=0.01) for earlier, later in pairwise(times))
 
 
 def test_a_throttled_capture_loop_counts_the_slots_it_could_not_sample(
