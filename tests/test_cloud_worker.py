@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -73,6 +74,18 @@ def load_tiny_cloud_model(tiny: ModelPaths) -> LlavaVideoCloudModel:
 @pytest.fixture(scope="module")
 def cloud_model(tiny_models: ModelPaths) -> LlavaVideoCloudModel:
     return load_tiny_cloud_model(tiny_models)
+
+
+def after_each_prepare(model: LlavaVideoCloudModel, then: Callable[[list[list[np.ndarray]]], None]) -> None:
+    """`then(clips)` runs on the worker's thread after each batch of clips is pre-processed."""
+    prepare = model.prepare
+
+    def prepared(clips: list[list[np.ndarray]]) -> dict[str, torch.Tensor]:
+        inputs = prepare(clips)
+        then(clips)
+        return inputs
+
+    model.prepare = prepared  # type: ignore[method-assign]
 
 
 class HeldForward:
@@ -428,16 +441,13 @@ def test_the_next_batch_is_pre_processed_while_one_is_in_the_model(stack_state, 
     held = HeldForward(model)
     prepared_batches: list[int] = []
     second_prepared = threading.Event()
-    prepare = model.prepare
 
-    def recording_prepare(clips: list[list[np.ndarray]]) -> dict[str, torch.Tensor]:
-        inputs = prepare(clips)
+    def count(clips: list[list[np.ndarray]]) -> None:
         prepared_batches.append(len(clips))
         if len(prepared_batches) == 2:
             second_prepared.set()
-        return inputs
 
-    model.prepare = recording_prepare  # type: ignore[method-assign]
+    after_each_prepare(model, count)
 
     async def scenario() -> tuple[list[CloudRequest], list[Verdict], bool]:
         requests = await publish_requests(settings, [small_clip(seed) for seed in range(8)])
@@ -468,15 +478,12 @@ def test_requests_that_expire_waiting_for_the_model_or_in_it_get_the_edge_answer
     forwards: list[int] = []
     model.model.register_forward_pre_hook(lambda module, args: forwards.append(len(forwards)))
     second_prepared = threading.Event()
-    prepare = model.prepare
 
-    def recording_prepare(clips: list[list[np.ndarray]]) -> dict[str, torch.Tensor]:
-        inputs = prepare(clips)
+    def behind_the_held_batch(clips: list[list[np.ndarray]]) -> None:
         if held.entered.is_set():
             second_prepared.set()
-        return inputs
 
-    model.prepare = recording_prepare  # type: ignore[method-assign]
+    after_each_prepare(model, behind_the_held_batch)
 
     async def scenario() -> tuple[list[CloudRequest], list[Verdict], CloudWorker]:
         requests = await publish_requests(settings, [small_clip(seed) for seed in range(8)])
